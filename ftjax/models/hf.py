@@ -1,0 +1,118 @@
+"""HF safetensors directories in and out.
+
+Loading streams one tensor at a time from memory-mapped safetensors files into preallocated,
+layer-stacked host arrays: peak host memory is the params themselves plus one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from ftjax.errors import FtjaxError
+from ftjax.models.config import ModelConfig
+from ftjax.models.params import Params, flatten, get_path, param_specs, set_path
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def _tensor_files(model_dir: str) -> dict[str, str]:
+  """HF tensor name -> safetensors file path."""
+  index_path = os.path.join(model_dir, INDEX_FILE)
+  if os.path.exists(index_path):
+    with open(index_path) as f:
+      weight_map = json.load(f).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise FtjaxError(f"{index_path}: expected a 'weight_map' object")
+    return {name: os.path.join(model_dir, file) for name, file in weight_map.items()}
+  files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+  if not files:
+    raise FtjaxError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} (is this a HF model directory?)")
+  out = {}
+  for file in files:
+    path = os.path.join(model_dir, file)
+    with safe_open(path, framework="np") as f:
+      out.update({name: path for name in f.keys()})
+  return out
+
+
+def load_hf_params(model_dir: str, cfg: ModelConfig, dtype=np.float32) -> Params:
+  """Reads every tensor named by `param_specs(cfg)` into a params tree of numpy arrays."""
+  where = _tensor_files(model_dir)
+  by_file: dict[str, list[tuple[Any, int | None, str]]] = {}
+  params: Params = {}
+  for spec in param_specs(cfg):
+    array = np.empty(spec.shape, dtype)
+    set_path(params, spec.path, array)
+    for i, name in enumerate(spec.hf_names(cfg.num_layers)):
+      if name not in where:
+        if spec.path == "lm_head/kernel":  # some tied checkpoints still say tie=False
+          raise FtjaxError(f"{model_dir}: missing tensor {name!r} (expected shape "
+                           f"{spec.shape[::-1]}); set tie_word_embeddings if the head is tied")
+        raise FtjaxError(f"{model_dir}: missing tensor {name!r} for {spec.path}")
+      by_file.setdefault(where[name], []).append((spec, i if spec.stacked else None, name))
+  for path, items in by_file.items():
+    with safe_open(path, framework="np") as f:
+      for spec, i, name in items:
+        tensor = f.get_tensor(name)
+        if spec.transpose:
+          tensor = tensor.T
+        target = get_path(params, spec.path)
+        expected = spec.shape[1:] if i is not None else spec.shape
+        if tensor.shape != tuple(expected):
+          got = tensor.T.shape if spec.transpose else tensor.shape
+          want = tuple(expected)[::-1] if spec.transpose else tuple(expected)
+          raise FtjaxError(f"{path}: tensor {name!r} has shape {got}, expected {want}")
+        if i is None:
+          target[...] = tensor
+        else:
+          target[i] = tensor
+  return params
+
+
+def save_hf_params(params: Params, cfg: ModelConfig, out_dir: str, dtype=np.float32,
+                   max_shard_bytes: int = 2 * 1024**3) -> list[str]:
+  """Writes model.safetensors (or shards + index when above max_shard_bytes)."""
+  os.makedirs(out_dir, exist_ok=True)
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for spec in param_specs(cfg):
+    leaf = np.asarray(get_path(params, spec.path))
+    for i, name in enumerate(spec.hf_names(cfg.num_layers)):
+      tensor = leaf[i] if spec.stacked else leaf
+      tensor = np.ascontiguousarray((tensor.T if spec.transpose else tensor).astype(dtype))
+      if size and size + tensor.nbytes > max_shard_bytes:
+        shards.append({})
+        size = 0
+      shards[-1][name] = tensor
+      size += tensor.nbytes
+  metadata = {"format": "pt"}  # transformers refuses files without it
+  if len(shards) == 1:
+    save_file(shards[0], os.path.join(out_dir, SINGLE_FILE), metadata=metadata)
+    return [SINGLE_FILE]
+  names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+  weight_map = {}
+  for name, shard in zip(names, shards):
+    save_file(shard, os.path.join(out_dir, name), metadata=metadata)
+    weight_map.update({t: name for t in shard})
+  total = sum(t.nbytes for s in shards for t in s.values())
+  with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  return names
+
+
+def save_hf_config(cfg: ModelConfig, out_dir: str, dtype_name: str = "float32") -> None:
+  hf = cfg.to_hf_dict()
+  hf["torch_dtype"] = dtype_name
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(hf, f, indent=2)
+
+
+def param_count(params: Params) -> int:
+  return sum(int(np.prod(np.shape(v))) for _, v in flatten(params))

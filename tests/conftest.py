@@ -1,0 +1,23 @@
+"""Test-wide setup: an 8-device CPU mesh, f32 matmuls, and the shared data folder."""
+
+import os
+
+# Must happen before jax is imported anywhere: sharding tests run on 8 fake CPU devices.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+
+
+@pytest.fixture
+def shared_data():
+  if not os.path.isdir(SHARED_DATA):
+    pytest.skip(f"shared data folder {SHARED_DATA} is absent (only present beside a dev checkout)")
+  return SHARED_DATA
