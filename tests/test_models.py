@@ -1,0 +1,147 @@
+"""ftjax's decoder vs transformers on tiny random-init models of every supported family."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import hf_models
+from ftjax.errors import FtjaxError
+from ftjax.models import llama
+from ftjax.models.config import ModelConfig, load_hf_config
+from ftjax.models.hf import load_hf_params, save_hf_config, save_hf_params
+
+FAMILIES = list(hf_models.FAMILIES)
+
+
+def rel_err(a, b):
+  return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+  model = hf_models.build(request.param)
+  path = str(tmp_path_factory.mktemp(request.param))
+  model.save_pretrained(path)
+  cfg = load_hf_config(path)
+  return request.param, model, path, cfg, load_hf_params(path, cfg)
+
+
+def test_logits_match_transformers(family):
+  _, model, _, cfg, params = family
+  tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 24))
+  with torch.no_grad():
+    ref = model(torch.tensor(tokens)).logits.numpy()
+  ours = llama.forward(params, jnp.asarray(tokens), cfg)
+  # f32 on both sides; 1e-4 relative leaves room for summation-order differences only.
+  assert rel_err(ours, ref) < 1e-4
+
+
+def test_logits_match_with_padding_mask(family):
+  """Right-padded rows: valid positions must match HF given the same attention mask."""
+  _, model, _, cfg, params = family
+  tokens = np.random.RandomState(1).randint(0, cfg.vocab_size, (3, 16))
+  mask = np.ones_like(tokens)
+  mask[1, 10:] = 0
+  mask[2, 5:] = 0
+  with torch.no_grad():
+    ref = model(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
+  ours = np.asarray(llama.forward(params, jnp.asarray(tokens), cfg, segment_ids_bt=jnp.asarray(mask)))
+  valid = mask.astype(bool)
+  assert rel_err(ours[valid], ref[valid]) < 1e-4
+  # Padding must not change the valid rows: same logits as the unpadded prefix alone.
+  alone = np.asarray(llama.forward(params, jnp.asarray(tokens[2:3, :5]), cfg))
+  assert rel_err(ours[2, :5], alone[0]) < 1e-5
+
+
+def test_export_roundtrip_through_transformers(family, tmp_path):
+  name, _, _, cfg, params = family
+  save_hf_params(params, cfg, str(tmp_path))
+  save_hf_config(cfg, str(tmp_path))
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+  tokens = np.random.RandomState(2).randint(0, cfg.vocab_size, (2, 20))
+  with torch.no_grad():
+    ref = reloaded(torch.tensor(tokens)).logits.numpy()
+  ours = llama.forward(params, jnp.asarray(tokens), cfg)
+  assert rel_err(ours, ref) < 1e-5, name
+
+
+def test_sharded_export_loads_back(tmp_path):
+  model = hf_models.build("llama")
+  model.save_pretrained(str(tmp_path / "src"))
+  cfg = load_hf_config(str(tmp_path / "src"))
+  params = load_hf_params(str(tmp_path / "src"), cfg)
+  files = save_hf_params(params, cfg, str(tmp_path / "out"), max_shard_bytes=64 * 1024)
+  save_hf_config(cfg, str(tmp_path / "out"))
+  assert len(files) > 1 and os.path.exists(tmp_path / "out" / "model.safetensors.index.json")
+  again = load_hf_params(str(tmp_path / "out"), cfg)
+  np.testing.assert_array_equal(again["layers"]["mlp"]["up_proj"]["kernel"],
+                                params["layers"]["mlp"]["up_proj"]["kernel"])
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+  tokens = np.arange(12)[None] % cfg.vocab_size
+  with torch.no_grad():
+    ref = reloaded(torch.tensor(tokens)).logits.numpy()
+  assert rel_err(llama.forward(params, jnp.asarray(tokens), cfg), ref) < 1e-5
+
+
+def test_kv_cache_matches_full_forward(family):
+  _, _, _, cfg, params = family
+  tokens = jnp.asarray(np.random.RandomState(3).randint(0, cfg.vocab_size, (2, 12)))
+  full = llama.forward(params, tokens, cfg)
+  cache = llama.init_cache(cfg, batch=2, max_len=16)
+  first, cache = llama.forward(params, tokens[:, :8], cfg, cache=cache, cache_index=0)
+  rest = []
+  for i in range(8, 12):
+    step, cache = llama.forward(params, tokens[:, i:i + 1], cfg, cache=cache, cache_index=i)
+    rest.append(step)
+  stitched = jnp.concatenate([first] + rest, axis=1)
+  assert rel_err(stitched, full) < 1e-5
+
+
+def test_scan_remat_policies_agree(family):
+  _, _, _, cfg, params = family
+  tokens = jnp.arange(10)[None] % cfg.vocab_size
+  base = llama.forward(params, tokens, cfg)
+  for policy in ("full", "dots"):
+    assert rel_err(llama.forward(params, tokens, cfg, remat=policy), base) < 1e-6
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+def test_unsupported_architecture_names_it(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "hidden_size": 8}))
+  with pytest.raises(FtjaxError, match="gpt_neox.*supported: llama, mistral, qwen2, qwen3, gemma"):
+    load_hf_config(str(tmp_path))
+
+
+def test_missing_config_names_path(tmp_path):
+  with pytest.raises(FtjaxError, match="config.json: no such file"):
+    load_hf_config(str(tmp_path))
+
+
+def test_dir_without_weights(tmp_path):
+  cfg = ModelConfig.from_hf_dict(hf_models.FAMILIES["llama"]().to_dict())
+  with pytest.raises(FtjaxError, match="no model.safetensors"):
+    load_hf_params(str(tmp_path), cfg)
+
+
+def test_missing_and_misshaped_tensor_are_named(tmp_path):
+  from safetensors.numpy import load_file, save_file
+  model = hf_models.build("llama")
+  model.save_pretrained(str(tmp_path))
+  cfg = load_hf_config(str(tmp_path))
+  path = str(tmp_path / "model.safetensors")
+  tensors = load_file(path)
+  name = "model.layers.1.mlp.up_proj.weight"
+  bad = dict(tensors, **{name: np.zeros((3, 5), np.float32)})
+  save_file(bad, path, metadata={"format": "pt"})
+  with pytest.raises(FtjaxError, match=r"up_proj.weight' has shape \(3, 5\), expected \(96, 64\)"):
+    load_hf_params(str(tmp_path), cfg)
+  del bad[name]
+  save_file(bad, path, metadata={"format": "pt"})
+  with pytest.raises(FtjaxError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'"):
+    load_hf_params(str(tmp_path), cfg)
