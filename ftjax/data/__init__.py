@@ -1,0 +1,33 @@
+"""Data pipeline: read -> validate -> template -> tokenize -> mask -> pack -> resumable batches.
+
+  ds = build_dataset(path, tokenizer, *, seq_len, format="auto", pack=True,
+                     length_policy="truncate", system_prompt=None, fields=None, pad_id=None)
+      path: a file (.jsonl, .json array, .txt, .parquet, .csv), a directory of them, or a list.
+      format: "auto" (per file, from the first record's keys) | "input_output" | "instruction" |
+              "chat" | "text". fields: key renaming first, e.g. {"question": "input", "answer": "output"}.
+      length_policy: examples over seq_len + 1 tokens are "truncate"d (first tokens kept),
+              "drop"ped, or an "error" naming file:line. Text (pretraining) data is windowed instead.
+      tokenizer: duck-typed: encode(text, add_special_tokens), apply_chat_template(messages,
+              add_generation_prompt) -> str, chat_template, eos_token_id, bos_token_id, pad_token_id.
+  ds.examples   TokenizedExample(where="path:LINE", tokens int32 [n], loss_mask int32 [n])
+  ds.rows       {"inputs", "targets", "segment_ids", "positions"} int32 [rows, seq_len],
+                "loss_mask" float32 [rows, seq_len] (1 where the target is trained)
+  ds.summary    dict: examples, kept, over_length, truncated, dropped, chunked, no_trained_tokens,
+                tokens, trained_tokens, rows, fill, ...; ds.describe() is a one-line version.
+  loader = ds.batches(batch_size, *, seed=0, shuffle=True, repeat=True, state=None)
+      next(loader) / loader.next_batch(n): dict of the row fields, each [n, seq_len].
+      loader.get_state() -> {"seed", "epoch", "row", "num_rows"}; Loader(..., state=s) resumes.
+
+Only assistant content and the end-of-turn token after it are trained (assistant messages with
+weight 0 are not); segment ids start at 1 per packed document (0 = padding), positions restart at
+0, and the target after a document's last token is masked. Bad input raises FtjaxError with
+`path:LINE: ...`. The quickstart task generator and scorer live in ftjax.data.quickstart_task.
+"""
+
+from ftjax.data.dataset import Dataset, build_dataset, load_examples, tokenize_examples
+from ftjax.data.loader import Loader
+from ftjax.data.packing import pack
+from ftjax.data.template import TokenizedExample, tokenize_example
+
+__all__ = ["Dataset", "Loader", "TokenizedExample", "build_dataset", "load_examples", "pack",
+           "tokenize_example", "tokenize_examples"]

@@ -1,0 +1,183 @@
+"""Validate raw records and turn each into an `Example`: a chat conversation or a plain text.
+
+Formats (auto-detected per file from the first record's keys, or forced with `format=`):
+  input_output  {"input", "output", optional "system"}
+  instruction   {"instruction", optional "input", "output", optional "system"} (alpaca); also
+                self_instruct's {"instruction", "instances": [{"input", "output"}, ...]}, expanded
+                to one example per instance
+  chat          {"messages": [{"role", "content", optional "weight" 0|1}, ...]}
+  text          {"text"} records or a .txt file: continued pretraining / perplexity, every token trained
+Chat errors carry the codes hosted fine-tuning APIs use (data_type, missing_messages_list, ...), so
+users can search for them.
+"""
+
+import dataclasses
+
+from ftjax.errors import FtjaxError
+
+FORMATS = ("input_output", "instruction", "chat", "text")
+ROLES = ("system", "user", "assistant")
+MESSAGE_KEYS = ("role", "content", "weight", "name")
+
+
+@dataclasses.dataclass
+class Example:
+  where: str  # "path:LINE" of the record it came from
+  messages: list = None  # chat: [{"role", "content", "weight"}]; None for text examples
+  text: str = None  # text examples only
+
+
+def detect_format(record):
+  """Format name for one record from its keys, or FtjaxError naming the keys seen."""
+  data = record.data
+  if isinstance(data, str):
+    return "text"
+  if not isinstance(data, dict):
+    raise FtjaxError(f"{record.where}: data_type: expected a JSON object, got {type(data).__name__}")
+  for key, fmt in (("messages", "chat"), ("instruction", "instruction"), ("text", "text")):
+    if key in data:
+      return fmt
+  if "input" in data or "output" in data:
+    return "input_output"
+  raise FtjaxError(
+    f"{record.where}: cannot tell the data format from keys {sorted(data)}; expected 'messages' "
+    "(chat), 'instruction' (+'output'), 'input' and 'output', or 'text'; set format= or map "
+    "fields with fields={'question': 'input', ...}")
+
+
+def to_examples(records, format="auto", fields=None, system_prompt=None):
+  """Validate records (of one file) and convert them to Examples.
+
+  fields: optional {source_key: our_key} renaming applied first, e.g. gsm8k's
+  {"question": "input", "answer": "output"}. system_prompt: prepended as a system message to
+  examples that have none.
+  """
+  if not records:
+    return []
+  records = [_rename(r, fields) for r in records] if fields else records
+  fmt = detect_format(records[0]) if format == "auto" else format
+  if fmt not in FORMATS:
+    raise FtjaxError(f"format {fmt!r} is not one of {', '.join(('auto',) + FORMATS)}")
+  convert = {"input_output": _from_input_output, "instruction": _from_instruction,
+             "chat": _from_chat, "text": _from_text}[fmt]
+  examples = []
+  for record in records:
+    for ex in convert(record):
+      if ex.messages is not None and system_prompt and ex.messages[0]["role"] != "system":
+        ex.messages.insert(0, {"role": "system", "content": system_prompt, "weight": 0})
+      examples.append(ex)
+  return examples
+
+
+def _rename(record, fields):
+  if not isinstance(record.data, dict):
+    return record
+  data = {fields.get(k, k): v for k, v in record.data.items()}
+  return dataclasses.replace(record, data=data)
+
+
+def _need_object(record):
+  if not isinstance(record.data, dict):
+    raise FtjaxError(f"{record.where}: data_type: expected a JSON object, got "
+                     f"{type(record.data).__name__}")
+  return record.data
+
+
+def _need_str(record, data, key, optional=False):
+  if key not in data:
+    if optional:
+      return ""
+    raise FtjaxError(f"{record.where}: missing key {key!r}")
+  value = data[key]
+  if not isinstance(value, str):
+    raise FtjaxError(f"{record.where}: key {key!r} must be a string, got {type(value).__name__}")
+  return value
+
+
+def _conversation(record, user, output, data):
+  messages = []
+  system = _need_str(record, data, "system", optional=True)
+  if system:
+    messages.append({"role": "system", "content": system, "weight": 0})
+  messages.append({"role": "user", "content": user, "weight": 0})
+  messages.append({"role": "assistant", "content": output, "weight": 1})
+  return Example(record.where, messages=messages)
+
+
+def _from_input_output(record):
+  data = _need_object(record)
+  user = _need_str(record, data, "input")
+  return [_conversation(record, user, _need_str(record, data, "output"), data)]
+
+
+def _from_instruction(record):
+  data = _need_object(record)
+  instruction = _need_str(record, data, "instruction")
+  if "instances" in data and "output" not in data:
+    instances = data["instances"]
+    if not isinstance(instances, list) or not instances:
+      raise FtjaxError(f"{record.where}: key 'instances' must be a non-empty list of "
+                       "{'input', 'output'} objects")
+    pairs = []
+    for i, inst in enumerate(instances):
+      if not isinstance(inst, dict):
+        raise FtjaxError(f"{record.where}: instances[{i}] must be an object with 'input', 'output'")
+      pairs.append((_need_str(record, inst, "input", optional=True),
+                    _instance_output(record, inst, i)))
+  else:
+    pairs = [(_need_str(record, data, "input", optional=True), _need_str(record, data, "output"))]
+  # Alpaca convention: the input, when present, follows the instruction after a blank line.
+  return [_conversation(record, instruction + ("\n\n" + inp if inp else ""), out, data)
+          for inp, out in pairs]
+
+
+def _instance_output(record, inst, i):
+  if "output" not in inst:
+    raise FtjaxError(f"{record.where}: missing key 'output' in instances[{i}]")
+  if not isinstance(inst["output"], str):
+    raise FtjaxError(f"{record.where}: instances[{i}].output must be a string")
+  return inst["output"]
+
+
+def _from_text(record):
+  if isinstance(record.data, str):
+    return [Example(record.where, text=record.data)]
+  data = _need_object(record)
+  return [Example(record.where, text=_need_str(record, data, "text"))]
+
+
+def _from_chat(record):
+  where = record.where
+  if not isinstance(record.data, dict):
+    raise FtjaxError(f"{where}: data_type: expected a JSON object with 'messages', got "
+                     f"{type(record.data).__name__}")
+  messages = record.data.get("messages")
+  if not isinstance(messages, list) or not messages:
+    raise FtjaxError(f"{where}: missing_messages_list: expected key 'messages' holding a non-empty "
+                     "list of {'role', 'content'} objects")
+  out = []
+  for i, m in enumerate(messages):
+    if not isinstance(m, dict):
+      raise FtjaxError(f"{where}: data_type: messages[{i}] must be an object, got {type(m).__name__}")
+    unknown = sorted(set(m) - set(MESSAGE_KEYS))
+    if unknown:
+      raise FtjaxError(f"{where}: message_unrecognized_key: messages[{i}] has key(s) {unknown}; "
+                       f"expected only {', '.join(MESSAGE_KEYS)}")
+    if "role" not in m:
+      raise FtjaxError(f"{where}: message_missing_key: messages[{i}] has no 'role'")
+    if m["role"] not in ROLES:
+      raise FtjaxError(f"{where}: unrecognized_role: messages[{i}] has role {m['role']!r}; "
+                       f"expected one of {', '.join(ROLES)}")
+    if not isinstance(m.get("content"), str):
+      raise FtjaxError(f"{where}: missing_content: messages[{i}] needs 'content' as a string")
+    weight = m.get("weight", 1 if m["role"] == "assistant" else 0)
+    if weight not in (0, 1) or isinstance(weight, bool):
+      raise FtjaxError(f"{where}: invalid_weight: messages[{i}] has weight {weight!r}; expected 0 or 1")
+    if m["role"] != "assistant" and weight:
+      raise FtjaxError(f"{where}: invalid_weight: messages[{i}] is a {m['role']} message; only "
+                       "assistant messages can be trained (weight 1)")
+    out.append({"role": m["role"], "content": m["content"], "weight": int(weight)})
+  if not any(m["role"] == "assistant" for m in out):
+    raise FtjaxError(f"{where}: example_missing_assistant_message: no message with role "
+                     "'assistant' to train on")
+  return [Example(where, messages=out)]

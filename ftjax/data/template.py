@@ -1,0 +1,213 @@
+"""Examples -> (tokens, loss_mask) with completion-only loss.
+
+A chat example is rendered with the tokenizer's chat template. The trained tokens are the content
+of assistant messages with weight 1 plus the end-of-turn token right after each (ChatML's
+`<|im_end|>`, SmolLM2's EOS): without it the model never learns to stop. The mask is built from
+token positions, never by comparing ids with pad_token_id, so EOS stays trained when pad == eos.
+
+Where an assistant message sits in the rendering is found by rendering prefixes of the conversation:
+render(messages[:i], add_generation_prompt=True) ends where message i's content starts, and
+render(messages[:i+1]) ends where its turn ends. The rendering is cut at those points and each
+piece is tokenised on its own; if the concatenation differs from tokenising the whole string (a BPE
+merge across a cut), token-to-piece assignment falls back to character offsets when the tokenizer
+exposes them.
+
+Without a chat template the fallback format is "input\\noutput<eos>" (each non-assistant message
+followed by a newline, each assistant message by EOS).
+"""
+
+import bisect
+import dataclasses
+
+import numpy as np
+
+from ftjax.errors import FtjaxError
+
+
+@dataclasses.dataclass
+class TokenizedExample:
+  where: str
+  tokens: np.ndarray  # int32 [n]
+  loss_mask: np.ndarray  # int32 [n]; 1 where token k is a trained target (predicted from k-1)
+
+
+# Piece kinds: "ctx" never trained; "content" trained when weight 1; "end" (the text after an
+# assistant content up to the end of its turn) trains its tokens through the first EOS, or only its
+# first token when it holds no EOS; "end1" trains only the first token.
+
+
+def tokenize_example(example, tok):
+  if example.text is not None:
+    return _tokenize_text(example, tok)
+  if getattr(tok, "chat_template", None):
+    pieces = _template_pieces(example, tok)
+  else:
+    pieces = _plain_pieces(example, tok)
+  tokens, mask = _encode_pieces(pieces, tok)
+  if not tokens:
+    raise FtjaxError(f"{example.where}: the example renders to no tokens")
+  mask[0] = 0  # the first token is never a target: nothing precedes it
+  return TokenizedExample(example.where, np.asarray(tokens, np.int32), np.asarray(mask, np.int32))
+
+
+def _tokenize_text(example, tok):
+  ids = list(tok.encode(example.text, add_special_tokens=True))
+  if tok.eos_token_id is not None:
+    ids.append(tok.eos_token_id)  # documents end in EOS so packed neighbours are separated
+  mask = np.ones(len(ids), np.int32)
+  mask[0] = 0
+  return TokenizedExample(example.where, np.asarray(ids, np.int32), mask)
+
+
+def _plain_pieces(example, tok):
+  pieces = []
+  for m in example.messages:
+    if m["role"] == "assistant":
+      pieces.append((m["content"], "content", m["weight"]))
+      pieces.append(([tok.eos_token_id], "end1", m["weight"]))
+    else:
+      pieces.append((m["content"] + "\n", "ctx", 0))
+  return _with_bos(pieces, tok)
+
+
+def _with_bos(pieces, tok):
+  # Plain text has no template to carry BOS; add it exactly when the tokenizer's own encode would.
+  bos = tok.bos_token_id
+  if bos is not None:
+    with_special = tok.encode("a", add_special_tokens=True)
+    if with_special and with_special[0] == bos and tok.encode("a", add_special_tokens=False)[:1] != [bos]:
+      pieces.insert(0, ([bos], "ctx", 0))
+  return pieces
+
+
+def _render(tok, messages, add_generation_prompt):
+  msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+  return tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt)
+
+
+def _template_pieces(example, tok):
+  messages = example.messages
+  full = _render(tok, messages, False)
+  cuts = []  # (start, end, kind, weight), ascending, non-overlapping
+  cursor = 0
+  for i, m in enumerate(messages):
+    if m["role"] != "assistant":
+      continue
+    # An assistant-first conversation has no prefix to render (templates may reject an empty one).
+    prompt = _render(tok, messages[:i], True) if i else None
+    through = _render(tok, messages[:i + 1], False)
+    if (prompt is not None and len(prompt) >= cursor and full.startswith(prompt) and full.startswith(through)
+        and len(through) >= len(prompt)):
+      start, turn_end, end_kind = len(prompt), len(through), "end"
+    else:
+      # Template is not prefix-stable (e.g. it injects a default system prompt only when
+      # messages[0] is not one): locate the content by search instead.
+      start, turn_end, end_kind = cursor, None, "end1"
+    content_start = content_end = -1
+    for cand in (m["content"], m["content"].strip()):
+      k = full.find(cand, start, turn_end if turn_end is not None else len(full))
+      if k >= 0:
+        content_start, content_end = k, k + len(cand)
+        break
+    if content_start < 0:
+      if turn_end is None:
+        raise FtjaxError(f"{example.where}: the chat template does not reproduce the content of "
+                         f"messages[{i}]; cannot tell which tokens to train")
+      content_start, content_end = start, turn_end  # content rewritten: train the whole turn
+    if turn_end is None:
+      turn_end = _next_assistant_start(full, messages, i, content_end)
+    cuts.append((content_start, content_end, "content", m["weight"]))
+    cuts.append((content_end, turn_end, end_kind, m["weight"]))
+    cursor = turn_end
+  pieces = []
+  pos = 0
+  for s, e, kind, w in cuts:
+    if s > pos:
+      pieces.append((full[pos:s], "ctx", 0))
+    pieces.append((full[s:e], kind, w))
+    pos = e
+  if pos < len(full):
+    pieces.append((full[pos:], "ctx", 0))
+  if cuts and cuts[-1][0] == cuts[-1][1] and tok.eos_token_id is not None:
+    # The template emits nothing after the last assistant message: append EOS so stopping is learned.
+    pieces.append(([tok.eos_token_id], "end1", cuts[-1][3]))
+  return pieces
+
+
+def _next_assistant_start(full, messages, i, after):
+  for m in messages[i + 1:]:
+    if m["role"] == "assistant":
+      k = full.find(m["content"], after)
+      if k >= 0:
+        return k
+  return len(full)
+
+
+def _end_count(ids, kind, eos):
+  if not ids:
+    return 0
+  if kind == "end" and eos in ids:
+    return ids.index(eos) + 1
+  return 1
+
+
+def _piece_mask(ids, kind, weight, eos):
+  if kind == "ctx" or not weight:
+    return [0] * len(ids)
+  if kind == "content":
+    return [1] * len(ids)
+  n = _end_count(ids, kind, eos)
+  return [1] * n + [0] * (len(ids) - n)
+
+
+def _encode_pieces(pieces, tok):
+  eos = tok.eos_token_id
+  encoded = [p if isinstance(p, list) else list(tok.encode(p, add_special_tokens=False))
+             for p, _, _ in pieces]
+  tokens = [t for ids in encoded for t in ids]
+  mask = [b for ids, (_, kind, w) in zip(encoded, pieces) for b in _piece_mask(ids, kind, w, eos)]
+  if all(isinstance(p, str) for p, _, _ in pieces):
+    full = "".join(p for p, _, _ in pieces)
+    if list(tok.encode(full, add_special_tokens=False)) != tokens:
+      by_offsets = _mask_by_offsets(pieces, tok, full)
+      if by_offsets is not None:
+        return by_offsets
+      # No offsets available: keep the piecewise tokens. They decode to the same text and the
+      # prompt part matches how a prompt is tokenised at inference (encoded on its own).
+  return tokens, mask
+
+
+def _offsets_encoder(tok):
+  fn = getattr(tok, "encode_with_offsets", None)
+  if callable(fn):
+    return fn
+  try:
+    import tokenizers
+  except ImportError:
+    return None
+  for value in vars(tok).values():
+    if isinstance(value, tokenizers.Tokenizer):
+      def encode(text, _backend=value):
+        enc = _backend.encode(text, add_special_tokens=False)
+        return list(enc.ids), list(enc.offsets)
+      return encode
+  return None
+
+
+def _mask_by_offsets(pieces, tok, full):
+  """Tokenise the whole string and assign each token to the piece where its first char lies."""
+  encode = _offsets_encoder(tok)
+  if encode is None:
+    return None
+  ids, offsets = encode(full)
+  starts = []
+  pos = 0
+  for text, _, _ in pieces:
+    starts.append(pos)
+    pos += len(text)
+  groups = [[] for _ in pieces]
+  for t, (s, _) in zip(ids, offsets):
+    groups[max(0, bisect.bisect_right(starts, s) - 1)].append(t)
+  mask = [b for g, (_, kind, w) in zip(groups, pieces)
+          for b in _piece_mask(g, kind, w, tok.eos_token_id)]
+  return [t for g in groups for t in g], mask
