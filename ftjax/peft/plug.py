@@ -14,6 +14,7 @@ plus the non-hook parts of a method:
 
   init(rng, params, cfg)             -> adapter tree
   merge(params, adapters)            -> base params with the adapter folded in (export)
+  axes(adapters, cfg)                -> logical axis names of the adapter leaves (sharding)
   peft_config / to_peft_state_dict   the HF PEFT on-disk format (export)
 """
 
@@ -44,6 +45,12 @@ class Plug:
   def merge(self, params: Params, adapters: Params) -> Params:
     del adapters
     return params
+
+  def axes(self, adapters: Params, cfg) -> Params:
+    """Logical axis names for each adapter leaf (for sharding); default: replicated."""
+    del cfg
+    import jax
+    return jax.tree.map(lambda x: (None,) * x.ndim, adapters)
 
 
 NO_PLUG = Plug()

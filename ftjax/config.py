@@ -1,0 +1,135 @@
+"""The one config schema, and its validation.
+
+Every file under configs/ starts from `base_config()` and changes values; the schema is locked,
+so a typo (`--config.trian.lr=...`) is an error instead of a silently ignored key. `validate`
+runs before anything loads or compiles.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from ftjax.errors import FtjaxError
+
+METHODS = ("lora", "full")
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("float32", "bfloat16")
+LENGTH_POLICIES = ("truncate", "drop", "error")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name_or_path = "smollm2-135m-instruct"  # local dir, .gguf, Hub id or built-in name
+  c.model.dtype = "float32"  # compute dtype
+  c.model.param_dtype = "float32"  # storage dtype of the frozen base
+  c.model.remat = "none"  # none | full | dots | dots_no_batch
+  # Shrink the loaded model for tests ("runlocal"): 0 keeps it as is.
+  c.model.num_layers = 0
+
+  c.method = "lora"
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 8
+  c.lora.alpha = 8.0
+  c.lora.dropout = 0.0
+  c.lora.targets = "all-linear"  # regex over module paths, or a comma-separated list of names
+  c.lora.rslora = False
+  c.lora.init_a = "kaiming"
+  c.lora.lr_ratio = 1.0  # LoRA+: lr(B) = ratio * lr(A)
+  # Extra trainable leaves, regexes over "base/..." / "adapters/..." paths (e.g. norms).
+  c.extra_trainable = ""
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train = ""  # JSONL path
+  c.data.eval = ""
+  c.data.format = "auto"  # auto | input_output | instruction | chat | text
+  c.data.seq_len = 256
+  c.data.pack = True
+  c.data.length_policy = "truncate"
+  c.data.system_prompt = ""
+  c.data.generate = ""  # name of a built-in generated dataset written on first run ("quickstart")
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 100
+  c.train.batch_size = 8  # sequences per optimizer step (over all devices and micro-batches)
+  c.train.grad_accum = 1
+  c.train.lr = 2e-4
+  c.train.schedule = "cosine"
+  c.train.warmup_steps = 10
+  c.train.weight_decay = 0.0
+  c.train.b1 = 0.9
+  c.train.b2 = 0.999
+  c.train.eps = 1e-8
+  c.train.max_grad_norm = 1.0
+  c.train.seed = 0
+  c.train.log_every = 10
+  c.train.eval_every = 50  # 0: only at the end
+  c.train.eval_batches = 0  # 0: the whole eval split
+  c.train.checkpoint_every = 0  # 0: only at the end
+  c.train.keep_checkpoints = 2
+  c.train.vocab_chunk = 0
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  # Generation-based evaluation on the eval split at the end: base model (few-shot prompt) vs
+  # fine-tuned model, greedy.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.generate = False
+  c.eval.scorer = "exact_match"  # exact_match | quickstart_json
+  c.eval.few_shot = 3
+  c.eval.max_examples = 100
+  c.eval.max_new_tokens = 64
+  c.eval.batch_size = 32
+
+  c.export = ml_collections.ConfigDict()
+  c.export.merged = False  # also write the merged HF model at the end of training
+  c.export.adapter = True
+
+  c.lock()
+  return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises FtjaxError on impossible values or combinations, before anything is loaded."""
+  def check(ok, msg):
+    if not ok:
+      raise FtjaxError(f"config: {msg}")
+
+  check(c.method in METHODS, f"method={c.method!r}; expected one of {METHODS}")
+  check(c.model.dtype in DTYPES, f"model.dtype={c.model.dtype!r}; expected one of {DTYPES}")
+  check(c.model.param_dtype in DTYPES, f"model.param_dtype={c.model.param_dtype!r}; expected one of {DTYPES}")
+  check(c.model.remat in ("none", "full", "dots", "dots_no_batch"), f"model.remat={c.model.remat!r}")
+  check(bool(c.model.name_or_path), "model.name_or_path is empty")
+  check(c.lora.rank > 0, f"lora.rank={c.lora.rank}; must be > 0")
+  check(0.0 <= c.lora.dropout < 1.0, f"lora.dropout={c.lora.dropout}; must be in [0, 1)")
+  check(c.lora.init_a in ("kaiming", "gaussian"), f"lora.init_a={c.lora.init_a!r}")
+  check(c.lora.lr_ratio > 0, f"lora.lr_ratio={c.lora.lr_ratio}; must be > 0")
+  check(c.method == "lora" or c.lora.lr_ratio == 1.0, "lora.lr_ratio (LoRA+) needs method='lora'")
+  check(bool(c.data.train) or bool(c.data.generate), "data.train is empty (give a JSONL path)")
+  check(c.data.generate in ("", "quickstart"), f"data.generate={c.data.generate!r}; known: quickstart")
+  check(c.data.seq_len >= 8, f"data.seq_len={c.data.seq_len}; must be >= 8")
+  check(c.data.length_policy in LENGTH_POLICIES,
+        f"data.length_policy={c.data.length_policy!r}; expected one of {LENGTH_POLICIES}")
+  check(c.train.steps > 0, f"train.steps={c.train.steps}; must be > 0")
+  check(c.train.grad_accum > 0, f"train.grad_accum={c.train.grad_accum}; must be > 0")
+  check(c.train.batch_size % c.train.grad_accum == 0,
+        f"train.batch_size={c.train.batch_size} is not divisible by train.grad_accum={c.train.grad_accum}")
+  check(c.train.lr > 0, f"train.lr={c.train.lr}; must be > 0")
+  check(c.train.schedule in SCHEDULES, f"train.schedule={c.train.schedule!r}; expected one of {SCHEDULES}")
+  check(0 <= c.train.warmup_steps <= c.train.steps,
+        f"train.warmup_steps={c.train.warmup_steps} must be within [0, train.steps={c.train.steps}]")
+  check(c.eval.scorer in ("exact_match", "quickstart_json"), f"eval.scorer={c.eval.scorer!r}")
+  check(not c.eval.generate or bool(c.data.eval) or bool(c.data.generate),
+        "eval.generate needs data.eval")
+
+
+def lora_targets(c: ml_collections.ConfigDict):
+  """"all-linear", a regex, or "q_proj,v_proj" (a list of names, matched as PEFT does)."""
+  t = c.lora.targets
+  if t == "all-linear" or "," not in t and any(ch in t for ch in "/.*[("):
+    return t
+  return tuple(x.strip() for x in t.split(",") if x.strip())

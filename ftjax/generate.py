@@ -1,0 +1,153 @@
+"""Batched text generation with the decoder's KV cache, and `python -m ftjax.generate`.
+
+Prompts of different lengths are left-padded so every row's next token sits in the same last
+column: padding has segment id 0 (never attended to) and positions come from the mask, so a
+padded row computes exactly what it would alone. One jitted prefill, then one jitted
+single-token step reused for every new token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import sys
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftjax.errors import FtjaxError, cli_errors
+from ftjax.models import llama
+from ftjax.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _prefill(params, tokens, mask, cache, cfg):
+  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+  logits, cache = llama.forward(params, tokens, cfg, positions_bt=positions, segment_ids_bt=mask,
+                                cache=cache, cache_index=0)
+  return logits[:, -1], cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _step(params, token, position, cache, index, cfg):
+  """One new token per row at cache slot `index` (traced: one compile for the whole loop)."""
+  logits, cache = llama.forward(params, token[:, None], cfg, positions_bt=position[:, None],
+                                segment_ids_bt=jnp.ones_like(token)[:, None], cache=cache,
+                                cache_index=index)
+  return logits[:, 0], cache
+
+
+@jax.jit
+def _pick(logits, temperature, key):
+  greedy = jnp.argmax(logits, axis=-1)
+  # temperature 0 selects the greedy branch; the max() keeps the unused branch finite.
+  sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6), axis=-1)
+  return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+def _eos_set(cfg: ModelConfig, extra: Iterable[int | None] = ()) -> set[int]:
+  eos = cfg.eos_token_id
+  ids = set(eos) if isinstance(eos, tuple) else {eos}
+  ids.update(extra)
+  ids.discard(None)
+  return {int(i) for i in ids}
+
+
+def generate_ids(params, cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int = 64,
+                 temperature: float = 0.0, seed: int = 0, eos_ids: Iterable[int] | None = None,
+                 pad_id: int = 0) -> list[list[int]]:
+  """Token-id prompts -> generated ids per row (prompt excluded; the EOS that stopped a row kept).
+
+  Greedy when temperature == 0, else sampling from softmax(logits / temperature).
+  """
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise FtjaxError("generate: every prompt needs at least one token")
+  eos = _eos_set(cfg) if eos_ids is None else {int(i) for i in eos_ids}
+  b, width = len(prompts), max(len(p) for p in prompts)
+  tokens = np.full((b, width), pad_id, np.int32)
+  mask = np.zeros((b, width), np.int32)
+  for r, p in enumerate(prompts):
+    tokens[r, width - len(p):] = p
+    mask[r, width - len(p):] = 1
+  if width + max_new_tokens > cfg.max_position_embeddings:
+    log.warning("prompt + new tokens (%d) exceed the model's context (%d)",
+                width + max_new_tokens, cfg.max_position_embeddings)
+  params = jax.tree.map(jnp.asarray, params)  # once, not on every step
+  dtype = jax.tree.leaves(params)[0].dtype
+  cache = llama.init_cache(cfg, b, width + max_new_tokens, dtype)
+  key = jax.random.key(seed)
+  temp = jnp.float32(temperature)
+
+  logits, cache = _prefill(params, jnp.asarray(tokens), jnp.asarray(mask), cache, cfg)
+  position = jnp.asarray(mask.sum(axis=1), jnp.int32)  # next position of each row
+  out: list[list[int]] = [[] for _ in range(b)]
+  done = np.zeros(b, bool)
+  for step in range(max_new_tokens):
+    key, sub = jax.random.split(key)
+    token = _pick(logits, temp, sub)
+    host = np.asarray(token)
+    for r in np.flatnonzero(~done):
+      out[r].append(int(host[r]))
+      done[r] = int(host[r]) in eos
+    if done.all() or step == max_new_tokens - 1:
+      break
+    logits, cache = _step(params, token, position, cache, jnp.int32(width + step), cfg)
+    position = position + 1
+  return out
+
+
+def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
+  if not chat:
+    return [list(tokenizer.encode(p)) for p in prompts]
+  # The chat template already writes any BOS / role markers the model expects.
+  return [list(tokenizer.encode(
+      tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True),
+      add_special_tokens=False)) for p in prompts]
+
+
+def generate(params, cfg: ModelConfig, tokenizer, prompts: list[str], max_new_tokens: int = 64,
+             temperature: float = 0.0, chat: bool = True, seed: int = 0) -> list[str]:
+  """Text prompts -> generated text per prompt (chat-templated as one user turn by default)."""
+  ids = encode_prompts(tokenizer, prompts, chat)
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  out = generate_ids(params, cfg, ids, max_new_tokens, temperature, seed,
+                     eos_ids=_eos_set(cfg, [tokenizer.eos_token_id]), pad_id=pad)
+  return [tokenizer.decode(o, skip_special_tokens=True) for o in out]
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m ftjax.generate",
+                                   description="Generate text; prints only the generated text.")
+  parser.add_argument("--model", default="smollm2-135m-instruct",
+                      help="built-in name, .gguf file, HF model directory or Hub id")
+  parser.add_argument("--prompt", action="append", required=True,
+                      help="prompt text; repeat for a batch (one output line block each)")
+  parser.add_argument("--max-new-tokens", type=int, default=64)
+  parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--no-chat", action="store_true", help="use the prompt as raw text")
+  args = parser.parse_args(argv)
+  logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+  if args.max_new_tokens < 1:
+    raise FtjaxError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+  if args.temperature < 0:
+    raise FtjaxError(f"--temperature must be >= 0, got {args.temperature}")
+
+  from ftjax.models.resolve import resolve_model
+  cfg, params, tokenizer = resolve_model(args.model)
+  log.info("loaded %s: %s, %d layers, %.1fM params", args.model, cfg.model_type, cfg.num_layers,
+           cfg.num_params() / 1e6)
+  texts = generate(params, cfg, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
+                   chat=not args.no_chat, seed=args.seed)
+  for text in texts:
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,215 @@
+"""GGUF files (llama.cpp's format) in: metadata -> ModelConfig, tensors dequantized -> params.
+
+Tensors stream one at a time from the memory-mapped file into preallocated, layer-stacked host
+arrays, so peak host memory is the params plus one dequantized tensor. GGUF tensor names are
+found from the HF names in `param_specs` through gguf-py's own name table, so the mapping has
+no second copy here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from ftjax.errors import FtjaxError
+from ftjax.models.config import ModelConfig
+from ftjax.models.params import Params, get_path, param_specs, set_path
+
+# GGUF general.architecture -> ftjax model_type. llama.cpp writes Mistral checkpoints as
+# "llama" (same decoder; the sliding window is not recorded in the file).
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma"}
+
+# Extra tensors some converters write that carry no weights of ours (rope_freqs is read into
+# the config below).
+_IGNORED_TENSORS = ("rope_freqs.weight",)
+
+
+def open_gguf(path: str):
+  """A gguf.GGUFReader, with every way a file can be broken turned into one FtjaxError."""
+  import gguf
+  if not os.path.isfile(path):
+    raise FtjaxError(f"{path}: no such file")
+  try:
+    reader = gguf.GGUFReader(path)
+  except Exception as e:  # noqa: BLE001 - the reader raises whatever numpy hits on bad bytes
+    raise FtjaxError(f"{path}: not a readable GGUF file, truncated or corrupt "
+                     f"({type(e).__name__}: {e})") from None
+  size = os.path.getsize(path)
+  for t in reader.tensors:
+    # A file cut inside the last tensor can still parse: memmap views stop at the end of file.
+    if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+      raise FtjaxError(f"{path}: tensor {t.name!r} runs past the end of the file "
+                       f"({size} bytes): the file is truncated")
+  return reader
+
+
+def _metadata(reader) -> dict:
+  from ftjax.tokenizer import read_gguf_metadata
+  return read_gguf_metadata(reader)
+
+
+def _llama3_scaling(factors: np.ndarray, cfg_kw: dict, path: str) -> dict:
+  """Recovers HF's llama3 rope_scaling from llama.cpp's per-frequency `rope_freqs` tensor.
+
+  The file stores only the resulting divisors, not the four parameters; every Llama 3.1/3.2/3.3
+  release uses low=1, high=4, original context 8192, so those are checked against the tensor
+  rather than guessed silently.
+  """
+  factors = np.asarray(factors, np.float64).reshape(-1)
+  if np.allclose(factors, 1.0):
+    return {}
+  h = cfg_kw["head_dim"]
+  freqs = 1.0 / (cfg_kw["rope_theta"] ** (np.arange(0, h, 2) / h))
+  scaling = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0,
+             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+  wavelen = 2 * math.pi / freqs
+  old, low, high, factor = (scaling["original_max_position_embeddings"], scaling["low_freq_factor"],
+                            scaling["high_freq_factor"], scaling["factor"])
+  smooth = (old / wavelen - low) / (high - low)
+  expected = np.where(wavelen < old / high, 1.0,
+                      np.where(wavelen > old / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+  if factors.shape != expected.shape or not np.allclose(factors, expected, rtol=1e-4):
+    raise FtjaxError(f"{path}: tensor 'rope_freqs.weight' does not match llama3 RoPE scaling with "
+                     "low_freq_factor=1, high_freq_factor=4, original context 8192; "
+                     "other RoPE scalings are not supported")
+  return scaling
+
+
+def gguf_config(reader, meta: dict, path: str) -> ModelConfig:
+  """ModelConfig from GGUF metadata (`read_gguf_metadata`) and a few tensors' presence/shapes."""
+  arch = meta.get("general.architecture")
+  if arch not in ARCHITECTURES:
+    raise FtjaxError(f"{path}: unsupported GGUF general.architecture={arch!r}; "
+                     f"supported: {', '.join(ARCHITECTURES)}")
+  tensors = {t.name: t for t in reader.tensors}
+  if "token_embd.weight" not in tensors:
+    raise FtjaxError(f"{path}: missing tensor 'token_embd.weight'")
+
+  def key(name, default=None):
+    value = meta.get(f"{arch}.{name}", default)
+    if value is None:
+      raise FtjaxError(f"{path}: missing GGUF metadata key {arch}.{name!r}")
+    return value
+
+  d = int(key("embedding_length"))
+  heads = int(key("attention.head_count"))
+  kv_heads = key("attention.head_count_kv", heads)
+  if isinstance(kv_heads, list):  # per-layer lists appear in hybrid models; ours are uniform
+    if len(set(kv_heads)) != 1:
+      raise FtjaxError(f"{path}: {arch}.attention.head_count_kv differs between layers")
+    kv_heads = kv_heads[0]
+  # key_length is the true head dim (qwen3, gemma); rope.dimension_count equals it for llama.
+  head_dim = meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count") \
+      or d // heads
+  # ggml lists dims fastest-first: token_embd is [d, vocab].
+  vocab = int(tensors["token_embd.weight"].shape[-1])
+  eos = meta.get("tokenizer.ggml.eos_token_id")
+  hf = {
+      "model_type": ARCHITECTURES[arch],
+      "vocab_size": vocab,
+      "hidden_size": d,
+      "intermediate_size": int(key("feed_forward_length")),
+      "num_hidden_layers": int(key("block_count")),
+      "num_attention_heads": heads,
+      "num_key_value_heads": int(kv_heads),
+      "head_dim": int(head_dim),
+      "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+      "rms_norm_eps": float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+      "max_position_embeddings": int(meta.get(f"{arch}.context_length", 4096)),
+      "tie_word_embeddings": "output.weight" not in tensors,
+      "attention_bias": "blk.0.attn_q.bias" in tensors,
+      "use_sliding_window": False,
+      "hidden_act": "gelu_pytorch_tanh" if arch == "gemma" else "silu",
+      "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+      "eos_token_id": int(eos) if eos is not None else None,
+      "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+  }
+  scaling_type = meta.get(f"{arch}.rope.scaling.type", "none")
+  if scaling_type == "linear":
+    hf["rope_scaling"] = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+  elif scaling_type != "none":
+    raise FtjaxError(f"{path}: unsupported {arch}.rope.scaling.type={scaling_type!r}; "
+                     "supported: none, linear (and llama3 via rope_freqs.weight)")
+  if "rope_freqs.weight" in tensors:
+    import gguf
+    t = tensors["rope_freqs.weight"]
+    hf["rope_scaling"] = _llama3_scaling(gguf.quants.dequantize(t.data, t.tensor_type),
+                                         {"head_dim": hf["head_dim"], "rope_theta": hf["rope_theta"]},
+                                         path) or None
+  return ModelConfig.from_hf_dict(hf, source=path)
+
+
+def _gguf_names(cfg: ModelConfig, arch: str, path: str) -> dict[str, tuple]:
+  """GGUF tensor name -> (ParamSpec, layer index or None), from the specs' HF names."""
+  import gguf
+  arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+  name_map = gguf.get_tensor_name_map(arch_id, cfg.num_layers)
+  out = {}
+  for spec in param_specs(cfg):
+    for i, hf_name in enumerate(spec.hf_names(cfg.num_layers)):
+      base, suffix = hf_name.rsplit(".", 1)
+      gguf_name = name_map.get_name(base)
+      if gguf_name is None:  # a param of ours that gguf-py has no name for: a bug, not input
+        raise RuntimeError(f"gguf-py has no tensor name for {hf_name} ({arch})")
+      out[f"{gguf_name}.{suffix}"] = (spec, i if spec.stacked else None)
+  return out
+
+
+def _unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
+  """Inverse of llama.cpp's `LlamaModel.permute` on q/k rows (weights and biases).
+
+  llama.cpp reorders each head's rows from HF's rotate-half pairs (i, i + h/2) to interleaved
+  pairs (2i, 2i + 1) for its GPT-J-style RoPE; ftjax uses HF's layout.
+  """
+  half = w.shape[0] // heads // 2
+  return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def load_gguf(path: str, dtype=np.float32) -> tuple[ModelConfig, Params]:
+  """Reads a GGUF model file into (ModelConfig, params tree of numpy arrays of `dtype`)."""
+  import gguf
+  reader = open_gguf(path)
+  meta = _metadata(reader)
+  cfg = gguf_config(reader, meta, path)
+  arch = meta["general.architecture"]
+  wanted = _gguf_names(cfg, arch, path)
+  params: Params = {}
+  for spec in param_specs(cfg):
+    set_path(params, spec.path, np.empty(spec.shape, dtype))
+  seen = set()
+  for t in reader.tensors:
+    if t.name in _IGNORED_TENSORS:
+      continue
+    if t.name not in wanted:
+      raise FtjaxError(f"{path}: unexpected tensor {t.name!r} for a {arch} model "
+                       f"with {cfg.num_layers} layers")
+    spec, i = wanted[t.name]
+    try:
+      w = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+      raise FtjaxError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which gguf-py "
+                       "cannot dequantize; re-quantize the model to e.g. Q8_0, Q4_K or F16") from None
+    if arch == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
+      w = _unpermute_qk(w, cfg.num_heads if ".attn_q." in t.name else cfg.num_kv_heads)
+    if arch == "gemma" and t.name.endswith("norm.weight"):
+      w = w - 1  # llama.cpp stores gemma's (1 + w) norm scale; ftjax keeps HF's w
+    expected = spec.shape[1:] if i is not None else spec.shape
+    want_hf = tuple(expected)[::-1] if spec.transpose else tuple(expected)
+    if tuple(w.shape) != want_hf:
+      raise FtjaxError(f"{path}: tensor {t.name!r} has shape {tuple(w.shape)} (row-major), "
+                       f"expected {want_hf}")
+    target = get_path(params, spec.path)
+    if spec.transpose:
+      w = w.T
+    if i is None:
+      target[...] = w
+    else:
+      target[i] = w
+    seen.add(t.name)
+  missing = [name for name in wanted if name not in seen]
+  if missing:
+    raise FtjaxError(f"{path}: missing tensor {missing[0]!r}"
+                     + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+  return cfg, params

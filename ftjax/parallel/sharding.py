@@ -1,0 +1,83 @@
+"""Mesh, logical-axis rules and shardings.
+
+Models name their dims logically ("embed", "mlp", ...); one rule table maps those names to
+mesh axes. A dim whose size does not divide by its mesh axes is replicated instead, so the same
+rules work from 1 CPU device to a pod.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ftjax.errors import FtjaxError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes. Params: fsdp shards the model dim, tensor shards heads / mlp /
+# vocab. Activations: the batch goes over data and fsdp.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    ("lora_rank", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+  """A ("data", "fsdp", "tensor") mesh; one size may be -1 for "all remaining devices"."""
+  devices = devices if devices is not None else jax.devices()
+  sizes = [data, fsdp, tensor]
+  known = math.prod(s for s in sizes if s != -1)
+  if sizes.count(-1) > 1 or len(devices) % known:
+    raise FtjaxError(f"mesh (data={data}, fsdp={fsdp}, tensor={tensor}) does not fit "
+                     f"{len(devices)} devices")
+  sizes = [len(devices) // known if s == -1 else s for s in sizes]
+  if math.prod(sizes) != len(devices):
+    raise FtjaxError(f"mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices, "
+                     f"but {len(devices)} are present")
+  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape, mesh: Mesh, rules=DEFAULT_RULES) -> P:
+  table = dict(rules)
+  spec = []
+  used: set[str] = set()
+  for name, size in zip(axes, shape):
+    mesh_axes = table.get(name) if name else None
+    if isinstance(mesh_axes, str):
+      mesh_axes = (mesh_axes,)
+    mesh_axes = tuple(a for a in (mesh_axes or ()) if a not in used and mesh.shape[a] > 1)
+    if mesh_axes and size % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
+      used.update(mesh_axes)
+      spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    else:
+      spec.append(None)
+  return P(*spec)
+
+
+def tree_shardings(tree, axes_tree, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedShardings for `tree` (arrays or ShapeDtypeStructs) from a same-shaped tree of axes."""
+  return jax.tree.map(
+      lambda x, axes: NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)),
+      tree, axes_tree, is_leaf=lambda x: isinstance(x, tuple) and all(
+          isinstance(a, (str, type(None))) for a in x))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, batch_axis: int = 0) -> NamedSharding:
+  spec = [None] * ndim
+  spec[batch_axis] = ("data", "fsdp")
+  return NamedSharding(mesh, P(*spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
