@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 import os
 
+import gguf
 import numpy as np
 
 from ftjax.errors import FtjaxError
 from ftjax.models.config import ModelConfig
 from ftjax.models.params import Params, get_path, param_specs, set_path
+from ftjax.tokenizer import read_gguf_metadata
 
 # GGUF general.architecture -> ftjax model_type. llama.cpp writes Mistral checkpoints as
 # "llama" (same decoder; the sliding window is not recorded in the file).
@@ -28,7 +30,6 @@ _IGNORED_TENSORS = ("rope_freqs.weight",)
 
 def open_gguf(path: str):
   """A gguf.GGUFReader, with every way a file can be broken turned into one FtjaxError."""
-  import gguf
   if not os.path.isfile(path):
     raise FtjaxError(f"{path}: no such file")
   try:
@@ -43,11 +44,6 @@ def open_gguf(path: str):
       raise FtjaxError(f"{path}: tensor {t.name!r} runs past the end of the file "
                        f"({size} bytes): the file is truncated")
   return reader
-
-
-def _metadata(reader) -> dict:
-  from ftjax.tokenizer import read_gguf_metadata
-  return read_gguf_metadata(reader)
 
 
 def _llama3_scaling(factors: np.ndarray, cfg_kw: dict, path: str) -> dict:
@@ -86,6 +82,16 @@ def gguf_config(reader, meta: dict, path: str) -> ModelConfig:
   tensors = {t.name: t for t in reader.tensors}
   if "token_embd.weight" not in tensors:
     raise FtjaxError(f"{path}: missing tensor 'token_embd.weight'")
+  try:
+    hf = _hf_config(meta, tensors, arch, path)
+  except (TypeError, ValueError) as e:  # a key of the wrong type, e.g. a string block_count
+    raise FtjaxError(f"{path}: malformed GGUF metadata ({e})") from None
+  return ModelConfig.from_hf_dict(hf, source=path)
+
+
+def _hf_config(meta: dict, tensors: dict, arch: str, path: str) -> dict:
+  """The config.json transformers would build from this file, so family switches live in one
+  place (`ModelConfig.from_hf_dict`)."""
 
   def key(name, default=None):
     value = meta.get(f"{arch}.{name}", default)
@@ -133,17 +139,15 @@ def gguf_config(reader, meta: dict, path: str) -> ModelConfig:
     raise FtjaxError(f"{path}: unsupported {arch}.rope.scaling.type={scaling_type!r}; "
                      "supported: none, linear (and llama3 via rope_freqs.weight)")
   if "rope_freqs.weight" in tensors:
-    import gguf
     t = tensors["rope_freqs.weight"]
     hf["rope_scaling"] = _llama3_scaling(gguf.quants.dequantize(t.data, t.tensor_type),
                                          {"head_dim": hf["head_dim"], "rope_theta": hf["rope_theta"]},
                                          path) or None
-  return ModelConfig.from_hf_dict(hf, source=path)
+  return hf
 
 
-def _gguf_names(cfg: ModelConfig, arch: str, path: str) -> dict[str, tuple]:
+def _gguf_names(cfg: ModelConfig, arch: str) -> dict[str, tuple]:
   """GGUF tensor name -> (ParamSpec, layer index or None), from the specs' HF names."""
-  import gguf
   arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
   name_map = gguf.get_tensor_name_map(arch_id, cfg.num_layers)
   out = {}
@@ -169,12 +173,11 @@ def _unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
 
 def load_gguf(path: str, dtype=np.float32) -> tuple[ModelConfig, Params]:
   """Reads a GGUF model file into (ModelConfig, params tree of numpy arrays of `dtype`)."""
-  import gguf
   reader = open_gguf(path)
-  meta = _metadata(reader)
+  meta = read_gguf_metadata(reader)
   cfg = gguf_config(reader, meta, path)
   arch = meta["general.architecture"]
-  wanted = _gguf_names(cfg, arch, path)
+  wanted = _gguf_names(cfg, arch)
   params: Params = {}
   for spec in param_specs(cfg):
     set_path(params, spec.path, np.empty(spec.shape, dtype))
