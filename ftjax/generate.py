@@ -24,6 +24,8 @@ from ftjax.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
+_WIDTH_BUCKET = 16
+
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _prefill(params, tokens, mask, cache, cfg):
@@ -68,7 +70,10 @@ def generate_ids(params, cfg: ModelConfig, prompts: list[list[int]], max_new_tok
   if not prompts or any(len(p) == 0 for p in prompts):
     raise FtjaxError("generate: every prompt needs at least one token")
   eos = _eos_set(cfg) if eos_ids is None else {int(i) for i in eos_ids}
-  b, width = len(prompts), max(len(p) for p in prompts)
+  b = len(prompts)
+  # Widths rounded up to a bucket: batches of similar prompts (evaluation) share one compile of
+  # prefill and step; the extra left padding is masked out and costs little.
+  width = -(-max(len(p) for p in prompts) // _WIDTH_BUCKET) * _WIDTH_BUCKET
   tokens = np.full((b, width), pad_id, np.int32)
   mask = np.zeros((b, width), np.int32)
   for r, p in enumerate(prompts):

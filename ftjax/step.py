@@ -111,7 +111,7 @@ def train_step(state: dict, frozen: Params, batch: dict, *, loss_fn: LossFn,
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
   trainable = optax.apply_updates(state["trainable"], updates)
   metrics = {"loss": sums["loss_sum"] / tokens, "accuracy": sums["correct"] / tokens,
-             "tokens": sums["tokens"], "grad_norm": optax.global_norm(grads),
+             "tokens": sums["tokens"], "grad_norm": optax.tree.norm(grads),
              "lr": schedule(state["step"])}
   new_state = dict(state, step=state["step"] + 1, trainable=trainable, opt_state=opt_state)
   return new_state, metrics

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from typing import Any
@@ -293,24 +292,33 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 # --- command line -----------------------------------------------------------------------
 
 def main(argv=None) -> None:
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "a configs/<name>.py file", lock_config=True)
   flags.DEFINE_string("workdir", None, "output directory (default: workdirs/<config name>)")
+  _parse_flags_and_train(sys.argv if argv is None else argv)
 
-  @cli_errors
-  def _main(argv):
-    del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    cfg = flags.FLAGS.config
-    if cfg is None:
-      raise FtjaxError("--config is required, e.g. --config configs/quickstart.py")
-    name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
-    train(cfg, flags.FLAGS.workdir or os.path.join("workdirs", name))
 
-  app.run(_main, argv=argv)
+@cli_errors
+def _parse_flags_and_train(argv) -> None:
+  from absl import flags
+  try:  # a typo in --config.a.b=v or a bad value: one line, not absl's traceback
+    flags.FLAGS(argv)
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+    if isinstance(e, KeyError) and e.args:
+      key, *hint = str(e.args[0]).split("\n")
+      message = f"unknown config key {key.strip(chr(39))!r}. {' '.join(hint)}"
+    else:
+      message = " ".join(str(e).split())
+    raise FtjaxError(f"command line: {message}") from None
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                      stream=sys.stderr)
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  cfg = flags.FLAGS.config
+  if cfg is None:
+    raise FtjaxError("--config is required, e.g. --config configs/quickstart.py")
+  name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+  train(cfg, flags.FLAGS.workdir or os.path.join("workdirs", name))
 
 
 if __name__ == "__main__":

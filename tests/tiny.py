@@ -21,3 +21,45 @@ def random_batch(rng: np.random.RandomState, batch: int, seq: int, vocab: int = 
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask,
           "segment_ids": np.ones((batch, seq), np.int32),
           "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
+
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}")
+
+
+def tiny_tokenizer(vocab_size: int = 400, corpus=()):
+  """A byte-level BPE with ChatML special tokens, EOS = pad = <|im_end|> (like SmolLM2)."""
+  from tokenizers import Tokenizer as Backend
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  from ftjax.data import quickstart_task
+  from ftjax.tokenizer import Tokenizer
+
+  backend = Backend(models.BPE())
+  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  backend.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  lines = [e["input"] + "\n" + e["output"] for e in quickstart_task.make_examples(200, seed=7)]
+  lines += list(corpus) + ["user assistant system"] * 10
+  backend.train_from_iterator(lines, trainer)
+  return Tokenizer(backend, eos_token="<|im_end|>", pad_token="<|im_end|>", chat_template=CHATML)
+
+
+def make_model_dir(path, family: str = "llama", vocab_size: int = 512, seed: int = 0, corpus=()):
+  """A random-init HF model + tokenizer folder that `resolve_model` loads like a real one."""
+  import torch
+  import transformers
+  tok = tiny_tokenizer(corpus=corpus)
+  torch.manual_seed(seed)
+  config = transformers.LlamaConfig(
+      vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+      tie_word_embeddings=True, initializer_range=0.1)
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+  model.save_pretrained(str(path))
+  tok.save(str(path))
+  return str(path)

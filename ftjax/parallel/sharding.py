@@ -34,7 +34,10 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-  """A ("data", "fsdp", "tensor") mesh; one size may be -1 for "all remaining devices"."""
+  """A ("data", "fsdp", "tensor") mesh; one size may be -1 for "all remaining devices".
+
+  With every size given, the mesh may use fewer devices than exist (the first ones).
+  """
   devices = devices if devices is not None else jax.devices()
   sizes = [data, fsdp, tensor]
   known = math.prod(s for s in sizes if s != -1)
@@ -42,10 +45,10 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     raise FtjaxError(f"mesh (data={data}, fsdp={fsdp}, tensor={tensor}) does not fit "
                      f"{len(devices)} devices")
   sizes = [len(devices) // known if s == -1 else s for s in sizes]
-  if math.prod(sizes) != len(devices):
-    raise FtjaxError(f"mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices, "
+  if math.prod(sizes) > len(devices):
+    raise FtjaxError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                      f"but {len(devices)} are present")
-  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+  return Mesh(np.asarray(devices[:math.prod(sizes)]).reshape(sizes), MESH_AXES)
 
 
 def logical_to_spec(axes: Sequence[str | None], shape, mesh: Mesh, rules=DEFAULT_RULES) -> P:
