@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-
 from ftjax.data import load_examples
 from ftjax.generate import _eos_set, generate_ids
 
@@ -65,15 +63,18 @@ def generation_eval(run, adapters=None, base=None, few_shot: int = 0) -> dict:
   score = _scorer(cfg.eval.scorer)
   totals: dict[str, float] = {}
   samples = []
-  for i in range(0, len(prompts), cfg.eval.batch_size):
-    outs = generate_ids(params, run.model_cfg, prompts[i:i + cfg.eval.batch_size],
-                        cfg.eval.max_new_tokens, eos_ids=eos, pad_id=pad)
-    for out, ref in zip(outs, refs[i:i + cfg.eval.batch_size]):
+  # Batches of similar prompt lengths: less left-padding to compute.
+  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+  for start in range(0, len(order), cfg.eval.batch_size):
+    rows = order[start:start + cfg.eval.batch_size]
+    outs = generate_ids(params, run.model_cfg, [prompts[i] for i in rows], cfg.eval.max_new_tokens,
+                        eos_ids=eos, pad_id=pad)
+    for i, out in zip(rows, outs):
       pred = tok.decode([t for t in out if t not in eos], skip_special_tokens=True)
-      for k, v in score(pred, ref).items():
+      for k, v in score(pred, refs[i]).items():
         totals[k] = totals.get(k, 0.0) + v
-      if len(samples) < 3:
-        samples.append({"prediction": pred, "reference": ref})
+      if i < 3:
+        samples.append({"prediction": pred, "reference": refs[i]})
   result = {k: v / len(prompts) for k, v in totals.items()}
   result.update(examples=len(prompts), few_shot=few_shot, samples=samples)
   return result

@@ -30,18 +30,20 @@ _WIDTH_BUCKET = 16
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _prefill(params, tokens, mask, cache, cfg):
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-  logits, cache = llama.forward(params, tokens, cfg, positions_bt=positions, segment_ids_bt=mask,
-                                cache=cache, cache_index=0)
-  return logits[:, -1], cache
+  hidden, cache = llama.decode(params, tokens, cfg, positions_bt=positions, segment_ids_bt=mask,
+                               cache=cache, cache_index=0)
+  # Only the last position's logits are needed: the vocab head over every prompt token would
+  # cost as much as a fifth of the prefill and [b, t, vocab] floats of memory.
+  return llama.logits(params, hidden[:, -1], cfg), cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _step(params, token, position, cache, index, cfg):
   """One new token per row at cache slot `index` (traced: one compile for the whole loop)."""
-  logits, cache = llama.forward(params, token[:, None], cfg, positions_bt=position[:, None],
-                                segment_ids_bt=jnp.ones_like(token)[:, None], cache=cache,
-                                cache_index=index)
-  return logits[:, 0], cache
+  hidden, cache = llama.decode(params, token[:, None], cfg, positions_bt=position[:, None],
+                               segment_ids_bt=jnp.ones_like(token)[:, None], cache=cache,
+                               cache_index=index)
+  return llama.logits(params, hidden[:, 0], cfg), cache
 
 
 @jax.jit

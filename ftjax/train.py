@@ -249,6 +249,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
              "tokens_per_s": tok_s, "model_tflops_per_s": flops_per_step * len(host) / elapsed / 1e12}
       writer.write(done, out, "train/")
       bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
+      if bar.disable:  # no terminal (a log file, CI): one line per log interval instead
+        eta = (cfg.train.steps - done) * elapsed / len(host)
+        log.info("step %d/%d: loss %.4f, %.0f tokens/s, ETA %.0f s", done, cfg.train.steps, loss,
+                 tok_s, eta)
       window, window_t = [], time.perf_counter()
     bar.update(1)
     if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
