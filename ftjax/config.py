@@ -25,6 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype
   c.model.param_dtype = "float32"  # storage dtype of the frozen base
   c.model.remat = "none"  # none | full | dots | dots_no_batch
+  c.model.scan_unroll = 1  # layers per scan iteration; -1 unrolls all (faster on CPU, slower compile)
   # Shrink the loaded model for tests ("runlocal"): 0 keeps it as is.
   c.model.num_layers = 0
 
@@ -104,6 +105,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.model.param_dtype in DTYPES, f"model.param_dtype={c.model.param_dtype!r}; expected one of {DTYPES}")
   check(c.model.remat in ("none", "full", "dots", "dots_no_batch"), f"model.remat={c.model.remat!r}")
   check(bool(c.model.name_or_path), "model.name_or_path is empty")
+  check(c.model.scan_unroll == -1 or c.model.scan_unroll >= 1,
+        f"model.scan_unroll={c.model.scan_unroll}; expected -1 (all) or >= 1")
   check(c.lora.rank > 0, f"lora.rank={c.lora.rank}; must be > 0")
   check(0.0 <= c.lora.dropout < 1.0, f"lora.dropout={c.lora.dropout}; must be in [0, 1)")
   check(c.lora.init_a in ("kaiming", "gaussian"), f"lora.init_a={c.lora.init_a!r}")

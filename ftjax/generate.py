@@ -28,13 +28,36 @@ _WIDTH_BUCKET = 16
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _prefill(params, tokens, mask, cache, cfg):
-  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+def _prefill(params, tokens, mask, cache, index, cfg):
+  """Left-padded prompt chunk written at cache slot `index`, after `index` cached tokens."""
+  positions = index + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
   hidden, cache = llama.decode(params, tokens, cfg, positions_bt=positions, segment_ids_bt=mask,
-                               cache=cache, cache_index=0)
+                               cache=cache, cache_index=index)
   # Only the last position's logits are needed: the vocab head over every prompt token would
   # cost as much as a fifth of the prefill and [b, t, vocab] floats of memory.
   return llama.logits(params, hidden[:, -1], cfg), cache
+
+
+@jax.jit
+def _tile_prefix(cache, prefix_cache):
+  """Copies a batch-1 cache of a shared prompt prefix into every row of the batch cache."""
+  def put(full, part):
+    return jax.lax.dynamic_update_slice(full, jnp.broadcast_to(part, (full.shape[0], full.shape[1], *part.shape[2:])).astype(full.dtype),
+                                        (0,) * full.ndim)
+  return jax.tree.map(put, cache, prefix_cache)
+
+
+def _shared_prefix_len(prompts: list[list[int]]) -> int:
+  """Tokens every prompt starts with (a system prompt, few-shot examples), rounded down to the
+  width bucket; each row keeps at least one token of its own."""
+  if len(prompts) < 2:
+    return 0
+  n = min(len(p) for p in prompts) - 1
+  k = 0
+  first = prompts[0]
+  while k < n and all(p[k] == first[k] for p in prompts):
+    k += 1
+  return k // _WIDTH_BUCKET * _WIDTH_BUCKET
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -73,25 +96,34 @@ def generate_ids(params, cfg: ModelConfig, prompts: list[list[int]], max_new_tok
     raise FtjaxError("generate: every prompt needs at least one token")
   eos = _eos_set(cfg) if eos_ids is None else {int(i) for i in eos_ids}
   b = len(prompts)
+  # A prefix shared by all prompts is prefilled once, with batch 1, and copied into every row.
+  shared = _shared_prefix_len(prompts)
+  suffixes = [p[shared:] for p in prompts]
   # Widths rounded up to a bucket: batches of similar prompts (evaluation) share one compile of
   # prefill and step; the extra left padding is masked out and costs little.
-  width = -(-max(len(p) for p in prompts) // _WIDTH_BUCKET) * _WIDTH_BUCKET
+  width = -(-max(len(p) for p in suffixes) // _WIDTH_BUCKET) * _WIDTH_BUCKET
   tokens = np.full((b, width), pad_id, np.int32)
   mask = np.zeros((b, width), np.int32)
-  for r, p in enumerate(prompts):
+  for r, p in enumerate(suffixes):
     tokens[r, width - len(p):] = p
     mask[r, width - len(p):] = 1
-  if width + max_new_tokens > cfg.max_position_embeddings:
+  total = shared + width + max_new_tokens
+  if total > cfg.max_position_embeddings:
     log.warning("prompt + new tokens (%d) exceed the model's context (%d)",
-                width + max_new_tokens, cfg.max_position_embeddings)
+                total, cfg.max_position_embeddings)
   params = jax.tree.map(jnp.asarray, params)  # once, not on every step
   dtype = jax.tree.leaves(params)[0].dtype
-  cache = llama.init_cache(cfg, b, width + max_new_tokens, dtype)
+  cache = llama.init_cache(cfg, b, total, dtype)
   key = jax.random.key(seed)
   temp = jnp.float32(temperature)
 
-  logits, cache = _prefill(params, jnp.asarray(tokens), jnp.asarray(mask), cache, cfg)
-  position = jnp.asarray(mask.sum(axis=1), jnp.int32)  # next position of each row
+  if shared:
+    prefix = jnp.asarray(prompts[0][:shared], jnp.int32)[None]
+    _, prefix_cache = _prefill(params, prefix, jnp.ones_like(prefix), llama.init_cache(cfg, 1, shared, dtype),
+                               jnp.int32(0), cfg)
+    cache = _tile_prefix(cache, prefix_cache)
+  logits, cache = _prefill(params, jnp.asarray(tokens), jnp.asarray(mask), cache, jnp.int32(shared), cfg)
+  position = jnp.asarray(shared + mask.sum(axis=1), jnp.int32)  # next position of each row
   out: list[list[int]] = [[] for _ in range(b)]
   done = np.zeros(b, bool)
   for step in range(max_new_tokens):
@@ -103,7 +135,7 @@ def generate_ids(params, cfg: ModelConfig, prompts: list[list[int]], max_new_tok
       done[r] = int(host[r]) in eos
     if done.all() or step == max_new_tokens - 1:
       break
-    logits, cache = _step(params, token, position, cache, jnp.int32(width + step), cfg)
+    logits, cache = _step(params, token, position, cache, jnp.int32(shared + width + step), cfg)
     position = position + 1
   return out
 

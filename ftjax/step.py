@@ -55,15 +55,21 @@ class LossFn:
   plug: Plug
   dtype: Any = jnp.float32
   remat: str = "none"
-  vocab_chunk: int = 0  # >0: compute logits + CE over this many tokens at a time (saves memory)
+  unroll: int | bool = 1
+  # >0: the vocab head + cross-entropy run over this many tokens at a time, recomputed in the
+  # backward pass: [tokens, vocab] f32 logits never exist whole (memory for one extra head matmul).
+  vocab_chunk: int = 0
 
   def __call__(self, tree: Params, batch: dict, rng=None) -> dict:
     hidden = llama.decode(tree["base"], batch["inputs"], self.cfg, adapters=tree.get("adapters"),
                           plug=self.plug, positions_bt=batch["positions"],
                           segment_ids_bt=batch["segment_ids"], dtype=self.dtype,
-                          remat=self.remat, rng=rng)
+                          remat=self.remat, unroll=self.unroll, rng=rng)
     w_dv = llama.lm_head_kernel(tree["base"], self.cfg)
-    return token_ce_sums(hidden, w_dv, batch["targets"], batch["loss_mask"], self.dtype)
+    if not self.vocab_chunk:
+      return token_ce_sums(hidden, w_dv, batch["targets"], batch["loss_mask"], self.dtype)
+    return chunked_token_ce_sums(hidden, w_dv, batch["targets"], batch["loss_mask"], self.dtype,
+                                 self.vocab_chunk)
 
 
 def token_ce_sums(hidden_btd, w_dv, targets_bt, mask_bt, dtype) -> dict:
@@ -75,6 +81,25 @@ def token_ce_sums(hidden_btd, w_dv, targets_bt, mask_bt, dtype) -> dict:
   correct = (jnp.argmax(logits, axis=-1) == targets_bt).astype(jnp.float32)
   return {"loss_sum": jnp.sum((logz - target_logit) * mask),
           "correct": jnp.sum(correct * mask), "tokens": jnp.sum(mask)}
+
+
+def chunked_token_ce_sums(hidden_btd, w_dv, targets_bt, mask_bt, dtype, chunk: int) -> dict:
+  """`token_ce_sums` over chunks of `chunk` tokens, each rematerialised in the backward pass."""
+  d = hidden_btd.shape[-1]
+  n = hidden_btd.shape[0] * hidden_btd.shape[1]
+  pad = -n % chunk
+  h = jnp.pad(hidden_btd.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
+  t = jnp.pad(targets_bt.reshape(n), (0, pad)).reshape(-1, chunk)
+  m = jnp.pad(mask_bt.reshape(n), (0, pad)).reshape(-1, chunk)  # padded tokens: mask 0
+
+  @jax.checkpoint
+  def one(carry, xs):
+    out = token_ce_sums(xs[0], w_dv, xs[1], xs[2], dtype)
+    return jax.tree.map(jnp.add, carry, out), None
+
+  zeros = {"loss_sum": jnp.zeros(()), "correct": jnp.zeros(()), "tokens": jnp.zeros(())}
+  sums, _ = jax.lax.scan(one, zeros, (h, t, m))
+  return sums
 
 
 # --- steps --------------------------------------------------------------------------------

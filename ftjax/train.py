@@ -132,8 +132,9 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
       schedule=config.train.schedule, weight_decay=config.train.weight_decay, b1=config.train.b1,
       b2=config.train.b2, eps=config.train.eps, max_grad_norm=config.train.max_grad_norm,
       lora_plus_ratio=config.lora.lr_ratio)
+  unroll = True if config.model.scan_unroll == -1 else config.model.scan_unroll
   loss_fn = step_lib.LossFn(model_cfg, plug, DTYPES[config.model.dtype], config.model.remat,
-                            config.train.vocab_chunk)
+                            config.train.vocab_chunk, unroll)
   return Run(config, model_cfg, tokenizer, plug, patterns, trainable, frozen, train_ds, eval_ds,
              mesh, optimizer, schedule, loss_fn)
 
@@ -315,8 +316,9 @@ def _parse_flags_and_train(argv) -> None:
     else:
       message = " ".join(str(e).split())
     raise FtjaxError(f"command line: {message}") from None
+  # force: an import may already have configured the root logger (absl does), hiding INFO.
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                      stream=sys.stderr)
+                      stream=sys.stderr, force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
   cfg = flags.FLAGS.config
   if cfg is None:

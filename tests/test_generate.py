@@ -38,7 +38,7 @@ def _naive_greedy(params, cfg, prompt, n, eos=()):
   seq = list(prompt)
   out = []
   for _ in range(n):
-    buf = np.zeros((1, 32), np.int32)
+    buf = np.zeros((1, 48), np.int32)
     buf[0, :len(seq)] = seq
     logits = _forward(params, jnp.asarray(buf), cfg=cfg)
     token = int(jnp.argmax(logits[0, len(seq) - 1]))
@@ -57,6 +57,19 @@ def test_cached_greedy_matches_full_recompute_with_left_padding(family):
   assert got == want
   # Unpadded, one row at a time, gives the same tokens as the padded batch.
   assert generate_ids(params, cfg, [PROMPTS[1]], max_new_tokens=12, eos_ids=()) == [want[1]]
+
+
+def test_shared_prompt_prefix_is_prefilled_once_with_the_same_result():
+  """Prompts sharing 20 tokens (a system prompt, few-shot examples): the prefix is computed once
+  and copied into every row; the tokens must equal the naive loop's."""
+  from ftjax.generate import _shared_prefix_len
+  cfg, params = _model("llama")
+  prefix = list(np.random.RandomState(0).randint(0, 97, 20))
+  prompts = [prefix + p for p in PROMPTS]
+  assert _shared_prefix_len(prompts) == 16  # rounded down to the width bucket
+  got = generate_ids(params, cfg, prompts, max_new_tokens=6, eos_ids=())
+  want = [_naive_greedy(params, cfg, p, 6) for p in prompts]
+  assert got == want
 
 
 def test_rows_stop_at_their_own_eos():

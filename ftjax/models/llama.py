@@ -169,7 +169,8 @@ def embed(params: Params, tokens_bt, cfg: ModelConfig, dtype):
 
 def decode(params: Params, tokens_bt, cfg: ModelConfig, *, adapters: Optional[Params] = None,
            plug: Plug = NO_PLUG, positions_bt=None, segment_ids_bt=None, cache=None,
-           cache_index=0, dtype=jnp.float32, remat: str = "none", rng=None):
+           cache_index=0, dtype=jnp.float32, remat: str = "none", unroll: int | bool = 1,
+           rng=None):
   """Token ids -> final hidden states [b, t, d] (after the final norm).
 
   segment_ids_bt: 0 marks padding; other values mark packed documents (attention stays inside a
@@ -177,6 +178,9 @@ def decode(params: Params, tokens_bt, cfg: ModelConfig, *, adapters: Optional[Pa
   positions_bt: RoPE positions; default cache_index + arange(t).
   cache: optional {"k", "v": [l, b, s_max, k, h], "segment": [l, b, s_max]} from `init_cache`;
     when given, returns (hidden, new_cache).
+  remat: activation checkpointing policy of the layer body (see REMAT_POLICIES).
+  unroll: layers per scan iteration (True: all). Unrolling trades compile time for speed on
+    CPU, where stacking each layer's saved activations into [l, ...] buffers costs real time.
   """
   b, t = tokens_bt.shape
   q_index = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
@@ -203,7 +207,7 @@ def decode(params: Params, tokens_bt, cfg: ModelConfig, *, adapters: Optional[Pa
   layer_cache = None if cache is None else {k: cache[k] for k in ("k", "v", "segment")}
   layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
   x, new_layer_cache = jax.lax.scan(
-      step, x, (params["layers"], adapters.get("layers", {}), layer_cache, layer_rngs))
+      step, x, (params["layers"], adapters.get("layers", {}), layer_cache, layer_rngs), unroll=unroll)
   x = rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps, cfg.norm_offset)
   if cache is None:
     return x
