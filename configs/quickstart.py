@@ -26,12 +26,12 @@ def get_config(runlocal: str = ""):
   c.data.seq_len = 256
   c.data.system_prompt = "Extract the expense as JSON with keys date, amount, currency, vendor."
 
-  c.train.steps = 32
+  c.train.steps = 20
   c.train.batch_size = 8
-  c.train.lr = 1e-3
-  c.train.warmup_steps = 3
+  c.train.lr = 2e-3
+  c.train.warmup_steps = 2
   c.train.log_every = 4
-  c.train.eval_every = 16
+  c.train.eval_every = 10
 
   c.eval.generate = True
   c.eval.scorer = "quickstart_json"

@@ -133,8 +133,9 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
       b2=config.train.b2, eps=config.train.eps, max_grad_norm=config.train.max_grad_norm,
       lora_plus_ratio=config.lora.lr_ratio)
   unroll = True if config.model.scan_unroll == -1 else config.model.scan_unroll
-  loss_fn = step_lib.LossFn(model_cfg, plug, DTYPES[config.model.dtype], config.model.remat,
-                            config.train.vocab_chunk, unroll)
+  loss_fn = step_lib.LossFn(model_cfg, plug, dtype=DTYPES[config.model.dtype],
+                            remat=config.model.remat, unroll=unroll,
+                            vocab_chunk=config.train.vocab_chunk)
   return Run(config, model_cfg, tokenizer, plug, patterns, trainable, frozen, train_ds, eval_ds,
              mesh, optimizer, schedule, loss_fn)
 

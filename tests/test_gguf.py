@@ -293,3 +293,20 @@ def test_smollm2_answers_paris(smol):
   cfg, params, tok, _ = smol
   [answer] = generate(params, cfg, tok, ["What is the capital of France?"], max_new_tokens=20)
   assert "Paris" in answer
+
+
+def test_smollm2_tokenizer_and_chat_template_match_transformers(smol):
+  from ftjax.models.resolve import builtin_path
+  path = builtin_path("smollm2-135m-instruct")
+  ref = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+  tok = smol[2]
+  texts = PROMPTS + ["  leading spaces\nand\ttabs", "émigré naïve – 東京 🚀", "12345.678 + x_y",
+                     "<|im_start|>user\nhi<|im_end|>"]
+  for text in texts:
+    assert tok.encode(text) == ref.encode(text), text
+  chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+          {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]
+  for messages in (chat, chat[1:]):  # the template adds a default system prompt to the second
+    ours = tok.apply_chat_template(messages, add_generation_prompt=True)
+    assert ours == ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert tok.encode(ours, add_special_tokens=False) == ref.encode(ours, add_special_tokens=False)
