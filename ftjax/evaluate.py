@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 from ftjax.data import load_examples
-from ftjax.generate import _eos_set, generate_ids
+from ftjax.generate import stop_token_ids, generate_ids
 
 log = logging.getLogger("ftjax.evaluate")
 
@@ -58,7 +58,7 @@ def generation_eval(run, adapters=None, base=None, few_shot: int = 0) -> dict:
     prompts.append(tok.encode(text, add_special_tokens=False))
     refs.append(ref)
   pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-  eos = _eos_set(run.model_cfg, [tok.eos_token_id])
+  eos = stop_token_ids(run.model_cfg, [tok.eos_token_id])
   params = jax.device_get(params)
   score = _scorer(cfg.eval.scorer)
   totals: dict[str, float] = {}

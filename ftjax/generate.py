@@ -77,7 +77,8 @@ def _pick(logits, temperature, key):
   return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
-def _eos_set(cfg: ModelConfig, extra: Iterable[int | None] = ()) -> set[int]:
+def stop_token_ids(cfg: ModelConfig, extra: Iterable[int | None] = ()) -> set[int]:
+  """The config's EOS id(s) plus `extra` (e.g. the tokenizer's end-of-turn token)."""
   eos = cfg.eos_token_id
   ids = set(eos) if isinstance(eos, tuple) else {eos}
   ids.update(extra)
@@ -94,7 +95,7 @@ def generate_ids(params, cfg: ModelConfig, prompts: list[list[int]], max_new_tok
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise FtjaxError("generate: every prompt needs at least one token")
-  eos = _eos_set(cfg) if eos_ids is None else {int(i) for i in eos_ids}
+  eos = stop_token_ids(cfg) if eos_ids is None else {int(i) for i in eos_ids}
   b = len(prompts)
   # A prefix shared by all prompts is prefilled once, with batch 1, and copied into every row.
   shared = _shared_prefix_len(prompts)
@@ -155,7 +156,7 @@ def generate(params, cfg: ModelConfig, tokenizer, prompts: list[str], max_new_to
   ids = encode_prompts(tokenizer, prompts, chat)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   out = generate_ids(params, cfg, ids, max_new_tokens, temperature, seed,
-                     eos_ids=_eos_set(cfg, [tokenizer.eos_token_id]), pad_id=pad)
+                     eos_ids=stop_token_ids(cfg, [tokenizer.eos_token_id]), pad_id=pad)
   return [tokenizer.decode(o, skip_special_tokens=True) for o in out]
 
 

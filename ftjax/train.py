@@ -258,11 +258,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       window, window_t = [], time.perf_counter()
     bar.update(1)
     if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
+      eval_t = time.perf_counter()
       ev = evaluate_loss(run, eval_fn, state["trainable"], cfg.train.eval_batches)
       if ev:
         writer.write(done, ev, "eval/")
         bar.write(f"step {done}: eval loss {ev['loss']:.4f}, token accuracy {ev['accuracy']:.3f}",
                   file=sys.stderr)
+      window_t += time.perf_counter() - eval_t  # keep eval time out of the next tokens/s
     if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
       checkpointer.save(done, state, loader.get_state())
   bar.close()

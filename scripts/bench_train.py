@@ -17,7 +17,6 @@ import argparse
 import functools
 import importlib.util
 import json
-import os
 import resource
 import statistics
 import subprocess

@@ -22,6 +22,9 @@ from ftjax import train as train_lib
 from ftjax.data import quickstart_task
 from ftjax.errors import FtjaxError
 from ftjax.models import llama
+from ftjax.models.config import load_hf_config
+from ftjax.models.hf import load_hf_params
+from ftjax.models.params import flatten, get_path
 from ftjax.peft.lora import LoRA
 from tiny import TINY, make_model_dir, random_batch, tiny_params
 
@@ -239,11 +242,9 @@ def test_frozen_base_is_bit_identical_after_training(lora_run, model_dir):
   from ftjax.checkpoint import Checkpointer
   state, _ = train_lib.init_or_restore(run, Checkpointer(workdir))
   assert int(state["step"]) == 60
-  from ftjax.models.hf import load_hf_params
-  from ftjax.models.config import load_hf_config
   original = load_hf_params(model_dir, load_hf_config(model_dir))
-  for path, leaf in __import__("ftjax.models.params", fromlist=["flatten"]).flatten(run.frozen["base"]):
-    np.testing.assert_array_equal(np.asarray(leaf), __import__("ftjax.models.params", fromlist=["get_path"]).get_path(original, path))
+  for path, leaf in flatten(run.frozen["base"]):
+    np.testing.assert_array_equal(np.asarray(leaf), get_path(original, path))
   # And training really changed the adapters.
   assert float(jnp.abs(state["trainable"]["adapters"]["layers"]["attn"]["q_proj"]["lora_b"]).max()) > 0
 
@@ -364,3 +365,29 @@ def test_unrolled_layers_match_scanned():
   scanned = llama.forward(params, tokens, TINY)
   unrolled = llama.forward(params, tokens, TINY, unroll=True)
   assert rel_err(unrolled, scanned) < 1e-6
+
+
+def test_export_cli_writes_the_trained_run(lora_run, tmp_path):
+  from ftjax import export
+  _, workdir, _, _ = lora_run
+  export.main(["--workdir", workdir, "--merged", str(tmp_path / "m"), "--adapter", str(tmp_path / "a")])
+  for name in ("m/config.json", "m/model.safetensors", "m/tokenizer.json",
+               "a/adapter_config.json", "a/adapter_model.safetensors"):
+    assert os.path.exists(tmp_path / name), name
+  from safetensors.numpy import load_file
+  again = load_file(str(tmp_path / "m" / "model.safetensors"))
+  first = load_file(os.path.join(workdir, "merged", "model.safetensors"))
+  assert again.keys() == first.keys()
+  for key in first:
+    np.testing.assert_array_equal(again[key], first[key])
+  config = json.load(open(tmp_path / "a" / "adapter_config.json"))
+  assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 16.0
+  assert sorted(config["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj",
+                                              "q_proj", "up_proj", "v_proj"]
+
+
+def test_export_cli_on_a_folder_that_is_not_a_run(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "ftjax.export", "--workdir", str(tmp_path)],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert "config.json: no such file" in proc.stderr

@@ -1,7 +1,6 @@
 """A tiny ftjax-native model and random batches for train-step tests."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ftjax.models.config import ModelConfig
