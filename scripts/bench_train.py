@@ -102,7 +102,7 @@ def bench_ftjax(config, batch: int, seq: int, steps: int, warmup: int) -> tuple[
   peak, peak_source = peak_flops()
   out = {"framework": "ftjax", "device": jax.devices()[0].device_kind, "devices": len(jax.devices()),
          "model": config.model.name_or_path, "method": config.method, "dtype": config.model.dtype,
-         "remat": config.model.remat, "batch": batch, "seq": seq,
+         "remat": config.model.remat, "scan_unroll": config.model.scan_unroll, "batch": batch, "seq": seq,
          "tokens_per_s": batch * seq / step_s, "step_s": step_s, "step_s_all": times,
          "compile_s": compile_s, "flops_per_step": flops,
          "achieved_flops_per_s": flops / step_s, "peak_flops_per_s": peak, "peak_source": peak_source,
@@ -154,6 +154,7 @@ def main() -> None:
   parser.add_argument("--method", choices=["lora", "full"], default=None)
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
   parser.add_argument("--remat", default=None)
+  parser.add_argument("--scan-unroll", type=int, default=None, help="-1 unrolls every layer")
   parser.add_argument("--vs-peft", action="store_true")
   parser.add_argument("--peft-child", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -169,6 +170,8 @@ def main() -> None:
     config.model.dtype = args.dtype
   if args.remat:
     config.model.remat = args.remat
+  if args.scan_unroll is not None:
+    config.model.scan_unroll = args.scan_unroll
   result, run = bench_ftjax(config, args.batch, args.seq, args.steps, args.warmup)
   if args.vs_peft:
     if config.method != "lora":
