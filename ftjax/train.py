@@ -218,6 +218,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   flops_per_step = cfg.train.batch_size * seq * train_flops_per_token(
       run.model_cfg, seq, full=cfg.method == "full", lora_params=n_adapter)
   start_step = int(state["step"])
+  # `position`: where the first batch not yet trained on starts; that is what a checkpoint saves
+  # (the loader itself runs one batch ahead, fetching while the device computes).
+  position = loader.get_state()
   batch = next_batch()
   t0 = time.perf_counter()
   compiled = train_step.lower(state, run.frozen, batch).compile()
@@ -235,6 +238,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for step in range(start_step, cfg.train.steps):
     state, metrics = compiled(state, run.frozen, batch)
     window.append(metrics)
+    position = loader.get_state()
     if step + 1 < cfg.train.steps:
       batch = next_batch()  # overlaps with the device computing this step
     done = step + 1
@@ -266,12 +270,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   file=sys.stderr)
       window_t += time.perf_counter() - eval_t  # keep eval time out of the next tokens/s
     if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
-      checkpointer.save(done, state, loader.get_state())
+      checkpointer.save(done, state, position)
   bar.close()
 
   # --- end: checkpoint, final eval, exports, generation eval, summary ---
   final_step = int(state["step"])
-  checkpointer.save(final_step, state, loader.get_state())
+  if checkpointer.latest_step() != final_step:  # checkpoint_every may have saved it already
+    checkpointer.save(final_step, state, position)
   checkpointer.close()
   final_eval = evaluate_loss(run, eval_fn, state["trainable"])
   if final_eval:
