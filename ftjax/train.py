@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ftjax import config as config_lib
+from ftjax import evaluate, export
 from ftjax import step as step_lib
 from ftjax.checkpoint import Checkpointer
 from ftjax.data import build_dataset
@@ -188,10 +189,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = MetricWriter(workdir)
 
   # --- baseline before training: the base model with a few-shot prompt ---
-  from ftjax import evaluate
   baseline = None
+  baseline_path = os.path.join(workdir, "baseline.json")
   if cfg.eval.generate:
-    baseline = evaluate.generation_eval(run, adapters=None, few_shot=cfg.eval.few_shot)
+    if checkpointer.latest_step() is not None and os.path.exists(baseline_path):
+      with open(baseline_path) as f:  # resuming: the base model has not changed
+        baseline = json.load(f)
+    else:
+      baseline = evaluate.generation_eval(run, adapters=None, few_shot=cfg.eval.few_shot)
+      _write_json_atomic(baseline_path, baseline)
     log.info("baseline (base model, %d-shot): %s", cfg.eval.few_shot, evaluate.fmt(baseline))
 
   # --- state + compiled step ---
@@ -281,7 +287,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   final_eval = evaluate_loss(run, eval_fn, state["trainable"])
   if final_eval:
     writer.write(final_step, final_eval, "eval/")
-  from ftjax import export
   trained_tree = step_lib.combine(state["trainable"], run.frozen)
   if cfg.method == "lora" and cfg.export.adapter:
     export.write_adapter(run.plug, trained_tree["adapters"], run.model_cfg,
