@@ -28,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
   # the projections' outputs (dots_no_batch) measured ~20% faster than keeping everything on CPU:
   # the rest is cheaper to recompute than to stack per layer (docs/benchmarks.md).
   c.model.remat = "dots_no_batch"
-  c.model.scan_unroll = 1  # layers per scan iteration; -1 unrolls all (faster on CPU, slower compile)
+  c.model.scan_unroll = 1  # layers per scan iteration; -1 unrolls all (slower compile; no faster here)
   # Shrink the loaded model for tests ("runlocal"): 0 keeps it as is.
   c.model.num_layers = 0
 
