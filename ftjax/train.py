@@ -268,6 +268,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       window, window_t = [], time.perf_counter()
     bar.update(1)
     if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
+      jax.block_until_ready(state)  # the step's own compute belongs to the train window
       eval_t = time.perf_counter()
       ev = evaluate_loss(run, eval_fn, state["trainable"], cfg.train.eval_batches)
       if ev:
