@@ -50,7 +50,6 @@ class Run:
   model_cfg: Any
   tokenizer: Any
   plug: Plug
-  trainable_patterns: list[str]
   trainable: dict
   frozen: dict
   train_ds: Any
@@ -137,7 +136,7 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
   loss_fn = step_lib.LossFn(model_cfg, plug, dtype=DTYPES[config.model.dtype],
                             remat=config.model.remat, unroll=unroll,
                             vocab_chunk=config.train.vocab_chunk)
-  return Run(config, model_cfg, tokenizer, plug, patterns, trainable, frozen, train_ds, eval_ds,
+  return Run(config, model_cfg, tokenizer, plug, trainable, frozen, train_ds, eval_ds,
              mesh, optimizer, schedule, loss_fn)
 
 
