@@ -93,6 +93,26 @@ def attention_mask(q_index_bt, k_index_s, q_segment_bt, k_segment_bs, sliding_wi
   return mask[:, None]
 
 
+def attention(q_btnh, k_bskh, v_bskh, mask_b1ts, scale: float):
+  """Grouped-query attention: softmax(q k^T * scale, masked) v, scores and softmax in f32.
+
+  The query heads sharing a kv head are stacked along the rows ([b, k, g*t, h]), so each
+  score / value product is one [g*t, h] x [h, s] matmul per (batch, kv head) with the batch dims
+  leading. On CPU this layout ran forward + backward ~35% faster than
+  jax.nn.dot_product_attention's [b, t, k, g, h] einsums (fewer transposes and larger matmuls).
+  """
+  b, t, n, h = q_btnh.shape
+  s, k = k_bskh.shape[1], k_bskh.shape[2]
+  g = n // k
+  q = q_btnh.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
+  scores = jnp.einsum("bkqh,bksh->bkqs", q, k_bskh.transpose(0, 2, 1, 3),
+                      preferred_element_type=jnp.float32).reshape(b, k, g, t, s) * scale
+  scores = jnp.where(mask_b1ts[:, :, None], scores, -0.7 * jnp.finfo(jnp.float32).max)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype).reshape(b, k, g * t, s)
+  out = jnp.einsum("bkqs,bksh->bkqh", probs, v_bskh.transpose(0, 2, 1, 3))
+  return out.reshape(b, k, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
 def _project(x, base: Params, adapters: Params, names, plug: Plug, dtype, rng):
   """All linear maps that read the same input x, then the plug's hook on their outputs.
 
@@ -145,8 +165,7 @@ def _layer(x_btd, layer, adapters, cache, rng, *, cfg: ModelConfig, plug: Plug, 
     k_index = jnp.arange(k_all.shape[1])
     new_cache = {"k": k_all, "v": v_all, "segment": k_segment}
   mask = attention_mask(q_index_bt, k_index, segment_bt, k_segment, cfg.sliding_window)
-  attn = jax.nn.dot_product_attention(q, k_all.astype(dtype), v_all.astype(dtype), mask=mask,
-                                      scale=cfg.head_scale())
+  attn = attention(q, k_all.astype(dtype), v_all.astype(dtype), mask, cfg.head_scale())
   out = _project(attn.reshape(b, t, n * h), attn_p, attn_a, ("o_proj",), plug, dtype, rngs[1])
   x_btd = x_btd + out["o_proj"]
 
