@@ -102,14 +102,6 @@ def test_kv_cache_matches_full_forward(family):
   assert rel_err(stitched, full) < 1e-5
 
 
-def test_scan_remat_policies_agree(family):
-  _, _, _, cfg, params = family
-  tokens = jnp.arange(10)[None] % cfg.vocab_size
-  base = llama.forward(params, tokens, cfg)
-  for policy in ("full", "dots"):
-    assert rel_err(llama.forward(params, tokens, cfg, remat=policy), base) < 1e-6
-
-
 # --- bad input ---------------------------------------------------------------------------
 
 def test_unsupported_architecture_names_it(tmp_path):

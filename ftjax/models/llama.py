@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from ftjax.models.config import ModelConfig
 from ftjax.peft.plug import NO_PLUG, Plug
@@ -40,6 +41,10 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer in backward
     "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute the rest
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # keep each linear layer's output (base + adapter, tagged "projection" in _project) and the
+    # small intermediates a plug tags "adapter" (LoRA's x @ A); recompute norms, RoPE,
+    # attention and activations. Unlike dots_no_batch, a LoRA output is not stored twice.
+    "projections": jax.checkpoint_policies.save_only_these_names("projection", "adapter"),
 }
 
 
@@ -130,7 +135,7 @@ def _project(x, base: Params, adapters: Params, names, plug: Plug, dtype, rng):
       y = y + base[name]["bias"].astype(dtype)
     outs[name] = y
   outs = plug.project(x, outs, base, adapters, rng=rng)
-  return {name: y.reshape(*lead, y.shape[-1]) for name, y in outs.items()}
+  return {name: checkpoint_name(y, "projection").reshape(*lead, y.shape[-1]) for name, y in outs.items()}
 
 
 def _layer(x_btd, layer, adapters, cache, rng, *, cfg: ModelConfig, plug: Plug, dtype,

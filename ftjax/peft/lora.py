@@ -18,6 +18,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from ftjax.errors import FtjaxError
 from ftjax.models.params import Params, flatten, get_path, param_specs, set_path
@@ -86,7 +87,7 @@ class LoRA(Plug):
     # One x @ [A_1 | A_2 | ...] for every adapted projection of this input: three thin matmuls
     # (q, k, v) cost about as much as one, so this cuts the LoRA forward and backward passes.
     a_cat = jnp.concatenate([adapters[n]["lora_a"] for n in names], axis=-1).astype(x.dtype)
-    xa = jnp.split(jnp.dot(x, a_cat), len(names), axis=-1)
+    xa = jnp.split(checkpoint_name(jnp.dot(x, a_cat), "adapter"), len(names), axis=-1)
     outs = dict(outs)
     for n, xa_n in zip(names, xa):
       outs[n] = outs[n] + jnp.dot(xa_n * self.scale, adapters[n]["lora_b"].astype(x.dtype))
