@@ -3,12 +3,15 @@
   python scripts/bench_train.py --config configs/quickstart.py --batch 8 --seq 128 [--vs-peft]
 
 Trains on random tokens of shape [batch, seq] with the config's model and method and prints one
-JSON line: tokens_per_s, step_s (median of --steps after --warmup), compile_s, model FLOPs per
-step, MFU against a measured f32 matmul ceiling on CPU (the device's peak on GPU/TPU), peak host
-RSS and device memory. With --vs-peft the same weights, batch and sequence length are trained
-by transformers + peft (LoRA, same rank/alpha/targets, AdamW) in a child process, and the line
-also carries their tokens/s and the ratio. Run on an otherwise idle machine: the two are
-measured one after the other, so noise shows up in the ratio.
+JSON line: tokens_per_s, step_s (median of the timed steps after --warmup), compile_s, model
+FLOPs per step, MFU against a measured f32 matmul ceiling on CPU (the device's peak on GPU/TPU),
+peak host RSS and device memory.
+
+With --vs-peft the same weights, batch and sequence length are also trained by transformers +
+peft (LoRA, same rank/alpha/targets, AdamW) in a persistent child process. The two frameworks
+run in alternating rounds (--rounds x --steps each) so that a slow phase of a noisy machine
+hits both; the line carries PEFT's tokens/s, the ratio of each round, and their median as
+ratio_vs_peft. Run on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -73,50 +76,65 @@ def random_batch(rng, batch: int, seq: int, vocab: int, accum: int = 1) -> dict:
   return {k: v.reshape(accum, batch // accum, seq) for k, v in rows.items()}
 
 
-def bench_ftjax(config, batch: int, seq: int, steps: int, warmup: int) -> tuple[dict, object]:
-  from ftjax import step as step_lib
-  from ftjax import train as train_lib
-  from ftjax.flops import train_flops_per_token
-  config.train.batch_size = batch
-  config.data.seq_len = seq
-  run = train_lib.setup(config, with_data=False)
-  state, _ = train_lib.init_or_restore(run, None)
-  step = jax.jit(functools.partial(step_lib.train_step, loss_fn=run.loss_fn, optimizer=run.optimizer,
-                                   schedule=run.schedule), donate_argnums=(0,))
-  data = random_batch(np.random.default_rng(0), batch, seq, run.model_cfg.vocab_size,
-                      config.train.grad_accum)
-  t = time.perf_counter()
-  compiled = step.lower(state, run.frozen, data).compile()
-  compile_s = time.perf_counter() - t
-  times = []
-  for i in range(warmup + steps):
+class FtjaxBench:
+  """The ftjax train step, compiled once and timed in rounds of steps."""
+
+  def __init__(self, config, batch: int, seq: int):
+    from ftjax import step as step_lib
+    from ftjax import train as train_lib
+    from ftjax.flops import train_flops_per_token
+    config.train.batch_size = batch
+    config.data.seq_len = seq
+    self.config, self.batch, self.seq = config, batch, seq
+    self.run = train_lib.setup(config, with_data=False)
+    self.state, _ = train_lib.init_or_restore(self.run, None)
+    step = jax.jit(functools.partial(step_lib.train_step, loss_fn=self.run.loss_fn,
+                                     optimizer=self.run.optimizer, schedule=self.run.schedule),
+                   donate_argnums=(0,))
+    self.data = random_batch(np.random.default_rng(0), batch, seq, self.run.model_cfg.vocab_size,
+                             config.train.grad_accum)
     t = time.perf_counter()
-    state, metrics = compiled(state, run.frozen, data)
-    jax.block_until_ready(metrics)
-    if i >= warmup:
+    self.compiled = step.lower(self.state, self.run.frozen, self.data).compile()
+    self.compile_s = time.perf_counter() - t
+    n_lora = (sum(x.size for x in jax.tree.leaves(self.state["trainable"]))
+              if config.method == "lora" else 0)
+    self.flops = batch * seq * train_flops_per_token(self.run.model_cfg, seq,
+                                                     full=config.method == "full", lora_params=n_lora)
+
+  def steps(self, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+      t = time.perf_counter()
+      self.state, self.metrics = self.compiled(self.state, self.run.frozen, self.data)
+      jax.block_until_ready(self.metrics)
       times.append(time.perf_counter() - t)
-  step_s = statistics.median(times)
-  n_lora = sum(x.size for x in jax.tree.leaves(state["trainable"])) if config.method == "lora" else 0
-  flops = batch * seq * train_flops_per_token(run.model_cfg, seq, full=config.method == "full",
-                                              lora_params=n_lora)
-  peak, peak_source = peak_flops()
-  out = {"framework": "ftjax", "device": jax.devices()[0].device_kind, "devices": len(jax.devices()),
-         "model": config.model.name_or_path, "method": config.method, "dtype": config.model.dtype,
-         "remat": config.model.remat, "scan_unroll": config.model.scan_unroll, "batch": batch, "seq": seq,
-         "tokens_per_s": batch * seq / step_s, "step_s": step_s, "step_s_all": times,
-         "compile_s": compile_s, "flops_per_step": flops,
-         "achieved_flops_per_s": flops / step_s, "peak_flops_per_s": peak, "peak_source": peak_source,
-         "mfu": flops / step_s / peak, "loss": float(metrics["loss"])}
-  stats = jax.devices()[0].memory_stats() or {}
-  if "peak_bytes_in_use" in stats:
-    out["device_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
-  out["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-  return out, run
+    return times
+
+  def summary(self, times: list[float]) -> dict:
+    config = self.config
+    step_s = statistics.median(times)
+    peak, peak_source = peak_flops()
+    out = {"framework": "ftjax", "device": jax.devices()[0].device_kind, "devices": len(jax.devices()),
+           "model": config.model.name_or_path, "method": config.method, "dtype": config.model.dtype,
+           "remat": config.model.remat, "scan_unroll": config.model.scan_unroll, "batch": self.batch,
+           "seq": self.seq, "tokens_per_s": self.batch * self.seq / step_s, "step_s": step_s,
+           "step_s_all": times, "compile_s": self.compile_s, "flops_per_step": self.flops,
+           "achieved_flops_per_s": self.flops / step_s, "peak_flops_per_s": peak,
+           "peak_source": peak_source, "mfu": self.flops / step_s / peak,
+           "loss": float(self.metrics["loss"])}
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+      out["device_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
+    out["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return out
 
 
-def bench_peft_child(model_dir: str, batch: int, seq: int, steps: int, warmup: int, rank: int,
-                     alpha: float, dtype: str) -> dict:
-  """Runs in a child process: transformers + peft LoRA training on the same weights."""
+def peft_child(model_dir: str, batch: int, seq: int, rank: int, alpha: float, dtype: str) -> None:
+  """Runs in a child process: transformers + peft LoRA training on the same weights.
+
+  Protocol: after loading, prints {"ready": ...}; then for each stdin line N runs N steps and
+  prints their times as one JSON line; exits on "quit" or end of input.
+  """
   import torch
   import transformers
   import peft
@@ -128,20 +146,51 @@ def bench_peft_child(model_dir: str, batch: int, seq: int, steps: int, warmup: i
   model.train()
   opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
   tokens = torch.randint(0, model.config.vocab_size, (batch, seq + 1))
-  times = []
-  for i in range(warmup + steps):
-    t = time.perf_counter()
-    loss = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if i >= warmup:
+  print(json.dumps({"ready": True, "torch": torch.__version__, "transformers": transformers.__version__,
+                    "peft": peft.__version__, "threads": torch.get_num_threads()}), flush=True)
+  for line in sys.stdin:
+    if line.strip() == "quit":
+      break
+    times = []
+    for _ in range(int(line)):
+      t = time.perf_counter()
+      loss = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
+      loss.backward()
+      opt.step()
+      opt.zero_grad(set_to_none=True)
       times.append(time.perf_counter() - t)
-  step_s = statistics.median(times)
-  return {"framework": "peft", "torch": torch.__version__, "transformers": transformers.__version__,
-          "peft": peft.__version__, "threads": torch.get_num_threads(),
-          "tokens_per_s": batch * seq / step_s, "step_s": step_s, "step_s_all": times,
-          "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    print(json.dumps({"step_s_all": times,
+                      "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}),
+          flush=True)
+
+
+class PeftBench:
+  """A persistent PEFT child process, so both frameworks can be timed in alternating rounds."""
+
+  def __init__(self, config_path: str, **child_args):
+    self.stderr = tempfile.TemporaryFile("w+")  # a file, not a pipe: a full pipe would block it
+    self.proc = subprocess.Popen([sys.executable, __file__, "--config", config_path, "--peft-child",
+                                  json.dumps(child_args)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+    self.info = self._read()
+
+  def _read(self) -> dict:
+    line = self.proc.stdout.readline()
+    if not line:
+      self.proc.wait()
+      self.stderr.seek(0)
+      raise SystemExit(f"peft run failed:\n{self.stderr.read()[-3000:]}")
+    return json.loads(line)
+
+  def steps(self, n: int) -> list[float]:
+    self.proc.stdin.write(f"{n}\n")
+    self.proc.stdin.flush()
+    out = self._read()
+    self.info["host_peak_rss_gib"] = out["host_peak_rss_gib"]
+    return out["step_s_all"]
+
+  def close(self) -> None:
+    self.proc.communicate("quit\n")
 
 
 def main() -> None:
@@ -149,50 +198,68 @@ def main() -> None:
   parser.add_argument("--config", required=True)
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq", type=int, default=128)
-  parser.add_argument("--steps", type=int, default=5)
-  parser.add_argument("--warmup", type=int, default=1)
+  parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed steps before the first round")
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="with --vs-peft: alternating rounds of --steps steps of each framework")
+  parser.add_argument("--gap", type=float, default=3.0,
+                      help="idle seconds before each round: ftjax ran slower for a few seconds "
+                           "right after a PEFT round on the 2-core VM, so each side starts settled")
   parser.add_argument("--method", choices=["lora", "full"], default=None)
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
   parser.add_argument("--remat", default=None)
   parser.add_argument("--scan-unroll", type=int, default=None, help="-1 unrolls every layer")
+  parser.add_argument("--model", default=None, help="overrides config.model.name_or_path")
   parser.add_argument("--vs-peft", action="store_true")
   parser.add_argument("--peft-child", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
 
   if args.peft_child:  # we are the child: args.peft_child is the JSON of its arguments
-    print(json.dumps(bench_peft_child(**json.loads(args.peft_child))))
+    peft_child(**json.loads(args.peft_child))
     return
 
   config = load_config(args.config)
-  if args.method:
-    config.method = args.method
-  if args.dtype:
-    config.model.dtype = args.dtype
-  if args.remat:
-    config.model.remat = args.remat
-  if args.scan_unroll is not None:
-    config.model.scan_unroll = args.scan_unroll
-  result, run = bench_ftjax(config, args.batch, args.seq, args.steps, args.warmup)
-  if args.vs_peft:
-    if config.method != "lora":
-      raise SystemExit("--vs-peft compares LoRA training; use a LoRA config")
-    from ftjax.models.hf import save_hf_config, save_hf_params
-    from ftjax import step as step_lib
-    with tempfile.TemporaryDirectory() as model_dir:
-      base = jax.device_get(step_lib.combine(run.trainable, run.frozen)["base"])
-      save_hf_params(base, run.model_cfg, model_dir)
-      save_hf_config(run.model_cfg, model_dir)
-      del run, base
-      child_args = dict(model_dir=model_dir, batch=args.batch, seq=args.seq, steps=args.steps,
-                        warmup=args.warmup, rank=config.lora.rank, alpha=config.lora.alpha,
-                        dtype=config.model.dtype)
-      proc = subprocess.run([sys.executable, __file__, "--config", args.config, "--peft-child",
-                             json.dumps(child_args)], capture_output=True, text=True)
-      if proc.returncode:
-        raise SystemExit(f"peft run failed:\n{proc.stderr[-3000:]}")
-      ref = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["peft"] = ref
-    result["ratio_vs_peft"] = result["tokens_per_s"] / ref["tokens_per_s"]
+  for key in ("method", "dtype", "remat", "scan_unroll", "model"):
+    value = getattr(args, key)
+    if value is not None:
+      target = config if key == "method" else config.model
+      setattr(target, "name_or_path" if key == "model" else key, value)
+  if args.vs_peft and config.method != "lora":
+    raise SystemExit("--vs-peft compares LoRA training; use a LoRA config")
+  bench = FtjaxBench(config, args.batch, args.seq)
+  bench.steps(args.warmup)
+  if not args.vs_peft:
+    print(json.dumps(bench.summary(bench.steps(args.steps * args.rounds))))
+    return
+
+  from ftjax import step as step_lib
+  from ftjax.models.hf import save_hf_config, save_hf_params
+  with tempfile.TemporaryDirectory() as model_dir:
+    base = jax.device_get(step_lib.combine(bench.run.trainable, bench.run.frozen)["base"])
+    save_hf_params(base, bench.run.model_cfg, model_dir)
+    save_hf_config(bench.run.model_cfg, model_dir)
+    del base
+    peft = PeftBench(args.config, model_dir=model_dir, batch=args.batch, seq=args.seq,
+                     rank=config.lora.rank, alpha=config.lora.alpha, dtype=config.model.dtype)
+    try:
+      peft.steps(args.warmup)
+      ours, theirs, ratios = [], [], []
+      for _ in range(args.rounds):  # alternate, so slow phases of a noisy machine hit both
+        time.sleep(args.gap)
+        ours_round = bench.steps(args.steps)
+        time.sleep(args.gap)
+        theirs_round = peft.steps(args.steps)
+        ours += ours_round
+        theirs += theirs_round
+        ratios.append(statistics.median(theirs_round) / statistics.median(ours_round))
+    finally:
+      peft.close()
+  result = bench.summary(ours)
+  peft_step = statistics.median(theirs)
+  result["peft"] = dict(peft.info, framework="peft", step_s=peft_step, step_s_all=theirs,
+                        tokens_per_s=args.batch * args.seq / peft_step)
+  result["ratio_vs_peft_rounds"] = ratios
+  result["ratio_vs_peft"] = statistics.median(ratios)
   print(json.dumps(result))
 
 
