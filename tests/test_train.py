@@ -138,14 +138,16 @@ def test_remat_policies_agree_on_loss_and_gradients():
   tree = {"base": params, "adapters": adapters}
   batch = random_batch(np.random.RandomState(0), 2, 12)
 
-  def grads(policy):
+  def loss_and_grads(policy):
     loss_fn = step_lib.LossFn(TINY, plug, remat=policy)
-    return jax.jit(jax.grad(lambda t: loss_fn(t, batch)["loss_sum"]))(tree)
+    return jax.jit(jax.value_and_grad(lambda t: loss_fn(t, batch)["loss_sum"]))(tree)
 
-  ref = grads("none")
+  ref_loss, ref_grads = loss_and_grads("none")
   for policy in ("full", "dots", "dots_no_batch", "projections"):
-    for got, want in zip(jax.tree.leaves(grads(policy)), jax.tree.leaves(ref)):
-      # Same ops recomputed; only XLA's fusion and summation order may differ.
+    loss, grads = loss_and_grads(policy)
+    # Same ops recomputed; only XLA's fusion and summation order may differ.
+    assert rel_err(loss, ref_loss) < 1e-6, policy
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
       assert rel_err(got, want) < 1e-5, policy
 
 
