@@ -16,6 +16,11 @@ plus the non-hook parts of a method:
   merge(params, adapters)            -> base params with the adapter folded in (export)
   axes(adapters, cfg)                -> logical axis names of the adapter leaves (sharding)
   peft_config / to_peft_state_dict   the HF PEFT on-disk format (export)
+
+Memory: under the default remat policy ("projections", ftjax/models/llama.py) the backward pass
+recomputes everything in a layer except the projection outputs and values a plug tags with
+`jax.ad_checkpoint.checkpoint_name(x, "adapter")`. Tag small intermediates that are costly to
+recompute (LoRA tags its x @ A); leave big ones untagged.
 """
 
 from __future__ import annotations
