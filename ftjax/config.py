@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from ftjax.errors import FtjaxError
+from ftjax.models.llama import REMAT_POLICIES
 
 METHODS = ("lora", "full")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -107,7 +108,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.method in METHODS, f"method={c.method!r}; expected one of {METHODS}")
   check(c.model.dtype in DTYPES, f"model.dtype={c.model.dtype!r}; expected one of {DTYPES}")
   check(c.model.param_dtype in DTYPES, f"model.param_dtype={c.model.param_dtype!r}; expected one of {DTYPES}")
-  check(c.model.remat in ("none", "full", "dots", "dots_no_batch", "projections"), f"model.remat={c.model.remat!r}")
+  check(c.model.remat in REMAT_POLICIES,
+        f"model.remat={c.model.remat!r}; expected one of {tuple(REMAT_POLICIES)}")
   check(bool(c.model.name_or_path), "model.name_or_path is empty")
   check(c.model.scan_unroll == -1 or c.model.scan_unroll >= 1,
         f"model.scan_unroll={c.model.scan_unroll}; expected -1 (all) or >= 1")

@@ -203,8 +203,9 @@ def decode(params: Params, tokens_bt, cfg: ModelConfig, *, adapters: Optional[Pa
   cache: optional {"k", "v": [l, b, s_max, k, h], "segment": [l, b, s_max]} from `init_cache`;
     when given, returns (hidden, new_cache).
   remat: activation checkpointing policy of the layer body (see REMAT_POLICIES).
-  unroll: layers per scan iteration (True: all). Unrolling trades compile time for speed on
-    CPU, where stacking each layer's saved activations into [l, ...] buffers costs real time.
+  unroll: layers per scan iteration (True: all). Unrolling avoids stacking each layer's saved
+    activations into [l, ...] buffers at the price of compile time; on the 2-core CPU it
+    measured no faster (docs/benchmarks.md).
   """
   b, t = tokens_bt.shape
   q_index = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
