@@ -219,11 +219,12 @@ def main() -> None:
     return
 
   config = load_config(args.config)
-  for key in ("method", "dtype", "remat", "scan_unroll", "model"):
-    value = getattr(args, key)
-    if value is not None:
-      target = config if key == "method" else config.model
-      setattr(target, "name_or_path" if key == "model" else key, value)
+  overrides = {"method": (config, "method"), "dtype": (config.model, "dtype"),
+               "remat": (config.model, "remat"), "scan_unroll": (config.model, "scan_unroll"),
+               "model": (config.model, "name_or_path")}
+  for arg, (target, key) in overrides.items():
+    if getattr(args, arg) is not None:
+      setattr(target, key, getattr(args, arg))
   if args.vs_peft and config.method != "lora":
     raise SystemExit("--vs-peft compares LoRA training; use a LoRA config")
   bench = FtjaxBench(config, args.batch, args.seq)
