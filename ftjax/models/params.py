@@ -1,67 +1,81 @@
-"""The param tree's one table: path, shape, logical axes and HF name of every leaf.
+"""Every param of a decoder with its HF tensor name, and helpers for nested-dict param trees.
 
-Loaders, exporters, initialisation and sharding all read `param_specs(cfg)`, so a new param
-is added in exactly one place.
+Shapes, dtypes and logical axes come from the NNX modules themselves (`CausalLM` built
+abstractly by `nnx.eval_shape`, no memory used); the HF name of a param follows from its path,
+because module names mirror transformers'. `hf_name` is the one place that mapping lives:
+loaders (HF safetensors; GGUF through gguf-py's HF -> GGUF table), exporters and the PEFT
+adapter format all go through it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Iterator
 
-import jax
 import jax.numpy as jnp
-import numpy as np
+from flax import nnx
 
 from ftjax.models.config import ModelConfig
 
-Params = dict[str, Any]
+Params = dict[str, Any]  # a nested dict of arrays, keyed by module / param names
+
+STACKED_PREFIX = "model/layers/"  # params under it have a leading [num_layers] axis
 
 
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
-  path: str  # "layers/attn/q_proj/kernel"
+  path: str  # "model/layers/self_attn/q_proj/kernel"
   shape: tuple[int, ...]  # full shape, including the leading layer axis when stacked
-  axes: tuple[str | None, ...]  # logical axis names, one per dim
   hf_name: str  # "model.layers.{i}.self_attn.q_proj.weight"; {i} only when stacked
-  transpose: bool = False  # HF Linear weights are [out, in], ours [in, out]
-  stacked: bool = False
-  init: str = "normal"  # "normal", "ones", "zeros"
+  transpose: bool  # HF Linear weights are [out, in], our kernels [in, out]
+  stacked: bool
 
   def hf_names(self, num_layers: int) -> list[str]:
     return [self.hf_name.format(i=i) for i in range(num_layers)] if self.stacked else [self.hf_name]
 
 
-def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
-  d, f, v, h, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim, cfg.num_layers
-  norm_init = "zeros" if cfg.norm_offset else "ones"
-  specs = [ParamSpec("embed/embedding", (v, d), ("vocab", "embed"), "model.embed_tokens.weight")]
+def hf_name(path: str) -> tuple[str, bool]:
+  """ftjax param path -> (HF tensor name with {i} for the layer index, transposed?).
 
-  def layer(path, shape, axes, hf, transpose=False, init="normal"):
-    specs.append(ParamSpec("layers/" + path, (L, *shape), ("layers", *axes),
-                           "model.layers.{i}." + hf, transpose, True, init))
-
-  layer("input_norm/scale", (d,), ("norm",), "input_layernorm.weight", init=norm_init)
-  for name, out, axis in (("q_proj", cfg.q_size, "q_heads"), ("k_proj", cfg.kv_size, "kv_heads"),
-                          ("v_proj", cfg.kv_size, "kv_heads")):
-    layer(f"attn/{name}/kernel", (d, out), ("embed", axis), f"self_attn.{name}.weight", True)
-    if cfg.qkv_bias:
-      layer(f"attn/{name}/bias", (out,), (axis,), f"self_attn.{name}.bias", init="zeros")
-  layer("attn/o_proj/kernel", (cfg.q_size, d), ("q_heads", "embed"), "self_attn.o_proj.weight", True)
-  if cfg.qk_norm:
-    layer("attn/q_norm/scale", (h,), ("norm",), "self_attn.q_norm.weight", init="ones")
-    layer("attn/k_norm/scale", (h,), ("norm",), "self_attn.k_norm.weight", init="ones")
-  layer("post_attn_norm/scale", (d,), ("norm",), "post_attention_layernorm.weight", init=norm_init)
-  layer("mlp/gate_proj/kernel", (d, f), ("embed", "mlp"), "mlp.gate_proj.weight", True)
-  layer("mlp/up_proj/kernel", (d, f), ("embed", "mlp"), "mlp.up_proj.weight", True)
-  layer("mlp/down_proj/kernel", (f, d), ("mlp", "embed"), "mlp.down_proj.weight", True)
-  specs.append(ParamSpec("final_norm/scale", (d,), ("norm",), "model.norm.weight", init=norm_init))
-  if not cfg.tie_word_embeddings:
-    specs.append(ParamSpec("lm_head/kernel", (d, v), ("embed", "vocab"), "lm_head.weight", True))
-  return specs
+  "model/layers/self_attn/q_proj/kernel" -> ("model.layers.{i}.self_attn.q_proj.weight", True)
+  "model/embed_tokens/embedding" -> ("model.embed_tokens.weight", False)
+  """
+  *modules, leaf = path.split("/")
+  name = ".".join(modules)
+  if path.startswith(STACKED_PREFIX):
+    name = name.replace("model.layers", "model.layers.{i}", 1)
+  return f"{name}.{'bias' if leaf == 'bias' else 'weight'}", leaf == "kernel"
 
 
-# --- path helpers -------------------------------------------------------------------------
+def hf_module_name(module_path: str, layer: int | None = None) -> str:
+  """"model/layers/self_attn/q_proj", 3 -> "model.layers.3.self_attn.q_proj" (torch's names)."""
+  name = ".".join(module_path.split("/"))
+  if layer is not None:
+    name = name.replace("model.layers", f"model.layers.{layer}", 1)
+  return name
+
+
+@functools.lru_cache(maxsize=32)
+def param_specs(cfg: ModelConfig) -> tuple[ParamSpec, ...]:
+  """Every param of `CausalLM(cfg)`, in path order."""
+  from ftjax.models.llama import CausalLM
+  abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
+  specs = []
+  for path, var in flatten(nnx.to_pure_dict(nnx.state(abstract, nnx.Param))):
+    name, transpose = hf_name(path)
+    specs.append(ParamSpec(path, tuple(var.shape), name, transpose, path.startswith(STACKED_PREFIX)))
+  return tuple(specs)
+
+
+def abstract_model(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32):
+  """A `CausalLM` whose params are shape/dtype stand-ins: structure and metadata, no memory."""
+  from ftjax.models.llama import CausalLM
+  return nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, param_dtype=param_dtype,
+                                         rngs=nnx.Rngs(0)))
+
+
+# --- nested-dict helpers --------------------------------------------------------------------
 
 def get_path(tree: Params, path: str):
   for key in path.split("/"):
@@ -78,9 +92,9 @@ def set_path(tree: Params, path: str, value) -> None:
 
 def flatten(tree: Params, prefix: str = "") -> Iterator[tuple[str, Any]]:
   """Yields ("a/b/c", leaf) in sorted key order."""
-  for key in sorted(tree):
+  for key in sorted(tree, key=str):
     value = tree[key]
-    path = f"{prefix}/{key}" if prefix else key
+    path = f"{prefix}/{key}" if prefix else str(key)
     if isinstance(value, dict):
       yield from flatten(value, path)
     else:
@@ -92,38 +106,3 @@ def unflatten(items) -> Params:
   for path, value in items:
     set_path(tree, path, value)
   return tree
-
-
-def logical_axes(cfg: ModelConfig) -> Params:
-  """Same structure as params, leaves are tuples of logical axis names."""
-  return unflatten((s.path, s.axes) for s in param_specs(cfg))
-
-
-# --- random init (tests, and from-scratch models) -----------------------------------------
-
-def init_params(cfg: ModelConfig, rng, dtype=jnp.float32, std: float = 0.02) -> Params:
-  specs = param_specs(cfg)
-  keys = jax.random.split(rng, len(specs))
-  out = []
-  for key, spec in zip(keys, specs):
-    if spec.init == "normal":
-      value = std * jax.random.normal(key, spec.shape, jnp.float32)
-    elif spec.init == "ones":
-      value = jnp.ones(spec.shape, jnp.float32)
-    else:
-      value = jnp.zeros(spec.shape, jnp.float32)
-    out.append((spec.path, value.astype(dtype)))
-  return unflatten(out)
-
-
-def check_shapes(params: Params, cfg: ModelConfig, source: str) -> None:
-  """Every spec'd leaf present with its shape; used after loading from any format."""
-  from ftjax.errors import FtjaxError
-  for spec in param_specs(cfg):
-    try:
-      leaf = get_path(params, spec.path)
-    except KeyError:
-      raise FtjaxError(f"{source}: missing tensor for {spec.path} ({spec.hf_name})") from None
-    if tuple(np.shape(leaf)) != spec.shape:
-      raise FtjaxError(f"{source}: tensor {spec.path} has shape {tuple(np.shape(leaf))}, "
-                       f"expected {spec.shape}")

@@ -1,0 +1,55 @@
+"""PEFT for any Flax NNX model, with HF PEFT's names and on-disk format.
+
+  model = ftjax.peft.get_peft_model(model, ftjax.peft.LoraConfig(r=8, lora_alpha=16,
+                                                                 target_modules="all-linear"))
+  ftjax.peft.print_trainable_parameters(model)
+  adapters = nnx.state(model, ftjax.peft.AdapterParam)   # the adapter tree: what trains
+  with ftjax.peft.disable_adapters(model): ...           # the base model's outputs
+  ftjax.peft.save_adapter(model, "adapter/")             # peft.PeftModel.from_pretrained reads it
+  model = ftjax.peft.load_adapter(base_model, "adapter/")  # ftjax's or HF PEFT's adapter
+  model = ftjax.peft.merge_and_unload(model)             # plain model, adapter folded in
+
+Adapters attach in place by wrapping the matched layers (ftjax/peft/core.py explains how);
+ftjax's own decoders additionally share work between the q/k/v (and gate/up) adapters.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from ftjax.errors import FtjaxError
+from ftjax.peft.core import (AdapterLayer, AdapterParam, adapter_layers, count_params,
+                             disable_adapters, find_targets, merge_and_unload,
+                             print_trainable_parameters, replace_module)
+from ftjax.peft.hf_format import adapter_state_dict, load_adapter, save_adapter
+from ftjax.peft.lora import DEFAULT_TARGETS, LoraConfig, LoraEinsum, LoraLinear, LoraParam
+
+__all__ = ["AdapterLayer", "AdapterParam", "LoraConfig", "LoraEinsum", "LoraLinear", "LoraParam",
+           "adapter_layers", "adapter_state_dict", "count_params", "disable_adapters",
+           "get_peft_model", "load_adapter", "merge_and_unload", "print_trainable_parameters",
+           "save_adapter"]
+
+
+def get_peft_model(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs | int = 0) -> nnx.Module:
+  """Attaches the adapter `config` describes to `model` in place and returns the model.
+
+  Every module `config.target_modules` selects is wrapped (LoRA: `nnx.Linear` and `nnx.Einsum`);
+  at init the model's outputs equal the base model's. `rngs` seeds the adapter's init (and, for
+  layers outside a layer stack, its dropout stream).
+  """
+  if not isinstance(config, LoraConfig):
+    raise FtjaxError(f"get_peft_model: unsupported config {type(config).__name__}; supported: LoraConfig")
+  if getattr(model, "peft_config", None) is not None or any(True for _ in adapter_layers(model)):
+    raise FtjaxError("get_peft_model: the model already has an adapter; merge_and_unload it first")
+  targets = config.target_modules
+  if targets is None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGETS:
+      raise FtjaxError("LoraConfig.target_modules is required for this model (a regex, a list of "
+                       "module names, or 'all-linear')")
+    targets = DEFAULT_TARGETS[model_type]
+  rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
+  for path, module in find_targets(model, targets, (nnx.Linear, nnx.Einsum), "LoRA"):
+    replace_module(model, path, config.wrap(module, rngs))
+  model.peft_config = config
+  return model

@@ -1,143 +1,230 @@
-"""LoRA (Hu et al. 2021) and rsLoRA as a plug: y = x W + s · (x A) B, trained factored.
+"""LoRA (Hu et al. 2021) and rsLoRA: y = base(x) + s · (dropout(x) A) B, trained factored.
 
-Adapter tree: for each targeted linear `P` (a module path such as "layers/attn/q_proj"),
-`P/lora_a` [l, in, r] and `P/lora_b` [l, r, out], stacked like the kernel they sit beside.
-B starts at zero, so the adapted model equals the base model at step 0.
+A: [in, r], B: [r, out], s = lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)). B starts at zero,
+so the adapted model equals the base model at step 0. A starts as in HF PEFT: kaiming-uniform
+(bound 1/sqrt(in); `init_lora_weights=True`) or N(0, 1/r) (`"gaussian"`).
 
-Targets follow HF PEFT's `target_modules`: a string is a regex that must fully match the module
-path, a list/tuple matches names exactly or as a path suffix, and "all-linear" is every linear
-layer except the output head.
+`LoraLinear` wraps an `nnx.Linear`; `LoraEinsum` wraps an `nnx.Einsum` whose kernel dims split
+into contracted (input) and output dims: A is [contracted dims..., r], B [r, output dims...].
+In stacked (vmapped) layers both carry the kernel's leading layer axis.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from ftjax.errors import FtjaxError
-from ftjax.models.params import Params, flatten, get_path, param_specs, set_path
-from ftjax.peft.plug import Plug
+from ftjax.peft.core import AdapterLayer, AdapterParam
 
-
-def linear_modules(cfg) -> list[str]:
-  """Module paths of every linear layer (those with a kernel), output head excluded."""
-  return [s.path[: -len("/kernel")] for s in param_specs(cfg)
-          if s.path.endswith("/kernel") and not s.path.startswith("lm_head")]
-
-
-def match_targets(targets: str | Sequence[str], modules: list[str]) -> list[str]:
-  if targets == "all-linear":
-    return list(modules)
-  if isinstance(targets, str):
-    pattern = re.compile(targets)
-    chosen = [m for m in modules if pattern.fullmatch(m)]
-  else:
-    chosen = [m for m in modules if any(m == t or m.endswith("/" + t) for t in targets)]
-  if not chosen:
-    raise FtjaxError(f"LoRA targets {targets!r} match no linear layer; module paths are e.g. "
-                     f"{', '.join(modules[:4])}, ... (or use 'all-linear')")
-  return chosen
+# HF PEFT's default targets when `target_modules` is None, by model_type.
+DEFAULT_TARGETS = {t: ("q_proj", "v_proj") for t in ("llama", "mistral", "qwen2", "qwen3", "gemma")}
 
 
 @dataclasses.dataclass(frozen=True)
-class LoRA(Plug):
-  rank: int = 8
-  alpha: float = 8.0
-  dropout: float = 0.0
-  targets: str | tuple[str, ...] = "all-linear"
-  rslora: bool = False
-  init_a: str = "kaiming"  # PEFT's default; "gaussian" is N(0, 1/r)
+class LoraConfig:
+  """HF PEFT's `LoraConfig`, same names and defaults, for the options ftjax implements.
 
-  name = "lora"
+  target_modules: a regex that must match a module's whole name, a list of names matched
+    exactly or as the last components of a name, or "all-linear" (every linear layer but the
+    output head). Names are torch-style: "model.layers.0.self_attn.q_proj".
+  init_lora_weights: True (kaiming-uniform A, PEFT's default) or "gaussian" (A ~ N(0, 1/r)).
+  """
+  r: int = 8
+  lora_alpha: float = 8
+  target_modules: str | tuple[str, ...] | None = None
+  lora_dropout: float = 0.0
+  use_rslora: bool = False
+  init_lora_weights: bool | str = True
+  bias: str = "none"
+  task_type: str | None = None
+
+  def __post_init__(self):
+    if isinstance(self.target_modules, (list, set)):
+      object.__setattr__(self, "target_modules", tuple(sorted(self.target_modules)))
+    if not (isinstance(self.r, int) and self.r > 0):
+      raise FtjaxError(f"LoraConfig: r={self.r!r}; expected a positive integer")
+    if not 0.0 <= self.lora_dropout < 1.0:
+      raise FtjaxError(f"LoraConfig: lora_dropout={self.lora_dropout}; expected a value in [0, 1)")
+    if self.init_lora_weights not in (True, "gaussian"):
+      raise FtjaxError(f"LoraConfig: init_lora_weights={self.init_lora_weights!r}; "
+                       "supported: True (kaiming-uniform A) or 'gaussian'")
+    if self.bias != "none":
+      raise FtjaxError(f"LoraConfig: bias={self.bias!r}; only 'none' is supported")
 
   @property
-  def scale(self) -> float:
-    return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+  def scaling(self) -> float:
+    return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
-  def modules(self, cfg) -> list[str]:
-    return match_targets(self.targets, linear_modules(cfg))
+  def wrap(self, module: nnx.Module, rngs: nnx.Rngs) -> AdapterLayer:
+    kind = LoraLinear if isinstance(module, nnx.Linear) else LoraEinsum
+    return kind(module, r=self.r, scaling=self.scaling, dropout=self.lora_dropout,
+                init=self.init_lora_weights, rngs=rngs)
 
-  def init(self, rng, params: Params, cfg) -> Params:
-    adapters: Params = {}
-    modules = self.modules(cfg)
-    for key, module in zip(jax.random.split(rng, len(modules)), modules):
-      layers, d_in, d_out = get_path(params, module + "/kernel").shape
-      if self.init_a == "gaussian":
-        a = jax.random.normal(key, (layers, d_in, self.rank)) / self.rank
-      else:  # kaiming_uniform(a=sqrt(5)) on torch's [r, in] weight: U(-1/sqrt(in), 1/sqrt(in))
-        bound = 1.0 / math.sqrt(d_in)
-        a = jax.random.uniform(key, (layers, d_in, self.rank), minval=-bound, maxval=bound)
-      set_path(adapters, module + "/lora_a", a.astype(jnp.float32))
-      set_path(adapters, module + "/lora_b", jnp.zeros((layers, self.rank, d_out), jnp.float32))
-    return adapters
 
-  def project(self, x, outs, base, adapters, *, rng=None):
-    names = [n for n in outs if n in adapters]
-    if not names:
+class LoraParam(AdapterParam):
+  """A LoRA factor (A or B)."""
+
+
+def _kernel_axes(kernel: nnx.Variable) -> tuple:
+  names = kernel.get_metadata().get("out_sharding")
+  return tuple(names) if names else (None,) * kernel.ndim
+
+
+def _adapter_axes(*names) -> dict:
+  return {"out_sharding": names, "eager_sharding": False}
+
+
+class _Lora(AdapterLayer):
+  """A and B for a kernel viewed as [lead..., *in_shape, *out_shape]."""
+
+  def __init__(self, base_layer, *, in_shape, out_shape, in_axes, out_axes, r: int,
+               scaling: float, dropout: float, init, rngs: nnx.Rngs):
+    kernel = base_layer.kernel
+    n_lead = kernel.ndim - len(in_shape) - len(out_shape)
+    lead, lead_axes = tuple(kernel.shape[:n_lead]), _kernel_axes(kernel)[:n_lead]
+    key = rngs.params()
+    shape_a = (*lead, *in_shape, r)
+    if init == "gaussian":
+      a = jax.random.normal(key, shape_a, jnp.float32) / r
+    else:  # torch's kaiming_uniform_(a=sqrt(5)) on the [r, in] weight: U(-1/sqrt(in), 1/sqrt(in))
+      bound = 1.0 / math.sqrt(math.prod(in_shape))
+      a = jax.random.uniform(key, shape_a, jnp.float32, -bound, bound)
+    self.base_layer = base_layer
+    self.lora_a = LoraParam(a, **_adapter_axes(*lead_axes, *in_axes, "lora_rank"))
+    self.lora_b = LoraParam(jnp.zeros((*lead, r, *out_shape), jnp.float32),
+                            **_adapter_axes(*lead_axes, "lora_rank", *out_axes))
+    self.r, self.scaling, self.dropout_rate = r, scaling, dropout
+    # A stateful dropout only outside layer stacks; the decoder passes keys to stacked layers.
+    self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout and not lead else None
+    self.disabled = False
+
+  def _dropout(self, x):
+    return self.dropout(x) if self.dropout is not None else x
+
+  def _delta(self):
+    """s · A B in the kernel's layout, f32."""
+    raise NotImplementedError
+
+  def merge(self) -> nnx.Module:
+    kernel = self.base_layer.kernel
+    merged = jnp.asarray(kernel[...], jnp.float32) + self._delta()
+    kernel.value = merged.astype(kernel.dtype)
+    return self.base_layer
+
+  # HF PEFT layout: lora_A.weight [r, in], lora_B.weight [out, r] (torch Linear weights;
+  # an einsum's dims flattened), with any leading layer axis kept first.
+  def peft_tensors(self) -> dict:
+    a, b = self.lora_a[...], self.lora_b[...]
+    n_lead = a.ndim - 1 - len(self._in_shape)
+    a = a.reshape(*a.shape[:n_lead], -1, self.r)
+    b = b.reshape(*b.shape[:n_lead], self.r, -1)
+    return {"lora_A.weight": jnp.swapaxes(a, -1, -2), "lora_B.weight": jnp.swapaxes(b, -1, -2)}
+
+  def load_peft_tensors(self, tensors: dict, where: str) -> None:
+    for suffix, var in (("lora_A.weight", self.lora_a), ("lora_B.weight", self.lora_b)):
+      want = self.peft_tensors()[suffix].shape
+      got = np.asarray(tensors[suffix])
+      if got.shape != want:
+        raise FtjaxError(f"{where}: {suffix} has shape {got.shape}, expected {want} (r={self.r})")
+      var.value = jnp.asarray(np.swapaxes(got, -1, -2).reshape(var.shape), jnp.float32)
+
+
+class LoraLinear(_Lora):
+  """LoRA around an `nnx.Linear` (kernel [..., in, out])."""
+
+  def __init__(self, base_layer: nnx.Linear, **kwargs):
+    in_axis, out_axis = _kernel_axes(base_layer.kernel)[-2:]
+    *_, d_in, d_out = base_layer.kernel.shape
+    super().__init__(base_layer, in_shape=(d_in,), out_shape=(d_out,), in_axes=(in_axis,),
+                     out_axes=(out_axis,), **kwargs)
+    self._in_shape = (d_in,)
+
+  def __call__(self, x):
+    y = self.base_layer(x)
+    if self.disabled:
+      return y
+    xa = jnp.dot(self._dropout(x), self.lora_a[...].astype(x.dtype))
+    return y + jnp.dot(xa * self.scaling, self.lora_b[...].astype(x.dtype)).astype(y.dtype)
+
+  @classmethod
+  def project_many(cls, x, modules: Sequence["LoraLinear"], rng=None) -> list:
+    """Several LoRA linears reading the same x [tokens, in] (ftjax.models.ops.project).
+
+    One x @ [A_1 | A_2 | ...] for all of them: three thin matmuls (q, k, v) cost about as much
+    as one, so this cuts the LoRA forward and backward passes. `rng`: the dropout key.
+    """
+    outs = [m.base_layer(x) for m in modules]
+    active = [i for i, m in enumerate(modules) if not m.disabled]
+    if not active:
       return outs
-    if self.dropout and rng is not None:
-      keep = jax.random.bernoulli(rng, 1.0 - self.dropout, x.shape)
-      x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
-    # One x @ [A_1 | A_2 | ...] for every adapted projection of this input: three thin matmuls
-    # (q, k, v) cost about as much as one, so this cuts the LoRA forward and backward passes.
-    a_cat = jnp.concatenate([adapters[n]["lora_a"] for n in names], axis=-1).astype(x.dtype)
-    xa = jnp.split(checkpoint_name(jnp.dot(x, a_cat), "adapter"), len(names), axis=-1)
-    outs = dict(outs)
-    for n, xa_n in zip(names, xa):
-      outs[n] = outs[n] + jnp.dot(xa_n * self.scale, adapters[n]["lora_b"].astype(x.dtype))
+    rate = modules[active[0]].dropout_rate
+    if rng is None and any(modules[i].dropout is not None for i in active):
+      return [modules[i](x) if i in active else outs[i] for i in range(len(modules))]
+    if rate and rng is not None:
+      if any(modules[i].dropout_rate != rate for i in active):
+        raise FtjaxError("LoRA layers reading the same input must share lora_dropout")
+      keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+      x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    a_cat = jnp.concatenate([modules[i].lora_a[...] for i in active], axis=-1).astype(x.dtype)
+    xa = checkpoint_name(jnp.dot(x, a_cat), "adapter")
+    splits = np.cumsum([modules[i].r for i in active])[:-1].tolist()
+    for i, xa_i in zip(active, jnp.split(xa, splits, axis=-1)):
+      m = modules[i]
+      outs[i] = outs[i] + jnp.dot(xa_i * m.scaling, m.lora_b[...].astype(x.dtype)).astype(outs[i].dtype)
     return outs
 
-  def delta(self, adapters: Params, module: str):
-    """The dense update s · A B for one module, [l, in, out]."""
-    sub = get_path(adapters, module)
-    return self.scale * jnp.einsum("lir,lro->lio", sub["lora_a"], sub["lora_b"])
+  def _delta(self):
+    return self.scaling * jnp.matmul(self.lora_a[...], self.lora_b[...])
 
-  def merge(self, params: Params, adapters: Params) -> Params:
-    merged = jax.tree.map(lambda x: x, params)
-    for path, _ in flatten(adapters):
-      if path.endswith("/lora_a"):
-        module = path[: -len("/lora_a")]
-        kernel = get_path(params, module + "/kernel")
-        set_path(merged, module + "/kernel", (kernel + self.delta(adapters, module)).astype(kernel.dtype))
-    return merged
 
-  def axes(self, adapters: Params, cfg) -> Params:
-    """A shards like its kernel's input dim, B like its output dim; rank stays whole."""
-    kernel_axes = {s.path[: -len("/kernel")]: s.axes for s in param_specs(cfg) if s.path.endswith("/kernel")}
-    out: Params = {}
-    for path, _ in flatten(adapters):
-      module, leaf = path.rsplit("/", 1)
-      layers, d_in, d_out = kernel_axes[module]
-      set_path(out, path, (layers, d_in, "lora_rank") if leaf == "lora_a" else (layers, "lora_rank", d_out))
-    return out
+def _einsum_specs(einsum_str: str | None):
+  """(kernel spec, contracted letters, output letters, and the equations of x @ A, (xA) @ B and
+  A @ B) for LoRA around an einsum."""
+  if not einsum_str:
+    raise FtjaxError("LoRA on an nnx.Einsum needs the einsum_str given at construction")
+  eq = einsum_str.replace(" ", "")
+  lhs, out = eq.split("->")
+  inp, ker = lhs.split(",")
+  contracted = "".join(c for c in ker if c not in out)
+  free = "".join(c for c in ker if c in out)
+  if "." in ker or any(c in inp for c in free) or any(c not in inp for c in contracted):
+    raise FtjaxError(f"LoRA on nnx.Einsum({einsum_str!r}): the kernel's dims must each be either "
+                     "contracted with the input or passed to the output")
+  r = next(c for c in "zyxwvutsrqponmlkjihgfedcba" if c not in eq)
+  rest = "".join(c for c in inp if c not in contracted)
+  return (ker, contracted, free, f"{inp},{contracted}{r}->{rest}{r}", f"{rest}{r},{r}{free}->{out}",
+          f"...{contracted}{r},...{r}{free}->...{ker}")
 
-  # --- HF PEFT on-disk format --------------------------------------------------------------
 
-  def peft_config(self, cfg, base_model_name: str) -> dict:
-    hf_modules = sorted({m.rsplit("/", 1)[-1] for m in self.modules(cfg)})
-    return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
-        "r": self.rank, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
-        "target_modules": hf_modules, "use_rslora": self.rslora, "use_dora": False,
-        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
-        "init_lora_weights": True,
-    }
+class LoraEinsum(_Lora):
+  """LoRA around an `nnx.Einsum`: the kernel seen as a matrix [contracted dims, output dims]."""
 
-  def peft_state_dict(self, adapters: Params, cfg) -> dict:
-    """HF PEFT keys -> torch-layout arrays: lora_A.weight [r, in], lora_B.weight [out, r]."""
-    hf_name = {s.path[: -len("/kernel")]: s for s in param_specs(cfg) if s.path.endswith("/kernel")}
-    out = {}
-    for module in self.modules(cfg):
-      spec = hf_name[module]
-      sub = get_path(adapters, module)
-      for i, name in enumerate(spec.hf_names(cfg.num_layers)):
-        prefix = "base_model.model." + name[: -len(".weight")]
-        out[prefix + ".lora_A.weight"] = jnp.asarray(sub["lora_a"][i]).T
-        out[prefix + ".lora_B.weight"] = jnp.asarray(sub["lora_b"][i]).T
-    return out
+  def __init__(self, base_layer: nnx.Einsum, **kwargs):
+    ker, contracted, free, self._xa_eq, self._out_eq, self._merge_eq = _einsum_specs(
+        base_layer.einsum_str)
+    kernel = base_layer.kernel
+    n_lead = kernel.ndim - len(ker)
+    dims = dict(zip(ker, kernel.shape[n_lead:]))
+    names = dict(zip(ker, _kernel_axes(kernel)[n_lead:]))
+    self._in_shape = tuple(dims[c] for c in contracted)
+    super().__init__(base_layer, in_shape=self._in_shape, out_shape=tuple(dims[c] for c in free),
+                     in_axes=tuple(names[c] for c in contracted),
+                     out_axes=tuple(names[c] for c in free), **kwargs)
+
+  def __call__(self, x):
+    y = self.base_layer(x)
+    if self.disabled:
+      return y
+    xa = jnp.einsum(self._xa_eq, self._dropout(x), self.lora_a[...].astype(x.dtype))
+    return y + jnp.einsum(self._out_eq, xa * self.scaling, self.lora_b[...].astype(x.dtype)).astype(y.dtype)
+
+  def _delta(self):
+    return self.scaling * jnp.einsum(self._merge_eq, self.lora_a[...], self.lora_b[...])

@@ -1,0 +1,197 @@
+"""What every PEFT method shares: the adapter Variable type, wrapper layers, finding target
+modules in any Flax NNX model, and the model-level operations (count, merge, disable).
+
+An adapter attaches *in place*, as HF PEFT does to a torch module: each matched layer (an
+`nnx.Linear`, say) is replaced in its parent by a wrapper (`AdapterLayer`) that holds the
+original as `base_layer` plus the adapter's own params, typed `AdapterParam`. So
+
+  nnx.state(model, AdapterParam)    is the adapter tree (what trains, what is saved), and
+  nnx.state(model, nnx.Param)       still includes the untouched base weights.
+
+Layers stacked by `nnx.vmap` (a decoder's scanned layers) get adapter params stacked the same
+way: leading dims of the base kernel are leading dims of the adapter's params, with the same
+logical axis names, so the scan slices both together.
+
+Module names follow torch's conventions so HF PEFT's matching rules apply unchanged: the dotted
+attribute path, with the layer index after a stacked attribute ("model.layers.3.self_attn.q_proj").
+A module declares which of its attributes hold vmapped layer stacks in `stacked_modules`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Iterator, Sequence
+
+import jax
+from flax import nnx
+
+from ftjax.errors import FtjaxError
+
+
+class AdapterParam(nnx.Param):
+  """Marks a trainable adapter leaf. `nnx.state(model, AdapterParam)` is the adapter tree; each
+  method may subclass it (LoRA: `LoraParam`)."""
+
+
+class AdapterLayer(nnx.Module):
+  """A layer with an adapter around it: `base_layer` is the wrapped module, unchanged.
+
+  Subclasses implement `__call__`, `merge() -> the base layer with the adapter folded in`, and
+  the HF PEFT tensors of the adapter (`peft_tensors`, `load_peft_tensors`).
+  """
+
+  base_layer: nnx.Module
+  disabled: bool = False
+
+  def merge(self) -> nnx.Module:
+    raise NotImplementedError
+
+  def peft_tensors(self) -> dict[str, jax.Array]:
+    """{suffix: array} in HF PEFT's layout, e.g. {"lora_A.weight": [r, in] (or [l, r, in])}."""
+    raise NotImplementedError
+
+  def load_peft_tensors(self, tensors: dict, where: str) -> None:
+    raise NotImplementedError
+
+
+# --- module names and target matching -------------------------------------------------------
+
+def _name(path: Sequence) -> str:
+  return "/".join(str(p) for p in path)
+
+
+def stack_sizes(model: nnx.Module) -> dict[str, int]:
+  """Path of each vmapped layer stack ("model/layers") -> its number of layers."""
+  out = {}
+  for path, module in nnx.iter_modules(model):
+    for attr in getattr(type(module), "stacked_modules", ()):
+      stack = getattr(module, attr, None)
+      leaves = jax.tree.leaves(nnx.state(stack)) if stack is not None else []
+      if leaves:
+        out[_name((*path, attr))] = leaves[0].shape[0]
+  return out
+
+
+def torch_names(path: str, stacks: dict[str, int]) -> tuple[list[str], bool]:
+  """"model/layers/self_attn/q_proj" -> (["model.layers.0.self_attn.q_proj", ...], True): one
+  name per layer when the module sits in a layer stack (stacked=True), else just one."""
+  for stack, size in stacks.items():
+    if path.startswith(stack + "/"):
+      rest = path[len(stack) + 1:].replace("/", ".")
+      return [f"{stack.replace('/', '.')}.{i}.{rest}" for i in range(size)], True
+  return [path.replace("/", ".")], False
+
+
+def _matches(target_modules, key: str) -> bool:
+  """HF PEFT's rule: a string is a regex that must match the whole name; a list matches a name
+  exactly or as its last dotted components."""
+  if isinstance(target_modules, str):
+    return re.fullmatch(target_modules, key) is not None
+  return any(key == t or key.endswith("." + t) for t in target_modules)
+
+
+def find_targets(model: nnx.Module, target_modules, supported: tuple[type, ...],
+                 method: str) -> list[tuple[str, nnx.Module]]:
+  """(path, module) of every module `target_modules` selects, as HF PEFT selects them.
+
+  "all-linear": every supported layer except the model's output head (named by the model's
+  `output_module` attribute, as HF PEFT leaves out `lm_head`). A matched module of an
+  unsupported type is an error, as is a stacked module matched in some layers but not all.
+  """
+  stacks = stack_sizes(model)
+  output = getattr(model, "output_module", None)
+  found, seen = [], []
+  for path, module in nnx.iter_modules(model):
+    name = _name(path)
+    if not path:
+      continue
+    seen.append(name)
+    if target_modules == "all-linear":
+      if isinstance(module, supported) and name != output:
+        found.append((name, module))
+      continue
+    keys, _ = torch_names(name, stacks)
+    hits = [_matches(target_modules, k) for k in keys]
+    if not any(hits):
+      continue
+    if not all(hits):
+      layers = [i for i, h in enumerate(hits) if h]
+      raise FtjaxError(
+          f"{method} target_modules={target_modules!r} selects {name} in layers {layers} but not "
+          f"in all {len(hits)}: these layers are stacked and share one adapter shape; per-layer "
+          "selection (layers_to_transform) is not supported yet")
+    if not isinstance(module, supported):
+      raise FtjaxError(
+          f"{method} target_modules={target_modules!r} selects {keys[0]}, a "
+          f"{type(module).__name__}; {method} wraps {', '.join(t.__name__ for t in supported)}")
+    found.append((name, module))
+  if not found:
+    examples = ", ".join(torch_names(n, stacks)[0][0] for n in seen[:6])
+    raise FtjaxError(f"{method} target_modules={target_modules!r} match no module; module names "
+                     f"are e.g. {examples}, ... (or use 'all-linear')")
+  return found
+
+
+def get_module(model: nnx.Module, path: str) -> nnx.Module:
+  node = model
+  for key in path.split("/"):
+    node = node[int(key)] if key.isdigit() else getattr(node, key)
+  return node
+
+
+def replace_module(model: nnx.Module, path: str, new: nnx.Module) -> None:
+  *parents, last = path.split("/")
+  parent = get_module(model, "/".join(parents)) if parents else model
+  if last.isdigit():
+    parent[int(last)] = new
+  else:
+    setattr(parent, last, new)
+
+
+def adapter_layers(model: nnx.Module) -> Iterator[tuple[str, AdapterLayer]]:
+  """(path, wrapper) of every attached adapter layer."""
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, AdapterLayer):
+      yield _name(path), module
+
+
+# --- model-level operations -----------------------------------------------------------------
+
+def count_params(model: nnx.Module, trainable=AdapterParam) -> tuple[int, int]:
+  """(trainable, all) parameter counts; `trainable` is an nnx filter (default: the adapters)."""
+  def size(state):
+    return sum(x.size for x in jax.tree.leaves(state))
+  return size(nnx.state(model, trainable)), size(nnx.state(model, nnx.Param))
+
+
+def print_trainable_parameters(model: nnx.Module, trainable=AdapterParam) -> tuple[int, int]:
+  """Prints HF PEFT's line ("trainable params: ... || all params: ... || trainable%: ...")."""
+  n_train, n_all = count_params(model, trainable)
+  print(f"trainable params: {n_train:,d} || all params: {n_all:,d} || "
+        f"trainable%: {100 * n_train / max(n_all, 1):.4f}")
+  return n_train, n_all
+
+
+def merge_and_unload(model: nnx.Module) -> nnx.Module:
+  """Folds every adapter into its base layer and removes the wrappers (in place); returns the
+  model, now a plain model of its original structure (e.g. for `ftjax.models.save_pretrained`)."""
+  for path, layer in list(adapter_layers(model)):
+    replace_module(model, path, layer.merge())
+  if hasattr(model, "peft_config"):
+    del model.peft_config
+  return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nnx.Module):
+  """`with disable_adapters(model):` the model computes as its base model."""
+  layers = [layer for _, layer in adapter_layers(model)]
+  before = [layer.disabled for layer in layers]
+  for layer in layers:
+    layer.disabled = True
+  try:
+    yield model
+  finally:
+    for layer, was in zip(layers, before):
+      layer.disabled = was
