@@ -37,14 +37,10 @@ def few_shot_prompt(prompt: list[dict], shots: list[tuple[list[dict], str]]) -> 
   return head + turns + rest
 
 
-def generation_eval(run, adapters=None, base=None, few_shot: int = 0) -> dict:
-  """Mean scores over up to eval.max_examples eval examples (adapters merged for decoding)."""
-  import jax
-  from ftjax import step as step_lib
+def generation_eval(run, model, few_shot: int = 0) -> dict:
+  """Mean scores of `model` (greedy) over up to eval.max_examples examples of the run's eval
+  split, prompted with `few_shot` solved examples from the train split."""
   cfg, tok = run.config, run.tokenizer
-  if base is None:
-    base = step_lib.combine(run.trainable, run.frozen)["base"]
-  params = run.plug.merge(base, adapters) if adapters else base
   fmt_kw = dict(format=cfg.data.format, system_prompt=cfg.data.system_prompt or None)
   examples = load_examples(cfg.data.eval, **fmt_kw)[: cfg.eval.max_examples]
   shots = []
@@ -58,8 +54,7 @@ def generation_eval(run, adapters=None, base=None, few_shot: int = 0) -> dict:
     prompts.append(tok.encode(text, add_special_tokens=False))
     refs.append(ref)
   pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-  eos = stop_token_ids(run.model_cfg, [tok.eos_token_id])
-  params = jax.device_get(params)
+  eos = stop_token_ids(model.config, [tok.eos_token_id])
   score = _scorer(cfg.eval.scorer)
   totals: dict[str, float] = {}
   samples = []
@@ -67,7 +62,7 @@ def generation_eval(run, adapters=None, base=None, few_shot: int = 0) -> dict:
   order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
   for start in range(0, len(order), cfg.eval.batch_size):
     rows = order[start:start + cfg.eval.batch_size]
-    outs = generate_ids(params, run.model_cfg, [prompts[i] for i in rows], cfg.eval.max_new_tokens,
+    outs = generate_ids(model, [prompts[i] for i in rows], cfg.eval.max_new_tokens,
                         eos_ids=eos, pad_id=pad)
     for i, out in zip(rows, outs):
       pred = tok.decode([t for t in out if t not in eos], skip_special_tokens=True)

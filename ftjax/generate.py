@@ -3,7 +3,8 @@
 Prompts of different lengths are left-padded so every row's next token sits in the same last
 column: padding has segment id 0 (never attended to) and positions come from the mask, so a
 padded row computes exactly what it would alone. One jitted prefill, then one jitted
-single-token step reused for every new token.
+single-token step reused for every new token. The model is split into (graphdef, state) once
+per call; the jitted functions merge it while tracing, so no token pays for a graph walk.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax.errors import FtjaxError, cli_errors
-from ftjax.models import llama
+from flax import nnx
+
+from ftjax.errors import FtjaxError, cli_errors, setup_logging
+from ftjax.models import CausalLM, init_cache
 from ftjax.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -27,15 +30,16 @@ log = logging.getLogger(__name__)
 _WIDTH_BUCKET = 16
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _prefill(params, tokens, mask, cache, index, cfg):
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _prefill(graphdef, state, tokens, mask, cache, index):
   """Left-padded prompt chunk written at cache slot `index`, after `index` cached tokens."""
+  model = nnx.merge(graphdef, state)
   positions = index + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-  hidden, cache = llama.decode(params, tokens, cfg, positions_bt=positions, segment_ids_bt=mask,
-                               cache=cache, cache_index=index)
+  hidden, cache = model.hidden_states(tokens, positions=positions, segment_ids=mask, cache=cache,
+                                      cache_index=index)
   # Only the last position's logits are needed: the vocab head over every prompt token would
   # cost as much as a fifth of the prefill and [b, t, vocab] floats of memory.
-  return llama.logits(params, hidden[:, -1], cfg), cache
+  return model.logits(hidden[:, -1]), cache
 
 
 @jax.jit
@@ -60,13 +64,14 @@ def _shared_prefix_len(prompts: list[list[int]]) -> int:
   return k // _WIDTH_BUCKET * _WIDTH_BUCKET
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _step(params, token, position, cache, index, cfg):
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _step(graphdef, state, token, position, cache, index):
   """One new token per row at cache slot `index` (traced: one compile for the whole loop)."""
-  hidden, cache = llama.decode(params, token[:, None], cfg, positions_bt=position[:, None],
-                               segment_ids_bt=jnp.ones_like(token)[:, None], cache=cache,
-                               cache_index=index)
-  return llama.logits(params, hidden[:, 0], cfg), cache
+  model = nnx.merge(graphdef, state)
+  hidden, cache = model.hidden_states(token[:, None], positions=position[:, None],
+                                      segment_ids=jnp.ones_like(token)[:, None], cache=cache,
+                                      cache_index=index)
+  return model.logits(hidden[:, 0]), cache
 
 
 @jax.jit
@@ -86,7 +91,7 @@ def stop_token_ids(cfg: ModelConfig, extra: Iterable[int | None] = ()) -> set[in
   return {int(i) for i in ids}
 
 
-def generate_ids(params, cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int = 64,
+def generate_ids(model: CausalLM, prompts: list[list[int]], max_new_tokens: int = 64,
                  temperature: float = 0.0, seed: int = 0, eos_ids: Iterable[int] | None = None,
                  pad_id: int = 0) -> list[list[int]]:
   """Token-id prompts -> generated ids per row (prompt excluded; the EOS that stopped a row kept).
@@ -95,6 +100,7 @@ def generate_ids(params, cfg: ModelConfig, prompts: list[list[int]], max_new_tok
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise FtjaxError("generate: every prompt needs at least one token")
+  cfg = model.config
   eos = stop_token_ids(cfg) if eos_ids is None else {int(i) for i in eos_ids}
   b = len(prompts)
   # A prefix shared by all prompts is prefilled once, with batch 1, and copied into every row.
@@ -112,18 +118,19 @@ def generate_ids(params, cfg: ModelConfig, prompts: list[list[int]], max_new_tok
   if total > cfg.max_position_embeddings:
     log.warning("prompt + new tokens (%d) exceed the model's context (%d)",
                 total, cfg.max_position_embeddings)
-  params = jax.tree.map(jnp.asarray, params)  # once, not on every step
-  dtype = jax.tree.leaves(params)[0].dtype
-  cache = llama.init_cache(cfg, b, total, dtype)
+  graphdef, state = nnx.split(model)  # once, not on every token
+  state = jax.tree.map(jnp.asarray, state)
+  cache = init_cache(cfg, b, total, model.dtype)
   key = jax.random.key(seed)
   temp = jnp.float32(temperature)
 
   if shared:
     prefix = jnp.asarray(prompts[0][:shared], jnp.int32)[None]
-    _, prefix_cache = _prefill(params, prefix, jnp.ones_like(prefix), llama.init_cache(cfg, 1, shared, dtype),
-                               jnp.int32(0), cfg)
+    _, prefix_cache = _prefill(graphdef, state, prefix, jnp.ones_like(prefix),
+                               init_cache(cfg, 1, shared, model.dtype), jnp.int32(0))
     cache = _tile_prefix(cache, prefix_cache)
-  logits, cache = _prefill(params, jnp.asarray(tokens), jnp.asarray(mask), cache, jnp.int32(shared), cfg)
+  logits, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), cache,
+                           jnp.int32(shared))
   position = jnp.asarray(shared + mask.sum(axis=1), jnp.int32)  # next position of each row
   out: list[list[int]] = [[] for _ in range(b)]
   done = np.zeros(b, bool)
@@ -136,7 +143,7 @@ def generate_ids(params, cfg: ModelConfig, prompts: list[list[int]], max_new_tok
       done[r] = int(host[r]) in eos
     if done.all() or step == max_new_tokens - 1:
       break
-    logits, cache = _step(params, token, position, cache, jnp.int32(shared + width + step), cfg)
+    logits, cache = _step(graphdef, state, token, position, cache, jnp.int32(shared + width + step))
     position = position + 1
   return out
 
@@ -150,13 +157,13 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]
       add_special_tokens=False)) for p in prompts]
 
 
-def generate(params, cfg: ModelConfig, tokenizer, prompts: list[str], max_new_tokens: int = 64,
+def generate(model: CausalLM, tokenizer, prompts: list[str], max_new_tokens: int = 64,
              temperature: float = 0.0, chat: bool = True, seed: int = 0) -> list[str]:
   """Text prompts -> generated text per prompt (chat-templated as one user turn by default)."""
   ids = encode_prompts(tokenizer, prompts, chat)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  out = generate_ids(params, cfg, ids, max_new_tokens, temperature, seed,
-                     eos_ids=stop_token_ids(cfg, [tokenizer.eos_token_id]), pad_id=pad)
+  out = generate_ids(model, ids, max_new_tokens, temperature, seed,
+                     eos_ids=stop_token_ids(model.config, [tokenizer.eos_token_id]), pad_id=pad)
   return [tokenizer.decode(o, skip_special_tokens=True) for o in out]
 
 
@@ -173,17 +180,18 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--no-chat", action="store_true", help="use the prompt as raw text")
   args = parser.parse_args(argv)
-  logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+  setup_logging("%(message)s")
   if args.max_new_tokens < 1:
     raise FtjaxError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
   if args.temperature < 0:
     raise FtjaxError(f"--temperature must be >= 0, got {args.temperature}")
 
-  from ftjax.models.resolve import resolve_model
-  cfg, params, tokenizer = resolve_model(args.model)
+  from ftjax.models import load
+  model, tokenizer = load(args.model)
+  cfg = model.config
   log.info("loaded %s: %s, %d layers, %.1fM params", args.model, cfg.model_type, cfg.num_layers,
            cfg.num_params() / 1e6)
-  texts = generate(params, cfg, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
+  texts = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
                    chat=not args.no_chat, seed=args.seed)
   for text in texts:
     print(text, flush=True)

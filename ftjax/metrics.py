@@ -1,6 +1,8 @@
 """Metrics sinks: metrics.jsonl (one JSON object per line) and TensorBoard event files.
 
-tensorboardX writes the event files without TensorFlow.
+tensorboardX writes the event files without TensorFlow. A resumed run continues both from its
+checkpoint's step: lines and events logged after that step by the interrupted run are dropped,
+so no step appears twice.
 """
 
 from __future__ import annotations
@@ -12,10 +14,18 @@ import numpy as np
 
 
 class MetricWriter:
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, resume_step: int | None = None):
     from tensorboardX import SummaryWriter
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step is not None and os.path.exists(path):
+      with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+      with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+      os.replace(path + ".tmp", path)
+    self._jsonl = open(path, "a")
+    purge = None if resume_step is None else resume_step + 1
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
 
   def write(self, step: int, metrics: dict, prefix: str = "") -> None:
     scalars = {f"{prefix}{k}": float(np.asarray(v)) for k, v in metrics.items()}

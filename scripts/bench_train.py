@@ -17,7 +17,7 @@ ratio_vs_peft. Run on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import functools
+import os
 import importlib.util
 import json
 import resource
@@ -80,17 +80,14 @@ class FtjaxBench:
   """The ftjax train step, compiled once and timed in rounds of steps."""
 
   def __init__(self, config, batch: int, seq: int):
-    from ftjax import step as step_lib
-    from ftjax import train as train_lib
+    from ftjax import run as run_lib
     from ftjax.flops import train_flops_per_token
     config.train.batch_size = batch
     config.data.seq_len = seq
     self.config, self.batch, self.seq = config, batch, seq
-    self.run = train_lib.setup(config, with_data=False)
-    self.state, _ = train_lib.init_or_restore(self.run, None)
-    step = jax.jit(functools.partial(step_lib.train_step, loss_fn=self.run.loss_fn,
-                                     optimizer=self.run.optimizer, schedule=self.run.schedule),
-                   donate_argnums=(0,))
+    self.run = run_lib.setup(config, with_data=False)
+    self.state, _ = run_lib.init_or_restore(self.run, None)
+    step = run_lib.jit_train_step(self.run, self.state)
     self.data = random_batch(np.random.default_rng(0), batch, seq, self.run.model_cfg.vocab_size,
                              config.train.grad_accum)
     t = time.perf_counter()
@@ -233,13 +230,11 @@ def main() -> None:
     print(json.dumps(bench.summary(bench.steps(args.steps * args.rounds))))
     return
 
-  from ftjax import step as step_lib
-  from ftjax.models.hf import save_hf_config, save_hf_params
-  with tempfile.TemporaryDirectory() as model_dir:
-    base = jax.device_get(step_lib.combine(bench.run.trainable, bench.run.frozen)["base"])
-    save_hf_params(base, bench.run.model_cfg, model_dir)
-    save_hf_config(bench.run.model_cfg, model_dir)
-    del base
+  from ftjax import peft
+  from ftjax.models import save_pretrained
+  with tempfile.TemporaryDirectory() as tmp:
+    model_dir = os.path.join(tmp, "base")
+    save_pretrained(peft.unload(bench.run.model()), model_dir)
     peft = PeftBench(args.config, model_dir=model_dir, batch=args.batch, seq=args.seq,
                      rank=config.lora.rank, alpha=config.lora.alpha, dtype=config.model.dtype)
     try:

@@ -15,11 +15,13 @@ import transformers
 import hf_models
 from ftjax.errors import FtjaxError
 from ftjax.generate import generate, generate_ids
-from ftjax.models import llama
+from ftjax import models
 from ftjax.models.gguf import load_gguf
 
 Q = gguf.GGMLQuantizationType
-_forward = jax.jit(llama.forward, static_argnames=("cfg",))
+
+def _forward(cfg, params, ids):
+  return models.from_params(cfg, params)(jnp.asarray(ids))
 
 # HF module name -> GGUF tensor name (llama.cpp's standard names, spelled out independently
 # of the loader, which reads gguf-py's table).
@@ -101,7 +103,7 @@ IDS = np.array([[3, 17, 99, 4, 56, 21, 8, 120, 77, 1, 64, 30]])
 
 def _ours(path):
   cfg, params = load_gguf(path)
-  return cfg, np.asarray(_forward(jax.tree.map(jnp.asarray, params), jnp.asarray(IDS), cfg=cfg))
+  return cfg, np.asarray(_forward(cfg, params, IDS))
 
 
 def _hf_logits(model, ids=IDS):
@@ -163,7 +165,7 @@ def test_llama3_rope_freqs_tensor(tmp_path):
   # Positions past the original context exercise the scaling.
   ids = (np.arange(300)[None] * 7) % config.vocab_size
   cfg, params = load_gguf(path)
-  ours = _forward(jax.tree.map(jnp.asarray, params), jnp.asarray(ids), cfg=cfg)
+  ours = _forward(cfg, params, ids)
   assert _rel(ours, _hf_logits(model, ids)) < 1e-4
 
   bad = str(tmp_path / "bad.gguf")
@@ -247,14 +249,14 @@ def smol():
   except FtjaxError as e:
     pytest.skip(f"SmolLM2 GGUF not available: no network/pip and no FTJAX_CACHE copy ({e})")
   cfg, params = load_gguf(path)
-  params = jax.tree.map(jnp.asarray, params)
+  model = models.from_params(cfg, params)
   # torch's OpenMP threads spin against XLA's on a small shared CPU: a 5-token forward took
   # ~1-2 s with 2 threads and 0.12 s with one. The reference's speed is not under test.
   threads = torch.get_num_threads()
   torch.set_num_threads(1)
   ref = transformers.AutoModelForCausalLM.from_pretrained(
       os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
-  yield cfg, params, load_tokenizer(path), ref
+  yield cfg, model, load_tokenizer(path), ref
   torch.set_num_threads(threads)
 
 
@@ -266,17 +268,17 @@ def test_smollm2_config(smol):
 
 
 def test_smollm2_logits_match_transformers(smol):
-  cfg, params, tok, ref = smol
+  cfg, model, tok, ref = smol
   for prompt in PROMPTS[:2]:
     ids = np.array([tok.encode(prompt)])
-    ours = _forward(params, jnp.asarray(ids), cfg=cfg)
+    ours = model(jnp.asarray(ids))
     assert _rel(ours, _hf_logits(ref, ids)) < 1e-4, prompt
 
 
 def test_smollm2_greedy_matches_transformers_generate(smol):
-  cfg, params, tok, ref = smol
+  cfg, model, tok, ref = smol
   ids = [tok.encode(p) for p in PROMPTS]
-  ours = generate_ids(params, cfg, ids, max_new_tokens=20, pad_id=tok.pad_token_id)
+  ours = generate_ids(model, ids, max_new_tokens=20, pad_id=tok.pad_token_id)
   # One left-padded batch for transformers too: 20 steps instead of 60 keeps this test short.
   width = max(map(len, ids))
   batch = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in ids])
@@ -290,8 +292,8 @@ def test_smollm2_greedy_matches_transformers_generate(smol):
 
 
 def test_smollm2_answers_paris(smol):
-  cfg, params, tok, _ = smol
-  [answer] = generate(params, cfg, tok, ["What is the capital of France?"], max_new_tokens=20)
+  _, model, tok, _ = smol
+  [answer] = generate(model, tok, ["What is the capital of France?"], max_new_tokens=20)
   assert "Paris" in answer
 
 

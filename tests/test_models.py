@@ -3,15 +3,18 @@
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 import hf_models
+from ftjax import models
 from ftjax.errors import FtjaxError
-from ftjax.models import llama
+from ftjax.models import init_cache
 from ftjax.models.config import ModelConfig, load_hf_config
 from ftjax.models.hf import load_hf_params, save_hf_config, save_hf_params
 
@@ -28,45 +31,44 @@ def family(request, tmp_path_factory):
   path = str(tmp_path_factory.mktemp(request.param))
   model.save_pretrained(path)
   cfg = load_hf_config(path)
-  return request.param, model, path, cfg, load_hf_params(path, cfg)
+  return request.param, model, path, cfg, models.from_params(cfg, load_hf_params(path, cfg))
 
 
 def test_logits_match_transformers(family):
-  _, model, _, cfg, params = family
+  _, model, _, cfg, ours_model = family
   tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 24))
   with torch.no_grad():
     ref = model(torch.tensor(tokens)).logits.numpy()
-  ours = llama.forward(params, jnp.asarray(tokens), cfg)
+  ours = ours_model(jnp.asarray(tokens))
   # f32 on both sides; 1e-4 relative leaves room for summation-order differences only.
   assert rel_err(ours, ref) < 1e-4
 
 
 def test_logits_match_with_padding_mask(family):
   """Right-padded rows: valid positions must match HF given the same attention mask."""
-  _, model, _, cfg, params = family
+  _, model, _, cfg, ours_model = family
   tokens = np.random.RandomState(1).randint(0, cfg.vocab_size, (3, 16))
   mask = np.ones_like(tokens)
   mask[1, 10:] = 0
   mask[2, 5:] = 0
   with torch.no_grad():
     ref = model(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
-  ours = np.asarray(llama.forward(params, jnp.asarray(tokens), cfg, segment_ids_bt=jnp.asarray(mask)))
+  ours = np.asarray(ours_model(jnp.asarray(tokens), segment_ids=jnp.asarray(mask)))
   valid = mask.astype(bool)
   assert rel_err(ours[valid], ref[valid]) < 1e-4
   # Padding must not change the valid rows: same logits as the unpadded prefix alone.
-  alone = np.asarray(llama.forward(params, jnp.asarray(tokens[2:3, :5]), cfg))
+  alone = np.asarray(ours_model(jnp.asarray(tokens[2:3, :5])))
   assert rel_err(ours[2, :5], alone[0]) < 1e-5
 
 
 def test_export_roundtrip_through_transformers(family, tmp_path):
-  name, _, _, cfg, params = family
-  save_hf_params(params, cfg, str(tmp_path))
-  save_hf_config(cfg, str(tmp_path))
+  name, _, _, cfg, ours_model = family
+  models.save_pretrained(ours_model, str(tmp_path))
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
   tokens = np.random.RandomState(2).randint(0, cfg.vocab_size, (2, 20))
   with torch.no_grad():
     ref = reloaded(torch.tensor(tokens)).logits.numpy()
-  ours = llama.forward(params, jnp.asarray(tokens), cfg)
+  ours = ours_model(jnp.asarray(tokens))
   assert rel_err(ours, ref) < 1e-5, name
 
 
@@ -79,27 +81,60 @@ def test_sharded_export_loads_back(tmp_path):
   save_hf_config(cfg, str(tmp_path / "out"))
   assert len(files) > 1 and os.path.exists(tmp_path / "out" / "model.safetensors.index.json")
   again = load_hf_params(str(tmp_path / "out"), cfg)
-  np.testing.assert_array_equal(again["layers"]["mlp"]["up_proj"]["kernel"],
-                                params["layers"]["mlp"]["up_proj"]["kernel"])
+  np.testing.assert_array_equal(again["model"]["layers"]["mlp"]["up_proj"]["kernel"],
+                                params["model"]["layers"]["mlp"]["up_proj"]["kernel"])
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
   tokens = np.arange(12)[None] % cfg.vocab_size
   with torch.no_grad():
     ref = reloaded(torch.tensor(tokens)).logits.numpy()
-  assert rel_err(llama.forward(params, jnp.asarray(tokens), cfg), ref) < 1e-5
+  assert rel_err(models.from_params(cfg, params)(jnp.asarray(tokens)), ref) < 1e-5
 
 
 def test_kv_cache_matches_full_forward(family):
-  _, _, _, cfg, params = family
+  _, _, _, cfg, model = family
   tokens = jnp.asarray(np.random.RandomState(3).randint(0, cfg.vocab_size, (2, 12)))
-  full = llama.forward(params, tokens, cfg)
-  cache = llama.init_cache(cfg, batch=2, max_len=16)
-  first, cache = llama.forward(params, tokens[:, :8], cfg, cache=cache, cache_index=0)
+  full = model(tokens)
+  cache = init_cache(cfg, batch=2, max_len=16)
+  first, cache = model(tokens[:, :8], cache=cache, cache_index=0)
   rest = []
   for i in range(8, 12):
-    step, cache = llama.forward(params, tokens[:, i:i + 1], cfg, cache=cache, cache_index=i)
+    step, cache = model(tokens[:, i:i + 1], cache=cache, cache_index=i)
     rest.append(step)
   stitched = jnp.concatenate([first] + rest, axis=1)
   assert rel_err(stitched, full) < 1e-5
+
+
+# --- the NNX shape ---------------------------------------------------------------------
+
+def test_every_param_names_its_logical_axes():
+  """Sharding reads these names from the variables' metadata: one per dim, layers first."""
+  from tiny import TINY, tiny_model
+  state = nnx.state(tiny_model(), nnx.Param)
+  for path, var in nnx.to_flat_state(state):
+    names = var.get_metadata()["out_sharding"]
+    assert len(names) == var.ndim, path
+    assert (names[0] == "layers") == (path[:2] == ("model", "layers")), path
+  q = state["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert q.shape == (TINY.num_layers, TINY.hidden_size, TINY.q_size)
+  assert q.get_metadata()["out_sharding"] == ("layers", "embed", "q_heads")
+
+
+def test_layers_run_as_one_scan():
+  """One compiled layer body: the forward pass has a single scan over the stacked layers."""
+  from tiny import TINY, tiny_model
+  graphdef, state = nnx.split(tiny_model())
+  jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(jnp.zeros((1, 4), jnp.int32)))(state)
+  scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+  assert len(scans) == 1 and scans[0].params["length"] == TINY.num_layers
+
+
+def test_save_pretrained_refuses_a_model_with_adapters(tmp_path):
+  from ftjax import peft
+  from tiny import tiny_model
+  model = peft.get_peft_model(tiny_model(), peft.LoraConfig(target_modules="all-linear"))
+  with pytest.raises(FtjaxError, match="adapters are attached.*merge_and_unload"):
+    models.save_pretrained(model, str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
 
 
 # --- bad input ---------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The train step and loop: LoRA identity at init, merge/export parity with transformers and
-peft, frozen leaves untouched, gradient accumulation, learning on a toy task, bad input."""
+"""Whole training runs: sharding on a CPU mesh, learning, outputs and exports vs transformers and
+peft, the frozen base in memory, resume, non-finite steps, bad input, every shipped config."""
 
 import functools
 import glob
@@ -17,16 +17,17 @@ import torch
 import transformers
 
 from ftjax import config as config_lib
+from ftjax import peft
+from ftjax import run as run_lib
 from ftjax import step as step_lib
 from ftjax import train as train_lib
+from ftjax.checkpoint import Checkpointer
 from ftjax.data import quickstart_task
 from ftjax.errors import FtjaxError
-from ftjax.models import llama
 from ftjax.models.config import load_hf_config
 from ftjax.models.hf import load_hf_params
 from ftjax.models.params import flatten, get_path
-from ftjax.peft.lora import LoRA
-from tiny import TINY, make_model_dir, random_batch, tiny_params
+from tiny import make_model_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,118 +73,7 @@ def tiny_config(model_dir, data_dir, **overrides):
   return c
 
 
-# --- LoRA algebra ------------------------------------------------------------------------
-
-def test_lora_with_zero_b_is_exactly_the_base_model():
-  params = tiny_params()
-  lora = LoRA(rank=4, alpha=8)
-  adapters = lora.init(jax.random.key(1), params, TINY)
-  tokens = jnp.asarray(np.random.RandomState(0).randint(0, 64, (2, 12)))
-  base = llama.forward(params, tokens, TINY)
-  adapted = llama.forward(params, tokens, TINY, adapters=adapters, plug=lora)
-  np.testing.assert_array_equal(np.asarray(adapted), np.asarray(base))
-
-
-def test_lora_init_matches_peft_conventions():
-  params = tiny_params()
-  adapters = LoRA(rank=4).init(jax.random.key(0), params, TINY)
-  a = np.asarray(adapters["layers"]["attn"]["q_proj"]["lora_a"])
-  assert a.shape == (2, 32, 4)
-  assert np.abs(a).max() <= 1 / np.sqrt(32)  # kaiming-uniform(a=sqrt(5)) bound 1/sqrt(fan_in)
-  assert np.abs(a).max() > 0.5 / np.sqrt(32)
-  assert not np.any(np.asarray(adapters["layers"]["mlp"]["down_proj"]["lora_b"]))
-  assert set(adapters["layers"]["attn"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
-  assert LoRA(rank=16, alpha=32, rslora=True).scale == pytest.approx(32 / 4)
-
-
-def test_target_regex_matching_nothing_lists_real_paths():
-  with pytest.raises(FtjaxError, match=r"match no linear layer.*layers/attn/q_proj"):
-    LoRA(targets=r".*query").init(jax.random.key(0), tiny_params(), TINY)
-  only_v = LoRA(targets=("v_proj",)).init(jax.random.key(0), tiny_params(), TINY)
-  assert list(only_v["layers"]["attn"]) == ["v_proj"]
-
-
-def test_merge_matches_unmerged_model():
-  params = tiny_params()
-  lora = LoRA(rank=4, alpha=8)
-  adapters = lora.init(jax.random.key(1), params, TINY)
-  adapters = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), adapters)
-  tokens = jnp.asarray(np.random.RandomState(0).randint(0, 64, (2, 12)))
-  unmerged = llama.forward(params, tokens, TINY, adapters=adapters, plug=lora)
-  merged = llama.forward(lora.merge(params, adapters), tokens, TINY)
-  assert rel_err(merged, unmerged) < 1e-5
-
-
-# --- the step ----------------------------------------------------------------------------
-
-def _step_fn(trainable, plug, optimizer):
-  schedule = optax.constant_schedule(0.1)
-  return jax.jit(functools.partial(step_lib.train_step, loss_fn=step_lib.LossFn(TINY, plug),
-                                   optimizer=optimizer, schedule=schedule))
-
-
-def _capture_gradient():
-  """An 'optimizer' whose state is the last gradient it saw (and which never moves params):
-  comparing gradients directly avoids the rounding of params + tiny update."""
-  return optax.GradientTransformation(
-      lambda p: jax.tree.map(jnp.zeros_like, p),
-      lambda g, state, params=None: (jax.tree.map(jnp.zeros_like, g), g))
-
-
-def test_remat_policies_agree_on_loss_and_gradients():
-  """Remat changes what the backward pass recomputes, never the numbers (up to op order)."""
-  params = tiny_params()
-  plug = LoRA(rank=2, alpha=4.0)
-  adapters = jax.tree.map(lambda x: x + 0.1, plug.init(jax.random.key(0), params, TINY))  # B != 0
-  tree = {"base": params, "adapters": adapters}
-  batch = random_batch(np.random.RandomState(0), 2, 12)
-
-  def loss_and_grads(policy):
-    loss_fn = step_lib.LossFn(TINY, plug, remat=policy)
-    return jax.jit(jax.value_and_grad(lambda t: loss_fn(t, batch)["loss_sum"]))(tree)
-
-  ref_loss, ref_grads = loss_and_grads("none")
-  for policy in ("full", "dots", "dots_no_batch", "projections"):
-    loss, grads = loss_and_grads(policy)
-    # Same ops recomputed; only XLA's fusion and summation order may differ.
-    assert rel_err(loss, ref_loss) < 1e-6, policy
-    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-      assert rel_err(got, want) < 1e-5, policy
-
-
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_grad_accumulation_equals_one_big_batch(method):
-  """4 micro-batches of 2 == one batch of 8: the loss and the gradient given to the optimizer."""
-  params = tiny_params()
-  plug = LoRA(rank=4, alpha=8) if method == "lora" else train_lib.NO_PLUG
-  adapters = plug.init(jax.random.key(1), params, TINY)
-  if method == "lora":  # non-zero B so that A gets gradients too
-    adapters = jax.tree.map(lambda x: x + 0.1, adapters)
-  trainable, frozen = step_lib.partition({"base": params, "adapters": adapters},
-                                         ["adapters/.*"] if method == "lora" else ["base/.*"])
-  optimizer = _capture_gradient()
-  step = _step_fn(trainable, plug, optimizer)
-  state = step_lib.init_state(trainable, optimizer, 0)
-  batch = random_batch(np.random.RandomState(0), 8, 16)  # uneven token counts per micro-batch
-  one, m1 = step(state, frozen, jax.tree.map(lambda x: x[None], batch))
-  four, m4 = step(state, frozen, jax.tree.map(lambda x: x.reshape(4, 2, *x.shape[1:]), batch))
-  assert abs(float(m1["loss"]) - float(m4["loss"])) < 1e-5 * float(m1["loss"])
-  leaves1, leaves4 = jax.tree.leaves(one["opt_state"]), jax.tree.leaves(four["opt_state"])
-  assert len(leaves1) == len(jax.tree.leaves(trainable))
-  # f32 sums over tokens in a different order: relative L2 distance of the whole update.
-  # (Single entries that are sums with heavy cancellation differ by up to ~2e-5 of their leaf's
-  # max, which is rounding, not a normalisation error: that would be off by 10%+.)
-  diff = optax.tree.norm(jax.tree.map(jnp.subtract, leaves4, leaves1))
-  assert float(diff) <= 1e-5 * float(optax.tree.norm(leaves1))
-  assert any(float(jnp.abs(g).max()) > 0 for g in leaves1)
-
-
-def test_mean_of_micro_batch_means_would_differ():
-  """Guards the test above: the token-count weighting is what makes it pass."""
-  batch = random_batch(np.random.RandomState(0), 8, 16)
-  counts = batch["loss_mask"].reshape(4, -1).sum(1)
-  assert len(set(counts.tolist())) > 1
-
+# --- sharding ------------------------------------------------------------------------------
 
 def test_sharded_step_on_cpu_mesh_matches_single_device(model_dir, data_dir):
   """The same train step on a (data=2, fsdp=2, tensor=2) mesh of 8 CPU devices."""
@@ -192,18 +82,20 @@ def test_sharded_step_on_cpu_mesh_matches_single_device(model_dir, data_dir):
     c = tiny_config(model_dir, data_dir, **{f"mesh.{k}": v for k, v in mesh.items()})
     c.mesh.fsdp = mesh.get("fsdp", 1)
     c.mesh.tensor = mesh.get("tensor", 1)
-    run = train_lib.setup(c)
-    state, _ = train_lib.init_or_restore(run, None)
-    step = jax.jit(functools.partial(step_lib.train_step, loss_fn=run.loss_fn,
-                                     optimizer=run.optimizer, schedule=run.schedule))
+    run = run_lib.setup(c)
+    state, _ = run_lib.init_or_restore(run, None)
+    step = run_lib.jit_train_step(run, state)
     batch = run.train_ds.batches(8, seed=0).next_batch(8)
     batch = {k: batch[k][None] for k in step_lib.BATCH_KEYS}
     state, metrics = step(state, run.frozen, batch)
     results[name] = (state, metrics, run)
   _, _, mesh_run = results["mesh"]
-  up = mesh_run.frozen["base"]["layers"]["mlp"]["up_proj"]["kernel"]
+  # The specs come from each param's logical axes (variable metadata) and the rule table.
+  up = mesh_run.frozen["model"]["layers"]["mlp"]["up_proj"]["base_layer"]["kernel"]
   assert up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
   assert len(up.sharding.device_set) == 8
+  lora_a = mesh_run.trainable["model"]["layers"]["mlp"]["up_proj"]["lora_a"]
+  assert lora_a.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)  # rank whole
   assert abs(float(results["single"][1]["loss"]) - float(results["mesh"][1]["loss"])) < 1e-5
   # Compare Adam's first moment (= (1 - b1) x gradient): the parameters themselves differ more,
   # since Adam's first step maps each gradient entry to about +-lr, amplifying rounding in
@@ -220,11 +112,14 @@ def test_sharded_step_on_cpu_mesh_matches_single_device(model_dir, data_dir):
 def lora_run(model_dir, data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("lora_run"))
   c = tiny_config(model_dir, data_dir, **{"export.merged": True})
-  before = train_lib.setup(c)
-  start = train_lib.evaluate_loss(before, jax.jit(functools.partial(step_lib.eval_step, loss_fn=before.loss_fn)),
-                                  before.trainable)
   summary = train_lib.train(c, workdir)
-  return c, workdir, summary, start
+  return c, workdir, summary, initial_eval_loss(c)
+
+
+def initial_eval_loss(config) -> dict:
+  run = run_lib.setup(config)
+  eval_fn = jax.jit(functools.partial(step_lib.eval_step, graphdef=run.graphdef, loss_fn=run.loss_fn))
+  return train_lib.evaluate_loss(run, eval_fn, run.trainable)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -233,9 +128,7 @@ def test_training_drives_eval_loss_down(method, model_dir, data_dir, lora_run, t
     _, _, summary, start = lora_run
   else:
     c = tiny_config(model_dir, data_dir, method="full", **{"train.lr": 3e-3})
-    before = train_lib.setup(c)
-    start = train_lib.evaluate_loss(
-        before, jax.jit(functools.partial(step_lib.eval_step, loss_fn=before.loss_fn)), before.trainable)
+    start = initial_eval_loss(c)
     summary = train_lib.train(c, str(tmp_path))
   # The answer is a JSON object in a fixed schema: most of its tokens are learnable. A random
   # init starts near ln(512) = 6.2; demand the eval loss drops by at least 40%.
@@ -255,36 +148,39 @@ def test_lora_run_outputs(lora_run, model_dir):
   assert summary["steps"] == 60 and os.path.isdir(os.path.join(workdir, "checkpoints", "60"))
 
 
-def test_frozen_base_is_bit_identical_after_training(lora_run, model_dir):
-  """The merged export minus the LoRA delta is exactly the base, and the restored base params of
-  the run equal the files on disk."""
-  c, workdir, _, _ = lora_run
-  run = train_lib.setup(c, with_data=False)
-  from ftjax.checkpoint import Checkpointer
-  state, _ = train_lib.init_or_restore(run, Checkpointer(workdir))
-  assert int(state["step"]) == 60
-  original = load_hf_params(model_dir, load_hf_config(model_dir))
-  for path, leaf in flatten(run.frozen["base"]):
-    np.testing.assert_array_equal(np.asarray(leaf), get_path(original, path))
-  # And training really changed the adapters.
-  assert float(jnp.abs(state["trainable"]["adapters"]["layers"]["attn"]["q_proj"]["lora_b"]).max()) > 0
+def test_frozen_base_is_bit_identical_in_memory_after_training(model_dir, data_dir):
+  """Real train steps (the run's jitted, donating step): every frozen array is bit-for-bit what
+  it was, and what the files on disk hold; the adapters did change."""
+  run = run_lib.setup(tiny_config(model_dir, data_dir))
+  before = jax.tree.map(np.array, run.frozen)  # copies
+  state, _ = run_lib.init_or_restore(run, None)
+  step = run_lib.jit_train_step(run, state)
+  loader = run.train_ds.batches(8, seed=0)
+  for _ in range(3):
+    rows = loader.next_batch(8)
+    state, metrics = step(state, run.frozen, {k: rows[k][None] for k in step_lib.BATCH_KEYS})
+  assert bool(metrics["finite"])
+  files = load_hf_params(model_dir, load_hf_config(model_dir))
+  for path, leaf in flatten(run.frozen):
+    np.testing.assert_array_equal(np.asarray(leaf), get_path(before, path), err_msg=path)
+    np.testing.assert_array_equal(np.asarray(leaf), get_path(files, path.replace("/base_layer", "")),
+                                  err_msg=path)
+  lora_b = state["trainable"]["model"]["layers"]["self_attn"]["q_proj"]["lora_b"]
+  assert float(jnp.abs(lora_b).max()) > 0
 
 
 def test_merged_export_and_peft_adapter_match_ftjax(lora_run, model_dir):
-  import peft
+  import peft as hf_peft
   c, workdir, _, _ = lora_run
-  run = train_lib.setup(c, with_data=False)
-  from ftjax.checkpoint import Checkpointer
-  state, _ = train_lib.init_or_restore(run, Checkpointer(workdir))
-  tree = step_lib.combine(state["trainable"], run.frozen)
+  run = run_lib.setup(c, with_data=False)
+  state, _ = run_lib.init_or_restore(run, Checkpointer(workdir))
   tokens = np.random.RandomState(0).randint(0, 400, (2, 16))
-  ours = np.asarray(llama.forward(tree["base"], jnp.asarray(tokens), run.model_cfg,
-                                  adapters=tree["adapters"], plug=run.plug))
+  ours = np.asarray(run.model(state["trainable"])(jnp.asarray(tokens)))
   merged = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(workdir, "merged")).eval()
   with torch.no_grad():
     assert rel_err(merged(torch.tensor(tokens)).logits.numpy(), ours) < 1e-5
   base = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
-  with_adapter = peft.PeftModel.from_pretrained(base, os.path.join(workdir, "adapter")).eval()
+  with_adapter = hf_peft.PeftModel.from_pretrained(base, os.path.join(workdir, "adapter")).eval()
   with torch.no_grad():
     assert rel_err(with_adapter(torch.tensor(tokens)).logits.numpy(), ours) < 1e-5
 
@@ -295,7 +191,7 @@ def test_bad_inputs_fail_before_writing(model_dir, data_dir, tmp_path):
   workdir = str(tmp_path / "wd")
   bad = [
       ({"data.train": str(tmp_path / "nope.jsonl")}, "nope.jsonl"),
-      ({"lora.targets": r"layers/attn/query"}, "match no linear layer"),
+      ({"lora.targets": r".*query"}, "match no module"),
       ({"train.batch_size": 6, "train.grad_accum": 4}, "not divisible"),
       ({"method": "prefix"}, "method='prefix'"),
   ]
@@ -365,29 +261,6 @@ def test_every_config_runs_one_tiny_step(path, model_dir, data_dir, tmp_path):
   assert np.isfinite(summary["eval"]["loss"])
 
 
-def test_chunked_cross_entropy_matches_full():
-  params = tiny_params()
-  batch = random_batch(np.random.RandomState(0), 3, 10)  # 30 tokens: chunks of 8 need padding
-  full = step_lib.LossFn(TINY, train_lib.NO_PLUG)
-  chunked = step_lib.LossFn(TINY, train_lib.NO_PLUG, vocab_chunk=8)
-  tree = {"base": params, "adapters": {}}
-  a, b = full(tree, batch), chunked(tree, batch)
-  for k in a:
-    assert abs(float(a[k]) - float(b[k])) <= 1e-5 * max(abs(float(a[k])), 1.0), k
-  ga = jax.grad(lambda p: full({"base": p}, batch)["loss_sum"])(params)
-  gb = jax.grad(lambda p: chunked({"base": p}, batch)["loss_sum"])(params)
-  diff = optax.tree.norm(jax.tree.map(jnp.subtract, ga, gb))
-  assert float(diff) <= 1e-5 * float(optax.tree.norm(ga))
-
-
-def test_unrolled_layers_match_scanned():
-  params = tiny_params()
-  tokens = jnp.asarray(np.random.RandomState(0).randint(0, 64, (2, 12)))
-  scanned = llama.forward(params, tokens, TINY)
-  unrolled = llama.forward(params, tokens, TINY, unroll=True)
-  assert rel_err(unrolled, scanned) < 1e-6
-
-
 def test_export_cli_writes_the_trained_run(lora_run, tmp_path):
   from ftjax import export
   _, workdir, _, _ = lora_run
@@ -415,34 +288,91 @@ def test_export_cli_on_a_folder_that_is_not_a_run(tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_same_result(model_dir, data_dir, tmp_path, monkeypatch):
-  """Stop a run right after its step-2 checkpoint, start it again: the final adapters equal those
-  of an uninterrupted run (state, optimizer, RNG and data position all restored)."""
-  from ftjax.checkpoint import Checkpointer
-  overrides = {"train.steps": 4, "train.checkpoint_every": 2, "train.log_every": 1,
+  """Crash a run after it logged step 3 (its last checkpoint: step 2), start it again: the final
+  adapters equal an uninterrupted run's (state, optimizer, RNG and data position restored), and
+  metrics.jsonl has every step once."""
+  from ftjax.metrics import MetricWriter
+  overrides = {"train.steps": 6, "train.checkpoint_every": 2, "train.log_every": 1,
                "lora.dropout": 0.1}  # dropout: the RNG must be restored too
   straight = train_lib.train(tiny_config(model_dir, data_dir, **overrides), str(tmp_path / "a"))
 
-  class Stop(Exception):
+  class Crash(Exception):
     pass
 
-  real_save = Checkpointer.save
+  real_write = MetricWriter.write
 
-  def save_then_stop(self, step, state, data_state):
-    real_save(self, step, state, data_state)
-    if step == 2:
-      self.close()
-      raise Stop
+  def write_then_crash(self, step, metrics, prefix=""):
+    real_write(self, step, metrics, prefix)
+    if step == 3:
+      raise Crash
 
-  monkeypatch.setattr(Checkpointer, "save", save_then_stop)
-  with pytest.raises(Stop):
+  monkeypatch.setattr(MetricWriter, "write", write_then_crash)
+  with pytest.raises(Crash):
     train_lib.train(tiny_config(model_dir, data_dir, **overrides), str(tmp_path / "b"))
   assert not os.path.exists(tmp_path / "b" / "summary.json")  # not a finished run
-  monkeypatch.setattr(Checkpointer, "save", real_save)
+  assert Checkpointer(str(tmp_path / "b")).latest_step() == 2
+  monkeypatch.setattr(MetricWriter, "write", real_write)
   resumed = train_lib.train(tiny_config(model_dir, data_dir, **overrides), str(tmp_path / "b"))
-  assert resumed["steps"] == straight["steps"] == 4
+  assert resumed["steps"] == straight["steps"] == 6
   from safetensors.numpy import load_file
   a = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
   b = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
   for key in a:
     np.testing.assert_array_equal(a[key], b[key])
   assert resumed["eval"]["loss"] == straight["eval"]["loss"]
+  lines = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
+  assert [l["step"] for l in lines if "train/loss" in l] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_a_changed_config_unless_allowed(model_dir, data_dir, tmp_path):
+  workdir = str(tmp_path / "wd")
+  train_lib.train(tiny_config(model_dir, data_dir, **{"train.steps": 2}), workdir)
+  changed = tiny_config(model_dir, data_dir, **{"train.steps": 4, "lora.rank": 4})
+  with pytest.raises(FtjaxError, match=r"lora.rank: 8 -> 4, train.steps: 2 -> 4.*--allow_config_change"):
+    train_lib.train(changed, workdir)
+  # Logging / eval / export keys may change freely; a longer schedule only when allowed.
+  longer = tiny_config(model_dir, data_dir, **{"train.steps": 4, "train.log_every": 1})
+  with pytest.raises(FtjaxError, match=r"train.steps: 2 -> 4"):
+    train_lib.train(longer, workdir)
+  assert train_lib.train(longer, workdir, allow_config_change=True)["steps"] == 4
+  assert json.load(open(os.path.join(workdir, "config.json")))["train"]["steps"] == 4
+
+
+def test_log_every_zero_logs_the_last_step_only(model_dir, data_dir, tmp_path):
+  summary = train_lib.train(tiny_config(model_dir, data_dir, **{"train.steps": 3, "train.log_every": 0}),
+                            str(tmp_path))
+  lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert summary["steps"] == 3 and [l["step"] for l in lines if "train/loss" in l] == [3]
+
+
+def test_non_finite_steps_stop_or_skip_and_are_never_saved(model_dir, data_dir, tmp_path):
+  """lr=1e30: the first update is finite but throws the weights to ~1e30, so every later loss
+  overflows. "stop" ends the run naming step 2; "skip" runs on without those updates."""
+  overrides = {"train.steps": 4, "train.lr": 1e30, "train.checkpoint_every": 1, "train.max_grad_norm": 0.0}
+  with pytest.raises(FtjaxError, match=r"step 2: the loss \(\S+\) or its gradient is not finite.*latest: 1"):
+    train_lib.train(tiny_config(model_dir, data_dir, **overrides), str(tmp_path / "stop"))
+  assert Checkpointer(str(tmp_path / "stop")).latest_step() == 1
+  summary = train_lib.train(tiny_config(model_dir, data_dir, **overrides, **{"train.nonfinite": "skip"}),
+                            str(tmp_path / "skip"))
+  assert summary["skipped_steps"] == [2, 3, 4]
+  run = run_lib.setup(tiny_config(model_dir, data_dir, **overrides), with_data=False)
+  state, _ = run_lib.init_or_restore(run, Checkpointer(str(tmp_path / "skip")))
+  assert int(state["step"]) == 4
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+
+
+@pytest.mark.parametrize("trainable_dtype", ["float32", "bfloat16"])
+def test_full_fine_tuning_of_a_bf16_base_keeps_f32_master_weights(model_dir, data_dir, trainable_dtype):
+  c = tiny_config(model_dir, data_dir, method="full", **{
+      "model.param_dtype": "bfloat16", "model.dtype": "bfloat16",
+      "model.trainable_dtype": trainable_dtype})
+  run = run_lib.setup(c, with_data=False)
+  state, _ = run_lib.init_or_restore(run, None)
+  assert not run.frozen  # everything trains
+  dtypes = {x.dtype for x in jax.tree.leaves((state["trainable"], state["opt_state"])) if x.ndim}
+  assert dtypes == {np.dtype(trainable_dtype)}
+  # LoRA on the same bf16 base: the base stays bf16, the adapters f32.
+  lora = run_lib.setup(tiny_config(model_dir, data_dir, **{"model.param_dtype": "bfloat16"}),
+                       with_data=False)
+  assert {x.dtype for x in jax.tree.leaves(lora.frozen)} == {np.dtype("bfloat16")}
+  assert {x.dtype for x in jax.tree.leaves(lora.trainable)} == {np.dtype("float32")}

@@ -1,17 +1,18 @@
 """A tiny ftjax-native model and random batches for train-step tests."""
 
-import jax
 import numpy as np
+from flax import nnx
 
+from ftjax.models import CausalLM
 from ftjax.models.config import ModelConfig
-from ftjax.models.params import init_params
 
 TINY = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5)
 
 
-def tiny_params(seed=0, cfg=TINY):
-  return init_params(cfg, jax.random.key(seed), std=0.1)
+def tiny_model(seed=0, cfg=TINY, **kwargs) -> CausalLM:
+  """Random init with std 0.1: large enough that every layer changes the logits."""
+  return CausalLM(cfg, init_std=0.1, rngs=nnx.Rngs(seed), **kwargs)
 
 
 def random_batch(rng: np.random.RandomState, batch: int, seq: int, vocab: int = 64):
@@ -20,6 +21,15 @@ def random_batch(rng: np.random.RandomState, batch: int, seq: int, vocab: int = 
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask,
           "segment_ids": np.ones((batch, seq), np.int32),
           "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
+
+
+def counting_batch(batch: int, seq: int, vocab: int = 64):
+  """Rows count up from random starts (next token = this token + 1): learnable in a few steps."""
+  starts = np.random.RandomState(0).randint(0, vocab, (batch, 1))
+  tokens = ((starts + np.arange(seq + 1)) % vocab).astype(np.int32)
+  ones = np.ones((batch, seq), np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": ones.astype(np.float32),
+          "segment_ids": ones, "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
 
 
 CHATML = (

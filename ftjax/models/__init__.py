@@ -37,8 +37,7 @@ def load(name_or_path: str, dtype=jnp.float32, *, compute_dtype=None):
   dtype: the storage dtype of the params (and the compute dtype unless `compute_dtype` is set).
   """
   from ftjax.models.resolve import resolve_model
-  np_dtype = np.float32 if jnp.dtype(dtype) == jnp.float32 else jnp.dtype(dtype)
-  cfg, params, tokenizer = resolve_model(name_or_path, dtype=np_dtype)
+  cfg, params, tokenizer = resolve_model(name_or_path, dtype=jnp.dtype(dtype))
   return from_params(cfg, params, dtype=compute_dtype or dtype), tokenizer
 
 

@@ -1,8 +1,8 @@
 """Mesh, logical-axis rules and shardings.
 
-Models name their dims logically ("embed", "mlp", ...); one rule table maps those names to
-mesh axes. A dim whose size does not divide by its mesh axes is replicated instead, so the same
-rules work from 1 CPU device to a pod.
+Models name their dims logically ("embed", "mlp", ...) in each param's `out_sharding` Variable
+metadata; one rule table maps those names to mesh axes. A dim whose size does not divide by its
+mesh axes is replicated instead, so the same rules work from 1 CPU device to a pod.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ftjax.errors import FtjaxError
+from ftjax.models.params import unflatten
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -66,6 +68,15 @@ def logical_to_spec(axes: Sequence[str | None], shape, mesh: Mesh, rules=DEFAULT
     else:
       spec.append(None)
   return P(*spec)
+
+
+def logical_axes(state: nnx.State) -> dict:
+  """The nested dict of each Variable's logical axis names (None per dim where it has none),
+  shaped like `nnx.to_pure_dict(state)`."""
+  def names(var):
+    axes = var.get_metadata().get("out_sharding")
+    return tuple(axes) if axes else (None,) * len(var.shape)
+  return unflatten(("/".join(map(str, path)), names(var)) for path, var in nnx.to_flat_state(state))
 
 
 def tree_shardings(tree, axes_tree, mesh: Mesh, rules=DEFAULT_RULES):

@@ -8,6 +8,7 @@
   ftjax.peft.save_adapter(model, "adapter/")             # peft.PeftModel.from_pretrained reads it
   model = ftjax.peft.load_adapter(base_model, "adapter/")  # ftjax's or HF PEFT's adapter
   model = ftjax.peft.merge_and_unload(model)             # plain model, adapter folded in
+  model = ftjax.peft.unload(model)                       # plain model, adapter dropped
 
 Adapters attach in place by wrapping the matched layers (ftjax/peft/core.py explains how);
 ftjax's own decoders additionally share work between the q/k/v (and gate/up) adapters.
@@ -20,14 +21,14 @@ from flax import nnx
 from ftjax.errors import FtjaxError
 from ftjax.peft.core import (AdapterLayer, AdapterParam, adapter_layers, count_params,
                              disable_adapters, find_targets, merge_and_unload,
-                             print_trainable_parameters, replace_module)
+                             print_trainable_parameters, replace_module, unload)
 from ftjax.peft.hf_format import adapter_state_dict, load_adapter, save_adapter
 from ftjax.peft.lora import DEFAULT_TARGETS, LoraConfig, LoraEinsum, LoraLinear, LoraParam
 
 __all__ = ["AdapterLayer", "AdapterParam", "LoraConfig", "LoraEinsum", "LoraLinear", "LoraParam",
            "adapter_layers", "adapter_state_dict", "count_params", "disable_adapters",
            "get_peft_model", "load_adapter", "merge_and_unload", "print_trainable_parameters",
-           "save_adapter"]
+           "save_adapter", "unload"]
 
 
 def get_peft_model(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs | int = 0) -> nnx.Module:

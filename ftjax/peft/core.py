@@ -51,7 +51,8 @@ class AdapterLayer(nnx.Module):
     """{suffix: array} in HF PEFT's layout, e.g. {"lora_A.weight": [r, in] (or [l, r, in])}."""
     raise NotImplementedError
 
-  def load_peft_tensors(self, tensors: dict, where: str) -> None:
+  def load_peft_tensors(self, tensors: dict) -> None:
+    """Sets the adapter from tensors shaped as `peft_tensors` returns them."""
     raise NotImplementedError
 
 
@@ -106,7 +107,8 @@ def find_targets(model: nnx.Module, target_modules, supported: tuple[type, ...],
     name = _name(path)
     if not path:
       continue
-    seen.append(name)
+    if isinstance(module, supported):
+      seen.append(name)
     if target_modules == "all-linear":
       if isinstance(module, supported) and name != output:
         found.append((name, module))
@@ -127,9 +129,9 @@ def find_targets(model: nnx.Module, target_modules, supported: tuple[type, ...],
           f"{type(module).__name__}; {method} wraps {', '.join(t.__name__ for t in supported)}")
     found.append((name, module))
   if not found:
-    examples = ", ".join(torch_names(n, stacks)[0][0] for n in seen[:6])
-    raise FtjaxError(f"{method} target_modules={target_modules!r} match no module; module names "
-                     f"are e.g. {examples}, ... (or use 'all-linear')")
+    examples = ", ".join(sorted(torch_names(n, stacks)[0][0] for n in seen)[:8])
+    raise FtjaxError(f"{method} target_modules={target_modules!r} match no module; the layers "
+                     f"{method} can wrap are named e.g. {examples} (or use 'all-linear')")
   return found
 
 
@@ -178,6 +180,15 @@ def merge_and_unload(model: nnx.Module) -> nnx.Module:
   model, now a plain model of its original structure (e.g. for `ftjax.models.save_pretrained`)."""
   for path, layer in list(adapter_layers(model)):
     replace_module(model, path, layer.merge())
+  if hasattr(model, "peft_config"):
+    del model.peft_config
+  return model
+
+
+def unload(model: nnx.Module) -> nnx.Module:
+  """Removes every adapter without merging it (in place): back to the base model."""
+  for path, layer in list(adapter_layers(model)):
+    replace_module(model, path, layer.base_layer)
   if hasattr(model, "peft_config"):
     del model.peft_config
   return model

@@ -29,7 +29,10 @@ PREFIX = "base_model.model."
 
 
 def _peft_config_dict(config: LoraConfig, target_names: list[str], base_model: str | None) -> dict:
-  targets = config.target_modules if isinstance(config.target_modules, str) else target_names
+  # A regex stays a regex (it means the same to PEFT: module names match ours); names and
+  # "all-linear" are written as the list of wrapped names, as PEFT itself saves "all-linear".
+  regex = isinstance(config.target_modules, str) and config.target_modules != "all-linear"
+  targets = config.target_modules if regex else target_names
   return {
       "peft_type": "LORA", "task_type": config.task_type,
       "base_model_name_or_path": base_model, "r": config.r, "lora_alpha": config.lora_alpha,
@@ -122,16 +125,20 @@ def load_adapter(base_model: nnx.Module, adapter_dir: str, *, rngs=0) -> nnx.Mod
     for path, layer in adapter_layers(model):
       names, stacked = torch_names(path, stacks)
       tensors = {}
-      for suffix in layer.peft_tensors():
-        keys = [f"{PREFIX}{name}.{suffix}" for name in names]
-        missing = [k for k in keys if k not in available]
-        if missing:
-          raise FtjaxError(f"{weights}: missing tensor {missing[0]!r}"
-                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        arrays = [f.get_tensor(k) for k in keys]
+      for suffix, expected in layer.peft_tensors().items():
+        want = expected.shape[1:] if stacked else expected.shape
+        arrays = []
+        for name in names:
+          key = f"{PREFIX}{name}.{suffix}"
+          if key not in available:
+            raise FtjaxError(f"{weights}: missing tensor {key!r} (expected shape {want})")
+          arrays.append(f.get_tensor(key))
+          if arrays[-1].shape != want:
+            raise FtjaxError(f"{weights}: tensor {key!r} has shape {arrays[-1].shape}, expected "
+                             f"{want} (r={config.r})")
+          used.add(key)
         tensors[suffix] = np.stack(arrays) if stacked else arrays[0]
-        used.update(keys)
-      layer.load_peft_tensors(tensors, f"{weights}: {PREFIX}{names[0]}")
+      layer.load_peft_tensors(tensors)
   unused = sorted(available - used)
   if unused:
     raise FtjaxError(f"{weights}: tensor {unused[0]!r} matches no adapted module of this model"

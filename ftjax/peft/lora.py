@@ -116,7 +116,7 @@ class _Lora(AdapterLayer):
   def merge(self) -> nnx.Module:
     kernel = self.base_layer.kernel
     merged = jnp.asarray(kernel[...], jnp.float32) + self._delta()
-    kernel.value = merged.astype(kernel.dtype)
+    kernel.set_value(merged.astype(kernel.dtype))
     return self.base_layer
 
   # HF PEFT layout: lora_A.weight [r, in], lora_B.weight [out, r] (torch Linear weights;
@@ -128,13 +128,10 @@ class _Lora(AdapterLayer):
     b = b.reshape(*b.shape[:n_lead], self.r, -1)
     return {"lora_A.weight": jnp.swapaxes(a, -1, -2), "lora_B.weight": jnp.swapaxes(b, -1, -2)}
 
-  def load_peft_tensors(self, tensors: dict, where: str) -> None:
+  def load_peft_tensors(self, tensors: dict) -> None:
+    """The inverse of `peft_tensors` (shapes checked by the caller)."""
     for suffix, var in (("lora_A.weight", self.lora_a), ("lora_B.weight", self.lora_b)):
-      want = self.peft_tensors()[suffix].shape
-      got = np.asarray(tensors[suffix])
-      if got.shape != want:
-        raise FtjaxError(f"{where}: {suffix} has shape {got.shape}, expected {want} (r={self.r})")
-      var.value = jnp.asarray(np.swapaxes(got, -1, -2).reshape(var.shape), jnp.float32)
+      var.set_value(jnp.asarray(np.swapaxes(tensors[suffix], -1, -2).reshape(var.shape), jnp.float32))
 
 
 class LoraLinear(_Lora):

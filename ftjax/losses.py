@@ -1,0 +1,76 @@
+"""The causal-LM loss: token cross-entropy sums over the completion tokens (`loss_mask`).
+
+A loss function for ftjax.step is `loss_fn(model, batch, rng) -> {"loss_sum", "count", ...}`
+(sums; the step divides by the total count). `CausalLMLoss` is that for ftjax's decoders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalLMLoss:
+  """Summed next-token NLL, count of top-1 hits ("accuracy") and of target tokens ("count").
+
+  Hashable: it is a static argument of the jitted step.
+  remat / unroll: the decoder's layer-scan options (see CausalLM.hidden_states).
+  vocab_chunk: >0 runs the vocab head + cross-entropy over this many tokens at a time,
+    recomputed in the backward pass: [tokens, vocab] f32 logits never exist whole (memory for
+    one extra head matmul).
+  """
+  remat: str = "none"
+  unroll: int | bool = 1
+  vocab_chunk: int = 0
+
+  def __call__(self, model, batch: dict, rng=None) -> dict:
+    hidden = model.hidden_states(batch["inputs"], positions=batch["positions"],
+                                 segment_ids=batch["segment_ids"], remat=self.remat,
+                                 unroll=self.unroll, rng=rng)
+    if not self.vocab_chunk:
+      return token_ce_sums(model.logits, hidden, batch["targets"], batch["loss_mask"])
+    return chunked_token_ce_sums(model.logits, hidden, batch["targets"], batch["loss_mask"],
+                                 self.vocab_chunk)
+
+
+def token_ce_sums(logits_fn: Callable, hidden_btd, targets_bt, mask_bt) -> dict:
+  """Sum of masked token NLL, count of tokens whose target has the top logit, and token count.
+
+  Plain autodiff on purpose: a hand-written VJP that computes (softmax - onehot) * mask in one
+  pass measured 0.3-0.5 s *slower* per SmolLM2 step on CPU (docs/benchmarks.md); XLA fuses the
+  autodiff form into the head's GEMM better.
+  """
+  logits = logits_fn(hidden_btd)  # f32
+  target_logit = jnp.take_along_axis(logits, targets_bt[..., None], axis=-1)[..., 0]
+  # One max over the vocab serves both the stable logsumexp and the accuracy (target logit is
+  # the max), instead of a separate argmax pass over the [tokens, vocab] logits. The max gets no
+  # gradient: its contributions to logz cancel exactly, as in jax.nn.logsumexp.
+  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+  logz = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
+  correct = (target_logit >= top).astype(jnp.float32)
+  mask = mask_bt.astype(jnp.float32)
+  return {"loss_sum": jnp.sum((logz - target_logit) * mask),
+          "accuracy": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+
+
+def chunked_token_ce_sums(logits_fn: Callable, hidden_btd, targets_bt, mask_bt, chunk: int) -> dict:
+  """`token_ce_sums` over chunks of `chunk` tokens, each rematerialised in the backward pass."""
+  d = hidden_btd.shape[-1]
+  n = hidden_btd.shape[0] * hidden_btd.shape[1]
+  pad = -n % chunk
+  h = jnp.pad(hidden_btd.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
+  t = jnp.pad(targets_bt.reshape(n), (0, pad)).reshape(-1, chunk)
+  m = jnp.pad(mask_bt.reshape(n), (0, pad)).reshape(-1, chunk)  # padded tokens: mask 0
+
+  @jax.checkpoint
+  def one(carry, xs):
+    out = token_ce_sums(logits_fn, xs[0], xs[1], xs[2])
+    return jax.tree.map(jnp.add, carry, out), None
+
+  zeros = {"loss_sum": jnp.zeros(()), "accuracy": jnp.zeros(()), "count": jnp.zeros(())}
+  sums, _ = jax.lax.scan(one, zeros, (h, t, m))
+  return sums

@@ -1,0 +1,172 @@
+"""One training run's pieces, built from a config: model, adapter, data, mesh, optimizer.
+
+`setup(config)` loads and validates everything a run needs before anything compiles; the train
+loop (ftjax/train.py), the export command (ftjax/export.py) and the benchmark share it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ftjax import config as config_lib
+from ftjax import peft
+from ftjax import step as step_lib
+from ftjax.checkpoint import Checkpointer
+from ftjax.data import build_dataset
+from ftjax.errors import FtjaxError
+from ftjax.losses import CausalLMLoss
+from ftjax.models import from_params
+from ftjax.models.resolve import resolve_model
+from ftjax.optim import make_optimizer
+from ftjax.parallel import sharding
+
+log = logging.getLogger("ftjax.run")
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything `setup` builds; train(), the export CLI and the benchmark share it."""
+  config: ml_collections.ConfigDict
+  model_cfg: Any
+  tokenizer: Any
+  peft_config: peft.LoraConfig | None
+  graphdef: nnx.GraphDef
+  trainable: dict
+  frozen: dict
+  mutable: dict
+  train_ds: Any
+  eval_ds: Any
+  mesh: Any
+  optimizer: Any
+  schedule: Any
+  loss_fn: CausalLMLoss
+
+  def model(self, trainable: dict | None = None) -> nnx.Module:
+    """The NNX model holding `trainable` (default: the initial trainable params)."""
+    return step_lib.merge_model(self.graphdef, self.trainable if trainable is None else trainable,
+                                self.frozen, self.mutable)
+
+
+def peft_config(config) -> peft.LoraConfig | None:
+  if config.method != "lora":
+    return None
+  c = config.lora
+  return peft.LoraConfig(r=c.rank, lora_alpha=c.alpha, lora_dropout=c.dropout,
+                         target_modules=config_lib.lora_targets(config), use_rslora=c.rslora,
+                         init_lora_weights="gaussian" if c.init_a == "gaussian" else True,
+                         task_type="CAUSAL_LM")
+
+
+def shrink_layers(params: dict, model_cfg, num_layers: int):
+  """Keep the first `num_layers` layers (tests and `runlocal` configs)."""
+  if not num_layers or num_layers >= model_cfg.num_layers:
+    return params, model_cfg
+  layers = jax.tree.map(lambda x: x[:num_layers], params["model"]["layers"])
+  params = dict(params, model=dict(params["model"], layers=layers))
+  return params, model_cfg.replace(num_layers=num_layers)
+
+
+def _prepare_data(config):
+  if config.data.generate == "quickstart" and not os.path.exists(config.data.train):
+    from ftjax.data import quickstart_task
+    out_dir = os.path.dirname(config.data.train) or "."
+    quickstart_task.write_splits(out_dir)
+    log.info("wrote the quickstart dataset to %s", out_dir)
+
+
+def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
+  config_lib.validate(config)
+  dtypes = {k: config_lib.DTYPES[config.model[k]] for k in ("dtype", "param_dtype", "trainable_dtype")}
+
+  # --- model: loaded as host arrays; placed on the mesh below, by logical axes ---
+  model_cfg, params, tokenizer = resolve_model(config.model.name_or_path, dtype=dtypes["param_dtype"])
+  params, model_cfg = shrink_layers(params, model_cfg, config.model.num_layers)
+  model = from_params(model_cfg, params, dtype=dtypes["dtype"], place=lambda p: p)
+
+  # --- PEFT adapter, and which params train: one filter ---
+  lora = peft_config(config)
+  if lora is not None:
+    model = peft.get_peft_model(model, lora, rngs=config.train.seed + 1)
+  extra = [p for p in config.extra_trainable.split(",") if p]
+  trainable_filter = step_lib.trainable_filter(peft.AdapterParam if lora else nnx.Param, extra)
+  graphdef, train_state, frozen_state, mutable_state = nnx.split(model, trainable_filter, nnx.Param, ...)
+  if not jax.tree.leaves(train_state):
+    raise FtjaxError(f"config: nothing to train: no param matches method={config.method!r} "
+                     f"and extra_trainable={config.extra_trainable!r}")
+
+  # --- data (validated before anything compiles) ---
+  train_ds = eval_ds = None
+  if with_data:
+    _prepare_data(config)
+    common = dict(seq_len=config.data.seq_len, format=config.data.format,
+                  length_policy=config.data.length_policy,
+                  system_prompt=config.data.system_prompt or None)
+    train_ds = build_dataset(config.data.train, tokenizer, pack=config.data.pack, **common)
+    log.info("train data: %s", train_ds.describe())
+    if config.data.eval:
+      eval_ds = build_dataset(config.data.eval, tokenizer, pack=False, **common)
+      log.info("eval data: %s", eval_ds.describe())
+
+  # --- mesh + shardings: params placed by the logical axes in their metadata ---
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro = config.train.batch_size // config.train.grad_accum
+  if micro % batch_shards:
+    raise FtjaxError(f"config: micro-batch {micro} (train.batch_size / train.grad_accum) is not "
+                     f"divisible by the {batch_shards} data-parallel devices of the mesh")
+
+  def place(state, dtype=None):
+    tree = nnx.to_pure_dict(state)
+    if dtype is not None:  # trained params keep their own (f32 master) dtype
+      tree = jax.tree.map(lambda x: np.asarray(x, dtype), tree)
+    shardings = sharding.tree_shardings(tree, sharding.logical_axes(state), mesh)
+    return jax.device_put(tree, shardings)
+
+  trainable = place(train_state, dtypes["trainable_dtype"])
+  frozen, mutable = place(frozen_state), place(mutable_state)
+  del model, params, train_state, frozen_state, mutable_state  # the host copies
+
+  optimizer, schedule = make_optimizer(
+      trainable, lr=config.train.lr, steps=config.train.steps, warmup_steps=config.train.warmup_steps,
+      schedule=config.train.schedule, weight_decay=config.train.weight_decay, b1=config.train.b1,
+      b2=config.train.b2, eps=config.train.eps, max_grad_norm=config.train.max_grad_norm,
+      lora_plus_ratio=config.lora.lr_ratio)
+  unroll = True if config.model.scan_unroll == -1 else config.model.scan_unroll
+  loss_fn = CausalLMLoss(remat=config.model.remat, unroll=unroll, vocab_chunk=config.train.vocab_chunk)
+  return Run(config, model_cfg, tokenizer, lora, graphdef, trainable, frozen, mutable, train_ds,
+             eval_ds, mesh, optimizer, schedule, loss_fn)
+
+
+def init_or_restore(run: Run, checkpointer: Checkpointer | None):
+  """The sharded train state (restored from the latest checkpoint when there is one)."""
+  state = jax.jit(functools.partial(step_lib.init_state, optimizer=run.optimizer,
+                                    seed=run.config.train.seed))(run.trainable, run.mutable)
+  data_state = None
+  latest = checkpointer.latest_step() if checkpointer else None
+  if latest is not None:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    state, data_state = checkpointer.restore(latest, abstract)
+    log.info("restored checkpoint at step %d", latest)
+  return state, data_state
+
+
+def jit_train_step(run: Run, state):
+  """The train step, jitted with explicit shardings and the state donated."""
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  frozen_shardings = jax.tree.map(lambda x: x.sharding, run.frozen)
+  batch_sharding = NamedSharding(run.mesh, P(None, ("data", "fsdp"), None))
+  return jax.jit(
+      functools.partial(step_lib.train_step, graphdef=run.graphdef, loss_fn=run.loss_fn,
+                        optimizer=run.optimizer, schedule=run.schedule),
+      in_shardings=(state_shardings, frozen_shardings, batch_sharding),
+      out_shardings=(state_shardings, sharding.replicated(run.mesh)), donate_argnums=(0,))

@@ -1,0 +1,310 @@
+"""ftjax.peft on (a) ftjax's decoder, against HF PEFT on the same tiny HF model, and (b) a
+user-written Flax NNX model that is not a decoder (the recipe in the README)."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import peft as hf_peft
+import pytest
+import torch
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+import hf_models
+from ftjax import models
+from ftjax import peft
+from ftjax import step as step_lib
+from ftjax.errors import FtjaxError
+from ftjax.losses import CausalLMLoss
+from ftjax.models.config import load_hf_config
+from ftjax.models.hf import load_hf_params
+from tiny import counting_batch
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a), np.asarray(b)
+  return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("llama"))
+  hf_models.build("llama").save_pretrained(path)
+  return path
+
+
+def ours(hf_dir):
+  cfg = load_hf_config(hf_dir)
+  return models.from_params(cfg, load_hf_params(hf_dir, cfg))
+
+
+def hf_model(hf_dir):
+  import transformers
+  return transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+
+TOKENS = np.random.RandomState(0).randint(0, 128, (2, 16))
+
+
+def hf_logits(model, tokens=TOKENS):
+  with torch.no_grad():
+    return model(torch.tensor(tokens)).logits.numpy()
+
+
+def lora_names(model) -> set[str]:
+  """Torch names of the modules ftjax's model has adapters on, one per layer."""
+  stacks = peft.core.stack_sizes(model)
+  return {n for path, _ in peft.adapter_layers(model) for n in peft.core.torch_names(path, stacks)[0]}
+
+
+def hf_lora_names(model) -> set[str]:
+  from peft.tuners.lora import LoraLayer
+  return {name.removeprefix("base_model.model.") for name, m in model.named_modules()
+          if isinstance(m, LoraLayer)}
+
+
+# --- (a) ftjax's Llama vs HF PEFT -----------------------------------------------------------
+
+def test_llama_lora_trains_keeps_base_and_loads_in_peft(hf_dir, tmp_path):
+  model = ours(hf_dir)
+  base_logits = np.asarray(model(jnp.asarray(TOKENS)))
+  config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+  model = peft.get_peft_model(model, config)
+  # B = 0: exactly the base model at init.
+  np.testing.assert_array_equal(np.asarray(model(jnp.asarray(TOKENS))), base_logits)
+
+  # The same trainable / total counts as HF PEFT reports for the same config and model.
+  reference = hf_peft.get_peft_model(hf_model(hf_dir), hf_peft.LoraConfig(
+      r=4, lora_alpha=8, target_modules="all-linear"))
+  assert peft.count_params(model) == reference.get_nb_trainable_parameters()
+  assert lora_names(model) == hf_lora_names(reference)
+
+  # A few real train steps: the loss falls, the frozen base stays bit-identical in memory.
+  graphdef, trainable, frozen, mutable = step_lib.split_model(model, peft.AdapterParam)
+  before = jax.tree.map(np.array, frozen)  # copies
+  optimizer = optax.adam(1e-2)
+  step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, loss_fn=CausalLMLoss(),
+                                   optimizer=optimizer, schedule=optax.constant_schedule(1e-2)),
+                 donate_argnums=0)
+  state = step_lib.init_state(trainable, mutable, optimizer, seed=0)
+  batch = jax.tree.map(lambda x: x[None], counting_batch(4, 16, vocab=128))
+  losses = []
+  for _ in range(10):
+    state, metrics = step(state, frozen, batch)
+    losses.append(float(metrics["loss"]))
+  # A near-uniform random base learns slowly through rank-4 factors starting at B = 0 (measured:
+  # 4.85 -> 4.23 in 10 steps); every step must help and the total drop be clear.
+  assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.9 * losses[0], losses
+  for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(before),
+                               jax.tree_util.tree_leaves_with_path(frozen)):
+    np.testing.assert_array_equal(a, np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+  # The trained adapter, saved in PEFT's format, gives the same logits under HF PEFT.
+  trained = step_lib.merge_model(graphdef, state["trainable"], frozen, mutable)
+  peft.save_adapter(trained, str(tmp_path / "adapter"))
+  loaded = hf_peft.PeftModel.from_pretrained(hf_model(hf_dir), str(tmp_path / "adapter")).eval()
+  # f32 on both sides: 1e-4 relative leaves room for summation order only.
+  assert rel_err(trained(jnp.asarray(TOKENS)), hf_logits(loaded)) < 1e-4
+
+
+@pytest.mark.parametrize("targets", [
+    ["q_proj", "v_proj"], "all-linear", r".*self_attn\.(k|o)_proj", ["mlp.down_proj", "up_proj"],
+    None,  # PEFT's default for llama: q_proj, v_proj
+])
+def test_target_modules_select_what_peft_selects(hf_dir, targets):
+  ftjax_model = peft.get_peft_model(ours(hf_dir), peft.LoraConfig(r=2, target_modules=targets))
+  reference = hf_peft.get_peft_model(hf_model(hf_dir), hf_peft.LoraConfig(r=2, target_modules=targets))
+  assert lora_names(ftjax_model) == hf_lora_names(reference)
+
+
+def test_target_modules_errors_name_the_problem(hf_dir):
+  with pytest.raises(FtjaxError, match=r"match no module; the layers LoRA can wrap are named e.g. .*self_attn.q_proj"):
+    peft.get_peft_model(ours(hf_dir), peft.LoraConfig(target_modules=r".*query"))
+  with pytest.raises(FtjaxError, match=r"selects model.layers.0.self_attn, a Attention"):
+    peft.get_peft_model(ours(hf_dir), peft.LoraConfig(target_modules=["self_attn"]))
+  with pytest.raises(FtjaxError, match=r"in layers \[0\] but not in all 2.*layers_to_transform"):
+    peft.get_peft_model(ours(hf_dir), peft.LoraConfig(target_modules=r"model\.layers\.0\..*q_proj"))
+  model = peft.get_peft_model(ours(hf_dir), peft.LoraConfig(target_modules="all-linear"))
+  with pytest.raises(FtjaxError, match="already has an adapter"):
+    peft.get_peft_model(model, peft.LoraConfig(target_modules="all-linear"))
+  with pytest.raises(FtjaxError, match="lora_dropout=1.5"):
+    peft.LoraConfig(lora_dropout=1.5)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_load_adapter_reads_what_peft_wrote(hf_dir, tmp_path, use_rslora):
+  torch.manual_seed(0)
+  reference = hf_peft.get_peft_model(hf_model(hf_dir), hf_peft.LoraConfig(
+      r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "down_proj"], use_rslora=use_rslora,
+      init_lora_weights=False))  # random B: the adapter changes the logits
+  reference.eval()
+  reference.save_pretrained(str(tmp_path))
+  model = peft.load_adapter(ours(hf_dir), str(tmp_path))
+  assert model.peft_config.use_rslora == use_rslora
+  want = hf_logits(reference)
+  assert rel_err(hf_logits(hf_model(hf_dir)), want) > 1e-2  # the adapter matters
+  assert rel_err(model(jnp.asarray(TOKENS)), want) < 1e-4
+  # ... and ftjax writes back what it read.
+  peft.save_adapter(model, str(tmp_path / "again"))
+  a = load_file(str(tmp_path / "adapter_model.safetensors"))
+  b = load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_merge_unload_and_disable(hf_dir):
+  model = peft.get_peft_model(ours(hf_dir), peft.LoraConfig(r=4, target_modules="all-linear"))
+  for _, layer in peft.adapter_layers(model):
+    layer.lora_b.set_value(0.1 * jax.random.normal(jax.random.key(0), layer.lora_b.shape))
+  tokens = jnp.asarray(TOKENS)
+  adapted, base = np.asarray(model(tokens)), np.asarray(ours(hf_dir)(tokens))
+  with peft.disable_adapters(model):
+    np.testing.assert_array_equal(np.asarray(model(tokens)), base)
+  np.testing.assert_array_equal(np.asarray(model(tokens)), adapted)  # enabled again
+  merged = peft.merge_and_unload(nnx.clone(model))
+  assert not jax.tree.leaves(nnx.state(merged, peft.AdapterParam))
+  assert isinstance(merged.model.layers.self_attn.q_proj, nnx.Linear)
+  assert rel_err(merged(tokens), adapted) < 1e-5  # W + sAB vs factored: f32 rounding only
+  unloaded = peft.unload(model)
+  np.testing.assert_array_equal(np.asarray(unloaded(tokens)), base)
+
+
+def test_load_adapter_bad_inputs_are_named(hf_dir, tmp_path):
+  model = peft.get_peft_model(ours(hf_dir), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+  peft.save_adapter(model, str(tmp_path / "a"))
+  config_path = tmp_path / "a" / "adapter_config.json"
+  weights = str(tmp_path / "a" / "adapter_model.safetensors")
+  good = json.loads(config_path.read_text())
+  tensors = load_file(weights)
+  key = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
+
+  with pytest.raises(FtjaxError, match="adapter_config.json: no such file"):
+    peft.load_adapter(ours(hf_dir), str(tmp_path))
+  for change, message in (({"peft_type": "PREFIX_TUNING"}, "peft_type='PREFIX_TUNING'"),
+                          ({"use_dora": True}, "use_dora=True is not supported")):
+    config_path.write_text(json.dumps({**good, **change}))
+    with pytest.raises(FtjaxError, match=message):
+      peft.load_adapter(ours(hf_dir), str(tmp_path / "a"))
+  config_path.write_text(json.dumps(good))
+
+  for broken, message in (
+      ({k: v for k, v in tensors.items() if k != key}, f"missing tensor '{key}'"),
+      ({**tensors, key: np.zeros((3, 64), np.float32)}, r"q_proj.lora_A.weight' has shape \(3, 64\), expected \(2, 64\)"),
+      ({**tensors, "base_model.model.lm_head.lora_A.weight": np.zeros((2, 64), np.float32)},
+       "'base_model.model.lm_head.lora_A.weight' matches no adapted module")):
+    save_file(broken, weights)
+    with pytest.raises(FtjaxError, match=message):
+      peft.load_adapter(ours(hf_dir), str(tmp_path / "a"))
+
+
+def test_einsum_layers_take_lora():
+  """nnx.Einsum kernels are viewed as [contracted dims, output dims]: identity at init, merge
+  equals the factored form, and the saved tensors load back."""
+  class Heads(nnx.Module):
+    def __init__(self, rngs):
+      self.proj = nnx.Einsum("btd,dnh->btnh", (8, 2, 4), (2, 4), rngs=rngs)
+
+    def __call__(self, x):
+      return self.proj(x)
+
+  x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+  model = Heads(nnx.Rngs(0))
+  base = np.asarray(model(x))
+  model = peft.get_peft_model(model, peft.LoraConfig(r=3, target_modules=["proj"]))
+  np.testing.assert_array_equal(np.asarray(model(x)), base)
+  assert model.proj.lora_a.shape == (8, 3) and model.proj.lora_b.shape == (3, 2, 4)
+  model.proj.lora_b.set_value(jax.random.normal(jax.random.key(1), (3, 2, 4)))
+  adapted = np.asarray(model(x))
+  assert rel_err(adapted, base) > 1e-2
+  tensors = peft.adapter_state_dict(model)
+  assert tensors["base_model.model.proj.lora_B.weight"].shape == (8, 3)  # [out (2*4), r]
+  assert rel_err(peft.merge_and_unload(nnx.clone(model))(x), adapted) < 1e-5
+  with pytest.raises(FtjaxError, match="contracted with the input or passed to the output"):
+    peft.get_peft_model(PerHead(), peft.LoraConfig(target_modules=["proj"]))
+
+
+class PerHead(nnx.Module):
+  """An einsum with a kernel dim shared by input and output (per-head weights): not a matrix."""
+
+  def __init__(self):
+    self.proj = nnx.Einsum("bnd,ndh->bnh", (2, 8, 4), rngs=nnx.Rngs(0))
+
+
+# --- (b) a user-written NNX model that is not a decoder -------------------------------------
+
+class Classifier(nnx.Module):
+  """A small MLP classifier with BatchNorm and Dropout, as a user would write it."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(16, 64, rngs=rngs)
+    self.bn = nnx.BatchNorm(64, rngs=rngs)
+    self.dropout = nnx.Dropout(0.1, rngs=rngs)
+    self.fc2 = nnx.Linear(64, 64, rngs=rngs)
+    self.head = nnx.Linear(64, 4, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.dropout(nnx.relu(self.bn(self.fc1(x))))
+    return self.head(nnx.relu(self.fc2(x)))
+
+
+def classification_loss(model, batch, rng):
+  """A loss for ftjax.step: sums over the batch; the step divides by the count."""
+  del rng  # the model's own nnx.Rngs drive its dropout
+  logits = model(batch["x"])
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+  return {"loss_sum": nll.sum(), "count": jnp.float32(batch["y"].size),
+          "accuracy": jnp.sum(jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)}
+
+
+def test_user_model_fine_tunes_with_lora(tmp_path):
+  rng = np.random.RandomState(0)
+  x = rng.randn(256, 16).astype(np.float32)
+  y = (x[:, :4].argmax(-1)).astype(np.int32)  # labels the random base does not know
+  batch = {"x": x[None], "y": y[None]}  # [accum=1, batch, ...]
+
+  model = Classifier(nnx.Rngs(0))
+  model.eval()
+  base_out = np.asarray(model(x))
+  model.train()
+  model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+                              rngs=nnx.Rngs(1))
+  assert lora_names(model) == {"fc1", "fc2", "head"}  # no output_module declared: all linear
+  model.eval()
+  np.testing.assert_array_equal(np.asarray(model(x)), base_out)
+  model.train()
+
+  graphdef, trainable, frozen, mutable = step_lib.split_model(model, peft.AdapterParam)
+  assert set(trainable) == {"fc1", "fc2", "head"}
+  before = jax.tree.map(np.array, frozen)
+  optimizer = optax.adamw(3e-2)
+  step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef,
+                                   loss_fn=classification_loss, optimizer=optimizer,
+                                   schedule=optax.constant_schedule(3e-2)), donate_argnums=0)
+  state = step_lib.init_state(trainable, mutable, optimizer, seed=0)
+  stats_before = np.array(state["mutable"]["bn"]["mean"])
+  losses = []
+  for _ in range(30):
+    state, metrics = step(state, frozen, batch)
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < 0.5 * losses[0], losses
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(frozen)):
+    np.testing.assert_array_equal(a, np.asarray(b))  # the base never moves
+  assert not np.allclose(state["mutable"]["bn"]["mean"], stats_before)  # BatchNorm stats move
+
+  trained = step_lib.merge_model(graphdef, state["trainable"], frozen, state["mutable"])
+  trained.eval()
+  want = np.asarray(trained(x))
+  peft.save_adapter(trained, str(tmp_path / "adapter"))
+  fresh = Classifier(nnx.Rngs(0))
+  nnx.update(fresh, nnx.state(trained, nnx.BatchStat))  # statistics are not part of the adapter
+  fresh = peft.load_adapter(fresh, str(tmp_path / "adapter"))
+  fresh.eval()
+  np.testing.assert_array_equal(np.asarray(fresh(x)), want)
+  merged = peft.merge_and_unload(trained)
+  assert rel_err(merged(x), want) < 1e-5

@@ -1,0 +1,261 @@
+"""The pure train step: its math against PyTorch (peft + AdamW, and plain transformers), gradient
+accumulation, remat, the chunked loss, and what a non-finite step does."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import nnx
+
+import hf_models
+from ftjax import models, peft
+from ftjax import step as step_lib
+from ftjax.losses import CausalLMLoss
+from ftjax.models.config import load_hf_config
+from ftjax.models.hf import load_hf_params
+from ftjax.optim import make_optimizer
+from tiny import TINY, random_batch, tiny_model
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a), np.asarray(b)
+  return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _capture_gradient():
+  """An 'optimizer' whose state is the last gradient it saw (and which never moves params):
+  comparing gradients directly avoids the rounding of params + tiny update."""
+  return optax.GradientTransformation(
+      lambda p: jax.tree.map(jnp.zeros_like, p),
+      lambda g, state, params=None: (jax.tree.map(jnp.zeros_like, g), g))
+
+
+def _jit_step(graphdef, optimizer, loss_fn=CausalLMLoss()):
+  return jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, loss_fn=loss_fn,
+                                   optimizer=optimizer, schedule=optax.constant_schedule(0.1)))
+
+
+def _lora_model(rank=4, nonzero_b=True):
+  model = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=rank, lora_alpha=2 * rank,
+                                                            target_modules="all-linear"))
+  if nonzero_b:  # so that A gets gradients too
+    for _, layer in peft.adapter_layers(model):
+      layer.lora_b.set_value(layer.lora_b[...] + 0.1)
+  return model
+
+
+# --- training math vs PyTorch ---------------------------------------------------------------
+
+def _torch_batches(vocab: int):
+  """Three batches with completion-only masks (the first 5 targets of a row untrained) and
+  right padding (row 1 ends after 11 tokens)."""
+  out = []
+  for seed in range(3):
+    b = random_batch(np.random.RandomState(seed), 2, 16, vocab)
+    b["segment_ids"][1, 11:] = 0
+    b["loss_mask"] = np.ones((2, 16), np.float32)
+    b["loss_mask"][:, :5] = 0
+    b["loss_mask"] *= b["segment_ids"]
+    out.append(b)
+  return out
+
+
+def _torch_loss(model, batch):
+  """Our loss in torch: summed NLL over the masked targets / their count (one micro-batch)."""
+  logits = model(input_ids=torch.tensor(batch["inputs"]),
+                 attention_mask=torch.tensor(batch["segment_ids"])).logits
+  mask = torch.tensor(batch["loss_mask"]) > 0
+  return torch.nn.functional.cross_entropy(logits[mask], torch.tensor(batch["targets"])[mask].long())
+
+
+def _torch_adamw(params, lr, weight_decay):
+  """AdamW with ftjax's decay mask: matrices decay, norms (1-D) do not."""
+  params = [p for p in params if p.requires_grad]
+  groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+  return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def _train_both(ftjax_model, trainable, torch_model, lr=1e-3, weight_decay=0.1, steps=3):
+  graphdef, train, frozen, mutable = step_lib.split_model(ftjax_model, trainable)
+  optimizer, _ = make_optimizer(train, lr=lr, steps=steps, schedule="constant",
+                                weight_decay=weight_decay, max_grad_norm=1.0)
+  step = _jit_step(graphdef, optimizer)
+  state = step_lib.init_state(train, mutable, optimizer, seed=0)
+  torch_opt = _torch_adamw(torch_model.parameters(), lr, weight_decay)
+  torch_model.train()
+  for batch in _torch_batches(torch_model.config.vocab_size):
+    state, _ = step(state, frozen, jax.tree.map(lambda x: x[None], batch))
+    loss = _torch_loss(torch_model, batch)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in torch_model.parameters() if p.requires_grad], 1.0)
+    torch_opt.step()
+    torch_opt.zero_grad()
+  return step_lib.merge_model(graphdef, state["trainable"], frozen, mutable)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("llama"))
+  hf_models.build("llama").save_pretrained(path)
+  return path
+
+
+def _ours(hf_dir):
+  cfg = load_hf_config(hf_dir)
+  return models.from_params(cfg, load_hf_params(hf_dir, cfg))
+
+
+def l2_rel(ours: dict, theirs: dict) -> float:
+  """||ours - theirs|| / ||theirs|| over every value of the two same-keyed tensor dicts.
+
+  Why not the max entry: Adam divides each gradient entry by its own magnitude, so an entry whose
+  gradient cancels to ~1e-8 (in Adam's eps regime) moves by an amount set by that tiny value,
+  whose f32 summation-order error between XLA and torch is ~1e-3 relative. Measured here: the
+  worst single entry differs by up to 2e-3 of its tensor's max, the whole adapter by 2e-6.
+  """
+  num = sum(float(np.sum((np.asarray(ours[k]) - np.asarray(theirs[k])) ** 2)) for k in theirs)
+  return (num / sum(float(np.sum(np.asarray(theirs[k]) ** 2)) for k in theirs)) ** 0.5
+
+
+def test_three_lora_adamw_steps_equal_peft(hf_dir, tmp_path):
+  """Same LoRA init (ftjax's, saved and loaded by peft), same batches: the adapters after three
+  AdamW steps agree within 1e-5 (f32 both sides; only summation order differs)."""
+  import peft as hf_peft
+  import transformers
+  model = peft.get_peft_model(_ours(hf_dir), peft.LoraConfig(r=4, lora_alpha=8,
+                                                             target_modules="all-linear"))
+  peft.save_adapter(model, str(tmp_path / "init"))
+  reference = hf_peft.PeftModel.from_pretrained(
+      transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32),
+      str(tmp_path / "init"), is_trainable=True)
+  trained = _train_both(model, peft.AdapterParam, reference)
+  ours = peft.adapter_state_dict(trained)
+  theirs = {k.replace(".default", ""): v.detach().numpy()
+            for k, v in reference.state_dict().items() if "lora_" in k}
+  assert ours.keys() == theirs.keys() and len(ours) == 2 * 7 * 2
+  assert l2_rel(ours, theirs) < 1e-5
+  for key in ours:  # and no single tensor far off
+    assert l2_rel({key: ours[key]}, {key: theirs[key]}) < 1e-4, key
+  init = peft.adapter_state_dict(model)
+  assert all(rel_err(ours[k], init[k]) > 1e-3 for k in ours if "lora_B" in k)  # they moved
+
+
+def test_three_full_adamw_steps_equal_transformers(hf_dir, tmp_path):
+  import transformers
+  from ftjax.models.hf import load_hf_params as load
+  reference = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+  trained = _train_both(_ours(hf_dir), nnx.Param, reference)
+  models.save_pretrained(trained, str(tmp_path / "ours"))
+  reference.save_pretrained(str(tmp_path / "theirs"))
+  cfg = load_hf_config(hf_dir)
+  ours, theirs, init = (load(str(tmp_path / "ours"), cfg), load(str(tmp_path / "theirs"), cfg),
+                        load(hf_dir, cfg))
+  flat = lambda tree: {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+  ours, theirs, init = flat(ours), flat(theirs), flat(init)
+  assert l2_rel(ours, theirs) < 1e-5
+  for key in ours:
+    assert l2_rel({key: ours[key]}, {key: theirs[key]}) < 1e-4, key
+    assert not np.array_equal(ours[key], init[key]), key  # every param trained
+
+
+# --- the step's own properties --------------------------------------------------------------
+
+def test_remat_policies_agree_on_loss_and_gradients():
+  """Remat changes what the backward pass recomputes, never the numbers (up to op order)."""
+  graphdef, train, frozen, mutable = step_lib.split_model(_lora_model(rank=2), peft.AdapterParam)
+  batch = random_batch(np.random.RandomState(0), 2, 12)
+
+  def loss_and_grads(policy):
+    loss_fn = CausalLMLoss(remat=policy)
+    f = lambda t: loss_fn(step_lib.merge_model(graphdef, t, frozen, mutable), batch)["loss_sum"]
+    return jax.jit(jax.value_and_grad(f))(train)
+
+  ref_loss, ref_grads = loss_and_grads("none")
+  for policy in ("full", "dots", "dots_no_batch", "projections"):
+    loss, grads = loss_and_grads(policy)
+    # Same ops recomputed; only XLA's fusion and summation order may differ.
+    assert rel_err(loss, ref_loss) < 1e-6, policy
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+      assert rel_err(got, want) < 1e-5, policy
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_grad_accumulation_equals_one_big_batch(method):
+  """4 micro-batches of 2 == one batch of 8: the loss and the gradient given to the optimizer."""
+  model = _lora_model() if method == "lora" else tiny_model()
+  graphdef, train, frozen, mutable = step_lib.split_model(
+      model, peft.AdapterParam if method == "lora" else nnx.Param)
+  optimizer = _capture_gradient()
+  step = _jit_step(graphdef, optimizer)
+  state = step_lib.init_state(train, mutable, optimizer, 0)
+  batch = random_batch(np.random.RandomState(0), 8, 16)  # uneven token counts per micro-batch
+  counts = batch["loss_mask"].reshape(4, -1).sum(1)
+  assert len(set(counts.tolist())) > 1  # so a mean of micro-batch means would differ
+  one, m1 = step(state, frozen, jax.tree.map(lambda x: x[None], batch))
+  four, m4 = step(state, frozen, jax.tree.map(lambda x: x.reshape(4, 2, *x.shape[1:]), batch))
+  assert abs(float(m1["loss"]) - float(m4["loss"])) < 1e-5 * float(m1["loss"])
+  leaves1, leaves4 = jax.tree.leaves(one["opt_state"]), jax.tree.leaves(four["opt_state"])
+  assert len(leaves1) == len(jax.tree.leaves(train))
+  # f32 sums over tokens in a different order: relative L2 distance of the whole update.
+  # (Single entries that are sums with heavy cancellation differ by up to ~2e-5 of their leaf's
+  # max, which is rounding, not a normalisation error: that would be off by 10%+.)
+  diff = optax.tree.norm(jax.tree.map(jnp.subtract, leaves4, leaves1))
+  assert float(diff) <= 1e-5 * float(optax.tree.norm(leaves1))
+  assert any(float(jnp.abs(g).max()) > 0 for g in leaves1)
+
+
+def test_non_finite_step_leaves_the_state_unchanged():
+  graphdef, train, frozen, mutable = step_lib.split_model(_lora_model(), peft.AdapterParam)
+  optimizer = optax.adam(1e-2)
+  step = _jit_step(graphdef, optimizer)
+  state = step_lib.init_state(train, mutable, optimizer, 0)
+  batch = jax.tree.map(lambda x: x[None], random_batch(np.random.RandomState(0), 2, 8))
+  good, metrics = step(state, frozen, batch)
+  assert bool(metrics["finite"])
+  bad_frozen = jax.tree.map(lambda x: x, frozen)
+  bad_frozen["model"]["norm"]["scale"] = jnp.full_like(frozen["model"]["norm"]["scale"], jnp.nan)
+  after, metrics = step(good, bad_frozen, batch)
+  assert not bool(metrics["finite"]) and int(after["step"]) == 2
+  for a, b in zip(jax.tree.leaves((good["trainable"], good["opt_state"])),
+                  jax.tree.leaves((after["trainable"], after["opt_state"]))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_chunked_cross_entropy_matches_full():
+  model = tiny_model()
+  batch = random_batch(np.random.RandomState(0), 3, 10)  # 30 tokens: chunks of 8 need padding
+  graphdef, params = nnx.split(model, nnx.Param)
+  full, chunked = CausalLMLoss(), CausalLMLoss(vocab_chunk=8)
+  a, b = full(model, batch), chunked(model, batch)
+  for k in a:
+    assert abs(float(a[k]) - float(b[k])) <= 1e-5 * max(abs(float(a[k])), 1.0), k
+  grad = lambda loss: jax.grad(lambda p: loss(nnx.merge(graphdef, p), batch)["loss_sum"])(params)
+  ga, gb = grad(full), grad(chunked)
+  diff = optax.tree.norm(jax.tree.map(jnp.subtract, ga, gb))
+  assert float(diff) <= 1e-5 * float(optax.tree.norm(ga))
+
+
+def test_unrolled_layers_match_scanned():
+  model = tiny_model()
+  tokens = jnp.asarray(np.random.RandomState(0).randint(0, 64, (2, 12)))
+  assert rel_err(model(tokens, unroll=True), model(tokens)) < 1e-6
+
+
+def test_lora_dropout_uses_the_step_key():
+  """Dropout on the decoder's LoRA inputs: different keys, different losses; no key, none."""
+  model = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=4, lora_dropout=0.5,
+                                                            target_modules="all-linear"))
+  for _, layer in peft.adapter_layers(model):
+    layer.lora_b.set_value(layer.lora_b[...] + 0.5)
+  batch = random_batch(np.random.RandomState(0), 2, 8)
+  loss = lambda rng: float(CausalLMLoss()(model, batch, rng)["loss_sum"])
+  assert loss(jax.random.key(0)) != loss(jax.random.key(1))
+  assert loss(jax.random.key(0)) == loss(jax.random.key(0))
+  with peft.disable_adapters(model):
+    base = loss(None)
+  assert loss(None) != base  # no key: no dropout, but the adapter is on
