@@ -14,11 +14,15 @@ import json
 import os
 import sys
 
+import ml_collections
 from flax import nnx
 
+from ftjax import config as config_lib
 from ftjax import peft
+from ftjax.checkpoint import Checkpointer
 from ftjax.errors import FtjaxError, cli_errors
 from ftjax.models import save_pretrained
+from ftjax.run import init_or_restore, setup
 
 
 def write_adapter(model: nnx.Module, out_dir: str, base_model_name: str) -> None:
@@ -47,12 +51,6 @@ def main(argv=None) -> None:
   parser.add_argument("--no-merged", action="store_true")
   parser.add_argument("--no-adapter", action="store_true")
   args = parser.parse_args(argv)
-
-  import ml_collections
-  from ftjax import config as config_lib
-  from ftjax.checkpoint import Checkpointer
-  from ftjax.run import init_or_restore, setup
-
   config_path = os.path.join(args.workdir, "config.json")
   if not os.path.exists(config_path):
     raise FtjaxError(f"{config_path}: no such file (is {args.workdir} a training workdir?)")

@@ -23,8 +23,9 @@ non-finite update can never reach a checkpoint.
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -69,8 +70,11 @@ def init_state(trainable: Params, mutable: Params, optimizer: optax.GradientTran
 
 def train_step(state: dict, frozen: Params, batch: dict, *, graphdef: nnx.GraphDef,
                loss_fn: Callable, optimizer: optax.GradientTransformation,
-               schedule: Callable) -> tuple[dict, dict]:
-  """One optimizer update from a batch whose leaves are [accum, micro_batch, ...]."""
+               schedule: Callable | None = None) -> tuple[dict, dict]:
+  """One optimizer update from a batch whose leaves are [accum, micro_batch, ...].
+
+  `schedule` (optional) only reports the learning rate of this step in the metrics.
+  """
   rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
   def micro(carry, xs):
@@ -105,10 +109,35 @@ def train_step(state: dict, frozen: Params, batch: dict, *, graphdef: nnx.GraphD
   trainable, opt_state, mutable = jax.lax.cond(finite, update, keep, None)
   metrics = {k: v / count for k, v in sums.items() if k not in ("loss_sum", "count")}
   metrics.update(loss=sums["loss_sum"] / count, count=sums["count"], grad_norm=grad_norm,
-                 lr=schedule(state["step"]), finite=finite)
+                 finite=finite)
+  if schedule is not None:
+    metrics["lr"] = schedule(state["step"])
   new_state = dict(state, step=state["step"] + 1, trainable=trainable, opt_state=opt_state,
                    mutable=mutable)
   return new_state, metrics
+
+
+def fit(model: nnx.Module, batches: Iterable[dict], *, optimizer: optax.GradientTransformation,
+        trainable, loss_fn: Callable | None = None, seed: int = 0) -> list[dict]:
+  """Trains `model` in place, one optimizer step per batch; returns each step's metrics.
+
+  The whole train step for a model in a notebook or script: split once, one jitted step with
+  donated state, the trained state written back into `model` at the end. `trainable`: an nnx
+  filter (ftjax.peft.AdapterParam, nnx.Param, ...). `loss_fn` defaults to the causal-LM loss
+  (batches as ftjax.data produces them); batches carry no accumulation axis.
+  """
+  from ftjax.losses import CausalLMLoss
+  graphdef, train, frozen, mutable = split_model(model, trainable)
+  state = init_state(train, mutable, optimizer, seed)
+  step = jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer,
+                                   loss_fn=loss_fn or CausalLMLoss(remat="projections")),
+                 donate_argnums=0)
+  history = []
+  for batch in batches:
+    state, metrics = step(state, frozen, jax.tree.map(lambda x: jnp.asarray(x)[None], batch))
+    history.append(metrics)
+  nnx.update(model, state["trainable"], state["mutable"])
+  return [{k: float(v) for k, v in m.items()} for m in jax.device_get(history)]
 
 
 def eval_step(trainable: Params, frozen: Params, mutable: Params, batch: dict, *,

@@ -8,18 +8,20 @@ FLOPs per step, MFU against a measured f32 matmul ceiling on CPU (the device's p
 peak host RSS and device memory.
 
 With --vs-peft the same weights, batch and sequence length are also trained by transformers +
-peft (LoRA, same rank/alpha/targets, AdamW) in a persistent child process. The two frameworks
-run in alternating rounds (--rounds x --steps each) so that a slow phase of a noisy machine
-hits both; the line carries PEFT's tokens/s, the ratio of each round, and their median as
-ratio_vs_peft. Run on an otherwise idle machine.
+peft (LoRA, same rank/alpha/targets, AdamW) in a persistent child process. With --vs-tree DIR
+the same benchmark of another ftjax checkout (e.g. a `git worktree` of the commit before a
+change) runs in a persistent child too. All of them run in alternating rounds (--rounds x
+--steps each) so that a slow phase of a noisy machine hits each; the line carries each one's
+tokens/s, the ratio of each round, and their median as ratio_vs_peft / ratio_vs_tree (> 1:
+this checkout is faster). Run on an otherwise idle machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import importlib.util
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -161,12 +163,37 @@ def peft_child(model_dir: str, batch: int, seq: int, rank: int, alpha: float, dt
           flush=True)
 
 
-class PeftBench:
-  """A persistent PEFT child process, so both frameworks can be timed in alternating rounds."""
+def tree_child(root: str, config_path: str, batch: int, seq: int, overrides: dict) -> None:
+  """Runs in a child process: the benchmark of the ftjax checkout at `root`, same protocol as
+  `peft_child`. Its own scripts/bench_train.py and ftjax package are imported, not ours."""
+  sys.path.insert(0, root)
+  spec = importlib.util.spec_from_file_location("tree_bench", os.path.join(root, "scripts", "bench_train.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.load_config(config_path)
+  apply_overrides(config, overrides)
+  bench = module.FtjaxBench(config, batch, seq)
+  import ftjax
+  if not os.path.abspath(ftjax.__file__).startswith(os.path.abspath(root) + os.sep):
+    raise SystemExit(f"--vs-tree: imported ftjax from {ftjax.__file__}, not from {root}")
+  print(json.dumps({"ready": True, "root": root, "compile_s": bench.compile_s}), flush=True)
+  for line in sys.stdin:
+    if line.strip() == "quit":
+      break
+    times = bench.steps(int(line))
+    print(json.dumps({"step_s_all": times,
+                      "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}),
+          flush=True)
 
-  def __init__(self, config_path: str, **child_args):
+
+class ChildBench:
+  """A persistent child process (`--peft-child` / `--tree-child`), so it can be timed in
+  alternating rounds with this process's own steps."""
+
+  def __init__(self, name: str, config_path: str, flag: str, child_args: dict):
+    self.name = name
     self.stderr = tempfile.TemporaryFile("w+")  # a file, not a pipe: a full pipe would block it
-    self.proc = subprocess.Popen([sys.executable, __file__, "--config", config_path, "--peft-child",
+    self.proc = subprocess.Popen([sys.executable, __file__, "--config", config_path, flag,
                                   json.dumps(child_args)], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=self.stderr, text=True)
     self.info = self._read()
@@ -176,7 +203,7 @@ class PeftBench:
     if not line:
       self.proc.wait()
       self.stderr.seek(0)
-      raise SystemExit(f"peft run failed:\n{self.stderr.read()[-3000:]}")
+      raise SystemExit(f"{self.name} run failed:\n{self.stderr.read()[-3000:]}")
     return json.loads(line)
 
   def steps(self, n: int) -> list[float]:
@@ -190,6 +217,17 @@ class PeftBench:
     self.proc.communicate("quit\n")
 
 
+# command-line flag -> (config node, key) it overrides
+OVERRIDES = {"method": ("", "method"), "dtype": ("model", "dtype"), "remat": ("model", "remat"),
+             "scan_unroll": ("model", "scan_unroll"), "model": ("model", "name_or_path")}
+
+
+def apply_overrides(config, values: dict) -> None:
+  for arg, value in values.items():
+    node, key = OVERRIDES[arg]
+    setattr(config[node] if node else config, key, value)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", required=True)
@@ -198,7 +236,7 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps before the first round")
   parser.add_argument("--rounds", type=int, default=3,
-                      help="with --vs-peft: alternating rounds of --steps steps of each framework")
+                      help="with --vs-peft / --vs-tree: alternating rounds of --steps steps of each")
   parser.add_argument("--gap", type=float, default=3.0,
                       help="idle seconds before each round: ftjax ran slower for a few seconds "
                            "right after a PEFT round on the 2-core VM, so each side starts settled")
@@ -208,54 +246,70 @@ def main() -> None:
   parser.add_argument("--scan-unroll", type=int, default=None, help="-1 unrolls every layer")
   parser.add_argument("--model", default=None, help="overrides config.model.name_or_path")
   parser.add_argument("--vs-peft", action="store_true")
+  parser.add_argument("--vs-tree", default=None, metavar="DIR",
+                      help="another ftjax checkout to time in the same rounds (e.g. the commit "
+                           "before a change, as a git worktree)")
   parser.add_argument("--peft-child", default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--tree-child", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
 
-  if args.peft_child:  # we are the child: args.peft_child is the JSON of its arguments
+  if args.peft_child:  # we are a child: the flag's value is the JSON of its arguments
     peft_child(**json.loads(args.peft_child))
+    return
+  if args.tree_child:
+    tree_child(**json.loads(args.tree_child))
     return
 
   config = load_config(args.config)
-  overrides = {"method": (config, "method"), "dtype": (config.model, "dtype"),
-               "remat": (config.model, "remat"), "scan_unroll": (config.model, "scan_unroll"),
-               "model": (config.model, "name_or_path")}
-  for arg, (target, key) in overrides.items():
-    if getattr(args, arg) is not None:
-      setattr(target, key, getattr(args, arg))
+  overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
+  apply_overrides(config, overrides)
   if args.vs_peft and config.method != "lora":
     raise SystemExit("--vs-peft compares LoRA training; use a LoRA config")
   bench = FtjaxBench(config, args.batch, args.seq)
   bench.steps(args.warmup)
-  if not args.vs_peft:
+  if not (args.vs_peft or args.vs_tree):
     print(json.dumps(bench.summary(bench.steps(args.steps * args.rounds))))
     return
 
   from ftjax import peft
   from ftjax.models import save_pretrained
   with tempfile.TemporaryDirectory() as tmp:
-    model_dir = os.path.join(tmp, "base")
-    save_pretrained(peft.unload(bench.run.model()), model_dir)
-    peft = PeftBench(args.config, model_dir=model_dir, batch=args.batch, seq=args.seq,
-                     rank=config.lora.rank, alpha=config.lora.alpha, dtype=config.model.dtype)
+    others = []
+    if args.vs_peft:
+      model_dir = os.path.join(tmp, "base")
+      save_pretrained(peft.unload(bench.run.model()), model_dir)
+      others.append(ChildBench("peft", args.config, "--peft-child", dict(
+          model_dir=model_dir, batch=args.batch, seq=args.seq, rank=config.lora.rank,
+          alpha=config.lora.alpha, dtype=config.model.dtype)))
+    if args.vs_tree:
+      root = os.path.abspath(args.vs_tree)
+      others.append(ChildBench("tree", args.config, "--tree-child", dict(
+          root=root, config_path=os.path.join(root, os.path.relpath(args.config)),
+          batch=args.batch, seq=args.seq, overrides=overrides)))
     try:
-      peft.steps(args.warmup)
-      ours, theirs, ratios = [], [], []
-      for _ in range(args.rounds):  # alternate, so slow phases of a noisy machine hit both
+      for other in others:
+        other.steps(args.warmup)
+      ours, theirs = [], {o.name: [] for o in others}
+      ratios = {o.name: [] for o in others}
+      for _ in range(args.rounds):  # alternate, so slow phases of a noisy machine hit all
         time.sleep(args.gap)
         ours_round = bench.steps(args.steps)
-        time.sleep(args.gap)
-        theirs_round = peft.steps(args.steps)
         ours += ours_round
-        theirs += theirs_round
-        ratios.append(statistics.median(theirs_round) / statistics.median(ours_round))
+        for other in others:
+          time.sleep(args.gap)
+          theirs_round = other.steps(args.steps)
+          theirs[other.name] += theirs_round
+          ratios[other.name].append(statistics.median(theirs_round) / statistics.median(ours_round))
     finally:
-      peft.close()
+      for other in others:
+        other.close()
   result = bench.summary(ours)
-  peft_step = statistics.median(theirs)
-  result["peft"] = dict(peft.info, framework="peft", step_s=peft_step, step_s_all=theirs,
-                        tokens_per_s=args.batch * args.seq / peft_step)
-  result["ratio_vs_peft_rounds"] = ratios
-  result["ratio_vs_peft"] = statistics.median(ratios)
+  for other in others:
+    step = statistics.median(theirs[other.name])
+    result[other.name] = dict(other.info, framework=other.name, step_s=step,
+                              step_s_all=theirs[other.name], tokens_per_s=args.batch * args.seq / step)
+    result[f"ratio_vs_{other.name}_rounds"] = ratios[other.name]
+    result[f"ratio_vs_{other.name}"] = statistics.median(ratios[other.name])
   print(json.dumps(result))
 
 

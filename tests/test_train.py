@@ -280,6 +280,12 @@ def test_export_cli_writes_the_trained_run(lora_run, tmp_path):
                                               "q_proj", "up_proj", "v_proj"]
 
 
+def test_export_does_not_import_the_train_loop():
+  """export.py and train.py share ftjax/run.py; neither imports the other's module back."""
+  code = "import sys, ftjax.export; assert 'ftjax.train' not in sys.modules, 'cycle'"
+  assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
 def test_export_cli_on_a_folder_that_is_not_a_run(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "ftjax.export", "--workdir", str(tmp_path)],
                         capture_output=True, text=True, timeout=120)
