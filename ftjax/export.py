@@ -10,7 +10,6 @@ and renamed when complete, so a failed export never leaves a folder that looks f
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -21,6 +20,7 @@ from ftjax import config as config_lib
 from ftjax import peft
 from ftjax.checkpoint import Checkpointer
 from ftjax.errors import FtjaxError, cli_errors
+from ftjax.files import read_json
 from ftjax.models import save_pretrained
 from ftjax.run import init_or_restore, setup
 
@@ -51,13 +51,11 @@ def main(argv=None) -> None:
   parser.add_argument("--no-merged", action="store_true")
   parser.add_argument("--no-adapter", action="store_true")
   args = parser.parse_args(argv)
-  config_path = os.path.join(args.workdir, "config.json")
-  if not os.path.exists(config_path):
-    raise FtjaxError(f"{config_path}: no such file (is {args.workdir} a training workdir?)")
-  with open(config_path) as f:
-    config = config_lib.base_config()
-    config.unlock()
-    config.update(ml_collections.ConfigDict(json.load(f)))
+  saved = read_json(os.path.join(args.workdir, "config.json"),
+                    f" (is {args.workdir} a training workdir?)")
+  config = config_lib.base_config()
+  config.unlock()
+  config.update(ml_collections.ConfigDict(saved))
   checkpointer = Checkpointer(args.workdir)
   if checkpointer.latest_step() is None:
     raise FtjaxError(f"{args.workdir}: no checkpoint to export")

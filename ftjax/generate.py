@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import sys
 from typing import Iterable
 
 import jax

@@ -21,7 +21,7 @@ import numpy as np
 
 from ftjax import evaluate, export, peft
 from ftjax import step as step_lib
-from ftjax.atomic import write_json
+from ftjax.files import write_json
 from ftjax.checkpoint import Checkpointer
 from ftjax.errors import FtjaxError, cli_errors, setup_logging
 from ftjax.flops import train_flops_per_token

@@ -21,3 +21,12 @@ def shared_data():
   if not os.path.isdir(SHARED_DATA):
     pytest.skip(f"shared data folder {SHARED_DATA} is absent (only present beside a dev checkout)")
   return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def hf_llama_dir(tmp_path_factory):
+  """A tiny random-init HF Llama (untied head) saved once for the session."""
+  import hf_models
+  path = str(tmp_path_factory.mktemp("hf_llama"))
+  hf_models.build("llama").save_pretrained(path)
+  return path

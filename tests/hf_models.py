@@ -30,3 +30,12 @@ def build(family: str, seed: int = 0):
       if "norm" in name or name.endswith("bias"):
         p.add_(0.1 * torch.randn_like(p))
   return model
+
+
+def ftjax_model(model_dir: str):
+  """ftjax's CausalLM with the weights of a saved HF model directory."""
+  from ftjax import models
+  from ftjax.models.config import load_hf_config
+  from ftjax.models.hf import load_hf_params
+  cfg = load_hf_config(model_dir)
+  return models.from_params(cfg, load_hf_params(model_dir, cfg))

@@ -3,7 +3,6 @@ user-written Flax NNX model that is not a decoder (the recipe in the README)."""
 
 import functools
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +20,6 @@ from ftjax import peft
 from ftjax import step as step_lib
 from ftjax.errors import FtjaxError
 from ftjax.losses import CausalLMLoss
-from ftjax.models.config import load_hf_config
-from ftjax.models.hf import load_hf_params
 from tiny import counting_batch
 
 
@@ -31,16 +28,12 @@ def rel_err(a, b):
   return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("llama"))
-  hf_models.build("llama").save_pretrained(path)
-  return path
+@pytest.fixture
+def hf_dir(hf_llama_dir):
+  return hf_llama_dir
 
 
-def ours(hf_dir):
-  cfg = load_hf_config(hf_dir)
-  return models.from_params(cfg, load_hf_params(hf_dir, cfg))
+ours = hf_models.ftjax_model
 
 
 def hf_model(hf_dir):

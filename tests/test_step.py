@@ -16,9 +16,8 @@ from ftjax import models, peft
 from ftjax import step as step_lib
 from ftjax.losses import CausalLMLoss
 from ftjax.models.config import load_hf_config
-from ftjax.models.hf import load_hf_params
 from ftjax.optim import make_optimizer
-from tiny import TINY, random_batch, tiny_model
+from tiny import random_batch, tiny_model
 
 
 def rel_err(a, b):
@@ -98,16 +97,12 @@ def _train_both(ftjax_model, trainable, torch_model, lr=1e-3, weight_decay=0.1, 
   return step_lib.merge_model(graphdef, state["trainable"], frozen, mutable)
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("llama"))
-  hf_models.build("llama").save_pretrained(path)
-  return path
+@pytest.fixture
+def hf_dir(hf_llama_dir):
+  return hf_llama_dir
 
 
-def _ours(hf_dir):
-  cfg = load_hf_config(hf_dir)
-  return models.from_params(cfg, load_hf_params(hf_dir, cfg))
+_ours = hf_models.ftjax_model
 
 
 def l2_rel(ours: dict, theirs: dict) -> float:

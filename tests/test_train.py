@@ -17,7 +17,6 @@ import torch
 import transformers
 
 from ftjax import config as config_lib
-from ftjax import peft
 from ftjax import run as run_lib
 from ftjax import step as step_lib
 from ftjax import train as train_lib

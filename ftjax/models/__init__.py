@@ -44,7 +44,7 @@ def load(name_or_path: str, dtype=jnp.float32, *, compute_dtype=None):
 def save_pretrained(model: CausalLM, out_dir: str, tokenizer=None, dtype=np.float32) -> None:
   """Writes `model` as a HF model directory (config.json + safetensors [+ tokenizer files]),
   loadable by `transformers.AutoModelForCausalLM.from_pretrained`."""
-  from ftjax.atomic import atomic_dir
+  from ftjax.files import atomic_dir
   from ftjax.models.hf import save_hf_config, save_hf_params
   cfg = model.config
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))

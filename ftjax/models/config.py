@@ -15,12 +15,12 @@ The decoder differs between families only in a handful of switches, so each fami
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any
 
 from ftjax.errors import FtjaxError
+from ftjax.files import read_json
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 
@@ -137,14 +137,7 @@ class ModelConfig:
 
   @classmethod
   def from_hf_file(cls, path: str) -> "ModelConfig":
-    try:
-      with open(path) as f:
-        hf = json.load(f)
-    except FileNotFoundError:
-      raise FtjaxError(f"{path}: no such file") from None
-    except json.JSONDecodeError as e:
-      raise FtjaxError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    return cls.from_hf_dict(hf, source=path)
+    return cls.from_hf_dict(read_json(path), source=path)
 
   def to_hf_dict(self) -> dict:
     """The config.json that transformers needs to rebuild this model."""

@@ -18,8 +18,8 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from ftjax.atomic import atomic_dir
 from ftjax.errors import FtjaxError
+from ftjax.files import atomic_dir, read_json
 from ftjax.peft.core import adapter_layers, stack_sizes, torch_names
 from ftjax.peft.lora import LoraConfig
 
@@ -79,13 +79,7 @@ _UNSUPPORTED = {"use_dora": False, "modules_to_save": None, "layers_to_transform
 
 def read_config(adapter_dir: str) -> LoraConfig:
   path = os.path.join(adapter_dir, CONFIG_FILE)
-  try:
-    with open(path) as f:
-      raw = json.load(f)
-  except FileNotFoundError:
-    raise FtjaxError(f"{path}: no such file (is {adapter_dir} a PEFT adapter folder?)") from None
-  except json.JSONDecodeError as e:
-    raise FtjaxError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+  raw = read_json(path, f" (is {adapter_dir} a PEFT adapter folder?)")
   if raw.get("peft_type") != "LORA":
     raise FtjaxError(f"{path}: peft_type={raw.get('peft_type')!r}; supported: 'LORA'")
   for key, default in _UNSUPPORTED.items():

@@ -1,4 +1,5 @@
-"""Outputs appear complete or not at all: written under a temporary name, then renamed."""
+"""Small files: outputs that appear complete or not at all (written under a temporary name,
+then renamed), and JSON inputs whose errors name the file and line."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import contextlib
 import json
 import os
 import shutil
+
+from ftjax.errors import FtjaxError
 
 
 @contextlib.contextmanager
@@ -29,3 +32,14 @@ def write_json(path: str, obj) -> None:
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2)
   os.replace(tmp, path)
+
+
+def read_json(path: str, hint: str = ""):
+  """The parsed file; a missing or malformed file is an FtjaxError naming it (and the line)."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise FtjaxError(f"{path}: no such file{hint}") from None
+  except json.JSONDecodeError as e:
+    raise FtjaxError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
