@@ -37,23 +37,14 @@ class AdapterParam(nnx.Param):
 class AdapterLayer(nnx.Module):
   """A layer with an adapter around it: `base_layer` is the wrapped module, unchanged.
 
-  Subclasses implement `__call__`, `merge() -> the base layer with the adapter folded in`, and
-  the HF PEFT tensors of the adapter (`peft_tensors`, `load_peft_tensors`).
+  A method's wrapper subclasses it and provides `__call__`, `merge()` (the base layer with the
+  adapter folded in), `peft_tensors()` ({suffix: array} in HF PEFT's layout, e.g.
+  {"lora_A.weight": [r, in] (or [l, r, in] in a layer stack)}) and `load_peft_tensors(tensors)`
+  (the inverse). While `disabled` is set it must return the base layer's output.
   """
 
   base_layer: nnx.Module
   disabled: bool = False
-
-  def merge(self) -> nnx.Module:
-    raise NotImplementedError
-
-  def peft_tensors(self) -> dict[str, jax.Array]:
-    """{suffix: array} in HF PEFT's layout, e.g. {"lora_A.weight": [r, in] (or [l, r, in])}."""
-    raise NotImplementedError
-
-  def load_peft_tensors(self, tensors: dict) -> None:
-    """Sets the adapter from tensors shaped as `peft_tensors` returns them."""
-    raise NotImplementedError
 
 
 # --- module names and target matching -------------------------------------------------------
@@ -120,7 +111,8 @@ def find_targets(model: nnx.Module, target_modules, supported: tuple[type, ...],
     if not all(hits):
       layers = [i for i, h in enumerate(hits) if h]
       raise FtjaxError(
-          f"{method} target_modules={target_modules!r} selects {name} in layers {layers} but not "
+          f"{method} target_modules={target_modules!r} selects {name.replace('/', '.')} in layers "
+          f"{layers} but not "
           f"in all {len(hits)}: these layers are stacked and share one adapter shape; per-layer "
           "selection (layers_to_transform) is not supported yet")
     if not isinstance(module, supported):

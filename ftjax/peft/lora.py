@@ -83,7 +83,8 @@ def _adapter_axes(*names) -> dict:
 
 
 class _Lora(AdapterLayer):
-  """A and B for a kernel viewed as [lead..., *in_shape, *out_shape]."""
+  """A and B for a kernel viewed as [lead..., *in_shape, *out_shape]. Subclasses define
+  `_delta()`: s · A B in the kernel's layout, f32."""
 
   def __init__(self, base_layer, *, in_shape, out_shape, in_axes, out_axes, r: int,
                scaling: float, dropout: float, init, rngs: nnx.Rngs):
@@ -108,10 +109,6 @@ class _Lora(AdapterLayer):
 
   def _dropout(self, x):
     return self.dropout(x) if self.dropout is not None else x
-
-  def _delta(self):
-    """s · A B in the kernel's layout, f32."""
-    raise NotImplementedError
 
   def merge(self) -> nnx.Module:
     kernel = self.base_layer.kernel
