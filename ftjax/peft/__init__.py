@@ -23,9 +23,10 @@ from ftjax.peft.core import (AdapterLayer, AdapterParam, adapter_layers, count_p
                              disable_adapters, find_targets, merge_and_unload,
                              print_trainable_parameters, replace_module, unload)
 from ftjax.peft.hf_format import adapter_state_dict, load_adapter, save_adapter
-from ftjax.peft.lora import DEFAULT_TARGETS, LoraConfig, LoraEinsum, LoraLinear, LoraParam
+from ftjax.peft.lora import (DEFAULT_TARGETS, DoraLinear, LoraConfig, LoraEinsum, LoraLinear,
+                              LoraParam)
 
-__all__ = ["AdapterLayer", "AdapterParam", "LoraConfig", "LoraEinsum", "LoraLinear", "LoraParam",
+__all__ = ["AdapterLayer", "AdapterParam", "DoraLinear", "LoraConfig", "LoraEinsum", "LoraLinear", "LoraParam",
            "adapter_layers", "adapter_state_dict", "count_params", "disable_adapters",
            "get_peft_model", "load_adapter", "merge_and_unload", "print_trainable_parameters",
            "save_adapter", "unload"]

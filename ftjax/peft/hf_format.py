@@ -37,7 +37,7 @@ def _peft_config_dict(config: LoraConfig, target_names: list[str], base_model: s
       "peft_type": "LORA", "task_type": config.task_type,
       "base_model_name_or_path": base_model, "r": config.r, "lora_alpha": config.lora_alpha,
       "lora_dropout": config.lora_dropout, "target_modules": targets,
-      "use_rslora": config.use_rslora, "use_dora": False, "bias": config.bias,
+      "use_rslora": config.use_rslora, "use_dora": config.use_dora, "bias": config.bias,
       "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
       "init_lora_weights": config.init_lora_weights, "rank_pattern": {}, "alpha_pattern": {},
       "layers_to_transform": None,
@@ -72,7 +72,7 @@ def save_adapter(model: nnx.Module, out_dir: str, base_model_name_or_path: str |
 
 # Keys of adapter_config.json that ftjax cannot honour yet when they are set: refuse, don't
 # silently load a different adapter.
-_UNSUPPORTED = {"use_dora": False, "modules_to_save": None, "layers_to_transform": None,
+_UNSUPPORTED = {"modules_to_save": None, "layers_to_transform": None,
                 "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False,
                 "layers_pattern": None, "use_qalora": False}
 
@@ -95,6 +95,7 @@ def read_config(adapter_dir: str) -> LoraConfig:
         target_modules=targets if isinstance(targets, str) else tuple(targets),
         lora_dropout=float(raw.get("lora_dropout") or 0.0), use_rslora=bool(raw.get("use_rslora")),
         init_lora_weights="gaussian" if init == "gaussian" else True,
+        use_dora=bool(raw.get("use_dora")),
         bias=raw.get("bias") or "none", task_type=raw.get("task_type"))
   except KeyError as e:
     raise FtjaxError(f"{path}: missing key {e.args[0]!r}") from None

@@ -1,12 +1,17 @@
-"""LoRA (Hu et al. 2021) and rsLoRA: y = base(x) + s · (dropout(x) A) B, trained factored.
+"""LoRA (Hu et al. 2021), rsLoRA and DoRA: y = base(x) + s · (dropout(x) A) B, trained factored.
 
 A: [in, r], B: [r, out], s = lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)). B starts at zero,
 so the adapted model equals the base model at step 0. A starts as in HF PEFT: kaiming-uniform
 (bound 1/sqrt(in); `init_lora_weights=True`) or N(0, 1/r) (`"gaussian"`).
 
-`LoraLinear` wraps an `nnx.Linear`; `LoraEinsum` wraps an `nnx.Einsum` whose kernel dims split
-into contracted (input) and output dims: A is [contracted dims..., r], B [r, output dims...].
-In stacked (vmapped) layers both carry the kernel's leading layer axis.
+DoRA (Liu et al. 2024, `use_dora=True`) splits the adapted weight into a trained magnitude m
+per output feature and a direction: W' = m · (W + sAB) / ||W + sAB||, the norm taken per output
+feature over the inputs and detached from the gradient (DoRA §4.3, as HF PEFT does); m starts
+as ||W||, so the model starts as the base.
+
+`LoraLinear` / `DoraLinear` wrap an `nnx.Linear`; `LoraEinsum` wraps an `nnx.Einsum` whose kernel
+dims split into contracted (input) and output dims: A is [contracted dims..., r], B [r, output
+dims...]. In stacked (vmapped) layers all of them carry the kernel's leading layer axis.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class LoraConfig:
   lora_dropout: float = 0.0
   use_rslora: bool = False
   init_lora_weights: bool | str = True
+  use_dora: bool = False
   bias: str = "none"
   task_type: str | None = None
 
@@ -64,7 +70,13 @@ class LoraConfig:
     return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
   def wrap(self, module: nnx.Module, rngs: nnx.Rngs) -> AdapterLayer:
-    kind = LoraLinear if isinstance(module, nnx.Linear) else LoraEinsum
+    if isinstance(module, nnx.Linear):
+      kind = DoraLinear if self.use_dora else LoraLinear
+    elif self.use_dora:
+      raise FtjaxError(f"LoraConfig(use_dora=True) wraps nnx.Linear layers only, not "
+                       f"{type(module).__name__}")
+    else:
+      kind = LoraEinsum
     return kind(module, r=self.r, scaling=self.scaling, dropout=self.lora_dropout,
                 init=self.init_lora_weights, rngs=rngs)
 
@@ -145,8 +157,13 @@ class LoraLinear(_Lora):
     y = self.base_layer(x)
     if self.disabled:
       return y
-    xa = jnp.dot(self._dropout(x), self.lora_a[...].astype(x.dtype))
-    return y + jnp.dot(xa * self.scaling, self.lora_b[...].astype(x.dtype)).astype(y.dtype)
+    xd = self._dropout(x)
+    return self._combine(y, xd, jnp.dot(xd, self.lora_a[...].astype(x.dtype)), xd is not x)
+
+  def _combine(self, y, xd, xa, dropped: bool):
+    """The layer's output from the base output y and xa = dropout(x) @ A."""
+    del xd, dropped
+    return y + jnp.dot(xa * self.scaling, self.lora_b[...].astype(xa.dtype)).astype(y.dtype)
 
   @classmethod
   def project_many(cls, x, modules: Sequence["LoraLinear"], rng=None) -> list:
@@ -162,21 +179,63 @@ class LoraLinear(_Lora):
     rate = modules[active[0]].dropout_rate
     if rng is None and any(modules[i].dropout is not None for i in active):
       return [modules[i](x) if i in active else outs[i] for i in range(len(modules))]
+    xd = x
     if rate and rng is not None:
       if any(modules[i].dropout_rate != rate for i in active):
         raise FtjaxError("LoRA layers reading the same input must share lora_dropout")
       keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-      x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+      xd = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
     a_cat = jnp.concatenate([modules[i].lora_a[...] for i in active], axis=-1).astype(x.dtype)
-    xa = checkpoint_name(jnp.dot(x, a_cat), "adapter")
+    xa = checkpoint_name(jnp.dot(xd, a_cat), "adapter")
     splits = np.cumsum([modules[i].r for i in active])[:-1].tolist()
     for i, xa_i in zip(active, jnp.split(xa, splits, axis=-1)):
-      m = modules[i]
-      outs[i] = outs[i] + jnp.dot(xa_i * m.scaling, m.lora_b[...].astype(x.dtype)).astype(outs[i].dtype)
+      outs[i] = modules[i]._combine(outs[i], xd, xa_i, xd is not x)
     return outs
 
   def _delta(self):
     return self.scaling * jnp.matmul(self.lora_a[...], self.lora_b[...])
+
+
+class DoraLinear(LoraLinear):
+  """DoRA around an `nnx.Linear`: LoRA's A and B plus a magnitude per output feature."""
+
+  def __init__(self, base_layer: nnx.Linear, **kwargs):
+    super().__init__(base_layer, **kwargs)
+    kernel = base_layer.kernel
+    axes = _kernel_axes(kernel)
+    norm = jnp.linalg.norm(jnp.asarray(kernel[...], jnp.float32), axis=-2)
+    self.lora_magnitude = LoraParam(norm, **_adapter_axes(*axes[:-2], axes[-1]))
+
+  def _magnitude_scale(self):
+    """m / ||W + sAB|| per output feature (f32), the norm a constant to autodiff."""
+    weight = jnp.asarray(self.base_layer.kernel[...], jnp.float32) + self._delta()
+    return self.lora_magnitude[...] / jax.lax.stop_gradient(jnp.linalg.norm(weight, axis=-2))
+
+  def _combine(self, y, xd, xa, dropped: bool):
+    # HF PEFT's form: y + (m/||.|| - 1) · xW + (m/||.||) · s (xA) B, where xW is the base output
+    # without bias (recomputed from the dropped-out x when dropout is on).
+    if dropped:
+      base = jnp.dot(xd, self.base_layer.kernel[...].astype(xd.dtype))
+    else:
+      bias = self.base_layer.bias
+      base = y - bias[...].astype(y.dtype) if bias is not None else y
+    scale = self._magnitude_scale().astype(y.dtype)
+    lora = jnp.dot(xa, self.lora_b[...].astype(xa.dtype)) * self.scaling
+    return y + ((scale - 1) * base + scale * lora.astype(y.dtype))
+
+  def merge(self) -> nnx.Module:
+    kernel = self.base_layer.kernel
+    weight = jnp.asarray(kernel[...], jnp.float32) + self._delta()
+    merged = weight * (self.lora_magnitude[...] / jnp.linalg.norm(weight, axis=-2))[..., None, :]
+    kernel.set_value(merged.astype(kernel.dtype))
+    return self.base_layer
+
+  def peft_tensors(self) -> dict:
+    return {**super().peft_tensors(), "lora_magnitude_vector": self.lora_magnitude[...]}
+
+  def load_peft_tensors(self, tensors: dict) -> None:
+    super().load_peft_tensors(tensors)
+    self.lora_magnitude.set_value(jnp.asarray(tensors["lora_magnitude_vector"], jnp.float32))
 
 
 def _einsum_specs(einsum_str: str | None):
