@@ -19,39 +19,34 @@ from __future__ import annotations
 from flax import nnx
 
 from ftjax.errors import FtjaxError
-from ftjax.peft.core import (AdapterLayer, AdapterParam, adapter_layers, count_params,
-                             disable_adapters, find_targets, merge_and_unload,
-                             print_trainable_parameters, replace_module, unload)
+from ftjax.peft.core import (AdapterLayer, AdapterParam, PeftConfig, adapter_layers, count_params,
+                             disable_adapters, merge_and_unload, print_trainable_parameters, unload)
 from ftjax.peft.hf_format import adapter_state_dict, load_adapter, save_adapter
-from ftjax.peft.lora import (DEFAULT_TARGETS, DoraLinear, LoraConfig, LoraEinsum, LoraLinear,
-                              LoraParam)
+from ftjax.peft.ia3 import IA3Config, IA3Linear, IA3Param
+from ftjax.peft.lora import DoraLinear, LoraConfig, LoraEinsum, LoraLinear, LoraParam
 
-__all__ = ["AdapterLayer", "AdapterParam", "DoraLinear", "LoraConfig", "LoraEinsum", "LoraLinear", "LoraParam",
+# adapter_config.json's peft_type -> the config class that reads it
+CONFIG_TYPES = {c.peft_type: c for c in (LoraConfig, IA3Config)}
+
+__all__ = ["AdapterLayer", "AdapterParam", "DoraLinear", "IA3Config", "IA3Linear", "IA3Param",
+           "LoraConfig", "LoraEinsum", "LoraLinear", "LoraParam", "PeftConfig",
            "adapter_layers", "adapter_state_dict", "count_params", "disable_adapters",
            "get_peft_model", "load_adapter", "merge_and_unload", "print_trainable_parameters",
            "save_adapter", "unload"]
 
 
-def get_peft_model(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs | int = 0) -> nnx.Module:
+def get_peft_model(model: nnx.Module, config: PeftConfig, *, rngs: nnx.Rngs | int = 0) -> nnx.Module:
   """Attaches the adapter `config` describes to `model` in place and returns the model.
 
-  Every module `config.target_modules` selects is wrapped (LoRA: `nnx.Linear` and `nnx.Einsum`);
-  at init the model's outputs equal the base model's. `rngs` seeds the adapter's init (and, for
-  layers outside a layer stack, its dropout stream).
+  LoRA / DoRA wrap every `nnx.Linear` (LoRA also `nnx.Einsum`) that `config.target_modules`
+  selects, IA3 every `nnx.Linear`; at init the model's outputs equal the base model's. `rngs`
+  seeds the adapter's init (and, for layers outside a layer stack, LoRA's dropout stream).
   """
-  if not isinstance(config, LoraConfig):
-    raise FtjaxError(f"get_peft_model: unsupported config {type(config).__name__}; supported: LoraConfig")
+  if not isinstance(config, PeftConfig):
+    raise FtjaxError(f"get_peft_model: unsupported config {type(config).__name__}; supported: "
+                     f"{', '.join(c.__name__ for c in CONFIG_TYPES.values())}")
   if getattr(model, "peft_config", None) is not None or any(True for _ in adapter_layers(model)):
     raise FtjaxError("get_peft_model: the model already has an adapter; merge_and_unload it first")
-  targets = config.target_modules
-  if targets is None:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGETS:
-      raise FtjaxError("LoraConfig.target_modules is required for this model (a regex, a list of "
-                       "module names, or 'all-linear')")
-    targets = DEFAULT_TARGETS[model_type]
-  rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
-  for path, module in find_targets(model, targets, (nnx.Linear, nnx.Einsum), "LoRA"):
-    replace_module(model, path, config.wrap(module, rngs))
+  config.attach(model, nnx.Rngs(rngs) if isinstance(rngs, int) else rngs)
   model.peft_config = config
   return model

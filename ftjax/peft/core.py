@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Iterator, Sequence
+from typing import ClassVar, Iterator, Sequence
 
 import jax
 from flax import nnx
@@ -148,6 +148,61 @@ def adapter_layers(model: nnx.Module) -> Iterator[tuple[str, AdapterLayer]]:
   for path, module in nnx.iter_modules(model):
     if isinstance(module, AdapterLayer):
       yield _name(path), module
+
+
+# --- method configs ---------------------------------------------------------------------------
+
+class PeftConfig:
+  """What every method's config provides. Each is a frozen dataclass named and shaped as in HF
+  PEFT, with:
+
+    peft_type          "LORA", "IA3", ...: adapter_config.json's key
+    attach(model, rngs)   adds the adapter to `model` in place
+    to_peft(model)     the adapter_config.json dict for the attached adapter
+    from_peft(raw)     (classmethod) the config from an adapter_config.json dict
+  """
+
+  peft_type: ClassVar[str]
+
+
+class WrapperConfig(PeftConfig):
+  """A method that wraps each target layer in an AdapterLayer (LoRA, IA3). Subclasses define
+  `wrap(module, rngs, names) -> AdapterLayer`, `names` being the layer's torch-style names (one
+  per layer of a stack)."""
+
+  method: ClassVar[str]  # for messages: "LoRA"
+  supported: ClassVar[tuple[type, ...]]  # the layer types it wraps
+  default_targets: ClassVar[dict[str, tuple[str, ...]]]  # model_type -> HF PEFT's defaults
+
+  def targets(self, model: nnx.Module):
+    if self.target_modules is not None:
+      return self.target_modules
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in self.default_targets:
+      raise FtjaxError(f"{type(self).__name__}.target_modules is required for this model (a "
+                       "regex, a list of module names, or 'all-linear')")
+    return self.default_targets[model_type]
+
+  def attach(self, model: nnx.Module, rngs: nnx.Rngs) -> None:
+    stacks = stack_sizes(model)
+    for path, module in find_targets(model, self.targets(model), self.supported, self.method):
+      replace_module(model, path, self.wrap(module, rngs, torch_names(path, stacks)[0]))
+
+  def saved_targets(self, model: nnx.Module):
+    """target_modules as adapter_config.json records it: a regex stays a regex (it means the
+    same to PEFT, whose module names match ours); names and "all-linear" become the list of
+    wrapped names, as PEFT itself saves "all-linear"."""
+    if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+      return self.target_modules
+    return sorted({path.rsplit("/", 1)[-1] for path, _ in adapter_layers(model)})
+
+
+def refuse_unsupported(raw: dict, defaults: dict) -> None:
+  """adapter_config.json keys ftjax cannot honour yet: refuse when set, never load silently
+  a different adapter than the file describes."""
+  for key, default in defaults.items():
+    if raw.get(key) not in (default, None, {}, [], False):
+      raise FtjaxError(f"{key}={raw[key]!r} is not supported yet")
 
 
 # --- model-level operations -----------------------------------------------------------------

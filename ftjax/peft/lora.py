@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,14 +27,14 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from ftjax.errors import FtjaxError
-from ftjax.peft.core import AdapterLayer, AdapterParam
+from ftjax.peft.core import AdapterLayer, AdapterParam, WrapperConfig, refuse_unsupported
 
 # HF PEFT's default targets when `target_modules` is None, by model_type.
 DEFAULT_TARGETS = {t: ("q_proj", "v_proj") for t in ("llama", "mistral", "qwen2", "qwen3", "gemma")}
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraConfig:
+class LoraConfig(WrapperConfig):
   """HF PEFT's `LoraConfig`, same names and defaults, for the options ftjax implements.
 
   target_modules: a regex that must match a module's whole name, a list of names matched
@@ -42,6 +42,11 @@ class LoraConfig:
     output head). Names are torch-style: "model.layers.0.self_attn.q_proj".
   init_lora_weights: True (kaiming-uniform A, PEFT's default) or "gaussian" (A ~ N(0, 1/r)).
   """
+  peft_type: ClassVar[str] = "LORA"
+  method: ClassVar[str] = "LoRA"
+  supported: ClassVar[tuple] = (nnx.Linear, nnx.Einsum)
+  default_targets: ClassVar[dict] = DEFAULT_TARGETS
+
   r: int = 8
   lora_alpha: float = 8
   target_modules: str | tuple[str, ...] | None = None
@@ -69,7 +74,7 @@ class LoraConfig:
   def scaling(self) -> float:
     return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
-  def wrap(self, module: nnx.Module, rngs: nnx.Rngs) -> AdapterLayer:
+  def wrap(self, module: nnx.Module, rngs: nnx.Rngs, names=()) -> AdapterLayer:
     if isinstance(module, nnx.Linear):
       kind = DoraLinear if self.use_dora else LoraLinear
     elif self.use_dora:
@@ -79,6 +84,31 @@ class LoraConfig:
       kind = LoraEinsum
     return kind(module, r=self.r, scaling=self.scaling, dropout=self.lora_dropout,
                 init=self.init_lora_weights, rngs=rngs)
+
+  def to_peft(self, model: nnx.Module) -> dict:
+    return {
+        "peft_type": self.peft_type, "task_type": self.task_type, "r": self.r,
+        "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
+        "target_modules": self.saved_targets(model), "use_rslora": self.use_rslora,
+        "use_dora": self.use_dora, "bias": self.bias, "fan_in_fan_out": False,
+        "inference_mode": True, "modules_to_save": None, "init_lora_weights": self.init_lora_weights,
+        "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
+    }
+
+  @classmethod
+  def from_peft(cls, raw: dict) -> "LoraConfig":
+    refuse_unsupported(raw, {"modules_to_save": None, "layers_to_transform": None,
+                             "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False,
+                             "layers_pattern": None, "use_qalora": False})
+    targets = raw.get("target_modules")
+    if targets is None:
+      raise FtjaxError("missing key 'target_modules'")
+    return cls(r=int(raw["r"]), lora_alpha=raw.get("lora_alpha", 8),
+               target_modules=targets if isinstance(targets, str) else tuple(targets),
+               lora_dropout=float(raw.get("lora_dropout") or 0.0),
+               use_rslora=bool(raw.get("use_rslora")), use_dora=bool(raw.get("use_dora")),
+               init_lora_weights="gaussian" if raw.get("init_lora_weights") == "gaussian" else True,
+               bias=raw.get("bias") or "none", task_type=raw.get("task_type"))
 
 
 class LoraParam(AdapterParam):
