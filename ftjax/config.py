@@ -48,8 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora.rslora = False
   c.lora.init_a = "kaiming"
   c.lora.lr_ratio = 1.0  # LoRA+: lr(B) = ratio * lr(A)
-  # Extra trainable params: comma-separated regexes over param paths (e.g. "model/norm/scale").
-  c.extra_trainable = ""
+  # Whole modules trained beside the adapter and saved in it (HF PEFT's modules_to_save):
+  # comma-separated names matched as suffixes of module names, e.g. "lm_head,norm".
+  c.lora.modules_to_save = ""
 
   c.data = ml_collections.ConfigDict()
   c.data.train = ""  # JSONL path
@@ -147,9 +148,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
         "eval.generate needs data.eval")
 
 
+def names(text: str) -> tuple[str, ...]:
+  """"a, b" -> ("a", "b")."""
+  return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def lora_targets(c: ml_collections.ConfigDict):
   """"all-linear", a regex, or "q_proj,v_proj" (a list of names, matched as PEFT does)."""
   t = c.lora.targets
   if t == "all-linear" or "," not in t and any(ch in t for ch in "/.*[("):
     return t
-  return tuple(x.strip() for x in t.split(",") if x.strip())
+  return names(t)

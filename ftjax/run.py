@@ -64,6 +64,7 @@ def peft_config(config) -> peft.LoraConfig | None:
   return peft.LoraConfig(r=c.rank, lora_alpha=c.alpha, lora_dropout=c.dropout,
                          target_modules=config_lib.lora_targets(config), use_rslora=c.rslora,
                          init_lora_weights="gaussian" if c.init_a == "gaussian" else True,
+                         modules_to_save=config_lib.names(c.modules_to_save) or None,
                          task_type="CAUSAL_LM")
 
 
@@ -97,12 +98,8 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
   lora = peft_config(config)
   if lora is not None:
     model = peft.get_peft_model(model, lora, rngs=config.train.seed + 1)
-  extra = [p for p in config.extra_trainable.split(",") if p]
-  trainable_filter = step_lib.trainable_filter(peft.AdapterParam if lora else nnx.Param, extra)
-  graphdef, train_state, frozen_state, mutable_state = nnx.split(model, trainable_filter, nnx.Param, ...)
-  if not jax.tree.leaves(train_state):
-    raise FtjaxError(f"config: nothing to train: no param matches method={config.method!r} "
-                     f"and extra_trainable={config.extra_trainable!r}")
+  graphdef, train_state, frozen_state, mutable_state = nnx.split(
+      model, peft.AdapterParam if lora else nnx.Param, nnx.Param, ...)
 
   # --- data (validated before anything compiles) ---
   train_ds = eval_ds = None

@@ -24,8 +24,7 @@ non-finite update can never reach a checkpoint.
 from __future__ import annotations
 
 import functools
-import re
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -35,20 +34,6 @@ from flax import nnx
 from ftjax.models.params import Params
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
-
-
-def trainable_filter(kind: type = nnx.Param, patterns: Sequence[str] = ()):
-  """An nnx filter: Variables of type `kind`, plus params whose "a/b/c" path fully matches one of
-  the regexes (e.g. "model/norm/scale" to also train the final norm)."""
-  regexes = [re.compile(p) for p in patterns]
-
-  def select(path, var) -> bool:
-    if isinstance(var, kind):
-      return True
-    name = "/".join(str(p) for p in path)
-    return isinstance(var, nnx.Param) and any(r.fullmatch(name) for r in regexes)
-
-  return select
 
 
 def split_model(model: nnx.Module, trainable) -> tuple[nnx.GraphDef, Params, Params, Params]:

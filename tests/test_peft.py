@@ -79,6 +79,8 @@ def perturb(model):
   """Moves every adapter param off its init, so that the adapter changes the outputs."""
   for i, (_, layer) in enumerate(peft.adapter_layers(model)):
     key = jax.random.key(i)
+    if isinstance(layer, peft.ModulesToSave):
+      continue
     if isinstance(layer, peft.IA3Linear):
       layer.ia3_l.set_value(layer.ia3_l[...] * (1 + 0.2 * jax.random.normal(key, layer.ia3_l.shape)))
       continue
@@ -371,3 +373,51 @@ def test_readme_llm_recipe(tmp_path):
                  ours) < 1e-4
   merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
   assert rel_err(hf_logits(merged, tokens), ours) < 1e-4
+
+
+def test_modules_to_save_train_whole_modules_and_move_both_ways(hf_dir, tmp_path):
+  """LoRA on q_proj plus trainable copies of the LM head and every norm (PEFT's suffix rule:
+  "norm" also selects input_layernorm): counts and selection as in PEFT, the originals stay,
+  and the copies travel in the adapter file both ways."""
+  import transformers
+  from peft.utils import ModulesToSaveWrapper
+  config = dict(r=2, target_modules=["q_proj"], modules_to_save=["lm_head", "norm"])
+  model = peft.get_peft_model(ours(hf_dir), peft.LoraConfig(**config))
+  reference = hf_peft.get_peft_model(hf_model(hf_dir), hf_peft.LoraConfig(**config))
+  assert peft.count_params(model) == reference.get_nb_trainable_parameters()
+  saved = {path for path, layer in peft.adapter_layers(model) if isinstance(layer, peft.ModulesToSave)}
+  stacks = peft.core.stack_sizes(model)
+  assert {t for p in saved for t in peft.core.torch_names(p, stacks)[0]} == {
+      n.removeprefix("base_model.model.") for n, m in reference.named_modules()
+      if isinstance(m, ModulesToSaveWrapper)}
+
+  original_head = np.array(model.lm_head.base_layer.kernel[...])
+  trainable = nnx.state(model, peft.AdapterParam)
+  trainable["lm_head"]["trained"]["kernel"].set_value(trainable["lm_head"]["trained"]["kernel"][...] + 0.05)
+  trainable["model"]["norm"]["trained"]["scale"].set_value(trainable["model"]["norm"]["trained"]["scale"][...] * 1.5)
+  perturb(model)
+  np.testing.assert_array_equal(model.lm_head.base_layer.kernel[...], original_head)
+  adapted = np.asarray(model(jnp.asarray(TOKENS)))
+
+  peft.save_adapter(model, str(tmp_path / "ours"))
+  assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["modules_to_save"] == [
+      "lm_head", "norm"]
+  loaded = hf_peft.PeftModel.from_pretrained(hf_model(hf_dir), str(tmp_path / "ours")).eval()
+  assert rel_err(hf_logits(loaded), adapted) < 1e-4
+  with peft.disable_adapters(model):
+    np.testing.assert_array_equal(np.asarray(model(jnp.asarray(TOKENS))),
+                                  np.asarray(ours(hf_dir)(jnp.asarray(TOKENS))))
+  merged = peft.merge_and_unload(nnx.clone(model))
+  models.save_pretrained(merged, str(tmp_path / "merged"))
+  exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+  assert rel_err(hf_logits(exported), adapted) < 1e-5
+
+  # PEFT-written, with its copies moved: ftjax reads the same model.
+  with torch.no_grad():
+    for name, param in reference.named_parameters():
+      if param.requires_grad:
+        param.add_(0.05 * torch.randn_like(param))
+  reference.eval()
+  reference.save_pretrained(str(tmp_path / "theirs"))
+  again = peft.load_adapter(ours(hf_dir), str(tmp_path / "theirs"))
+  assert rel_err(again(jnp.asarray(TOKENS)), hf_logits(reference)) < 1e-4

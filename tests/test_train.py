@@ -110,7 +110,8 @@ def test_sharded_step_on_cpu_mesh_matches_single_device(model_dir, data_dir):
 @pytest.fixture(scope="module")
 def lora_run(model_dir, data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("lora_run"))
-  c = tiny_config(model_dir, data_dir, **{"export.merged": True})
+  # Norms trained whole beside LoRA (modules_to_save): they must reach both exports.
+  c = tiny_config(model_dir, data_dir, **{"export.merged": True, "lora.modules_to_save": "norm"})
   summary = train_lib.train(c, workdir)
   return c, workdir, summary, initial_eval_loss(c)
 
@@ -182,6 +183,13 @@ def test_merged_export_and_peft_adapter_match_ftjax(lora_run, model_dir):
   with_adapter = hf_peft.PeftModel.from_pretrained(base, os.path.join(workdir, "adapter")).eval()
   with torch.no_grad():
     assert rel_err(with_adapter(torch.tensor(tokens)).logits.numpy(), ours) < 1e-5
+  # The norms trained (modules_to_save) and travelled in the adapter file.
+  from safetensors.numpy import load_file
+  keys = load_file(os.path.join(workdir, "adapter", "adapter_model.safetensors"))
+  assert "base_model.model.model.norm.weight" in keys
+  assert "base_model.model.model.layers.1.post_attention_layernorm.weight" in keys
+  trained = state["trainable"]["model"]["norm"]["trained"]["scale"]
+  assert not np.array_equal(np.asarray(trained), np.asarray(run.frozen["model"]["norm"]["base_layer"]["scale"]))
 
 
 # --- bad input ---------------------------------------------------------------------------

@@ -234,12 +234,14 @@ class CausalLM(nnx.Module):
 
   def logits(self, hidden_btd):
     """Hidden states -> f32 logits [b, t, v]."""
-    if self.lm_head is None:  # tied
-      w = self.model.embed_tokens.embedding[...].T
-    elif isinstance(self.lm_head, nnx.Linear):
-      w = self.lm_head.kernel[...]
-    else:  # an adapter wraps the head
-      return self.lm_head(hidden_btd).astype(jnp.float32)
+    head = self.model.embed_tokens if self.lm_head is None else self.lm_head  # tied or not
+    if isinstance(head, nnx.Embed):
+      w = head.embedding[...].T
+    elif isinstance(head, nnx.Linear):
+      w = head.kernel[...]
+    else:  # an adapter wraps the head: its own call
+      out = head.attend(hidden_btd) if self.lm_head is None else head(hidden_btd)
+      return out.astype(jnp.float32)
     return jnp.dot(hidden_btd, w.astype(hidden_btd.dtype), preferred_element_type=jnp.float32)
 
   def __call__(self, tokens_bt, **kwargs):

@@ -19,8 +19,9 @@ from __future__ import annotations
 from flax import nnx
 
 from ftjax.errors import FtjaxError
-from ftjax.peft.core import (AdapterLayer, AdapterParam, PeftConfig, adapter_layers, count_params,
-                             disable_adapters, merge_and_unload, print_trainable_parameters, unload)
+from ftjax.peft.core import (AdapterLayer, AdapterParam, ModulesToSave, PeftConfig, SavedModuleParam,
+                             adapter_layers, count_params, disable_adapters, merge_and_unload,
+                             print_trainable_parameters, unload)
 from ftjax.peft.hf_format import adapter_state_dict, load_adapter, save_adapter
 from ftjax.peft.ia3 import IA3Config, IA3Linear, IA3Param
 from ftjax.peft.lora import DoraLinear, LoraConfig, LoraEinsum, LoraLinear, LoraParam
@@ -29,7 +30,8 @@ from ftjax.peft.lora import DoraLinear, LoraConfig, LoraEinsum, LoraLinear, Lora
 CONFIG_TYPES = {c.peft_type: c for c in (LoraConfig, IA3Config)}
 
 __all__ = ["AdapterLayer", "AdapterParam", "DoraLinear", "IA3Config", "IA3Linear", "IA3Param",
-           "LoraConfig", "LoraEinsum", "LoraLinear", "LoraParam", "PeftConfig",
+           "LoraConfig", "LoraEinsum", "LoraLinear", "LoraParam", "ModulesToSave", "PeftConfig",
+           "SavedModuleParam",
            "adapter_layers", "adapter_state_dict", "count_params", "disable_adapters",
            "get_peft_model", "load_adapter", "merge_and_unload", "print_trainable_parameters",
            "save_adapter", "unload"]

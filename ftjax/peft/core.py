@@ -24,6 +24,8 @@ import re
 from typing import ClassVar, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ftjax.errors import FtjaxError
@@ -45,6 +47,69 @@ class AdapterLayer(nnx.Module):
 
   base_layer: nnx.Module
   disabled: bool = False
+
+
+class SavedModuleParam(AdapterParam):
+  """A param of a module trained whole and saved with the adapter (`modules_to_save`)."""
+
+
+def retyped_copy(module: nnx.Module, kind: type) -> nnx.Module:
+  """A copy of `module` whose nnx.Params are of type `kind` (same values and metadata)."""
+  copy = nnx.clone(module)
+  for _, sub in nnx.iter_modules(copy):
+    for name, value in list(vars(sub).items()):
+      if isinstance(value, nnx.Param):
+        setattr(sub, name, kind(value.get_value(), **value.get_metadata()))
+  return copy
+
+
+def torch_param_name(path: Sequence) -> tuple[str, bool]:
+  """A param's name in torch, and whether its last two dims are transposed there: kernel ->
+  weight ([out, in]), norm scale and embedding table -> weight, bias -> bias."""
+  *parents, leaf = (str(p) for p in path)
+  name = "bias" if leaf == "bias" else "weight" if leaf in ("kernel", "scale", "embedding") else leaf
+  return ".".join([*parents, name]), leaf == "kernel"
+
+
+def torch_param_tensors(module: nnx.Module) -> dict:
+  """A module's params under torch's names and layout; a leading layer axis stays first."""
+  out = {}
+  for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+    name, transposed = torch_param_name(path)
+    out[name] = jnp.swapaxes(var.get_value(), -1, -2) if transposed else var.get_value()
+  return out
+
+
+class ModulesToSave(AdapterLayer):
+  """HF PEFT's `modules_to_save`: a trainable copy of a whole module (the LM head, norms, ...),
+  used instead of the original and saved with the adapter; the original stays untouched for
+  `disable_adapters` and `unload`."""
+
+  def __init__(self, base_layer: nnx.Module):
+    self.base_layer = base_layer
+    self.trained = retyped_copy(base_layer, SavedModuleParam)
+    self.disabled = False
+
+  def active(self) -> nnx.Module:
+    return self.base_layer if self.disabled else self.trained
+
+  def __call__(self, *args, **kwargs):
+    return self.active()(*args, **kwargs)
+
+  def attend(self, query):  # an embedding table that is also the output head
+    return self.active().attend(query)
+
+  def merge(self) -> nnx.Module:
+    return retyped_copy(self.trained, nnx.Param)
+
+  def peft_tensors(self) -> dict:
+    return torch_param_tensors(self.trained)
+
+  def load_peft_tensors(self, tensors: dict) -> None:
+    for path, var in nnx.to_flat_state(nnx.state(self.trained, nnx.Param)):
+      name, transposed = torch_param_name(path)
+      value = np.asarray(tensors[name])
+      var.set_value(jnp.asarray(np.swapaxes(value, -1, -2) if transposed else value, var.dtype))
 
 
 # --- module names and target matching -------------------------------------------------------
@@ -127,6 +192,28 @@ def find_targets(model: nnx.Module, target_modules, supported: tuple[type, ...],
   return found
 
 
+def find_modules_to_save(model: nnx.Module, names, taken: set[str]) -> list[tuple[str, nnx.Module]]:
+  """HF PEFT's rule for `modules_to_save`: a module whose name ends with one of `names`
+  (not necessarily at a dot: "norm" also selects "input_layernorm")."""
+  stacks = stack_sizes(model)
+  found = []
+  for path, module in nnx.iter_modules(model):
+    name = _name(path)
+    if not path or any(name == t or name.startswith(t + "/") for t in taken):
+      continue
+    keys, _ = torch_names(name, stacks)
+    hits = [any(k.endswith(n) for n in names) for k in keys]
+    if any(hits) and not all(hits):
+      raise FtjaxError(f"modules_to_save={list(names)} selects {name.replace('/', '.')} in some "
+                       "layers but not all; the layers are stacked and share one shape")
+    if all(hits):
+      found.append((name, module))
+  if not found:
+    raise FtjaxError(f"modules_to_save={list(names)} match no module")
+  # The outermost of nested matches: a selected module is trained whole.
+  return [(n, m) for n, m in found if not any(n.startswith(o + "/") for o, _ in found)]
+
+
 def get_module(model: nnx.Module, path: str) -> nnx.Module:
   node = model
   for key in path.split("/"):
@@ -185,8 +272,11 @@ class WrapperConfig(PeftConfig):
 
   def attach(self, model: nnx.Module, rngs: nnx.Rngs) -> None:
     stacks = stack_sizes(model)
+    wrapped = set()
     for path, module in find_targets(model, self.targets(model), self.supported, self.method):
       replace_module(model, path, self.wrap(module, rngs, torch_names(path, stacks)[0]))
+      wrapped.add(path)
+    attach_modules_to_save(model, self.modules_to_save, wrapped)
 
   def saved_targets(self, model: nnx.Module):
     """target_modules as adapter_config.json records it: a regex stays a regex (it means the
@@ -194,7 +284,25 @@ class WrapperConfig(PeftConfig):
     wrapped names, as PEFT itself saves "all-linear"."""
     if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
       return self.target_modules
-    return sorted({path.rsplit("/", 1)[-1] for path, _ in adapter_layers(model)})
+    return sorted({path.rsplit("/", 1)[-1] for path, layer in adapter_layers(model)
+                   if not isinstance(layer, ModulesToSave)})
+
+
+def attach_modules_to_save(model: nnx.Module, names, wrapped: set[str]) -> None:
+  """Wraps every module `names` selects (see find_modules_to_save) in a ModulesToSave."""
+  if names:
+    for path, module in find_modules_to_save(model, names, wrapped):
+      replace_module(model, path, ModulesToSave(module))
+
+
+def as_list(names):
+  """A config's tuple of names as adapter_config.json writes it (None stays None)."""
+  return None if names is None else list(names)
+
+
+def as_tuple(names):
+  """adapter_config.json's names (a list, a regex string, or null) as a config holds them."""
+  return names if isinstance(names, str) or names is None else tuple(names)
 
 
 def refuse_unsupported(raw: dict, defaults: dict) -> None:

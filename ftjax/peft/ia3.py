@@ -17,8 +17,9 @@ import numpy as np
 from flax import nnx
 
 from ftjax.errors import FtjaxError
-from ftjax.peft.core import (AdapterLayer, AdapterParam, WrapperConfig, find_targets,
-                             refuse_unsupported, replace_module, stack_sizes, torch_names)
+from ftjax.peft.core import (AdapterLayer, AdapterParam, WrapperConfig, as_list, as_tuple,
+                             attach_modules_to_save, find_targets, refuse_unsupported,
+                             replace_module, stack_sizes, torch_names)
 
 # HF PEFT's defaults by model_type: (target_modules, feedforward_modules).
 DEFAULT_TARGETS = {"llama": ("k_proj", "v_proj", "down_proj"), "mistral": ("k_proj", "v_proj", "down_proj"),
@@ -39,10 +40,11 @@ class IA3Config(WrapperConfig):
   target_modules: str | tuple[str, ...] | None = None
   feedforward_modules: str | tuple[str, ...] | None = None
   init_ia3_weights: bool = True
+  modules_to_save: tuple[str, ...] | None = None
   task_type: str | None = None
 
   def __post_init__(self):
-    for key in ("target_modules", "feedforward_modules"):
+    for key in ("target_modules", "feedforward_modules", "modules_to_save"):
       value = getattr(self, key)
       if isinstance(value, (list, set)):
         object.__setattr__(self, key, tuple(sorted(value)))
@@ -67,6 +69,7 @@ class IA3Config(WrapperConfig):
     del rngs  # IA3 starts at ones: nothing random
     ff = self.feedforward(model)
     stacks = stack_sizes(model)
+    wrapped = set()
     for path, module in find_targets(model, self.targets(model), self.supported, self.method):
       names, _ = torch_names(path, stacks)
       # HF PEFT's rule: a regex fully matches the name, or the name ends with a listed one.
@@ -76,6 +79,8 @@ class IA3Config(WrapperConfig):
         raise FtjaxError(f"IA3Config: feedforward_modules selects {names[0]} in some layers but "
                          "not all; the layers are stacked and share one adapter shape")
       replace_module(model, path, IA3Linear(module, feedforward=hits.pop()))
+      wrapped.add(path)
+    attach_modules_to_save(model, self.modules_to_save, wrapped)
 
   def to_peft(self, model: nnx.Module) -> dict:
     ff = self.feedforward(model)
@@ -83,17 +88,17 @@ class IA3Config(WrapperConfig):
             "target_modules": self.saved_targets(model),
             "feedforward_modules": ff if isinstance(ff, str) else sorted(ff),
             "init_ia3_weights": True, "fan_in_fan_out": False, "inference_mode": True,
-            "modules_to_save": None}
+            "modules_to_save": as_list(self.modules_to_save)}
 
   @classmethod
   def from_peft(cls, raw: dict) -> "IA3Config":
-    refuse_unsupported(raw, {"modules_to_save": None, "fan_in_fan_out": False,
+    refuse_unsupported(raw, {"fan_in_fan_out": False,
                              "exclude_modules": None})
-    targets, ff = raw.get("target_modules"), raw.get("feedforward_modules")
-    if targets is None or ff is None:
+    if raw.get("target_modules") is None or raw.get("feedforward_modules") is None:
       raise FtjaxError("missing key 'target_modules' or 'feedforward_modules'")
-    as_config = lambda v: v if isinstance(v, str) else tuple(v)
-    return cls(target_modules=as_config(targets), feedforward_modules=as_config(ff),
+    return cls(target_modules=as_tuple(raw["target_modules"]),
+               feedforward_modules=as_tuple(raw["feedforward_modules"]),
+               modules_to_save=as_tuple(raw.get("modules_to_save") or None),
                task_type=raw.get("task_type"))
 
 

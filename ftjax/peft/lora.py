@@ -27,7 +27,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from ftjax.errors import FtjaxError
-from ftjax.peft.core import AdapterLayer, AdapterParam, WrapperConfig, refuse_unsupported
+from ftjax.peft.core import (AdapterLayer, AdapterParam, WrapperConfig, as_list, as_tuple,
+                             refuse_unsupported)
 
 # HF PEFT's default targets when `target_modules` is None, by model_type.
 DEFAULT_TARGETS = {t: ("q_proj", "v_proj") for t in ("llama", "mistral", "qwen2", "qwen3", "gemma")}
@@ -54,12 +55,14 @@ class LoraConfig(WrapperConfig):
   use_rslora: bool = False
   init_lora_weights: bool | str = True
   use_dora: bool = False
+  modules_to_save: tuple[str, ...] | None = None
   bias: str = "none"
   task_type: str | None = None
 
   def __post_init__(self):
-    if isinstance(self.target_modules, (list, set)):
-      object.__setattr__(self, "target_modules", tuple(sorted(self.target_modules)))
+    for key in ("target_modules", "modules_to_save"):
+      if isinstance(getattr(self, key), (list, set)):
+        object.__setattr__(self, key, tuple(sorted(getattr(self, key))))
     if not (isinstance(self.r, int) and self.r > 0):
       raise FtjaxError(f"LoraConfig: r={self.r!r}; expected a positive integer")
     if not 0.0 <= self.lora_dropout < 1.0:
@@ -91,23 +94,24 @@ class LoraConfig(WrapperConfig):
         "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
         "target_modules": self.saved_targets(model), "use_rslora": self.use_rslora,
         "use_dora": self.use_dora, "bias": self.bias, "fan_in_fan_out": False,
-        "inference_mode": True, "modules_to_save": None, "init_lora_weights": self.init_lora_weights,
+        "inference_mode": True, "modules_to_save": as_list(self.modules_to_save),
+        "init_lora_weights": self.init_lora_weights,
         "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
     }
 
   @classmethod
   def from_peft(cls, raw: dict) -> "LoraConfig":
-    refuse_unsupported(raw, {"modules_to_save": None, "layers_to_transform": None,
+    refuse_unsupported(raw, {"layers_to_transform": None,
                              "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False,
                              "layers_pattern": None, "use_qalora": False})
-    targets = raw.get("target_modules")
-    if targets is None:
+    if raw.get("target_modules") is None:
       raise FtjaxError("missing key 'target_modules'")
     return cls(r=int(raw["r"]), lora_alpha=raw.get("lora_alpha", 8),
-               target_modules=targets if isinstance(targets, str) else tuple(targets),
+               target_modules=as_tuple(raw["target_modules"]),
                lora_dropout=float(raw.get("lora_dropout") or 0.0),
                use_rslora=bool(raw.get("use_rslora")), use_dora=bool(raw.get("use_dora")),
                init_lora_weights="gaussian" if raw.get("init_lora_weights") == "gaussian" else True,
+               modules_to_save=as_tuple(raw.get("modules_to_save") or None),
                bias=raw.get("bias") or "none", task_type=raw.get("task_type"))
 
 
