@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from ftjax.errors import FtjaxError, cli_errors, setup_logging
-from ftjax.models import CausalLM, init_cache
+from ftjax.models import CausalLM
 from ftjax.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,12 @@ def _prefill(graphdef, state, tokens, mask, cache, index):
   # Only the last position's logits are needed: the vocab head over every prompt token would
   # cost as much as a fifth of the prefill and [b, t, vocab] floats of memory.
   return model.logits(hidden[:, -1]), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "batch", "length"))
+def _new_cache(graphdef, state, batch, length):
+  """The model's KV cache for `length` tokens (with any virtual tokens of an adapter in it)."""
+  return nnx.merge(graphdef, state).init_cache(batch, length)
 
 
 @jax.jit
@@ -119,14 +125,14 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], max_new_tokens: int 
                 total, cfg.max_position_embeddings)
   graphdef, state = nnx.split(model)  # once, not on every token
   state = jax.tree.map(jnp.asarray, state)
-  cache = init_cache(cfg, b, total, model.dtype)
+  cache = _new_cache(graphdef, state, b, total)
   key = jax.random.key(seed)
   temp = jnp.float32(temperature)
 
   if shared:
     prefix = jnp.asarray(prompts[0][:shared], jnp.int32)[None]
     _, prefix_cache = _prefill(graphdef, state, prefix, jnp.ones_like(prefix),
-                               init_cache(cfg, 1, shared, model.dtype), jnp.int32(0))
+                               _new_cache(graphdef, state, 1, shared), jnp.int32(0))
     cache = _tile_prefix(cache, prefix_cache)
   logits, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), cache,
                            jnp.int32(shared))

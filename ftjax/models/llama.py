@@ -104,7 +104,7 @@ class Attention(nnx.Module):
       k_index = jnp.arange(k_all.shape[1])
       new_cache = {"k": k_all, "v": v_all, "segment": k_segment}
     mask = ops.attention_mask(ctx["q_index"], k_index, ctx["segment_ids"], k_segment,
-                              cfg.sliding_window)
+                              cfg.sliding_window, shared=ctx["shared"])
     out = ops.attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, cfg.head_scale())
     (out,) = ops.project(out.reshape(b, t, cfg.q_size), [self.o_proj], rngs[1])
     return out, new_cache
@@ -146,10 +146,22 @@ class DecoderLayer(nnx.Module):
 
 
 class Decoder(nnx.Module):
-  """Embedding, the stacked layers run by one scan, and the final norm."""
+  """Embedding, the stacked layers run by one scan, and the final norm.
+
+  Two slots let an adapter add *virtual tokens* from outside (ftjax.peft's prompt and prefix
+  tuning); both are None on a plain model:
+    prompt: a module; prompt() -> [n, d] embeddings of n tokens put before every row
+    prefix: a module; prefix() -> [l, 2, n, k, h] keys and values of n tokens in every layer
+  Each has `num_virtual_tokens` (0 while switched off). Virtual tokens take positions 0..n-1,
+  the real tokens start at position n (as in HF PEFT), and every token of every packed segment
+  may attend to them. Outputs never include them: hidden states stay aligned with the input.
+  With a KV cache they live in its first n slots (`CausalLM.init_cache`), and `cache_index`
+  counts real tokens only.
+  """
 
   # Attributes holding a vmapped stack of layers: per-layer names (HF, PEFT) index into them.
   stacked_modules = ("layers",)
+  virtual_token_slots = ("prompt", "prefix")
 
   def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, init_std, rngs):
     self.embed_tokens = nnx.Embed(
@@ -165,25 +177,60 @@ class Decoder(nnx.Module):
     self.layers = make_layers(rngs)
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, offset=cfg.norm_offset,
                         param_dtype=param_dtype)
+    self.prompt = nnx.data(None)  # data, not static: an adapter fills them later
+    self.prefix = nnx.data(None)
     self.config = cfg
     self.dtype = dtype
+
+  @property
+  def num_virtual_tokens(self) -> int:
+    return sum(getattr(self, name).num_virtual_tokens for name in self.virtual_token_slots
+               if getattr(self, name) is not None)
+
+  def _virtual(self, name):
+    hook = getattr(self, name)
+    return hook if hook is not None and hook.num_virtual_tokens else None
+
+  def _embed(self, x_btd):
+    x_btd = x_btd.astype(self.dtype)
+    if self.config.embed_scale:  # gemma: the normaliser is rounded to the compute dtype first, as in HF
+      x_btd = x_btd * jnp.asarray(math.sqrt(self.config.hidden_size), self.dtype)
+    return x_btd
 
   def __call__(self, tokens_bt, *, positions=None, segment_ids=None, cache=None, cache_index=0,
                remat: str = "none", unroll: int | bool = 1, rng=None):
     """Token ids -> final hidden states [b, t, d] (after the final norm); see CausalLM."""
-    cfg = self.config
     b, t = tokens_bt.shape
-    q_index = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
+    n = self.num_virtual_tokens
+    positions = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t)) if positions is None else positions
+    segment_ids = (jnp.ones((b, t), jnp.int32) if segment_ids is None
+                   else segment_ids.astype(jnp.int32))
+    x = self.embed_tokens(tokens_bt)
+    prompt, prefix = self._virtual("prompt"), self._virtual("prefix")
+    if n and cache is not None:  # virtual tokens are already in the cache's first n slots
+      return self._run(x, positions + n, segment_ids, cache, cache_index + n, remat, unroll, rng)
+    if prompt is not None:  # put the virtual tokens first; drop them from the output
+      x = jnp.concatenate([jnp.broadcast_to(prompt()[None].astype(x.dtype), (b, n, x.shape[-1])), x], 1)
+      positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(n), (b, n)), positions + n], 1)
+      segment_ids = jnp.concatenate([jnp.full((b, n), ops.SHARED_SEGMENT, jnp.int32), segment_ids], 1)
+      return self._run(x, positions, segment_ids, None, 0, remat, unroll, rng)[:, n:]
+    if prefix is not None:  # the prefix as a prefilled cache, dropped after the pass
+      cache = self.init_cache(b, t, self.dtype)
+      hidden, _ = self._run(x, positions + n, segment_ids, cache, n, remat, unroll, rng)
+      return hidden
+    return self._run(x, positions, segment_ids, cache, cache_index, remat, unroll, rng)
+
+  def _run(self, x_btd, positions, segment_ids, cache, cache_index, remat, unroll, rng):
+    """Embeddings -> final hidden states (and the new cache when one is given)."""
+    cfg = self.config
+    b, t, _ = x_btd.shape
     ctx = {
-        "positions": q_index if positions is None else positions,
-        "segment_ids": (jnp.ones((b, t), jnp.int32) if segment_ids is None
-                        else segment_ids.astype(jnp.int32)),
-        "q_index": q_index, "cache_index": cache_index,
+        "positions": positions, "segment_ids": segment_ids, "cache_index": cache_index,
+        "q_index": jnp.broadcast_to(cache_index + jnp.arange(t), (b, t)),
         "inv_freq": ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling)),
+        "shared": self.num_virtual_tokens > 0,
     }
-    x = self.embed_tokens(tokens_bt).astype(self.dtype)
-    if cfg.embed_scale:  # gemma: the normaliser is rounded to the compute dtype first, as in HF
-      x = x * jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
+    x = self._embed(x_btd)
 
     # Split once; the scan body merges one layer's slice of the stacked state.
     graphdef, stacked = nnx.split(self.layers)
@@ -199,6 +246,25 @@ class Decoder(nnx.Module):
     x, new_cache = jax.lax.scan(body, x, (stacked, cache, layer_rngs), unroll=unroll)
     x = self.norm(x)
     return x if cache is None else (x, new_cache)
+
+  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict[str, Any]:
+    """An empty KV cache for `max_len` real tokens, its first slots holding the virtual tokens."""
+    cfg, n = self.config, self.num_virtual_tokens
+    cache = init_cache(cfg, batch, n + max_len, dtype)
+    if not n:
+      return cache
+    segment = cache["segment"].at[:, :, :n].set(ops.SHARED_SEGMENT)
+    prefix = self._virtual("prefix")
+    if prefix is not None:  # [l, 2, n, k, h] -> the first n slots of every row
+      kv = prefix().astype(dtype)[:, :, None]
+      return {"k": cache["k"].at[:, :, :n].set(kv[:, 0]), "v": cache["v"].at[:, :, :n].set(kv[:, 1]),
+              "segment": segment}
+    # prompt: the virtual tokens' keys and values, computed once by running them alone
+    x = jnp.broadcast_to(self.prompt()[None], (batch, n, cfg.hidden_size))
+    positions = jnp.broadcast_to(jnp.arange(n), (batch, n))
+    _, cache = self._run(x, positions, jnp.full((batch, n), ops.SHARED_SEGMENT, jnp.int32),
+                         dict(cache, segment=segment), 0, "none", 1, None)
+    return cache
 
 
 class CausalLM(nnx.Module):
@@ -232,6 +298,14 @@ class CausalLM(nnx.Module):
     """
     return self.model(tokens_bt, **kwargs)
 
+  @property
+  def num_virtual_tokens(self) -> int:
+    return self.model.num_virtual_tokens
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> dict[str, Any]:
+    """A KV cache for `max_len` tokens (plus any virtual tokens an adapter adds, already in it)."""
+    return self.model.init_cache(batch, max_len, dtype or self.dtype)
+
   def logits(self, hidden_btd):
     """Hidden states -> f32 logits [b, t, v]."""
     head = self.model.embed_tokens if self.lm_head is None else self.lm_head  # tied or not
@@ -252,6 +326,7 @@ class CausalLM(nnx.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict[str, Any]:
+  """An empty KV cache of `max_len` slots (CausalLM.init_cache adds an adapter's virtual tokens)."""
   shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
           "segment": jnp.zeros((cfg.num_layers, batch, max_len), jnp.int32)}

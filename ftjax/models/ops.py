@@ -65,10 +65,20 @@ def apply_rope(x_btnh, positions_bt, inv_freq):
   return out.astype(x_btnh.dtype)
 
 
-def attention_mask(q_index_bt, k_index_s, q_segment_bt, k_segment_bs, sliding_window=None):
-  """[b, 1, t, s] bool: causal by index, same segment (packing), key not padding (segment 0)."""
+SHARED_SEGMENT = -1  # virtual tokens (prompt / prefix tuning): every segment may attend to them
+
+
+def attention_mask(q_index_bt, k_index_s, q_segment_bt, k_segment_bs, sliding_window=None,
+                   shared: bool = False):
+  """[b, 1, t, s] bool: causal by index, same segment (packing), key not padding (segment 0).
+
+  shared: keys of SHARED_SEGMENT are visible to every query of every segment (causally).
+  """
   mask = k_index_s[None, None, :] <= q_index_bt[:, :, None]
-  mask &= q_segment_bt[:, :, None] == k_segment_bs[:, None, :]
+  same = q_segment_bt[:, :, None] == k_segment_bs[:, None, :]
+  if shared:
+    same |= (k_segment_bs == SHARED_SEGMENT)[:, None, :]
+  mask &= same
   mask &= (k_segment_bs != 0)[:, None, :]
   if sliding_window:
     mask &= k_index_s[None, None, :] > q_index_bt[:, :, None] - sliding_window

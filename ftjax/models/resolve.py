@@ -174,6 +174,26 @@ def _load_gguf(path: str, dtype):
   return cfg, params, load_tokenizer(path)
 
 
+def _local_path(name_or_path: str) -> str:
+  """The local file or folder a model reference names (fetching a built-in or Hub model)."""
+  key = name_or_path.lower()
+  if key in BUILTIN_MODELS and not os.path.exists(name_or_path):
+    return builtin_path(key)
+  path = os.path.expanduser(name_or_path)
+  if os.path.exists(path):
+    return path
+  if _HUB_ID.match(name_or_path) and not name_or_path.endswith(".gguf"):
+    return _hub_snapshot(name_or_path)
+  raise FtjaxError(f"{name_or_path}: no such file or directory (nor a built-in model: "
+                   f"{', '.join(BUILTIN_MODELS)})")
+
+
+def tokenizer_for(name_or_path: str):
+  """The tokenizer of a model reference (as `resolve_model` accepts), without its weights."""
+  from ftjax.tokenizer import load_tokenizer
+  return load_tokenizer(_local_path(name_or_path))
+
+
 def resolve_model(name_or_path: str, dtype=np.float32):
   """Model name, file, folder or Hub id -> (ModelConfig, params (numpy), Tokenizer)."""
   key = name_or_path.lower()

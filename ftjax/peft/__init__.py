@@ -25,13 +25,17 @@ from ftjax.peft.core import (AdapterLayer, AdapterParam, ModulesToSave, PeftConf
 from ftjax.peft.hf_format import adapter_state_dict, load_adapter, save_adapter
 from ftjax.peft.ia3 import IA3Config, IA3Linear, IA3Param
 from ftjax.peft.lora import DoraLinear, LoraConfig, LoraEinsum, LoraLinear, LoraParam
+from ftjax.peft.prompt import (PrefixEncoder, PrefixTuningConfig, PromptEmbedding, PromptParam,
+                               PromptTuningConfig)
 
 # adapter_config.json's peft_type -> the config class that reads it
-CONFIG_TYPES = {c.peft_type: c for c in (LoraConfig, IA3Config)}
+CONFIG_TYPES = {c.peft_type: c for c in (LoraConfig, IA3Config, PromptTuningConfig,
+                                         PrefixTuningConfig)}
 
 __all__ = ["AdapterLayer", "AdapterParam", "DoraLinear", "IA3Config", "IA3Linear", "IA3Param",
            "LoraConfig", "LoraEinsum", "LoraLinear", "LoraParam", "ModulesToSave", "PeftConfig",
-           "SavedModuleParam",
+           "PrefixEncoder", "PrefixTuningConfig", "PromptEmbedding", "PromptParam",
+           "PromptTuningConfig", "SavedModuleParam",
            "adapter_layers", "adapter_state_dict", "count_params", "disable_adapters",
            "get_peft_model", "load_adapter", "merge_and_unload", "print_trainable_parameters",
            "save_adapter", "unload"]

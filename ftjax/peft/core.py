@@ -47,6 +47,8 @@ class AdapterLayer(nnx.Module):
 
   base_layer: nnx.Module
   disabled: bool = False
+  mergeable: ClassVar[bool] = True  # False: merge_and_unload refuses (prompt / prefix tuning)
+  peft_prefixed: ClassVar[bool] = True  # False: PEFT keys are the bare tensor names
 
 
 class SavedModuleParam(AdapterParam):
@@ -332,8 +334,15 @@ def print_trainable_parameters(model: nnx.Module, trainable=AdapterParam) -> tup
 
 def merge_and_unload(model: nnx.Module) -> nnx.Module:
   """Folds every adapter into its base layer and removes the wrappers (in place); returns the
-  model, now a plain model of its original structure (e.g. for `ftjax.models.save_pretrained`)."""
-  for path, layer in list(adapter_layers(model)):
+  model, now a plain model of its original structure (e.g. for `ftjax.models.save_pretrained`).
+  Refused, before anything changes, when an attached method has no weights to merge into."""
+  layers = list(adapter_layers(model))
+  for path, layer in layers:
+    if not layer.mergeable:
+      raise FtjaxError(f"merge_and_unload: {type(layer).__name__} at {path.replace('/', '.')} adds "
+                       "virtual tokens, which no base weight can absorb; keep the adapter (or "
+                       "ftjax.peft.unload to drop it)")
+  for path, layer in layers:
     replace_module(model, path, layer.merge())
   if hasattr(model, "peft_config"):
     del model.peft_config

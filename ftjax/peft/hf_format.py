@@ -35,9 +35,16 @@ def adapter_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     names, stacked = torch_names(path, stacks)
     for suffix, value in jax.device_get(layer.peft_tensors()).items():
       value = np.asarray(value, np.float32)
-      for name, tensor in zip(names, value if stacked else [value]):
-        out[f"{PREFIX}{name}.{suffix}"] = np.ascontiguousarray(tensor)
+      for key, tensor in zip(_keys(layer, names, suffix), value if stacked else [value]):
+        out[key] = np.ascontiguousarray(tensor)
   return out
+
+
+def _keys(layer, names: list[str], suffix: str) -> list[str]:
+  """The file's keys of one adapter tensor, one per layer of a stack."""
+  if not layer.peft_prefixed:  # prompt / prefix tuning: the bare name
+    return [suffix]
+  return [f"{PREFIX}{name}.{suffix}" for name in names]
 
 
 def save_adapter(model: nnx.Module, out_dir: str, base_model_name_or_path: str | None = None) -> None:
@@ -90,8 +97,7 @@ def load_adapter(base_model: nnx.Module, adapter_dir: str, *, rngs=0) -> nnx.Mod
       for suffix, expected in layer.peft_tensors().items():
         want = expected.shape[1:] if stacked else expected.shape
         arrays = []
-        for name in names:
-          key = f"{PREFIX}{name}.{suffix}"
+        for key in _keys(layer, names, suffix):
           if key not in available:
             raise FtjaxError(f"{weights}: missing tensor {key!r} (expected shape {want})")
           arrays.append(f.get_tensor(key))
