@@ -19,6 +19,7 @@ from __future__ import annotations
 from flax import nnx
 
 from ftjax.errors import FtjaxError
+from ftjax.peft.bottleneck import BottleneckAdapterConfig, BottleneckLinear, BottleneckParam
 from ftjax.peft.core import (AdapterLayer, AdapterParam, ModulesToSave, PeftConfig, SavedModuleParam,
                              adapter_layers, count_params, disable_adapters, merge_and_unload,
                              print_trainable_parameters, unload)
@@ -30,9 +31,10 @@ from ftjax.peft.prompt import (PrefixEncoder, PrefixTuningConfig, PromptEmbeddin
 
 # adapter_config.json's peft_type -> the config class that reads it
 CONFIG_TYPES = {c.peft_type: c for c in (LoraConfig, IA3Config, PromptTuningConfig,
-                                         PrefixTuningConfig)}
+                                         PrefixTuningConfig, BottleneckAdapterConfig)}
 
-__all__ = ["AdapterLayer", "AdapterParam", "DoraLinear", "IA3Config", "IA3Linear", "IA3Param",
+__all__ = ["AdapterLayer", "AdapterParam", "BottleneckAdapterConfig", "BottleneckLinear",
+           "BottleneckParam", "DoraLinear", "IA3Config", "IA3Linear", "IA3Param",
            "LoraConfig", "LoraEinsum", "LoraLinear", "LoraParam", "ModulesToSave", "PeftConfig",
            "PrefixEncoder", "PrefixTuningConfig", "PromptEmbedding", "PromptParam",
            "PromptTuningConfig", "SavedModuleParam",

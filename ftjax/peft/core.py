@@ -339,9 +339,10 @@ def merge_and_unload(model: nnx.Module) -> nnx.Module:
   layers = list(adapter_layers(model))
   for path, layer in layers:
     if not layer.mergeable:
-      raise FtjaxError(f"merge_and_unload: {type(layer).__name__} at {path.replace('/', '.')} adds "
-                       "virtual tokens, which no base weight can absorb; keep the adapter (or "
-                       "ftjax.peft.unload to drop it)")
+      raise FtjaxError(f"merge_and_unload: {type(layer).__name__} at {path.replace('/', '.')} "
+                       "cannot be folded into the base weights (virtual tokens and non-linear "
+                       "adapters have no merged form); keep the adapter, or ftjax.peft.unload to "
+                       "drop it")
   for path, layer in layers:
     replace_module(model, path, layer.merge())
   if hasattr(model, "peft_config"):

@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 
 from ftjax.errors import FtjaxError
 from ftjax.files import atomic_dir, read_json
-from ftjax.peft.core import PeftConfig, adapter_layers, stack_sizes, torch_names
+from ftjax.peft.core import PeftConfig, adapter_layers, stack_sizes, torch_names, unload
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -84,6 +84,15 @@ def load_adapter(base_model: nnx.Module, adapter_dir: str, *, rngs=0) -> nnx.Mod
   from ftjax.peft import get_peft_model
   config = read_config(adapter_dir)
   model = get_peft_model(base_model, config, rngs=rngs)
+  try:
+    _load_tensors(model, adapter_dir)
+  except BaseException:
+    unload(model)  # a failed load leaves the base model as it was
+    raise
+  return model
+
+
+def _load_tensors(model: nnx.Module, adapter_dir: str) -> None:
   weights = os.path.join(adapter_dir, WEIGHTS_FILE)
   if not os.path.isfile(weights):
     raise FtjaxError(f"{weights}: no such file")
@@ -111,4 +120,3 @@ def load_adapter(base_model: nnx.Module, adapter_dir: str, *, rngs=0) -> nnx.Mod
   if unused:
     raise FtjaxError(f"{weights}: tensor {unused[0]!r} matches no adapted module of this model"
                      + (f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""))
-  return model

@@ -78,6 +78,11 @@ class LoraConfig(WrapperConfig):
     return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
   def wrap(self, module: nnx.Module, rngs: nnx.Rngs, names=()) -> AdapterLayer:
+    *_, d_in, d_out = module.kernel.shape
+    if isinstance(module, nnx.Linear) and self.r > min(d_in, d_out):
+      raise FtjaxError(f"LoraConfig: r={self.r} is larger than the layer "
+                       f"{names[0] if names else type(module).__name__} ({d_in} -> {d_out}): a "
+                       "rank above min(in, out) adds parameters but no expressiveness")
     if isinstance(module, nnx.Linear):
       kind = DoraLinear if self.use_dora else LoraLinear
     elif self.use_dora:
