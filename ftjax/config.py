@@ -13,7 +13,9 @@ import ml_collections
 from ftjax.errors import FtjaxError
 from ftjax.models.ops import REMAT_POLICIES
 
-METHODS = ("lora", "full")
+# PEFT methods (each with its block below) and full fine-tuning.
+METHODS = ("lora", "ia3", "prompt", "prefix", "adapter", "full")
+MERGEABLE = ("lora", "ia3", "full")  # an adapter that folds into the weights (export.merged)
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LENGTH_POLICIES = ("truncate", "drop", "error")
@@ -39,18 +41,40 @@ def base_config() -> ml_collections.ConfigDict:
   # Shrink the loaded model for tests ("runlocal"): 0 keeps it as is.
   c.model.num_layers = 0
 
-  c.method = "lora"
-  c.lora = ml_collections.ConfigDict()
+  c.method = "lora"  # lora | ia3 | prompt | prefix | adapter | full
+  # Whole modules trained beside a lora / ia3 / adapter method and saved with it (HF PEFT's
+  # modules_to_save): comma-separated names matched as suffixes of module names, e.g. "lm_head,norm".
+  c.modules_to_save = ""
+
+  c.lora = ml_collections.ConfigDict()  # LoRA, rsLoRA, DoRA, LoRA+
   c.lora.rank = 8
   c.lora.alpha = 8.0
   c.lora.dropout = 0.0
-  c.lora.targets = "all-linear"  # regex over module paths, or a comma-separated list of names
+  c.lora.targets = "all-linear"  # regex over module names, or a comma-separated list of names
   c.lora.rslora = False
-  c.lora.init_a = "kaiming"
-  c.lora.lr_ratio = 1.0  # LoRA+: lr(B) = ratio * lr(A)
-  # Whole modules trained beside the adapter and saved in it (HF PEFT's modules_to_save):
-  # comma-separated names matched as suffixes of module names, e.g. "lm_head,norm".
-  c.lora.modules_to_save = ""
+  c.lora.use_dora = False
+  c.lora.init_a = "kaiming"  # kaiming | gaussian
+  c.lora.loraplus_lr_ratio = 1.0  # LoRA+: lr(B) = ratio * lr(A); ~16 in the paper
+
+  c.ia3 = ml_collections.ConfigDict()  # IA3; "" takes HF PEFT's defaults for the family
+  c.ia3.targets = ""
+  c.ia3.feedforward = ""
+
+  c.prompt = ml_collections.ConfigDict()  # prompt tuning
+  c.prompt.num_virtual_tokens = 20
+  c.prompt.init = "RANDOM"  # RANDOM | SAMPLE_VOCAB | TEXT
+  c.prompt.init_text = ""
+
+  c.prefix = ml_collections.ConfigDict()  # prefix tuning
+  c.prefix.num_virtual_tokens = 20
+  c.prefix.projection = False
+  c.prefix.encoder_hidden_size = 0  # 0: the kv width
+
+  c.adapter = ml_collections.ConfigDict()  # bottleneck adapter layers
+  c.adapter.architecture = "houlsby"  # houlsby (after attention and MLP) | pfeiffer (after MLP)
+  c.adapter.reduction_factor = 16
+  c.adapter.non_linearity = "relu"
+  c.adapter.targets = ""  # "": the architecture's places
 
   c.data = ml_collections.ConfigDict()
   c.data.train = ""  # JSONL path
@@ -125,8 +149,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.lora.rank > 0, f"lora.rank={c.lora.rank}; must be > 0")
   check(0.0 <= c.lora.dropout < 1.0, f"lora.dropout={c.lora.dropout}; must be in [0, 1)")
   check(c.lora.init_a in ("kaiming", "gaussian"), f"lora.init_a={c.lora.init_a!r}")
-  check(c.lora.lr_ratio > 0, f"lora.lr_ratio={c.lora.lr_ratio}; must be > 0")
-  check(c.method == "lora" or c.lora.lr_ratio == 1.0, "lora.lr_ratio (LoRA+) needs method='lora'")
+  check(c.lora.loraplus_lr_ratio > 0, f"lora.loraplus_lr_ratio={c.lora.loraplus_lr_ratio}; must be > 0")
+  check(c.method == "lora" or c.lora.loraplus_lr_ratio == 1.0,
+        "lora.loraplus_lr_ratio (LoRA+) needs method='lora'")
+  check(c.method in ("lora", "ia3", "adapter") or not c.modules_to_save,
+        f"modules_to_save goes with method lora, ia3 or adapter, not {c.method!r}")
+  check(c.method in MERGEABLE or not c.export.merged,
+        f"export.merged: a {c.method} adapter has no merged form; use one of {MERGEABLE} or keep "
+        "export.merged=False (the adapter is exported alone)")
   check(bool(c.data.train) or bool(c.data.generate), "data.train is empty (give a JSONL path)")
   check(c.data.generate in ("", "quickstart"), f"data.generate={c.data.generate!r}; known: quickstart")
   check(c.data.seq_len >= 8, f"data.seq_len={c.data.seq_len}; must be >= 8")
@@ -153,9 +183,10 @@ def names(text: str) -> tuple[str, ...]:
   return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
-def lora_targets(c: ml_collections.ConfigDict):
-  """"all-linear", a regex, or "q_proj,v_proj" (a list of names, matched as PEFT does)."""
-  t = c.lora.targets
-  if t == "all-linear" or "," not in t and any(ch in t for ch in "/.*[("):
-    return t
-  return names(t)
+def targets(text: str):
+  """"all-linear", a regex, or "q_proj,v_proj" (a list of names, matched as PEFT does); "": None."""
+  if not text:
+    return None
+  if text == "all-linear" or "," not in text and any(ch in text for ch in "/.*[("):
+    return text
+  return names(text)

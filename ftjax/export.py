@@ -31,8 +31,9 @@ def write_adapter(model: nnx.Module, out_dir: str, base_model_name: str) -> None
 
 
 def merged_model(model: nnx.Module) -> nnx.Module:
-  """A copy of `model` with its adapter folded in (the model itself when it has none)."""
-  if not any(True for _ in peft.adapter_layers(model)):
+  """A copy of `model` with its adapter folded in; the model itself when it has no adapter or
+  one without a merged form (virtual tokens, bottleneck adapters), which then runs as is."""
+  if not any(True for _ in peft.adapter_layers(model)) or not peft.can_merge(model):
     return model
   return peft.merge_and_unload(nnx.clone(model))
 
@@ -69,6 +70,12 @@ def main(argv=None) -> None:
     write_adapter(model, out, config.model.name_or_path)
     print(f"wrote PEFT adapter to {out}", file=sys.stderr)
   if not args.no_merged:
+    if not peft.can_merge(model):
+      if args.merged:
+        raise FtjaxError(f"--merged: a {config.method} adapter has no merged form (it is not a "
+                         "weight update); export the adapter alone")
+      print(f"no merged model: a {config.method} adapter has no merged form", file=sys.stderr)
+      return
     out = args.merged or os.path.join(args.workdir, "merged")
     write_merged(model, run.tokenizer, out)
     print(f"wrote merged HF model to {out}", file=sys.stderr)

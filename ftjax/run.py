@@ -39,7 +39,7 @@ class Run:
   config: ml_collections.ConfigDict
   model_cfg: Any
   tokenizer: Any
-  peft_config: peft.LoraConfig | None
+  peft_config: peft.PeftConfig | None
   graphdef: nnx.GraphDef
   trainable: dict
   frozen: dict
@@ -57,15 +57,38 @@ class Run:
                                 self.frozen, self.mutable)
 
 
-def peft_config(config) -> peft.LoraConfig | None:
-  if config.method != "lora":
-    return None
-  c = config.lora
-  return peft.LoraConfig(r=c.rank, lora_alpha=c.alpha, lora_dropout=c.dropout,
-                         target_modules=config_lib.lora_targets(config), use_rslora=c.rslora,
-                         init_lora_weights="gaussian" if c.init_a == "gaussian" else True,
-                         modules_to_save=config_lib.names(c.modules_to_save) or None,
-                         task_type="CAUSAL_LM")
+def peft_config(config) -> peft.PeftConfig | None:
+  """The PEFT method the config selects (None: full fine-tuning)."""
+  modules_to_save = config_lib.names(config.modules_to_save) or None
+  if config.method == "lora":
+    c = config.lora
+    return peft.LoraConfig(r=c.rank, lora_alpha=c.alpha, lora_dropout=c.dropout,
+                           target_modules=config_lib.targets(c.targets), use_rslora=c.rslora,
+                           use_dora=c.use_dora,
+                           init_lora_weights="gaussian" if c.init_a == "gaussian" else True,
+                           modules_to_save=modules_to_save, task_type="CAUSAL_LM")
+  if config.method == "ia3":
+    c = config.ia3
+    return peft.IA3Config(target_modules=config_lib.targets(c.targets),
+                          feedforward_modules=config_lib.targets(c.feedforward),
+                          modules_to_save=modules_to_save, task_type="CAUSAL_LM")
+  if config.method == "prompt":
+    c = config.prompt
+    return peft.PromptTuningConfig(num_virtual_tokens=c.num_virtual_tokens, prompt_tuning_init=c.init,
+                                   prompt_tuning_init_text=c.init_text or None,
+                                   tokenizer_name_or_path=config.model.name_or_path)
+  if config.method == "prefix":
+    c = config.prefix
+    return peft.PrefixTuningConfig(num_virtual_tokens=c.num_virtual_tokens,
+                                   prefix_projection=c.projection,
+                                   encoder_hidden_size=c.encoder_hidden_size or None)
+  if config.method == "adapter":
+    c = config.adapter
+    return peft.BottleneckAdapterConfig(
+        reduction_factor=c.reduction_factor, non_linearity=c.non_linearity,
+        architecture=c.architecture, target_modules=config_lib.targets(c.targets),
+        modules_to_save=modules_to_save)
+  return None
 
 
 def shrink_layers(params: dict, model_cfg, num_layers: int):
@@ -95,11 +118,11 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
   model = from_params(model_cfg, params, dtype=dtypes["dtype"], place=lambda p: p)
 
   # --- PEFT adapter, and which params train: one filter ---
-  lora = peft_config(config)
-  if lora is not None:
-    model = peft.get_peft_model(model, lora, rngs=config.train.seed + 1)
+  method = peft_config(config)
+  if method is not None:
+    model = peft.get_peft_model(model, method, rngs=config.train.seed + 1)
   graphdef, train_state, frozen_state, mutable_state = nnx.split(
-      model, peft.AdapterParam if lora else nnx.Param, nnx.Param, ...)
+      model, peft.AdapterParam if method else nnx.Param, nnx.Param, ...)
 
   # --- data (validated before anything compiles) ---
   train_ds = eval_ds = None
@@ -137,10 +160,10 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
       trainable, lr=config.train.lr, steps=config.train.steps, warmup_steps=config.train.warmup_steps,
       schedule=config.train.schedule, weight_decay=config.train.weight_decay, b1=config.train.b1,
       b2=config.train.b2, eps=config.train.eps, max_grad_norm=config.train.max_grad_norm,
-      lora_plus_ratio=config.lora.lr_ratio)
+      lora_plus_ratio=config.lora.loraplus_lr_ratio)
   unroll = True if config.model.scan_unroll == -1 else config.model.scan_unroll
   loss_fn = CausalLMLoss(remat=config.model.remat, unroll=unroll, vocab_chunk=config.train.vocab_chunk)
-  return Run(config, model_cfg, tokenizer, lora, graphdef, trainable, frozen, mutable, train_ds,
+  return Run(config, model_cfg, tokenizer, method, graphdef, trainable, frozen, mutable, train_ds,
              eval_ds, mesh, optimizer, schedule, loss_fn)
 
 

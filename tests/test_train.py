@@ -111,7 +111,7 @@ def test_sharded_step_on_cpu_mesh_matches_single_device(model_dir, data_dir):
 def lora_run(model_dir, data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("lora_run"))
   # Norms trained whole beside LoRA (modules_to_save): they must reach both exports.
-  c = tiny_config(model_dir, data_dir, **{"export.merged": True, "lora.modules_to_save": "norm"})
+  c = tiny_config(model_dir, data_dir, **{"export.merged": True, "modules_to_save": "norm"})
   summary = train_lib.train(c, workdir)
   return c, workdir, summary, initial_eval_loss(c)
 
@@ -200,7 +200,9 @@ def test_bad_inputs_fail_before_writing(model_dir, data_dir, tmp_path):
       ({"data.train": str(tmp_path / "nope.jsonl")}, "nope.jsonl"),
       ({"lora.targets": r".*query"}, "match no module"),
       ({"train.batch_size": 6, "train.grad_accum": 4}, "not divisible"),
-      ({"method": "prefix"}, "method='prefix'"),
+      ({"method": "bitfit"}, "method='bitfit'"),
+      ({"method": "prompt", "export.merged": True}, "export.merged: a prompt adapter has no merged form"),
+      ({"method": "prompt", "modules_to_save": "norm"}, "modules_to_save goes with method lora"),
   ]
   for overrides, message in bad:
     with pytest.raises(FtjaxError, match=message):
@@ -389,3 +391,31 @@ def test_full_fine_tuning_of_a_bf16_base_keeps_f32_master_weights(model_dir, dat
                        with_data=False)
   assert {x.dtype for x in jax.tree.leaves(lora.frozen)} == {np.dtype("bfloat16")}
   assert {x.dtype for x in jax.tree.leaves(lora.trainable)} == {np.dtype("float32")}
+
+
+@pytest.mark.parametrize("method,overrides,peft_type", [
+    ("lora", {"lora.use_dora": True, "lora.loraplus_lr_ratio": 16.0}, "LORA"),
+    ("ia3", {"modules_to_save": "norm"}, "IA3"),
+    ("prompt", {"prompt.num_virtual_tokens": 4, "prompt.init": "TEXT",
+                "prompt.init_text": "Extract the expense"}, "PROMPT_TUNING"),
+    ("prefix", {"prefix.num_virtual_tokens": 4, "prefix.projection": True}, "PREFIX_TUNING"),
+    ("adapter", {"adapter.architecture": "pfeiffer", "adapter.reduction_factor": 4},
+     "BOTTLENECK_ADAPTER"),
+], ids=["dora+loraplus", "ia3", "prompt", "prefix", "adapter"])
+def test_every_method_trains_from_the_config(method, overrides, peft_type, model_dir, data_dir,
+                                             tmp_path):
+  """`method` (and its block) selects any PEFT method; the saved adapter reloads to the same model."""
+  from ftjax import models, peft
+  c = tiny_config(model_dir, data_dir, method=method,
+                  **{"train.steps": 3, "train.log_every": 1, **overrides})
+  summary = train_lib.train(c, str(tmp_path / "wd"))
+  assert summary["steps"] == 3 and summary["method"] == method
+  assert np.isfinite(summary["eval"]["loss"])
+  adapter = tmp_path / "wd" / "adapter"
+  assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == peft_type
+  run = run_lib.setup(c, with_data=False)
+  state, _ = run_lib.init_or_restore(run, Checkpointer(str(tmp_path / "wd")))
+  tokens = jnp.asarray(np.random.RandomState(0).randint(0, 400, (2, 12)))
+  trained = np.asarray(run.model(state["trainable"])(tokens))
+  reloaded = peft.load_adapter(models.load(model_dir)[0], str(adapter))
+  assert rel_err(reloaded(tokens), trained) < 1e-5

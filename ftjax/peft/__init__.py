@@ -21,7 +21,8 @@ from flax import nnx
 from ftjax.errors import FtjaxError
 from ftjax.peft.bottleneck import BottleneckAdapterConfig, BottleneckLinear, BottleneckParam
 from ftjax.peft.core import (AdapterLayer, AdapterParam, ModulesToSave, PeftConfig, SavedModuleParam,
-                             adapter_layers, count_params, disable_adapters, merge_and_unload,
+                             adapter_layers, can_merge, count_params, disable_adapters,
+                             merge_and_unload,
                              print_trainable_parameters, unload)
 from ftjax.peft.hf_format import adapter_state_dict, load_adapter, save_adapter
 from ftjax.peft.ia3 import IA3Config, IA3Linear, IA3Param
@@ -38,7 +39,7 @@ __all__ = ["AdapterLayer", "AdapterParam", "BottleneckAdapterConfig", "Bottlenec
            "LoraConfig", "LoraEinsum", "LoraLinear", "LoraParam", "ModulesToSave", "PeftConfig",
            "PrefixEncoder", "PrefixTuningConfig", "PromptEmbedding", "PromptParam",
            "PromptTuningConfig", "SavedModuleParam",
-           "adapter_layers", "adapter_state_dict", "count_params", "disable_adapters",
+           "adapter_layers", "adapter_state_dict", "can_merge", "count_params", "disable_adapters",
            "get_peft_model", "load_adapter", "merge_and_unload", "print_trainable_parameters",
            "save_adapter", "unload"]
 

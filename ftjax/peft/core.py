@@ -332,6 +332,11 @@ def print_trainable_parameters(model: nnx.Module, trainable=AdapterParam) -> tup
   return n_train, n_all
 
 
+def can_merge(model: nnx.Module) -> bool:
+  """Whether every attached adapter has a merged form (LoRA, DoRA, IA3, modules_to_save)."""
+  return all(layer.mergeable for _, layer in adapter_layers(model))
+
+
 def merge_and_unload(model: nnx.Module) -> nnx.Module:
   """Folds every adapter into its base layer and removes the wrappers (in place); returns the
   model, now a plain model of its original structure (e.g. for `ftjax.models.save_pretrained`).
