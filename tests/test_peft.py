@@ -72,6 +72,12 @@ METHODS = {
     "dora": (lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True),
              lambda: hf_peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True),
              (1e-2, 0.95)),
+    "lora_patterns": (
+        lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                rank_pattern={"k_proj": 2, "mlp.down_proj": 6}, alpha_pattern={"up_proj": 2}),
+        lambda: hf_peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                   rank_pattern={"k_proj": 2, "mlp.down_proj": 6}, alpha_pattern={"up_proj": 2}),
+        (1e-2, 0.95)),
     "ia3": (lambda: peft.IA3Config(), lambda: hf_peft.IA3Config(), (1e-1, 0.99)),  # PEFT's defaults
     # Virtual tokens steer a random model least of all (measured at lr 0.1: prompt 4.86 -> 4.81,
     # prefix 4.87 -> 4.74, projected prefix 4.88 -> 4.64).
@@ -185,6 +191,9 @@ PEFT_WRITTEN = {  # random B (init_lora_weights=False): the adapter changes the 
                                          use_rslora=True, init_lora_weights=False),
     "dora": lambda: hf_peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "down_proj"],
                                        use_dora=True, init_lora_weights=False),
+    "patterns": lambda: hf_peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "down_proj"],
+                                           rank_pattern={"k_proj": 2, "down_proj": 8},
+                                           alpha_pattern={"q_proj": 4}, init_lora_weights=False),
     "ia3": lambda: hf_peft.IA3Config(target_modules=["k_proj", "o_proj", "down_proj", "up_proj"],
                                      feedforward_modules=["down_proj", "up_proj"]),
     "prompt": lambda: hf_peft.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),

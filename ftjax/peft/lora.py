@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import ClassVar, Sequence
 
 import jax
@@ -42,6 +43,9 @@ class LoraConfig(WrapperConfig):
     exactly or as the last components of a name, or "all-linear" (every linear layer but the
     output head). Names are torch-style: "model.layers.0.self_attn.q_proj".
   init_lora_weights: True (kaiming-uniform A, PEFT's default) or "gaussian" (A ~ N(0, 1/r)).
+  rank_pattern / alpha_pattern: {pattern: r or alpha} overriding r / lora_alpha for the layers
+    whose name ends with the pattern (HF PEFT's rule, a regex on the last name components);
+    in a layer stack every layer must get the same values.
   """
   peft_type: ClassVar[str] = "LORA"
   method: ClassVar[str] = "LoRA"
@@ -56,6 +60,8 @@ class LoraConfig(WrapperConfig):
   init_lora_weights: bool | str = True
   use_dora: bool = False
   modules_to_save: tuple[str, ...] | None = None
+  rank_pattern: tuple[tuple[str, int], ...] = ()  # a dict is accepted: hashable once stored
+  alpha_pattern: tuple[tuple[str, float], ...] = ()
   bias: str = "none"
   task_type: str | None = None
 
@@ -63,6 +69,10 @@ class LoraConfig(WrapperConfig):
     for key in ("target_modules", "modules_to_save"):
       if isinstance(getattr(self, key), (list, set)):
         object.__setattr__(self, key, tuple(sorted(getattr(self, key))))
+    for key in ("rank_pattern", "alpha_pattern"):
+      object.__setattr__(self, key, tuple(dict(getattr(self, key) or {}).items()))
+    if any(not (isinstance(r, int) and r > 0) for _, r in self.rank_pattern):
+      raise FtjaxError(f"LoraConfig: rank_pattern={dict(self.rank_pattern)}; ranks must be positive integers")
     if not (isinstance(self.r, int) and self.r > 0):
       raise FtjaxError(f"LoraConfig: r={self.r!r}; expected a positive integer")
     if not 0.0 <= self.lora_dropout < 1.0:
@@ -77,10 +87,20 @@ class LoraConfig(WrapperConfig):
   def scaling(self) -> float:
     return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
+  def rank_and_alpha(self, names) -> tuple[int, float]:
+    """(r, lora_alpha) of the layer named `names` (one name per layer of a stack)."""
+    values = {(_pattern_value(self.rank_pattern, n, self.r),
+               _pattern_value(self.alpha_pattern, n, self.lora_alpha)) for n in names or ("",)}
+    if len(values) > 1:
+      raise FtjaxError(f"LoraConfig: rank_pattern / alpha_pattern give {names[0]} different values "
+                       "in different layers; the layers are stacked and share one adapter shape")
+    return values.pop()
+
   def wrap(self, module: nnx.Module, rngs: nnx.Rngs, names=()) -> AdapterLayer:
     *_, d_in, d_out = module.kernel.shape
-    if isinstance(module, nnx.Linear) and self.r > min(d_in, d_out):
-      raise FtjaxError(f"LoraConfig: r={self.r} is larger than the layer "
+    r, alpha = self.rank_and_alpha(names)
+    if isinstance(module, nnx.Linear) and r > min(d_in, d_out):
+      raise FtjaxError(f"LoraConfig: r={r} is larger than the layer "
                        f"{names[0] if names else type(module).__name__} ({d_in} -> {d_out}): a "
                        "rank above min(in, out) adds parameters but no expressiveness")
     if isinstance(module, nnx.Linear):
@@ -90,7 +110,8 @@ class LoraConfig(WrapperConfig):
                        f"{type(module).__name__}")
     else:
       kind = LoraEinsum
-    return kind(module, r=self.r, scaling=self.scaling, dropout=self.lora_dropout,
+    scaling = alpha / (math.sqrt(r) if self.use_rslora else r)
+    return kind(module, r=r, scaling=scaling, dropout=self.lora_dropout,
                 init=self.init_lora_weights, rngs=rngs)
 
   def to_peft(self, model: nnx.Module) -> dict:
@@ -101,13 +122,13 @@ class LoraConfig(WrapperConfig):
         "use_dora": self.use_dora, "bias": self.bias, "fan_in_fan_out": False,
         "inference_mode": True, "modules_to_save": as_list(self.modules_to_save),
         "init_lora_weights": self.init_lora_weights,
-        "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
+        "rank_pattern": dict(self.rank_pattern), "alpha_pattern": dict(self.alpha_pattern),
+        "layers_to_transform": None,
     }
 
   @classmethod
   def from_peft(cls, raw: dict) -> "LoraConfig":
-    refuse_unsupported(raw, {"layers_to_transform": None,
-                             "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False,
+    refuse_unsupported(raw, {"layers_to_transform": None, "fan_in_fan_out": False,
                              "layers_pattern": None, "use_qalora": False})
     if raw.get("target_modules") is None:
       raise FtjaxError("missing key 'target_modules'")
@@ -117,7 +138,16 @@ class LoraConfig(WrapperConfig):
                use_rslora=bool(raw.get("use_rslora")), use_dora=bool(raw.get("use_dora")),
                init_lora_weights="gaussian" if raw.get("init_lora_weights") == "gaussian" else True,
                modules_to_save=as_tuple(raw.get("modules_to_save") or None),
+               rank_pattern=raw.get("rank_pattern") or {}, alpha_pattern=raw.get("alpha_pattern") or {},
                bias=raw.get("bias") or "none", task_type=raw.get("task_type"))
+
+
+def _pattern_value(pattern, name: str, default):
+  """HF PEFT's get_pattern_key: the first key that matches the end of the name."""
+  for key, value in pattern:
+    if re.match(rf"(.*\.)?({key})$", name):
+      return value
+  return default
 
 
 class LoraParam(AdapterParam):
