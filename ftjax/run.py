@@ -122,7 +122,7 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
   if method is not None:
     model = peft.get_peft_model(model, method, rngs=config.train.seed + 1)
   graphdef, train_state, frozen_state, mutable_state = nnx.split(
-      model, peft.AdapterParam if method else nnx.Param, nnx.Param, ...)
+      model, peft.trainable(model) if method else nnx.Param, nnx.Param, ...)
 
   # --- data (validated before anything compiles) ---
   train_ds = eval_ds = None

@@ -95,11 +95,12 @@ METHODS = {
 VIRTUAL = ("prompt", "prefix", "prefix_projection")  # no identity at init; nothing to merge
 
 
-def perturb(model):
-  """Moves every adapter param off its init, so that the adapter changes the outputs."""
+def perturb(model, adapter_name=None, seed=0):
+  """Moves every adapter param (of one adapter, if named) off its init, so that the adapter
+  changes the outputs."""
   for i, (_, layer) in enumerate(peft.adapter_layers(model)):
-    key = jax.random.key(i)
-    if isinstance(layer, peft.ModulesToSave):
+    key = jax.random.key(seed + i)
+    if isinstance(layer, peft.ModulesToSave) or adapter_name not in (None, layer.adapter_name):
       continue
     if isinstance(layer, peft.IA3Linear):
       layer.ia3_l.set_value(layer.ia3_l[...] * (1 + 0.2 * jax.random.normal(key, layer.ia3_l.shape)))
@@ -214,7 +215,7 @@ def test_load_adapter_reads_what_peft_wrote(hf_dir, tmp_path, method):
   reference.eval()
   reference.save_pretrained(str(tmp_path))
   model = peft.load_adapter(ours(hf_dir), str(tmp_path))
-  assert type(model.peft_config).peft_type == type(PEFT_WRITTEN[method]()).__name__.removesuffix(
+  assert type(model.peft_config["default"]).peft_type == type(PEFT_WRITTEN[method]()).__name__.removesuffix(
       "Config").upper().replace("TUNING", "_TUNING")
   want = hf_logits(reference)
   assert rel_err(hf_logits(hf_model(hf_dir)), want) > 1e-2  # the adapter matters
@@ -491,7 +492,7 @@ def test_virtual_tokens_under_packing_padding_and_the_kv_cache(config):
 
   with pytest.raises(FtjaxError, match="cannot be folded into the base weights"):
     peft.merge_and_unload(model)
-  assert model.peft_config is config and model.num_virtual_tokens == 3  # nothing changed
+  assert model.peft_config["default"] is config and model.num_virtual_tokens == 3  # unchanged
   with peft.disable_adapters(model):
     assert model.num_virtual_tokens == 0
   assert peft.unload(model).num_virtual_tokens == 0
@@ -529,3 +530,63 @@ def test_bottleneck_adapters(hf_dir, tmp_path, architecture, targets):
   np.testing.assert_array_equal(np.asarray(again(tokens)), np.asarray(model(tokens)))
   with pytest.raises(FtjaxError, match="BottleneckLinear at model.layers.self_attn.o_proj|BottleneckLinear at model.layers.mlp.down_proj"):
     peft.merge_and_unload(model)
+
+
+def test_named_adapters_switch_combine_train_save_and_delete(hf_dir, tmp_path):
+  """Several adapters on one base: added inactive, switched without reloading, combined (two
+  LoRAs; LoRA + prompt tuning), trained one at a time, saved one at a time, deleted."""
+  tokens = jnp.asarray(TOKENS)
+  logits = lambda m: np.asarray(m(tokens))
+  model = peft.get_peft_model(ours(hf_dir), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+                              adapter_name="a")
+  perturb(model, "a", seed=0)
+  only_a = logits(model)
+  peft.add_adapter(model, "b", peft.LoraConfig(r=2, target_modules="all-linear"), rngs=1)
+  perturb(model, "b", seed=100)
+  np.testing.assert_array_equal(logits(model), only_a)  # added inactive
+  assert peft.active_adapters(model) == ("a",)
+
+  peft.save_adapter(model, str(tmp_path / "a"))  # the only active one
+  peft.save_adapter(model, str(tmp_path / "b"), adapter_name="b")
+  peft.set_adapter(model, "b")
+  only_b = logits(model)
+  b_alone = peft.load_adapter(ours(hf_dir), str(tmp_path / "b"))
+  np.testing.assert_array_equal(logits(b_alone), only_b)
+  peft_b = hf_peft.PeftModel.from_pretrained(hf_model(hf_dir), str(tmp_path / "b")).eval()
+  assert rel_err(hf_logits(peft_b), only_b) < 1e-4
+
+  # Two LoRAs together: as the second on top of the first merged in (f32 rounding apart).
+  peft.set_adapter(model, ["a", "b"])
+  a_merged = peft.merge_and_unload(peft.load_adapter(ours(hf_dir), str(tmp_path / "a")))
+  assert rel_err(logits(model), logits(peft.load_adapter(a_merged, str(tmp_path / "b")))) < 1e-5
+
+  # LoRA + prompt tuning, stated by activating both.
+  peft.add_adapter(model, "p", peft.PromptTuningConfig(num_virtual_tokens=3), rngs=2)
+  peft.save_adapter(model, str(tmp_path / "p"), adapter_name="p")
+  peft.set_adapter(model, ["a", "p"])
+  a_merged = peft.merge_and_unload(peft.load_adapter(ours(hf_dir), str(tmp_path / "a")))
+  assert rel_err(logits(model), logits(peft.load_adapter(a_merged, str(tmp_path / "p")))) < 1e-5
+
+  # Training one adapter moves only it, even under weight decay.
+  peft.set_adapter(model, "b")
+  frozen_a = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model, lambda p, v: isinstance(
+      v, peft.AdapterParam) and v.get_metadata().get("adapter_name") != "b")))
+  step_lib.fit(model, [counting_batch(4, 16, vocab=128)] * 3,
+               optimizer=optax.adamw(1e-2, weight_decay=0.1), trainable=peft.trainable(model))
+  after_a = nnx.to_pure_dict(nnx.state(model, lambda p, v: isinstance(
+      v, peft.AdapterParam) and v.get_metadata().get("adapter_name") != "b"))
+  for x, y in zip(jax.tree.leaves(frozen_a), jax.tree.leaves(after_a)):
+    np.testing.assert_array_equal(x, np.asarray(y))
+  assert rel_err(logits(model), only_b) > 1e-4  # b did train
+
+  with pytest.raises(FtjaxError, match="prompt slot already holds adapter 'p'"):
+    peft.add_adapter(model, "p2", peft.PromptTuningConfig(num_virtual_tokens=2))
+  with pytest.raises(FtjaxError, match="no adapter named 'c'"):
+    peft.set_adapter(model, "c")
+  trained_b = logits(model)
+  peft.delete_adapter(model, "a")
+  assert sorted(peft.configs(model)) == ["b", "p"] and peft.active_adapters(model) == ("b",)
+  np.testing.assert_array_equal(logits(model), trained_b)
+  merged = peft.merge_and_unload(model)  # merges b, drops the inactive prompt
+  assert not list(peft.adapter_layers(merged)) and merged.num_virtual_tokens == 0
+  assert rel_err(logits(merged), trained_b) < 1e-5

@@ -9,6 +9,7 @@
   model = ftjax.peft.load_adapter(base_model, "adapter/")  # ftjax's or HF PEFT's adapter
   model = ftjax.peft.merge_and_unload(model)             # plain model, adapter folded in
   model = ftjax.peft.unload(model)                       # plain model, adapter dropped
+  ftjax.peft.add_adapter(model, "other", config); ftjax.peft.set_adapter(model, "other")
 
 Adapters attach in place by wrapping the matched layers (ftjax/peft/core.py explains how);
 ftjax's own decoders additionally share work between the q/k/v (and gate/up) adapters.
@@ -16,9 +17,6 @@ ftjax's own decoders additionally share work between the q/k/v (and gate/up) ada
 
 from __future__ import annotations
 
-from flax import nnx
-
-from ftjax.errors import FtjaxError
 from ftjax.peft.bottleneck import BottleneckAdapterConfig, BottleneckLinear, BottleneckParam
 from ftjax.peft.core import (AdapterLayer, AdapterParam, ModulesToSave, PeftConfig, SavedModuleParam,
                              adapter_layers, can_merge, count_params, disable_adapters,
@@ -27,6 +25,8 @@ from ftjax.peft.core import (AdapterLayer, AdapterParam, ModulesToSave, PeftConf
 from ftjax.peft.hf_format import adapter_state_dict, load_adapter, save_adapter
 from ftjax.peft.ia3 import IA3Config, IA3Linear, IA3Param
 from ftjax.peft.lora import DoraLinear, LoraConfig, LoraEinsum, LoraLinear, LoraParam
+from ftjax.peft.named import (active_adapters, add_adapter, configs, delete_adapter,
+                              get_peft_model, set_adapter, trainable)
 from ftjax.peft.prompt import (PrefixEncoder, PrefixTuningConfig, PromptEmbedding, PromptParam,
                                PromptTuningConfig)
 
@@ -39,23 +39,7 @@ __all__ = ["AdapterLayer", "AdapterParam", "BottleneckAdapterConfig", "Bottlenec
            "LoraConfig", "LoraEinsum", "LoraLinear", "LoraParam", "ModulesToSave", "PeftConfig",
            "PrefixEncoder", "PrefixTuningConfig", "PromptEmbedding", "PromptParam",
            "PromptTuningConfig", "SavedModuleParam",
-           "adapter_layers", "adapter_state_dict", "can_merge", "count_params", "disable_adapters",
+           "active_adapters", "adapter_layers", "adapter_state_dict", "add_adapter", "configs",
+           "delete_adapter", "set_adapter", "trainable", "can_merge", "count_params", "disable_adapters",
            "get_peft_model", "load_adapter", "merge_and_unload", "print_trainable_parameters",
            "save_adapter", "unload"]
-
-
-def get_peft_model(model: nnx.Module, config: PeftConfig, *, rngs: nnx.Rngs | int = 0) -> nnx.Module:
-  """Attaches the adapter `config` describes to `model` in place and returns the model.
-
-  LoRA / DoRA wrap every `nnx.Linear` (LoRA also `nnx.Einsum`) that `config.target_modules`
-  selects, IA3 every `nnx.Linear`; at init the model's outputs equal the base model's. `rngs`
-  seeds the adapter's init (and, for layers outside a layer stack, LoRA's dropout stream).
-  """
-  if not isinstance(config, PeftConfig):
-    raise FtjaxError(f"get_peft_model: unsupported config {type(config).__name__}; supported: "
-                     f"{', '.join(c.__name__ for c in CONFIG_TYPES.values())}")
-  if getattr(model, "peft_config", None) is not None or any(True for _ in adapter_layers(model)):
-    raise FtjaxError("get_peft_model: the model already has an adapter; merge_and_unload it first")
-  config.attach(model, nnx.Rngs(rngs) if isinstance(rngs, int) else rngs)
-  model.peft_config = config
-  return model

@@ -72,10 +72,10 @@ class BottleneckAdapterConfig(WrapperConfig):
     return BottleneckLinear(module, reduction_factor=self.reduction_factor,
                             non_linearity=self.non_linearity, rngs=rngs)
 
-  def to_peft(self, model: nnx.Module) -> dict:
+  def to_peft(self, model: nnx.Module, adapter_name: str = "default") -> dict:
     return {"peft_type": self.peft_type, "task_type": self.task_type,
             "reduction_factor": self.reduction_factor, "non_linearity": self.non_linearity,
-            "architecture": self.architecture, "target_modules": self.saved_targets(model),
+            "architecture": self.architecture, "target_modules": self.saved_targets(model, adapter_name),
             "modules_to_save": as_list(self.modules_to_save),
             "format": "ftjax bottleneck adapter (not a HF PEFT type)"}
 

@@ -47,6 +47,7 @@ class AdapterLayer(nnx.Module):
 
   base_layer: nnx.Module
   disabled: bool = False
+  adapter_name: str = "default"
   mergeable: ClassVar[bool] = True  # False: merge_and_unload refuses (prompt / prefix tuning)
   peft_prefixed: ClassVar[bool] = True  # False: PEFT keys are the bare tensor names
 
@@ -120,6 +121,12 @@ def _name(path: Sequence) -> str:
   return "/".join(str(p) for p in path)
 
 
+def logical_name(path: str) -> str:
+  """A module's path as if no adapter wrapped it: "q_proj/base_layer" is "q_proj" (a layer with
+  several named adapters sits in a chain of wrappers, each holding the next as base_layer)."""
+  return "/".join(p for p in path.split("/") if p != "base_layer")
+
+
 def stack_sizes(model: nnx.Module) -> dict[str, int]:
   """Path of each vmapped layer stack ("model/layers") -> its number of layers."""
   out = {}
@@ -135,6 +142,7 @@ def stack_sizes(model: nnx.Module) -> dict[str, int]:
 def torch_names(path: str, stacks: dict[str, int]) -> tuple[list[str], bool]:
   """"model/layers/self_attn/q_proj" -> (["model.layers.0.self_attn.q_proj", ...], True): one
   name per layer when the module sits in a layer stack (stacked=True), else just one."""
+  path = logical_name(path)
   for stack, size in stacks.items():
     if path.startswith(stack + "/"):
       rest = path[len(stack) + 1:].replace("/", ".")
@@ -160,16 +168,19 @@ def find_targets(model: nnx.Module, target_modules, supported: tuple[type, ...],
   """
   stacks = stack_sizes(model)
   output = getattr(model, "output_module", None)
+  copies = [_name(p) + "/trained/" for p, m in nnx.iter_modules(model) if isinstance(m, ModulesToSave)]
   found, seen = [], []
   for path, module in nnx.iter_modules(model):
-    name = _name(path)
-    if not path:
+    # A wrapped layer is reached through its wrappers: match the innermost, by its plain name;
+    # never inside a module another adapter trains whole.
+    if not path or isinstance(module, AdapterLayer) or any(_name(path).startswith(c) for c in copies):
       continue
+    real, name = _name(path), logical_name(_name(path))
     if isinstance(module, supported):
       seen.append(name)
     if target_modules == "all-linear":
       if isinstance(module, supported) and name != output:
-        found.append((name, module))
+        found.append((real, module))
       continue
     keys, _ = torch_names(name, stacks)
     hits = [_matches(target_modules, k) for k in keys]
@@ -186,7 +197,7 @@ def find_targets(model: nnx.Module, target_modules, supported: tuple[type, ...],
       raise FtjaxError(
           f"{method} target_modules={target_modules!r} selects {keys[0]}, a "
           f"{type(module).__name__}; {method} wraps {', '.join(t.__name__ for t in supported)}")
-    found.append((name, module))
+    found.append((real, module))
   if not found:
     examples = ", ".join(sorted(torch_names(n, stacks)[0][0] for n in seen)[:8])
     raise FtjaxError(f"{method} target_modules={target_modules!r} match no module; the layers "
@@ -202,6 +213,11 @@ def find_modules_to_save(model: nnx.Module, names, taken: set[str]) -> list[tupl
   for path, module in nnx.iter_modules(model):
     name = _name(path)
     if not path or any(name == t or name.startswith(t + "/") for t in taken):
+      continue
+    if isinstance(module, ModulesToSave):
+      raise FtjaxError(f"modules_to_save={list(names)}: {logical_name(name).replace('/', '.')} "
+                       "is already trained whole by another adapter")
+    if isinstance(module, AdapterLayer) or "base_layer" in name.split("/"):
       continue
     keys, _ = torch_names(name, stacks)
     hits = [any(k.endswith(n) for n in names) for k in keys]
@@ -247,7 +263,7 @@ class PeftConfig:
 
     peft_type          "LORA", "IA3", ...: adapter_config.json's key
     attach(model, rngs)   adds the adapter to `model` in place
-    to_peft(model)     the adapter_config.json dict for the attached adapter
+    to_peft(model, adapter_name)  the adapter_config.json dict of that attached adapter
     from_peft(raw)     (classmethod) the config from an adapter_config.json dict
   """
 
@@ -280,14 +296,14 @@ class WrapperConfig(PeftConfig):
       wrapped.add(path)
     attach_modules_to_save(model, self.modules_to_save, wrapped)
 
-  def saved_targets(self, model: nnx.Module):
+  def saved_targets(self, model: nnx.Module, adapter_name: str):
     """target_modules as adapter_config.json records it: a regex stays a regex (it means the
     same to PEFT, whose module names match ours); names and "all-linear" become the list of
     wrapped names, as PEFT itself saves "all-linear"."""
     if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
       return self.target_modules
-    return sorted({path.rsplit("/", 1)[-1] for path, layer in adapter_layers(model)
-                   if not isinstance(layer, ModulesToSave)})
+    return sorted({logical_name(path).rsplit("/", 1)[-1] for path, layer in adapter_layers(model)
+                   if layer.adapter_name == adapter_name and not isinstance(layer, ModulesToSave)})
 
 
 def attach_modules_to_save(model: nnx.Module, names, wrapped: set[str]) -> None:
@@ -337,21 +353,27 @@ def can_merge(model: nnx.Module) -> bool:
   return all(layer.mergeable for _, layer in adapter_layers(model))
 
 
+def _forget_adapters(model: nnx.Module) -> None:
+  for attr in ("peft_config", "peft_active"):
+    if hasattr(model, attr):
+      delattr(model, attr)
+
+
 def merge_and_unload(model: nnx.Module) -> nnx.Module:
-  """Folds every adapter into its base layer and removes the wrappers (in place); returns the
-  model, now a plain model of its original structure (e.g. for `ftjax.models.save_pretrained`).
-  Refused, before anything changes, when an attached method has no weights to merge into."""
-  layers = list(adapter_layers(model))
+  """Folds the active adapters into their base layers, drops inactive ones and removes every
+  wrapper (in place); returns the model, now a plain model of its original structure (e.g. for
+  `ftjax.models.save_pretrained`). Refused, before anything changes, when an active method has
+  no weights to merge into."""
+  layers = list(adapter_layers(model))  # inner wrappers of a chain come first
   for path, layer in layers:
-    if not layer.mergeable:
+    if not layer.mergeable and not layer.disabled:
       raise FtjaxError(f"merge_and_unload: {type(layer).__name__} at {path.replace('/', '.')} "
                        "cannot be folded into the base weights (virtual tokens and non-linear "
                        "adapters have no merged form); keep the adapter, or ftjax.peft.unload to "
                        "drop it")
   for path, layer in layers:
-    replace_module(model, path, layer.merge())
-  if hasattr(model, "peft_config"):
-    del model.peft_config
+    replace_module(model, path, layer.base_layer if layer.disabled else layer.merge())
+  _forget_adapters(model)
   return model
 
 
@@ -359,8 +381,7 @@ def unload(model: nnx.Module) -> nnx.Module:
   """Removes every adapter without merging it (in place): back to the base model."""
   for path, layer in list(adapter_layers(model)):
     replace_module(model, path, layer.base_layer)
-  if hasattr(model, "peft_config"):
-    del model.peft_config
+  _forget_adapters(model)
   return model
 
 

@@ -27,11 +27,31 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 
-def adapter_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
-  """Every adapter tensor under its HF PEFT key, as contiguous f32 numpy arrays."""
+def _named(model: nnx.Module, adapter_name: str | None, what: str) -> str:
+  """`adapter_name`, or the model's only (or only active) adapter when None."""
+  from ftjax.peft.named import active_adapters, configs
+  known = configs(model)
+  if not known:
+    raise FtjaxError(f"{what}: the model has no adapter attached (use ftjax.peft.get_peft_model "
+                     "or load_adapter first)")
+  if adapter_name is None:
+    candidates = list(known) if len(known) == 1 else list(active_adapters(model))
+    if len(candidates) != 1:
+      raise FtjaxError(f"{what}: the model has adapters {sorted(known)}; name one (adapter_name=)")
+    adapter_name = candidates[0]
+  if adapter_name not in known:
+    raise FtjaxError(f"{what}: no adapter named {adapter_name!r}; the model has {sorted(known)}")
+  return adapter_name
+
+
+def adapter_state_dict(model: nnx.Module, adapter_name: str | None = None) -> dict[str, np.ndarray]:
+  """Every tensor of one adapter under its HF PEFT key, as contiguous f32 numpy arrays."""
+  adapter_name = _named(model, adapter_name, "adapter_state_dict")
   stacks = stack_sizes(model)
   out = {}
   for path, layer in adapter_layers(model):
+    if layer.adapter_name != adapter_name:
+      continue
     names, stacked = torch_names(path, stacks)
     for suffix, value in jax.device_get(layer.peft_tensors()).items():
       value = np.asarray(value, np.float32)
@@ -47,17 +67,19 @@ def _keys(layer, names: list[str], suffix: str) -> list[str]:
   return [f"{PREFIX}{name}.{suffix}" for name in names]
 
 
-def save_adapter(model: nnx.Module, out_dir: str, base_model_name_or_path: str | None = None) -> None:
-  """Writes the attached adapter in HF PEFT's format (written whole or not at all)."""
-  config = getattr(model, "peft_config", None)
-  if config is None:
-    raise FtjaxError("save_adapter: the model has no adapter attached (use "
-                     "ftjax.peft.get_peft_model or load_adapter first)")
+def save_adapter(model: nnx.Module, out_dir: str, base_model_name_or_path: str | None = None,
+                 *, adapter_name: str | None = None) -> None:
+  """Writes one attached adapter (default: the only or only active one) in HF PEFT's format,
+  whole or not at all."""
+  from ftjax.peft.named import configs
+  adapter_name = _named(model, adapter_name, "save_adapter")
+  config = configs(model)[adapter_name]
   with atomic_dir(out_dir) as tmp:
-    save_file(adapter_state_dict(model), os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file(adapter_state_dict(model, adapter_name), os.path.join(tmp, WEIGHTS_FILE),
+              metadata={"format": "pt"})
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-      json.dump({**config.to_peft(model), "base_model_name_or_path": base_model_name_or_path},
-                f, indent=2)
+      json.dump({**config.to_peft(model, adapter_name),
+                 "base_model_name_or_path": base_model_name_or_path}, f, indent=2)
 
 
 def read_config(adapter_dir: str) -> PeftConfig:
@@ -77,22 +99,29 @@ def read_config(adapter_dir: str) -> PeftConfig:
     raise FtjaxError(f"{path}: {e}") from None
 
 
-def load_adapter(base_model: nnx.Module, adapter_dir: str, *, rngs=0) -> nnx.Module:
-  """Attaches the adapter saved in `adapter_dir` (by ftjax or by HF PEFT) to `base_model` in
-  place and returns it. Every tensor of the file must find its module, and every adapted
-  module its tensors."""
-  from ftjax.peft import get_peft_model
+def load_adapter(model: nnx.Module, adapter_dir: str, *, adapter_name: str = "default",
+                 rngs=0) -> nnx.Module:
+  """Attaches the adapter saved in `adapter_dir` (by ftjax or by HF PEFT) to `model` in place
+  and returns it: active on a model without adapters, inactive beside existing ones (then
+  `set_adapter`). Every tensor of the file must find its module, and every adapted module its
+  tensors; a failed load leaves the model as it was."""
+  from ftjax.peft.named import add_adapter, configs, delete_adapter
   config = read_config(adapter_dir)
-  model = get_peft_model(base_model, config, rngs=rngs)
+  if adapter_name in configs(model):
+    raise FtjaxError(f"load_adapter: the model already has an adapter named {adapter_name!r}")
+  model = add_adapter(model, adapter_name, config, rngs=rngs)
   try:
-    _load_tensors(model, adapter_dir)
+    _load_tensors(model, adapter_dir, adapter_name)
   except BaseException:
-    unload(model)  # a failed load leaves the base model as it was
+    if len(configs(model)) > 1:
+      delete_adapter(model, adapter_name)
+    else:
+      unload(model)
     raise
   return model
 
 
-def _load_tensors(model: nnx.Module, adapter_dir: str) -> None:
+def _load_tensors(model: nnx.Module, adapter_dir: str, adapter_name: str) -> None:
   weights = os.path.join(adapter_dir, WEIGHTS_FILE)
   if not os.path.isfile(weights):
     raise FtjaxError(f"{weights}: no such file")
@@ -101,6 +130,8 @@ def _load_tensors(model: nnx.Module, adapter_dir: str) -> None:
     stacks = stack_sizes(model)
     used = set()
     for path, layer in adapter_layers(model):
+      if layer.adapter_name != adapter_name:
+        continue
       names, stacked = torch_names(path, stacks)
       tensors = {}
       for suffix, expected in layer.peft_tensors().items():

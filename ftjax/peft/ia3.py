@@ -82,10 +82,10 @@ class IA3Config(WrapperConfig):
       wrapped.add(path)
     attach_modules_to_save(model, self.modules_to_save, wrapped)
 
-  def to_peft(self, model: nnx.Module) -> dict:
+  def to_peft(self, model: nnx.Module, adapter_name: str = "default") -> dict:
     ff = self.feedforward(model)
     return {"peft_type": self.peft_type, "task_type": self.task_type,
-            "target_modules": self.saved_targets(model),
+            "target_modules": self.saved_targets(model, adapter_name),
             "feedforward_modules": ff if isinstance(ff, str) else sorted(ff),
             "init_ia3_weights": True, "fan_in_fan_out": False, "inference_mode": True,
             "modules_to_save": as_list(self.modules_to_save)}

@@ -114,11 +114,11 @@ class LoraConfig(WrapperConfig):
     return kind(module, r=r, scaling=scaling, dropout=self.lora_dropout,
                 init=self.init_lora_weights, rngs=rngs)
 
-  def to_peft(self, model: nnx.Module) -> dict:
+  def to_peft(self, model: nnx.Module, adapter_name: str = "default") -> dict:
     return {
         "peft_type": self.peft_type, "task_type": self.task_type, "r": self.r,
         "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
-        "target_modules": self.saved_targets(model), "use_rslora": self.use_rslora,
+        "target_modules": self.saved_targets(model, adapter_name), "use_rslora": self.use_rslora,
         "use_dora": self.use_dora, "bias": self.bias, "fan_in_fan_out": False,
         "inference_mode": True, "modules_to_save": as_list(self.modules_to_save),
         "init_lora_weights": self.init_lora_weights,

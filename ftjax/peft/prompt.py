@@ -43,6 +43,15 @@ def _decoder(model: nnx.Module, method: str) -> nnx.Module:
                    f"ftjax.models.CausalLM); {type(model).__name__} has none")
 
 
+def _free_slot(model: nnx.Module, slot: str, method: str) -> nnx.Module:
+  """The decoder, whose `slot` must still be empty (it holds one adapter)."""
+  decoder = _decoder(model, method)
+  if getattr(decoder, slot) is not None:
+    raise FtjaxError(f"{method}: the decoder's {slot} slot already holds adapter "
+                     f"{getattr(decoder, slot).adapter_name!r}; delete it first")
+  return decoder
+
+
 class _VirtualTokens(AdapterLayer):
   """A decoder slot's adapter: no base layer, not mergeable, keys without a module prefix."""
 
@@ -95,10 +104,10 @@ class PromptTuningConfig(PeftConfig):
     return jnp.asarray(embedding[...], jnp.float32)[ids]
 
   def attach(self, model: nnx.Module, rngs: nnx.Rngs) -> None:
-    decoder = _decoder(model, "prompt tuning")
+    decoder = _free_slot(model, "prompt", "prompt tuning")
     decoder.prompt = PromptEmbedding(self._init_table(decoder, rngs))
 
-  def to_peft(self, model: nnx.Module) -> dict:
+  def to_peft(self, model: nnx.Module, adapter_name: str = "default") -> dict:
     cfg = _decoder(model, "prompt tuning").config
     return {"peft_type": self.peft_type, "task_type": self.task_type,
             "num_virtual_tokens": self.num_virtual_tokens, "token_dim": cfg.hidden_size,
@@ -149,11 +158,11 @@ class PrefixTuningConfig(PeftConfig):
       raise FtjaxError(f"PrefixTuningConfig: num_virtual_tokens={self.num_virtual_tokens}; must be >= 1")
 
   def attach(self, model: nnx.Module, rngs: nnx.Rngs) -> None:
-    decoder = _decoder(model, "prefix tuning")
+    decoder = _free_slot(model, "prefix", "prefix tuning")
     decoder.prefix = PrefixEncoder(decoder.config, self.num_virtual_tokens, self.prefix_projection,
                                    self.encoder_hidden_size, rngs)
 
-  def to_peft(self, model: nnx.Module) -> dict:
+  def to_peft(self, model: nnx.Module, adapter_name: str = "default") -> dict:
     cfg = _decoder(model, "prefix tuning").config
     return {"peft_type": self.peft_type, "task_type": self.task_type,
             "num_virtual_tokens": self.num_virtual_tokens, "token_dim": cfg.kv_size,
