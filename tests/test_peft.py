@@ -239,6 +239,16 @@ def test_merge_unload_disable_and_export(hf_dir, tmp_path, method):
   with peft.disable_adapters(model):
     np.testing.assert_array_equal(np.asarray(model(tokens)), base)
   np.testing.assert_array_equal(np.asarray(model(tokens)), adapted)  # enabled again
+  # In place and back (on a copy: unmerging restores the base up to f32 rounding only): the
+  # adapter folded into the weights while still attached, then taken out.
+  twin = nnx.clone(model)
+  kernel = lambda: np.array(twin.model.layers.self_attn.v_proj.base_linear().kernel[...])
+  original = kernel()
+  peft.merge_adapter(twin)
+  assert all(layer.merged for _, layer in peft.adapter_layers(twin))
+  assert rel_err(kernel(), original) > 1e-4 and rel_err(twin(tokens), adapted) < 1e-5
+  peft.unmerge_adapter(twin)
+  assert rel_err(kernel(), original) < 1e-6 and rel_err(twin(tokens), adapted) < 1e-5
   merged = peft.merge_and_unload(nnx.clone(model))
   assert not jax.tree.leaves(nnx.state(merged, peft.AdapterParam))
   assert not list(peft.adapter_layers(merged)) and isinstance(merged.model.layers.self_attn.v_proj, nnx.Linear)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from ftjax.peft.bottleneck import BottleneckAdapterConfig, BottleneckLinear, BottleneckParam
 from ftjax.peft.core import (AdapterLayer, AdapterParam, ModulesToSave, PeftConfig, SavedModuleParam,
                              adapter_layers, can_merge, count_params, disable_adapters,
-                             merge_and_unload,
+                             merge_adapter, merge_and_unload, unmerge_adapter,
                              print_trainable_parameters, unload)
 from ftjax.peft.hf_format import adapter_state_dict, load_adapter, save_adapter
 from ftjax.peft.ia3 import IA3Config, IA3Linear, IA3Param
@@ -40,6 +40,6 @@ __all__ = ["AdapterLayer", "AdapterParam", "BottleneckAdapterConfig", "Bottlenec
            "PrefixEncoder", "PrefixTuningConfig", "PromptEmbedding", "PromptParam",
            "PromptTuningConfig", "SavedModuleParam",
            "active_adapters", "adapter_layers", "adapter_state_dict", "add_adapter", "configs",
-           "delete_adapter", "set_adapter", "trainable", "can_merge", "count_params", "disable_adapters",
+           "delete_adapter", "merge_adapter", "set_adapter", "trainable", "unmerge_adapter", "can_merge", "count_params", "disable_adapters",
            "get_peft_model", "load_adapter", "merge_and_unload", "print_trainable_parameters",
            "save_adapter", "unload"]

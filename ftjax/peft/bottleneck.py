@@ -119,7 +119,7 @@ class BottleneckLinear(AdapterLayer):
 
   def __call__(self, x):
     y = self.base_layer(x)
-    if self.disabled:
+    if self.off:
       return y
     act = ACTIVATIONS[self.non_linearity]
     h = act(jnp.dot(y, self.adapter_down[...].astype(y.dtype)) + self.adapter_down_bias[...].astype(y.dtype))

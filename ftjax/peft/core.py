@@ -39,17 +39,36 @@ class AdapterParam(nnx.Param):
 class AdapterLayer(nnx.Module):
   """A layer with an adapter around it: `base_layer` is the wrapped module, unchanged.
 
-  A method's wrapper subclasses it and provides `__call__`, `merge()` (the base layer with the
-  adapter folded in), `peft_tensors()` ({suffix: array} in HF PEFT's layout, e.g.
+  A method's wrapper subclasses it and provides `__call__`, `fold()` / `unfold()` (adds its
+  update into the base layer's weights in place, and takes it out again) when `mergeable`,
+  `peft_tensors()` ({suffix: array} in HF PEFT's layout, e.g.
   {"lora_A.weight": [r, in] (or [l, r, in] in a layer stack)}) and `load_peft_tensors(tensors)`
-  (the inverse). While `disabled` is set it must return the base layer's output.
+  (the inverse). While `disabled` or `merged` is set it must return the base layer's output.
   """
 
   base_layer: nnx.Module
   disabled: bool = False
+  merged: bool = False  # folded into the base weights by merge_adapter: compute the base only
   adapter_name: str = "default"
   mergeable: ClassVar[bool] = True  # False: merge_and_unload refuses (prompt / prefix tuning)
   peft_prefixed: ClassVar[bool] = True  # False: PEFT keys are the bare tensor names
+
+  @property
+  def off(self) -> bool:
+    return self.disabled or self.merged
+
+  def base_linear(self) -> nnx.Module:
+    """The innermost wrapped layer (adapters of several names form a chain)."""
+    layer = self.base_layer
+    while isinstance(layer, AdapterLayer):
+      layer = layer.base_layer
+    return layer
+
+  def merge(self) -> nnx.Module:
+    """The base layer with this adapter folded into its weights (for merge_and_unload)."""
+    if not self.merged:
+      self.fold()
+    return self.base_layer
 
 
 class SavedModuleParam(AdapterParam):
@@ -359,21 +378,46 @@ def _forget_adapters(model: nnx.Module) -> None:
       delattr(model, attr)
 
 
+def _refuse_unmergeable(model: nnx.Module, what: str) -> list:
+  layers = list(adapter_layers(model))  # inner wrappers of a chain come first
+  for path, layer in layers:
+    if not layer.mergeable and not layer.disabled:
+      raise FtjaxError(f"{what}: {type(layer).__name__} at {path.replace('/', '.')} cannot be "
+                       "folded into the base weights (virtual tokens and non-linear adapters "
+                       "have no merged form); keep the adapter, or ftjax.peft.unload to drop it")
+  return layers
+
+
 def merge_and_unload(model: nnx.Module) -> nnx.Module:
   """Folds the active adapters into their base layers, drops inactive ones and removes every
   wrapper (in place); returns the model, now a plain model of its original structure (e.g. for
   `ftjax.models.save_pretrained`). Refused, before anything changes, when an active method has
   no weights to merge into."""
-  layers = list(adapter_layers(model))  # inner wrappers of a chain come first
-  for path, layer in layers:
-    if not layer.mergeable and not layer.disabled:
-      raise FtjaxError(f"merge_and_unload: {type(layer).__name__} at {path.replace('/', '.')} "
-                       "cannot be folded into the base weights (virtual tokens and non-linear "
-                       "adapters have no merged form); keep the adapter, or ftjax.peft.unload to "
-                       "drop it")
+  layers = _refuse_unmergeable(model, "merge_and_unload")
   for path, layer in layers:
     replace_module(model, path, layer.base_layer if layer.disabled else layer.merge())
   _forget_adapters(model)
+  return model
+
+
+def merge_adapter(model: nnx.Module) -> nnx.Module:
+  """Folds the active adapters into the base weights in place, keeping them attached (the
+  model then computes at the base model's cost); `unmerge_adapter` takes them out again, up to
+  f32 rounding. Refused, before anything changes, for methods without a merged form."""
+  for _, layer in _refuse_unmergeable(model, "merge_adapter"):
+    # modules_to_save copies have nothing to fold: they keep replacing their module.
+    if not layer.disabled and not layer.merged and not isinstance(layer, ModulesToSave):
+      layer.fold()
+      layer.merged = True
+  return model
+
+
+def unmerge_adapter(model: nnx.Module) -> nnx.Module:
+  """Takes what `merge_adapter` folded back out of the base weights."""
+  for _, layer in reversed(list(adapter_layers(model))):
+    if layer.merged:
+      layer.unfold()
+      layer.merged = False
   return model
 
 

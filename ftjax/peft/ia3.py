@@ -122,7 +122,7 @@ class IA3Linear(AdapterLayer):
     self.disabled = False
 
   def __call__(self, x):
-    if self.disabled:
+    if self.off:
       return self.base_layer(x)
     scale = self.ia3_l[...]
     if self.feedforward:
@@ -130,14 +130,19 @@ class IA3Linear(AdapterLayer):
     y = self.base_layer(x)
     return (y * scale).astype(y.dtype)
 
-  def merge(self) -> nnx.Module:
-    kernel, bias, scale = self.base_layer.kernel, self.base_layer.bias, self.ia3_l[...]
-    weight = jnp.asarray(kernel[...], jnp.float32)
+  def fold(self, inverse: bool = False) -> None:
+    """Scales the kernel's input rows or output columns (and the bias) by l, or by 1/l."""
+    base = self.base_linear()
+    scale = self.ia3_l[...]
+    scale = 1.0 / scale if inverse else scale
+    weight = jnp.asarray(base.kernel[...], jnp.float32)
     weight = weight * (scale[..., :, None] if self.feedforward else scale[..., None, :])
-    kernel.set_value(weight.astype(kernel.dtype))
-    if bias is not None and not self.feedforward:
-      bias.set_value((jnp.asarray(bias[...], jnp.float32) * scale).astype(bias.dtype))
-    return self.base_layer
+    base.kernel.set_value(weight.astype(base.kernel.dtype))
+    if base.bias is not None and not self.feedforward:
+      base.bias.set_value((jnp.asarray(base.bias[...], jnp.float32) * scale).astype(base.bias.dtype))
+
+  def unfold(self) -> None:
+    self.fold(inverse=True)
 
   # HF PEFT layout: ia3_l [out, 1] for an output scale, [1, in] for an input (feedforward) scale.
   def peft_tensors(self) -> dict:

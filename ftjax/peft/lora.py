@@ -191,11 +191,13 @@ class _Lora(AdapterLayer):
   def _dropout(self, x):
     return self.dropout(x) if self.dropout is not None else x
 
-  def merge(self) -> nnx.Module:
-    kernel = self.base_layer.kernel
-    merged = jnp.asarray(kernel[...], jnp.float32) + self._delta()
-    kernel.set_value(merged.astype(kernel.dtype))
-    return self.base_layer
+  def fold(self) -> None:
+    kernel = self.base_linear().kernel
+    kernel.set_value((jnp.asarray(kernel[...], jnp.float32) + self._delta()).astype(kernel.dtype))
+
+  def unfold(self) -> None:
+    kernel = self.base_linear().kernel
+    kernel.set_value((jnp.asarray(kernel[...], jnp.float32) - self._delta()).astype(kernel.dtype))
 
   # HF PEFT layout: lora_A.weight [r, in], lora_B.weight [out, r] (torch Linear weights;
   # an einsum's dims flattened), with any leading layer axis kept first.
@@ -224,7 +226,7 @@ class LoraLinear(_Lora):
 
   def __call__(self, x):
     y = self.base_layer(x)
-    if self.disabled:
+    if self.off:
       return y
     xd = self._dropout(x)
     return self._combine(y, xd, jnp.dot(xd, self.lora_a[...].astype(x.dtype)), xd is not x)
@@ -242,7 +244,7 @@ class LoraLinear(_Lora):
     as one, so this cuts the LoRA forward and backward passes. `rng`: the dropout key.
     """
     outs = [m.base_layer(x) for m in modules]
-    active = [i for i, m in enumerate(modules) if not m.disabled]
+    active = [i for i, m in enumerate(modules) if not m.off]
     if not active:
       return outs
     rate = modules[active[0]].dropout_rate
@@ -277,27 +279,33 @@ class DoraLinear(LoraLinear):
 
   def _magnitude_scale(self):
     """m / ||W + sAB|| per output feature (f32), the norm a constant to autodiff."""
-    weight = jnp.asarray(self.base_layer.kernel[...], jnp.float32) + self._delta()
+    weight = jnp.asarray(self.base_linear().kernel[...], jnp.float32) + self._delta()
     return self.lora_magnitude[...] / jax.lax.stop_gradient(jnp.linalg.norm(weight, axis=-2))
 
   def _combine(self, y, xd, xa, dropped: bool):
     # HF PEFT's form: y + (m/||.|| - 1) · xW + (m/||.||) · s (xA) B, where xW is the base output
     # without bias (recomputed from the dropped-out x when dropout is on).
     if dropped:
-      base = jnp.dot(xd, self.base_layer.kernel[...].astype(xd.dtype))
+      base = jnp.dot(xd, self.base_linear().kernel[...].astype(xd.dtype))
     else:
-      bias = self.base_layer.bias
+      bias = self.base_linear().bias
       base = y - bias[...].astype(y.dtype) if bias is not None else y
     scale = self._magnitude_scale().astype(y.dtype)
     lora = jnp.dot(xa, self.lora_b[...].astype(xa.dtype)) * self.scaling
     return y + ((scale - 1) * base + scale * lora.astype(y.dtype))
 
-  def merge(self) -> nnx.Module:
-    kernel = self.base_layer.kernel
+  def fold(self) -> None:
+    """W' = m (W + sAB) / ||W + sAB||; the norm is kept to undo it exactly as PEFT does."""
+    kernel = self.base_linear().kernel
     weight = jnp.asarray(kernel[...], jnp.float32) + self._delta()
-    merged = weight * (self.lora_magnitude[...] / jnp.linalg.norm(weight, axis=-2))[..., None, :]
-    kernel.set_value(merged.astype(kernel.dtype))
-    return self.base_layer
+    self.merged_norm = nnx.data(jnp.linalg.norm(weight, axis=-2))
+    kernel.set_value((weight * (self.lora_magnitude[...] / self.merged_norm)[..., None, :]).astype(kernel.dtype))
+
+  def unfold(self) -> None:
+    kernel = self.base_linear().kernel
+    weight = jnp.asarray(kernel[...], jnp.float32) * (self.merged_norm / self.lora_magnitude[...])[..., None, :]
+    kernel.set_value((weight - self._delta()).astype(kernel.dtype))
+    self.merged_norm = nnx.data(None)
 
   def peft_tensors(self) -> dict:
     return {**super().peft_tensors(), "lora_magnitude_vector": self.lora_magnitude[...]}
@@ -343,7 +351,7 @@ class LoraEinsum(_Lora):
 
   def __call__(self, x):
     y = self.base_layer(x)
-    if self.disabled:
+    if self.off:
       return y
     xa = jnp.einsum(self._xa_eq, self._dropout(x), self.lora_a[...].astype(x.dtype))
     return y + jnp.einsum(self._out_eq, xa * self.scaling, self.lora_b[...].astype(x.dtype)).astype(y.dtype)
