@@ -240,7 +240,9 @@ def main() -> None:
   parser.add_argument("--gap", type=float, default=3.0,
                       help="idle seconds before each round: ftjax ran slower for a few seconds "
                            "right after a PEFT round on the 2-core VM, so each side starts settled")
-  parser.add_argument("--method", choices=["lora", "full"], default=None)
+  parser.add_argument("--method", default=None, help="any config method (lora, ia3, prompt, ...)")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="any other config key, e.g. --set lora.use_dora=true (JSON values)")
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
   parser.add_argument("--remat", default=None)
   parser.add_argument("--scan-unroll", type=int, default=None, help="-1 unrolls every layer")
@@ -263,6 +265,17 @@ def main() -> None:
   config = load_config(args.config)
   overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
   apply_overrides(config, overrides)
+  for item in args.set:
+    key, _, text = item.partition("=")
+    try:
+      value = json.loads(text)
+    except json.JSONDecodeError:
+      value = text
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
   if args.vs_peft and config.method != "lora":
     raise SystemExit("--vs-peft compares LoRA training; use a LoRA config")
   bench = FtjaxBench(config, args.batch, args.seq)

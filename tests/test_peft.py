@@ -51,9 +51,13 @@ def hf_logits(model, tokens=TOKENS):
 
 
 def lora_names(model) -> set[str]:
-  """Torch names of the modules ftjax's model has adapters on, one per layer."""
+  """Torch names of the modules ftjax's model has adapters on, one per (adapted) layer."""
   stacks = peft.core.stack_sizes(model)
-  return {n for path, _ in peft.adapter_layers(model) for n in peft.core.torch_names(path, stacks)[0]}
+  names = set()
+  for path, layer in peft.adapter_layers(model):
+    per_layer = peft.core.torch_names(path, stacks)[0]
+    names.update(n for n, on in zip(per_layer, layer.layer_selected() or [True] * len(per_layer)) if on)
+  return names
 
 
 def hf_lora_names(model) -> set[str]:
@@ -61,6 +65,8 @@ def hf_lora_names(model) -> set[str]:
   return {name.removeprefix("base_model.model.") for name, m in model.named_modules()
           if isinstance(m, BaseTunerLayer)}
 
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # method -> (ftjax config, the same config in HF PEFT, (learning rate, required loss ratio after
 # 10 steps) of the toy training). A near-uniform random base learns slowly through small
@@ -78,6 +84,10 @@ METHODS = {
         lambda: hf_peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                    rank_pattern={"k_proj": 2, "mlp.down_proj": 6}, alpha_pattern={"up_proj": 2}),
         (1e-2, 0.95)),
+    "lora_layers": (  # layer 1 of the 2-layer stack only
+        lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR, layers_to_transform=[1]),
+        lambda: hf_peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR, layers_to_transform=[1]),
+        (1e-2, 0.97)),
     "ia3": (lambda: peft.IA3Config(), lambda: hf_peft.IA3Config(), (1e-1, 0.99)),  # PEFT's defaults
     # Virtual tokens steer a random model least of all (measured at lr 0.1: prompt 4.86 -> 4.81,
     # prefix 4.87 -> 4.74, projected prefix 4.88 -> 4.64).
@@ -152,7 +162,7 @@ def test_llama_adapter_trains_keeps_base_and_loads_in_peft(hf_dir, tmp_path, met
     np.testing.assert_array_equal(a, np.asarray(b), err_msg=jax.tree_util.keystr(path))
 
   # The trained adapter, saved in PEFT's format, gives the same logits under HF PEFT.
-  trained = step_lib.merge_model(graphdef, state["trainable"], frozen, mutable)
+  trained = step_lib.merge_model(graphdef, state["trainable"], frozen, state["mutable"])
   peft.save_adapter(trained, str(tmp_path / "adapter"))
   loaded = hf_peft.PeftModel.from_pretrained(hf_model(hf_dir), str(tmp_path / "adapter")).eval()
   # f32 on both sides: 1e-4 relative leaves room for summation order only.
@@ -192,6 +202,8 @@ PEFT_WRITTEN = {  # random B (init_lora_weights=False): the adapter changes the 
                                          use_rslora=True, init_lora_weights=False),
     "dora": lambda: hf_peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "down_proj"],
                                        use_dora=True, init_lora_weights=False),
+    "layers": lambda: hf_peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "down_proj"],
+                                         layers_to_transform=[0], init_lora_weights=False),
     "patterns": lambda: hf_peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "down_proj"],
                                            rank_pattern={"k_proj": 2, "down_proj": 8},
                                            alpha_pattern={"q_proj": 4}, init_lora_weights=False),

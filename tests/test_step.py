@@ -94,7 +94,7 @@ def _train_both(ftjax_model, trainable, torch_model, lr=1e-3, weight_decay=0.1, 
     torch.nn.utils.clip_grad_norm_([p for p in torch_model.parameters() if p.requires_grad], 1.0)
     torch_opt.step()
     torch_opt.zero_grad()
-  return step_lib.merge_model(graphdef, state["trainable"], frozen, mutable)
+  return step_lib.merge_model(graphdef, state["trainable"], frozen, state["mutable"])
 
 
 @pytest.fixture

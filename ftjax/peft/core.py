@@ -53,9 +53,23 @@ class AdapterLayer(nnx.Module):
   mergeable: ClassVar[bool] = True  # False: merge_and_unload refuses (prompt / prefix tuning)
   peft_prefixed: ClassVar[bool] = True  # False: PEFT keys are the bare tensor names
 
+  layer_mask = None  # a LayerMask when adapted in some layers of a stack only
+
   @property
   def off(self) -> bool:
     return self.disabled or self.merged
+
+  def masked(self, x):
+    """x (the adapter's contribution or update) where the layer is adapted, 0 elsewhere; inside
+    the layer scan the mask is this layer's scalar, outside it the stack's vector."""
+    if self.layer_mask is None:
+      return x
+    mask = self.layer_mask[...]
+    return x * mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim)).astype(x.dtype)
+
+  def layer_selected(self) -> list[bool] | None:
+    """Which layers of the stack carry this adapter (None: all)."""
+    return None if self.layer_mask is None else [bool(v) for v in np.asarray(self.layer_mask[...])]
 
   def base_linear(self) -> nnx.Module:
     """The innermost wrapped layer (adapters of several names form a chain)."""
@@ -69,6 +83,11 @@ class AdapterLayer(nnx.Module):
     if not self.merged:
       self.fold()
     return self.base_layer
+
+
+class LayerMask(nnx.Variable):
+  """1 for the layers of a stack an adapter is active in, 0 elsewhere (layers_to_transform):
+  not trained, sliced by the layer scan like the adapter's params."""
 
 
 class SavedModuleParam(AdapterParam):
@@ -177,13 +196,24 @@ def _matches(target_modules, key: str) -> bool:
   return any(key == t or key.endswith("." + t) for t in target_modules)
 
 
-def find_targets(model: nnx.Module, target_modules, supported: tuple[type, ...],
-                 method: str) -> list[tuple[str, nnx.Module]]:
-  """(path, module) of every module `target_modules` selects, as HF PEFT selects them.
+def layer_index(name: str, stacked_index: int | None) -> int | None:
+  """The layer a module belongs to: its index in a layer stack, else HF PEFT's parse of the
+  first numeric name component after another ("model.layers.3.self_attn.q_proj" -> 3)."""
+  if stacked_index is not None:
+    return stacked_index
+  match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+  return int(match.group("idx")) if match else None
+
+
+def find_targets(model: nnx.Module, target_modules, supported: tuple[type, ...], method: str,
+                 layers=None) -> list[tuple[str, nnx.Module, tuple[bool, ...] | None]]:
+  """(path, module, layer mask) of every module `target_modules` selects, as HF PEFT does.
 
   "all-linear": every supported layer except the model's output head (named by the model's
-  `output_module` attribute, as HF PEFT leaves out `lm_head`). A matched module of an
-  unsupported type is an error, as is a stacked module matched in some layers but not all.
+  `output_module` attribute, as HF PEFT leaves out `lm_head`). `layers` (layers_to_transform)
+  keeps only modules of those layers; a module of a layer stack then gets a mask of the stack's
+  layers it is adapted in (None: all of them). Without `layers`, a stacked module matched in
+  some layers but not all is an error, as is a matched module of an unsupported type.
   """
   stacks = stack_sizes(model)
   output = getattr(model, "output_module", None)
@@ -197,30 +227,31 @@ def find_targets(model: nnx.Module, target_modules, supported: tuple[type, ...],
     real, name = _name(path), logical_name(_name(path))
     if isinstance(module, supported):
       seen.append(name)
+    keys, stacked = torch_names(name, stacks)
     if target_modules == "all-linear":
-      if isinstance(module, supported) and name != output:
-        found.append((real, module))
-      continue
-    keys, _ = torch_names(name, stacks)
-    hits = [_matches(target_modules, k) for k in keys]
+      hits = [isinstance(module, supported) and name != output] * len(keys)
+    else:
+      hits = [_matches(target_modules, k) for k in keys]
+    if layers is not None:
+      hits = [h and layer_index(k, i if stacked else None) in layers for i, (h, k) in enumerate(zip(hits, keys))]
     if not any(hits):
       continue
-    if not all(hits):
-      layers = [i for i, h in enumerate(hits) if h]
+    if not all(hits) and layers is None:
       raise FtjaxError(
           f"{method} target_modules={target_modules!r} selects {name.replace('/', '.')} in layers "
-          f"{layers} but not "
-          f"in all {len(hits)}: these layers are stacked and share one adapter shape; per-layer "
-          "selection (layers_to_transform) is not supported yet")
+          f"{[i for i, h in enumerate(hits) if h]} but not in all {len(hits)}; to adapt some "
+          "layers of a stack only, say which with layers_to_transform")
     if not isinstance(module, supported):
       raise FtjaxError(
           f"{method} target_modules={target_modules!r} selects {keys[0]}, a "
           f"{type(module).__name__}; {method} wraps {', '.join(t.__name__ for t in supported)}")
-    found.append((real, module))
+    found.append((real, module, None if all(hits) else tuple(hits)))
   if not found:
     examples = ", ".join(sorted(torch_names(n, stacks)[0][0] for n in seen)[:8])
-    raise FtjaxError(f"{method} target_modules={target_modules!r} match no module; the layers "
-                     f"{method} can wrap are named e.g. {examples} (or use 'all-linear')")
+    raise FtjaxError(f"{method} target_modules={target_modules!r} match no module"
+                     + (f" in layers_to_transform={list(layers)}" if layers is not None else "")
+                     + f"; the layers {method} can wrap are named e.g. {examples} (or use "
+                     "'all-linear')")
   return found
 
 
@@ -310,8 +341,17 @@ class WrapperConfig(PeftConfig):
   def attach(self, model: nnx.Module, rngs: nnx.Rngs) -> None:
     stacks = stack_sizes(model)
     wrapped = set()
-    for path, module in find_targets(model, self.targets(model), self.supported, self.method):
-      replace_module(model, path, self.wrap(module, rngs, torch_names(path, stacks)[0]))
+    layers = getattr(self, "layers_to_transform", None)
+    for path, module, mask in find_targets(model, self.targets(model), self.supported,
+                                           self.method, layers):
+      names = torch_names(path, stacks)[0]
+      if mask is not None:  # adapted in some layers of the stack only
+        names = [n for n, on in zip(names, mask) if on]
+      layer = self.wrap(module, rngs, names)
+      if mask is not None:
+        layer.layer_mask = LayerMask(jnp.asarray(mask, jnp.float32), out_sharding=("layers",),
+                                     eager_sharding=False)
+      replace_module(model, path, layer)
       wrapped.add(path)
     attach_modules_to_save(model, self.modules_to_save, wrapped)
 
@@ -353,10 +393,18 @@ def refuse_unsupported(raw: dict, defaults: dict) -> None:
 # --- model-level operations -----------------------------------------------------------------
 
 def count_params(model: nnx.Module, trainable=AdapterParam) -> tuple[int, int]:
-  """(trainable, all) parameter counts; `trainable` is an nnx filter (default: the adapters)."""
+  """(trainable, all) parameter counts; `trainable` is an nnx filter (default: the adapters).
+  Adapter rows of stacked layers a layers_to_transform mask leaves out are not counted."""
   def size(state):
     return sum(x.size for x in jax.tree.leaves(state))
-  return size(nnx.state(model, trainable)), size(nnx.state(model, nnx.Param))
+  unused = 0
+  for _, layer in adapter_layers(model):
+    if layer.layer_mask is not None:
+      own = sum(x.size for p, x in nnx.to_flat_state(nnx.state(layer, AdapterParam))
+                if "base_layer" not in (str(c) for c in p))
+      mask = layer.layer_selected()
+      unused += own * mask.count(False) // len(mask)
+  return size(nnx.state(model, trainable)) - unused, size(nnx.state(model, nnx.Param)) - unused
 
 
 def print_trainable_parameters(model: nnx.Module, trainable=AdapterParam) -> tuple[int, int]:

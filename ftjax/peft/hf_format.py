@@ -53,10 +53,12 @@ def adapter_state_dict(model: nnx.Module, adapter_name: str | None = None) -> di
     if layer.adapter_name != adapter_name:
       continue
     names, stacked = torch_names(path, stacks)
+    selected = layer.layer_selected() or [True] * len(names)
     for suffix, value in jax.device_get(layer.peft_tensors()).items():
       value = np.asarray(value, np.float32)
-      for key, tensor in zip(_keys(layer, names, suffix), value if stacked else [value]):
-        out[key] = np.ascontiguousarray(tensor)
+      for key, tensor, on in zip(_keys(layer, names, suffix), value if stacked else [value], selected):
+        if on:  # layers_to_transform: only the adapted layers are in the file
+          out[key] = np.ascontiguousarray(tensor)
   return out
 
 
@@ -133,11 +135,15 @@ def _load_tensors(model: nnx.Module, adapter_dir: str, adapter_name: str) -> Non
       if layer.adapter_name != adapter_name:
         continue
       names, stacked = torch_names(path, stacks)
+      selected = layer.layer_selected() or [True] * len(names)
       tensors = {}
       for suffix, expected in layer.peft_tensors().items():
         want = expected.shape[1:] if stacked else expected.shape
         arrays = []
-        for key in _keys(layer, names, suffix):
+        for i, key in enumerate(_keys(layer, names, suffix)):
+          if not selected[i]:  # a layer layers_to_transform leaves out: keep the init
+            arrays.append(np.asarray(expected[i]))
+            continue
           if key not in available:
             raise FtjaxError(f"{weights}: missing tensor {key!r} (expected shape {want})")
           arrays.append(f.get_tensor(key))

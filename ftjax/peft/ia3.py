@@ -70,7 +70,7 @@ class IA3Config(WrapperConfig):
     ff = self.feedforward(model)
     stacks = stack_sizes(model)
     wrapped = set()
-    for path, module in find_targets(model, self.targets(model), self.supported, self.method):
+    for path, module, _ in find_targets(model, self.targets(model), self.supported, self.method):
       names, _ = torch_names(path, stacks)
       # HF PEFT's rule: a regex fully matches the name, or the name ends with a listed one.
       hits = {re.fullmatch(ff, n) is not None if isinstance(ff, str)

@@ -62,6 +62,8 @@ class LoraConfig(WrapperConfig):
   modules_to_save: tuple[str, ...] | None = None
   rank_pattern: tuple[tuple[str, int], ...] = ()  # a dict is accepted: hashable once stored
   alpha_pattern: tuple[tuple[str, float], ...] = ()
+  layers_to_transform: tuple[int, ...] | None = None
+  layers_pattern: str | None = None
   bias: str = "none"
   task_type: str | None = None
 
@@ -71,6 +73,13 @@ class LoraConfig(WrapperConfig):
         object.__setattr__(self, key, tuple(sorted(getattr(self, key))))
     for key in ("rank_pattern", "alpha_pattern"):
       object.__setattr__(self, key, tuple(dict(getattr(self, key) or {}).items()))
+    if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+      raise FtjaxError("LoraConfig: layers_to_transform needs target_modules as a list of names "
+                       "(as in HF PEFT), not a regex or 'all-linear'")
+    if isinstance(self.layers_to_transform, int):
+      object.__setattr__(self, "layers_to_transform", (self.layers_to_transform,))
+    elif self.layers_to_transform is not None:
+      object.__setattr__(self, "layers_to_transform", tuple(self.layers_to_transform))
     if any(not (isinstance(r, int) and r > 0) for _, r in self.rank_pattern):
       raise FtjaxError(f"LoraConfig: rank_pattern={dict(self.rank_pattern)}; ranks must be positive integers")
     if not (isinstance(self.r, int) and self.r > 0):
@@ -123,13 +132,13 @@ class LoraConfig(WrapperConfig):
         "inference_mode": True, "modules_to_save": as_list(self.modules_to_save),
         "init_lora_weights": self.init_lora_weights,
         "rank_pattern": dict(self.rank_pattern), "alpha_pattern": dict(self.alpha_pattern),
-        "layers_to_transform": None,
+        "layers_to_transform": as_list(self.layers_to_transform),
+        "layers_pattern": self.layers_pattern,
     }
 
   @classmethod
   def from_peft(cls, raw: dict) -> "LoraConfig":
-    refuse_unsupported(raw, {"layers_to_transform": None, "fan_in_fan_out": False,
-                             "layers_pattern": None, "use_qalora": False})
+    refuse_unsupported(raw, {"fan_in_fan_out": False, "use_qalora": False})
     if raw.get("target_modules") is None:
       raise FtjaxError("missing key 'target_modules'")
     return cls(r=int(raw["r"]), lora_alpha=raw.get("lora_alpha", 8),
@@ -139,6 +148,8 @@ class LoraConfig(WrapperConfig):
                init_lora_weights="gaussian" if raw.get("init_lora_weights") == "gaussian" else True,
                modules_to_save=as_tuple(raw.get("modules_to_save") or None),
                rank_pattern=raw.get("rank_pattern") or {}, alpha_pattern=raw.get("alpha_pattern") or {},
+               layers_to_transform=raw.get("layers_to_transform"),
+               layers_pattern=raw.get("layers_pattern") or None,
                bias=raw.get("bias") or "none", task_type=raw.get("task_type"))
 
 
@@ -193,11 +204,13 @@ class _Lora(AdapterLayer):
 
   def fold(self) -> None:
     kernel = self.base_linear().kernel
-    kernel.set_value((jnp.asarray(kernel[...], jnp.float32) + self._delta()).astype(kernel.dtype))
+    update = self.masked(self._delta())
+    kernel.set_value((jnp.asarray(kernel[...], jnp.float32) + update).astype(kernel.dtype))
 
   def unfold(self) -> None:
     kernel = self.base_linear().kernel
-    kernel.set_value((jnp.asarray(kernel[...], jnp.float32) - self._delta()).astype(kernel.dtype))
+    update = self.masked(self._delta())
+    kernel.set_value((jnp.asarray(kernel[...], jnp.float32) - update).astype(kernel.dtype))
 
   # HF PEFT layout: lora_A.weight [r, in], lora_B.weight [out, r] (torch Linear weights;
   # an einsum's dims flattened), with any leading layer axis kept first.
@@ -234,7 +247,7 @@ class LoraLinear(_Lora):
   def _combine(self, y, xd, xa, dropped: bool):
     """The layer's output from the base output y and xa = dropout(x) @ A."""
     del xd, dropped
-    return y + jnp.dot(xa * self.scaling, self.lora_b[...].astype(xa.dtype)).astype(y.dtype)
+    return y + self.masked(jnp.dot(xa * self.scaling, self.lora_b[...].astype(xa.dtype)).astype(y.dtype))
 
   @classmethod
   def project_many(cls, x, modules: Sequence["LoraLinear"], rng=None) -> list:
@@ -292,19 +305,22 @@ class DoraLinear(LoraLinear):
       base = y - bias[...].astype(y.dtype) if bias is not None else y
     scale = self._magnitude_scale().astype(y.dtype)
     lora = jnp.dot(xa, self.lora_b[...].astype(xa.dtype)) * self.scaling
-    return y + ((scale - 1) * base + scale * lora.astype(y.dtype))
+    return y + self.masked((scale - 1) * base + scale * lora.astype(y.dtype))
 
   def fold(self) -> None:
     """W' = m (W + sAB) / ||W + sAB||; the norm is kept to undo it exactly as PEFT does."""
     kernel = self.base_linear().kernel
-    weight = jnp.asarray(kernel[...], jnp.float32) + self._delta()
+    original = jnp.asarray(kernel[...], jnp.float32)
+    weight = original + self._delta()
     self.merged_norm = nnx.data(jnp.linalg.norm(weight, axis=-2))
-    kernel.set_value((weight * (self.lora_magnitude[...] / self.merged_norm)[..., None, :]).astype(kernel.dtype))
+    merged = weight * (self.lora_magnitude[...] / self.merged_norm)[..., None, :]
+    kernel.set_value((original + self.masked(merged - original)).astype(kernel.dtype))
 
   def unfold(self) -> None:
     kernel = self.base_linear().kernel
-    weight = jnp.asarray(kernel[...], jnp.float32) * (self.merged_norm / self.lora_magnitude[...])[..., None, :]
-    kernel.set_value((weight - self._delta()).astype(kernel.dtype))
+    merged = jnp.asarray(kernel[...], jnp.float32)
+    original = merged * (self.merged_norm / self.lora_magnitude[...])[..., None, :] - self._delta()
+    kernel.set_value((merged + self.masked(original - merged)).astype(kernel.dtype))
     self.merged_norm = nnx.data(None)
 
   def peft_tensors(self) -> dict:
