@@ -41,7 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Shrink the loaded model for tests ("runlocal"): 0 keeps it as is.
   c.model.num_layers = 0
 
-  c.method = "lora"  # lora | ia3 | prompt | prefix | adapter | full
+  # lora | ia3 | prompt | prefix | adapter | full; PEFT methods combine with "+", e.g.
+  # "lora+prompt": both attached as named adapters ("lora", "prompt") and trained together.
+  c.method = "lora"
   # Whole modules trained beside a lora / ia3 / adapter method and saved with it (HF PEFT's
   # modules_to_save): comma-separated names matched as suffixes of module names, e.g. "lm_head,norm".
   c.modules_to_save = ""
@@ -138,7 +140,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if not ok:
       raise FtjaxError(f"config: {msg}")
 
-  check(c.method in METHODS, f"method={c.method!r}; expected one of {METHODS}")
+  parts = methods(c)
+  check(all(m in METHODS for m in parts) and len(set(parts)) == len(parts)
+        and ("full" not in parts or len(parts) == 1),
+        f"method={c.method!r}; expected one of {METHODS}, or PEFT methods joined by '+'")
   for key in ("dtype", "param_dtype", "trainable_dtype"):
     check(c.model[key] in DTYPES, f"model.{key}={c.model[key]!r}; expected one of {tuple(DTYPES)}")
   check(c.model.remat in REMAT_POLICIES,
@@ -150,11 +155,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(0.0 <= c.lora.dropout < 1.0, f"lora.dropout={c.lora.dropout}; must be in [0, 1)")
   check(c.lora.init_a in ("kaiming", "gaussian"), f"lora.init_a={c.lora.init_a!r}")
   check(c.lora.loraplus_lr_ratio > 0, f"lora.loraplus_lr_ratio={c.lora.loraplus_lr_ratio}; must be > 0")
-  check(c.method == "lora" or c.lora.loraplus_lr_ratio == 1.0,
+  check("lora" in parts or c.lora.loraplus_lr_ratio == 1.0,
         "lora.loraplus_lr_ratio (LoRA+) needs method='lora'")
-  check(c.method in ("lora", "ia3", "adapter") or not c.modules_to_save,
+  check(any(m in ("lora", "ia3", "adapter") for m in parts) or not c.modules_to_save,
         f"modules_to_save goes with method lora, ia3 or adapter, not {c.method!r}")
-  check(c.method in MERGEABLE or not c.export.merged,
+  check(all(m in MERGEABLE for m in parts) or not c.export.merged,
         f"export.merged: a {c.method} adapter has no merged form; use one of {MERGEABLE} or keep "
         "export.merged=False (the adapter is exported alone)")
   check(bool(c.data.train) or bool(c.data.generate), "data.train is empty (give a JSONL path)")
@@ -176,6 +181,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.eval.scorer in ("exact_match", "quickstart_json"), f"eval.scorer={c.eval.scorer!r}")
   check(not c.eval.generate or bool(c.data.eval) or bool(c.data.generate),
         "eval.generate needs data.eval")
+
+
+def methods(c: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """"lora+prompt" -> ("lora", "prompt")."""
+  return tuple(m.strip() for m in c.method.split("+"))
 
 
 def names(text: str) -> tuple[str, ...]:

@@ -25,9 +25,18 @@ from ftjax.models import save_pretrained
 from ftjax.run import init_or_restore, setup
 
 
-def write_adapter(model: nnx.Module, out_dir: str, base_model_name: str) -> None:
-  """adapter_config.json + adapter_model.safetensors in HF PEFT's layout."""
-  peft.save_adapter(model, out_dir, base_model_name_or_path=base_model_name)
+def write_adapters(model: nnx.Module, out_dir: str, base_model_name: str) -> list[str]:
+  """Each attached adapter in HF PEFT's layout (adapter_config.json +
+  adapter_model.safetensors): one adapter in `out_dir` itself, several each in
+  `out_dir/<name>/` (as PEFT saves adapters that are not "default"). Returns the folders."""
+  names = list(peft.configs(model))
+  if len(names) == 1:
+    peft.save_adapter(model, out_dir, base_model_name, adapter_name=names[0])
+    return [out_dir]
+  os.makedirs(out_dir, exist_ok=True)
+  for name in names:
+    peft.save_adapter(model, os.path.join(out_dir, name), base_model_name, adapter_name=name)
+  return [os.path.join(out_dir, name) for name in names]
 
 
 def merged_model(model: nnx.Module) -> nnx.Module:
@@ -65,10 +74,10 @@ def main(argv=None) -> None:
   checkpointer.close()
   model = run.model(state["trainable"])
   print(f"restored step {int(state['step'])} from {args.workdir}", file=sys.stderr)
-  if run.peft_config is not None and not args.no_adapter:
+  if run.peft_configs and not args.no_adapter:
     out = args.adapter or os.path.join(args.workdir, "adapter")
-    write_adapter(model, out, config.model.name_or_path)
-    print(f"wrote PEFT adapter to {out}", file=sys.stderr)
+    for folder in write_adapters(model, out, config.model.name_or_path):
+      print(f"wrote PEFT adapter to {folder}", file=sys.stderr)
   if not args.no_merged:
     if not peft.can_merge(model):
       if args.merged:

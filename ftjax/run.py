@@ -39,7 +39,7 @@ class Run:
   config: ml_collections.ConfigDict
   model_cfg: Any
   tokenizer: Any
-  peft_config: peft.PeftConfig | None
+  peft_configs: dict[str, peft.PeftConfig]  # {adapter name: config}; {} for full fine-tuning
   graphdef: nnx.GraphDef
   trainable: dict
   frozen: dict
@@ -57,32 +57,44 @@ class Run:
                                 self.frozen, self.mutable)
 
 
-def peft_config(config) -> peft.PeftConfig | None:
-  """The PEFT method the config selects (None: full fine-tuning)."""
-  modules_to_save = config_lib.names(config.modules_to_save) or None
-  if config.method == "lora":
+def peft_configs(config) -> dict[str, peft.PeftConfig]:
+  """{adapter name: config} of the PEFT methods the config selects ({} for full fine-tuning);
+  each is named after its method. modules_to_save goes with the first wrapping method."""
+  out, to_save = {}, config_lib.names(config.modules_to_save) or None
+  for name in config_lib.methods(config):
+    method = method_config(config, name, to_save if name in ("lora", "ia3", "adapter") else None)
+    if method is not None:
+      out[name] = method
+      if name in ("lora", "ia3", "adapter"):
+        to_save = None
+  return out
+
+
+def method_config(config, method: str, modules_to_save) -> peft.PeftConfig | None:
+  """One PEFT method's config from its block of the run config (None: full fine-tuning)."""
+  if method == "lora":
     c = config.lora
     return peft.LoraConfig(r=c.rank, lora_alpha=c.alpha, lora_dropout=c.dropout,
                            target_modules=config_lib.targets(c.targets), use_rslora=c.rslora,
                            use_dora=c.use_dora,
                            init_lora_weights="gaussian" if c.init_a == "gaussian" else True,
                            modules_to_save=modules_to_save, task_type="CAUSAL_LM")
-  if config.method == "ia3":
+  if method == "ia3":
     c = config.ia3
     return peft.IA3Config(target_modules=config_lib.targets(c.targets),
                           feedforward_modules=config_lib.targets(c.feedforward),
                           modules_to_save=modules_to_save, task_type="CAUSAL_LM")
-  if config.method == "prompt":
+  if method == "prompt":
     c = config.prompt
     return peft.PromptTuningConfig(num_virtual_tokens=c.num_virtual_tokens, prompt_tuning_init=c.init,
                                    prompt_tuning_init_text=c.init_text or None,
                                    tokenizer_name_or_path=config.model.name_or_path)
-  if config.method == "prefix":
+  if method == "prefix":
     c = config.prefix
     return peft.PrefixTuningConfig(num_virtual_tokens=c.num_virtual_tokens,
                                    prefix_projection=c.projection,
                                    encoder_hidden_size=c.encoder_hidden_size or None)
-  if config.method == "adapter":
+  if method == "adapter":
     c = config.adapter
     return peft.BottleneckAdapterConfig(
         reduction_factor=c.reduction_factor, non_linearity=c.non_linearity,
@@ -118,11 +130,13 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
   model = from_params(model_cfg, params, dtype=dtypes["dtype"], place=lambda p: p)
 
   # --- PEFT adapter, and which params train: one filter ---
-  method = peft_config(config)
-  if method is not None:
-    model = peft.get_peft_model(model, method, rngs=config.train.seed + 1)
+  methods = peft_configs(config)
+  for i, (name, method) in enumerate(methods.items()):
+    peft.add_adapter(model, name, method, rngs=config.train.seed + 1 + i)
+  if methods:
+    peft.set_adapter(model, list(methods))  # a combination trains together
   graphdef, train_state, frozen_state, mutable_state = nnx.split(
-      model, peft.trainable(model) if method else nnx.Param, nnx.Param, ...)
+      model, peft.trainable(model) if methods else nnx.Param, nnx.Param, ...)
 
   # --- data (validated before anything compiles) ---
   train_ds = eval_ds = None
@@ -163,7 +177,7 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
       lora_plus_ratio=config.lora.loraplus_lr_ratio)
   unroll = True if config.model.scan_unroll == -1 else config.model.scan_unroll
   loss_fn = CausalLMLoss(remat=config.model.remat, unroll=unroll, vocab_chunk=config.train.vocab_chunk)
-  return Run(config, model_cfg, tokenizer, method, graphdef, trainable, frozen, mutable, train_ds,
+  return Run(config, model_cfg, tokenizer, methods, graphdef, trainable, frozen, mutable, train_ds,
              eval_ds, mesh, optimizer, schedule, loss_fn)
 
 

@@ -139,7 +139,7 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
   seq = cfg.data.seq_len
   n_train = sum(x.size for x in jax.tree.leaves(state["trainable"]))
   flops_per_step = cfg.train.batch_size * seq * train_flops_per_token(
-      run.model_cfg, seq, full=cfg.method == "full", lora_params=n_train if run.peft_config else 0)
+      run.model_cfg, seq, full=cfg.method == "full", lora_params=n_train if run.peft_configs else 0)
   start_step = int(state["step"])
   # `position`: where the first batch not yet trained on starts; that is what a checkpoint saves
   # (the loader itself runs one batch ahead, fetching while the device computes).
@@ -212,8 +212,8 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
   if final_eval:
     writer.write(final_step, final_eval, "eval/")
   model = run.model(state["trainable"])
-  if run.peft_config and cfg.export.adapter:
-    export.write_adapter(model, os.path.join(workdir, "adapter"), cfg.model.name_or_path)
+  if run.peft_configs and cfg.export.adapter:
+    export.write_adapters(model, os.path.join(workdir, "adapter"), cfg.model.name_or_path)
   merged = export.merged_model(model) if cfg.export.merged or cfg.eval.generate else None
   if cfg.export.merged:
     export.write_merged(merged, run.tokenizer, os.path.join(workdir, "merged"))

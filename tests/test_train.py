@@ -419,3 +419,26 @@ def test_every_method_trains_from_the_config(method, overrides, peft_type, model
   trained = np.asarray(run.model(state["trainable"])(tokens))
   reloaded = peft.load_adapter(models.load(model_dir)[0], str(adapter))
   assert rel_err(reloaded(tokens), trained) < 1e-5
+
+
+def test_a_combination_of_methods_trains_together(model_dir, data_dir, tmp_path):
+  """method="lora+prompt": both attached as named adapters, trained together, each saved in
+  PEFT's layout for several adapters (adapter/<name>/); reloaded together they give the run's
+  model."""
+  from ftjax import models, peft
+  c = tiny_config(model_dir, data_dir, method="lora+prompt",
+                  **{"train.steps": 2, "prompt.num_virtual_tokens": 3})
+  train_lib.train(c, str(tmp_path / "wd"))
+  run = run_lib.setup(c, with_data=False)
+  state, _ = run_lib.init_or_restore(run, Checkpointer(str(tmp_path / "wd")))
+  assert set(run.peft_configs) == {"lora", "prompt"}
+  assert set(state["trainable"]["model"]) >= {"prompt", "layers"}  # both train
+  tokens = jnp.asarray(np.random.RandomState(0).randint(0, 400, (2, 12)))
+  trained = np.asarray(run.model(state["trainable"])(tokens))
+  model = models.load(model_dir)[0]
+  for name in ("lora", "prompt"):
+    peft.load_adapter(model, str(tmp_path / "wd" / "adapter" / name), adapter_name=name)
+  peft.set_adapter(model, ["lora", "prompt"])
+  assert rel_err(model(tokens), trained) < 1e-5
+  with pytest.raises(FtjaxError, match="method='lora\\+full'"):
+    run_lib.setup(tiny_config(model_dir, data_dir, method="lora+full"), with_data=False)
