@@ -612,3 +612,20 @@ def test_named_adapters_switch_combine_train_save_and_delete(hf_dir, tmp_path):
   merged = peft.merge_and_unload(model)  # merges b, drops the inactive prompt
   assert not list(peft.adapter_layers(merged)) and merged.num_virtual_tokens == 0
   assert rel_err(logits(merged), trained_b) < 1e-5
+
+
+def test_prompt_tuning_init_from_text(tmp_path):
+  """prompt_tuning_init="TEXT": the embeddings of the text's tokens, repeated to the length
+  (HF PEFT's rule), from the tokenizer of a model reference ftjax can load."""
+  from tiny import make_model_dir
+  model_dir = make_model_dir(tmp_path / "model")
+  model, tokenizer = models.load(model_dir)
+  ids = list(tokenizer.encode("total amount"))
+  n = 2 * len(ids) + 1
+  model = peft.get_peft_model(model, peft.PromptTuningConfig(
+      num_virtual_tokens=n, prompt_tuning_init="TEXT", prompt_tuning_init_text="total amount",
+      tokenizer_name_or_path=model_dir))
+  want = np.asarray(model.model.embed_tokens.embedding[...])[(ids * 3)[:n]]
+  np.testing.assert_array_equal(np.asarray(model.model.prompt.prompt_embeddings[...]), want)
+  with pytest.raises(FtjaxError, match="needs prompt_tuning_init_text and tokenizer_name_or_path"):
+    peft.PromptTuningConfig(prompt_tuning_init="TEXT")
