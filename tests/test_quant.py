@@ -92,3 +92,79 @@ def test_double_quantisation_costs_what_the_paper_says():
 def test_bad_block_size_is_refused():
   with pytest.raises(FtjaxError, match="block_size=48"):
     quant.nf4_quantize(np.ones((4, 4), np.float32), block_size=48)
+
+
+# --- QLoRA: a 4-bit base under LoRA -------------------------------------------------------------
+
+import functools  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import hf_models  # noqa: E402
+from ftjax import models, peft  # noqa: E402
+from ftjax import step as step_lib  # noqa: E402
+from tiny import counting_batch  # noqa: E402
+
+TOKENS = np.random.RandomState(0).randint(0, 128, (2, 16))
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a), np.asarray(b)
+  return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("family", list(hf_models.FAMILIES))
+def test_qlora_at_init_is_the_dequantised_float_model(family, tmp_path):
+  """Exactly the float model built from the dequantised base; the distance to the original
+  float model is NF4's rounding (measured per family, printed; bounded loosely here)."""
+  hf_models.build(family).save_pretrained(str(tmp_path))
+  original = hf_models.ftjax_model(str(tmp_path))
+  quantized = quant.quantize_model(hf_models.ftjax_model(str(tmp_path)))
+  qlora = peft.get_peft_model(quantized, peft.LoraConfig(r=4, target_modules="all-linear"))
+  tokens = jnp.asarray(TOKENS)
+  got = np.asarray(qlora(tokens))
+  dequantised = quant.dequantize_model(peft.unload(nnx.clone(qlora)))
+  np.testing.assert_array_equal(np.asarray(dequantised(tokens)), got)
+  distance = rel_err(got, original(tokens))
+  print(f"{family}: NF4 base vs float, max logit error / max logit = {distance:.3f}")
+  assert 1e-4 < distance < 0.3
+  assert peft.count_params(qlora) == peft.count_params(peft.get_peft_model(
+      original, peft.LoraConfig(r=4, target_modules="all-linear")))  # 4-bit codes count as params
+
+
+def test_qlora_trains_keeps_the_4bit_base_and_exports(hf_llama_dir, tmp_path):
+  import peft as hf_peft
+  import transformers
+  model = quant.quantize_model(hf_models.ftjax_model(hf_llama_dir))
+  assert quant.base_bits_per_param(model) < 4.2
+  model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+  frozen = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model, nnx.Any(quant.QuantCodes, quant.QuantStat))))
+  history = step_lib.fit(model, [counting_batch(4, 16, vocab=128)] * 10, optimizer=optax.adam(1e-2),
+                         trainable=peft.trainable(model))
+  losses = [h["loss"] for h in history]
+  assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.95 * losses[0], losses
+  after = nnx.to_pure_dict(nnx.state(model, nnx.Any(quant.QuantCodes, quant.QuantStat)))
+  for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(a, np.asarray(b))  # the 4-bit base never moves
+
+  # Merged export: dequantise, merge in f32, save; transformers reproduces it.
+  tokens = jnp.asarray(TOKENS)
+  merged = peft.merge_and_unload(quant.dequantize_model(nnx.clone(model)))
+  models.save_pretrained(merged, str(tmp_path / "merged"))
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+  with torch.no_grad():
+    assert rel_err(hf(torch.tensor(TOKENS)).logits.numpy(), merged(tokens)) < 1e-4
+  assert rel_err(merged(tokens), model(tokens)) < 1e-5  # merging changed nothing but rounding
+  with pytest.raises(FtjaxError, match="dequantise the model first"):
+    peft.merge_and_unload(nnx.clone(model))
+
+  # The adapter alone, for the float base: peft loads it there.
+  peft.save_adapter(model, str(tmp_path / "adapter"))
+  base = transformers.AutoModelForCausalLM.from_pretrained(hf_llama_dir, dtype=torch.float32)
+  loaded = hf_peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+  on_float = peft.load_adapter(hf_models.ftjax_model(hf_llama_dir), str(tmp_path / "adapter"))
+  with torch.no_grad():
+    assert rel_err(loaded(torch.tensor(TOKENS)).logits.numpy(), on_float(tokens)) < 1e-4

@@ -395,8 +395,11 @@ def refuse_unsupported(raw: dict, defaults: dict) -> None:
 def count_params(model: nnx.Module, trainable=AdapterParam) -> tuple[int, int]:
   """(trainable, all) parameter counts; `trainable` is an nnx filter (default: the adapters).
   Adapter rows of stacked layers a layers_to_transform mask leaves out are not counted."""
-  def size(state):
-    return sum(x.size for x in jax.tree.leaves(state))
+  from ftjax.quant.linear import QuantCodes, QuantStat
+
+  def size(state):  # 4-bit codes count two per byte, their block statistics not at all (as PEFT)
+    return sum(v.size * (2 if isinstance(v, QuantCodes) else 0 if isinstance(v, QuantStat) else 1)
+               for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
   unused = 0
   for _, layer in adapter_layers(model):
     if layer.layer_mask is not None:

@@ -28,6 +28,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from ftjax.errors import FtjaxError
+from ftjax.quant.linear import QuantLinear
 from ftjax.peft.core import (AdapterLayer, AdapterParam, WrapperConfig, as_list, as_tuple,
                              refuse_unsupported)
 
@@ -49,7 +50,7 @@ class LoraConfig(WrapperConfig):
   """
   peft_type: ClassVar[str] = "LORA"
   method: ClassVar[str] = "LoRA"
-  supported: ClassVar[tuple] = (nnx.Linear, nnx.Einsum)
+  supported: ClassVar[tuple] = (nnx.Linear, nnx.Einsum, QuantLinear)
   default_targets: ClassVar[dict] = DEFAULT_TARGETS
 
   r: int = 8
@@ -106,13 +107,13 @@ class LoraConfig(WrapperConfig):
     return values.pop()
 
   def wrap(self, module: nnx.Module, rngs: nnx.Rngs, names=()) -> AdapterLayer:
-    *_, d_in, d_out = module.kernel.shape
+    *_, d_in, d_out = kernel_info(module)[0]
     r, alpha = self.rank_and_alpha(names)
     if isinstance(module, nnx.Linear) and r > min(d_in, d_out):
       raise FtjaxError(f"LoraConfig: r={r} is larger than the layer "
                        f"{names[0] if names else type(module).__name__} ({d_in} -> {d_out}): a "
                        "rank above min(in, out) adds parameters but no expressiveness")
-    if isinstance(module, nnx.Linear):
+    if not isinstance(module, nnx.Einsum):  # nnx.Linear or a quantised linear
       kind = DoraLinear if self.use_dora else LoraLinear
     elif self.use_dora:
       raise FtjaxError(f"LoraConfig(use_dora=True) wraps nnx.Linear layers only, not "
@@ -170,6 +171,29 @@ def _kernel_axes(kernel: nnx.Variable) -> tuple:
   return tuple(names) if names else (None,) * kernel.ndim
 
 
+def kernel_info(layer) -> tuple[tuple[int, ...], tuple]:
+  """(shape, logical axes) of a linear layer's float kernel [..., in, out]; a quantised layer
+  (ftjax.quant.QuantLinear) reports those of the kernel it stands for."""
+  if hasattr(layer, "kernel_shape"):
+    return tuple(layer.kernel_shape), tuple(layer.kernel_axes)
+  return tuple(layer.kernel.shape), _kernel_axes(layer.kernel)
+
+
+def float_kernel(layer):
+  """A linear layer's kernel [..., in, out] in f32 (dequantised for a quantised layer)."""
+  if hasattr(layer, "float_kernel"):
+    return layer.float_kernel(jnp.float32)
+  return jnp.asarray(layer.kernel[...], jnp.float32)
+
+
+def _writable_kernel(layer):
+  if not hasattr(layer, "kernel"):
+    raise FtjaxError(f"cannot fold an adapter into the 4-bit weights of {type(layer).__name__}: "
+                     "dequantise the model first (ftjax.quant.dequantize_model); merged exports "
+                     "do that")
+  return layer.kernel
+
+
 def _adapter_axes(*names) -> dict:
   return {"out_sharding": names, "eager_sharding": False}
 
@@ -180,9 +204,9 @@ class _Lora(AdapterLayer):
 
   def __init__(self, base_layer, *, in_shape, out_shape, in_axes, out_axes, r: int,
                scaling: float, dropout: float, init, rngs: nnx.Rngs):
-    kernel = base_layer.kernel
-    n_lead = kernel.ndim - len(in_shape) - len(out_shape)
-    lead, lead_axes = tuple(kernel.shape[:n_lead]), _kernel_axes(kernel)[:n_lead]
+    shape, names = kernel_info(base_layer)
+    n_lead = len(shape) - len(in_shape) - len(out_shape)
+    lead, lead_axes = shape[:n_lead], names[:n_lead]
     key = rngs.params()
     shape_a = (*lead, *in_shape, r)
     if init == "gaussian":
@@ -203,12 +227,12 @@ class _Lora(AdapterLayer):
     return self.dropout(x) if self.dropout is not None else x
 
   def fold(self) -> None:
-    kernel = self.base_linear().kernel
+    kernel = _writable_kernel(self.base_linear())
     update = self.masked(self._delta())
     kernel.set_value((jnp.asarray(kernel[...], jnp.float32) + update).astype(kernel.dtype))
 
   def unfold(self) -> None:
-    kernel = self.base_linear().kernel
+    kernel = _writable_kernel(self.base_linear())
     update = self.masked(self._delta())
     kernel.set_value((jnp.asarray(kernel[...], jnp.float32) - update).astype(kernel.dtype))
 
@@ -231,8 +255,8 @@ class LoraLinear(_Lora):
   """LoRA around an `nnx.Linear` (kernel [..., in, out])."""
 
   def __init__(self, base_layer: nnx.Linear, **kwargs):
-    in_axis, out_axis = _kernel_axes(base_layer.kernel)[-2:]
-    *_, d_in, d_out = base_layer.kernel.shape
+    shape, names = kernel_info(base_layer)
+    (in_axis, out_axis), (d_in, d_out) = names[-2:], shape[-2:]
     super().__init__(base_layer, in_shape=(d_in,), out_shape=(d_out,), in_axes=(in_axis,),
                      out_axes=(out_axis,), **kwargs)
     self._in_shape = (d_in,)
@@ -285,21 +309,20 @@ class DoraLinear(LoraLinear):
 
   def __init__(self, base_layer: nnx.Linear, **kwargs):
     super().__init__(base_layer, **kwargs)
-    kernel = base_layer.kernel
-    axes = _kernel_axes(kernel)
-    norm = jnp.linalg.norm(jnp.asarray(kernel[...], jnp.float32), axis=-2)
+    axes = kernel_info(base_layer)[1]
+    norm = jnp.linalg.norm(float_kernel(base_layer), axis=-2)
     self.lora_magnitude = LoraParam(norm, **_adapter_axes(*axes[:-2], axes[-1]))
 
   def _magnitude_scale(self):
     """m / ||W + sAB|| per output feature (f32), the norm a constant to autodiff."""
-    weight = jnp.asarray(self.base_linear().kernel[...], jnp.float32) + self._delta()
+    weight = float_kernel(self.base_linear()) + self._delta()
     return self.lora_magnitude[...] / jax.lax.stop_gradient(jnp.linalg.norm(weight, axis=-2))
 
   def _combine(self, y, xd, xa, dropped: bool):
     # HF PEFT's form: y + (m/||.|| - 1) · xW + (m/||.||) · s (xA) B, where xW is the base output
     # without bias (recomputed from the dropped-out x when dropout is on).
     if dropped:
-      base = jnp.dot(xd, self.base_linear().kernel[...].astype(xd.dtype))
+      base = jnp.dot(xd, float_kernel(self.base_linear()).astype(xd.dtype))
     else:
       bias = self.base_linear().bias
       base = y - bias[...].astype(y.dtype) if bias is not None else y
@@ -309,7 +332,7 @@ class DoraLinear(LoraLinear):
 
   def fold(self) -> None:
     """W' = m (W + sAB) / ||W + sAB||; the norm is kept to undo it exactly as PEFT does."""
-    kernel = self.base_linear().kernel
+    kernel = _writable_kernel(self.base_linear())
     original = jnp.asarray(kernel[...], jnp.float32)
     weight = original + self._delta()
     self.merged_norm = nnx.data(jnp.linalg.norm(weight, axis=-2))
@@ -317,7 +340,7 @@ class DoraLinear(LoraLinear):
     kernel.set_value((original + self.masked(merged - original)).astype(kernel.dtype))
 
   def unfold(self) -> None:
-    kernel = self.base_linear().kernel
+    kernel = _writable_kernel(self.base_linear())
     merged = jnp.asarray(kernel[...], jnp.float32)
     original = merged * (self.merged_norm / self.lora_magnitude[...])[..., None, :] - self._delta()
     kernel.set_value((merged + self.masked(original - merged)).astype(kernel.dtype))

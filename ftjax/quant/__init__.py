@@ -1,15 +1,21 @@
-"""Quantised weights: 4-bit NF4 / FP4 in bitsandbytes' exact format (with double quantisation).
+"""Quantised weights: 4-bit NF4 / FP4 in bitsandbytes' exact format (with double quantisation),
+and models whose frozen base lives in 4 bits (QLoRA).
 
   q = ftjax.quant.nf4_quantize(x, block_size=64, double_quant=True)   # a pytree
   x_hat = ftjax.quant.nf4_dequantize(q)
+  model = ftjax.quant.quantize_model(model)        # every nnx.Linear but lm_head -> QuantLinear
+  model = ftjax.quant.dequantize_model(model)      # and back to float (for a merged export)
 """
 
 from ftjax.quant.fourbit import (CODES, DYNAMIC_CODE, FP4_CODE, NF4_CODE, Quant4bit, absmax_values,
                                  dequantize_4bit, quantize_4bit)
+from ftjax.quant.linear import (QuantCodes, QuantLinear, QuantStat, base_bits_per_param,
+                                dequantize_model, quantize_model)
 
-__all__ = ["CODES", "DYNAMIC_CODE", "FP4_CODE", "NF4_CODE", "Quant4bit", "absmax_values",
-           "dequantize_4bit", "fp4_dequantize", "fp4_quantize", "nf4_dequantize", "nf4_quantize",
-           "quantize_4bit"]
+__all__ = ["CODES", "DYNAMIC_CODE", "FP4_CODE", "NF4_CODE", "Quant4bit", "QuantCodes", "QuantLinear",
+           "QuantStat", "absmax_values", "base_bits_per_param", "dequantize_4bit", "dequantize_model",
+           "fp4_dequantize", "fp4_quantize", "nf4_dequantize", "nf4_quantize", "quantize_4bit",
+           "quantize_model"]
 
 
 def nf4_quantize(x, block_size: int = 64, double_quant: bool = True) -> Quant4bit:
