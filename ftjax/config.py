@@ -14,8 +14,9 @@ from ftjax.errors import FtjaxError
 from ftjax.models.ops import REMAT_POLICIES
 
 # PEFT methods (each with its block below) and full fine-tuning.
-METHODS = ("lora", "ia3", "prompt", "prefix", "adapter", "full")
-MERGEABLE = ("lora", "ia3", "full")  # an adapter that folds into the weights (export.merged)
+METHODS = ("lora", "qlora", "ia3", "prompt", "prefix", "adapter", "full")
+MERGEABLE = ("lora", "qlora", "ia3", "full")  # adapters with a merged form (export.merged)
+QUANT_TYPES = ("", "nf4", "fp4")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LENGTH_POLICIES = ("truncate", "drop", "error")
@@ -71,6 +72,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.prefix.num_virtual_tokens = 20
   c.prefix.projection = False
   c.prefix.encoder_hidden_size = 0  # 0: the kv width
+
+  # A 4-bit frozen base (QLoRA with method lora): kernels quantised while loading, layer by
+  # layer, in bitsandbytes' format; trained adapters stay f32. method="qlora" is method="lora"
+  # with quant.type="nf4".
+  c.quant = ml_collections.ConfigDict()
+  c.quant.type = ""  # "" (none) | nf4 | fp4
+  c.quant.block_size = 64
+  c.quant.double_quant = True
+  c.quant.skip = "lm_head"  # modules kept in float (the embedding table always is)
 
   c.adapter = ml_collections.ConfigDict()  # bottleneck adapter layers
   c.adapter.architecture = "houlsby"  # houlsby (after attention and MLP) | pfeiffer (after MLP)
@@ -155,9 +165,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(0.0 <= c.lora.dropout < 1.0, f"lora.dropout={c.lora.dropout}; must be in [0, 1)")
   check(c.lora.init_a in ("kaiming", "gaussian"), f"lora.init_a={c.lora.init_a!r}")
   check(c.lora.loraplus_lr_ratio > 0, f"lora.loraplus_lr_ratio={c.lora.loraplus_lr_ratio}; must be > 0")
-  check("lora" in parts or c.lora.loraplus_lr_ratio == 1.0,
+  check(c.quant.type in QUANT_TYPES, f"quant.type={c.quant.type!r}; expected one of {QUANT_TYPES}")
+  check(not (quant_type(c) and "full" in parts),
+        "a 4-bit base (quant.type / method=qlora) with method='full': quantised weights cannot "
+        "be trained; use a PEFT method (lora: QLoRA) or a float base")
+  check(c.quant.block_size in (32, 64, 128, 256, 512, 1024, 2048, 4096),
+        f"quant.block_size={c.quant.block_size}; bitsandbytes' sizes are 32, 64, ..., 4096")
+  check(any(m in ("lora", "qlora") for m in parts) or c.lora.loraplus_lr_ratio == 1.0,
         "lora.loraplus_lr_ratio (LoRA+) needs method='lora'")
-  check(any(m in ("lora", "ia3", "adapter") for m in parts) or not c.modules_to_save,
+  check(any(m in ("lora", "qlora", "ia3", "adapter") for m in parts) or not c.modules_to_save,
         f"modules_to_save goes with method lora, ia3 or adapter, not {c.method!r}")
   check(all(m in MERGEABLE for m in parts) or not c.export.merged,
         f"export.merged: a {c.method} adapter has no merged form; use one of {MERGEABLE} or keep "
@@ -181,6 +197,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.eval.scorer in ("exact_match", "quickstart_json"), f"eval.scorer={c.eval.scorer!r}")
   check(not c.eval.generate or bool(c.data.eval) or bool(c.data.generate),
         "eval.generate needs data.eval")
+
+
+def quant_type(c: ml_collections.ConfigDict) -> str:
+  """The base's 4-bit type: quant.type, or nf4 for method qlora."""
+  return c.quant.type or ("nf4" if "qlora" in methods(c) else "")
 
 
 def methods(c: ml_collections.ConfigDict) -> tuple[str, ...]:

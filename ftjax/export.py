@@ -17,7 +17,7 @@ import ml_collections
 from flax import nnx
 
 from ftjax import config as config_lib
-from ftjax import peft
+from ftjax import peft, quant
 from ftjax.checkpoint import Checkpointer
 from ftjax.errors import FtjaxError, cli_errors
 from ftjax.files import read_json
@@ -39,12 +39,20 @@ def write_adapters(model: nnx.Module, out_dir: str, base_model_name: str) -> lis
   return [os.path.join(out_dir, name) for name in names]
 
 
+def _quantised(model: nnx.Module) -> bool:
+  return any(isinstance(m, quant.QuantLinear) for _, m in nnx.iter_modules(model))
+
+
 def merged_model(model: nnx.Module) -> nnx.Module:
-  """A copy of `model` with its adapter folded in; the model itself when it has no adapter or
-  one without a merged form (virtual tokens, bottleneck adapters), which then runs as is."""
-  if not any(True for _ in peft.adapter_layers(model)) or not peft.can_merge(model):
+  """A float copy of `model` with its adapter folded in: a 4-bit base is dequantised first and
+  the adapter merged in f32 (so the merged weights are the dequantised ones plus the update,
+  not a re-quantisation). The model itself when it has neither adapter nor 4-bit base, or an
+  adapter without a merged form (virtual tokens, bottleneck adapters)."""
+  adapters = any(True for _ in peft.adapter_layers(model))
+  if adapters and not peft.can_merge(model) or not adapters and not _quantised(model):
     return model
-  return peft.merge_and_unload(nnx.clone(model))
+  clone = quant.dequantize_model(nnx.clone(model))
+  return peft.merge_and_unload(clone) if adapters else clone
 
 
 def write_merged(model: nnx.Module, tokenizer, out_dir: str) -> None:

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ftjax import config as config_lib
-from ftjax import peft
+from ftjax import peft, quant
 from ftjax import step as step_lib
 from ftjax.checkpoint import Checkpointer
 from ftjax.data import build_dataset
@@ -50,6 +50,7 @@ class Run:
   optimizer: Any
   schedule: Any
   loss_fn: CausalLMLoss
+  quantised: bool = False  # a 4-bit base (config.quant / method qlora)
 
   def model(self, trainable: dict | None = None) -> nnx.Module:
     """The NNX model holding `trainable` (default: the initial trainable params)."""
@@ -62,17 +63,18 @@ def peft_configs(config) -> dict[str, peft.PeftConfig]:
   each is named after its method. modules_to_save goes with the first wrapping method."""
   out, to_save = {}, config_lib.names(config.modules_to_save) or None
   for name in config_lib.methods(config):
-    method = method_config(config, name, to_save if name in ("lora", "ia3", "adapter") else None)
+    wraps = name in ("lora", "qlora", "ia3", "adapter")
+    method = method_config(config, name, to_save if wraps else None)
     if method is not None:
       out[name] = method
-      if name in ("lora", "ia3", "adapter"):
+      if wraps:
         to_save = None
   return out
 
 
 def method_config(config, method: str, modules_to_save) -> peft.PeftConfig | None:
   """One PEFT method's config from its block of the run config (None: full fine-tuning)."""
-  if method == "lora":
+  if method in ("lora", "qlora"):  # qlora: LoRA on the 4-bit base (config.quant)
     c = config.lora
     return peft.LoraConfig(r=c.rank, lora_alpha=c.alpha, lora_dropout=c.dropout,
                            target_modules=config_lib.targets(c.targets), use_rslora=c.rslora,
@@ -103,6 +105,15 @@ def method_config(config, method: str, modules_to_save) -> peft.PeftConfig | Non
   return None
 
 
+def quantisation(config) -> dict | None:
+  """The 4-bit settings of the base (None: a float base)."""
+  kind = config_lib.quant_type(config)
+  if not kind:
+    return None
+  return dict(block_size=config.quant.block_size, quant_type=kind,
+              double_quant=config.quant.double_quant, skip=config_lib.names(config.quant.skip))
+
+
 def shrink_layers(params: dict, model_cfg, num_layers: int):
   """Keep the first `num_layers` layers (tests and `runlocal` configs)."""
   if not num_layers or num_layers >= model_cfg.num_layers:
@@ -124,10 +135,19 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
   config_lib.validate(config)
   dtypes = {k: config_lib.DTYPES[config.model[k]] for k in ("dtype", "param_dtype", "trainable_dtype")}
 
-  # --- model: loaded as host arrays; placed on the mesh below, by logical axes ---
-  model_cfg, params, tokenizer = resolve_model(config.model.name_or_path, dtype=dtypes["param_dtype"])
+  # --- model: loaded as host arrays (4-bit kernels quantised as they load, layer by layer, for
+  # a quantised base); placed on the mesh below, by logical axes ---
+  quant_settings = quantisation(config)
+  model_cfg, params, tokenizer = resolve_model(
+      config.model.name_or_path, dtype=dtypes["param_dtype"],
+      allocate=quant.quant_sinks(**quant_settings) if quant_settings else None)
+  transform = None
+  if quant_settings:
+    params = quant.collect_sinks(params)
+    transform = functools.partial(quant.quantize_model, **quant_settings)
   params, model_cfg = shrink_layers(params, model_cfg, config.model.num_layers)
-  model = from_params(model_cfg, params, dtype=dtypes["dtype"], place=lambda p: p)
+  model = from_params(model_cfg, params, dtype=dtypes["dtype"], place=lambda p: p,
+                      transform=transform)
 
   # --- PEFT adapter, and which params train: one filter ---
   methods = peft_configs(config)
@@ -178,7 +198,7 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
   unroll = True if config.model.scan_unroll == -1 else config.model.scan_unroll
   loss_fn = CausalLMLoss(remat=config.model.remat, unroll=unroll, vocab_chunk=config.train.vocab_chunk)
   return Run(config, model_cfg, tokenizer, methods, graphdef, trainable, frozen, mutable, train_ds,
-             eval_ds, mesh, optimizer, schedule, loss_fn)
+             eval_ds, mesh, optimizer, schedule, loss_fn, quantised=quant_settings is not None)
 
 
 def init_or_restore(run: Run, checkpointer: Checkpointer | None):

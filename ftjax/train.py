@@ -217,7 +217,9 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
   merged = export.merged_model(model) if cfg.export.merged or cfg.eval.generate else None
   if cfg.export.merged:
     export.write_merged(merged, run.tokenizer, os.path.join(workdir, "merged"))
-  finetuned = evaluate.generation_eval(run, merged, few_shot=0) if cfg.eval.generate else None
+  # A 4-bit base generates as it trained (4-bit + adapter), never materialised in float.
+  generator = model if run.quantised else merged
+  finetuned = evaluate.generation_eval(run, generator, few_shot=0) if cfg.eval.generate else None
   return {"steps": final_step, "method": cfg.method, "trainable_params": n_train,
           "compile_s": compile_s, "skipped_steps": skipped, "eval": final_eval,
           "baseline": baseline, "finetuned": finetuned, "train_data": run.train_ds.summary}

@@ -96,7 +96,6 @@ def test_bad_block_size_is_refused():
 
 # --- QLoRA: a 4-bit base under LoRA -------------------------------------------------------------
 
-import functools  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -442,3 +442,43 @@ def test_a_combination_of_methods_trains_together(model_dir, data_dir, tmp_path)
   assert rel_err(model(tokens), trained) < 1e-5
   with pytest.raises(FtjaxError, match="method='lora\\+full'"):
     run_lib.setup(tiny_config(model_dir, data_dir, method="lora+full"), with_data=False)
+
+
+def test_qlora_from_the_config(model_dir, data_dir, tmp_path):
+  """method="qlora": kernels quantised to NF4 while loading, LoRA trained on top; the run's model
+  equals LoRA on the dequantised base; the merged export (dequantise, merge in f32) loads in
+  transformers; a 4-bit base with full fine-tuning is refused."""
+  from ftjax import peft, quant
+  c = tiny_config(model_dir, data_dir, method="qlora",
+                  **{"train.steps": 3, "export.merged": True, "eval.generate": True,
+                     "eval.max_examples": 2, "eval.max_new_tokens": 4})
+  summary = train_lib.train(c, str(tmp_path / "wd"))
+  assert summary["steps"] == 3 and np.isfinite(summary["eval"]["loss"])
+  assert summary["finetuned"]["examples"] == 2
+  run = run_lib.setup(c, with_data=False)
+  assert run.quantised
+  codes = run.frozen["model"]["layers"]["self_attn"]["q_proj"]["base_layer"]["codes"]
+  assert codes.dtype == np.uint8 and codes.shape == (2, 64, 32)  # [layers, out, in / 2]
+  state, _ = run_lib.init_or_restore(run, Checkpointer(str(tmp_path / "wd")))
+  model = run.model(state["trainable"])
+  assert quant.base_bits_per_param(model) < 4.2
+  tokens = jnp.asarray(np.random.RandomState(0).randint(0, 400, (2, 12)))
+  exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "wd" / "merged")).eval()
+  with torch.no_grad():
+    assert rel_err(exported(torch.tensor(np.asarray(tokens))).logits.numpy(), model(tokens)) < 1e-4
+  on_dequantised = peft.load_adapter(quant.dequantize_model(quant.quantize_model(
+      models_from_params(*load_tiny(model_dir)))), str(tmp_path / "wd" / "adapter"))
+  assert rel_err(on_dequantised(tokens), model(tokens)) < 1e-5
+  with pytest.raises(FtjaxError, match="quantised weights cannot be trained"):
+    run_lib.setup(tiny_config(model_dir, data_dir, method="full", **{"quant.type": "nf4"}),
+                  with_data=False)
+
+
+def models_from_params(cfg, params):
+  from ftjax.models import from_params
+  return from_params(cfg, params)
+
+
+def load_tiny(model_dir):
+  cfg = load_hf_config(model_dir)
+  return cfg, load_hf_params(model_dir, cfg)

@@ -20,14 +20,18 @@ from ftjax.models.params import Params, abstract_model, flatten, param_specs
 __all__ = ["CausalLM", "ModelConfig", "from_params", "init_cache", "load", "save_pretrained"]
 
 
-def from_params(cfg: ModelConfig, params: Params, *, dtype=None, place=jax.device_put) -> CausalLM:
+def from_params(cfg: ModelConfig, params: Params, *, dtype=None, place=jax.device_put,
+                transform=None) -> CausalLM:
   """A CausalLM holding `params` (a nested dict as the loaders return; numpy or jax arrays).
 
   dtype: compute dtype (default: the params' dtype). `place` puts the params on devices
-  (default: the default device; pass e.g. a sharding-aware function for a mesh).
+  (default: the default device; pass e.g. a sharding-aware function for a mesh). `transform`:
+  the structure change the params were loaded for (ftjax.quant.quantize_model with the
+  settings of the loader's quant_sinks).
   """
-  param_dtype = next(v for _, v in flatten(params)).dtype
-  graphdef, _ = nnx.split(abstract_model(cfg, dtype=dtype or param_dtype, param_dtype=param_dtype))
+  param_dtype = next(v.dtype for _, v in flatten(params) if jnp.issubdtype(v.dtype, jnp.floating))
+  graphdef, _ = nnx.split(abstract_model(cfg, dtype=dtype or param_dtype, param_dtype=param_dtype,
+                                         transform=transform))
   return nnx.merge(graphdef, place(params))
 
 

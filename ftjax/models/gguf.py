@@ -171,8 +171,9 @@ def _unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
   return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: str, dtype=np.float32) -> tuple[ModelConfig, Params]:
-  """Reads a GGUF model file into (ModelConfig, params tree of numpy arrays of `dtype`)."""
+def load_gguf(path: str, dtype=np.float32, allocate=None) -> tuple[ModelConfig, Params]:
+  """Reads a GGUF model file into (ModelConfig, params tree of numpy arrays of `dtype`);
+  `allocate` as in ftjax.models.hf.load_hf_params."""
   reader = open_gguf(path)
   meta = read_gguf_metadata(reader)
   cfg = gguf_config(reader, meta, path)
@@ -180,7 +181,7 @@ def load_gguf(path: str, dtype=np.float32) -> tuple[ModelConfig, Params]:
   wanted = _gguf_names(cfg, arch)
   params: Params = {}
   for spec in param_specs(cfg):
-    set_path(params, spec.path, np.empty(spec.shape, dtype))
+    set_path(params, spec.path, allocate(spec, dtype) if allocate else np.empty(spec.shape, dtype))
   seen = set()
   for t in reader.tensors:
     if t.name in _IGNORED_TENSORS:

@@ -42,13 +42,17 @@ def _tensor_files(model_dir: str) -> dict[str, str]:
   return out
 
 
-def load_hf_params(model_dir: str, cfg: ModelConfig, dtype=np.float32) -> Params:
-  """Reads every tensor named by `param_specs(cfg)` into a params tree of numpy arrays."""
+def load_hf_params(model_dir: str, cfg: ModelConfig, dtype=np.float32, allocate=None) -> Params:
+  """Reads every tensor named by `param_specs(cfg)` into a params tree of numpy arrays.
+
+  allocate(spec, dtype): what each param is written into, layer by layer (default: an empty
+  float array of its shape; ftjax.quant.quant_sinks quantises kernels as they arrive).
+  """
   where = _tensor_files(model_dir)
   by_file: dict[str, list[tuple[Any, int | None, str]]] = {}
   params: Params = {}
   for spec in param_specs(cfg):
-    array = np.empty(spec.shape, dtype)
+    array = allocate(spec, dtype) if allocate else np.empty(spec.shape, dtype)
     set_path(params, spec.path, array)
     for i, name in enumerate(spec.hf_names(cfg.num_layers)):
       if name not in where:

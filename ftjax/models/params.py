@@ -68,11 +68,17 @@ def param_specs(cfg: ModelConfig) -> tuple[ParamSpec, ...]:
   return tuple(specs)
 
 
-def abstract_model(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32):
-  """A `CausalLM` whose params are shape/dtype stand-ins: structure and metadata, no memory."""
+def abstract_model(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                   transform=None):
+  """A `CausalLM` whose params are shape/dtype stand-ins: structure and metadata, no memory.
+  `transform(model) -> model` reshapes it first (e.g. ftjax.quant.quantize_model)."""
   from ftjax.models.llama import CausalLM
-  return nnx.eval_shape(lambda: CausalLM(cfg, dtype=dtype, param_dtype=param_dtype,
-                                         rngs=nnx.Rngs(0)))
+
+  def build():
+    model = CausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    return transform(model) if transform else model
+
+  return nnx.eval_shape(build)
 
 
 # --- nested-dict helpers --------------------------------------------------------------------

@@ -153,7 +153,7 @@ def _hub_snapshot(repo_id: str) -> str:
                      "file") from None
 
 
-def _load_dir(model_dir: str, dtype):
+def _load_dir(model_dir: str, dtype, allocate=None):
   from ftjax.models.config import load_hf_config
   from ftjax.models.hf import load_hf_params
   from ftjax.tokenizer import load_tokenizer
@@ -163,14 +163,14 @@ def _load_dir(model_dir: str, dtype):
     raise FtjaxError(f"{model_dir}: no config.json; expected a HF model directory with "
                      f"config.json and *.safetensors, or a .gguf file{hint}")
   cfg = load_hf_config(model_dir)
-  params = load_hf_params(model_dir, cfg, dtype)
+  params = load_hf_params(model_dir, cfg, dtype, allocate)
   return cfg, params, load_tokenizer(model_dir)
 
 
-def _load_gguf(path: str, dtype):
+def _load_gguf(path: str, dtype, allocate=None):
   from ftjax.models.gguf import load_gguf
   from ftjax.tokenizer import load_tokenizer
-  cfg, params = load_gguf(path, dtype)
+  cfg, params = load_gguf(path, dtype, allocate)
   return cfg, params, load_tokenizer(path)
 
 
@@ -194,21 +194,23 @@ def tokenizer_for(name_or_path: str):
   return load_tokenizer(_local_path(name_or_path))
 
 
-def resolve_model(name_or_path: str, dtype=np.float32):
-  """Model name, file, folder or Hub id -> (ModelConfig, params (numpy), Tokenizer)."""
+def resolve_model(name_or_path: str, dtype=np.float32, allocate=None):
+  """Model name, file, folder or Hub id -> (ModelConfig, params (numpy), Tokenizer).
+
+  allocate: what each param is loaded into (see ftjax.models.hf.load_hf_params)."""
   key = name_or_path.lower()
   if key in BUILTIN_MODELS and not os.path.exists(name_or_path):
     path = builtin_path(key)
     log.info("loading built-in model %s from %s", key, path)
-    return _load_gguf(path, dtype)
+    return _load_gguf(path, dtype, allocate)
   path = os.path.expanduser(name_or_path)
   if os.path.isdir(path):
-    return _load_dir(path, dtype)
+    return _load_dir(path, dtype, allocate)
   if os.path.isfile(path):
     if not path.endswith(".gguf"):
       raise FtjaxError(f"{path}: not a model; expected a .gguf file or a HF model directory")
-    return _load_gguf(path, dtype)
+    return _load_gguf(path, dtype, allocate)
   if _HUB_ID.match(name_or_path) and not name_or_path.endswith(".gguf"):
-    return _load_dir(_hub_snapshot(name_or_path), dtype)
+    return _load_dir(_hub_snapshot(name_or_path), dtype, allocate)
   raise FtjaxError(f"{name_or_path}: no such file or directory (nor a built-in model: "
                    f"{', '.join(BUILTIN_MODELS)})")

@@ -174,14 +174,14 @@ def _kernel_axes(kernel: nnx.Variable) -> tuple:
 def kernel_info(layer) -> tuple[tuple[int, ...], tuple]:
   """(shape, logical axes) of a linear layer's float kernel [..., in, out]; a quantised layer
   (ftjax.quant.QuantLinear) reports those of the kernel it stands for."""
-  if hasattr(layer, "kernel_shape"):
+  if isinstance(layer, QuantLinear):
     return tuple(layer.kernel_shape), tuple(layer.kernel_axes)
   return tuple(layer.kernel.shape), _kernel_axes(layer.kernel)
 
 
 def float_kernel(layer):
   """A linear layer's kernel [..., in, out] in f32 (dequantised for a quantised layer)."""
-  if hasattr(layer, "float_kernel"):
+  if isinstance(layer, QuantLinear):
     return layer.float_kernel(jnp.float32)
   return jnp.asarray(layer.kernel[...], jnp.float32)
 

@@ -9,13 +9,14 @@ and models whose frozen base lives in 4 bits (QLoRA).
 
 from ftjax.quant.fourbit import (CODES, DYNAMIC_CODE, FP4_CODE, NF4_CODE, Quant4bit, absmax_values,
                                  dequantize_4bit, quantize_4bit)
-from ftjax.quant.linear import (QuantCodes, QuantLinear, QuantStat, base_bits_per_param,
-                                dequantize_model, quantize_model)
+from ftjax.quant.linear import (QuantCodes, QuantLinear, QuantSink, QuantStat, base_bits_per_param,
+                                collect_sinks, dequantize_model, quant_sinks, quantize_kernel,
+                                quantize_model)
 
 __all__ = ["CODES", "DYNAMIC_CODE", "FP4_CODE", "NF4_CODE", "Quant4bit", "QuantCodes", "QuantLinear",
-           "QuantStat", "absmax_values", "base_bits_per_param", "dequantize_4bit", "dequantize_model",
-           "fp4_dequantize", "fp4_quantize", "nf4_dequantize", "nf4_quantize", "quantize_4bit",
-           "quantize_model"]
+           "QuantSink", "QuantStat", "absmax_values", "base_bits_per_param", "collect_sinks",
+           "dequantize_4bit", "dequantize_model", "fp4_dequantize", "fp4_quantize", "nf4_dequantize",
+           "nf4_quantize", "quant_sinks", "quantize_4bit", "quantize_kernel", "quantize_model"]
 
 
 def nf4_quantize(x, block_size: int = 64, double_quant: bool = True) -> Quant4bit:

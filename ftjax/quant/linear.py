@@ -37,6 +37,36 @@ def _axes(*names) -> dict:
   return {"out_sharding": names, "eager_sharding": False}
 
 
+def _rows(d_in: int, block_size: int) -> bool:
+  """Whether every row of the [out, in] weight holds whole blocks (then codes keep 2 dims)."""
+  return d_in % block_size == 0 and d_in % 2 == 0
+
+
+def _stored(q: Quant4bit, lead: tuple, d_out: int, d_in: int) -> dict:
+  """The arrays a QuantLinear keeps, from a Quant4bit whose leaves have a leading layer axis."""
+  if _rows(d_in, q.block_size):
+    out = {"codes": q.codes.reshape(*lead, d_out, d_in // 2)}
+    absmax_shape = (*lead, d_out, d_in // q.block_size)
+  else:
+    out = {"codes": q.codes.reshape(*lead, -1)}
+    absmax_shape = (*lead, -1)
+  if q.double_quant:  # the 256-block groups span rows: flat per layer
+    out.update(absmax=q.absmax.reshape(*lead, -1), absmax_scale=q.absmax_scale.reshape(*lead, -1),
+               offset=q.offset.reshape(*lead, 1))
+  else:
+    out["absmax"] = q.absmax.reshape(absmax_shape)
+  return out
+
+
+def quantize_kernel(kernel, block_size: int, quant_type: str, double_quant: bool) -> dict:
+  """A float kernel [..., in, out] -> the arrays of its QuantLinear (each layer quantised alone,
+  as bitsandbytes quantises the torch weight [out, in])."""
+  *lead, d_in, d_out = kernel.shape
+  weight = jnp.swapaxes(jnp.asarray(kernel, jnp.float32), -1, -2).reshape(-1, d_out, d_in)
+  q = jax.vmap(lambda w: quantize_4bit(w, block_size, quant_type, double_quant))(weight)
+  return _stored(q, tuple(lead), d_out, d_in)
+
+
 class QuantLinear(nnx.Module):
   """y = x @ dequant(W) + b for a kernel quantised to 4 bits (frozen)."""
 
@@ -44,33 +74,23 @@ class QuantLinear(nnx.Module):
                double_quant: bool = True):
     kernel = linear.kernel
     *lead, d_in, d_out = kernel.shape
-    names = kernel.get_metadata().get("out_sharding") or (None,) * kernel.ndim
-    lead_names, in_name, out_name = tuple(names[:-2]), names[-2], names[-1]
-    weight = jnp.swapaxes(jnp.asarray(kernel[...], jnp.float32), -1, -2)  # torch layout [out, in]
-    flat = weight.reshape(-1, d_out, d_in)
-    quantize = lambda w: quantize_4bit(w, block_size, quant_type, double_quant)
-    q = jax.vmap(quantize)(flat)  # one quantisation per layer of a stack
-    rows = d_in % block_size == 0 and d_in % 2 == 0
-    lead = tuple(lead)
-    if rows:  # whole blocks per row: keep the kernel's axes
-      codes = q.codes.reshape(*lead, d_out, d_in // 2)
-      self.codes = QuantCodes(codes, **_axes(*lead_names, out_name, in_name))
-    else:
-      self.codes = QuantCodes(q.codes.reshape(*lead, -1), **_axes(*lead_names, None))
+    names = tuple(kernel.get_metadata().get("out_sharding") or (None,) * kernel.ndim)
+    lead_names, in_name, out_name = names[:-2], names[-2], names[-1]
+    rows = _rows(d_in, block_size)
+    arrays = quantize_kernel(kernel[...], block_size, quant_type, double_quant)
+    self.codes = QuantCodes(arrays["codes"], **_axes(*lead_names, *((out_name, in_name) if rows else (None,))))
+    per_row = rows and not double_quant  # absmax [.., out, in / block] keeps the axes too
+    self.absmax = QuantStat(arrays["absmax"], **_axes(*lead_names, *((out_name, in_name) if per_row else (None,))))
     if double_quant:
-      self.absmax = QuantStat(q.absmax.reshape(*lead, -1), **_axes(*lead_names, None))
-      self.absmax_scale = QuantStat(q.absmax_scale.reshape(*lead, -1), **_axes(*lead_names, None))
-      self.offset = QuantStat(q.offset.reshape(*lead, 1), **_axes(*lead_names, None))
+      self.absmax_scale = QuantStat(arrays["absmax_scale"], **_axes(*lead_names, None))
+      self.offset = QuantStat(arrays["offset"], **_axes(*lead_names, None))
     else:
-      shape = (*lead, d_out, d_in // block_size) if rows else (*lead, -1)
-      axes = (*lead_names, out_name, in_name) if rows else (*lead_names, None)
-      self.absmax = QuantStat(q.absmax.reshape(shape), **_axes(*axes))
       self.absmax_scale = self.offset = None
     self.bias = linear.bias
     self.rows = rows  # codes [..., out, in / 2] (else flat per layer)
     self.in_features, self.out_features = d_in, d_out
     self.kernel_shape = (*lead, d_in, d_out)
-    self.kernel_axes = tuple(names)
+    self.kernel_axes = names
     self.block_size, self.quant_type = block_size, quant_type
     self.dtype = linear.dtype or jnp.float32
 
@@ -152,3 +172,52 @@ def base_bits_per_param(model: nnx.Module) -> float:
       n_bits += 8 * sum(np.dtype(v.dtype).itemsize * v.size for v in
                         jax.tree.leaves(nnx.state(module, nnx.Any(QuantCodes, QuantStat))))
   return n_bits / max(n_params, 1)
+
+
+class QuantSink:
+  """Where a loader writes one float kernel [..., in, out], layer by layer: each layer is
+  quantised as it arrives, so a 4-bit model loads with its float weights one layer at a time.
+
+  A loader treats it like the float array it replaces: `sink[i] = kernel_of_layer_i`
+  (`sink[...] = kernel` when not stacked); `arrays()` are then the QuantLinear's arrays.
+  """
+
+  def __init__(self, shape, block_size: int, quant_type: str, double_quant: bool):
+    *lead, d_in, d_out = shape
+    self.lead, self.d_in, self.d_out = tuple(lead), d_in, d_out
+    self.settings = (block_size, quant_type, double_quant)
+    one = jax.eval_shape(lambda: quantize_kernel(jnp.zeros((d_in, d_out)), *self.settings))
+    self._arrays = {k: np.zeros((*self.lead, *v.shape), v.dtype) for k, v in one.items()}
+
+  def __setitem__(self, index, kernel_in_out) -> None:
+    arrays = jax.device_get(quantize_kernel(np.asarray(kernel_in_out, np.float32), *self.settings))
+    for key, value in arrays.items():
+      self._arrays[key][index] = value
+
+  def arrays(self) -> dict:
+    return self._arrays
+
+
+def quant_sinks(block_size: int = 64, quant_type: str = "nf4", double_quant: bool = True,
+                skip: Sequence[str] = ("lm_head",)):
+  """An `allocate(spec, dtype)` for ftjax's loaders: a QuantSink for every linear kernel (but
+  those of modules whose name ends with one of `skip`), a float array otherwise."""
+  def allocate(spec, dtype):
+    module = spec.path.rsplit("/", 1)[0]
+    if spec.path.endswith("/kernel") and not any(module.endswith(s) for s in skip):
+      return QuantSink(spec.shape, block_size, quant_type, double_quant)
+    return np.empty(spec.shape, dtype)
+  return allocate
+
+
+def collect_sinks(params: dict) -> dict:
+  """The loaded params with each QuantSink ("<module>/kernel") replaced by its arrays."""
+  out = {}
+  for key, value in params.items():
+    if isinstance(value, dict):
+      out[key] = collect_sinks(value)
+    elif isinstance(value, QuantSink):
+      out.update(value.arrays())
+    else:
+      out[key] = value
+  return out
