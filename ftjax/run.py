@@ -19,14 +19,14 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ftjax import config as config_lib
-from ftjax import peft, quant
+from ftjax import peft
 from ftjax import step as step_lib
 from ftjax.checkpoint import Checkpointer
 from ftjax.data import build_dataset
 from ftjax.errors import FtjaxError
 from ftjax.losses import CausalLMLoss
-from ftjax.models import from_params
-from ftjax.models.resolve import resolve_model
+from ftjax.models import from_params, resolve_params
+from ftjax.models.resolve import stored_quantisation
 from ftjax.optim import make_optimizer
 from ftjax.parallel import sharding
 
@@ -138,13 +138,12 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
   # --- model: loaded as host arrays (4-bit kernels quantised as they load, layer by layer, for
   # a quantised base); placed on the mesh below, by logical axes ---
   quant_settings = quantisation(config)
-  model_cfg, params, tokenizer = resolve_model(
-      config.model.name_or_path, dtype=dtypes["param_dtype"],
-      allocate=quant.quant_sinks(**quant_settings) if quant_settings else None)
-  transform = None
-  if quant_settings:
-    params = quant.collect_sinks(params)
-    transform = functools.partial(quant.quantize_model, **quant_settings)
+  if not quant_settings and stored_quantisation(config.model.name_or_path):
+    log.warning("%s is a 4-bit checkpoint; loading it dequantised to float since quant.type is "
+                "unset (set method=qlora or quant.type to train on the 4-bit base as stored)",
+                config.model.name_or_path)
+  model_cfg, params, tokenizer, transform = resolve_params(
+      config.model.name_or_path, dtype=dtypes["param_dtype"], quantize=quant_settings or False)
   params, model_cfg = shrink_layers(params, model_cfg, config.model.num_layers)
   model = from_params(model_cfg, params, dtype=dtypes["dtype"], place=lambda p: p,
                       transform=transform)

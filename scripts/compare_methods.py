@@ -24,6 +24,7 @@ sys.path.insert(0, REPO)
 METHODS = {
     "full": {"method": "full", "train.lr": 5e-5},
     "lora": {"method": "lora"},
+    "qlora": {"method": "qlora"},  # LoRA on the NF4 + double-quant base
     "dora": {"method": "lora", "lora.use_dora": True},
     "ia3": {"method": "ia3", "train.lr": 1e-2},
     "prompt": {"method": "prompt", "prompt.num_virtual_tokens": 20, "train.lr": 3e-1},

@@ -1,5 +1,7 @@
 """ftjax.quant against bitsandbytes (its CPU path), byte for byte where the format allows."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -105,7 +107,7 @@ from flax import nnx  # noqa: E402
 import hf_models  # noqa: E402
 from ftjax import models, peft  # noqa: E402
 from ftjax import step as step_lib  # noqa: E402
-from tiny import counting_batch  # noqa: E402
+from tiny import counting_batch, tiny_tokenizer  # noqa: E402
 
 TOKENS = np.random.RandomState(0).randint(0, 128, (2, 16))
 
@@ -167,3 +169,117 @@ def test_qlora_trains_keeps_the_4bit_base_and_exports(hf_llama_dir, tmp_path):
   on_float = peft.load_adapter(hf_models.ftjax_model(hf_llama_dir), str(tmp_path / "adapter"))
   with torch.no_grad():
     assert rel_err(loaded(torch.tensor(TOKENS)).logits.numpy(), on_float(tokens)) < 1e-4
+
+
+# --- 4-bit checkpoints: what transformers + bitsandbytes save, both ways ----------------------
+
+
+@pytest.fixture(scope="module")
+def float_dir(tmp_path_factory):
+  """A tiny HF Llama whose linear inputs are whole 64-blocks: bitsandbytes' CPU forward (which
+  repacks the codes per row) fails on an input width that is not (here 96), ftjax's does not."""
+  import transformers
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(**{**hf_models.COMMON, "intermediate_size": 128},
+                                    tie_word_embeddings=False)
+  path = str(tmp_path_factory.mktemp("hf_llama_64"))
+  transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+  return path
+
+
+def _bnb_checkpoint(float_dir: str, out_dir: str, quant_type: str, double_quant: bool):
+  """transformers' own load_in_4bit model of a float checkpoint, saved (bitsandbytes' bytes)."""
+  import transformers
+  settings = transformers.BitsAndBytesConfig(
+      load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+      bnb_4bit_compute_dtype=torch.float32)
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      float_dir, quantization_config=settings, device_map="cpu").eval()
+  model.save_pretrained(out_dir)
+  tiny_tokenizer().save(out_dir)  # models.load wants a tokenizer beside the weights
+  return model
+
+
+def _tensors(model_dir: str) -> dict:
+  from safetensors.numpy import load_file
+  return load_file(f"{model_dir}/model.safetensors")
+
+
+def _dequantised_by_bnb(float_dir: str, hf_4bit):
+  """The float transformers model holding bitsandbytes' own dequantisation of a 4-bit model's
+  weights: the reference for ftjax's 4-bit forward. (bitsandbytes' CPU forward itself repacks
+  the absmax to bfloat16, 0.4% off in logits, so it is not the reference; call this before it.)"""
+  import bitsandbytes.functional as bnb_f
+  import transformers
+  ref = transformers.AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32).eval()
+  with torch.no_grad():
+    for name, module in hf_4bit.named_modules():
+      if type(module).__name__ == "Linear4bit":
+        weight = bnb_f.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        ref.get_submodule(name).weight.copy_(weight.float())
+  return ref
+
+
+def _logits(hf_model):
+  with torch.no_grad():
+    return hf_model(torch.tensor(TOKENS)).logits.numpy()
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
+def test_bitsandbytes_checkpoint_loads_as_stored_and_saves_back(float_dir, tmp_path, quant_type,
+                                                                double_quant):
+  import transformers
+  bnb_dir, ours_dir = str(tmp_path / "bnb"), str(tmp_path / "ours")
+  hf_4bit = _bnb_checkpoint(float_dir, bnb_dir, quant_type, double_quant)
+  expected = _logits(_dequantised_by_bnb(float_dir, hf_4bit))
+  model, _ = models.load(bnb_dir)  # stays 4-bit: the checkpoint's bytes, unchanged
+  assert isinstance(model.model.layers.mlp.down_proj, quant.QuantLinear)
+  tokens = jnp.asarray(TOKENS)
+  # Both dequantise the same bytes to the same f32 weights; only the matmul order differs.
+  assert rel_err(model(tokens), expected) < 1e-5
+
+  # Saved by ftjax: every tensor transformers wrote, byte for byte; transformers runs it as its own.
+  models.save_pretrained(model, ours_dir)
+  theirs, ours = _tensors(bnb_dir), _tensors(ours_dir)
+  assert sorted(ours) == sorted(theirs)
+  for key in theirs:
+    if "quant_state" in key:  # JSON: the same fields and values
+      assert json.loads(bytes(ours[key])) == json.loads(bytes(theirs[key])), key
+    else:
+      np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(ours_dir, device_map="cpu").eval()
+  np.testing.assert_array_equal(_logits(reloaded), _logits(hf_4bit))
+
+  # As float (quantize=False): the dequantised weights, the same function up to f32 rounding
+  # (dequantised eagerly here, fused inside the forward there).
+  float_model, _ = models.load(bnb_dir, quantize=False)
+  assert isinstance(float_model.model.layers.mlp.down_proj, nnx.Linear)
+  assert rel_err(float_model(tokens), model(tokens)) < 1e-6
+
+
+def test_ftjax_4bit_model_loads_in_transformers(float_dir, tmp_path):
+  """quantize_model's save is a load_in_4bit checkpoint transformers runs as its own: bitsandbytes
+  dequantises ftjax's bytes to ftjax's weights."""
+  import transformers
+  model = quant.quantize_model(hf_models.ftjax_model(float_dir))
+  models.save_pretrained(model, str(tmp_path / "q"))
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "q"), device_map="cpu").eval()
+  assert type(hf.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+  ours = np.asarray(model(jnp.asarray(TOKENS)))
+  assert rel_err(_logits(_dequantised_by_bnb(float_dir, hf)), ours) < 1e-5
+  # bitsandbytes' own CPU forward, with its bfloat16 absmax (see _dequantised_by_bnb): 1% bound.
+  assert rel_err(_logits(hf), ours) < 1e-2
+
+
+def test_4bit_checkpoint_of_another_shape_names_the_tensor(float_dir, tmp_path):
+  bnb_dir = str(tmp_path / "bnb")
+  _bnb_checkpoint(float_dir, bnb_dir, "nf4", True)
+  with open(f"{bnb_dir}/config.json") as f:
+    config = json.load(f)
+  config["intermediate_size"] = 192  # the config of another model beside these tensors
+  with open(f"{bnb_dir}/config.json", "w") as f:
+    json.dump(config, f)
+  for quantize in (None, False):  # into a 4-bit model, and dequantised into a float one
+    with pytest.raises(FtjaxError, match=r"4-bit tensor 'model\.layers\.0\.mlp\.\w+_proj\.weight' "
+                                         r"has shape \[(128, 64|64, 128)\], expected"):
+      models.load(bnb_dir, quantize=quantize)

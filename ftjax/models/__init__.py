@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +19,7 @@ from ftjax.models.config import ModelConfig
 from ftjax.models.llama import CausalLM, init_cache
 from ftjax.models.params import Params, abstract_model, flatten, param_specs
 
-__all__ = ["CausalLM", "ModelConfig", "from_params", "init_cache", "load", "save_pretrained"]
+__all__ = ["CausalLM", "ModelConfig", "from_params", "init_cache", "load", "resolve_params", "save_pretrained"]
 
 
 def from_params(cfg: ModelConfig, params: Params, *, dtype=None, place=jax.device_put,
@@ -35,33 +37,66 @@ def from_params(cfg: ModelConfig, params: Params, *, dtype=None, place=jax.devic
   return nnx.merge(graphdef, place(params))
 
 
-def load(name_or_path: str, dtype=jnp.float32, *, compute_dtype=None):
+def resolve_params(name_or_path: str, dtype=jnp.float32, *, quantize=None):
+  """Model reference -> (ModelConfig, params, Tokenizer, transform) for `from_params`.
+
+  quantize: ftjax.quant.quantize_model's settings (e.g. dict(quant_type="nf4")) to load the
+  linear kernels in 4 bits, quantised layer by layer as they are read; None keeps a checkpoint
+  as stored (a bitsandbytes load_in_4bit checkpoint stays 4-bit, its bytes unchanged; any
+  other loads in float); False loads float (a 4-bit checkpoint dequantised).
+  """
+  from ftjax import quant
+  from ftjax.models.resolve import resolve_model, stored_quantisation
+  settings = stored_quantisation(name_or_path) if quantize is None else (quantize or None)
+  allocate = quant.quant_sinks(**settings) if settings else None
+  cfg, params, tokenizer = resolve_model(name_or_path, dtype=jnp.dtype(dtype), allocate=allocate)
+  if not settings:
+    return cfg, params, tokenizer, None
+  return (cfg, quant.collect_sinks(params), tokenizer,
+          functools.partial(quant.quantize_model, **settings))
+
+
+def load(name_or_path: str, dtype=jnp.float32, *, compute_dtype=None, quantize=None):
   """Built-in name, HF model directory, .gguf file or Hub id -> (CausalLM, Tokenizer).
 
-  dtype: the storage dtype of the params (and the compute dtype unless `compute_dtype` is set).
+  dtype: the storage dtype of the float params (and the compute dtype unless `compute_dtype`
+  is set). quantize: 4-bit loading, as in `resolve_params` (default: as stored).
   """
-  from ftjax.models.resolve import resolve_model
-  cfg, params, tokenizer = resolve_model(name_or_path, dtype=jnp.dtype(dtype))
-  return from_params(cfg, params, dtype=compute_dtype or dtype), tokenizer
+  cfg, params, tokenizer, transform = resolve_params(name_or_path, dtype, quantize=quantize)
+  return from_params(cfg, params, dtype=compute_dtype or dtype, transform=transform), tokenizer
 
 
 def save_pretrained(model: CausalLM, out_dir: str, tokenizer=None, dtype=np.float32) -> None:
   """Writes `model` as a HF model directory (config.json + safetensors [+ tokenizer files]),
-  loadable by `transformers.AutoModelForCausalLM.from_pretrained`."""
+  loadable by `transformers.AutoModelForCausalLM.from_pretrained`. A 4-bit model (QuantLinear
+  kernels) is written as transformers + bitsandbytes write a load_in_4bit model, same bytes."""
   from ftjax.files import atomic_dir
   from ftjax.models.hf import save_hf_config, save_hf_params
+  from ftjax.quant import bnb
+  from ftjax.quant.linear import QuantLinear
   cfg = model.config
+  in_4bit = {"/".join(map(str, p)): m for p, m in nnx.iter_modules(model) if isinstance(m, QuantLinear)}
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   expected = {s.path for s in param_specs(cfg)}
-  extra = sorted(p for p, _ in flatten(params) if p not in expected)
+  extra = sorted(p for p, _ in flatten(params) if p not in expected
+                 and p.rsplit("/", 1)[0] not in in_4bit)
   if extra:
     raise FtjaxError(
         f"save_pretrained: the model has params a plain {cfg.model_type} model lacks (e.g. "
         f"{extra[0]}): adapters are attached. Fold them in with ftjax.peft.merge_and_unload(model) "
         "first, or save them alone with ftjax.peft.save_adapter")
   params = jax.device_get(params)
+  quantised = {f"{path}/kernel": lambda i, m=m: jax.device_get(m.quantized(i))
+               for path, m in in_4bit.items()}
+  quant_config = None
+  if in_4bit:
+    first = next(iter(in_4bit.values()))
+    float_linears = sorted({str(p[-1]) for p, m in nnx.iter_modules(model)
+                            if isinstance(m, nnx.Linear) and p} | {"lm_head"})
+    quant_config = bnb.quantization_config(first.quant_type, first.absmax_scale is not None,
+                                           float_linears, np.dtype(first.dtype).name)
   with atomic_dir(out_dir) as tmp:
-    save_hf_params(params, cfg, tmp, dtype=dtype)
-    save_hf_config(cfg, tmp, dtype_name=np.dtype(dtype).name)
+    save_hf_params(params, cfg, tmp, dtype=dtype, quantised=quantised)
+    save_hf_config(cfg, tmp, dtype_name=np.dtype(dtype).name, quantization_config=quant_config)
     if tokenizer is not None:
       tokenizer.save(tmp)

@@ -17,6 +17,7 @@ from safetensors.numpy import save_file
 from ftjax.errors import FtjaxError
 from ftjax.models.config import ModelConfig
 from ftjax.models.params import Params, flatten, get_path, param_specs, set_path
+from ftjax.quant import bnb
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -64,6 +65,9 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype=np.float32, allocate=
   for path, items in by_file.items():
     with safe_open(path, framework="np") as f:
       for spec, i, name in items:
+        if bnb.quant_state_key(name, where):  # a bitsandbytes 4-bit weight
+          _put_4bit(get_path(params, spec.path), spec, i, name, where)
+          continue
         tensor = f.get_tensor(name)
         if spec.transpose:
           tensor = tensor.T
@@ -80,22 +84,52 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype=np.float32, allocate=
   return params
 
 
+def _put_4bit(target, spec, i: int | None, name: str, where: dict[str, str]) -> None:
+  """Writes a bitsandbytes 4-bit weight into a QuantSink (its bytes as stored) or, dequantised,
+  into a float array."""
+  from ftjax.quant.fourbit import dequantize_4bit
+  from ftjax.quant.linear import QuantSink
+
+  def read(key):
+    with safe_open(where[key], framework="np") as f:
+      return f.get_tensor(key)
+  q = bnb.read_4bit(name, bnb.quant_state_key(name, where), read)
+  expected = tuple(spec.shape[1:] if i is not None else spec.shape)
+  if not spec.transpose or tuple(q.shape) != expected[::-1]:
+    raise FtjaxError(f"{where[name]}: 4-bit tensor {name!r} has shape {list(q.shape)}, expected "
+                     f"{list(expected[::-1])} (a checkpoint of another model?)")
+  index = i if i is not None else Ellipsis
+  if isinstance(target, QuantSink):
+    target.put_quantized(index, q, name)
+  else:
+    target[index] = np.asarray(dequantize_4bit(q, np.float32)).T
+
+
 def save_hf_params(params: Params, cfg: ModelConfig, out_dir: str, dtype=np.float32,
-                   max_shard_bytes: int = 2 * 1024**3) -> list[str]:
-  """Writes model.safetensors (or shards + index when above max_shard_bytes)."""
+                   max_shard_bytes: int = 2 * 1024**3, quantised=None) -> list[str]:
+  """Writes model.safetensors (or shards + index when above max_shard_bytes).
+
+  quantised: {kernel path: layer index (or ()) -> Quant4bit} for kernels stored in 4 bits,
+  written in bitsandbytes' layout (their paths are absent from `params`).
+  """
   os.makedirs(out_dir, exist_ok=True)
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
   for spec in param_specs(cfg):
-    leaf = np.asarray(get_path(params, spec.path))
+    in_4bit = (quantised or {}).get(spec.path)
+    leaf = None if in_4bit else np.asarray(get_path(params, spec.path))
     for i, name in enumerate(spec.hf_names(cfg.num_layers)):
-      tensor = leaf[i] if spec.stacked else leaf
-      tensor = np.ascontiguousarray((tensor.T if spec.transpose else tensor).astype(dtype))
-      if size and size + tensor.nbytes > max_shard_bytes:
+      if in_4bit:
+        tensors = bnb.write_4bit(name, in_4bit(i if spec.stacked else ()))
+      else:
+        tensor = leaf[i] if spec.stacked else leaf
+        tensors = {name: np.ascontiguousarray((tensor.T if spec.transpose else tensor).astype(dtype))}
+      nbytes = sum(t.nbytes for t in tensors.values())
+      if size and size + nbytes > max_shard_bytes:
         shards.append({})
         size = 0
-      shards[-1][name] = tensor
-      size += tensor.nbytes
+      shards[-1].update(tensors)
+      size += nbytes
   metadata = {"format": "pt"}  # transformers refuses files without it
   if len(shards) == 1:
     save_file(shards[0], os.path.join(out_dir, SINGLE_FILE), metadata=metadata)
@@ -111,9 +145,12 @@ def save_hf_params(params: Params, cfg: ModelConfig, out_dir: str, dtype=np.floa
   return names
 
 
-def save_hf_config(cfg: ModelConfig, out_dir: str, dtype_name: str = "float32") -> None:
+def save_hf_config(cfg: ModelConfig, out_dir: str, dtype_name: str = "float32",
+                   quantization_config: dict | None = None) -> None:
   hf = cfg.to_hf_dict()
   hf["torch_dtype"] = dtype_name
+  if quantization_config:
+    hf["quantization_config"] = quantization_config
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf, f, indent=2)
 

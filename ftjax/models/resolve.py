@@ -188,6 +188,18 @@ def _local_path(name_or_path: str) -> str:
                    f"{', '.join(BUILTIN_MODELS)})")
 
 
+def stored_quantisation(name_or_path: str) -> dict | None:
+  """The 4-bit settings of a bitsandbytes `load_in_4bit` HF checkpoint (None for any other)."""
+  import json
+  from ftjax.quant.bnb import checkpoint_settings
+  path = _local_path(name_or_path)
+  config_path = os.path.join(path, "config.json")
+  if not os.path.isfile(config_path):
+    return None
+  with open(config_path) as f:
+    return checkpoint_settings(json.load(f))
+
+
 def tokenizer_for(name_or_path: str):
   """The tokenizer of a model reference (as `resolve_model` accepts), without its weights."""
   from ftjax.tokenizer import load_tokenizer

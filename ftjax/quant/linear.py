@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ftjax.errors import FtjaxError
 from ftjax.quant.fourbit import Quant4bit, dequantize_4bit, quantize_4bit
 
 
@@ -94,12 +95,13 @@ class QuantLinear(nnx.Module):
     self.block_size, self.quant_type = block_size, quant_type
     self.dtype = linear.dtype or jnp.float32
 
-  def quantized(self) -> Quant4bit:
-    """This layer's (one layer of a stack, inside the scan) quantised kernel as a Quant4bit."""
+  def quantized(self, layer=()) -> Quant4bit:
+    """The quantised kernel as a Quant4bit: this layer's (unstacked, or one layer of a stack
+    inside the scan), or layer `layer` of a stack."""
     dq = self.absmax_scale is not None
-    return Quant4bit(self.codes[...].reshape(-1), self.absmax[...].reshape(-1),
-                     self.absmax_scale[...].reshape(-1) if dq else None,
-                     self.offset[...].reshape(()) if dq else None,
+    return Quant4bit(self.codes[...][layer].reshape(-1), self.absmax[...][layer].reshape(-1),
+                     self.absmax_scale[...][layer].reshape(-1) if dq else None,
+                     self.offset[...][layer].reshape(()) if dq else None,
                      (self.out_features, self.in_features), self.block_size, self.quant_type,
                      "float32")
 
@@ -192,6 +194,18 @@ class QuantSink:
   def __setitem__(self, index, kernel_in_out) -> None:
     arrays = jax.device_get(quantize_kernel(np.asarray(kernel_in_out, np.float32), *self.settings))
     for key, value in arrays.items():
+      self._arrays[key][index] = value
+
+  def put_quantized(self, index, q: Quant4bit, name: str) -> None:
+    """Writes a layer that is already 4-bit (a bitsandbytes checkpoint): its bytes as they are
+    when block size, type and double quantisation match this sink's, else requantised."""
+    if tuple(q.shape) != (self.d_out, self.d_in):
+      raise FtjaxError(f"4-bit tensor {name!r} has shape {list(q.shape)}, expected "
+                       f"[{self.d_out}, {self.d_in}]")
+    if (q.block_size, q.quant_type, q.double_quant) != self.settings:
+      self[index] = np.asarray(dequantize_4bit(q, jnp.float32)).T
+      return
+    for key, value in _stored(q, (), self.d_out, self.d_in).items():
       self._arrays[key][index] = value
 
   def arrays(self) -> dict:
