@@ -16,7 +16,7 @@ from ftjax.models.ops import REMAT_POLICIES
 # PEFT methods (each with its block below) and full fine-tuning.
 METHODS = ("lora", "qlora", "ia3", "prompt", "prefix", "adapter", "full")
 MERGEABLE = ("lora", "qlora", "ia3", "full")  # adapters with a merged form (export.merged)
-QUANT_TYPES = ("", "nf4", "fp4")
+QUANT_TYPES = ("", "nf4", "fp4", "int8")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LENGTH_POLICIES = ("truncate", "drop", "error")
@@ -77,9 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
   # layer, in bitsandbytes' format; trained adapters stay f32. method="qlora" is method="lora"
   # with quant.type="nf4".
   c.quant = ml_collections.ConfigDict()
-  c.quant.type = ""  # "" (none) | nf4 | fp4
-  c.quant.block_size = 64
-  c.quant.double_quant = True
+  c.quant.type = ""  # "" (none) | nf4 | fp4 (4-bit, bitsandbytes' format) | int8 (per channel)
+  c.quant.block_size = 64  # 4-bit only
+  c.quant.double_quant = True  # 4-bit only
   c.quant.skip = "lm_head"  # modules kept in float (the embedding table always is)
 
   c.adapter = ml_collections.ConfigDict()  # bottleneck adapter layers

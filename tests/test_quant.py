@@ -283,3 +283,38 @@ def test_4bit_checkpoint_of_another_shape_names_the_tensor(float_dir, tmp_path):
     with pytest.raises(FtjaxError, match=r"4-bit tensor 'model\.layers\.0\.mlp\.\w+_proj\.weight' "
                                          r"has shape \[(128, 64|64, 128)\], expected"):
       models.load(bnb_dir, quantize=quantize)
+
+
+# --- int8 per channel (qwix) ---------------------------------------------------------------------
+
+
+def test_int8_per_channel_round_trip():
+  x = np.random.RandomState(0).randn(3, 96, 40).astype(np.float32)  # a stack of [in, out] kernels
+  q = quant.int8_quantize(x)
+  assert q.qvalue.dtype == jnp.int8 and q.scale.shape == (3, 1, 40)  # per layer and column
+  np.testing.assert_allclose(q.scale, np.abs(x).max(axis=1, keepdims=True) / 127.5, rtol=1e-6)
+  error = np.abs(np.asarray(quant.int8_dequantize(q)) - x)
+  # Round to nearest, never clipped: half a step at most (plus f32 rounding of x / scale * scale).
+  assert np.all(error <= np.asarray(q.scale) * (0.5 + 1e-4))
+
+
+def test_int8_base_under_lora_is_the_dequantised_float_model(hf_llama_dir):
+  original = hf_models.ftjax_model(hf_llama_dir)
+  model = quant.quantize_model(hf_models.ftjax_model(hf_llama_dir), quant_type="int8")
+  assert 8 < quant.base_bits_per_param(model) < 8.5  # codes + one f32 scale per column
+  model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear"))
+  tokens = jnp.asarray(TOKENS)
+  got = np.asarray(model(tokens))
+  dequantised = quant.dequantize_model(peft.unload(nnx.clone(model)))
+  np.testing.assert_array_equal(np.asarray(dequantised(tokens)), got)
+  nf4 = quant.quantize_model(hf_models.ftjax_model(hf_llama_dir))
+  int8_error, nf4_error = rel_err(got, original(tokens)), rel_err(nf4(tokens), original(tokens))
+  print(f"int8 base vs float: {int8_error:.4f}; NF4: {nf4_error:.4f}")
+  assert int8_error < nf4_error / 4  # 16x finer steps; at least 4x smaller logit error
+  assert peft.count_params(model)[1] == peft.count_params(peft.get_peft_model(
+      original, peft.LoraConfig(r=4, target_modules="all-linear")))[1]
+  history = step_lib.fit(model, [counting_batch(4, 16, vocab=128)] * 5, optimizer=optax.adam(1e-2),
+                         trainable=peft.trainable(model))
+  assert history[-1]["loss"] < history[0]["loss"]
+  with pytest.raises(FtjaxError, match="int8 kernels have no HF checkpoint format"):
+    models.save_pretrained(peft.unload(model), "/nonexistent/never-written")

@@ -85,6 +85,9 @@ def save_pretrained(model: CausalLM, out_dir: str, tokenizer=None, dtype=np.floa
         f"save_pretrained: the model has params a plain {cfg.model_type} model lacks (e.g. "
         f"{extra[0]}): adapters are attached. Fold them in with ftjax.peft.merge_and_unload(model) "
         "first, or save them alone with ftjax.peft.save_adapter")
+  if any(m.quant_type == "int8" for m in in_4bit.values()):
+    raise FtjaxError("save_pretrained: int8 kernels have no HF checkpoint format; dequantise "
+                     "them first (ftjax.quant.dequantize_model)")
   params = jax.device_get(params)
   quantised = {f"{path}/kernel": lambda i, m=m: jax.device_get(m.quantized(i))
                for path, m in in_4bit.items()}

@@ -397,8 +397,13 @@ def count_params(model: nnx.Module, trainable=AdapterParam) -> tuple[int, int]:
   Adapter rows of stacked layers a layers_to_transform mask leaves out are not counted."""
   from ftjax.quant.linear import QuantCodes, QuantStat
 
-  def size(state):  # 4-bit codes count two per byte, their block statistics not at all (as PEFT)
-    return sum(v.size * (2 if isinstance(v, QuantCodes) else 0 if isinstance(v, QuantStat) else 1)
+  def per_element(v) -> int:  # packed 4-bit codes count two per byte, int8 one; their block
+    if isinstance(v, QuantCodes):  # statistics not at all (as PEFT counts bitsandbytes)
+      return 2 if v.dtype == jnp.uint8 else 1
+    return 0 if isinstance(v, QuantStat) else 1
+
+  def size(state):
+    return sum(v.size * per_element(v)
                for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
   unused = 0
   for _, layer in adapter_layers(model):

@@ -19,10 +19,12 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import qwix
 from flax import nnx
 
 from ftjax.errors import FtjaxError
 from ftjax.quant.fourbit import Quant4bit, dequantize_4bit, quantize_4bit
+from ftjax.quant.int8 import int8_dequantize, int8_quantize
 
 
 class QuantCodes(nnx.Param):
@@ -61,7 +63,10 @@ def _stored(q: Quant4bit, lead: tuple, d_out: int, d_in: int) -> dict:
 
 def quantize_kernel(kernel, block_size: int, quant_type: str, double_quant: bool) -> dict:
   """A float kernel [..., in, out] -> the arrays of its QuantLinear (each layer quantised alone,
-  as bitsandbytes quantises the torch weight [out, in])."""
+  as bitsandbytes quantises the torch weight [out, in]; int8: one scale per output channel)."""
+  if quant_type == "int8":
+    q = int8_quantize(kernel)
+    return {"codes": q.qvalue, "scale": q.scale}
   *lead, d_in, d_out = kernel.shape
   weight = jnp.swapaxes(jnp.asarray(kernel, jnp.float32), -1, -2).reshape(-1, d_out, d_in)
   q = jax.vmap(lambda w: quantize_4bit(w, block_size, quant_type, double_quant))(weight)
@@ -69,16 +74,34 @@ def quantize_kernel(kernel, block_size: int, quant_type: str, double_quant: bool
 
 
 class QuantLinear(nnx.Module):
-  """y = x @ dequant(W) + b for a kernel quantised to 4 bits (frozen)."""
+  """y = x @ dequant(W) + b for a frozen kernel quantised to 4 bits (nf4 / fp4, bitsandbytes'
+  layout) or to int8 per output channel (codes [..., in, out] as the kernel, a scale per column)."""
 
   def __init__(self, linear: nnx.Linear, *, block_size: int = 64, quant_type: str = "nf4",
                double_quant: bool = True):
     kernel = linear.kernel
     *lead, d_in, d_out = kernel.shape
     names = tuple(kernel.get_metadata().get("out_sharding") or (None,) * kernel.ndim)
-    lead_names, in_name, out_name = names[:-2], names[-2], names[-1]
-    rows = _rows(d_in, block_size)
+    lead_names, out_name = names[:-2], names[-1]
+    rows = _rows(d_in, block_size) or quant_type == "int8"
     arrays = quantize_kernel(kernel[...], block_size, quant_type, double_quant)
+    if quant_type == "int8":
+      self.codes = QuantCodes(arrays["codes"], **_axes(*names))
+      self.scale = QuantStat(arrays["scale"], **_axes(*lead_names, None, out_name))
+      self.absmax = self.absmax_scale = self.offset = None
+    else:
+      self._init_4bit(arrays, names, rows, double_quant)
+      self.scale = None
+    self.bias = linear.bias
+    self.rows = rows  # codes [..., out, in / 2] / int8 [..., in, out] (else flat per layer)
+    self.in_features, self.out_features = d_in, d_out
+    self.kernel_shape = (*lead, d_in, d_out)
+    self.kernel_axes = names
+    self.block_size, self.quant_type = block_size, quant_type
+    self.dtype = linear.dtype or jnp.float32
+
+  def _init_4bit(self, arrays: dict, names: tuple, rows: bool, double_quant: bool) -> None:
+    lead_names, in_name, out_name = names[:-2], names[-2], names[-1]
     self.codes = QuantCodes(arrays["codes"], **_axes(*lead_names, *((out_name, in_name) if rows else (None,))))
     per_row = rows and not double_quant  # absmax [.., out, in / block] keeps the axes too
     self.absmax = QuantStat(arrays["absmax"], **_axes(*lead_names, *((out_name, in_name) if per_row else (None,))))
@@ -87,17 +110,12 @@ class QuantLinear(nnx.Module):
       self.offset = QuantStat(arrays["offset"], **_axes(*lead_names, None))
     else:
       self.absmax_scale = self.offset = None
-    self.bias = linear.bias
-    self.rows = rows  # codes [..., out, in / 2] (else flat per layer)
-    self.in_features, self.out_features = d_in, d_out
-    self.kernel_shape = (*lead, d_in, d_out)
-    self.kernel_axes = names
-    self.block_size, self.quant_type = block_size, quant_type
-    self.dtype = linear.dtype or jnp.float32
 
   def quantized(self, layer=()) -> Quant4bit:
     """The quantised kernel as a Quant4bit: this layer's (unstacked, or one layer of a stack
     inside the scan), or layer `layer` of a stack."""
+    if self.quant_type == "int8":
+      raise FtjaxError("an int8 kernel has no 4-bit form; dequantise it (ftjax.quant.dequantize_model)")
     dq = self.absmax_scale is not None
     return Quant4bit(self.codes[...][layer].reshape(-1), self.absmax[...][layer].reshape(-1),
                      self.absmax_scale[...][layer].reshape(-1) if dq else None,
@@ -107,6 +125,9 @@ class QuantLinear(nnx.Module):
 
   def weight(self, dtype=None):
     """The dequantised kernel [in, out] of one layer (inside the layer scan, or unstacked)."""
+    if self.quant_type == "int8":
+      q = qwix.QArray(self.codes[...], self.scale[...], None, jnp.int8)
+      return int8_dequantize(q, dtype or self.dtype)
     return jnp.swapaxes(dequantize_4bit(self.quantized(), jnp.float32), -1, -2).astype(
         dtype or self.dtype)
 
