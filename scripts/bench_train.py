@@ -5,7 +5,9 @@
 Trains on random tokens of shape [batch, seq] with the config's model and method and prints one
 JSON line: tokens_per_s, step_s (median of the timed steps after --warmup), compile_s, model
 FLOPs per step, MFU against a measured f32 matmul ceiling on CPU (the device's peak on GPU/TPU),
-peak host RSS and device memory.
+and memory: bytes of base weights per parameter (4 for f32, ~0.52 for NF4 + double quant), the
+compiled step's device memory (XLA's accounting: arguments + outputs + temporaries), the
+device's peak where it reports one, and the peak host RSS.
 
 With --vs-peft the same weights, batch and sequence length are also trained by transformers +
 peft (LoRA, same rank/alpha/targets, AdamW) in a persistent child process. With --vs-tree DIR
@@ -121,6 +123,26 @@ class FtjaxBench:
            "achieved_flops_per_s": self.flops / step_s, "peak_flops_per_s": peak,
            "peak_source": peak_source, "mfu": self.flops / step_s / peak,
            "loss": float(self.metrics["loss"])}
+    out.update(self.memory())
+    return out
+
+  def memory(self) -> dict:
+    """Base weight storage, the step's device memory (XLA's own accounting of the compiled step:
+    arguments + outputs + temporaries, less donated buffers; it works on CPU too) and peak RSS."""
+    from flax import nnx
+    from ftjax import peft, quant
+    model = self.run.model()
+    base = jax.tree.leaves(nnx.state(model, nnx.All(nnx.Param, nnx.Not(peft.AdapterParam))),
+                           is_leaf=lambda x: isinstance(x, nnx.Variable))
+    n_base = sum(0 if isinstance(v, quant.QuantStat) else  # block statistics: storage only
+                 v.size * (2 if v.dtype == jnp.uint8 else 1) for v in base)  # 2 codes per byte
+    base_bytes = sum(v.size * v.dtype.itemsize for v in base)
+    mem = self.compiled.memory_analysis()
+    step_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                  - mem.alias_size_in_bytes)
+    out = {"base_gib": base_bytes / 2**30, "base_bytes_per_param": base_bytes / n_base,
+           "quantised_bits_per_param": quant.base_bits_per_param(model) or None,
+           "step_device_gib": step_bytes / 2**30, "step_temp_gib": mem.temp_size_in_bytes / 2**30}
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
       out["device_peak_gib"] = stats["peak_bytes_in_use"] / 2**30

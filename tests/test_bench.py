@@ -27,3 +27,25 @@ def test_bench_vs_peft_reports_rounds_and_their_median_ratio(tmp_path):
   assert len(result["ratio_vs_peft_rounds"]) == 2
   assert result["ratio_vs_peft"] == statistics.median(result["ratio_vs_peft_rounds"])
   assert result["flops_per_step"] > 0 and 0 < result["mfu"]
+
+
+def _bench(model: str, *extra: str) -> dict:
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "scripts", "bench_train.py"), "--config",
+       os.path.join(REPO, "configs", "quickstart.py"), "--model", model, "--batch", "8", "--seq", "16",
+       "--steps", "1", "--warmup", "1", *extra], capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_bench_accounts_memory_of_full_lora_and_qlora(tmp_path):
+  model = make_model_dir(tmp_path / "model")
+  full, lora, qlora = (_bench(model, "--method", m) for m in ("full", "lora", "qlora"))
+  assert full["base_bytes_per_param"] == lora["base_bytes_per_param"] == 4.0  # f32 weights
+  assert full["quantised_bits_per_param"] is None
+  # NF4 + double quantisation: 4 bits + 8 per 64-block + 32 per 256 blocks; embeddings stay f32.
+  assert 4.0 < qlora["quantised_bits_per_param"] < 4.2
+  assert qlora["base_gib"] < 0.5 * lora["base_gib"]
+  # Full fine-tuning keeps AdamW moments of every weight: its step needs the most memory.
+  assert full["step_device_gib"] > lora["step_device_gib"] > 0
+  assert qlora["step_device_gib"] > 0 and qlora["host_peak_rss_gib"] > 0
