@@ -50,6 +50,7 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--only", default="", help="comma-separated methods (default: all)")
   parser.add_argument("--out", default="workdirs/compare")
+  parser.add_argument("--seed", type=int, default=0, help="train.seed (adapter init, data order)")
   args = parser.parse_args()
 
   from configs.quickstart import get_config
@@ -58,6 +59,7 @@ def main() -> None:
   for name in [m for m in (args.only.split(",") if args.only else METHODS) if m]:
     config = get_config()
     config.train.steps = args.steps
+    config.train.seed = args.seed
     config.export.adapter = True
     for key, value in METHODS[name].items():
       set_key(config, key, value)
@@ -66,7 +68,7 @@ def main() -> None:
     metrics = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     tok_s = [m["train/tokens_per_s"] for m in metrics if "train/tokens_per_s" in m]
     adapter = os.path.join(workdir, "adapter")
-    row = {"method": name, "trainable_params": summary["trainable_params"],
+    row = {"method": name, "seed": args.seed, "trainable_params": summary["trainable_params"],
            "adapter_bytes": dir_size(adapter) if os.path.isdir(adapter) else None,
            "train_tokens_per_s": sorted(tok_s)[len(tok_s) // 2], "lr": config.train.lr,
            "eval_loss": summary["eval"]["loss"],

@@ -171,6 +171,21 @@ def _unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
   return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _dequantize(t, rows_per_chunk: int = 4096) -> np.ndarray:
+  """A GGUF tensor in f32, dequantised a chunk of rows at a time: gguf-py's temporaries are
+  several times the chunk, so a big embedding table does not double the peak host memory."""
+  data = t.data
+  if data.ndim < 2 or data.shape[0] <= rows_per_chunk:
+    return gguf.quants.dequantize(data, t.tensor_type)
+  first = gguf.quants.dequantize(data[:rows_per_chunk], t.tensor_type)
+  out = np.empty((data.shape[0], *first.shape[1:]), first.dtype)
+  out[:rows_per_chunk] = first
+  for start in range(rows_per_chunk, data.shape[0], rows_per_chunk):
+    out[start:start + rows_per_chunk] = gguf.quants.dequantize(
+        data[start:start + rows_per_chunk], t.tensor_type)
+  return out
+
+
 def load_gguf(path: str, dtype=np.float32, allocate=None) -> tuple[ModelConfig, Params]:
   """Reads a GGUF model file into (ModelConfig, params tree of numpy arrays of `dtype`);
   `allocate` as in ftjax.models.hf.load_hf_params."""
@@ -191,7 +206,7 @@ def load_gguf(path: str, dtype=np.float32, allocate=None) -> tuple[ModelConfig, 
                        f"with {cfg.num_layers} layers")
     spec, i = wanted[t.name]
     try:
-      w = gguf.quants.dequantize(t.data, t.tensor_type)
+      w = _dequantize(t)
     except NotImplementedError:
       raise FtjaxError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which gguf-py "
                        "cannot dequantize; re-quantize the model to e.g. Q8_0, Q4_K or F16") from None

@@ -73,6 +73,11 @@ def quantize_kernel(kernel, block_size: int, quant_type: str, double_quant: bool
   return _stored(q, tuple(lead), d_out, d_in)
 
 
+# One compiled program per kernel shape for loading (eager op-by-op dispatch would compile and
+# keep dozens of small programs, and holds several f32 temporaries per op).
+_quantize_kernel_jit = jax.jit(quantize_kernel, static_argnums=(1, 2, 3))
+
+
 class QuantLinear(nnx.Module):
   """y = x @ dequant(W) + b for a frozen kernel quantised to 4 bits (nf4 / fp4, bitsandbytes'
   layout) or to int8 per output channel (codes [..., in, out] as the kernel, a scale per column)."""
@@ -213,7 +218,7 @@ class QuantSink:
     self._arrays = {k: np.zeros((*self.lead, *v.shape), v.dtype) for k, v in one.items()}
 
   def __setitem__(self, index, kernel_in_out) -> None:
-    arrays = jax.device_get(quantize_kernel(np.asarray(kernel_in_out, np.float32), *self.settings))
+    arrays = jax.device_get(_quantize_kernel_jit(np.asarray(kernel_in_out, np.float32), *self.settings))
     for key, value in arrays.items():
       self._arrays[key][index] = value
 

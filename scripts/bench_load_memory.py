@@ -1,0 +1,76 @@
+"""Peak host memory of loading a model in float vs with its linear kernels quantised on the fly.
+
+  python scripts/bench_load_memory.py MODEL [--types float,nf4,int8]
+
+MODEL: anything ftjax.models.load takes (built-in name, HF directory, .gguf file). Each type
+loads in a fresh child process, warmed first (tokenizer, jax runtime), then a thread samples the process's
+anonymous resident memory (RssAnon: file-backed mmap pages of the checkpoint are not counted,
+the kernel can drop them) every millisecond during the load. --warm loads once before the
+measured load, so the one-off compilation of the quantiser is left out. Prints one JSON line per type:
+the model's bytes and the peak over the warm process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+
+
+def anon_mib() -> int:
+  with open("/proc/self/status") as f:
+    return int(re.search(r"RssAnon:\s+(\d+)", f.read()).group(1)) // 1024
+
+
+def child(model: str, kind: str, warm: bool) -> None:
+  import gc
+
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from ftjax import models
+  from ftjax.models.resolve import tokenizer_for
+  quantize = False if kind == "float" else dict(quant_type=kind)
+  tokenizer_for(model)
+  jax.jit(lambda a: a + 1)(jnp.zeros(1))
+  if warm:  # a first load compiles the quantiser's programs (one per kernel shape), then goes
+    models.load(model, quantize=quantize)
+    gc.collect()
+  ctypes.CDLL("libc.so.6").malloc_trim(0)
+  base, peak, done = anon_mib(), [0], [False]
+
+  def sample():
+    while not done[0]:
+      peak[0] = max(peak[0], anon_mib())
+      time.sleep(0.001)
+  thread = threading.Thread(target=sample, daemon=True)
+  thread.start()
+  model_obj, _ = models.load(model, quantize=quantize)
+  done[0] = True
+  thread.join()
+  nbytes = sum(v.nbytes for v in jax.tree.leaves(nnx.state(model_obj)))
+  print(json.dumps({"type": kind, "model_mib": round(nbytes / 2**20), "load_peak_mib": peak[0] - base,
+                    "warm_quantiser": warm}), flush=True)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("model")
+  parser.add_argument("--types", default="float,nf4")
+  parser.add_argument("--warm", action="store_true", help="compile the quantiser before the load")
+  parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.child:
+    return child(args.model, args.child, args.warm)
+  for kind in args.types.split(","):
+    cmd = [sys.executable, __file__, args.model, "--child", kind] + (["--warm"] if args.warm else [])
+    subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
+
+
+if __name__ == "__main__":
+  main()
