@@ -56,29 +56,30 @@ def test_4bit_bytes_equal_bitsandbytes(quant_type, block_size):
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_double_quantisation_matches_bitsandbytes(quant_type):
-  """The 4-bit codes are identical; the double-quantised absmax can differ where bitsandbytes'
-  C++ search is not the nearest code (see ftjax/quant/fourbit.py), by one code, rarely."""
+  """Every byte is bitsandbytes' where the absmax mean (`offset`) is: torch's float32 sum runs
+  in an order of its own (CPU vector width, threads), so it can be 1 ulp apart; then only the
+  8-bit codes of values that ulp moves across a table point differ."""
   rng = np.random.RandomState(1)
-  differing = total = 0
-  for shape in SHAPES:
+  same_offset = 0
+  for shape in SHAPES + [(4096, 576), (2048, 1536)]:
     x = rng.randn(*shape).astype(np.float32)
     packed, state = _bnb(x, 64, quant_type, True)
     ours = quant.quantize_4bit(x, 64, quant_type, double_quant=True)
     np.testing.assert_array_equal(np.asarray(ours.codes), packed.numpy().reshape(-1))
-    assert abs(float(ours.offset) - float(state.offset)) <= np.spacing(np.float32(state.offset))
-    # The scales are max |absmax - offset| per 256 blocks: the offset's ulp, a few ulps here.
-    np.testing.assert_allclose(np.asarray(ours.absmax_scale), state.state2.absmax.numpy(), rtol=5e-7)
-    codes = np.asarray(ours.absmax).astype(int)
-    theirs = state.absmax.numpy().astype(int)
-    # Where they differ, ftjax's code is the nearer one to the value being coded.
-    _, plain = _bnb(x, 64, quant_type, False)
-    target = plain.absmax.numpy() - float(ours.offset)
-    scale = np.repeat(np.asarray(ours.absmax_scale), 256)[: codes.size]
-    error = lambda c: np.abs(quant.DYNAMIC_CODE[c] * scale - target)
-    assert np.all(error(codes) <= error(theirs) + 1e-7 * scale), shape
-    differing += int((codes != theirs).sum())
-    total += codes.size
-  assert differing <= 0.005 * total, (differing, total)
+    offset, theirs = np.float32(ours.offset), np.float32(state.offset)
+    assert abs(offset - theirs) <= np.spacing(theirs), shape
+    codes, their_codes = np.asarray(ours.absmax), state.absmax.numpy()
+    restored = np.asarray(quant.dequantize_4bit(ours))
+    if offset == theirs:
+      same_offset += 1
+      np.testing.assert_array_equal(codes, their_codes, err_msg=str(shape))
+      np.testing.assert_array_equal(np.asarray(ours.absmax_scale), state.state2.absmax.numpy())
+      np.testing.assert_array_equal(restored, bnb.dequantize_4bit(packed, state).numpy().reshape(shape))
+    else:
+      assert (codes != their_codes).mean() < 1e-3, shape
+      np.testing.assert_allclose(restored, bnb.dequantize_4bit(packed, state).numpy().reshape(shape),
+                                 rtol=0, atol=0.02 * np.abs(x).max())  # a step of the 8-bit code
+  assert same_offset >= len(SHAPES) // 2  # the byte-for-byte case is the common one
 
 
 def test_double_quantisation_costs_what_the_paper_says():

@@ -13,19 +13,20 @@ The layout (bitsandbytes `functional.quantize_4bit`, checked byte for byte in th
   bitsandbytes' signed dynamic map, in blocks of 256, each with its f32 absmax (`absmax_scale`).
   That cuts the constant overhead from 32/64 = 0.5 to ~8.5/64 = 0.13 bits per parameter.
 
-Without double quantisation every byte equals bitsandbytes'. With it, two things can differ,
-both measured in tests/test_quant.py:
-- `offset` can be 1 ulp apart: torch sums in an order that depends on the CPU's vector width.
-- About 0.1% of the 8-bit absmax codes, values within ~0.2% of the gap from a midpoint between
-  two codes, can be one code apart. ftjax takes the nearest code, as bitsandbytes' Python path
-  does; its C++ path (a table-driven search) sometimes takes the neighbour.
-The 4-bit codes are identical either way; the dequantised weights then differ in those blocks
-by one step of the 8-bit scale.
+The 4-bit codes, the absmax and the 8-bit absmax codes are bitsandbytes' bytes (its CPU kernel
+codes a value in [-1, 1] through a 65,536-entry table: grid point k = floor((x + 1) / 2 * 65535
++ 0.5) of linspace(-1, 1, 65536), then the dynamic code nearest to that grid point; ftjax does
+the same, which in ~0.1% of blocks is one code away from the code nearest to x itself). One thing
+can differ, measured in tests/test_quant.py: `offset`, the mean of the absmax values, can be 1
+ulp apart, because torch's float32 sum runs in an order that depends on the CPU's vector width
+and thread count (bitsandbytes on two machines can differ the same way); the 8-bit codes of
+(absmax - offset) then differ only where that ulp moves a value across a table point.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -137,14 +138,43 @@ def _blockwise_absmax_scale(flat, block_size: int):
   return absmax, scaled
 
 
+TABLE_SIZE = 65536  # bitsandbytes' CPU kernel codes 8-bit values through a table this long
+
+
+@functools.lru_cache(maxsize=1)
+def _dynamic_table() -> np.ndarray:
+  """uint8 [65536]: the dynamic code nearest to each point of linspace(-1, 1, 65536) (ties to the
+  lower code), computed in f32 as bitsandbytes builds its table."""
+  grid = np.linspace(-1, 1, TABLE_SIZE).astype(np.float32)
+  code = DYNAMIC_CODE.astype(np.float32)
+  return np.concatenate([np.argmin(np.abs(chunk[:, None] - code[None, :]), axis=-1)
+                         for chunk in np.split(grid, 16)]).astype(np.uint8)
+
+
+def _code_8bit(scaled):
+  """The dynamic-map code of values in [-1, 1], through bitsandbytes' table."""
+  t = (scaled + 1.0) / 2.0 * np.float32(TABLE_SIZE - 1)
+  # The barrier keeps XLA from fusing the product and the + 0.5 into one FMA, whose single
+  # rounding would move points sitting on a table boundary.
+  k = jnp.floor(jax.lax.optimization_barrier(t) + 0.5).astype(jnp.int32)
+  return jnp.asarray(_dynamic_table())[jnp.clip(k, 0, TABLE_SIZE - 1)]
+
+
 def _quantize_absmax(absmax):
   """Double quantisation: (uint8 codes, f32 scale per 256 blocks, f32 offset)."""
   offset = jnp.mean(absmax)
-  scale, scaled = _blockwise_absmax_scale(absmax - offset, DOUBLE_QUANT_BLOCK)
-  # Nearest value of the dynamic map, ties to the lower index (bitsandbytes' argmin).
-  code = jnp.asarray(DYNAMIC_CODE)
-  q = jnp.argmin(jnp.abs(scaled[:, None] - code[None, :]), axis=-1).astype(jnp.uint8)
-  return q, scale, offset
+  values = absmax - offset
+  n = values.shape[0]
+  full = n - n % DOUBLE_QUANT_BLOCK
+  # bitsandbytes' 8-bit kernel divides by the block's absmax (its 4-bit one multiplies by the
+  # reciprocal; _blockwise_absmax_scale follows that one).
+  blocks = [values[:full].reshape(-1, DOUBLE_QUANT_BLOCK)] if full else []
+  if full < n:
+    blocks.append(values[full:][None, :])
+  scale = jnp.concatenate([jnp.max(jnp.abs(b), axis=-1) for b in blocks])
+  scaled = jnp.concatenate([(b / jnp.maximum(jnp.max(jnp.abs(b), axis=-1, keepdims=True), 1e-38)
+                             ).reshape(-1) for b in blocks])
+  return _code_8bit(scaled), scale, offset
 
 
 def quantize_4bit(x, block_size: int = 64, quant_type: str = "nf4",
