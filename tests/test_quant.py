@@ -319,3 +319,19 @@ def test_int8_base_under_lora_is_the_dequantised_float_model(hf_llama_dir):
   assert history[-1]["loss"] < history[0]["loss"]
   with pytest.raises(FtjaxError, match="int8 kernels have no HF checkpoint format"):
     models.save_pretrained(peft.unload(model), "/nonexistent/never-written")
+
+
+def test_width_not_a_multiple_of_the_block_is_kept_flat_and_recorded(hf_llama_dir, caplog):
+  """down_proj's input (intermediate_size 96) is not a multiple of 64: bitsandbytes' blocks then
+  run across rows, so the codes cannot keep a [out, in / 2] shape; ftjax stores them flat per
+  layer (still bitsandbytes' bytes), says so, and the layer computes the same function."""
+  import logging
+  with caplog.at_level(logging.INFO, logger="ftjax.quant.linear"):
+    model = quant.quantize_model(hf_models.ftjax_model(hf_llama_dir))
+  assert "not a multiple of block_size=64" in caplog.text and "down_proj (in=96)" in caplog.text
+  down, up = model.model.layers.mlp.down_proj, model.model.layers.mlp.up_proj
+  assert not down.rows and down.codes.ndim == 2 and up.rows and up.codes.ndim == 3  # [layers, ...]
+  weight = np.random.RandomState(0).randn(64, 96).astype(np.float32)  # one [out, in] layer
+  q = quant.quantize_4bit(weight, 64, "nf4", True)
+  packed, _ = _bnb(weight, 64, "nf4", True)
+  np.testing.assert_array_equal(np.asarray(q.codes), packed.numpy().reshape(-1))

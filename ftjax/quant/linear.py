@@ -13,6 +13,7 @@ quantised, flat per layer), so the codes keep the float kernel's logical axes an
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Sequence
 
@@ -25,6 +26,8 @@ from flax import nnx
 from ftjax.errors import FtjaxError
 from ftjax.quant.fourbit import Quant4bit, dequantize_4bit, quantize_4bit
 from ftjax.quant.int8 import int8_dequantize, int8_quantize
+
+log = logging.getLogger(__name__)
 
 
 class QuantCodes(nnx.Param):
@@ -173,11 +176,20 @@ def quantize_model(model: nnx.Module, *, block_size: int = 64, quant_type: str =
   from ftjax.peft.core import logical_name, replace_module
   targets = [("/".join(map(str, path)), module) for path, module in nnx.iter_modules(model)
              if isinstance(module, nnx.Linear) and path]
+  flat = []
   for path, module in targets:
     if any(logical_name(path).endswith(s) for s in skip):
       continue
-    replace_module(model, path, QuantLinear(module, block_size=block_size, quant_type=quant_type,
-                                            double_quant=double_quant))
+    layer = QuantLinear(module, block_size=block_size, quant_type=quant_type,
+                        double_quant=double_quant)
+    replace_module(model, path, layer)
+    if not layer.rows:
+      flat.append(f"{path} (in={layer.in_features})")
+  if flat:
+    log.info("%d layer(s) have an input width that is not a multiple of block_size=%d, e.g. %s: "
+             "their 4-bit blocks run across rows, as bitsandbytes' do, so their codes are kept "
+             "flat per layer and are not sharded along the kernel's axes", len(flat), block_size,
+             flat[0])
   return model
 
 
