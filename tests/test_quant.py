@@ -335,3 +335,35 @@ def test_width_not_a_multiple_of_the_block_is_kept_flat_and_recorded(hf_llama_di
   q = quant.quantize_4bit(weight, 64, "nf4", True)
   packed, _ = _bnb(weight, 64, "nf4", True)
   np.testing.assert_array_equal(np.asarray(q.codes), packed.numpy().reshape(-1))
+
+
+def test_qlora_on_a_user_flax_model():
+  """quantize_model and LoRA on any NNX model, not only ftjax's decoders."""
+
+  class Regressor(nnx.Module):
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(128, 256, rngs=rngs)
+      self.out = nnx.Linear(256, 8, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(jax.nn.gelu(self.hidden(x)))
+
+  x = jax.random.normal(jax.random.key(1), (32, 128))
+  y = jax.random.normal(jax.random.key(2), (32, 8))
+  model = quant.quantize_model(Regressor(nnx.Rngs(0)), skip=())
+  assert isinstance(model.hidden, quant.QuantLinear) and isinstance(model.out, quant.QuantLinear)
+  model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["hidden", "out"]))
+  np.testing.assert_array_equal(np.asarray(model(x)),
+                                np.asarray(quant.dequantize_model(peft.unload(nnx.clone(model)))(x)))
+  codes = np.asarray(model.hidden.base_layer.codes[...])
+  optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=peft.AdapterParam)
+
+  @nnx.jit
+  def step(model, optimizer):
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2),
+                                     argnums=nnx.DiffState(0, peft.AdapterParam))(model)
+    optimizer.update(model, grads)
+    return loss
+  losses = [float(step(model, optimizer)) for _ in range(10)]
+  assert losses[-1] < 0.9 * losses[0], losses
+  np.testing.assert_array_equal(np.asarray(model.hidden.base_layer.codes[...]), codes)

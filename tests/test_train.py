@@ -105,6 +105,24 @@ def test_sharded_step_on_cpu_mesh_matches_single_device(model_dir, data_dir):
   assert float(diff) <= 1e-5 * float(optax.tree.norm(mu_single))
 
 
+def test_qlora_codes_shard_like_the_float_kernel(model_dir, data_dir):
+  """The 4-bit codes [layers, out, in / 2] carry the float kernel's logical axes, so the rules
+  shard them as they shard the kernel [layers, in, out]; the step gives the single-device loss."""
+  losses = {}
+  for name, mesh in (("single", dict(data=1)), ("mesh", dict(data=2, fsdp=2, tensor=2))):
+    c = tiny_config(model_dir, data_dir, method="qlora", **{f"mesh.{k}": v for k, v in mesh.items()})
+    run = run_lib.setup(c)
+    state, _ = run_lib.init_or_restore(run, None)
+    step = run_lib.jit_train_step(run, state)
+    batch = run.train_ds.batches(8, seed=0).next_batch(8)
+    state, metrics = step(state, run.frozen, {k: batch[k][None] for k in step_lib.BATCH_KEYS})
+    losses[name] = float(metrics["loss"])
+  up = run.frozen["model"]["layers"]["mlp"]["up_proj"]["base_layer"]
+  assert up["codes"].dtype == np.uint8
+  assert up["codes"].sharding.spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
+  assert abs(losses["single"] - losses["mesh"]) < 1e-5
+
+
 # --- whole runs --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
