@@ -21,6 +21,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LENGTH_POLICIES = ("truncate", "drop", "error")
 NONFINITE_POLICIES = ("stop", "skip")
+ON_ERROR_POLICIES = ("fail", "skip")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -96,7 +97,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.pack = True
   c.data.length_policy = "truncate"
   c.data.system_prompt = ""
+  # Key renaming before format detection, "source:ours" pairs, e.g. "question:input,answer:output".
+  c.data.fields = ""
   c.data.generate = ""  # name of a built-in generated dataset written on first run ("quickstart")
+  # `python -m ftjax.data check` (ftjax/data/check.py): what to do with invalid records, and leakage.
+  c.data.check = ml_collections.ConfigDict()
+  c.data.check.on_error = "fail"  # fail: stop, listing every problem | skip: drop bad records, count them
+  c.data.check.drop_leaked = False  # drop train examples whose input (near-)duplicates an eval input
+  c.data.check.near_dup = 0.4  # word 5-gram Jaccard at or above which two texts are near-duplicates
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100
@@ -183,6 +191,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.data.seq_len >= 8, f"data.seq_len={c.data.seq_len}; must be >= 8")
   check(c.data.length_policy in LENGTH_POLICIES,
         f"data.length_policy={c.data.length_policy!r}; expected one of {LENGTH_POLICIES}")
+  check(c.data.check.on_error in ON_ERROR_POLICIES,
+        f"data.check.on_error={c.data.check.on_error!r}; expected one of {ON_ERROR_POLICIES}")
+  check(0.0 < c.data.check.near_dup <= 1.0, f"data.check.near_dup={c.data.check.near_dup}; must be in (0, 1]")
+  fields(c.data.fields)  # raises on a malformed mapping
   check(c.train.steps > 0, f"train.steps={c.train.steps}; must be > 0")
   check(c.train.grad_accum > 0, f"train.grad_accum={c.train.grad_accum}; must be > 0")
   check(c.train.batch_size % c.train.grad_accum == 0,
@@ -207,6 +219,15 @@ def quant_type(c: ml_collections.ConfigDict) -> str:
 def methods(c: ml_collections.ConfigDict) -> tuple[str, ...]:
   """"lora+prompt" -> ("lora", "prompt")."""
   return tuple(m.strip() for m in c.method.split("+"))
+
+
+def fields(text: str) -> dict | None:
+  """"question:input,answer:output" -> {"question": "input", "answer": "output"}; "": None."""
+  pairs = [p.split(":") for p in names(text)]
+  if any(len(p) != 2 or not all(x.strip() for x in p) for p in pairs):
+    raise FtjaxError(f"config: data.fields={text!r}; expected 'source:ours' pairs, e.g. "
+                     "'question:input,answer:output'")
+  return {a.strip(): b.strip() for a, b in pairs} or None
 
 
 def names(text: str) -> tuple[str, ...]:

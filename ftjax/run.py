@@ -163,7 +163,8 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
     _prepare_data(config)
     common = dict(seq_len=config.data.seq_len, format=config.data.format,
                   length_policy=config.data.length_policy,
-                  system_prompt=config.data.system_prompt or None)
+                  system_prompt=config.data.system_prompt or None,
+                  fields=config_lib.fields(config.data.fields))
     train_ds = build_dataset(config.data.train, tokenizer, pack=config.data.pack, **common)
     log.info("train data: %s", train_ds.describe())
     if config.data.eval:

@@ -122,15 +122,23 @@ def build_dataset(path, tokenizer, *, seq_len, format="auto", pack=True, length_
                   system_prompt=None, fields=None, pad_id=None):
   """Load, validate, tokenise and pack. max_len is seq_len + 1 tokens: one row's worth."""
   examples = load_examples(path, format=format, fields=fields, system_prompt=system_prompt)
+  return dataset_from_examples(examples, tokenizer, seq_len=seq_len, pack=pack,
+                               length_policy=length_policy, pad_id=pad_id, files=_expand(path),
+                               name=path)
+
+
+def dataset_from_examples(examples, tokenizer, *, seq_len, pack=True, length_policy="truncate",
+                          pad_id=None, files=(), name="data"):
+  """Tokenise and pack already validated Examples (e.g. the ones `ftjax.data.check` kept)."""
   tokenized, counts = tokenize_examples(examples, tokenizer, max_len=seq_len + 1,
                                         length_policy=length_policy)
   if not tokenized:
-    raise FtjaxError(f"{path}: no examples left after the length policy ({counts})")
+    raise FtjaxError(f"{name}: no examples left after the length policy ({counts})")
   if pad_id is None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   rows = packing.pack(tokenized, seq_len, pack=pack, pad_id=pad_id)
   n_rows = rows["inputs"].shape[0]
-  summary = dict(counts, kept=len(tokenized), files=_expand(path), max_len=seq_len + 1,
+  summary = dict(counts, kept=len(tokenized), files=list(files), max_len=seq_len + 1,
                  seq_len=seq_len, packed=pack, rows=n_rows,
                  tokens=int(sum(len(t.tokens) for t in tokenized)),
                  trained_tokens=int(rows["loss_mask"].sum()),

@@ -8,7 +8,8 @@ Formats (auto-detected per file from the first record's keys, or forced with `fo
   chat          {"messages": [{"role", "content", optional "weight" 0|1}, ...]}
   text          {"text"} records or a .txt file: continued pretraining / perplexity, every token trained
 Chat errors carry the codes hosted fine-tuning APIs use (data_type, missing_messages_list, ...), so
-users can search for them.
+users can search for them. Every error raised here also has a `.code` attribute from CODES (the
+stable names `python -m ftjax.data check` counts), so the checker reuses this one validator.
 """
 
 import dataclasses
@@ -18,6 +19,16 @@ from ftjax.errors import FtjaxError
 FORMATS = ("input_output", "instruction", "chat", "text")
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = ("role", "content", "weight", "name")
+# Stable problem codes (ftjax.data.check); the message keeps the hosted-API wording.
+CODES = ("data_type", "unknown_format", "missing_field", "wrong_type", "unknown_key", "unknown_role",
+         "invalid_weight", "no_assistant_turn")
+
+
+def _error(code, message):
+  """An FtjaxError carrying its stable code; `raise _error(...)`."""
+  e = FtjaxError(message)
+  e.code = code
+  return e
 
 
 @dataclasses.dataclass
@@ -33,14 +44,15 @@ def detect_format(record):
   if isinstance(data, str):
     return "text"
   if not isinstance(data, dict):
-    raise FtjaxError(f"{record.where}: data_type: expected a JSON object, got {type(data).__name__}")
+    raise _error("data_type",
+                 f"{record.where}: data_type: expected a JSON object, got {type(data).__name__}")
   for key, fmt in (("messages", "chat"), ("instruction", "instruction"), ("text", "text")):
     if key in data:
       return fmt
   if "input" in data or "output" in data:
     return "input_output"
-  raise FtjaxError(
-    f"{record.where}: cannot tell the data format from keys {sorted(data)}; expected 'messages' "
+  raise _error(
+    "unknown_format", f"{record.where}: cannot tell the data format from keys {sorted(data)}; expected 'messages' "
     "(chat), 'instruction' (+'output'), 'input' and 'output', or 'text'; set format= or map "
     "fields with fields={'question': 'input', ...}")
 
@@ -54,22 +66,29 @@ def to_examples(records, format="auto", fields=None, system_prompt=None):
   """
   if not records:
     return []
-  records = [_rename(r, fields) for r in records] if fields else records
+  records = [rename(r, fields) for r in records] if fields else records
   fmt = detect_format(records[0]) if format == "auto" else format
+  examples = []
+  for record in records:
+    examples.extend(record_examples(record, fmt, system_prompt))
+  return examples
+
+
+def record_examples(record, fmt, system_prompt=None):
+  """The Examples of one (renamed) record in a known format; FtjaxError with `.code` if invalid."""
   if fmt not in FORMATS:
     raise FtjaxError(f"format {fmt!r} is not one of {', '.join(('auto',) + FORMATS)}")
   convert = {"input_output": _from_input_output, "instruction": _from_instruction,
              "chat": _from_chat, "text": _from_text}[fmt]
-  examples = []
-  for record in records:
-    for ex in convert(record):
-      if ex.messages is not None and system_prompt and ex.messages[0]["role"] != "system":
-        ex.messages.insert(0, {"role": "system", "content": system_prompt, "weight": 0})
-      examples.append(ex)
+  examples = convert(record)
+  for ex in examples:
+    if ex.messages is not None and system_prompt and ex.messages[0]["role"] != "system":
+      ex.messages.insert(0, {"role": "system", "content": system_prompt, "weight": 0})
   return examples
 
 
-def _rename(record, fields):
+def rename(record, fields):
+  """The record with its keys renamed by {source_key: our_key} (non-objects unchanged)."""
   if not isinstance(record.data, dict):
     return record
   data = {fields.get(k, k): v for k, v in record.data.items()}
@@ -78,8 +97,8 @@ def _rename(record, fields):
 
 def _need_object(record):
   if not isinstance(record.data, dict):
-    raise FtjaxError(f"{record.where}: data_type: expected a JSON object, got "
-                     f"{type(record.data).__name__}")
+    raise _error("data_type", f"{record.where}: data_type: expected a JSON object, got "
+                 f"{type(record.data).__name__}")
   return record.data
 
 
@@ -87,10 +106,10 @@ def _need_str(record, data, key, optional=False):
   if key not in data:
     if optional:
       return ""
-    raise FtjaxError(f"{record.where}: missing key {key!r}")
+    raise _error("missing_field", f"{record.where}: missing key {key!r}")
   value = data[key]
   if not isinstance(value, str):
-    raise FtjaxError(f"{record.where}: key {key!r} must be a string, got {type(value).__name__}")
+    raise _error("wrong_type", f"{record.where}: key {key!r} must be a string, got {type(value).__name__}")
   return value
 
 
@@ -116,12 +135,12 @@ def _from_instruction(record):
   if "instances" in data and "output" not in data:
     instances = data["instances"]
     if not isinstance(instances, list) or not instances:
-      raise FtjaxError(f"{record.where}: key 'instances' must be a non-empty list of "
+      raise _error("wrong_type", f"{record.where}: key 'instances' must be a non-empty list of "
                        "{'input', 'output'} objects")
     pairs = []
     for i, inst in enumerate(instances):
       if not isinstance(inst, dict):
-        raise FtjaxError(f"{record.where}: instances[{i}] must be an object with 'input', 'output'")
+        raise _error("wrong_type", f"{record.where}: instances[{i}] must be an object with 'input', 'output'")
       pairs.append((_need_str(record, inst, "input", optional=True),
                     _instance_output(record, inst, i)))
   else:
@@ -133,9 +152,9 @@ def _from_instruction(record):
 
 def _instance_output(record, inst, i):
   if "output" not in inst:
-    raise FtjaxError(f"{record.where}: missing key 'output' in instances[{i}]")
+    raise _error("missing_field", f"{record.where}: missing key 'output' in instances[{i}]")
   if not isinstance(inst["output"], str):
-    raise FtjaxError(f"{record.where}: instances[{i}].output must be a string")
+    raise _error("wrong_type", f"{record.where}: instances[{i}].output must be a string")
   return inst["output"]
 
 
@@ -149,35 +168,35 @@ def _from_text(record):
 def _from_chat(record):
   where = record.where
   if not isinstance(record.data, dict):
-    raise FtjaxError(f"{where}: data_type: expected a JSON object with 'messages', got "
-                     f"{type(record.data).__name__}")
+    raise _error("data_type", f"{where}: data_type: expected a JSON object with 'messages', got "
+                 f"{type(record.data).__name__}")
   messages = record.data.get("messages")
   if not isinstance(messages, list) or not messages:
-    raise FtjaxError(f"{where}: missing_messages_list: expected key 'messages' holding a non-empty "
+    raise _error("missing_field", f"{where}: missing_messages_list: expected key 'messages' holding a non-empty "
                      "list of {'role', 'content'} objects")
   out = []
   for i, m in enumerate(messages):
     if not isinstance(m, dict):
-      raise FtjaxError(f"{where}: data_type: messages[{i}] must be an object, got {type(m).__name__}")
+      raise _error("data_type", f"{where}: data_type: messages[{i}] must be an object, got {type(m).__name__}")
     unknown = sorted(set(m) - set(MESSAGE_KEYS))
     if unknown:
-      raise FtjaxError(f"{where}: message_unrecognized_key: messages[{i}] has key(s) {unknown}; "
+      raise _error("unknown_key", f"{where}: message_unrecognized_key: messages[{i}] has key(s) {unknown}; "
                        f"expected only {', '.join(MESSAGE_KEYS)}")
     if "role" not in m:
-      raise FtjaxError(f"{where}: message_missing_key: messages[{i}] has no 'role'")
+      raise _error("missing_field", f"{where}: message_missing_key: messages[{i}] has no 'role'")
     if m["role"] not in ROLES:
-      raise FtjaxError(f"{where}: unrecognized_role: messages[{i}] has role {m['role']!r}; "
+      raise _error("unknown_role", f"{where}: unrecognized_role: messages[{i}] has role {m['role']!r}; "
                        f"expected one of {', '.join(ROLES)}")
     if not isinstance(m.get("content"), str):
-      raise FtjaxError(f"{where}: missing_content: messages[{i}] needs 'content' as a string")
+      raise _error("wrong_type" if "content" in m else "missing_field", f"{where}: missing_content: messages[{i}] needs 'content' as a string")
     weight = m.get("weight", 1 if m["role"] == "assistant" else 0)
     if weight not in (0, 1) or isinstance(weight, bool):
-      raise FtjaxError(f"{where}: invalid_weight: messages[{i}] has weight {weight!r}; expected 0 or 1")
+      raise _error("invalid_weight", f"{where}: invalid_weight: messages[{i}] has weight {weight!r}; expected 0 or 1")
     if m["role"] != "assistant" and weight:
-      raise FtjaxError(f"{where}: invalid_weight: messages[{i}] is a {m['role']} message; only "
+      raise _error("invalid_weight", f"{where}: invalid_weight: messages[{i}] is a {m['role']} message; only "
                        "assistant messages can be trained (weight 1)")
     out.append({"role": m["role"], "content": m["content"], "weight": int(weight)})
   if not any(m["role"] == "assistant" for m in out):
-    raise FtjaxError(f"{where}: example_missing_assistant_message: no message with role "
+    raise _error("no_assistant_turn", f"{where}: example_missing_assistant_message: no message with role "
                      "'assistant' to train on")
   return [Example(where, messages=out)]

@@ -1,0 +1,450 @@
+"""`python -m ftjax.data check --config configs/<name>.py`: find data problems before training.
+
+Reads data.train and data.eval as training does (same formats, data.fields renaming, system
+prompt, tokenizer and length rule) but keeps going after a problem, so one run lists them all:
+
+  problems   every invalid record at `path:LINE` with a stable code: bad_json, bad_encoding,
+             data_type, unknown_format, missing_field, wrong_type, unknown_key, unknown_role,
+             invalid_weight, no_assistant_turn, empty_output, over_length (tokens > seq_len + 1;
+             an error only under data.length_policy="error", otherwise counted as truncated /
+             dropped as training will). data.check.on_error="fail" exits non-zero listing them;
+             "skip" drops those records and counts them.
+  quality    in train: exact duplicates (text casefolded, whitespace collapsed, punctuation
+             stripped at the ends), near-duplicates, one input with conflicting outputs, one
+             output for many inputs (>= 5 inputs and >= 5% of examples), length outliers (tokens
+             below the 1st / above the 99th percentile, with >= 100 examples), and for
+             classification-like data (every output <= 3 words, <= 50 distinct) the label counts
+             and labels with fewer than 5 examples.
+  leakage    eval inputs that exactly or nearly repeat a train input, both locations and the
+             similarity; data.check.drop_leaked=True removes those train examples
+             (`clean_examples`, the function training calls).
+  tokens     Dataset.summary of what training would build: examples, tokens, trained tokens,
+             truncated / dropped, packing fill; plus length percentiles.
+
+Near-duplicates are exact Jaccard similarity of word 5-gram shingle sets (texts under 5 words are
+one shingle), found through an inverted index of shingles, so no pair is missed (no MinHash
+approximation; fine up to ~1e5 examples of prompt length). The default threshold 0.4
+(data.check.near_dup) was calibrated on the question text of a public grade-school math set
+(7,473 train / 1,319 test questions): the closest train question to each test question scores at
+most 0.2 for problems that only share stock phrasing or a problem type ("how much money does he
+have left"), while the 3 pairs at 0.41 and 0.56 (2 test questions; one matches 2 train questions)
+restate a train problem with only names and numbers changed. 0.4 sits in the empty gap between,
+twice the background; a higher value (0.6+) would report none of the rewrites.
+
+Outputs: a terminal summary, `data_report.json` (`run_check(..., out_dir=...)`), and
+`markdown(report)`, a section for the evaluation report.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import re
+import string
+
+import numpy as np
+
+from ftjax.data import dataset as dataset_lib
+from ftjax.data import formats, sources, template
+from ftjax.errors import FtjaxError
+
+SHINGLE = 5  # words per shingle
+MAX_PRINTED = 20  # problems printed in the terminal; the JSON report has all
+MANY_INPUTS = 5  # an output repeated for >= this many distinct inputs ...
+MANY_FRACTION = 0.05  # ... and >= this fraction of examples is flagged
+LABEL_WORDS, LABEL_VALUES, RARE_LABEL = 3, 50, 5
+MIN_FOR_OUTLIERS = 100  # percentiles of fewer examples flag only the extremes: skip
+LISTED = 50  # groups / pairs listed per signal in the JSON report
+
+
+@dataclasses.dataclass
+class Problem:
+  code: str
+  where: str  # "path:LINE"
+  message: str
+
+
+@dataclasses.dataclass
+class Split:
+  """What checking one split found: the examples kept, the problems, and token lengths."""
+  examples: list  # formats.Example, valid (over-length ones included unless policy drops them)
+  problems: list  # Problem, in file order
+  lengths: dict  # id(example) -> tokens of the templated example
+
+
+# --- reading: every bad line, not just the first ------------------------------------------------
+
+def read_lines(path):
+  """(records, problems) of one file. JSONL is decoded line by line so every bad line is
+  reported (bad_json, bad_encoding); other formats go through sources.read_records."""
+  ext = os.path.splitext(path)[1].lower()
+  if not os.path.isfile(path):
+    raise FtjaxError(f"{path}: data file not found")
+  with open(path, "rb") as f:
+    raw = f.read()
+  is_array = ext == ".json" and raw.lstrip().startswith(b"[")
+  if ext not in (".jsonl", ".json") or is_array:
+    try:
+      return sources.read_records(path), []
+    except UnicodeDecodeError as e:
+      line = raw.count(b"\n", 0, e.start) + 1
+      return [], [Problem("bad_encoding", f"{path}:{line}", f"{path}:{line}: not valid UTF-8")]
+    except FtjaxError as e:
+      where = str(e).split(": ", 1)[0]
+      return [], [Problem("bad_json", where, str(e))]
+  records, problems = [], []
+  for lineno, line in enumerate(raw.split(b"\n"), start=1):
+    where = f"{path}:{lineno}"
+    try:
+      text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+      problems.append(Problem("bad_encoding", where, f"{where}: not valid UTF-8 (byte {e.start + 1})"))
+      continue
+    if not text.strip():
+      continue
+    try:
+      records.append(sources.Record(where, json.loads(text)))
+    except json.JSONDecodeError as e:
+      problems.append(Problem("bad_json", where, f"{where}: not valid JSON ({e.msg} at column {e.colno})"))
+  return records, problems
+
+
+def validate_records(records, *, format="auto", fields=None, system_prompt=None):
+  """(examples, problems): formats.record_examples on each record, its errors collected."""
+  records = [formats.rename(r, fields) for r in records] if fields else records
+  fmt = format
+  if fmt == "auto":  # training detects from the first record; here the first one that tells
+    fmt = None
+    for r in records:
+      try:
+        fmt = formats.detect_format(r)
+        break
+      except FtjaxError:
+        continue
+  examples, problems = [], []
+  for r in records:
+    try:
+      found = formats.record_examples(r, fmt or formats.detect_format(r), system_prompt)
+    except FtjaxError as e:
+      problems.append(Problem(getattr(e, "code", "invalid"), r.where, str(e)))
+      continue
+    empty = [ex for ex in found if ex.messages is not None and any(
+        m["role"] == "assistant" and m["weight"] and not m["content"].strip() for m in ex.messages)]
+    if empty:
+      problems.append(Problem("empty_output", r.where,
+                              f"{r.where}: empty_output: an assistant turn to train on is empty"))
+      continue
+    examples.extend(found)
+  return examples, problems
+
+
+def check_split(path, tokenizer, *, seq_len, format="auto", fields=None, system_prompt=None,
+                length_policy="truncate"):
+  """A Split for a data path (file, directory or list), as training would read it."""
+  examples, problems = [], []
+  for p in dataset_lib._expand(path):
+    records, bad = read_lines(p)
+    found, invalid = validate_records(records, format=format, fields=fields,
+                                      system_prompt=system_prompt)
+    examples.extend(found)
+    problems.extend(sorted(bad + invalid, key=lambda q: _line(q.where)))
+  lengths = {}
+  max_len = seq_len + 1
+  for ex in examples:
+    n = len(template.tokenize_example(ex, tokenizer).tokens)
+    lengths[id(ex)] = n
+    if n > max_len and ex.text is None:
+      action = {"truncate": "truncated", "drop": "dropped", "error": "error"}[length_policy]
+      problems.append(Problem("over_length", ex.where,
+                              f"{ex.where}: over_length: {n} tokens > max_len {max_len} ({action})"))
+  return Split(examples, problems, lengths)
+
+
+def _line(where):
+  tail = where.rsplit(":", 1)[-1]
+  return int(tail) if tail.isdigit() else 0
+
+
+def is_error(problem, length_policy):
+  """Whether a problem stops training: all but over-length under truncate / drop."""
+  return problem.code != "over_length" or length_policy == "error"
+
+
+# --- text views and similarity --------------------------------------------------------------------
+
+def normalise(text):
+  """Casefolded, whitespace collapsed, punctuation stripped at both ends."""
+  return " ".join(text.casefold().split()).strip(string.punctuation + " ")
+
+
+def input_text(ex):
+  """What the model is asked: user turns (the text itself for text examples)."""
+  if ex.text is not None:
+    return ex.text
+  return "\n".join(m["content"] for m in ex.messages if m["role"] == "user")
+
+
+def output_text(ex):
+  if ex.text is not None:
+    return ""
+  return "\n".join(m["content"] for m in ex.messages if m["role"] == "assistant" and m["weight"])
+
+
+def full_text(ex):
+  """Everything but system turns: a shared system prompt would make all examples look alike."""
+  if ex.text is not None:
+    return ex.text
+  return "\n".join(m["content"] for m in ex.messages if m["role"] != "system")
+
+
+def shingles(text, n=SHINGLE):
+  words = re.findall(r"\w+", text.casefold())
+  if len(words) < n:
+    return frozenset([" ".join(words)]) if words else frozenset()
+  return frozenset(" ".join(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+def similar_pairs(left, right, threshold):
+  """[(i, j, jaccard)] of shingle sets left[i], right[j] with Jaccard >= threshold; right=None
+  compares left with itself (i < j). Exact: an inverted index counts the shared shingles."""
+  index = collections.defaultdict(list)
+  for i, s in enumerate(left):
+    for g in s:
+      index[g].append(i)
+  same = right is None
+  pairs = []
+  for j, s in enumerate(left if same else right):
+    if not s:
+      continue
+    shared = collections.Counter()
+    for g in s:
+      shared.update(index.get(g, ()))
+    for i, k in shared.items():
+      if same and i >= j:
+        continue
+      score = k / (len(left[i]) + len(s) - k)
+      if score >= threshold:
+        pairs.append((i, j, round(score, 4)))
+  return sorted(pairs, key=lambda p: (-p[2], p[0], p[1]))
+
+
+# --- quality signals and leakage ----------------------------------------------------------------
+
+def quality(examples, lengths, *, threshold):
+  """Duplicate, conflict, repeated-output, length-outlier and label signals within a split."""
+  out = {}
+  norm_full = [normalise(full_text(ex)) for ex in examples]
+  groups = collections.defaultdict(list)
+  for i, t in enumerate(norm_full):
+    groups[t].append(i)
+  dups = [g for g in groups.values() if len(g) > 1]
+  out["exact_duplicates"] = {"groups": len(dups), "examples": sum(len(g) - 1 for g in dups),
+                             "listed": [[examples[i].where for i in g] for g in dups[:LISTED]]}
+  sets = [shingles(full_text(ex)) for ex in examples]
+  near = [(i, j, s) for i, j, s in similar_pairs(sets, None, threshold)
+          if norm_full[i] != norm_full[j]]
+  out["near_duplicates"] = {"pairs": len(near), "threshold": threshold, "listed": [
+      {"a": examples[i].where, "b": examples[j].where, "similarity": s} for i, j, s in near[:LISTED]]}
+
+  by_input = collections.defaultdict(list)
+  by_output = collections.defaultdict(list)
+  for i, ex in enumerate(examples):
+    if ex.text is None:
+      by_input[normalise(input_text(ex))].append(i)
+      by_output[normalise(output_text(ex))].append(i)
+  conflicts = [g for g in by_input.values()
+               if len({normalise(output_text(examples[i])) for i in g}) > 1]
+  out["conflicting_outputs"] = {"inputs": len(conflicts), "listed": [
+      [examples[i].where for i in g] for g in conflicts[:LISTED]]}
+  n = len(examples)
+  repeated = []
+  for text, g in by_output.items():
+    inputs = {normalise(input_text(examples[i])) for i in g}
+    if len(inputs) >= MANY_INPUTS and len(g) >= MANY_FRACTION * n:
+      repeated.append({"output": text[:80], "inputs": len(inputs), "first": examples[g[0]].where})
+  out["repeated_outputs"] = repeated
+
+  tokens = np.array([lengths[id(ex)] for ex in examples]) if examples else np.zeros(0)
+  if len(tokens) >= MIN_FOR_OUTLIERS:
+    lo, hi = np.percentile(tokens, [1, 99])
+    short = [ex.where for ex, t in zip(examples, tokens) if t < lo]
+    long = [ex.where for ex, t in zip(examples, tokens) if t > hi]
+    out["length_outliers"] = {"below_p1": len(short), "above_p99": len(long), "p1": float(lo),
+                              "p99": float(hi), "short": short[:LISTED], "long": long[:LISTED]}
+  else:
+    out["length_outliers"] = {"skipped": f"fewer than {MIN_FOR_OUTLIERS} examples"}
+
+  labels = collections.Counter(output_text(ex).strip() for ex in examples if ex.text is None)
+  if labels and len(labels) <= LABEL_VALUES and all(len(k.split()) <= LABEL_WORDS for k in labels):
+    out["labels"] = {"counts": dict(labels.most_common()),
+                     "rare": sorted(k for k, v in labels.items() if v < RARE_LABEL)}
+  return out
+
+
+def leakage(train, eval_examples, *, threshold):
+  """Eval inputs that repeat a train input: [{"train", "eval", "similarity", "kind"}]."""
+  norm_train = [normalise(input_text(ex)) for ex in train]
+  norm_eval = [normalise(input_text(ex)) for ex in eval_examples]
+  pairs = similar_pairs([shingles(input_text(ex)) for ex in train],
+                        [shingles(input_text(ex)) for ex in eval_examples], threshold)
+  found = {(i, j): s for i, j, s in pairs}
+  by_text = collections.defaultdict(list)
+  for i, t in enumerate(norm_train):
+    by_text[t].append(i)
+  for j, t in enumerate(norm_eval):
+    for i in by_text.get(t, ()):
+      found[(i, j)] = 1.0  # exact after normalising, even when too short to shingle apart
+  out = []
+  for (i, j), s in sorted(found.items(), key=lambda kv: (-kv[1], kv[0])):
+    exact = norm_train[i] == norm_eval[j]
+    out.append({"train": train[i].where, "eval": eval_examples[j].where,
+                "similarity": 1.0 if exact else s, "kind": "exact" if exact else "near"})
+  return out
+
+
+# --- the whole check -----------------------------------------------------------------------------
+
+def check(config, tokenizer):
+  """(report dict, {"train": examples, "eval": examples}) for a config, nothing written."""
+  from ftjax import config as config_lib
+  d = config.data
+  common = dict(seq_len=d.seq_len, format=d.format, fields=config_lib.fields(d.fields),
+                system_prompt=d.system_prompt or None, length_policy=d.length_policy)
+  splits = {"train": check_split(d.train, tokenizer, **common)}
+  if d.eval:
+    splits["eval"] = check_split(d.eval, tokenizer, **common)
+  threshold = float(d.check.near_dup)
+  report = {"config": {"train": d.train, "eval": d.eval, "seq_len": d.seq_len,
+                       "length_policy": d.length_policy, "on_error": d.check.on_error,
+                       "drop_leaked": d.check.drop_leaked, "near_dup_threshold": threshold,
+                       "fields": d.fields, "format": d.format},
+            "problems": [], "counts": {}, "errors": 0, "splits": {}}
+  kept = {}
+  for name, split in splits.items():
+    errors = [p for p in split.problems if is_error(p, d.length_policy)]
+    bad = {p.where for p in errors}
+    kept[name] = [ex for ex in split.examples if ex.where not in bad]
+    report["problems"] += [dict(dataclasses.asdict(p), split=name,
+                                error=is_error(p, d.length_policy)) for p in split.problems]
+    report["errors"] += len(errors)
+    report["splits"][name] = {"records_with_errors": len(bad), "skipped": 0}
+  report["counts"] = dict(collections.Counter(p["code"] for p in report["problems"]).most_common())
+  report["failed"] = bool(report["errors"]) and d.check.on_error == "fail"
+  if d.check.on_error == "skip":
+    for name in splits:
+      report["splits"][name]["skipped"] = report["splits"][name]["records_with_errors"]
+
+  lengths = splits["train"].lengths
+  report["quality"] = quality(kept["train"], lengths, threshold=threshold)
+  leaks = leakage(kept["train"], kept["eval"], threshold=threshold) if "eval" in kept else []
+  report["leakage"] = {"pairs": len(leaks), "exact": sum(p["kind"] == "exact" for p in leaks),
+                       "near": sum(p["kind"] == "near" for p in leaks),
+                       "train_examples": len({p["train"] for p in leaks}),
+                       "eval_examples": len({p["eval"] for p in leaks}), "listed": leaks}
+  if d.check.drop_leaked:
+    leaked = {p["train"] for p in leaks}
+    kept["train"] = [ex for ex in kept["train"] if ex.where not in leaked]
+    report["leakage"]["dropped_from_train"] = len(leaked)
+
+  for name, examples in kept.items():
+    report["splits"][name].update(token_stats(examples, splits[name].lengths, tokenizer, d,
+                                              pack=d.pack if name == "train" else False))
+  return report, kept
+
+
+def token_stats(examples, lengths, tokenizer, d, *, pack):
+  """Dataset.summary of what training would build, plus length percentiles."""
+  if not examples:
+    return {"examples": 0}
+  policy = "drop" if d.length_policy == "error" else d.length_policy  # errors already counted
+  ds = dataset_lib.dataset_from_examples(examples, tokenizer, seq_len=d.seq_len, pack=pack,
+                                         length_policy=policy)
+  n = np.array([lengths[id(ex)] for ex in examples])
+  stats = {k: v for k, v in ds.summary.items() if k != "files"}
+  stats["length"] = {f"p{q}": float(np.percentile(n, q)) for q in (50, 90, 99)}
+  stats["length"]["max"] = int(n.max())
+  return stats
+
+
+def clean_examples(config, tokenizer):
+  """{"train", "eval"} Examples training should use: invalid records dropped (on_error="skip"),
+  leaked train examples dropped (drop_leaked). Raises FtjaxError listing problems under "fail"."""
+  report, kept = check(config, tokenizer)
+  if report["failed"]:
+    raise FtjaxError(failure_message(report))
+  return kept
+
+
+def failure_message(report):
+  errors = [p for p in report["problems"] if p["error"]]
+  lines = [f"{len(errors)} data problems (data.check.on_error='fail'; 'skip' drops them):"]
+  lines += [f"  {p['message']}" for p in errors[:MAX_PRINTED]]
+  if len(errors) > MAX_PRINTED:
+    lines.append(f"  ... {len(errors) - MAX_PRINTED} more in data_report.json")
+  return "\n".join(lines)
+
+
+def summary_text(report):
+  """The terminal summary."""
+  lines = []
+  counts = ", ".join(f"{k} {v}" for k, v in report["counts"].items()) or "none"
+  lines.append(f"problems: {counts}")
+  for p in report["problems"][:MAX_PRINTED]:
+    lines.append(f"  [{p['code']}] {p['message']}")
+  if len(report["problems"]) > MAX_PRINTED:
+    lines.append(f"  ... {len(report['problems']) - MAX_PRINTED} more in data_report.json")
+  for name, s in report["splits"].items():
+    if s.get("examples"):
+      lines.append(f"{name}: {s['kept']} examples, {s['tokens']} tokens ({s['trained_tokens']} "
+                   f"trained), length p50/p90/p99/max {s['length']['p50']:.0f}/"
+                   f"{s['length']['p90']:.0f}/{s['length']['p99']:.0f}/{s['length']['max']}, "
+                   f"{s['truncated']} truncated, {s['dropped']} dropped, {s['rows']} rows "
+                   f"{s['fill']:.0%} filled; {s['skipped']} records skipped")
+  q = report["quality"]
+  lines.append(f"train quality: {q['exact_duplicates']['examples']} exact duplicates, "
+               f"{q['near_duplicates']['pairs']} near-duplicate pairs (Jaccard >= "
+               f"{q['near_duplicates']['threshold']}), {q['conflicting_outputs']['inputs']} inputs "
+               f"with conflicting outputs, {len(q['repeated_outputs'])} outputs shared by many inputs")
+  if "labels" in q:
+    lines.append(f"labels: {q['labels']['counts']}; rare (< {RARE_LABEL}): {q['labels']['rare']}")
+  leak = report["leakage"]
+  lines.append(f"leakage: {leak['pairs']} train/eval pairs ({leak['exact']} exact, {leak['near']} near)"
+               + (f"; {leak['dropped_from_train']} train examples dropped"
+                  if "dropped_from_train" in leak else ""))
+  for p in leak["listed"][:5]:
+    lines.append(f"  {p['similarity']:.2f} {p['eval']} ~ {p['train']}")
+  lines.append("result: " + ("FAILED" if report["failed"] else "ok"))
+  return "\n".join(lines)
+
+
+def markdown(report):
+  """A Markdown section for the evaluation report."""
+  q, leak = report["quality"], report["leakage"]
+  rows = ["## Data check", "", "| split | examples | tokens | trained tokens | p50 / p99 / max "
+          "| truncated | dropped | skipped |", "|---|---|---|---|---|---|---|---|"]
+  for name, s in report["splits"].items():
+    if s.get("examples"):
+      rows.append(f"| {name} | {s['kept']} | {s['tokens']} | {s['trained_tokens']} | "
+                  f"{s['length']['p50']:.0f} / {s['length']['p99']:.0f} / {s['length']['max']} | "
+                  f"{s['truncated']} | {s['dropped']} | {s['skipped']} |")
+  counts = ", ".join(f"`{k}` {v}" for k, v in report["counts"].items()) or "none"
+  rows += ["", f"Problems: {counts}.", "",
+           f"Train: {q['exact_duplicates']['examples']} exact duplicates, "
+           f"{q['near_duplicates']['pairs']} near-duplicate pairs (word 5-gram Jaccard >= "
+           f"{q['near_duplicates']['threshold']}), {q['conflicting_outputs']['inputs']} inputs "
+           f"with conflicting outputs.", "",
+           f"Leakage: {leak['pairs']} train/eval pairs ({leak['exact']} exact, {leak['near']} "
+           f"near)" + (f", {leak['dropped_from_train']} train examples dropped."
+                       if "dropped_from_train" in leak else ".")]
+  return "\n".join(rows) + "\n"
+
+
+def run_check(config, tokenizer, out_dir="."):
+  """Checks, writes out_dir/data_report.json, returns the report."""
+  from ftjax.files import write_json
+  report, _ = check(config, tokenizer)
+  os.makedirs(out_dir, exist_ok=True)
+  write_json(os.path.join(out_dir, "data_report.json"), report)
+  return report
