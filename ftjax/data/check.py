@@ -9,8 +9,8 @@ prompt, tokenizer and length rule) but keeps going after a problem, so one run l
              an error only under data.length_policy="error", otherwise counted as truncated /
              dropped as training will). data.check.on_error="fail" exits non-zero listing them;
              "skip" drops those records and counts them.
-  quality    in train: exact duplicates (text casefolded, whitespace collapsed, punctuation
-             stripped at the ends), near-duplicates, one input with conflicting outputs, one
+  quality    in train: exact duplicates (each turn casefolded, whitespace collapsed,
+             punctuation stripped at its ends), near-duplicates, one input with conflicting outputs, one
              output for many inputs (>= 5 inputs and >= 5% of examples), length outliers (tokens
              below the 1st / above the 99th percentile, with >= 100 examples), and for
              classification-like data (every output <= 3 words, <= 50 distinct) the label counts
@@ -199,6 +199,13 @@ def full_text(ex):
   return "\n".join(m["content"] for m in ex.messages if m["role"] != "system")
 
 
+def normalise_turns(ex):
+  """The duplicate key: each non-system turn normalised (punctuation ends at turn ends)."""
+  if ex.text is not None:
+    return (normalise(ex.text),)
+  return tuple(normalise(m["content"]) for m in ex.messages if m["role"] != "system")
+
+
 def shingles(text, n=SHINGLE):
   words = re.findall(r"\w+", text.casefold())
   if len(words) < n:
@@ -235,7 +242,7 @@ def similar_pairs(left, right, threshold):
 def quality(examples, lengths, *, threshold):
   """Duplicate, conflict, repeated-output, length-outlier and label signals within a split."""
   out = {}
-  norm_full = [normalise(full_text(ex)) for ex in examples]
+  norm_full = [normalise_turns(ex) for ex in examples]
   groups = collections.defaultdict(list)
   for i, t in enumerate(norm_full):
     groups[t].append(i)
