@@ -23,6 +23,7 @@ from ftjax import peft
 from ftjax import step as step_lib
 from ftjax.checkpoint import Checkpointer
 from ftjax.data import build_dataset
+from ftjax.data.dataset import dataset_from_examples
 from ftjax.errors import FtjaxError
 from ftjax.losses import CausalLMLoss
 from ftjax.models import from_params, resolve_params
@@ -131,6 +132,29 @@ def _prepare_data(config):
     log.info("wrote the quickstart dataset to %s", out_dir)
 
 
+def build_datasets(config, tokenizer):
+  """(train, eval or None) Datasets. With data.check.on_error="skip" or data.check.drop_leaked,
+  the examples are the ones `ftjax.data.check` keeps (bad records / leaked train examples out);
+  otherwise the first bad record stops the run, naming its file and line."""
+  d = config.data
+  if d.check.on_error == "skip" or d.check.drop_leaked:
+    from ftjax.data import check
+    kept = check.clean_examples(config, tokenizer)
+    common = dict(seq_len=d.seq_len, length_policy=d.length_policy)
+    train_ds = dataset_from_examples(kept["train"], tokenizer, pack=d.pack, name=d.train, **common)
+    eval_ds = (dataset_from_examples(kept["eval"], tokenizer, pack=False, name=d.eval, **common)
+               if d.eval else None)
+  else:
+    common = dict(seq_len=d.seq_len, format=d.format, length_policy=d.length_policy,
+                  system_prompt=d.system_prompt or None, fields=config_lib.fields(d.fields))
+    train_ds = build_dataset(d.train, tokenizer, pack=d.pack, **common)
+    eval_ds = build_dataset(d.eval, tokenizer, pack=False, **common) if d.eval else None
+  log.info("train data: %s", train_ds.describe())
+  if eval_ds is not None:
+    log.info("eval data: %s", eval_ds.describe())
+  return train_ds, eval_ds
+
+
 def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
   config_lib.validate(config)
   dtypes = {k: config_lib.DTYPES[config.model[k]] for k in ("dtype", "param_dtype", "trainable_dtype")}
@@ -161,15 +185,7 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
   train_ds = eval_ds = None
   if with_data:
     _prepare_data(config)
-    common = dict(seq_len=config.data.seq_len, format=config.data.format,
-                  length_policy=config.data.length_policy,
-                  system_prompt=config.data.system_prompt or None,
-                  fields=config_lib.fields(config.data.fields))
-    train_ds = build_dataset(config.data.train, tokenizer, pack=config.data.pack, **common)
-    log.info("train data: %s", train_ds.describe())
-    if config.data.eval:
-      eval_ds = build_dataset(config.data.eval, tokenizer, pack=False, **common)
-      log.info("eval data: %s", eval_ds.describe())
+    train_ds, eval_ds = build_datasets(config, tokenizer)
 
   # --- mesh + shardings: params placed by the logical axes in their metadata ---
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)

@@ -9,6 +9,7 @@ import pytest
 
 from ftjax.config import base_config
 from ftjax.data import check
+from ftjax.errors import FtjaxError
 from tiny import make_model_dir, tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,6 +172,18 @@ def test_leakage_found_and_dropped(tmp_path, tok):
   kept = check.clean_examples(_config(train, eval_, drop_leaked=True), tok)
   assert [ex.where for ex in kept["train"]] == [f"{train}:3", f"{train}:4"]
   assert len(kept["eval"]) == 3
+
+
+def test_training_uses_the_checked_examples(tmp_path, tok):
+  from ftjax.run import build_datasets
+  path = _write_planted(tmp_path / "bad.jsonl")
+  train_ds, eval_ds = build_datasets(_config(path, on_error="skip"), tok)
+  assert eval_ds is None
+  assert sorted(ex.where for ex in train_ds.examples) == [
+      f"{path}:{i}" for i in (1, 10, 11, 12, 13, 7, 8, 9)]  # string order; 7 truncated
+  assert train_ds.summary["truncated"] == 1
+  with pytest.raises(FtjaxError, match=r"bad\.jsonl:17: not valid UTF-8"):
+    build_datasets(_config(path), tok)  # default: the first problem stops the run, as before
 
 
 def test_labels_and_repeated_outputs(tok):

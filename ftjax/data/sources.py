@@ -26,8 +26,14 @@ def read_records(path):
   if ext in (".parquet", ".csv"):
     records = _read_with_datasets(path, ext)
   else:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
+    with open(path, "rb") as f:
+      raw = f.read()
+    try:
+      text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # else a traceback without the line
+      line = raw.count(b"\n", 0, e.start) + 1
+      raise FtjaxError(f"{path}:{line}: not valid UTF-8 (byte {e.start + 1} of the file)") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # as text mode's universal newlines
     if ext == ".txt":
       records = [Record(f"{path}:1", text)] if text.strip() else []
     elif ext == ".json" and text.lstrip().startswith("["):
