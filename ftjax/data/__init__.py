@@ -22,6 +22,8 @@ Only assistant content and the end-of-turn token after it are trained (assistant
 weight 0 are not); segment ids start at 1 per packed document (0 = padding), positions restart at
 0, and the target after a document's last token is masked. Bad input raises FtjaxError with
 `path:LINE: ...`. The quickstart task generator and scorer live in ftjax.data.quickstart_task.
+`python -m ftjax.data check --config ...` (ftjax.data.check) lists every problem instead, with
+quality, leakage and token statistics.
 """
 
 from ftjax.data.dataset import Dataset, build_dataset, load_examples, tokenize_examples

@@ -4,6 +4,7 @@ Reads data.train and data.eval as training does (same formats, data.fields renam
 prompt, tokenizer and length rule) but keeps going after a problem, so one run lists them all:
 
   problems   every invalid record at `path:LINE` with a stable code: bad_json, bad_encoding,
+             unreadable (a .json array / .txt / parquet / CSV file its reader rejects),
              data_type, unknown_format, missing_field, wrong_type, unknown_key, unknown_role,
              invalid_weight, no_assistant_turn, empty_output, over_length (tokens > seq_len + 1;
              an error only under data.length_policy="error", otherwise counted as truncated /
@@ -88,12 +89,11 @@ def read_lines(path):
   if ext not in (".jsonl", ".json") or is_array:
     try:
       return sources.read_records(path), []
-    except UnicodeDecodeError as e:
-      line = raw.count(b"\n", 0, e.start) + 1
-      return [], [Problem("bad_encoding", f"{path}:{line}", f"{path}:{line}: not valid UTF-8")]
-    except FtjaxError as e:
-      where = str(e).split(": ", 1)[0]
-      return [], [Problem("bad_json", where, str(e))]
+    except FtjaxError as e:  # one problem for the file: its reader stops at the first
+      message = str(e)
+      code = ("bad_encoding" if "not valid UTF-8" in message else
+              "bad_json" if "not valid JSON" in message else "unreadable")
+      return [], [Problem(code, message.split(": ", 1)[0], message)]
   records, problems = [], []
   for lineno, line in enumerate(raw.split(b"\n"), start=1):
     where = f"{path}:{lineno}"
