@@ -224,3 +224,15 @@ def test_gsm8k_train_test_leakage(tok):
   assert len(leaks) == 3 and {p["kind"] for p in leaks} == {"near"}
   assert [round(p["similarity"], 3) for p in leaks] == [0.556, 0.556, 0.405]
   assert len(check.leakage(splits["train"], splits["test"], threshold=0.2)) == 4
+
+
+def test_input_output_codes_with_field_renaming():
+  from ftjax.data.sources import Record
+  records = [Record("q.jsonl:1", {"question": "2+2?", "answer": "4"}),
+             Record("q.jsonl:2", {"question": "3+3?"}),
+             Record("q.jsonl:3", {"question": "4+4?", "answer": 8}),
+             Record("q.jsonl:4", {"question": "5+5?", "answer": " "})]
+  examples, problems = check.validate_records(records, fields={"question": "input", "answer": "output"})
+  assert [ex.where for ex in examples] == ["q.jsonl:1"]
+  assert [(p.where, p.code) for p in problems] == [
+      ("q.jsonl:2", "missing_field"), ("q.jsonl:3", "wrong_type"), ("q.jsonl:4", "empty_output")]
