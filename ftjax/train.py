@@ -19,6 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from ftjax import config as config_lib
 from ftjax import evaluate, export, peft
 from ftjax import step as step_lib
 from ftjax.files import write_json
@@ -70,6 +71,9 @@ def check_resume_config(path: str, config, allow_change: bool) -> None:
   with open(path) as f:
     old = _flat(json.load(f))
   new = _flat(json.loads(json.dumps(config.to_dict())))
+  # A key the workdir's config lacks was added to ftjax since: the old run had its default.
+  defaults = _flat(json.loads(json.dumps(config_lib.base_config().to_dict())))
+  old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
   changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
              if old.get(k) != new.get(k) and not k.startswith(RESUME_SAFE_KEYS)]
   if not changed:

@@ -360,6 +360,14 @@ def test_interrupted_run_resumes_to_the_same_result(model_dir, data_dir, tmp_pat
 def test_resume_refuses_a_changed_config_unless_allowed(model_dir, data_dir, tmp_path):
   workdir = str(tmp_path / "wd")
   train_lib.train(tiny_config(model_dir, data_dir, **{"train.steps": 2}), workdir)
+  # A workdir written before a config key existed resumes: the missing key meant its default.
+  config_path = os.path.join(workdir, "config.json")
+  saved = json.load(open(config_path))
+  older = {k: v for k, v in saved.items() if k != "quant"}
+  older["data"] = {k: v for k, v in saved["data"].items() if k != "check"}
+  json.dump(older, open(tmp_path / "older.json", "w"))
+  train_lib.check_resume_config(str(tmp_path / "older.json"),
+                                tiny_config(model_dir, data_dir, **{"train.steps": 2}), False)
   changed = tiny_config(model_dir, data_dir, **{"train.steps": 4, "lora.rank": 4})
   with pytest.raises(FtjaxError, match=r"lora.rank: 8 -> 4, train.steps: 2 -> 4.*--allow_config_change"):
     train_lib.train(changed, workdir)
