@@ -244,17 +244,15 @@ def main(argv=None) -> None:
 @cli_errors
 def _parse_flags_and_train(argv) -> None:
   from absl import flags
-  parse_flags(argv)
-  cfg = flags.FLAGS.config
-  if cfg is None:
-    raise FtjaxError("--config is required, e.g. --config configs/quickstart.py")
+  cfg = parse_flags(argv)
   name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
   train(cfg, flags.FLAGS.workdir or os.path.join("workdirs", name),
         allow_config_change=flags.FLAGS.allow_config_change)
 
 
-def parse_flags(argv) -> None:
-  """absl flags (a `--config` file among them) from argv; errors as one FtjaxError line."""
+def parse_flags(argv) -> ml_collections.ConfigDict:
+  """absl flags (a `--config` file among them) from argv -> the config; errors as one
+  FtjaxError line."""
   from absl import flags
   try:  # a typo in --config.a.b=v or a bad value: one line, not absl's traceback
     flags.FLAGS(argv)
@@ -266,6 +264,9 @@ def parse_flags(argv) -> None:
       message = " ".join(str(e).split())
     raise FtjaxError(f"command line: {message}") from None
   setup_logging()
+  if flags.FLAGS.config is None:
+    raise FtjaxError("--config is required, e.g. --config configs/quickstart.py")
+  return flags.FLAGS.config
 
 
 if __name__ == "__main__":

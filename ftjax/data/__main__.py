@@ -7,7 +7,7 @@ and exits 1 when data.check.on_error="fail" and a record is invalid (2 on a conf
 
 import sys
 
-from ftjax.errors import FtjaxError, cli_errors
+from ftjax.errors import cli_errors
 
 USAGE = "usage: python -m ftjax.data check --config configs/<name>.py [--config.a.b=v ...] [--out DIR]"
 
@@ -33,10 +33,7 @@ def _check(argv) -> int:
   from ftjax.run import _prepare_data
   from ftjax.train import parse_flags
 
-  parse_flags(argv)
-  cfg = flags.FLAGS.config
-  if cfg is None:
-    raise FtjaxError("--config is required, e.g. --config configs/quickstart.py")
+  cfg = parse_flags(argv)
   config_lib.validate(cfg)
   _prepare_data(cfg)  # a generated dataset (data.generate) is written as training would
   report = check.run_check(cfg, tokenizer_for(cfg.model.name_or_path), out_dir=flags.FLAGS.out)
