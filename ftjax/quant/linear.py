@@ -76,8 +76,8 @@ def quantize_kernel(kernel, block_size: int, quant_type: str, double_quant: bool
   return _stored(q, tuple(lead), d_out, d_in)
 
 
-# One compiled program per kernel shape for loading (eager op-by-op dispatch would compile and
-# keep dozens of small programs, and holds several f32 temporaries per op).
+# One compiled program per kernel shape, for loading and for quantize_model (eager op-by-op
+# dispatch would compile and keep dozens of small programs, and hold several f32 temporaries).
 _quantize_kernel_jit = jax.jit(quantize_kernel, static_argnums=(1, 2, 3))
 
 
@@ -92,7 +92,7 @@ class QuantLinear(nnx.Module):
     names = tuple(kernel.get_metadata().get("out_sharding") or (None,) * kernel.ndim)
     lead_names, out_name = names[:-2], names[-1]
     rows = _rows(d_in, block_size) or quant_type == "int8"
-    arrays = quantize_kernel(kernel[...], block_size, quant_type, double_quant)
+    arrays = _quantize_kernel_jit(kernel[...], block_size, quant_type, double_quant)
     if quant_type == "int8":
       self.codes = QuantCodes(arrays["codes"], **_axes(*names))
       self.scale = QuantStat(arrays["scale"], **_axes(*lead_names, None, out_name))
