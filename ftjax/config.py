@@ -144,6 +144,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.max_new_tokens = 64
   c.eval.batch_size = 32
 
+  # The cost plan (ftjax/cost.py) of `python -m ftjax.data check`; default prices and their
+  # dates in README.md ("What a run will cost").
+  c.cost = ml_collections.ConfigDict()
+  c.cost.probe_steps = 3  # train steps timed after the compile and a warm-up; 0: no probe (no model load)
+  c.cost.mfu = 0.35  # assumed model FLOPs utilisation on the named accelerators
+  c.cost.api_usd_per_million_tokens = 25.0  # hosted fine-tuning of a GPT-4o-class model
+  c.cost.usd_per_hour = ml_collections.ConfigDict(dict(A100=2.0, H100=3.0, L4=0.7, v5e=1.2))
+
   c.export = ml_collections.ConfigDict()
   c.export.merged = False  # also write the merged HF model at the end of training
   c.export.adapter = True
@@ -195,6 +203,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"data.check.on_error={c.data.check.on_error!r}; expected one of {ON_ERROR_POLICIES}")
   check(0.0 < c.data.check.near_dup <= 1.0, f"data.check.near_dup={c.data.check.near_dup}; must be in (0, 1]")
   fields(c.data.fields)  # raises on a malformed mapping
+  check(c.cost.probe_steps >= 0, f"cost.probe_steps={c.cost.probe_steps}; must be >= 0 (0: no probe)")
+  check(0.0 < c.cost.mfu <= 1.0, f"cost.mfu={c.cost.mfu}; must be in (0, 1]")
   check(c.train.steps > 0, f"train.steps={c.train.steps}; must be > 0")
   check(c.train.grad_accum > 0, f"train.grad_accum={c.train.grad_accum}; must be > 0")
   check(c.train.batch_size % c.train.grad_accum == 0,

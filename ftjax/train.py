@@ -161,6 +161,7 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
   bar = tqdm(total=cfg.train.steps, initial=start_step, desc="train", file=sys.stderr,
              dynamic_ncols=True, disable=None)
   window, window_t, skipped = [], time.perf_counter(), []
+  loop_t, eval_s = window_t, 0.0  # train_s in the summary: the steps' wall time, evals excluded
   for step in range(start_step, cfg.train.steps):
     state, metrics = compiled(state, run.frozen, batch)
     position = loader.get_state()
@@ -204,8 +205,11 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
         bar.write(f"step {done}: eval loss {ev['loss']:.4f}, token accuracy {ev['accuracy']:.3f}",
                   file=sys.stderr)
       window_t += time.perf_counter() - eval_t  # keep eval time out of the next tokens/s
+      eval_s += time.perf_counter() - eval_t
     if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
       checkpointer.save(done, state, position)
+  jax.block_until_ready(state)
+  train_s = time.perf_counter() - loop_t - eval_s
   bar.close()
 
   # --- end: checkpoint, final eval, exports, generation eval, summary ---
@@ -225,7 +229,7 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
   generator = model if run.quantised else merged
   finetuned = evaluate.generation_eval(run, generator, few_shot=0) if cfg.eval.generate else None
   return {"steps": final_step, "method": cfg.method, "trainable_params": n_train,
-          "compile_s": compile_s, "skipped_steps": skipped, "eval": final_eval,
+          "compile_s": compile_s, "train_s": train_s, "skipped_steps": skipped, "eval": final_eval,
           "baseline": baseline, "finetuned": finetuned, "train_data": run.train_ds.summary}
 
 

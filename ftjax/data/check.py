@@ -422,6 +422,9 @@ def summary_text(report):
                   if "dropped_from_train" in leak else ""))
   for p in leak["listed"][:5]:
     lines.append(f"  {p['similarity']:.2f} {p['eval']} ~ {p['train']}")
+  if "cost" in report:
+    from ftjax import cost
+    lines.append(cost.summary_text(report["cost"]))
   lines.append("result: " + ("FAILED" if report["failed"] else "ok"))
   return "\n".join(lines)
 
@@ -445,13 +448,31 @@ def markdown(report):
            f"Leakage: {leak['pairs']} train/eval pairs ({leak['exact']} exact, {leak['near']} "
            f"near)" + (f", {leak['dropped_from_train']} train examples dropped."
                        if "dropped_from_train" in leak else ".")]
+  if "cost" in report:
+    from ftjax import cost
+    rows += ["", "```", cost.summary_text(report["cost"]), "```"]
   return "\n".join(rows) + "\n"
 
 
-def run_check(config, tokenizer, out_dir="."):
-  """Checks, writes out_dir/data_report.json, returns the report."""
+def add_cost_plan(report, config, probed=None):
+  """report["cost"]: ftjax.cost.plan of the train split (and a probe's measurements)."""
+  from ftjax import cost
+  train = report["splits"].get("train", {})
+  if train.get("examples"):
+    report["cost"] = cost.plan(config, train, probed)
+  return report
+
+
+def run_check(config, tokenizer, out_dir=".", probe=True):
+  """Checks, adds the cost plan (probing the real step when `probe` and cost.probe_steps > 0
+  and the data passed), writes out_dir/data_report.json, returns the report."""
+  from ftjax import cost
   from ftjax.files import write_json
   report, _ = check(config, tokenizer)
+  probed = None
+  if probe and config.cost.probe_steps and not report["failed"]:
+    probed = cost.probe(config, config.cost.probe_steps)
+  add_cost_plan(report, config, probed)
   os.makedirs(out_dir, exist_ok=True)
   write_json(os.path.join(out_dir, "data_report.json"), report)
   return report

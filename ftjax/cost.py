@@ -1,0 +1,213 @@
+"""The cost plan: what a run will take, before it starts.
+
+  probe(config, steps)  loads the model, compiles the real train step (ftjax.run's `setup`,
+                        `init_or_restore`, `jit_train_step`) and times `steps` steps after a
+                        warm-up step: the measured seconds per step on this machine, XLA's memory
+                        accounting of the compiled step, the model's FLOPs per token.
+  plan(config, train)   from the train split's token statistics (ftjax.data.check) and a probe
+                        (or a Run, when training itself is the probe): tokens per epoch and in
+                        total, wall time here, FLOPs, time and dollars on named accelerators at
+                        `cost.mfu`, dollars at a hosted API's price per million tokens, and the
+                        peak memory and whether it fits.
+
+Why measured: a CPU's or an accelerator's speed on one model depends on the compiler, the
+remat policy and the batch shape far more than on its peak FLOP/s, so the wall time here is
+steps x the median probed step (the compile is reported apart). The accelerator lines are the
+other way round, peak x MFU, because there is nothing here to measure them on.
+
+Memory: on a CPU the device *is* the host, so the peak resident memory of a run is the process
+before the model loads (interpreter, jax, tokenizer, data: measured as the probe starts) plus
+the larger of the load (the host copy of the weights and its placed copy) and the compiled
+step (arguments + outputs + temporaries - donated, XLA's `memory_analysis`). On an accelerator
+the step's bytes are what must fit in its memory (`memory_stats()["bytes_limit"]`).
+
+Hosted APIs bill every token of the training file once per epoch (OpenAI's `trained_tokens`),
+not only the completion tokens a loss mask trains; both counts are in the plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import statistics
+import time
+
+import numpy as np
+
+log = logging.getLogger("ftjax.cost")
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets (no sparsity). The $/hour of
+# each comes from the config (cost.usd_per_hour); defaults and their dates are in README.md.
+ACCELERATORS = {"A100": 312e12, "H100": 989e12, "L4": 121e12, "v5e": 197e12}
+
+
+def rss_bytes() -> int:
+  """Resident memory of this process now (Linux /proc; elsewhere the peak so far)."""
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  except (OSError, ValueError, IndexError):
+    return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def synthetic_batch(config, vocab_size: int, seed: int = 0) -> dict:
+  """A batch of the train step's shapes: [accum, micro, seq]. Dense compute does not depend on
+  the token values, so timing needs no real data."""
+  batch, seq, accum = config.train.batch_size, config.data.seq_len, config.train.grad_accum
+  tokens = np.random.default_rng(seed).integers(0, vocab_size, (batch, seq + 1), dtype=np.int32)
+  rows = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "loss_mask": np.ones((batch, seq), np.float32),
+          "segment_ids": np.ones((batch, seq), np.int32),
+          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
+  return {k: v.reshape(accum, batch // accum, seq) for k, v in rows.items()}
+
+
+def step_memory(compiled) -> dict:
+  """XLA's accounting of a compiled step, in bytes."""
+  mem = compiled.memory_analysis()
+  return {"arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
+          "temporaries": int(mem.temp_size_in_bytes), "donated": int(mem.alias_size_in_bytes),
+          "step": int(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                      + mem.temp_size_in_bytes - mem.alias_size_in_bytes)}
+
+
+def model_facts(run, state) -> dict:
+  """FLOPs per token and the sizes the plan needs, from a Run and its train state."""
+  import jax
+  from ftjax.flops import train_flops_per_token
+  cfg = run.config
+  n_train = sum(x.size for x in jax.tree.leaves(state["trainable"]))
+  n_frozen = sum(x.size for x in jax.tree.leaves(run.frozen))
+  weight_bytes = sum(x.size * x.dtype.itemsize
+                     for x in jax.tree.leaves((state["trainable"], run.frozen)))
+  full = cfg.method == "full"
+  return {"trainable_params": int(n_train), "params": int(n_train + n_frozen),
+          "weight_bytes": int(weight_bytes),
+          "flops_per_token": train_flops_per_token(
+              run.model_cfg, cfg.data.seq_len, full=full,
+              lora_params=0 if full or not run.peft_configs else n_train)}
+
+
+def probe(config, steps: int = 3) -> dict:
+  """The real train step of `config`, compiled and timed here; see the module docstring."""
+  import jax
+  from ftjax import run as run_lib
+  base_rss = rss_bytes()
+  t = time.perf_counter()
+  run = run_lib.setup(config, with_data=False)
+  state, _ = run_lib.init_or_restore(run, None)
+  load_s = time.perf_counter() - t
+  load_peak = peak_rss_bytes()
+  facts = model_facts(run, state)
+  batch = synthetic_batch(config, run.model_cfg.vocab_size)
+  t = time.perf_counter()
+  compiled = run_lib.jit_train_step(run, state).lower(state, run.frozen, batch).compile()
+  compile_s = time.perf_counter() - t
+  state, metrics = compiled(state, run.frozen, batch)  # warm-up: first-call allocations
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, run.frozen, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  device = jax.devices()[0]
+  out = dict(facts, steps=steps, step_s=statistics.median(times), step_s_all=times,
+             load_s=load_s, compile_s=compile_s, base_rss_bytes=base_rss,
+             load_peak_rss_bytes=load_peak, probe_peak_rss_bytes=peak_rss_bytes(),
+             memory=step_memory(compiled), platform=device.platform,
+             device=device.device_kind, devices=len(jax.devices()),
+             device_bytes_limit=(device.memory_stats() or {}).get("bytes_limit"))
+  del state, compiled
+  return out
+
+
+def host_memory_bytes() -> int:
+  return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_plan(probed: dict) -> dict:
+  """Peak memory of the run and whether it fits (see the module docstring)."""
+  step = probed["memory"]["step"]
+  if probed["platform"] == "cpu":
+    # Loading holds the host copy of the weights and the placed copy at once.
+    load = 2 * probed["weight_bytes"]
+    peak = probed["base_rss_bytes"] + max(load, step)
+    limit = host_memory_bytes()
+    where = "host RAM (the CPU backend's device memory)"
+  else:
+    peak = step
+    limit = probed["device_bytes_limit"]
+    where = f"{probed['device']} memory"
+  return {"peak_bytes": int(peak), "step_bytes": int(step), "base_rss_bytes": probed["base_rss_bytes"],
+          "limit_bytes": limit, "where": where,
+          "fits": None if not limit else bool(peak <= limit)}
+
+
+def plan(config, train_stats: dict, probed: dict | None = None) -> dict:
+  """The cost plan of a run: `train_stats` is the check's train split (examples, tokens,
+  trained_tokens, rows), `probed` a `probe` result (None: tokens and API dollars only)."""
+  c, t = config.cost, config.train
+  rows = max(int(train_stats.get("rows", 0)), 1)
+  steps = int(t.steps)
+  epochs = steps * t.batch_size / rows
+  tokens = int(train_stats.get("tokens", 0))
+  trained = int(train_stats.get("trained_tokens", 0))
+  out = {"steps": steps, "batch_size": int(t.batch_size), "seq_len": int(config.data.seq_len),
+         "rows_per_epoch": rows, "epochs": round(epochs, 3),
+         "tokens_per_epoch": tokens, "trained_tokens_per_epoch": trained,
+         "tokens_total": int(round(tokens * epochs)), "trained_tokens_total": int(round(trained * epochs)),
+         "api": {"usd_per_million_tokens": float(c.api_usd_per_million_tokens),
+                 "billed_tokens": int(round(tokens * epochs)),
+                 "usd": round(tokens * epochs / 1e6 * c.api_usd_per_million_tokens, 2)}}
+  if probed is None:
+    out["probe"] = "skipped (cost.probe_steps=0): no wall time, FLOPs or memory"
+    return out
+  flops_step = t.batch_size * config.data.seq_len * probed["flops_per_token"]
+  out.update(
+      flops_per_token=probed["flops_per_token"], flops_per_step=flops_step,
+      flops_total=flops_step * steps, trainable_params=probed["trainable_params"],
+      params=probed["params"],
+      here={"device": f"{probed['device']} x{probed['devices']}", "step_s": probed["step_s"],
+            "probe_steps": probed["steps"], "compile_s": probed["compile_s"],
+            "load_s": probed["load_s"], "train_s": probed["step_s"] * steps,
+            "achieved_flops_per_s": flops_step / probed["step_s"]},
+      mfu=float(c.mfu), accelerators={},
+      memory=memory_plan(probed))
+  for name, peak in ACCELERATORS.items():
+    seconds = flops_step * steps / (peak * c.mfu)
+    usd_h = float(c.usd_per_hour[name])
+    out["accelerators"][name] = {"peak_flops_per_s": peak, "usd_per_hour": usd_h,
+                                 "train_s": seconds, "usd": seconds / 3600 * usd_h}
+  return out
+
+
+def summary_text(cost: dict) -> str:
+  """The cost plan's lines of the terminal summary."""
+  lines = [f"cost plan: {cost['steps']} steps x {cost['batch_size']} x {cost['seq_len']} = "
+           f"{cost['epochs']:.2f} epochs of {cost['rows_per_epoch']} rows; "
+           f"{cost['tokens_per_epoch']:,} tokens ({cost['trained_tokens_per_epoch']:,} trained) "
+           f"per epoch, {cost['tokens_total']:,} ({cost['trained_tokens_total']:,}) in all"]
+  api = cost["api"]
+  lines.append(f"  hosted API at ${api['usd_per_million_tokens']:g}/M tokens: ${api['usd']:.2f} "
+               f"for {api['billed_tokens']:,} billed tokens")
+  if "here" not in cost:
+    lines.append(f"  {cost['probe']}")
+    return "\n".join(lines)
+  here, mem = cost["here"], cost["memory"]
+  lines.append(f"  here ({here['device']}): {here['train_s']:.0f} s of steps "
+               f"({here['step_s']:.2f} s/step, median of {here['probe_steps']} probed) + "
+               f"{here['compile_s']:.0f} s compile; {cost['flops_per_token'] / 1e9:.2f} GFLOP/token, "
+               f"{here['achieved_flops_per_s'] / 1e12:.3f} TFLOP/s achieved")
+  acc = ", ".join(f"{n} {a['train_s']:.0f} s ${a['usd']:.2f}" for n, a in cost["accelerators"].items())
+  lines.append(f"  at {cost['mfu']:.0%} MFU: {acc}")
+  fits = {True: "fits", False: "does NOT fit", None: "limit unknown"}[mem["fits"]]
+  limit = f" of {mem['limit_bytes'] / 2**30:.1f} GiB" if mem["limit_bytes"] else ""
+  lines.append(f"  peak memory ~{mem['peak_bytes'] / 2**30:.2f} GiB (step "
+               f"{mem['step_bytes'] / 2**30:.2f} GiB): {fits} in {mem['where']}{limit}")
+  return "\n".join(lines)
