@@ -108,9 +108,13 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100
-  c.train.batch_size = 8  # sequences per optimizer step (over all devices and micro-batches)
+  # train.epochs: passes over the train rows instead of train.steps (0: train.steps decides);
+  # epochs, batch_size and lr also take "auto": chosen from the data size and the method, by
+  # the rule in ftjax/data/auto.py, and printed. Typed `object` so a flag can say "auto" or 3.
+  c.train.epochs = _number_or_auto(0)
+  c.train.batch_size = _number_or_auto(8)  # sequences per optimizer step (all devices and micro-batches)
   c.train.grad_accum = 1
-  c.train.lr = 2e-4
+  c.train.lr = _number_or_auto(2e-4)
   c.train.schedule = "cosine"
   c.train.warmup_steps = 10
   c.train.weight_decay = 0.0
@@ -160,6 +164,18 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def _number_or_auto(value):
+  return ml_collections.FieldReference(value, field_type=object)
+
+
+AUTO_KEYS = ("epochs", "batch_size", "lr")  # train.* keys that take "auto"
+
+
+def unresolved(c: ml_collections.ConfigDict) -> list[str]:
+  """The train.* keys still "auto" (ftjax.data.auto.resolve fills them from the data)."""
+  return [f"train.{k}" for k in AUTO_KEYS if c.train[k] == "auto"]
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises FtjaxError on impossible values or combinations, before anything is loaded."""
   def check(ok, msg):
@@ -207,11 +223,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(0.0 < c.cost.mfu <= 1.0, f"cost.mfu={c.cost.mfu}; must be in (0, 1]")
   check(c.train.steps > 0, f"train.steps={c.train.steps}; must be > 0")
   check(c.train.grad_accum > 0, f"train.grad_accum={c.train.grad_accum}; must be > 0")
-  check(c.train.batch_size % c.train.grad_accum == 0,
+  for key, kind in (("epochs", (int, float)), ("batch_size", int), ("lr", (int, float))):
+    value = c.train[key]
+    check(value == "auto" or isinstance(value, kind) and not isinstance(value, bool)
+          and (value > 0 or key == "epochs" and value == 0),
+          f"train.{key}={value!r}; expected 'auto' or a number > 0"
+          + (" (0: train.steps decides)" if key == "epochs" else ""))
+  check(c.train.batch_size == "auto" or c.train.batch_size % c.train.grad_accum == 0,
         f"train.batch_size={c.train.batch_size} is not divisible by train.grad_accum={c.train.grad_accum}")
-  check(c.train.lr > 0, f"train.lr={c.train.lr}; must be > 0")
   check(c.train.schedule in SCHEDULES, f"train.schedule={c.train.schedule!r}; expected one of {SCHEDULES}")
-  check(0 <= c.train.warmup_steps <= c.train.steps,
+  check(bool(c.train.epochs) or 0 <= c.train.warmup_steps <= c.train.steps,
         f"train.warmup_steps={c.train.warmup_steps} must be within [0, train.steps={c.train.steps}]")
   check(c.train.log_every >= 0, f"train.log_every={c.train.log_every}; must be >= 0 (0: only at the end)")
   check(c.train.nonfinite in NONFINITE_POLICIES,

@@ -166,7 +166,8 @@ def plan(config, train_stats: dict, probed: dict | None = None) -> dict:
                  "billed_tokens": int(round(tokens * epochs)),
                  "usd": round(tokens * epochs / 1e6 * c.api_usd_per_million_tokens, 2)}}
   if probed is None:
-    out["probe"] = "skipped (cost.probe_steps=0): no wall time, FLOPs or memory"
+    out["probe"] = ("the step was not probed (cost.probe_steps=0, or a training run, which "
+                    "measures itself): no wall time, FLOPs or memory")
     return out
   flops_step = t.batch_size * config.data.seq_len * probed["flops_per_token"]
   out.update(
@@ -204,7 +205,7 @@ def summary_text(cost: dict) -> str:
                f"({here['step_s']:.2f} s/step, median of {here['probe_steps']} probed) + "
                f"{here['compile_s']:.0f} s compile; {cost['flops_per_token'] / 1e9:.2f} GFLOP/token, "
                f"{here['achieved_flops_per_s'] / 1e12:.3f} TFLOP/s achieved")
-  acc = ", ".join(f"{n} {a['train_s']:.0f} s ${a['usd']:.2f}" for n, a in cost["accelerators"].items())
+  acc = ", ".join(f"{n} {a['train_s']:.3g} s ${a['usd']:.3g}" for n, a in cost["accelerators"].items())
   lines.append(f"  at {cost['mfu']:.0%} MFU: {acc}")
   fits = {True: "fits", False: "does NOT fit", None: "limit unknown"}[mem["fits"]]
   limit = f" of {mem['limit_bytes'] / 2**30:.1f} GiB" if mem["limit_bytes"] else ""

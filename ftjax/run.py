@@ -132,14 +132,16 @@ def _prepare_data(config):
     log.info("wrote the quickstart dataset to %s", out_dir)
 
 
-def build_datasets(config, tokenizer):
-  """(train, eval or None) Datasets. With data.check.on_error="skip" or data.check.drop_leaked,
-  the examples are the ones `ftjax.data.check` keeps (bad records / leaked train examples out);
-  otherwise the first bad record stops the run, naming its file and line."""
+def build_datasets(config, tokenizer, examples=None):
+  """(train, eval or None) Datasets. `examples`: {"train", "eval"} already checked (the data
+  check at the start of training passes the ones it kept). Otherwise, with
+  data.check.on_error="skip" or data.check.drop_leaked, the examples are the ones
+  `ftjax.data.check` keeps (bad records / leaked train examples out); else the first bad record
+  stops the run, naming its file and line."""
   d = config.data
-  if d.check.on_error == "skip" or d.check.drop_leaked:
+  if examples is not None or d.check.on_error == "skip" or d.check.drop_leaked:
     from ftjax.data import check
-    kept = check.clean_examples(config, tokenizer)
+    kept = examples if examples is not None else check.clean_examples(config, tokenizer)
     common = dict(seq_len=d.seq_len, length_policy=d.length_policy)
     train_ds = dataset_from_examples(kept["train"], tokenizer, pack=d.pack, name=d.train, **common)
     eval_ds = (dataset_from_examples(kept["eval"], tokenizer, pack=False, name=d.eval, **common)
@@ -155,8 +157,13 @@ def build_datasets(config, tokenizer):
   return train_ds, eval_ds
 
 
-def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
+def setup(config: ml_collections.ConfigDict, with_data: bool = True, examples=None) -> Run:
+  """A Run of `config`; `examples`: checked {"train", "eval"} Examples (see build_datasets)."""
   config_lib.validate(config)
+  if config_lib.unresolved(config):
+    raise FtjaxError(f"config: {', '.join(config_lib.unresolved(config))} = 'auto' is chosen from "
+                     "the data (ftjax.data.auto.resolve, which train() and the data check run); "
+                     "give a number here")
   dtypes = {k: config_lib.DTYPES[config.model[k]] for k in ("dtype", "param_dtype", "trainable_dtype")}
 
   # --- model: loaded as host arrays (4-bit kernels quantised as they load, layer by layer, for
@@ -185,7 +192,7 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
   train_ds = eval_ds = None
   if with_data:
     _prepare_data(config)
-    train_ds, eval_ds = build_datasets(config, tokenizer)
+    train_ds, eval_ds = build_datasets(config, tokenizer, examples)
 
   # --- mesh + shardings: params placed by the logical axes in their metadata ---
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)

@@ -24,6 +24,7 @@ from ftjax import evaluate, export, peft
 from ftjax import step as step_lib
 from ftjax.files import write_json
 from ftjax.checkpoint import Checkpointer
+from ftjax.data.auto import row_budget
 from ftjax.errors import FtjaxError, cli_errors, setup_logging
 from ftjax.flops import train_flops_per_token
 from ftjax.metrics import MetricWriter
@@ -86,9 +87,32 @@ def check_resume_config(path: str, config, allow_change: bool) -> None:
   log.warning("resuming with a changed config: %s", "; ".join(changed))
 
 
+def check_data(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The data check (ftjax/data/check.py) before anything loads or compiles: its report and
+  Markdown section saved in the workdir (data_report.json, data_report.md); under
+  data.check.on_error="fail" a bad record stops the run here. Returns the examples to train on."""
+  from ftjax.data import auto, check
+  from ftjax.models.resolve import tokenizer_for
+  from ftjax.run import _prepare_data
+  config_lib.validate(config)
+  _prepare_data(config)
+  report, kept = check.check(config, tokenizer_for(config.model.name_or_path))
+  if not report["failed"]:
+    auto.resolve_from_report(config, report)  # train.epochs, "auto" values: steps from the data
+  check.add_cost_plan(report, config)  # tokens and API price; the run itself measures the rest
+  os.makedirs(workdir, exist_ok=True)
+  write_json(os.path.join(workdir, "data_report.json"), report)
+  with open(os.path.join(workdir, "data_report.md"), "w") as f:
+    f.write(check.markdown(report))
+  log.info("data check:\n%s", check.summary_text(report))
+  if report["failed"]:
+    raise FtjaxError(f"{check.failure_message(report)}\n(report: {workdir}/data_report.json)")
+  return kept
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False) -> dict:
   """Runs (or resumes) training; returns the summary that is also written to summary.json."""
-  run = setup(config)
+  run = setup(config, examples=check_data(config, workdir))
   cfg = run.config
   os.makedirs(workdir, exist_ok=True)
   checkpointer = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
@@ -136,8 +160,17 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
   train_step = jit_train_step(run, state)
   eval_fn = jax.jit(functools.partial(step_lib.eval_step, graphdef=run.graphdef, loss_fn=run.loss_fn))
 
+  budget = row_budget(cfg, loader.num_rows)  # train.epochs: exactly that many passes
+
   def next_batch():
-    rows = loader.next_batch(cfg.train.batch_size)
+    n = cfg.train.batch_size
+    if budget is not None:
+      pos = loader.get_state()
+      n = max(0, min(n, budget - pos["epoch"] * loader.num_rows - pos["row"]))
+    rows = loader.next_batch(n) if n else {k: v[:0] for k, v in loader.rows.items()}
+    if n < cfg.train.batch_size:  # the last step of an epochs run: padding rows train nothing
+      rows = {k: np.concatenate([v, np.zeros((cfg.train.batch_size - n,) + v.shape[1:], v.dtype)])
+              for k, v in rows.items()}
     return {k: rows[k].reshape(accum, micro, -1) for k in step_lib.BATCH_KEYS}
 
   seq = cfg.data.seq_len

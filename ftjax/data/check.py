@@ -48,7 +48,7 @@ import string
 import numpy as np
 
 from ftjax.data import dataset as dataset_lib
-from ftjax.data import formats, sources, template
+from ftjax.data import cache, formats, sources
 from ftjax.errors import FtjaxError
 
 SHINGLE = 5  # words per shingle
@@ -152,8 +152,8 @@ def check_split(path, tokenizer, *, seq_len, format="auto", fields=None, system_
     problems.extend(sorted(bad + invalid, key=lambda q: _line(q.where)))
   lengths = {}
   max_len = seq_len + 1
-  for ex in examples:
-    n = len(template.tokenize_example(ex, tokenizer).tokens)
+  for ex, tex in zip(examples, cache.tokenize(examples, tokenizer)):
+    n = len(tex.tokens)
     lengths[id(ex)] = n
     if n > max_len and ex.text is None:
       action = {"truncate": "truncated", "drop": "dropped", "error": "error"}[length_policy]
@@ -422,6 +422,8 @@ def summary_text(report):
                   if "dropped_from_train" in leak else ""))
   for p in leak["listed"][:5]:
     lines.append(f"  {p['similarity']:.2f} {p['eval']} ~ {p['train']}")
+  for line in report.get("auto", []):
+    lines.append(f"chose {line}")
   if "cost" in report:
     from ftjax import cost
     lines.append(cost.summary_text(report["cost"]))
@@ -468,7 +470,10 @@ def run_check(config, tokenizer, out_dir=".", probe=True):
   and the data passed), writes out_dir/data_report.json, returns the report."""
   from ftjax import cost
   from ftjax.files import write_json
+  from ftjax.data import auto
   report, _ = check(config, tokenizer)
+  if not report["failed"]:
+    auto.resolve_from_report(config, report)  # train.epochs / "auto": the steps the plan prices
   probed = None
   if probe and config.cost.probe_steps and not report["failed"]:
     probed = cost.probe(config, config.cost.probe_steps)

@@ -4,7 +4,7 @@ import dataclasses
 import os
 
 from ftjax.errors import FtjaxError
-from ftjax.data import formats, packing, sources, template
+from ftjax.data import cache, formats, packing, sources, template
 from ftjax.data.loader import Loader
 
 LENGTH_POLICIES = ("truncate", "drop", "error")
@@ -52,8 +52,7 @@ def tokenize_examples(examples, tokenizer, *, max_len, length_policy="truncate")
                 no_trained_tokens=0, no_user_turn=0)
   first_over = None
   out = []
-  for ex in examples:
-    tex = template.tokenize_example(ex, tokenizer)
+  for ex, tex in zip(examples, cache.tokenize(examples, tokenizer)):
     n = len(tex.tokens)
     if ex.text is not None:
       if n > max_len:

@@ -37,21 +37,78 @@ class TokenizedExample:
 
 
 def tokenize_example(example, tok):
-  if example.text is not None:
-    return _tokenize_text(example, tok)
-  if getattr(tok, "chat_template", None):
-    pieces = _template_pieces(example, tok)
-  else:
-    pieces = _plain_pieces(example, tok)
-  tokens, mask = _encode_pieces(pieces, tok)
-  if not tokens:
-    raise FtjaxError(f"{example.where}: the example renders to no tokens")
-  mask[0] = 0  # the first token is never a target: nothing precedes it
-  return TokenizedExample(example.where, np.asarray(tokens, np.int32), np.asarray(mask, np.int32))
+  return tokenize_many([example], tok)[0]
 
 
-def _tokenize_text(example, tok):
-  ids = list(tok.encode(example.text, add_special_tokens=True))
+def tokenize_many(examples, tok):
+  """TokenizedExamples of many examples: each rendered and cut into pieces in Python, then every
+  string of all of them encoded in one batch call of the Rust tokenizer (`encode_batch`, which
+  also runs on all cores): one call instead of one per piece."""
+  encode = _batch_encoder(tok)
+  backend = _rust_backend(tok)
+  pieces = [None if ex.text is not None else
+            _template_pieces(ex, tok) if getattr(tok, "chat_template", None) else
+            _plain_pieces(ex, tok) for ex in examples]
+  texts = iter(encode([ex.text for ex in examples if ex.text is not None], True))
+  # A rendering that is all text is encoded whole, with character offsets, and each token goes
+  # to the piece its first character is in: when encoding piece by piece gives the same tokens
+  # that is the same assignment, and when a BPE merge crosses a cut it is the fallback anyway.
+  whole = [backend is not None and ps is not None and all(isinstance(p, str) for p, _, _ in ps)
+           for ps in pieces]
+  strings = []
+  for ps, w in zip(pieces, whole):
+    if ps is not None:
+      strings += ["".join(p for p, _, _ in ps)] if w else [p for p, _, _ in ps if isinstance(p, str)]
+  encoded = iter(backend.encode_batch(strings, add_special_tokens=False) if any(whole) else
+                 [_Ids(ids) for ids in encode(strings, False)])
+  out = []
+  for ex, ps, w in zip(examples, pieces, whole):
+    if ps is None:
+      out.append(_text_example(ex, next(texts), tok))
+      continue
+    if w:
+      tokens, mask = _assign_encoding(ps, next(encoded), tok)
+    else:
+      ids = [p if isinstance(p, list) else next(encoded).ids for p, _, _ in ps]
+      tokens, mask = _join_pieces(ps, ids, None, tok)
+    if not tokens:
+      raise FtjaxError(f"{ex.where}: the example renders to no tokens")
+    mask[0] = 0  # the first token is never a target: nothing precedes it
+    out.append(TokenizedExample(ex.where, np.asarray(tokens, np.int32), np.asarray(mask, np.int32)))
+  return out
+
+
+class _Ids:
+  """An encoding's ids, for the path without a Rust tokenizer."""
+  def __init__(self, ids):
+    self.ids = ids
+
+
+def _batch_encoder(tok):
+  """strings, add_special_tokens -> [ids]: the Rust tokenizer's batch API when `tok` holds one
+  (ftjax.tokenizer.Tokenizer does), else `tok.encode` one at a time (any duck-typed tokenizer)."""
+  backend = _rust_backend(tok)
+  if backend is not None:
+    def encode(strings, add_special_tokens, _backend=backend):
+      return [e.ids for e in _backend.encode_batch_fast(strings, add_special_tokens=add_special_tokens)]
+    return encode
+  return lambda strings, add_special_tokens: [list(tok.encode(s, add_special_tokens=add_special_tokens))
+                                              for s in strings]
+
+
+def _rust_backend(tok):
+  try:
+    import tokenizers
+  except ImportError:
+    return None
+  for value in vars(tok).values():
+    if isinstance(value, tokenizers.Tokenizer):
+      return value
+  return None
+
+
+def _text_example(example, ids, tok):
+  ids = list(ids)
   if tok.eos_token_id is not None:
     ids.append(tok.eos_token_id)  # documents end in EOS so packed neighbours are separated
   mask = np.ones(len(ids), np.int32)
@@ -95,7 +152,7 @@ def _template_pieces(example, tok):
       continue
     # An assistant-first conversation has no prefix to render (templates may reject an empty one).
     prompt = _render(tok, messages[:i], True) if i else None
-    through = _render(tok, messages[:i + 1], False)
+    through = full if i == len(messages) - 1 else _render(tok, messages[:i + 1], False)
     if (prompt is not None and len(prompt) >= cursor and full.startswith(prompt) and full.startswith(through)
         and len(through) >= len(prompt)):
       start, turn_end, end_kind = len(prompt), len(through), "end"
@@ -160,15 +217,15 @@ def _piece_mask(ids, kind, weight, eos):
   return [1] * n + [0] * (len(ids) - n)
 
 
-def _encode_pieces(pieces, tok):
+def _join_pieces(pieces, encoded, whole, tok):
+  """(tokens, mask) from each piece's ids; `whole`: the ids of the whole string (None when a
+  piece is already ids), to check that the cuts did not split a BPE merge."""
   eos = tok.eos_token_id
-  encoded = [p if isinstance(p, list) else list(tok.encode(p, add_special_tokens=False))
-             for p, _, _ in pieces]
   tokens = [t for ids in encoded for t in ids]
   mask = [b for ids, (_, kind, w) in zip(encoded, pieces) for b in _piece_mask(ids, kind, w, eos)]
-  if all(isinstance(p, str) for p, _, _ in pieces):
-    full = "".join(p for p, _, _ in pieces)
-    if list(tok.encode(full, add_special_tokens=False)) != tokens:
+  if whole is not None:
+    if list(whole) != tokens:
+      full = "".join(p for p, _, _ in pieces)
       by_offsets = _mask_by_offsets(pieces, tok, full)
       if by_offsets is not None:
         return by_offsets
@@ -181,17 +238,14 @@ def _offsets_encoder(tok):
   fn = getattr(tok, "encode_with_offsets", None)
   if callable(fn):
     return fn
-  try:
-    import tokenizers
-  except ImportError:
+  backend = _rust_backend(tok)
+  if backend is None:
     return None
-  for value in vars(tok).values():
-    if isinstance(value, tokenizers.Tokenizer):
-      def encode(text, _backend=value):
-        enc = _backend.encode(text, add_special_tokens=False)
-        return list(enc.ids), list(enc.offsets)
-      return encode
-  return None
+
+  def encode(text):
+    enc = backend.encode(text, add_special_tokens=False)
+    return list(enc.ids), list(enc.offsets)
+  return encode
 
 
 def _mask_by_offsets(pieces, tok, full):
@@ -200,6 +254,30 @@ def _mask_by_offsets(pieces, tok, full):
   if encode is None:
     return None
   ids, offsets = encode(full)
+  return _assign_by_offsets(pieces, ids, offsets, tok)
+
+
+def _assign_encoding(pieces, enc, tok):
+  """`_assign_by_offsets` of a whole-string encoding, looking up only the tokens at the cuts
+  (`char_to_token`) instead of walking every token's offsets."""
+  ids, bounds, pos = enc.ids, [0], 0
+  total = sum(len(p) for p, _, _ in pieces)
+  for text, _, _ in pieces[:-1]:
+    pos += len(text)
+    t = enc.char_to_token(pos) if pos < total else len(ids)
+    if t is None:  # a character no token covers: take the general path
+      return _assign_by_offsets(pieces, ids, enc.offsets, tok)
+    if t < len(ids) and enc.token_to_chars(t)[0] < pos:
+      t += 1  # the token starts in the previous piece: it belongs there
+    bounds.append(max(t, bounds[-1]))
+  bounds.append(len(ids))
+  groups = [ids[a:b] for a, b in zip(bounds, bounds[1:])]
+  mask = [b for g, (_, kind, w) in zip(groups, pieces)
+          for b in _piece_mask(g, kind, w, tok.eos_token_id)]
+  return list(ids), mask
+
+
+def _assign_by_offsets(pieces, ids, offsets, tok):
   starts = []
   pos = 0
   for text, _, _ in pieces:
