@@ -100,6 +100,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Key renaming before format detection, "source:ours" pairs, e.g. "question:input,answer:output".
   c.data.fields = ""
   c.data.generate = ""  # name of a built-in generated dataset written on first run ("quickstart")
+  # data.train / data.eval may also be save_to_disk folders (DIR?split=test), Hub datasets
+  # (hub:NAME?config=C&split=S&revision=R) and several sources joined by commas.
+  c.data.mix = ""  # one weight per data.train source, e.g. "3,1": drawn in that proportion
+  c.data.eval_fraction = 0.0  # without data.eval: hold out this fraction of the train records
+  c.data.eval_seed = 0  # which records are held out (and the order of a mix)
   # `python -m ftjax.data check` (ftjax/data/check.py): what to do with invalid records, and leakage.
   c.data.check = ml_collections.ConfigDict()
   c.data.check.on_error = "fail"  # fail: stop, listing every problem | skip: drop bad records, count them
@@ -219,6 +224,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"data.check.on_error={c.data.check.on_error!r}; expected one of {ON_ERROR_POLICIES}")
   check(0.0 < c.data.check.near_dup <= 1.0, f"data.check.near_dup={c.data.check.near_dup}; must be in (0, 1]")
   fields(c.data.fields)  # raises on a malformed mapping
+  check(0.0 <= c.data.eval_fraction < 1.0, f"data.eval_fraction={c.data.eval_fraction}; must be in [0, 1)")
+  try:
+    weights = [float(w) for w in c.data.mix.split(",")] if c.data.mix else []
+  except ValueError:
+    weights = [-1.0]
+  check(all(w >= 0 for w in weights) and (not weights or sum(weights) > 0),
+        f"data.mix={c.data.mix!r}; expected one non-negative weight per train source, e.g. '3,1'")
   check(c.cost.probe_steps >= 0, f"cost.probe_steps={c.cost.probe_steps}; must be >= 0 (0: no probe)")
   check(0.0 < c.cost.mfu <= 1.0, f"cost.mfu={c.cost.mfu}; must be in (0, 1]")
   check(c.train.steps > 0, f"train.steps={c.train.steps}; must be > 0")

@@ -15,11 +15,14 @@ remat policy and the batch shape far more than on its peak FLOP/s, so the wall t
 steps x the median probed step (the compile is reported apart). The accelerator lines are the
 other way round, peak x MFU, because there is nothing here to measure them on.
 
-Memory: on a CPU the device *is* the host, so the peak resident memory of a run is the process
-before the model loads (interpreter, jax, tokenizer, data: measured as the probe starts) plus
-the larger of the load (the host copy of the weights and its placed copy) and the compiled
-step (arguments + outputs + temporaries - donated, XLA's `memory_analysis`). On an accelerator
-the step's bytes are what must fit in its memory (`memory_stats()["bytes_limit"]`).
+Memory: on a CPU the device *is* the host, so the peak resident memory of a run is what is
+resident once the step is compiled (interpreter, jax, data, weights, train state, the
+executable: measured in the probe, before the first step) plus what one step allocates on top
+(XLA's `memory_analysis`: temporaries, and outputs not written over donated inputs), or the
+load's peak if that is higher. XLA's arguments + outputs + temporaries alone missed ~0.4 GiB
+for SmolLM2 (the executable, allocator slack of the load). On an accelerator the step's bytes
+(arguments + outputs + temporaries - donated) are what must fit in its memory
+(`memory_stats()["bytes_limit"]`).
 
 Hosted APIs bill every token of the training file once per epoch (OpenAI's `trained_tokens`),
 not only the completion tokens a loss mask trains; both counts are in the plan.
@@ -108,6 +111,7 @@ def probe(config, steps: int = 3) -> dict:
   t = time.perf_counter()
   compiled = run_lib.jit_train_step(run, state).lower(state, run.frozen, batch).compile()
   compile_s = time.perf_counter() - t
+  resident = rss_bytes()  # the runtime, data, weights, train state and the executable
   state, metrics = compiled(state, run.frozen, batch)  # warm-up: first-call allocations
   jax.block_until_ready(metrics)
   times = []
@@ -119,7 +123,8 @@ def probe(config, steps: int = 3) -> dict:
   device = jax.devices()[0]
   out = dict(facts, steps=steps, step_s=statistics.median(times), step_s_all=times,
              load_s=load_s, compile_s=compile_s, base_rss_bytes=base_rss,
-             load_peak_rss_bytes=load_peak, probe_peak_rss_bytes=peak_rss_bytes(),
+             load_peak_rss_bytes=load_peak, compiled_rss_bytes=resident,
+             probe_peak_rss_bytes=peak_rss_bytes(),
              memory=step_memory(compiled), platform=device.platform,
              device=device.device_kind, devices=len(jax.devices()),
              device_bytes_limit=(device.memory_stats() or {}).get("bytes_limit"))
@@ -133,11 +138,13 @@ def host_memory_bytes() -> int:
 
 def memory_plan(probed: dict) -> dict:
   """Peak memory of the run and whether it fits (see the module docstring)."""
-  step = probed["memory"]["step"]
+  mem = probed["memory"]
+  step = mem["step"]
   if probed["platform"] == "cpu":
-    # Loading holds the host copy of the weights and the placed copy at once.
-    load = 2 * probed["weight_bytes"]
-    peak = probed["base_rss_bytes"] + max(load, step)
+    # Resident once compiled (arguments included) + what a step allocates on top; or the load,
+    # which briefly holds the host copy of the weights and the placed copy at once.
+    running = probed["compiled_rss_bytes"] + mem["temporaries"] + mem["outputs"] - mem["donated"]
+    peak = max(probed["load_peak_rss_bytes"], running)
     limit = host_memory_bytes()
     where = "host RAM (the CPU backend's device memory)"
   else:
@@ -145,6 +152,7 @@ def memory_plan(probed: dict) -> dict:
     limit = probed["device_bytes_limit"]
     where = f"{probed['device']} memory"
   return {"peak_bytes": int(peak), "step_bytes": int(step), "base_rss_bytes": probed["base_rss_bytes"],
+          "compiled_rss_bytes": probed["compiled_rss_bytes"],
           "limit_bytes": limit, "where": where,
           "fits": None if not limit else bool(peak <= limit)}
 

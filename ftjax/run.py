@@ -139,13 +139,15 @@ def build_datasets(config, tokenizer, examples=None):
   `ftjax.data.check` keeps (bad records / leaked train examples out); else the first bad record
   stops the run, naming its file and line."""
   d = config.data
-  if examples is not None or d.check.on_error == "skip" or d.check.drop_leaked:
+  if examples is not None or d.check.on_error == "skip" or d.check.drop_leaked or d.mix or (
+      d.eval_fraction and not d.eval):
     from ftjax.data import check
     kept = examples if examples is not None else check.clean_examples(config, tokenizer)
     common = dict(seq_len=d.seq_len, length_policy=d.length_policy)
     train_ds = dataset_from_examples(kept["train"], tokenizer, pack=d.pack, name=d.train, **common)
-    eval_ds = (dataset_from_examples(kept["eval"], tokenizer, pack=False, name=d.eval, **common)
-               if d.eval else None)
+    eval_ds = (dataset_from_examples(kept["eval"], tokenizer, pack=False,
+                                     name=d.eval or "held-out eval", **common)
+               if kept.get("eval") else None)
   else:
     common = dict(seq_len=d.seq_len, format=d.format, length_policy=d.length_policy,
                   system_prompt=d.system_prompt or None, fields=config_lib.fields(d.fields))

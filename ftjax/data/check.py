@@ -73,6 +73,7 @@ class Split:
   examples: list  # formats.Example, valid (over-length ones included unless policy drops them)
   problems: list  # Problem, in file order
   lengths: dict  # id(example) -> tokens of the templated example
+  sources: list = dataclasses.field(default_factory=list)  # the source of each example, in order
 
 
 # --- reading: every bad line, not just the first ------------------------------------------------
@@ -81,6 +82,9 @@ def read_lines(path):
   """(records, problems) of one file. JSONL is decoded line by line so every bad line is
   reported (bad_json, bad_encoding); other formats go through sources.read_records."""
   ext = os.path.splitext(path)[1].lower()
+  base = sources.split_spec(path)[0]
+  if base.startswith(sources.HUB_PREFIX) or sources.is_saved_dataset(base):
+    return sources.read_records(path), []  # rows of a `datasets` table: no lines to decode
   if not os.path.isfile(path):
     raise FtjaxError(f"{path}: data file not found")
   with open(path, "rb") as f:
@@ -143,12 +147,13 @@ def validate_records(records, *, format="auto", fields=None, system_prompt=None)
 def check_split(path, tokenizer, *, seq_len, format="auto", fields=None, system_prompt=None,
                 length_policy="truncate"):
   """A Split for a data path (file, directory or list), as training would read it."""
-  examples, problems = [], []
+  examples, problems, origin = [], [], []
   for p in dataset_lib._expand(path):
     records, bad = read_lines(p)
     found, invalid = validate_records(records, format=format, fields=fields,
                                       system_prompt=system_prompt)
     examples.extend(found)
+    origin.extend([p] * len(found))
     problems.extend(sorted(bad + invalid, key=lambda q: _line(q.where)))
   lengths = {}
   max_len = seq_len + 1
@@ -159,7 +164,37 @@ def check_split(path, tokenizer, *, seq_len, format="auto", fields=None, system_
       action = {"truncate": "truncated", "drop": "dropped", "error": "error"}[length_policy]
       problems.append(Problem("over_length", ex.where,
                               f"{ex.where}: over_length: {n} tokens > max_len {max_len} ({action})"))
-  return Split(examples, problems, lengths)
+  return Split(examples, problems, lengths, origin)
+
+
+def carve_eval(examples, fraction, seed):
+  """(train, eval): a held-out `fraction` of the records (all examples of a record go to the
+  same side, so the instances of one record never straddle the split), drawn with `seed`."""
+  wheres = list(dict.fromkeys(ex.where for ex in examples))
+  n = min(len(wheres) - 1, max(1, round(fraction * len(wheres))))
+  chosen = {wheres[i] for i in np.random.default_rng(seed).permutation(len(wheres))[:n]}
+  return [ex for ex in examples if ex.where not in chosen], [ex for ex in examples if ex.where in chosen]
+
+
+def mix(examples, origin, weights, seed):
+  """Examples drawn from each source in proportion to `weights` (as many in all as there are):
+  a source's share is its examples in a seeded random order, repeated when it must be drawn
+  more often than it has examples. Returns (examples, per-source counts)."""
+  order = list(dict.fromkeys(origin))
+  if len(weights) != len(order):
+    raise FtjaxError(f"config: data.mix has {len(weights)} weights for {len(order)} train sources "
+                     f"({', '.join(order)})")
+  groups = {src: [ex for ex, o in zip(examples, origin) if o == src] for src in order}
+  total, norm = len(examples), sum(weights)
+  rng = np.random.default_rng(seed)
+  out, counts = [], []
+  for src, w in zip(order, weights):
+    group, want = groups[src], round(w / norm * total)
+    picks = np.concatenate([rng.permutation(len(group)) for _ in range(-(-want // len(group)))]
+                           ) if want and group else np.zeros(0, int)
+    out += [group[i] for i in picks[:want]]
+    counts.append({"source": src, "examples": len(group), "weight": w, "drawn": want})
+  return out, counts
 
 
 def _line(where):
@@ -337,6 +372,11 @@ def check(config, tokenizer):
                                 error=is_error(p, d.length_policy)) for p in split.problems]
     report["errors"] += len(errors)
     report["splits"][name] = {"records_with_errors": len(bad), "skipped": 0}
+  if "eval" not in splits and d.eval_fraction > 0:  # a held-out split carved from train
+    kept["train"], kept["eval"] = carve_eval(kept["train"], d.eval_fraction, d.eval_seed)
+    splits["eval"] = splits["train"]  # same token lengths
+    report["splits"]["eval"] = {"records_with_errors": 0, "skipped": 0,
+                                "carved_from_train": len(kept["eval"])}
   report["counts"] = dict(collections.Counter(p["code"] for p in report["problems"]).most_common())
   report["failed"] = bool(report["errors"]) and d.check.on_error == "fail"
   if d.check.on_error == "skip":
@@ -355,6 +395,10 @@ def check(config, tokenizer):
     kept["train"] = [ex for ex in kept["train"] if ex.where not in leaked]
     report["leakage"]["dropped_from_train"] = len(leaked)
 
+  if d.mix:  # after quality and leakage, which judge each example once
+    origin = dict(zip(map(id, splits["train"].examples), splits["train"].sources))
+    kept["train"], report["mix"] = mix(kept["train"], [origin[id(ex)] for ex in kept["train"]],
+                                       [float(w) for w in d.mix.split(",")], d.eval_seed)
   for name, examples in kept.items():
     report["splits"][name].update(token_stats(examples, splits[name].lengths, tokenizer, d,
                                               pack=d.pack if name == "train" else False))

@@ -8,14 +8,20 @@ from ftjax.data import cache, formats, packing, sources, template
 from ftjax.data.loader import Loader
 
 LENGTH_POLICIES = ("truncate", "drop", "error")
-EXTENSIONS = (".jsonl", ".json", ".txt", ".parquet", ".csv")
+EXTENSIONS = (".jsonl", ".json", ".txt", ".parquet", ".csv", ".tsv", ".arrow")
 
 
 def _expand(path):
+  """Sources of a data path: a file, a directory of data files, a save_to_disk folder, a hub:
+  dataset, a list of them, or several in one string separated by commas."""
   paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+  paths = [p.strip() for x in map(os.fspath, paths) for p in x.split(",") if p.strip()]
   out = []
-  for p in map(os.fspath, paths):
-    if os.path.isdir(p):
+  for p in paths:
+    base = sources.split_spec(p)[0]
+    if base.startswith(sources.HUB_PREFIX) or sources.is_saved_dataset(base):
+      out.append(p)
+    elif os.path.isdir(p):
       found = sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(EXTENSIONS))
       if not found:
         raise FtjaxError(f"{p}: directory holds no data files ({', '.join(EXTENSIONS)})")

@@ -1,0 +1,113 @@
+"""HF `datasets` sources (save_to_disk folders, Hub names, more file formats), mixing sources
+by weight, and a held-out eval split carved from train."""
+
+import collections
+import json
+
+import pytest
+
+from ftjax.config import base_config, validate
+from ftjax.data import check, sources
+from ftjax.errors import FtjaxError
+from ftjax.run import build_datasets
+from tiny import tiny_tokenizer
+
+datasets = pytest.importorskip("datasets")
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return tiny_tokenizer()
+
+
+def _rows(n, tag):
+  return [{"question": f"{tag} question number {i} about a topic", "answer": f"{tag} answer {i}"}
+          for i in range(n)]
+
+
+def _config(train, eval_="", **data):
+  c = base_config()
+  c.data.train, c.data.eval, c.data.seq_len = train, eval_, 128
+  c.data.fields = "question:input,answer:output"
+  for key, value in data.items():
+    c.data[key] = value
+  validate(c)
+  return c
+
+
+def test_save_to_disk_folders(tmp_path, tok):
+  single = str(tmp_path / "single")
+  datasets.Dataset.from_list(_rows(6, "a")).save_to_disk(single)
+  splits = str(tmp_path / "splits")
+  datasets.DatasetDict({"train": datasets.Dataset.from_list(_rows(4, "b")),
+                        "test": datasets.Dataset.from_list(_rows(3, "c"))}).save_to_disk(splits)
+  report, kept = check.check(_config(single, f"{splits}?split=test"), tok)
+  assert [ex.where for ex in kept["train"]] == [f"{single}:{i}" for i in range(1, 7)]
+  assert [ex.where for ex in kept["eval"]] == [f"{splits}?split=test:{i}" for i in range(1, 4)]
+  assert kept["eval"][0].messages[0]["content"] == "c question number 0 about a topic"
+  _, kept = check.check(_config(splits), tok)  # a DatasetDict: train by default
+  assert len(kept["train"]) == 4
+  with pytest.raises(FtjaxError, match=r"no split 'dev'; this folder holds \['test', 'train'\]"):
+    sources.read_records(f"{splits}?split=dev")
+  with pytest.raises(FtjaxError, match="unknown option"):
+    sources.read_records(f"{splits}?spilt=test")
+
+
+def test_hub_dataset_without_hub_access_is_a_clear_error(monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  with pytest.raises(FtjaxError, match=r"hub:openai/gsm8k\?config=main&split=test&revision=main: could not load "
+                                       r"'openai/gsm8k' \(split 'test'\) from the Hugging Face Hub "
+                                       r"\(offline.*save_to_disk"):
+    sources.read_records("hub:openai/gsm8k?config=main&split=test&revision=main")
+
+
+def test_other_file_formats(tmp_path, tok):
+  tsv = tmp_path / "d.tsv"
+  tsv.write_text("question\tanswer\n" + "".join(f"q{i}, with a comma\ta{i}\n" for i in range(3)))
+  arrow_dir = tmp_path / "arrow"
+  datasets.Dataset.from_list(_rows(2, "z")).save_to_disk(str(arrow_dir))
+  arrow = next(arrow_dir.glob("*.arrow"))
+  _, kept = check.check(_config(f"{tsv},{arrow}"), tok)
+  assert [ex.where for ex in kept["train"]] == [f"{tsv}:2", f"{tsv}:3", f"{tsv}:4",
+                                                f"{arrow}:1", f"{arrow}:2"]
+  assert kept["train"][0].messages[0]["content"] == "q0, with a comma"
+
+
+def _write(path, rows):
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return str(path)
+
+
+def test_mix_by_weight(tmp_path, tok):
+  small = _write(tmp_path / "small.jsonl", _rows(10, "s"))
+  large = _write(tmp_path / "large.jsonl", _rows(30, "l"))
+  report, kept = check.check(_config(f"{small}, {large}", mix="1,1"), tok)
+  drawn = collections.Counter(ex.where for ex in kept["train"])
+  assert sum(n for w, n in drawn.items() if w.startswith(small)) == 20
+  assert {n for w, n in drawn.items() if w.startswith(small)} == {2}  # every small example twice
+  assert sum(n for w, n in drawn.items() if w.startswith(large)) == 20
+  assert len([w for w in drawn if w.startswith(large)]) == 20  # 20 of the 30, once each
+  assert [(m["source"], m["examples"], m["drawn"]) for m in report["mix"]] == [
+      (small, 10, 20), (large, 30, 20)]
+  assert report["quality"]["exact_duplicates"]["examples"] == 0  # judged before the mix
+  with pytest.raises(FtjaxError, match="data.mix has 3 weights for 2 train sources"):
+    check.check(_config(f"{small},{large}", mix="1,1,1"), tok)
+  with pytest.raises(FtjaxError, match="data.mix='1,x'"):
+    _config(small, mix="1,x")
+
+
+def test_eval_carved_from_train(tmp_path, tok):
+  path = _write(tmp_path / "all.jsonl", _rows(50, "r"))
+  c = _config(path, eval_fraction=0.2, eval_seed=1)
+  report, kept = check.check(c, tok)
+  train, held = {ex.where for ex in kept["train"]}, {ex.where for ex in kept["eval"]}
+  assert len(held) == 10 and len(train) == 40 and not train & held
+  assert report["splits"]["eval"]["carved_from_train"] == 10
+  assert report["leakage"]["pairs"] == 0
+  _, again = check.check(c, tok)
+  assert {ex.where for ex in again["eval"]} == held  # the seed decides
+  _, other = check.check(_config(path, eval_fraction=0.2, eval_seed=2), tok)
+  assert {ex.where for ex in other["eval"]} != held
+  train_ds, eval_ds = build_datasets(c, tok)
+  assert train_ds.summary["examples"] == 40 and eval_ds.summary["examples"] == 10
