@@ -102,6 +102,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.generate = ""  # name of a built-in generated dataset written on first run ("quickstart")
   # data.train / data.eval may also be save_to_disk folders (DIR?split=test), Hub datasets
   # (hub:NAME?config=C&split=S&revision=R) and several sources joined by commas.
+  # auto (the tokenizer's own; conversations without one are an error) | chatml | plain | a .jinja file
+  c.data.chat_template = "auto"
   c.data.mix = ""  # one weight per data.train source, e.g. "3,1": drawn in that proportion
   c.data.eval_fraction = 0.0  # without data.eval: hold out this fraction of the train records
   c.data.eval_seed = 0  # which records are held out (and the order of a mix)
@@ -224,6 +226,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"data.check.on_error={c.data.check.on_error!r}; expected one of {ON_ERROR_POLICIES}")
   check(0.0 < c.data.check.near_dup <= 1.0, f"data.check.near_dup={c.data.check.near_dup}; must be in (0, 1]")
   fields(c.data.fields)  # raises on a malformed mapping
+  check(c.data.chat_template in ("auto", "chatml", "plain") or c.data.chat_template.endswith(".jinja"),
+        f"data.chat_template={c.data.chat_template!r}; expected auto, chatml, plain or a .jinja file")
   check(0.0 <= c.data.eval_fraction < 1.0, f"data.eval_fraction={c.data.eval_fraction}; must be in [0, 1)")
   try:
     weights = [float(w) for w in c.data.mix.split(",")] if c.data.mix else []

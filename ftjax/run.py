@@ -22,8 +22,8 @@ from ftjax import config as config_lib
 from ftjax import peft
 from ftjax import step as step_lib
 from ftjax.checkpoint import Checkpointer
-from ftjax.data import build_dataset
 from ftjax.data.dataset import dataset_from_examples
+from ftjax.data.template import choose_chat_template
 from ftjax.errors import FtjaxError
 from ftjax.losses import CausalLMLoss
 from ftjax.models import from_params, resolve_params
@@ -133,26 +133,18 @@ def _prepare_data(config):
 
 
 def build_datasets(config, tokenizer, examples=None):
-  """(train, eval or None) Datasets. `examples`: {"train", "eval"} already checked (the data
-  check at the start of training passes the ones it kept). Otherwise, with
-  data.check.on_error="skip" or data.check.drop_leaked, the examples are the ones
-  `ftjax.data.check` keeps (bad records / leaked train examples out); else the first bad record
-  stops the run, naming its file and line."""
+  """(train, eval or None) Datasets of the examples `ftjax.data.check` keeps: bad records out
+  under data.check.on_error="skip" (under "fail" they stop the run, listed at file:line), leaked
+  train examples out with data.check.drop_leaked, data.mix and a held-out split applied.
+  `examples`: {"train", "eval"} already checked (train() passes the ones its check kept)."""
+  from ftjax.data import check
   d = config.data
-  if examples is not None or d.check.on_error == "skip" or d.check.drop_leaked or d.mix or (
-      d.eval_fraction and not d.eval):
-    from ftjax.data import check
-    kept = examples if examples is not None else check.clean_examples(config, tokenizer)
-    common = dict(seq_len=d.seq_len, length_policy=d.length_policy)
-    train_ds = dataset_from_examples(kept["train"], tokenizer, pack=d.pack, name=d.train, **common)
-    eval_ds = (dataset_from_examples(kept["eval"], tokenizer, pack=False,
-                                     name=d.eval or "held-out eval", **common)
-               if kept.get("eval") else None)
-  else:
-    common = dict(seq_len=d.seq_len, format=d.format, length_policy=d.length_policy,
-                  system_prompt=d.system_prompt or None, fields=config_lib.fields(d.fields))
-    train_ds = build_dataset(d.train, tokenizer, pack=d.pack, **common)
-    eval_ds = build_dataset(d.eval, tokenizer, pack=False, **common) if d.eval else None
+  kept = examples if examples is not None else check.clean_examples(config, tokenizer)
+  common = dict(seq_len=d.seq_len, length_policy=d.length_policy)
+  train_ds = dataset_from_examples(kept["train"], tokenizer, pack=d.pack, name=d.train, **common)
+  eval_ds = (dataset_from_examples(kept["eval"], tokenizer, pack=False,
+                                   name=d.eval or "held-out eval", **common)
+             if kept.get("eval") else None)
   log.info("train data: %s", train_ds.describe())
   if eval_ds is not None:
     log.info("eval data: %s", eval_ds.describe())
@@ -178,6 +170,7 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True, examples=No
   model_cfg, params, tokenizer, transform = resolve_params(
       config.model.name_or_path, dtype=dtypes["param_dtype"], quantize=quant_settings or False)
   params, model_cfg = shrink_layers(params, model_cfg, config.model.num_layers)
+  choose_chat_template(tokenizer, config.data.chat_template)
   model = from_params(model_cfg, params, dtype=dtypes["dtype"], place=lambda p: p,
                       transform=transform)
 

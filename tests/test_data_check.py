@@ -182,8 +182,8 @@ def test_training_uses_the_checked_examples(tmp_path, tok):
   assert sorted(ex.where for ex in train_ds.examples) == [
       f"{path}:{i}" for i in (1, 10, 11, 12, 13, 7, 8, 9)]  # string order; 7 truncated
   assert train_ds.summary["truncated"] == 1
-  with pytest.raises(FtjaxError, match=r"bad\.jsonl:17: not valid UTF-8"):
-    build_datasets(_config(path), tok)  # default: the first problem stops the run, as before
+  with pytest.raises(FtjaxError, match=r"(?s)8 data problems.*bad\.jsonl:17: not valid UTF-8"):
+    build_datasets(_config(path), tok)  # default (fail): the problems stop the run, all listed
 
 
 def test_labels_and_repeated_outputs(tok):

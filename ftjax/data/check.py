@@ -48,7 +48,7 @@ import string
 import numpy as np
 
 from ftjax.data import dataset as dataset_lib
-from ftjax.data import cache, formats, sources
+from ftjax.data import cache, formats, sources, template
 from ftjax.errors import FtjaxError
 
 SHINGLE = 5  # words per shingle
@@ -155,6 +155,7 @@ def check_split(path, tokenizer, *, seq_len, format="auto", fields=None, system_
     examples.extend(found)
     origin.extend([p] * len(found))
     problems.extend(sorted(bad + invalid, key=lambda q: _line(q.where)))
+  template.require_chat_template(tokenizer, examples, path)
   lengths = {}
   max_len = seq_len + 1
   for ex, tex in zip(examples, cache.tokenize(examples, tokenizer)):
@@ -352,6 +353,7 @@ def check(config, tokenizer):
   """(report dict, {"train": examples, "eval": examples}) for a config, nothing written."""
   from ftjax import config as config_lib
   d = config.data
+  template.choose_chat_template(tokenizer, d.chat_template)
   common = dict(seq_len=d.seq_len, format=d.format, fields=config_lib.fields(d.fields),
                 system_prompt=d.system_prompt or None, length_policy=d.length_policy)
   splits = {"train": check_split(d.train, tokenizer, **common)}

@@ -24,6 +24,44 @@ import numpy as np
 from ftjax.errors import FtjaxError
 
 
+# data.chat_template="chatml": the ChatML layout (SmolLM2's and Qwen's, without a default system
+# prompt), for a tokenizer that ships no template.
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+          "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|im_start|>assistant\n' }}{% endif %}")
+TEMPLATE_OPTIONS = ("data.chat_template='auto' (the tokenizer's own), 'chatml', 'plain' (no "
+                    "template: 'input\\noutput<eos>'), or a path to a .jinja file")
+
+
+def choose_chat_template(tok, option):
+  """Applies data.chat_template to `tok` in place: "auto" keeps the tokenizer's own."""
+  if option in ("", "auto"):
+    return tok
+  if option == "plain":
+    tok.chat_template, tok.plain_format = None, True
+  elif option == "chatml":
+    tok.chat_template = CHATML
+  elif option.endswith(".jinja"):
+    try:
+      with open(option, encoding="utf-8") as f:
+        tok.chat_template = f.read()
+    except OSError as e:
+      raise FtjaxError(f"{option}: cannot read the chat template ({e.strerror})") from None
+  else:
+    raise FtjaxError(f"config: data.chat_template={option!r}; expected {TEMPLATE_OPTIONS}")
+  return tok
+
+
+def require_chat_template(tok, examples, source):
+  """Conversations need a template: a tokenizer without one is an error unless the plain format
+  was chosen (data.chat_template='plain'), never a silent fallback."""
+  if (not getattr(tok, "chat_template", None) and not getattr(tok, "plain_format", False)
+      and any(ex.text is None for ex in examples)):
+    first = next(ex.where for ex in examples if ex.text is None)
+    raise FtjaxError(f"{first}: {source} holds conversations but the tokenizer has no chat "
+                     f"template; choose one with {TEMPLATE_OPTIONS}")
+
+
 @dataclasses.dataclass
 class TokenizedExample:
   where: str

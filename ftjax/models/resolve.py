@@ -142,7 +142,9 @@ def _hub_snapshot(repo_id: str) -> str:
   except ImportError:
     raise FtjaxError(f"{repo_id}: not a local path, and huggingface_hub is not installed to "
                      "fetch it from the Hub; pass a local path") from None
-  patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+  # chat_template.jinja: transformers 5 saves the chat template there (not in the config);
+  # without it training would render conversations without the model's template.
+  patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
   try:
     return snapshot_download(repo_id, allow_patterns=patterns)
   except Exception as e:  # noqa: BLE001 - offline, auth, missing repo: all mean "not fetched"
