@@ -87,34 +87,41 @@ def check_resume_config(path: str, config, allow_change: bool) -> None:
   log.warning("resuming with a changed config: %s", "; ".join(changed))
 
 
-def check_data(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """The data check (ftjax/data/check.py) before anything loads or compiles: its report and
-  Markdown section saved in the workdir (data_report.json, data_report.md); under
-  data.check.on_error="fail" a bad record stops the run here. Returns the examples to train on."""
+def check_data(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
+  """The data check (ftjax/data/check.py) before anything loads or compiles; resolves
+  train.epochs and "auto" values from its counts. Under data.check.on_error="fail" a bad record
+  stops the run here, listing the problems (nothing is written: `write_data_report` saves the
+  report once the run is set up). Returns (examples to train on, report)."""
   from ftjax.data import auto, check
   from ftjax.models.resolve import tokenizer_for
   from ftjax.run import _prepare_data
   config_lib.validate(config)
   _prepare_data(config)
   report, kept = check.check(config, tokenizer_for(config.model.name_or_path))
-  if not report["failed"]:
-    auto.resolve_from_report(config, report)  # train.epochs, "auto" values: steps from the data
+  if report["failed"]:
+    raise FtjaxError(f"{check.failure_message(report)}\n(all of them with codes: python -m "
+                     "ftjax.data check --config ... --out DIR writes DIR/data_report.json)")
+  auto.resolve_from_report(config, report)  # train.epochs, "auto" values: steps from the data
   check.add_cost_plan(report, config)  # tokens and API price; the run itself measures the rest
-  os.makedirs(workdir, exist_ok=True)
+  log.info("data check:\n%s", check.summary_text(report))
+  return kept, report
+
+
+def write_data_report(report: dict, workdir: str) -> None:
+  """WORKDIR/data_report.json and WORKDIR/data_report.md (the Markdown section)."""
+  from ftjax.data import check
   write_json(os.path.join(workdir, "data_report.json"), report)
   with open(os.path.join(workdir, "data_report.md"), "w") as f:
     f.write(check.markdown(report))
-  log.info("data check:\n%s", check.summary_text(report))
-  if report["failed"]:
-    raise FtjaxError(f"{check.failure_message(report)}\n(report: {workdir}/data_report.json)")
-  return kept
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False) -> dict:
   """Runs (or resumes) training; returns the summary that is also written to summary.json."""
-  run = setup(config, examples=check_data(config, workdir))
+  examples, data_report = check_data(config)
+  run = setup(config, examples=examples)
   cfg = run.config
   os.makedirs(workdir, exist_ok=True)
+  write_data_report(data_report, workdir)
   checkpointer = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
   resuming = checkpointer.latest_step() is not None
   config_path = os.path.join(workdir, "config.json")

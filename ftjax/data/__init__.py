@@ -2,7 +2,9 @@
 
   ds = build_dataset(path, tokenizer, *, seq_len, format="auto", pack=True,
                      length_policy="truncate", system_prompt=None, fields=None, pad_id=None)
-      path: a file (.jsonl, .json array, .txt, .parquet, .csv), a directory of them, or a list.
+      path: a file (.jsonl, .json array, .txt, .parquet, .csv, .tsv, .arrow), a directory of
+              them, a `datasets` save_to_disk folder (DIR?split=S), a Hub dataset
+              (hub:NAME?config=C&split=S&revision=R), a list, or several joined by commas.
       format: "auto" (per file, from the first record's keys) | "input_output" | "instruction" |
               "chat" | "text". fields: key renaming first, e.g. {"question": "input", "answer": "output"}.
       length_policy: examples over seq_len + 1 tokens are "truncate"d (first tokens kept),
@@ -23,7 +25,9 @@ weight 0 are not); segment ids start at 1 per packed document (0 = padding), pos
 0, and the target after a document's last token is masked. Bad input raises FtjaxError with
 `path:LINE: ...`. The quickstart task generator and scorer live in ftjax.data.quickstart_task.
 `python -m ftjax.data check --config ...` (ftjax.data.check) lists every problem instead, with
-quality, leakage and token statistics.
+quality, leakage and token statistics, and the cost plan (ftjax.cost); training runs it first.
+Tokenisation is batched (template.tokenize_many) and cached on disk (ftjax.data.cache);
+ftjax.data.auto resolves train.epochs and the "auto" epochs / batch size / learning rate.
 """
 
 from ftjax.data.dataset import Dataset, build_dataset, load_examples, tokenize_examples
