@@ -32,6 +32,11 @@ have left"), while the 3 pairs at 0.41 and 0.56 (2 test questions; one matches 2
 restate a train problem with only names and numbers changed. 0.4 sits in the empty gap between,
 twice the background; a higher value (0.6+) would report none of the rewrites.
 
+Then, for training: without data.eval, data.eval_fraction carves a held-out split from the
+train records (`carve_eval`); data.mix draws the train sources by weight (`mix`, after the
+quality and leakage signals, which judge each example once); train.epochs and "auto" values are
+resolved from the counts (ftjax.data.auto); and the cost plan (ftjax.cost) is added.
+
 Outputs: a terminal summary, `data_report.json` (`run_check(..., out_dir=...)`), and
 `markdown(report)`, a section for the evaluation report.
 """
@@ -363,7 +368,8 @@ def check(config, tokenizer):
   report = {"config": {"train": d.train, "eval": d.eval, "seq_len": d.seq_len,
                        "length_policy": d.length_policy, "on_error": d.check.on_error,
                        "drop_leaked": d.check.drop_leaked, "near_dup_threshold": threshold,
-                       "fields": d.fields, "format": d.format},
+                       "fields": d.fields, "format": d.format, "mix": d.mix,
+                       "eval_fraction": d.eval_fraction, "chat_template": d.chat_template},
             "problems": [], "counts": {}, "errors": 0, "splits": {}}
   kept = {}
   for name, split in splits.items():
