@@ -9,7 +9,14 @@ import sys
 
 
 class FtjaxError(Exception):
-  """Bad input: the message names the file, line, key or tensor and what was expected."""
+  """Bad input: the message names the file, line, key or tensor and what was expected.
+
+  `code`: an optional stable name for the kind of problem (the data check counts them, e.g.
+  "missing_field"); None when there is none."""
+
+  def __init__(self, message, code=None):
+    super().__init__(message)
+    self.code = code
 
 
 def cli_errors(main):

@@ -137,7 +137,7 @@ def validate_records(records, *, format="auto", fields=None, system_prompt=None)
     try:
       found = formats.record_examples(r, fmt or formats.detect_format(r), system_prompt)
     except FtjaxError as e:
-      problems.append(Problem(getattr(e, "code", "invalid"), r.where, str(e)))
+      problems.append(Problem(e.code or "invalid", r.where, str(e)))
       continue
     empty = [ex for ex in found if ex.messages is not None and any(
         m["role"] == "assistant" and m["weight"] and not m["content"].strip() for m in ex.messages)]

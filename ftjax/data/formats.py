@@ -8,7 +8,7 @@ Formats (auto-detected per file from the first record's keys, or forced with `fo
   chat          {"messages": [{"role", "content", optional "weight" 0|1}, ...]}
   text          {"text"} records or a .txt file: continued pretraining / perplexity, every token trained
 Chat errors carry the codes hosted fine-tuning APIs use (data_type, missing_messages_list, ...), so
-users can search for them. Every error raised here also has a `.code` attribute from CODES (the
+users can search for them. Every error raised here carries a `.code` (FtjaxError's) from CODES (the
 stable names `python -m ftjax.data check` counts), so the checker reuses this one validator.
 """
 
@@ -24,13 +24,6 @@ CODES = ("data_type", "unknown_format", "missing_field", "wrong_type", "unknown_
          "invalid_weight", "no_assistant_turn")
 
 
-def _error(code, message):
-  """An FtjaxError carrying its stable code; `raise _error(...)`."""
-  e = FtjaxError(message)
-  e.code = code
-  return e
-
-
 @dataclasses.dataclass
 class Example:
   where: str  # "path:LINE" of the record it came from
@@ -44,15 +37,14 @@ def detect_format(record):
   if isinstance(data, str):
     return "text"
   if not isinstance(data, dict):
-    raise _error("data_type",
-                 f"{record.where}: data_type: expected a JSON object, got {type(data).__name__}")
+    raise FtjaxError(code="data_type",
+                     message=f"{record.where}: data_type: expected a JSON object, got {type(data).__name__}")
   for key, fmt in (("messages", "chat"), ("instruction", "instruction"), ("text", "text")):
     if key in data:
       return fmt
   if "input" in data or "output" in data:
     return "input_output"
-  raise _error(
-    "unknown_format", f"{record.where}: cannot tell the data format from keys {sorted(data)}; expected 'messages' "
+  raise FtjaxError(code="unknown_format", message=f"{record.where}: cannot tell the data format from keys {sorted(data)}; expected 'messages' "
     "(chat), 'instruction' (+'output'), 'input' and 'output', or 'text'; set format= or map "
     "fields with fields={'question': 'input', ...}")
 
@@ -97,7 +89,7 @@ def rename(record, fields):
 
 def _need_object(record):
   if not isinstance(record.data, dict):
-    raise _error("data_type", f"{record.where}: data_type: expected a JSON object, got "
+    raise FtjaxError(code="data_type", message=f"{record.where}: data_type: expected a JSON object, got "
                  f"{type(record.data).__name__}")
   return record.data
 
@@ -106,10 +98,10 @@ def _need_str(record, data, key, optional=False):
   if key not in data:
     if optional:
       return ""
-    raise _error("missing_field", f"{record.where}: missing key {key!r}")
+    raise FtjaxError(code="missing_field", message=f"{record.where}: missing key {key!r}")
   value = data[key]
   if not isinstance(value, str):
-    raise _error("wrong_type", f"{record.where}: key {key!r} must be a string, got {type(value).__name__}")
+    raise FtjaxError(code="wrong_type", message=f"{record.where}: key {key!r} must be a string, got {type(value).__name__}")
   return value
 
 
@@ -135,12 +127,12 @@ def _from_instruction(record):
   if "instances" in data and "output" not in data:
     instances = data["instances"]
     if not isinstance(instances, list) or not instances:
-      raise _error("wrong_type", f"{record.where}: key 'instances' must be a non-empty list of "
+      raise FtjaxError(code="wrong_type", message=f"{record.where}: key 'instances' must be a non-empty list of "
                        "{'input', 'output'} objects")
     pairs = []
     for i, inst in enumerate(instances):
       if not isinstance(inst, dict):
-        raise _error("wrong_type", f"{record.where}: instances[{i}] must be an object with 'input', 'output'")
+        raise FtjaxError(code="wrong_type", message=f"{record.where}: instances[{i}] must be an object with 'input', 'output'")
       pairs.append((_need_str(record, inst, "input", optional=True),
                     _instance_output(record, inst, i)))
   else:
@@ -152,9 +144,9 @@ def _from_instruction(record):
 
 def _instance_output(record, inst, i):
   if "output" not in inst:
-    raise _error("missing_field", f"{record.where}: missing key 'output' in instances[{i}]")
+    raise FtjaxError(code="missing_field", message=f"{record.where}: missing key 'output' in instances[{i}]")
   if not isinstance(inst["output"], str):
-    raise _error("wrong_type", f"{record.where}: instances[{i}].output must be a string")
+    raise FtjaxError(code="wrong_type", message=f"{record.where}: instances[{i}].output must be a string")
   return inst["output"]
 
 
@@ -168,35 +160,35 @@ def _from_text(record):
 def _from_chat(record):
   where = record.where
   if not isinstance(record.data, dict):
-    raise _error("data_type", f"{where}: data_type: expected a JSON object with 'messages', got "
+    raise FtjaxError(code="data_type", message=f"{where}: data_type: expected a JSON object with 'messages', got "
                  f"{type(record.data).__name__}")
   messages = record.data.get("messages")
   if not isinstance(messages, list) or not messages:
-    raise _error("missing_field", f"{where}: missing_messages_list: expected key 'messages' holding a non-empty "
+    raise FtjaxError(code="missing_field", message=f"{where}: missing_messages_list: expected key 'messages' holding a non-empty "
                      "list of {'role', 'content'} objects")
   out = []
   for i, m in enumerate(messages):
     if not isinstance(m, dict):
-      raise _error("data_type", f"{where}: data_type: messages[{i}] must be an object, got {type(m).__name__}")
+      raise FtjaxError(code="data_type", message=f"{where}: data_type: messages[{i}] must be an object, got {type(m).__name__}")
     unknown = sorted(set(m) - set(MESSAGE_KEYS))
     if unknown:
-      raise _error("unknown_key", f"{where}: message_unrecognized_key: messages[{i}] has key(s) {unknown}; "
+      raise FtjaxError(code="unknown_key", message=f"{where}: message_unrecognized_key: messages[{i}] has key(s) {unknown}; "
                        f"expected only {', '.join(MESSAGE_KEYS)}")
     if "role" not in m:
-      raise _error("missing_field", f"{where}: message_missing_key: messages[{i}] has no 'role'")
+      raise FtjaxError(code="missing_field", message=f"{where}: message_missing_key: messages[{i}] has no 'role'")
     if m["role"] not in ROLES:
-      raise _error("unknown_role", f"{where}: unrecognized_role: messages[{i}] has role {m['role']!r}; "
+      raise FtjaxError(code="unknown_role", message=f"{where}: unrecognized_role: messages[{i}] has role {m['role']!r}; "
                        f"expected one of {', '.join(ROLES)}")
     if not isinstance(m.get("content"), str):
-      raise _error("wrong_type" if "content" in m else "missing_field", f"{where}: missing_content: messages[{i}] needs 'content' as a string")
+      raise FtjaxError(code="wrong_type" if "content" in m else "missing_field", message=f"{where}: missing_content: messages[{i}] needs 'content' as a string")
     weight = m.get("weight", 1 if m["role"] == "assistant" else 0)
     if weight not in (0, 1) or isinstance(weight, bool):
-      raise _error("invalid_weight", f"{where}: invalid_weight: messages[{i}] has weight {weight!r}; expected 0 or 1")
+      raise FtjaxError(code="invalid_weight", message=f"{where}: invalid_weight: messages[{i}] has weight {weight!r}; expected 0 or 1")
     if m["role"] != "assistant" and weight:
-      raise _error("invalid_weight", f"{where}: invalid_weight: messages[{i}] is a {m['role']} message; only "
+      raise FtjaxError(code="invalid_weight", message=f"{where}: invalid_weight: messages[{i}] is a {m['role']} message; only "
                        "assistant messages can be trained (weight 1)")
     out.append({"role": m["role"], "content": m["content"], "weight": int(weight)})
   if not any(m["role"] == "assistant" for m in out):
-    raise _error("no_assistant_turn", f"{where}: example_missing_assistant_message: no message with role "
+    raise FtjaxError(code="no_assistant_turn", message=f"{where}: example_missing_assistant_message: no message with role "
                      "'assistant' to train on")
   return [Example(where, messages=out)]
