@@ -1,8 +1,9 @@
 """`python -m ftjax.data check --config configs/<name>.py [--config.a.b=v ...] [--out DIR]`.
 
-Checks the config's train and eval data (ftjax.data.check) without loading model weights or
-compiling anything: prints a summary, writes DIR/data_report.json (default: the current folder)
-and exits 1 when data.check.on_error="fail" and a record is invalid (2 on a config error).
+Checks the config's train and eval data (ftjax.data.check), then, when the data passes and
+cost.probe_steps > 0, loads the model and compiles and times the train step for the cost plan
+(ftjax.cost): prints a summary, writes DIR/data_report.json (default: the current folder) and
+exits 1 when data.check.on_error="fail" and a record is invalid (2 on a config error).
 """
 
 import sys
