@@ -142,6 +142,10 @@ def test_cli_skip_policy_counts_skipped(tmp_path, model_dir):
   assert train["skipped"] == len(EXPECTED) - 1  # over_length is dropped by the length policy
   assert train["dropped"] == 1 and train["kept"] == 7
   assert "records skipped" in r.stdout
+  # the cost plan, from a probe of the real step (tests/test_cost.py checks its arithmetic)
+  cost = report["cost"]
+  assert cost["steps"] == 100 and cost["here"]["step_s"] > 0 and cost["memory"]["fits"]
+  assert "cost plan: 100 steps" in r.stdout and "peak memory" in r.stdout
 
 
 def test_cli_config_error_exits_2(tmp_path, model_dir):
