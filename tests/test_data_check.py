@@ -144,8 +144,8 @@ def test_cli_skip_policy_counts_skipped(tmp_path, model_dir):
   assert "records skipped" in r.stdout
   # the cost plan, from a probe of the real step (tests/test_cost.py checks its arithmetic)
   cost = report["cost"]
-  assert cost["steps"] == 100 and cost["here"]["step_s"] > 0 and cost["memory"]["fits"]
-  assert "cost plan: 100 steps" in r.stdout and "peak memory" in r.stdout
+  assert cost["steps"] == 20 and cost["here"]["step_s"] > 0 and cost["memory"]["fits"]
+  assert "cost plan: 20 steps" in r.stdout and "peak memory" in r.stdout
 
 
 def test_cli_config_error_exits_2(tmp_path, model_dir):
