@@ -81,15 +81,10 @@ def resolve(config, *, rows: int, examples: int, shards: int = 1) -> list[str]:
 
 
 def data_parallel(config) -> int:
-  """Devices a batch is split over (the mesh's data x fsdp axes), as ftjax.run's mesh has them."""
-  import jax
-  m = config.mesh
-  known = max(1, m.data if m.data != -1 else 1) * max(1, m.fsdp if m.fsdp != -1 else 1) * max(
-      1, m.tensor if m.tensor != -1 else 1)
-  rest = jax.device_count() // known
-  data = rest if m.data == -1 else m.data
-  fsdp = rest if m.fsdp == -1 else m.fsdp
-  return max(1, data * fsdp)
+  """Devices a batch is split over: the data x fsdp axes of the run's mesh."""
+  from ftjax.parallel.sharding import make_mesh
+  mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 def resolve_from_report(config, report) -> list[str]:
