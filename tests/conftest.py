@@ -1,12 +1,15 @@
 """Test-wide setup: an 8-device CPU mesh, f32 matmuls, and the shared data folder."""
 
 import os
+import tempfile
 
 # Must happen before jax is imported anywhere: sharding tests run on 8 fake CPU devices.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Token caches of test runs go to a throwaway folder, not the user's ~/.cache/ftjax/tokens.
+os.environ.setdefault("FTJAX_TOKEN_CACHE", tempfile.mkdtemp(prefix="ftjax-token-cache-"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
