@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from ftjax import config as config_lib
 from ftjax import peft
@@ -29,7 +29,7 @@ from ftjax.losses import CausalLMLoss
 from ftjax.models import from_params, resolve_params
 from ftjax.models.resolve import stored_quantisation
 from ftjax.optim import make_optimizer
-from ftjax.parallel import sharding
+from ftjax.parallel import distributed, sharding
 
 log = logging.getLogger("ftjax.run")
 
@@ -52,6 +52,18 @@ class Run:
   schedule: Any
   loss_fn: CausalLMLoss
   quantised: bool = False  # a 4-bit base (config.quant / method qlora)
+
+  def batch_sharding(self) -> NamedSharding:
+    """The train batch [accum, micro_batch, seq]: micro-batch rows over data x fsdp."""
+    return sharding.batch_sharding(self.mesh, ndim=3, batch_axis=1)
+
+  def place_batch(self, rows: dict) -> dict:
+    """This process's rows of the next batch ([its share of train.batch_size, seq] each, the
+    slice `distributed.batch_share` names) -> the global batch on the mesh."""
+    accum = self.config.train.grad_accum
+    shape = (accum, self.config.train.batch_size // accum, self.config.data.seq_len)
+    local = {k: rows[k].reshape(accum, -1, rows[k].shape[-1]) for k in step_lib.BATCH_KEYS}
+    return distributed.global_batch(local, self.batch_sharding(), shape)
 
   def model(self, trainable: dict | None = None) -> nnx.Module:
     """The NNX model holding `trainable` (default: the initial trainable params)."""
@@ -219,8 +231,14 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
 
 def init_or_restore(run: Run, checkpointer: Checkpointer | None):
   """The sharded train state (restored from the latest checkpoint when there is one)."""
-  state = jax.jit(functools.partial(step_lib.init_state, optimizer=run.optimizer,
-                                    seed=run.config.train.seed))(run.trainable, run.mutable)
+  init = functools.partial(step_lib.init_state, optimizer=run.optimizer, seed=run.config.train.seed)
+  shapes = jax.eval_shape(init, run.trainable, run.mutable)
+  replicated = sharding.replicated(run.mesh)
+  shardings = {"step": replicated, "rng": replicated,
+               "trainable": jax.tree.map(lambda x: x.sharding, run.trainable),
+               "mutable": jax.tree.map(lambda x: x.sharding, run.mutable),
+               "opt_state": sharding.like_params(shapes["opt_state"], run.trainable, run.mesh)}
+  state = jax.jit(init, out_shardings=shardings)(run.trainable, run.mutable)
   data_state = None
   latest = checkpointer.latest_step() if checkpointer else None
   if latest is not None:
@@ -234,7 +252,7 @@ def jit_train_step(run: Run, state):
   """The train step, jitted with explicit shardings and the state donated."""
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   frozen_shardings = jax.tree.map(lambda x: x.sharding, run.frozen)
-  batch_sharding = NamedSharding(run.mesh, P(None, ("data", "fsdp"), None))
+  batch_sharding = run.batch_sharding()
   return jax.jit(
       functools.partial(step_lib.train_step, graphdef=run.graphdef, loss_fn=run.loss_fn,
                         optimizer=run.optimizer, schedule=run.schedule),

@@ -131,14 +131,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
 def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
           writer: MetricWriter, baseline):
   cfg = run.config
-  accum, micro = cfg.train.grad_accum, cfg.train.batch_size // cfg.train.grad_accum
   loader = run.train_ds.batches(cfg.train.batch_size, seed=cfg.train.seed, state=data_state)
   train_step = jit_train_step(run, state)
   eval_fn = jax.jit(functools.partial(step_lib.eval_step, graphdef=run.graphdef, loss_fn=run.loss_fn))
 
   def next_batch():
-    rows = loader.next_batch(cfg.train.batch_size)
-    return {k: rows[k].reshape(accum, micro, -1) for k in step_lib.BATCH_KEYS}
+    return run.place_batch(loader.next_batch(cfg.train.batch_size))
 
   seq = cfg.data.seq_len
   n_train = sum(x.size for x in jax.tree.leaves(state["trainable"]))

@@ -95,3 +95,19 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, batch_axis: int = 0) -> NamedShard
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def like_params(tree, params, mesh: Mesh):
+  """Shardings for optimizer state: each leaf that is a copy of a param (Adam's moments; found
+  by its key path ending in the param's path, with the param's shape) is sharded like that
+  param, anything else (step counts) replicated. Left to XLA, jit may replicate the moments,
+  which undoes fsdp for them: twice the trained params' size on every device."""
+  by_path = {tuple(path): x for path, x in jax.tree_util.tree_leaves_with_path(params)}
+
+  def one(path, leaf):
+    for start in range(len(path)):
+      param = by_path.get(tuple(path[start:]))
+      if param is not None and param.shape == leaf.shape:
+        return param.sharding
+    return replicated(mesh)
+  return jax.tree_util.tree_map_with_path(one, tree)
