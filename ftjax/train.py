@@ -27,15 +27,19 @@ from ftjax.checkpoint import Checkpointer
 from ftjax.errors import FtjaxError, cli_errors, setup_logging
 from ftjax.flops import train_flops_per_token
 from ftjax.metrics import MetricWriter
+from ftjax.parallel import distributed
+from ftjax.preemption import StopOnSignal
 from ftjax.run import Run, init_or_restore, jit_train_step, setup
 
 log = logging.getLogger("ftjax.train")
 
 # Config keys a resumed run may change: they decide what is logged, evaluated or exported, not
 # what the trained state becomes. Any other change is refused unless allowed explicitly.
+# The mesh and the processes decide where the state lives, not what it becomes (a run saved on 8
+# devices continues on 4).
 RESUME_SAFE_KEYS = ("train.log_every", "train.eval_every", "train.eval_batches",
                     "train.checkpoint_every", "train.keep_checkpoints", "train.nonfinite",
-                    "eval.", "export.")
+                    "eval.", "export.", "mesh.", "distributed.")
 
 
 def evaluate_loss(run: Run, eval_fn, trainable, max_batches: int = 0) -> dict:
@@ -87,7 +91,13 @@ def check_resume_config(path: str, config, allow_change: bool) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False) -> dict:
-  """Runs (or resumes) training; returns the summary that is also written to summary.json."""
+  """Runs (or resumes) training; returns the summary that is also written to summary.json.
+
+  Stopped by SIGTERM / SIGINT: checkpoints the finished step and returns {"steps", "stopped_by"}
+  without the end-of-run phase; the same call continues the run.
+  """
+  d = config.distributed
+  distributed.initialize(d.coordinator, d.num_processes, d.process_id, d.initialize)
   run = setup(config)
   cfg = run.config
   os.makedirs(workdir, exist_ok=True)
@@ -119,17 +129,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
   start_step = int(state["step"])
   writer = MetricWriter(workdir, resume_step=start_step if resuming else None)
   try:
-    summary = _loop(run, workdir, state, data_state, checkpointer, writer, baseline)
+    with StopOnSignal() as stop:
+      summary = _loop(run, workdir, state, data_state, checkpointer, writer, baseline, stop)
   finally:
     checkpointer.close()
     writer.close()
+  if summary.get("stopped_by"):
+    print(f"stopped by {summary['stopped_by']} after step {summary['steps']}; checkpoint saved "
+          f"in {checkpointer.directory}. Run the same command again to continue.", file=sys.stderr)
+    return summary
   write_json(summary_path, summary)
   print(evaluate.report(summary), file=sys.stderr)
   return summary
 
 
 def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
-          writer: MetricWriter, baseline):
+          writer: MetricWriter, baseline, stop: StopOnSignal):
   cfg = run.config
   loader = run.train_ds.batches(cfg.train.batch_size, seed=cfg.train.seed, state=data_state)
   train_step = jit_train_step(run, state)
@@ -159,6 +174,7 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
   bar = tqdm(total=cfg.train.steps, initial=start_step, desc="train", file=sys.stderr,
              dynamic_ncols=True, disable=None)
   window, window_t, skipped = [], time.perf_counter(), []
+  saved_t = time.monotonic()  # train.checkpoint_every_minutes counts from the last save
   for step in range(start_step, cfg.train.steps):
     state, metrics = compiled(state, run.frozen, batch)
     position = loader.get_state()
@@ -202,8 +218,18 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
         bar.write(f"step {done}: eval loss {ev['loss']:.4f}, token accuracy {ev['accuracy']:.3f}",
                   file=sys.stderr)
       window_t += time.perf_counter() - eval_t  # keep eval time out of the next tokens/s
-    if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
+    # Every process must take these decisions together (a save or a stop is collective).
+    stopping, minutes_due = distributed.any_process(
+        stop.signal is not None,
+        cfg.train.checkpoint_every_minutes > 0
+        and time.monotonic() - saved_t >= 60 * cfg.train.checkpoint_every_minutes)
+    if (stopping or minutes_due
+        or cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
       checkpointer.save(done, state, position)
+      saved_t = time.monotonic()
+    if stopping:
+      bar.close()
+      return {"steps": done, "stopped_by": stop.signal or "a signal to another process"}
   bar.close()
 
   # --- end: checkpoint, final eval, exports, generation eval, summary ---

@@ -96,9 +96,10 @@ def global_batch(local: dict, sharding: NamedSharding, global_shape: tuple[int, 
           for k, v in local.items()}
 
 
-def any_process(flag: bool) -> bool:
-  """True on every process when `flag` is True on any: a decision (stop, checkpoint now) that
-  all must take together, or the collectives of the next step would wait forever."""
+def any_process(*flags: bool) -> tuple[bool, ...]:
+  """Each flag True on every process when it is True on any: decisions (stop, checkpoint now)
+  that all must take together, or the next collective would wait forever."""
   if jax.process_count() == 1:
-    return flag
-  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+    return tuple(bool(f) for f in flags)
+  gathered = multihost_utils.process_allgather(np.asarray(flags, np.int32))
+  return tuple(bool(f) for f in np.asarray(gathered).reshape(-1, len(flags)).any(axis=0))
