@@ -2,7 +2,7 @@
 data loader's position, so a run can continue where it stopped.
 
 Layout: WORKDIR/checkpoints/<step>/{state, data}. Orbax writes each step to a temporary folder
-(`<step>.orbax-checkpoint-tmp-*`) and renames it when complete, and ignores such folders when
+(`<step>.orbax-checkpoint-tmp*`) and renames it when complete, and ignores such folders when
 listing steps, so a crash in the middle of a save never looks like a finished step; ftjax names
 them in a warning. A step folder that is there but cannot be read back (truncated or damaged
 afterwards) is not caught by orbax: `restore_latest` warns naming it, moves it aside to
@@ -51,7 +51,7 @@ class Checkpointer:
     Unfinished saves are named in a warning; an unreadable step folder is moved aside (warning
     naming it and why) and the step before is tried.
     """
-    for tmp in sorted(glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp-*"))):
+    for tmp in sorted(glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*"))):
       log.warning("ignoring %s: a checkpoint save that did not finish (the run stopped while "
                   "writing it)", tmp)
     for step in sorted(self._manager.all_steps(), reverse=True):
