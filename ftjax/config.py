@@ -99,6 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.system_prompt = ""
   # Key renaming before format detection, "source:ours" pairs, e.g. "question:input,answer:output".
   c.data.fields = ""
+  # Train data split into this many shards (example i -> shard i % shards), each packed and
+  # shuffled on its own; each process reads and tokenises only its shards. 0: one per process.
+  # A single process with data.shards=N sees the batches N processes would.
+  c.data.shards = 0
   c.data.generate = ""  # name of a built-in generated dataset written on first run ("quickstart")
   # `python -m ftjax.data check` (ftjax/data/check.py): what to do with invalid records, and leakage.
   c.data.check = ml_collections.ConfigDict()
@@ -219,6 +223,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.train.log_every >= 0, f"train.log_every={c.train.log_every}; must be >= 0 (0: only at the end)")
   check(c.train.nonfinite in NONFINITE_POLICIES,
         f"train.nonfinite={c.train.nonfinite!r}; expected one of {NONFINITE_POLICIES}")
+  check(c.data.shards >= 0, f"data.shards={c.data.shards}; must be >= 0 (0: one per process)")
   check(c.train.checkpoint_every >= 0 and c.train.checkpoint_every_minutes >= 0,
         f"train.checkpoint_every={c.train.checkpoint_every}, train.checkpoint_every_minutes="
         f"{c.train.checkpoint_every_minutes}; must be >= 0 (0: off)")

@@ -65,6 +65,16 @@ class Run:
     local = {k: rows[k].reshape(accum, -1, rows[k].shape[-1]) for k in step_lib.BATCH_KEYS}
     return distributed.global_batch(local, self.batch_sharding(), shape)
 
+  def place_eval_batch(self, batch: dict) -> dict:
+    """A whole eval batch [n, seq] (every process holds all eval data) -> the global batch,
+    each process contributing its rows."""
+    sharding_ = sharding.batch_sharding(self.mesh, ndim=2)
+    shape = next(iter(batch.values())).shape
+    index, count = distributed.batch_share(sharding_, shape, axis=0)
+    size = shape[0] // count
+    local = {k: v[index * size:(index + 1) * size] for k, v in batch.items()}
+    return distributed.global_batch(local, sharding_, shape)
+
   def model(self, trainable: dict | None = None) -> nnx.Module:
     """The NNX model holding `trainable` (default: the initial trainable params)."""
     return step_lib.merge_model(self.graphdef, self.trainable if trainable is None else trainable,
@@ -144,11 +154,29 @@ def _prepare_data(config):
     log.info("wrote the quickstart dataset to %s", out_dir)
 
 
-def build_datasets(config, tokenizer):
+def data_shards(config, share: tuple[int, int]) -> tuple[range, int]:
+  """(this process's shard indices, number of shards) of the train data. `share`: its slice of
+  the global batch (index, count) from `distributed.batch_share`."""
+  index, count = share
+  num = config.data.shards or count
+  if num % count:
+    raise FtjaxError(f"config: data.shards={num} does not split evenly over the {count} "
+                     "processes (groups) that supply the batch; use a multiple of it")
+  per = num // count
+  return range(index * per, (index + 1) * per), num
+
+
+def build_datasets(config, tokenizer, share: tuple[int, int] = (0, 1)):
   """(train, eval or None) Datasets. With data.check.on_error="skip" or data.check.drop_leaked,
   the examples are the ones `ftjax.data.check` keeps (bad records / leaked train examples out);
-  otherwise the first bad record stops the run, naming its file and line."""
+  otherwise the first bad record stops the run, naming its file and line.
+
+  With data shards (several processes, or data.shards > 1) the train data is `Shards`: example
+  i belongs to shard i % data.shards, and this process tokenises and packs only its own."""
   d = config.data
+  owned, num_shards = data_shards(config, share)
+  if num_shards > 1:
+    return _sharded_datasets(config, tokenizer, owned, num_shards)
   if d.check.on_error == "skip" or d.check.drop_leaked:
     from ftjax.data import check
     kept = check.clean_examples(config, tokenizer)
@@ -161,6 +189,30 @@ def build_datasets(config, tokenizer):
                   system_prompt=d.system_prompt or None, fields=config_lib.fields(d.fields))
     train_ds = build_dataset(d.train, tokenizer, pack=d.pack, **common)
     eval_ds = build_dataset(d.eval, tokenizer, pack=False, **common) if d.eval else None
+  log.info("train data: %s", train_ds.describe())
+  if eval_ds is not None:
+    log.info("eval data: %s", eval_ds.describe())
+  return train_ds, eval_ds
+
+
+def _sharded_datasets(config, tokenizer, owned: range, num_shards: int):
+  from ftjax.data.dataset import load_examples
+  from ftjax.data.loader import Shards
+  d = config.data
+  common = dict(seq_len=d.seq_len, length_policy=d.length_policy)
+  if d.check.on_error == "skip" or d.check.drop_leaked:
+    from ftjax.data import check
+    kept = check.clean_examples(config, tokenizer)
+    train, evals = kept["train"], kept["eval"] if d.eval else None
+  else:
+    read = dict(format=d.format, system_prompt=d.system_prompt or None, fields=config_lib.fields(d.fields))
+    train = load_examples(d.train, **read)
+    evals = load_examples(d.eval, **read) if d.eval else None
+  train_ds = Shards({i: dataset_from_examples(train[i::num_shards], tokenizer, pack=d.pack,
+                                              name=f"{d.train} (shard {i} of {num_shards})", **common)
+                     for i in owned}, num_shards, accum=config.train.grad_accum)
+  # Eval data is small: every process holds all of it and places its part of each batch.
+  eval_ds = dataset_from_examples(evals, tokenizer, pack=False, name=d.eval, **common) if d.eval else None
   log.info("train data: %s", train_ds.describe())
   if eval_ds is not None:
     log.info("eval data: %s", eval_ds.describe())
@@ -195,17 +247,19 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
 
   # --- data (validated before anything compiles) ---
   train_ds = eval_ds = None
-  if with_data:
-    _prepare_data(config)
-    train_ds, eval_ds = build_datasets(config, tokenizer)
-
-  # --- mesh + shardings: params placed by the logical axes in their metadata ---
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   micro = config.train.batch_size // config.train.grad_accum
   if micro % batch_shards:
     raise FtjaxError(f"config: micro-batch {micro} (train.batch_size / train.grad_accum) is not "
                      f"divisible by the {batch_shards} data-parallel devices of the mesh")
+  if with_data:
+    _prepare_data(config)
+    share = distributed.batch_share(sharding.batch_sharding(mesh, 3, 1),
+                                    (config.train.grad_accum, micro, config.data.seq_len), axis=1)
+    train_ds, eval_ds = build_datasets(config, tokenizer, share)
+
+  # --- shardings: params placed by the logical axes in their metadata ---
 
   def place(state, dtype=None):
     tree = nnx.to_pure_dict(state)

@@ -51,7 +51,7 @@ def evaluate_loss(run: Run, eval_fn, trainable, max_batches: int = 0) -> dict:
   for i, batch in enumerate(loader):
     if max_batches and i >= max_batches:
       break
-    out = eval_fn(trainable, run.frozen, run.mutable, batch)
+    out = eval_fn(trainable, run.frozen, run.mutable, run.place_eval_batch(batch))
     sums = {k: sums[k] + float(out[k]) for k in sums}
   count = max(sums["count"], 1.0)
   return {"loss": sums["loss_sum"] / count, "accuracy": sums["accuracy"] / count}
@@ -98,17 +98,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
   """
   d = config.distributed
   distributed.initialize(d.coordinator, d.num_processes, d.process_id, d.initialize)
+  if jax.process_count() > 1 and (config.eval.generate or config.export.merged):
+    raise FtjaxError("config: eval.generate and export.merged run on one process only for now; "
+                     "set them False and export the checkpoint with `python -m ftjax.export`")
   run = setup(config)
   cfg = run.config
+  main = distributed.is_main()  # process 0 writes the files that describe the whole run
   os.makedirs(workdir, exist_ok=True)
   checkpointer = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
   resuming = checkpointer.latest_step() is not None
   config_path = os.path.join(workdir, "config.json")
   if resuming:
     check_resume_config(config_path, cfg, allow_config_change)
-  write_json(config_path, cfg.to_dict())
+  if main:
+    write_json(config_path, cfg.to_dict())
   summary_path = os.path.join(workdir, "summary.json")
-  if os.path.exists(summary_path):  # a finished run being re-run: the old summary is stale now
+  if main and os.path.exists(summary_path):  # a finished run being re-run: the old summary is stale now
     os.remove(summary_path)
 
   # --- baseline before training: the base model with a few-shot prompt ---
@@ -127,7 +132,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
   # --- state + compiled step ---
   state, data_state = init_or_restore(run, checkpointer)
   start_step = int(state["step"])
-  writer = MetricWriter(workdir, resume_step=start_step if resuming else None)
+  writer = MetricWriter(workdir, resume_step=start_step if resuming else None) if main else _NoWriter()
   try:
     with StopOnSignal() as stop:
       summary = _loop(run, workdir, state, data_state, checkpointer, writer, baseline, stop)
@@ -138,9 +143,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
     print(f"stopped by {summary['stopped_by']} after step {summary['steps']}; checkpoint saved "
           f"in {checkpointer.directory}. Run the same command again to continue.", file=sys.stderr)
     return summary
-  write_json(summary_path, summary)
-  print(evaluate.report(summary), file=sys.stderr)
+  if main:
+    write_json(summary_path, summary)
+    print(evaluate.report(summary), file=sys.stderr)
   return summary
+
+
+class _NoWriter:
+  """Processes other than 0 log nothing: process 0's metrics are the run's."""
+
+  def write(self, *args, **kwargs) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
 
 
 def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
@@ -172,7 +188,7 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
   # --- loop ---
   from tqdm import tqdm
   bar = tqdm(total=cfg.train.steps, initial=start_step, desc="train", file=sys.stderr,
-             dynamic_ncols=True, disable=None)
+             dynamic_ncols=True, disable=None if distributed.is_main() else True)
   window, window_t, skipped = [], time.perf_counter(), []
   saved_t = time.monotonic()  # train.checkpoint_every_minutes counts from the last save
   for step in range(start_step, cfg.train.steps):
@@ -239,8 +255,12 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
   final_eval = evaluate_loss(run, eval_fn, state["trainable"])
   if final_eval:
     writer.write(final_step, final_eval, "eval/")
-  model = run.model(state["trainable"])
-  if run.peft_configs and cfg.export.adapter:
+  trainable = state["trainable"]
+  if jax.process_count() > 1:  # each process holds only its shards: gather them (collective)
+    from jax.experimental import multihost_utils
+    trainable = multihost_utils.process_allgather(trainable, tiled=True)
+  model = run.model(trainable)
+  if run.peft_configs and cfg.export.adapter and distributed.is_main():
     export.write_adapters(model, os.path.join(workdir, "adapter"), cfg.model.name_or_path)
   merged = export.merged_model(model) if cfg.export.merged or cfg.eval.generate else None
   if cfg.export.merged:
