@@ -108,3 +108,25 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(overrides, 
   ev_two = json.load(open(os.path.join(workdir, "summary.json")))["eval"]["loss"]
   ev_one = json.load(open(os.path.join(single, "summary.json")))["eval"]["loss"]
   assert abs(ev_two - ev_one) <= 1e-5 * abs(ev_one)
+
+
+def test_sharded_loader_parts_make_the_one_process_batches_and_resume():
+  """Two processes' parts (shards [0] and [1] of 2), micro-batch by micro-batch, are the rows one
+  process holding both shards returns; a position saved mid-epoch resumes on either layout."""
+  from ftjax.data.loader import ShardedLoader
+  from ftjax.data.packing import FIELDS
+  rng = np.random.RandomState(0)
+  shards = {i: {k: rng.randint(0, 100, (n, 4)).astype(np.int32) for k in FIELDS}
+            for i, n in ((0, 7), (1, 5))}  # unequal: positions differ per shard, not `consumed`
+  both = ShardedLoader(shards, 2, accum=2, seed=3)
+  parts = [ShardedLoader({i: shards[i]}, 2, accum=2, seed=3) for i in (0, 1)]
+  for _ in range(5):  # crosses epoch boundaries of both shards
+    whole = both.next_batch(8)["inputs"].reshape(2, 4, 4)  # [accum, micro, seq]
+    mine = [p.next_batch(8)["inputs"].reshape(2, 2, 4) for p in parts]
+    np.testing.assert_array_equal(whole, np.concatenate(mine, axis=1))
+  state = json.loads(json.dumps(both.get_state()))
+  assert state == {"seed": 3, "num_shards": 2, "consumed": 20}
+  resumed = ShardedLoader({1: shards[1]}, 2, accum=2, state=state)
+  np.testing.assert_array_equal(resumed.next_batch(8)["inputs"], parts[1].next_batch(8)["inputs"])
+  with pytest.raises(Exception, match="checkpoint is for 2 data shard"):
+    ShardedLoader({0: shards[0]}, 4, state=state)
