@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -21,7 +22,7 @@ from safetensors.numpy import load_file
 from ftjax import train as train_lib
 from ftjax.checkpoint import Checkpointer
 from ftjax.data import quickstart_task
-from test_faults import config_file, losses, make_config
+from test_faults import compile_cache, config_file, losses, make_config  # noqa: F401 (fixture)
 from tiny import make_model_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +53,8 @@ def launch(overrides, tmp_path, workdir):
   cfg = config_file(tmp_path / "cfg.py", overrides)
   port = free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_DEFAULT_MATMUL_PRECISION="highest")
+             JAX_DEFAULT_MATMUL_PRECISION="highest",
+             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir)  # the relaunch reuses it
   return [subprocess.Popen(
       [sys.executable, "-m", "ftjax.train", "--config", cfg, "--workdir", workdir,
        f"--config.distributed.coordinator=127.0.0.1:{port}", "--config.distributed.num_processes=2",
