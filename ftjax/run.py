@@ -245,7 +245,8 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
   graphdef, train_state, frozen_state, mutable_state = nnx.split(
       model, peft.trainable(model) if methods else nnx.Param, nnx.Param, ...)
 
-  # --- data (validated before anything compiles) ---
+  # --- mesh, then data (validated before anything compiles): a process reads only the shards
+  # of the data its devices' batch rows come from ---
   train_ds = eval_ds = None
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
