@@ -207,3 +207,28 @@ def test_a_run_saved_on_8_devices_restores_on_fewer(mesh, overrides, straight):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   lora_a = state["trainable"]["model"]["layers"]["mlp"]["up_proj"]["lora_a"]
   assert len(lora_a.sharding.device_set) == size
+
+
+def test_checkpoint_every_minutes_saves_between_step_multiples(overrides, tmp_path):
+  """checkpoint_every=0 (by steps: off) and a 0.3 s interval: the run saves along the way, not
+  only at the end. 40 steps take well over 0.3 s (orbax's save alone takes ~0.1 s)."""
+  workdir = str(tmp_path / "timed")
+  train_lib.train(make_config(overrides, **{"train.checkpoint_every": 0, "train.keep_checkpoints": 50,
+                                            "train.checkpoint_every_minutes": 0.005}), workdir)
+  steps = Checkpointer(workdir, keep=50)._manager.all_steps()
+  assert STEPS in steps and len(steps) >= 2, steps
+
+
+def test_sigint_and_sigterm_set_the_stop_flag_and_a_second_ctrl_c_stops_at_once():
+  from ftjax.preemption import StopOnSignal
+  before = signal.getsignal(signal.SIGINT)
+  for signum, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
+    with StopOnSignal() as stop:
+      os.kill(os.getpid(), signum)
+      time.sleep(0.01)  # the handler runs between bytecodes
+      assert stop.signal == name
+      if signum == signal.SIGINT:
+        with pytest.raises(KeyboardInterrupt):
+          os.kill(os.getpid(), signal.SIGINT)
+          time.sleep(0.01)
+  assert signal.getsignal(signal.SIGINT) is before  # handlers restored

@@ -132,3 +132,23 @@ def test_sharded_loader_parts_make_the_one_process_batches_and_resume():
   np.testing.assert_array_equal(resumed.next_batch(8)["inputs"], parts[1].next_batch(8)["inputs"])
   with pytest.raises(Exception, match="checkpoint is for 2 data shard"):
     ShardedLoader({0: shards[0]}, 4, state=state)
+
+
+def test_launchers_are_detected_and_a_bad_coordinator_config_is_refused(monkeypatch):
+  from ftjax.errors import FtjaxError
+  from ftjax.parallel import distributed
+  for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(var, raising=False)
+  assert distributed.launcher() is None
+  assert distributed.initialize() is False  # one process: nothing to join
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1v-0")  # a single-host TPU VM
+  assert distributed.launcher() is None
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1v-0,t1v-1")
+  assert distributed.launcher() == "a multi-host TPU slice"
+  monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
+  monkeypatch.setenv("SLURM_NTASKS", "1")
+  assert distributed.launcher() is None
+  monkeypatch.setenv("SLURM_NTASKS", "4")
+  assert distributed.launcher() == "SLURM"
+  with pytest.raises(FtjaxError, match=r"distributed.coordinator='127.0.0.1:1' needs .*\(got 2, 5\)"):
+    distributed.initialize("127.0.0.1:1", 2, 5)
