@@ -298,12 +298,8 @@ def init_or_restore(run: Run, checkpointer: Checkpointer | None):
   if checkpointer is not None and checkpointer.latest_step() is not None:
     # The live state's shardings: a checkpoint from another mesh is resharded as it loads.
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    restored = checkpointer.restore_latest(abstract)
-    if restored is None:
-      log.warning("no readable checkpoint in %s; starting from step 0", checkpointer.directory)
-    else:
-      step, state, data_state = restored
-      log.info("restored checkpoint at step %d", step)
+    step, state, data_state = checkpointer.restore_latest(abstract)
+    log.info("restored checkpoint at step %d", step)
   return state, data_state
 
 

@@ -28,6 +28,7 @@ from ftjax import config as config_lib
 from ftjax import run as run_lib
 from ftjax import train as train_lib
 from ftjax.checkpoint import Checkpointer
+from ftjax.errors import FtjaxError
 from ftjax.data import quickstart_task
 from tiny import make_model_dir
 
@@ -190,6 +191,17 @@ def test_truncated_checkpoint_is_skipped_with_a_warning_naming_it(overrides, str
   assert any(f"checkpoint {last} is unreadable" in w for w in warnings), warnings
   assert os.path.isdir(last + ".unreadable") and not os.path.exists(last)
   assert Checkpointer(workdir).latest_step() == STEPS - 4
+
+
+def test_a_state_no_checkpoint_fits_moves_nothing_aside(overrides, straight, tmp_path):
+  """Restoring into a differently shaped state (LoRA rank 4 instead of 8) fails for every step:
+  that is the run's doing, not damage, so the checkpoints stay and the error says so."""
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(straight, workdir)
+  run = run_lib.setup(make_config(overrides, **{"lora.rank": 4}), with_data=False)
+  with pytest.raises(FtjaxError, match=rf"checkpoints/{STEPS}: no checkpoint in .* could be restored"):
+    run_lib.init_or_restore(run, Checkpointer(workdir, keep=3))
+  assert sorted(Checkpointer(workdir, keep=3)._manager.all_steps()) == [STEPS - 8, STEPS - 4, STEPS]
 
 
 @pytest.mark.parametrize("mesh", [dict(data=1, fsdp=4, tensor=1), dict(data=1, fsdp=1, tensor=1)])
