@@ -96,6 +96,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
   Stopped by SIGTERM / SIGINT: checkpoints the finished step and returns {"steps", "stopped_by"}
   without the end-of-run phase; the same call continues the run.
   """
+  config_lib.validate(config)  # before joining other processes on its distributed.* values
   d = config.distributed
   distributed.initialize(d.coordinator, d.num_processes, d.process_id, d.initialize)
   if jax.process_count() > 1 and (config.eval.generate or config.export.merged):

@@ -150,5 +150,7 @@ def test_launchers_are_detected_and_a_bad_coordinator_config_is_refused(monkeypa
   assert distributed.launcher() is None
   monkeypatch.setenv("SLURM_NTASKS", "4")
   assert distributed.launcher() == "SLURM"
-  with pytest.raises(FtjaxError, match=r"distributed.coordinator='127.0.0.1:1' needs .*\(got 2, 5\)"):
+  with pytest.raises(FtjaxError, match=r"distributed.coordinator='127.0.0.1:1' \(host:port\) needs .*\(got 2, 5\)"):
     distributed.initialize("127.0.0.1:1", 2, 5)
+  with pytest.raises(FtjaxError, match=r"distributed.coordinator='localhost' \(host:port\)"):
+    distributed.initialize("localhost", 2, 0)

@@ -56,8 +56,9 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
   found = "the config" if coordinator else launcher()
   if mode == "auto" and not found:
     return False
-  if coordinator and (num_processes < 1 or not 0 <= process_id < num_processes):
-    raise FtjaxError(f"config: distributed.coordinator={coordinator!r} needs "
+  if coordinator and (":" not in coordinator or num_processes < 1
+                      or not 0 <= process_id < num_processes):
+    raise FtjaxError(f"config: distributed.coordinator={coordinator!r} (host:port) needs "
                      f"distributed.num_processes >= 1 and 0 <= distributed.process_id < "
                      f"num_processes (got {num_processes}, {process_id})")
   jax.distributed.initialize(coordinator_address=coordinator or None,
