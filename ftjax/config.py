@@ -99,6 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.system_prompt = ""
   # Key renaming before format detection, "source:ours" pairs, e.g. "question:input,answer:output".
   c.data.fields = ""
+  # Train data split into this many shards (example i -> shard i % shards), each packed and
+  # shuffled on its own; each process reads and tokenises only its shards. 0: one per process.
+  # A single process with data.shards=N sees the batches N processes would.
+  c.data.shards = 0
   c.data.generate = ""  # name of a built-in generated dataset written on first run ("quickstart")
   # data.train / data.eval may also be save_to_disk folders (DIR?split=test), Hub datasets
   # (hub:NAME?config=C&split=S&revision=R) and several sources joined by commas.
@@ -136,7 +140,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.nonfinite = "stop"
   c.train.eval_every = 50  # 0: only at the end
   c.train.eval_batches = 0  # 0: the whole eval split
-  c.train.checkpoint_every = 0  # 0: only at the end
+  c.train.checkpoint_every = 0  # steps; 0: by time only (below) and at the end
+  # Also checkpoint when this many minutes passed since the last save (0: off). SIGTERM / SIGINT
+  # always checkpoint the finished step before exiting (ftjax/preemption.py).
+  c.train.checkpoint_every_minutes = 30.0
   c.train.keep_checkpoints = 2
   c.train.vocab_chunk = 0
 
@@ -144,6 +151,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+
+  # Several processes (hosts) on JAX's own runtime (ftjax/parallel/distributed.py). "auto" joins
+  # them when a coordinator is set here or a launcher is found (SLURM, Open MPI, a multi-host TPU
+  # slice, JAX_COORDINATOR_ADDRESS); "on" always calls jax.distributed.initialize() (JAX detects
+  # the rest); "off" never.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = "auto"
+  c.distributed.coordinator = ""  # host:port of process 0, e.g. "10.0.0.1:1234"
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
 
   # Generation-based evaluation on the eval split at the end: base model (few-shot prompt) vs
   # fine-tuned model, greedy.
@@ -253,6 +270,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.train.log_every >= 0, f"train.log_every={c.train.log_every}; must be >= 0 (0: only at the end)")
   check(c.train.nonfinite in NONFINITE_POLICIES,
         f"train.nonfinite={c.train.nonfinite!r}; expected one of {NONFINITE_POLICIES}")
+  check(c.data.shards >= 0, f"data.shards={c.data.shards}; must be >= 0 (0: one per process)")
+  check(c.train.checkpoint_every >= 0 and c.train.checkpoint_every_minutes >= 0,
+        f"train.checkpoint_every={c.train.checkpoint_every}, train.checkpoint_every_minutes="
+        f"{c.train.checkpoint_every_minutes}; must be >= 0 (0: off)")
+  check(c.distributed.initialize in ("auto", "on", "off"),
+        f"distributed.initialize={c.distributed.initialize!r}; expected auto, on or off")
   check(c.eval.scorer in ("exact_match", "quickstart_json"), f"eval.scorer={c.eval.scorer!r}")
   check(not c.eval.generate or bool(c.data.eval) or bool(c.data.generate),
         "eval.generate needs data.eval")

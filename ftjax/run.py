@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from ftjax import config as config_lib
 from ftjax import peft
@@ -29,7 +29,7 @@ from ftjax.losses import CausalLMLoss
 from ftjax.models import from_params, resolve_params
 from ftjax.models.resolve import stored_quantisation
 from ftjax.optim import make_optimizer
-from ftjax.parallel import sharding
+from ftjax.parallel import distributed, sharding
 
 log = logging.getLogger("ftjax.run")
 
@@ -52,6 +52,28 @@ class Run:
   schedule: Any
   loss_fn: CausalLMLoss
   quantised: bool = False  # a 4-bit base (config.quant / method qlora)
+
+  def batch_sharding(self) -> NamedSharding:
+    """The train batch [accum, micro_batch, seq]: micro-batch rows over data x fsdp."""
+    return sharding.batch_sharding(self.mesh, ndim=3, batch_axis=1)
+
+  def place_batch(self, rows: dict) -> dict:
+    """This process's rows of the next batch ([its share of train.batch_size, seq] each, the
+    slice `distributed.batch_share` names) -> the global batch on the mesh."""
+    accum = self.config.train.grad_accum
+    shape = (accum, self.config.train.batch_size // accum, self.config.data.seq_len)
+    local = {k: rows[k].reshape(accum, -1, rows[k].shape[-1]) for k in step_lib.BATCH_KEYS}
+    return distributed.global_batch(local, self.batch_sharding(), shape)
+
+  def place_eval_batch(self, batch: dict) -> dict:
+    """A whole eval batch [n, seq] (every process holds all eval data) -> the global batch,
+    each process contributing its rows."""
+    sharding_ = sharding.batch_sharding(self.mesh, ndim=2)
+    shape = next(iter(batch.values())).shape
+    index, count = distributed.batch_share(sharding_, shape, axis=0)
+    size = shape[0] // count
+    local = {k: v[index * size:(index + 1) * size] for k, v in batch.items()}
+    return distributed.global_batch(local, sharding_, shape)
 
   def model(self, trainable: dict | None = None) -> nnx.Module:
     """The NNX model holding `trainable` (default: the initial trainable params)."""
@@ -132,16 +154,39 @@ def _prepare_data(config):
     log.info("wrote the quickstart dataset to %s", out_dir)
 
 
-def build_datasets(config, tokenizer, examples=None):
+def data_shards(config, share: tuple[int, int]) -> tuple[range, int]:
+  """(this process's shard indices, number of shards) of the train data. `share`: its slice of
+  the global batch (index, count) from `distributed.batch_share`."""
+  index, count = share
+  num = config.data.shards or count
+  if num % count:
+    raise FtjaxError(f"config: data.shards={num} does not split evenly over the {count} "
+                     "processes (groups) that supply the batch; use a multiple of it")
+  per = num // count
+  return range(index * per, (index + 1) * per), num
+
+
+def build_datasets(config, tokenizer, share: tuple[int, int] = (0, 1), examples=None):
   """(train, eval or None) Datasets of the examples `ftjax.data.check` keeps: bad records out
   under data.check.on_error="skip" (under "fail" they stop the run, listed at file:line), leaked
   train examples out with data.check.drop_leaked, data.mix and a held-out split applied.
-  `examples`: {"train", "eval"} already checked (train() passes the ones its check kept)."""
+  `examples`: {"train", "eval"} already checked (train() passes the ones its check kept).
+
+  With data shards (several processes, or data.shards > 1) the train data is `Shards`: example
+  i belongs to shard i % data.shards, and this process packs only its own."""
   from ftjax.data import check
   d = config.data
+  owned, num_shards = data_shards(config, share)
   kept = examples if examples is not None else check.clean_examples(config, tokenizer)
   common = dict(seq_len=d.seq_len, length_policy=d.length_policy)
-  train_ds = dataset_from_examples(kept["train"], tokenizer, pack=d.pack, name=d.train, **common)
+  if num_shards > 1:
+    from ftjax.data.loader import Shards
+    train_ds = Shards({i: dataset_from_examples(kept["train"][i::num_shards], tokenizer, pack=d.pack,
+                                                name=f"{d.train} (shard {i} of {num_shards})", **common)
+                       for i in owned}, num_shards, accum=config.train.grad_accum)
+  else:
+    train_ds = dataset_from_examples(kept["train"], tokenizer, pack=d.pack, name=d.train, **common)
+  # Eval data is small: every process holds all of it and places its part of each batch.
   eval_ds = (dataset_from_examples(kept["eval"], tokenizer, pack=False,
                                    name=d.eval or "held-out eval", **common)
              if kept.get("eval") else None)
@@ -183,19 +228,22 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True, examples=No
   graphdef, train_state, frozen_state, mutable_state = nnx.split(
       model, peft.trainable(model) if methods else nnx.Param, nnx.Param, ...)
 
-  # --- data (validated before anything compiles) ---
+  # --- mesh, then data (validated before anything compiles): a process reads only the shards
+  # of the data its devices' batch rows come from ---
   train_ds = eval_ds = None
-  if with_data:
-    _prepare_data(config)
-    train_ds, eval_ds = build_datasets(config, tokenizer, examples)
-
-  # --- mesh + shardings: params placed by the logical axes in their metadata ---
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   micro = config.train.batch_size // config.train.grad_accum
   if micro % batch_shards:
     raise FtjaxError(f"config: micro-batch {micro} (train.batch_size / train.grad_accum) is not "
                      f"divisible by the {batch_shards} data-parallel devices of the mesh")
+  if with_data:
+    _prepare_data(config)
+    share = distributed.batch_share(sharding.batch_sharding(mesh, 3, 1),
+                                    (config.train.grad_accum, micro, config.data.seq_len), axis=1)
+    train_ds, eval_ds = build_datasets(config, tokenizer, share, examples)
+
+  # --- shardings: params placed by the logical axes in their metadata ---
 
   def place(state, dtype=None):
     tree = nnx.to_pure_dict(state)
@@ -221,14 +269,20 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True, examples=No
 
 def init_or_restore(run: Run, checkpointer: Checkpointer | None):
   """The sharded train state (restored from the latest checkpoint when there is one)."""
-  state = jax.jit(functools.partial(step_lib.init_state, optimizer=run.optimizer,
-                                    seed=run.config.train.seed))(run.trainable, run.mutable)
+  init = functools.partial(step_lib.init_state, optimizer=run.optimizer, seed=run.config.train.seed)
+  shapes = jax.eval_shape(init, run.trainable, run.mutable)
+  replicated = sharding.replicated(run.mesh)
+  shardings = {"step": replicated, "rng": replicated,
+               "trainable": jax.tree.map(lambda x: x.sharding, run.trainable),
+               "mutable": jax.tree.map(lambda x: x.sharding, run.mutable),
+               "opt_state": sharding.like_params(shapes["opt_state"], run.trainable, run.mesh)}
+  state = jax.jit(init, out_shardings=shardings)(run.trainable, run.mutable)
   data_state = None
-  latest = checkpointer.latest_step() if checkpointer else None
-  if latest is not None:
+  if checkpointer is not None and checkpointer.latest_step() is not None:
+    # The live state's shardings: a checkpoint from another mesh is resharded as it loads.
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    state, data_state = checkpointer.restore(latest, abstract)
-    log.info("restored checkpoint at step %d", latest)
+    step, state, data_state = checkpointer.restore_latest(abstract)
+    log.info("restored checkpoint at step %d", step)
   return state, data_state
 
 
@@ -236,7 +290,7 @@ def jit_train_step(run: Run, state):
   """The train step, jitted with explicit shardings and the state donated."""
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   frozen_shardings = jax.tree.map(lambda x: x.sharding, run.frozen)
-  batch_sharding = NamedSharding(run.mesh, P(None, ("data", "fsdp"), None))
+  batch_sharding = run.batch_sharding()
   return jax.jit(
       functools.partial(step_lib.train_step, graphdef=run.graphdef, loss_fn=run.loss_fn,
                         optimizer=run.optimizer, schedule=run.schedule),

@@ -28,15 +28,19 @@ from ftjax.data.auto import row_budget
 from ftjax.errors import FtjaxError, cli_errors, setup_logging
 from ftjax.flops import train_flops_per_token
 from ftjax.metrics import MetricWriter
+from ftjax.parallel import distributed
+from ftjax.preemption import StopOnSignal
 from ftjax.run import Run, init_or_restore, jit_train_step, setup
 
 log = logging.getLogger("ftjax.train")
 
 # Config keys a resumed run may change: they decide what is logged, evaluated or exported, not
 # what the trained state becomes. Any other change is refused unless allowed explicitly.
+# The mesh and the processes decide where the state lives, not what it becomes (a run saved on 8
+# devices continues on 4).
 RESUME_SAFE_KEYS = ("train.log_every", "train.eval_every", "train.eval_batches",
                     "train.checkpoint_every", "train.keep_checkpoints", "train.nonfinite",
-                    "eval.", "export.")
+                    "eval.", "export.", "mesh.", "distributed.")
 
 
 def evaluate_loss(run: Run, eval_fn, trainable, max_batches: int = 0) -> dict:
@@ -48,7 +52,7 @@ def evaluate_loss(run: Run, eval_fn, trainable, max_batches: int = 0) -> dict:
   for i, batch in enumerate(loader):
     if max_batches and i >= max_batches:
       break
-    out = eval_fn(trainable, run.frozen, run.mutable, batch)
+    out = eval_fn(trainable, run.frozen, run.mutable, run.place_eval_batch(batch))
     sums = {k: sums[k] + float(out[k]) for k in sums}
   count = max(sums["count"], 1.0)
   return {"loss": sums["loss_sum"] / count, "accuracy": sums["accuracy"] / count}
@@ -116,20 +120,33 @@ def write_data_report(report: dict, workdir: str) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False) -> dict:
-  """Runs (or resumes) training; returns the summary that is also written to summary.json."""
+  """Runs (or resumes) training; returns the summary that is also written to summary.json.
+
+  Stopped by SIGTERM / SIGINT: checkpoints the finished step and returns {"steps", "stopped_by"}
+  without the end-of-run phase; the same call continues the run.
+  """
+  config_lib.validate(config)  # before joining other processes on its distributed.* values
+  d = config.distributed
+  distributed.initialize(d.coordinator, d.num_processes, d.process_id, d.initialize)
+  if jax.process_count() > 1 and (config.eval.generate or config.export.merged):
+    raise FtjaxError("config: eval.generate and export.merged run on one process only for now; "
+                     "set them False and export the checkpoint with `python -m ftjax.export`")
   examples, data_report = check_data(config)
   run = setup(config, examples=examples)
   cfg = run.config
+  main = distributed.is_main()  # process 0 writes the files that describe the whole run
   os.makedirs(workdir, exist_ok=True)
-  write_data_report(data_report, workdir)
+  if main:
+    write_data_report(data_report, workdir)
   checkpointer = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
   resuming = checkpointer.latest_step() is not None
   config_path = os.path.join(workdir, "config.json")
   if resuming:
     check_resume_config(config_path, cfg, allow_config_change)
-  write_json(config_path, cfg.to_dict())
+  if main:
+    write_json(config_path, cfg.to_dict())
   summary_path = os.path.join(workdir, "summary.json")
-  if os.path.exists(summary_path):  # a finished run being re-run: the old summary is stale now
+  if main and os.path.exists(summary_path):  # a finished run being re-run: the old summary is stale now
     os.remove(summary_path)
 
   # --- baseline before training: the base model with a few-shot prompt ---
@@ -148,26 +165,42 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
   # --- state + compiled step ---
   state, data_state = init_or_restore(run, checkpointer)
   start_step = int(state["step"])
-  writer = MetricWriter(workdir, resume_step=start_step if resuming else None)
+  writer = MetricWriter(workdir, resume_step=start_step if resuming else None) if main else _NoWriter()
   try:
-    summary = _loop(run, workdir, state, data_state, checkpointer, writer, baseline)
+    with StopOnSignal() as stop:
+      summary = _loop(run, workdir, state, data_state, checkpointer, writer, baseline, stop)
   finally:
     checkpointer.close()
     writer.close()
-  write_json(summary_path, summary)
-  print(evaluate.report(summary), file=sys.stderr)
+  if summary.get("stopped_by"):
+    print(f"stopped by {summary['stopped_by']} after step {summary['steps']}; checkpoint saved "
+          f"in {checkpointer.directory}. Run the same command again to continue.", file=sys.stderr)
+    return summary
+  if main:
+    write_json(summary_path, summary)
+    print(evaluate.report(summary), file=sys.stderr)
   return summary
 
 
+class _NoWriter:
+  """Processes other than 0 log nothing: process 0's metrics are the run's."""
+
+  def write(self, *args, **kwargs) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
 def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
-          writer: MetricWriter, baseline):
+          writer: MetricWriter, baseline, stop: StopOnSignal):
   cfg = run.config
-  accum, micro = cfg.train.grad_accum, cfg.train.batch_size // cfg.train.grad_accum
   loader = run.train_ds.batches(cfg.train.batch_size, seed=cfg.train.seed, state=data_state)
   train_step = jit_train_step(run, state)
   eval_fn = jax.jit(functools.partial(step_lib.eval_step, graphdef=run.graphdef, loss_fn=run.loss_fn))
 
-  budget = row_budget(cfg, loader.num_rows)  # train.epochs: exactly that many passes
+  # train.epochs: exactly that many passes (with data shards, train.steps as auto.resolve set it)
+  budget = row_budget(cfg, loader.num_rows) if hasattr(loader, "num_rows") else None
 
   def next_batch():
     n = cfg.train.batch_size
@@ -178,7 +211,7 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
     if n < cfg.train.batch_size:  # the last step of an epochs run: padding rows train nothing
       rows = {k: np.concatenate([v, np.zeros((cfg.train.batch_size - n,) + v.shape[1:], v.dtype)])
               for k, v in rows.items()}
-    return {k: rows[k].reshape(accum, micro, -1) for k in step_lib.BATCH_KEYS}
+    return run.place_batch(rows)
 
   seq = cfg.data.seq_len
   n_train = sum(x.size for x in jax.tree.leaves(state["trainable"]))
@@ -199,9 +232,10 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
   # --- loop ---
   from tqdm import tqdm
   bar = tqdm(total=cfg.train.steps, initial=start_step, desc="train", file=sys.stderr,
-             dynamic_ncols=True, disable=None)
+             dynamic_ncols=True, disable=None if distributed.is_main() else True)
   window, window_t, skipped = [], time.perf_counter(), []
   loop_t, eval_s = window_t, 0.0  # train_s in the summary: the steps' wall time, evals excluded
+  saved_t = time.monotonic()  # train.checkpoint_every_minutes counts from the last save
   for step in range(start_step, cfg.train.steps):
     state, metrics = compiled(state, run.frozen, batch)
     position = loader.get_state()
@@ -246,8 +280,18 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
                   file=sys.stderr)
       window_t += time.perf_counter() - eval_t  # keep eval time out of the next tokens/s
       eval_s += time.perf_counter() - eval_t
-    if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
+    # Every process must take these decisions together (a save or a stop is collective).
+    stopping, minutes_due = distributed.any_process(
+        stop.signal is not None,
+        cfg.train.checkpoint_every_minutes > 0
+        and time.monotonic() - saved_t >= 60 * cfg.train.checkpoint_every_minutes)
+    if (stopping or minutes_due
+        or cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
       checkpointer.save(done, state, position)
+      saved_t = time.monotonic()
+    if stopping:
+      bar.close()
+      return {"steps": done, "stopped_by": stop.signal or "a signal to another process"}
   jax.block_until_ready(state)
   train_s = time.perf_counter() - loop_t - eval_s
   bar.close()
@@ -259,8 +303,12 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
   final_eval = evaluate_loss(run, eval_fn, state["trainable"])
   if final_eval:
     writer.write(final_step, final_eval, "eval/")
-  model = run.model(state["trainable"])
-  if run.peft_configs and cfg.export.adapter:
+  trainable = state["trainable"]
+  if jax.process_count() > 1:  # each process holds only its shards: gather them (collective)
+    from jax.experimental import multihost_utils
+    trainable = multihost_utils.process_allgather(trainable, tiled=True)
+  model = run.model(trainable)
+  if run.peft_configs and cfg.export.adapter and distributed.is_main():
     export.write_adapters(model, os.path.join(workdir, "adapter"), cfg.model.name_or_path)
   merged = export.merged_model(model) if cfg.export.merged or cfg.eval.generate else None
   if cfg.export.merged:

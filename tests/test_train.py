@@ -11,7 +11,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 import transformers
@@ -62,7 +61,7 @@ def tiny_config(model_dir, data_dir, **overrides):
   c.train.eval_every = 0
   c.lora.rank = 8
   c.lora.alpha = 16.0
-  c.mesh.data = 1  # one device: the sharding tests below use the 8-device mesh explicitly
+  c.mesh.data = 1  # one device: sharding tests use the 8-device mesh explicitly (test_scale.py)
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")
@@ -73,37 +72,6 @@ def tiny_config(model_dir, data_dir, **overrides):
 
 
 # --- sharding ------------------------------------------------------------------------------
-
-def test_sharded_step_on_cpu_mesh_matches_single_device(model_dir, data_dir):
-  """The same train step on a (data=2, fsdp=2, tensor=2) mesh of 8 CPU devices."""
-  results = {}
-  for name, mesh in (("single", dict(data=1)), ("mesh", dict(data=2, fsdp=2, tensor=2))):
-    c = tiny_config(model_dir, data_dir, **{f"mesh.{k}": v for k, v in mesh.items()})
-    c.mesh.fsdp = mesh.get("fsdp", 1)
-    c.mesh.tensor = mesh.get("tensor", 1)
-    run = run_lib.setup(c)
-    state, _ = run_lib.init_or_restore(run, None)
-    step = run_lib.jit_train_step(run, state)
-    batch = run.train_ds.batches(8, seed=0).next_batch(8)
-    batch = {k: batch[k][None] for k in step_lib.BATCH_KEYS}
-    state, metrics = step(state, run.frozen, batch)
-    results[name] = (state, metrics, run)
-  _, _, mesh_run = results["mesh"]
-  # The specs come from each param's logical axes (variable metadata) and the rule table.
-  up = mesh_run.frozen["model"]["layers"]["mlp"]["up_proj"]["base_layer"]["kernel"]
-  assert up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
-  assert len(up.sharding.device_set) == 8
-  lora_a = mesh_run.trainable["model"]["layers"]["mlp"]["up_proj"]["lora_a"]
-  assert lora_a.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)  # rank whole
-  assert abs(float(results["single"][1]["loss"]) - float(results["mesh"][1]["loss"])) < 1e-5
-  # Compare Adam's first moment (= (1 - b1) x gradient): the parameters themselves differ more,
-  # since Adam's first step maps each gradient entry to about +-lr, amplifying rounding in
-  # entries near zero.
-  mu_mesh = optax.tree_utils.tree_get(results["mesh"][0]["opt_state"], "mu")
-  mu_single = optax.tree_utils.tree_get(results["single"][0]["opt_state"], "mu")
-  diff = optax.tree.norm(jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), mu_mesh, mu_single))
-  assert float(diff) <= 1e-5 * float(optax.tree.norm(mu_single))
-
 
 def test_qlora_codes_shard_like_the_float_kernel(model_dir, data_dir):
   """The 4-bit codes [layers, out, in / 2] carry the float kernel's logical axes, so the rules

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ftjax.errors import FtjaxError
@@ -38,7 +39,10 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
   """A ("data", "fsdp", "tensor") mesh; one size may be -1 for "all remaining devices".
 
-  With every size given, the mesh may use fewer devices than exist (the first ones).
+  Over all devices the layout comes from `mesh_utils.create_device_mesh`, which follows the
+  real topology (a TPU slice's torus; elsewhere the devices in process order, so the batch rows
+  each process supplies are contiguous). With every size given, one process's mesh may use
+  fewer devices than exist (the first ones: tests, a partial machine).
   """
   devices = devices if devices is not None else jax.devices()
   sizes = [data, fsdp, tensor]
@@ -50,6 +54,12 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
   if math.prod(sizes) > len(devices):
     raise FtjaxError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                      f"but {len(devices)} are present")
+  if math.prod(sizes) == len(devices):
+    return Mesh(mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True),
+                MESH_AXES)
+  if jax.process_count() > 1:
+    raise FtjaxError(f"mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} of the "
+                     f"{len(devices)} devices; on several processes the mesh must use them all")
   return Mesh(np.asarray(devices[:math.prod(sizes)]).reshape(sizes), MESH_AXES)
 
 
@@ -95,3 +105,19 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, batch_axis: int = 0) -> NamedShard
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def like_params(tree, params, mesh: Mesh):
+  """Shardings for optimizer state: each leaf that is a copy of a param (Adam's moments; found
+  by its key path ending in the param's path, with the param's shape) is sharded like that
+  param, anything else (step counts) replicated. Left to XLA, jit may replicate the moments,
+  which undoes fsdp for them: twice the trained params' size on every device."""
+  by_path = {tuple(path): x for path, x in jax.tree_util.tree_leaves_with_path(params)}
+
+  def one(path, leaf):
+    for start in range(len(path)):
+      param = by_path.get(tuple(path[start:]))
+      if param is not None and param.shape == leaf.shape:
+        return param.sharding
+    return replicated(mesh)
+  return jax.tree_util.tree_map_with_path(one, tree)

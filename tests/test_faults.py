@@ -1,0 +1,246 @@
+"""Preemption and faults: SIGKILL at a random step then a restart gives bitwise the losses and
+adapters of an uninterrupted run; SIGTERM checkpoints the finished step and exits 0, and the
+restart continues; a truncated checkpoint is skipped with a warning naming it; a run saved on 8
+devices restores on 4 and on 1.
+
+All runs share one config on the 8-device CPU mesh (data=2 x fsdp=2 x tensor=2), so one
+uninterrupted run is the reference for all of them. The killed runs are subprocesses running the
+CLI, as a preempted job would.
+"""
+
+import glob
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from ftjax import config as config_lib
+from ftjax import run as run_lib
+from ftjax import train as train_lib
+from ftjax.checkpoint import Checkpointer
+from ftjax.errors import FtjaxError
+from ftjax.data import quickstart_task
+from tiny import make_model_dir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 40
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+  """Every run here compiles the same train step: XLA's persistent cache (in-process and in the
+  subprocesses) compiles it once instead of five times."""
+  from jax.experimental.compilation_cache import compilation_cache
+  path = str(tmp_path_factory.mktemp("xla_cache"))
+  old = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", path)
+  compilation_cache.reset_cache()  # it was set up, without a folder, at the session's first compile
+  yield path
+  jax.config.update("jax_compilation_cache_dir", old)
+  compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def overrides(tmp_path_factory):
+  model_dir = make_model_dir(tmp_path_factory.mktemp("tiny_llama"))
+  data_dir = tmp_path_factory.mktemp("data")
+  quickstart_task.write_splits(str(data_dir), n_train=48, n_eval=8, seed=3)
+  return {"model.name_or_path": model_dir, "data.train": str(data_dir / "train.jsonl"),
+          "data.seq_len": 128, "train.steps": STEPS, "train.batch_size": 8, "train.lr": 1e-3,
+          "train.warmup_steps": 0, "train.log_every": 1, "train.eval_every": 0,
+          "train.checkpoint_every": 4, "train.keep_checkpoints": 3,
+          "lora.dropout": 0.1,  # the restored RNG matters
+          "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+
+
+def make_config(overrides, **more):
+  c = config_lib.base_config()
+  for key, value in {**overrides, **more}.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def config_file(path, overrides) -> str:
+  """A configs/-style file for the CLI holding `overrides`."""
+  lines = ["from ftjax.config import base_config", "", "def get_config():", "  c = base_config()"]
+  lines += [f"  c.{key} = {value!r}" for key, value in overrides.items()]
+  lines += ["  return c", ""]
+  path.write_text("\n".join(lines))
+  return str(path)
+
+
+def losses(workdir) -> list:
+  lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  return [(l["step"], l["train/loss"]) for l in lines if "train/loss" in l]
+
+
+def adapter(workdir) -> dict:
+  return load_file(os.path.join(workdir, "adapter", "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def straight(overrides, tmp_path_factory):
+  """The uninterrupted run."""
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  train_lib.train(make_config(overrides), workdir)
+  return workdir
+
+
+def start_cli(overrides, tmp_path, workdir):
+  env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest",  # as conftest sets in-process
+             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir)
+  return subprocess.Popen(
+      [sys.executable, "-m", "ftjax.train", "--config", config_file(tmp_path / "cfg.py", overrides),
+       "--workdir", workdir], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+
+
+def wait_for_step(proc, workdir, step, timeout=240):
+  """Polls metrics.jsonl until it has logged `step`."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    assert proc.poll() is None, f"the run ended before step {step}: {proc.communicate()[1][-3000:]}"
+    if os.path.exists(path) and any(s >= step for s, _ in losses(workdir)):
+      return
+    time.sleep(0.005)
+  proc.kill()
+  raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def assert_same_run(workdir, straight):
+  assert losses(workdir) == losses(straight)  # every step once, bitwise the same loss
+  want, got = adapter(straight), adapter(workdir)
+  assert sorted(got) == sorted(want)
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_sigkill_at_a_random_step_then_restart_is_bitwise_the_uninterrupted_run(
+    overrides, straight, tmp_path, caplog):
+  kill_at = random.Random().randint(2, 20)  # checkpoints every 4 steps: often between two
+  workdir = str(tmp_path / "run")
+  proc = start_cli(overrides, tmp_path, workdir)
+  wait_for_step(proc, workdir, kill_at)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  killed_after = max(s for s, _ in losses(workdir))
+  assert proc.returncode == -signal.SIGKILL and killed_after < STEPS, f"killed at step {kill_at}"
+  # orbax saves in the background: a save still running when the kill came is a tmp folder.
+  unfinished = glob.glob(os.path.join(workdir, "checkpoints", "*.orbax-checkpoint-tmp*"))
+  with caplog.at_level(logging.INFO):
+    summary = train_lib.train(make_config(overrides), workdir)
+  assert summary["steps"] == STEPS
+  messages = [r.getMessage() for r in caplog.records]
+  restored = [int(m.split()[-1]) for m in messages if m.startswith("restored checkpoint at step")]
+  # Checkpoints every 4 steps; killed before the first one, the restart starts over.
+  assert restored == ([] if killed_after < 4 else restored[:1]), messages
+  assert not restored or restored[0] % 4 == 0 and restored[0] <= killed_after
+  for path in unfinished:
+    assert any(f"ignoring {path}: a checkpoint save that did not finish" in m for m in messages)
+  assert_same_run(workdir, straight)
+
+
+def test_sigterm_checkpoints_the_step_and_exits_0_and_the_restart_continues(
+    overrides, straight, tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = start_cli(overrides, tmp_path, workdir)
+  wait_for_step(proc, workdir, 3)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-3000:]
+  stopped = max(s for s, _ in losses(workdir))
+  assert stopped < STEPS
+  assert f"stopped by SIGTERM after step {stopped}; checkpoint saved in" in stderr
+  # The finished step itself is checkpointed, not only the last multiple of checkpoint_every.
+  assert Checkpointer(workdir).latest_step() == stopped
+  assert not os.path.exists(os.path.join(workdir, "summary.json"))  # not a finished run
+  summary = train_lib.train(make_config(overrides), workdir)
+  assert summary["steps"] == STEPS
+  assert_same_run(workdir, straight)
+
+
+def test_truncated_checkpoint_is_skipped_with_a_warning_naming_it(overrides, straight, tmp_path, caplog):
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(straight, workdir)
+  last = os.path.join(workdir, "checkpoints", str(STEPS))
+  chunks = glob.glob(os.path.join(last, "state", "**", "d", "*"), recursive=True)
+  assert chunks
+  for path in chunks:  # cut every array file short, as a disk filling up mid-write would
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  run = run_lib.setup(make_config(overrides), with_data=False)
+  with caplog.at_level(logging.WARNING):
+    state, _ = run_lib.init_or_restore(run, Checkpointer(workdir, keep=3))
+  assert int(state["step"]) == STEPS - 4  # the checkpoint before
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert any(f"checkpoint {last} is unreadable" in w for w in warnings), warnings
+  assert os.path.isdir(last + ".unreadable") and not os.path.exists(last)
+  assert Checkpointer(workdir).latest_step() == STEPS - 4
+
+
+def test_a_state_no_checkpoint_fits_moves_nothing_aside(overrides, straight, tmp_path):
+  """Restoring into a differently shaped state (LoRA rank 4 instead of 8) fails for every step:
+  that is the run's doing, not damage, so the checkpoints stay and the error says so."""
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(straight, workdir)
+  run = run_lib.setup(make_config(overrides, **{"lora.rank": 4}), with_data=False)
+  with pytest.raises(FtjaxError, match=rf"checkpoints/{STEPS}: no checkpoint in .* could be restored"):
+    run_lib.init_or_restore(run, Checkpointer(workdir, keep=3))
+  assert sorted(Checkpointer(workdir, keep=3)._manager.all_steps()) == [STEPS - 8, STEPS - 4, STEPS]
+
+
+@pytest.mark.parametrize("mesh", [dict(data=1, fsdp=4, tensor=1), dict(data=1, fsdp=1, tensor=1)])
+def test_a_run_saved_on_8_devices_restores_on_fewer(mesh, overrides, straight):
+  saved = make_config(overrides)
+  on_8 = run_lib.init_or_restore(run_lib.setup(saved, with_data=False), Checkpointer(straight))[0]
+  moved = make_config(overrides, **{f"mesh.{k}": v for k, v in mesh.items()})
+  train_lib.check_resume_config(os.path.join(straight, "config.json"), moved, allow_change=False)
+  run = run_lib.setup(moved, with_data=False)
+  state, data_state = run_lib.init_or_restore(run, Checkpointer(straight))
+  assert int(state["step"]) == STEPS and data_state is not None
+  size = mesh["data"] * mesh["fsdp"] * mesh["tensor"]
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(on_8)):
+    assert len(a.sharding.device_set) in (1, size) and len(b.sharding.device_set) in (1, 8)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  lora_a = state["trainable"]["model"]["layers"]["mlp"]["up_proj"]["lora_a"]
+  assert len(lora_a.sharding.device_set) == size
+
+
+def test_checkpoint_every_minutes_saves_between_step_multiples(overrides, tmp_path):
+  """checkpoint_every=0 (by steps: off) and a 0.3 s interval: the run saves along the way, not
+  only at the end. 40 steps take well over 0.3 s (orbax's save alone takes ~0.1 s)."""
+  workdir = str(tmp_path / "timed")
+  train_lib.train(make_config(overrides, **{"train.checkpoint_every": 0, "train.keep_checkpoints": 50,
+                                            "train.checkpoint_every_minutes": 0.005}), workdir)
+  steps = Checkpointer(workdir, keep=50)._manager.all_steps()
+  assert STEPS in steps and len(steps) >= 2, steps
+
+
+def test_sigint_and_sigterm_set_the_stop_flag_and_a_second_ctrl_c_stops_at_once():
+  from ftjax.preemption import StopOnSignal
+  before = signal.getsignal(signal.SIGINT)
+  for signum, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
+    with StopOnSignal() as stop:
+      os.kill(os.getpid(), signum)
+      time.sleep(0.01)  # the handler runs between bytecodes
+      assert stop.signal == name
+      if signum == signal.SIGINT:
+        with pytest.raises(KeyboardInterrupt):
+          os.kill(os.getpid(), signal.SIGINT)
+          time.sleep(0.01)
+  assert signal.getsignal(signal.SIGINT) is before  # handlers restored
