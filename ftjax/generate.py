@@ -149,7 +149,7 @@ def stop_token_ids(cfg: ModelConfig, extra: Iterable[int | None] = ()) -> set[in
   """The config's EOS id(s) and generation_config.json's, plus `extra` (e.g. the tokenizer's
   end-of-turn token)."""
   ids = set()
-  for eos in (cfg.eos_token_id, getattr(cfg, "generation_eos_token_ids", ())):
+  for eos in (cfg.eos_token_id, cfg.generation_eos_token_ids):
     ids.update(eos if isinstance(eos, (tuple, list)) else (eos,))
   ids.update(extra)
   ids.discard(None)
@@ -313,12 +313,15 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]
 
 
 def generate(model: CausalLM, tokenizer, prompts: list[str], max_new_tokens: int = 64,
-             temperature: float = 0.0, chat: bool = True, seed: int = 0) -> list[str]:
-  """Text prompts -> generated text per prompt (chat-templated as one user turn by default)."""
+             temperature: float = 0.0, chat: bool = True, seed: int = 0, *, top_k: int = 0,
+             top_p: float = 1.0, progress=False) -> list[str]:
+  """Text prompts -> generated text per prompt (chat-templated as one user turn by default),
+  each stopped at the model's `stop_ids` (its EOS ids and the chat template's end of turn)."""
   ids = encode_prompts(tokenizer, prompts, chat)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   out = generate_ids(model, ids, max_new_tokens, temperature, seed,
-                     eos_ids=stop_token_ids(model.config, [tokenizer.eos_token_id]), pad_id=pad)
+                     eos_ids=stop_ids(model.config, tokenizer), pad_id=pad, top_k=top_k,
+                     top_p=top_p, progress=progress)
   return [tokenizer.decode(o, skip_special_tokens=True) for o in out]
 
 
@@ -332,6 +335,8 @@ def main(argv: list[str] | None = None) -> None:
                       help="prompt text; repeat for a batch (one output line block each)")
   parser.add_argument("--max-new-tokens", type=int, default=64)
   parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely (0 = all)")
+  parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = all)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--no-chat", action="store_true", help="use the prompt as raw text")
   args = parser.parse_args(argv)
@@ -340,6 +345,8 @@ def main(argv: list[str] | None = None) -> None:
     raise FtjaxError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
   if args.temperature < 0:
     raise FtjaxError(f"--temperature must be >= 0, got {args.temperature}")
+  if args.top_k < 0 or not 0 < args.top_p <= 1:
+    raise FtjaxError(f"--top-k must be >= 0 and --top-p in (0, 1], got {args.top_k} and {args.top_p}")
 
   from ftjax.models import load
   model, tokenizer = load(args.model)
@@ -347,7 +354,8 @@ def main(argv: list[str] | None = None) -> None:
   log.info("loaded %s: %s, %d layers, %.1fM params", args.model, cfg.model_type, cfg.num_layers,
            cfg.num_params() / 1e6)
   texts = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
-                   chat=not args.no_chat, seed=args.seed)
+                   chat=not args.no_chat, seed=args.seed, top_k=args.top_k, top_p=args.top_p,
+                   progress=sys.stderr.isatty())  # a bar on a terminal, none in logs or pipes
   for text in texts:
     print(text, flush=True)
 
