@@ -260,3 +260,53 @@ def test_sharded_model_generates_the_same_ids_without_gathering():
   assert kernel.sharding.spec[1:] == ("fsdp", "tensor")
   assert generate_ids(sharded, PROMPTS, max_new_tokens=8, eos_ids=()) == want
   assert sharded.model.layers.mlp.up_proj.kernel[...] is kernel  # not replaced by a gathered copy
+
+
+# --- the real SmolLM2-135M-Instruct against transformers ------------------------------------------
+
+CHAT_PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves.",
+                "List three colours."]
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+  """ftjax's SmolLM2 (the built-in GGUF), written by save_pretrained and read by transformers:
+  both hold exactly the same f32 weights."""
+  import torch
+  import transformers
+  from ftjax import models
+  try:
+    model, tok = models.load("smollm2-135m-instruct")
+  except FtjaxError as e:
+    pytest.skip(f"SmolLM2 GGUF not available: no network/pip and no FTJAX_CACHE copy ({e})")
+  path = str(tmp_path_factory.mktemp("smollm2"))
+  models.save_pretrained(model, path, tok)
+  # One torch thread: its OpenMP workers spin against XLA's on a small shared CPU.
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+  yield model, tok, ref
+  torch.set_num_threads(threads)
+
+
+def test_smollm2_greedy_equals_transformers_and_batched_equals_one_by_one(smol):
+  """Chat prompts of unequal length, 20 new tokens, stopped at the chat's stop ids. transformers
+  runs each prompt alone (no padding to get wrong); ftjax runs them as one left-padded batch
+  and one by one."""
+  import torch
+  from ftjax.generate import encode_prompts, stop_ids
+  model, tok, ref = smol
+  ids = encode_prompts(tok, CHAT_PROMPTS, chat=True)
+  assert len({len(p) for p in ids}) == len(ids)
+  stop = stop_ids(model.config, tok)
+  batched = generate_ids(model, ids, max_new_tokens=20, eos_ids=stop, pad_id=tok.pad_token_id)
+  for prompt, got in zip(ids, batched):
+    with torch.no_grad():
+      out = ref.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20,
+                         eos_token_id=sorted(stop), pad_token_id=tok.pad_token_id)
+    assert got == out[0, len(prompt):].tolist()
+    assert generate_ids(model, [prompt], max_new_tokens=20, eos_ids=stop,
+                        pad_id=tok.pad_token_id) == [got]
+  assert any(row[-1] in stop for row in batched)  # some row ends on its own, before 20 tokens
+  assert "Paris" in tok.decode(batched[0])
+
