@@ -19,8 +19,8 @@ from typing import Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from ftjax.errors import FtjaxError, cli_errors, setup_logging
 from ftjax.models import CausalLM
@@ -57,6 +57,21 @@ def _tile_prefix(cache, prefix_cache):
     return jax.lax.dynamic_update_slice(full, jnp.broadcast_to(part, (full.shape[0], full.shape[1], *part.shape[2:])).astype(full.dtype),
                                         (0,) * full.ndim)
   return jax.tree.map(put, cache, prefix_cache)
+
+
+def _on_mesh_of(state, cache):
+  """The KV cache sharded like the activations (batch over data/fsdp, kv heads over tensor)
+  when the model is on a mesh; left where it is otherwise. XLA would put a fresh cache on one
+  device: the whole batch's keys and values, next to a model spread over many."""
+  mesh = next((x.sharding.mesh for x in jax.tree.leaves(state)
+               if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
+  if mesh is None or mesh.size == 1:
+    return cache
+  from ftjax.parallel import sharding
+  axes = {"k": ("layers", "batch", None, "kv_heads", None),
+          "v": ("layers", "batch", None, "kv_heads", None), "segment": ("layers", "batch", None)}
+  return jax.device_put(cache, {name: NamedSharding(mesh, sharding.logical_to_spec(
+      axes[name], x.shape, mesh)) for name, x in cache.items()})
 
 
 def _shared_prefix_len(prompts: list[list[int]]) -> int:
@@ -248,7 +263,7 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], max_new_tokens: int 
                 total, cfg.max_position_embeddings)
   graphdef, state = nnx.split(model)  # once, not on every token
   state = jax.tree.map(jnp.asarray, state)  # host arrays onto the device; sharded ones stay put
-  cache = _new_cache(graphdef, state, b, total)
+  cache = _on_mesh_of(state, _new_cache(graphdef, state, b, total))
 
   if shared:
     prefix = jnp.asarray(prompts[0][:shared], jnp.int32)[None]

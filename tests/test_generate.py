@@ -27,15 +27,15 @@ CFGS = {
 PROMPTS = [[5, 17, 3, 44, 9, 12, 80], [7], [60, 2, 33], [11, 11, 11, 11, 11]]
 
 
-def _model(family, **changes):
+def _model(family, dtype=jnp.float32, **changes):
   cfg = CFGS[family].replace(**changes)
-  return _build(cfg)
+  return _build(cfg, dtype)
 
 
 @functools.cache  # tests only read the model: build each config once
-def _build(cfg):
+def _build(cfg, dtype):
   # A wide init spreads the logits, so argmax is not decided by float rounding.
-  return CausalLM(cfg, init_std=0.3, rngs=nnx.Rngs(1))
+  return CausalLM(cfg, init_std=0.3, dtype=dtype, rngs=nnx.Rngs(1))
 
 
 _forward = jax.jit(lambda graphdef, state, tokens: nnx.merge(graphdef, state)(tokens),
@@ -245,10 +245,12 @@ def test_generation_config_eos_ids_are_read_with_the_model(tmp_path):
 # --- the training mesh ---------------------------------------------------------------------------
 
 def test_sharded_model_generates_the_same_ids_without_gathering():
-  """A model placed on the 8-device mesh as training places it (fsdp and tensor sharded params)
-  generates what the single-device model does, and its arrays stay where they were."""
+  """A model placed on the 8-device mesh as training places it (fsdp and tensor sharded f32
+  params, bf16 compute) generates what the single-device model does, with a bf16 KV cache, and
+  its arrays stay where they were."""
+  from ftjax.generate import _new_cache, _on_mesh_of
   from ftjax.parallel import sharding
-  model = _model("llama")
+  model = _model("llama", dtype=jnp.bfloat16)
   want = generate_ids(model, PROMPTS, max_new_tokens=8, eos_ids=())
   graphdef, state = nnx.split(model)
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
@@ -257,9 +259,12 @@ def test_sharded_model_generates_the_same_ids_without_gathering():
   nnx.replace_by_pure_dict(state, placed)
   sharded = nnx.merge(graphdef, state)
   kernel = sharded.model.layers.mlp.up_proj.kernel[...]
-  assert kernel.sharding.spec[1:] == ("fsdp", "tensor")
+  assert kernel.sharding.spec[1:] == ("fsdp", "tensor") and kernel.dtype == jnp.float32
   assert generate_ids(sharded, PROMPTS, max_new_tokens=8, eos_ids=()) == want
   assert sharded.model.layers.mlp.up_proj.kernel[...] is kernel  # not replaced by a gathered copy
+  cache = _on_mesh_of(nnx.state(sharded), _new_cache(*nnx.split(sharded), 4, 8))
+  assert cache["k"].dtype == jnp.bfloat16  # [l, b, s, kv heads, h]: batch and heads sharded
+  assert tuple(cache["k"].sharding.spec) == (None, ("data", "fsdp"), None, "tensor", None)
 
 
 # --- the real SmolLM2-135M-Instruct against transformers ------------------------------------------
