@@ -2,9 +2,13 @@
 
 Prompts of different lengths are left-padded so every row's next token sits in the same last
 column: padding has segment id 0 (never attended to) and positions come from the mask, so a
-padded row computes exactly what it would alone. One jitted prefill, then one jitted
-single-token step reused for every new token. The model is split into (graphdef, state) once
-per call; the jitted functions merge it while tracing, so no token pays for a graph walk.
+padded row computes exactly what it would alone. One jitted prefill, then the whole decode loop
+in one jitted `lax.while_loop` (token -> logits -> greedy pick or top-k / top-p sample -> the
+next token), which stops once every row has emitted a stop token: no host round trip per
+token, and the cache and output buffer are donated. With a progress bar the loop runs in
+chunks of tokens, reporting between them. The model is split into (graphdef, state) once per
+call; the jitted functions merge it while tracing, so no token pays for a graph walk, and the
+arrays stay where they are (sharded on a mesh, in the model's compute dtype).
 """
 
 from __future__ import annotations
