@@ -9,7 +9,9 @@ Every batch size runs the same chat prompts (unequal lengths, left-padded by bot
 ftjax then transformers, after one untimed warm-up of each (ftjax's compiles happen there).
 Prints one JSON line per batch size: tokens/s of each (new tokens x batch / wall time of the
 whole `generate` call, prefill included), the per-round ratios and their median (> 1: ftjax is
-faster), and whether the greedy tokens agree.
+faster), and whether the greedy tokens agree. --torch-threads (default: all cores) sets
+torch's intra-op threads; on a crowded machine run 1 as well, since torch's OpenMP pool slows
+down far more than XLA's when the cores are oversubscribed.
 """
 
 from __future__ import annotations
