@@ -276,8 +276,9 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], max_new_tokens: int 
     cache = _tile_prefix(cache, prefix_cache)
   logits, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), cache,
                            jnp.int32(shared))
-  sampler = _Sampler(sample=temperature > 0, top_k=int(top_k) if temperature > 0 else 0,
-                     top_p=temperature > 0 and top_p < 1)
+  sample = bool(temperature > 0)
+  sampler = _Sampler(sample=sample, top_k=int(top_k) if sample else 0,
+                     top_p=sample and bool(top_p < 1))
   key = jax.random.key(seed)
   knobs = dict(eos=jnp.asarray(sorted(eos) or [-1], jnp.int32), key=key,
                temperature=jnp.float32(max(temperature, 1e-6)), top_p=jnp.float32(top_p))
