@@ -2,23 +2,29 @@
 
 Prompts of different lengths are left-padded so every row's next token sits in the same last
 column: padding has segment id 0 (never attended to) and positions come from the mask, so a
-padded row computes exactly what it would alone. One jitted prefill, then one jitted
-single-token step reused for every new token. The model is split into (graphdef, state) once
-per call; the jitted functions merge it while tracing, so no token pays for a graph walk.
+padded row computes exactly what it would alone. One jitted prefill, then the whole decode loop
+in one jitted `lax.while_loop` (token -> logits -> greedy pick or top-k / top-p sample -> the
+next token), which stops once every row has emitted a stop token: no host round trip per
+token, and the cache and output buffer are donated. With a progress bar the loop runs in
+chunks of tokens, reporting between them. The model is split into (graphdef, state) once per
+call; the jitted functions merge it while tracing, so no token pays for a graph walk, and the
+arrays stay where they are (sharded on a mesh, in the model's compute dtype).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
+import sys
 from typing import Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from ftjax.errors import FtjaxError, cli_errors, setup_logging
 from ftjax.models import CausalLM
@@ -27,6 +33,7 @@ from ftjax.models.config import ModelConfig
 log = logging.getLogger(__name__)
 
 _WIDTH_BUCKET = 16
+_PROGRESS_CHUNK = 8  # new tokens per decode call while a progress bar is shown
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -56,6 +63,21 @@ def _tile_prefix(cache, prefix_cache):
   return jax.tree.map(put, cache, prefix_cache)
 
 
+def _on_mesh_of(state, cache):
+  """The KV cache sharded like the activations (batch over data/fsdp, kv heads over tensor)
+  when the model is on a mesh; left where it is otherwise. XLA would put a fresh cache on one
+  device: the whole batch's keys and values, next to a model spread over many."""
+  mesh = next((x.sharding.mesh for x in jax.tree.leaves(state)
+               if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
+  if mesh is None or mesh.size == 1:
+    return cache
+  from ftjax.parallel import sharding
+  axes = {"k": ("layers", "batch", None, "kv_heads", None),
+          "v": ("layers", "batch", None, "kv_heads", None), "segment": ("layers", "batch", None)}
+  return jax.device_put(cache, {name: NamedSharding(mesh, sharding.logical_to_spec(
+      axes[name], x.shape, mesh)) for name, x in cache.items()})
+
+
 def _shared_prefix_len(prompts: list[list[int]]) -> int:
   """Tokens every prompt starts with (a system prompt, few-shot examples), rounded down to the
   width bucket; each row keeps at least one token of its own."""
@@ -69,42 +91,162 @@ def _shared_prefix_len(prompts: list[list[int]]) -> int:
   return k // _WIDTH_BUCKET * _WIDTH_BUCKET
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _step(graphdef, state, token, position, cache, index):
-  """One new token per row at cache slot `index` (traced: one compile for the whole loop)."""
+def warp_logits(logits, temperature, top_k: int = 0, top_p=1.0):
+  """Sampling logits as transformers' warpers make them, in their order: divided by
+  `temperature` (> 0), then every token outside the `top_k` largest (0: off) and outside the
+  nucleus (the fewest top tokens whose probability reaches `top_p`; 1: off) set to -inf. The
+  most likely token always survives."""
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p is not None and not (isinstance(top_p, (int, float)) and top_p >= 1.0):
+    desc = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(desc, axis=-1)
+    ahead = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked above each one
+    # transformers drops a token when the ascending cumulative mass up to it is <= 1 - top_p,
+    # i.e. when the mass ranked above it is >= top_p; the top token (ahead = 0) always stays.
+    keep = (ahead < top_p).at[..., 0].set(True)
+    cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return logits
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sampler:
+  """The static part of the sampling settings: one compile per combination."""
+  sample: bool  # False: greedy (temperature 0)
+  top_k: int
+  top_p: bool  # nucleus filter on (its threshold is traced)
+
+  def pick(self, logits, key, temperature, top_p):
+    if not self.sample:
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    warped = warp_logits(logits, temperature, self.top_k, top_p if self.top_p else None)
+    return jax.random.categorical(key, warped, axis=-1).astype(jnp.int32)
+
+
+def _record(carry, token, eos):
+  """Writes each row's new token at column `step` (pad for finished rows) and marks the rows
+  that just emitted a stop token as done."""
+  step, done = carry["step"], carry["done"]
+  column = jnp.where(done, carry["out"][:, step], token)
+  out = jax.lax.dynamic_update_slice(carry["out"], column[:, None], (0, step))
+  return dict(carry, out=out, token=token, done=done | jnp.isin(token, eos), step=step + 1)
+
+
+@functools.partial(jax.jit, static_argnames=("sampler",))
+def _first_token(logits, carry, eos, key, temperature, top_p, sampler):
+  token = sampler.pick(logits, jax.random.fold_in(key, 0), temperature, top_p)
+  return _record(carry, token, eos)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampler"), donate_argnames=("carry",))
+def _decode(graphdef, state, carry, stop, eos, key, temperature, top_p, sampler):
+  """New tokens until `stop` are written or every row is done, inside one while_loop: no host
+  round trip per token. The cache and output buffer are donated and updated in place."""
   model = nnx.merge(graphdef, state)
-  hidden, cache = model.hidden_states(token[:, None], positions=position[:, None],
-                                      segment_ids=jnp.ones_like(token)[:, None], cache=cache,
-                                      cache_index=index)
-  return model.logits(hidden[:, 0]), cache
 
+  def body(carry):
+    token = carry["token"]
+    hidden, cache = model.hidden_states(token[:, None], positions=carry["position"][:, None],
+                                        segment_ids=jnp.ones_like(token)[:, None],
+                                        cache=carry["cache"], cache_index=carry["index"])
+    logits = model.logits(hidden[:, 0])
+    # The key of token n depends only on (seed, n): chunking the loop never changes a sample.
+    token = sampler.pick(logits, jax.random.fold_in(key, carry["step"]), temperature, top_p)
+    carry = dict(carry, cache=cache, position=carry["position"] + 1, index=carry["index"] + 1)
+    return _record(carry, token, eos)
 
-@jax.jit
-def _pick(logits, temperature, key):
-  greedy = jnp.argmax(logits, axis=-1)
-  # temperature 0 selects the greedy branch; the max() keeps the unused branch finite.
-  sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6), axis=-1)
-  return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+  def more(carry):
+    return (carry["step"] < stop) & ~jnp.all(carry["done"])
+
+  return jax.lax.while_loop(more, body, carry)
 
 
 def stop_token_ids(cfg: ModelConfig, extra: Iterable[int | None] = ()) -> set[int]:
-  """The config's EOS id(s) plus `extra` (e.g. the tokenizer's end-of-turn token)."""
-  eos = cfg.eos_token_id
-  ids = set(eos) if isinstance(eos, tuple) else {eos}
+  """The config's EOS id(s) and generation_config.json's, plus `extra` (e.g. the tokenizer's
+  end-of-turn token)."""
+  ids = set()
+  for eos in (cfg.eos_token_id, cfg.generation_eos_token_ids):
+    ids.update(eos if isinstance(eos, (tuple, list)) else (eos,))
   ids.update(extra)
   ids.discard(None)
   return {int(i) for i in ids}
 
 
+def stop_ids(model_config: ModelConfig, tokenizer=None) -> set[int]:
+  """Every token that ends a reply: the EOS id(s) of config.json and generation_config.json,
+  the tokenizer's EOS, and the end-of-turn token its chat template writes after an assistant
+  message (Gemma's `<end_of_turn>`, ChatML's `<|im_end|>`, Llama 3's `<|eot_id|>`): the token
+  fine-tuning teaches the model to end on."""
+  extra = []
+  if tokenizer is not None:
+    extra = [tokenizer.eos_token_id, end_of_turn_id(tokenizer)]
+  return stop_token_ids(model_config, extra)
+
+
+_MARK = "\u2063ftjax-reply\u2063"  # text no template rewrites
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+  """The first special token the chat template writes after an assistant message's content
+  (None without a template, or when it writes no special token there)."""
+  if not getattr(tokenizer, "chat_template", None):
+    return None
+  try:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                          {"role": "assistant", "content": _MARK}])
+  except Exception:  # noqa: BLE001 - a template that needs other roles/keys: no turn end known
+    return None
+  at = text.rfind(_MARK)
+  if at < 0:
+    return None
+  tail = list(tokenizer.encode(text[at + len(_MARK):], add_special_tokens=False))
+  specials = _special_ids(tokenizer)
+  return next((t for t in tail if t in specials), None)
+
+
+def _special_ids(tokenizer) -> set[int]:
+  backend = getattr(tokenizer, "backend", None)
+  if backend is not None and hasattr(backend, "get_added_tokens_decoder"):
+    return {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+  return set(getattr(tokenizer, "all_special_ids", ()))  # a transformers tokenizer
+
+
+def _progress_bar(progress, total: int):
+  """(bar, owned): a new tqdm bar for `progress=True`, the caller's own bar-like object (one
+  bar across many calls, e.g. an evaluation's batches), or None."""
+  if progress is True:
+    from tqdm import tqdm
+    return tqdm(total=total, unit="tok", desc="generating", file=sys.stderr, leave=False), True
+  return (progress or None), False
+
+
 def generate_ids(model: CausalLM, prompts: list[list[int]], max_new_tokens: int = 64,
                  temperature: float = 0.0, seed: int = 0, eos_ids: Iterable[int] | None = None,
-                 pad_id: int = 0) -> list[list[int]]:
+                 pad_id: int = 0, *, top_k: int = 0, top_p: float = 1.0,
+                 progress=False) -> list[list[int]]:
   """Token-id prompts -> generated ids per row (prompt excluded; the EOS that stopped a row kept).
 
-  Greedy when temperature == 0, else sampling from softmax(logits / temperature).
+  Greedy when temperature == 0; else sampling from softmax(logits / temperature) restricted to
+  the `top_k` most likely tokens (0: all) and to the nucleus of mass `top_p` (1: all), as
+  transformers' `generate(do_sample=True, ...)` does. The same seed gives the same tokens.
+  eos_ids: the stop tokens (default: the config's EOS ids; see `stop_ids` for a chat model).
+  progress: True shows a tqdm bar of new tokens with an ETA on stderr; a tqdm bar of the
+  caller's is advanced instead (one bar over many calls).
+
+  Runs where the model's arrays are: a model sharded over a mesh generates sharded (the
+  partitioner moves what each layer needs), never gathered onto one device first, and in the
+  model's compute dtype (its KV cache too).
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise FtjaxError("generate: every prompt needs at least one token")
+  if max_new_tokens < 1:
+    raise FtjaxError(f"generate: max_new_tokens must be at least 1, got {max_new_tokens}")
+  if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+    raise FtjaxError(f"generate: expected temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
+                     f"temperature={temperature}, top_k={top_k}, top_p={top_p}")
   cfg = model.config
   eos = stop_token_ids(cfg) if eos_ids is None else {int(i) for i in eos_ids}
   b = len(prompts)
@@ -124,10 +266,8 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], max_new_tokens: int 
     log.warning("prompt + new tokens (%d) exceed the model's context (%d)",
                 total, cfg.max_position_embeddings)
   graphdef, state = nnx.split(model)  # once, not on every token
-  state = jax.tree.map(jnp.asarray, state)
-  cache = _new_cache(graphdef, state, b, total)
-  key = jax.random.key(seed)
-  temp = jnp.float32(temperature)
+  state = jax.tree.map(jnp.asarray, state)  # host arrays onto the device; sharded ones stay put
+  cache = _on_mesh_of(state, _new_cache(graphdef, state, b, total))
 
   if shared:
     prefix = jnp.asarray(prompts[0][:shared], jnp.int32)[None]
@@ -136,21 +276,51 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], max_new_tokens: int 
     cache = _tile_prefix(cache, prefix_cache)
   logits, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), cache,
                            jnp.int32(shared))
-  position = jnp.asarray(shared + mask.sum(axis=1), jnp.int32)  # next position of each row
-  out: list[list[int]] = [[] for _ in range(b)]
-  done = np.zeros(b, bool)
-  for step in range(max_new_tokens):
-    key, sub = jax.random.split(key)
-    token = _pick(logits, temp, sub)
-    host = np.asarray(token)
-    for r in np.flatnonzero(~done):
-      out[r].append(int(host[r]))
-      done[r] = int(host[r]) in eos
-    if done.all() or step == max_new_tokens - 1:
-      break
-    logits, cache = _step(graphdef, state, token, position, cache, jnp.int32(shared + width + step))
-    position = position + 1
-  return out
+  sample = bool(temperature > 0)
+  sampler = _Sampler(sample=sample, top_k=int(top_k) if sample else 0,
+                     top_p=sample and bool(top_p < 1))
+  key = jax.random.key(seed)
+  knobs = dict(eos=jnp.asarray(sorted(eos) or [-1], jnp.int32), key=key,
+               temperature=jnp.float32(max(temperature, 1e-6)), top_p=jnp.float32(top_p))
+  carry = {
+      "cache": cache, "token": jnp.zeros((b,), jnp.int32),
+      "position": jnp.asarray(shared + mask.sum(axis=1), jnp.int32),  # next position per row
+      "index": jnp.int32(shared + width), "step": jnp.int32(0),
+      "done": jnp.zeros((b,), bool), "out": jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+  }
+  carry = _first_token(logits, carry, sampler=sampler, **knobs)
+  bar, owned = _progress_bar(progress, b * max_new_tokens)
+  # Without a bar the whole loop is one call; with one, chunks of tokens report between calls.
+  chunk = _PROGRESS_CHUNK if bar is not None else max_new_tokens
+  written = 0
+  try:
+    step, done = 1, bool(carry["done"].all()) if bar is not None else False
+    while step < max_new_tokens and not done:
+      stop = min(step + chunk, max_new_tokens)
+      carry = _decode(graphdef, state, carry, jnp.int32(stop), sampler=sampler, **knobs)
+      step = max_new_tokens
+      if bar is not None:  # one host sync per chunk, only when someone is watching
+        step, done = int(carry["step"]), bool(carry["done"].all())
+        live = _tokens_so_far(carry, step, eos)
+        bar.update(live - written)
+        written = live
+    steps = int(carry["step"])
+    rows = [_until_stop(row, eos) for row in np.asarray(carry["out"])[:, :steps].tolist()]
+    if bar is not None:
+      bar.update(sum(map(len, rows)) - written)
+  finally:
+    if owned:
+      bar.close()
+  return rows
+
+
+def _until_stop(row: list[int], eos: set[int]) -> list[int]:
+  """A row's tokens through its first stop token."""
+  return next((row[:i + 1] for i, t in enumerate(row) if t in eos), row)
+
+
+def _tokens_so_far(carry, step: int, eos: set[int]) -> int:
+  return sum(len(_until_stop(row, eos)) for row in np.asarray(carry["out"][:, :step]).tolist())
 
 
 def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
@@ -163,12 +333,15 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]
 
 
 def generate(model: CausalLM, tokenizer, prompts: list[str], max_new_tokens: int = 64,
-             temperature: float = 0.0, chat: bool = True, seed: int = 0) -> list[str]:
-  """Text prompts -> generated text per prompt (chat-templated as one user turn by default)."""
+             temperature: float = 0.0, chat: bool = True, seed: int = 0, *, top_k: int = 0,
+             top_p: float = 1.0, progress=False) -> list[str]:
+  """Text prompts -> generated text per prompt (chat-templated as one user turn by default),
+  each stopped at the model's `stop_ids` (its EOS ids and the chat template's end of turn)."""
   ids = encode_prompts(tokenizer, prompts, chat)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   out = generate_ids(model, ids, max_new_tokens, temperature, seed,
-                     eos_ids=stop_token_ids(model.config, [tokenizer.eos_token_id]), pad_id=pad)
+                     eos_ids=stop_ids(model.config, tokenizer), pad_id=pad, top_k=top_k,
+                     top_p=top_p, progress=progress)
   return [tokenizer.decode(o, skip_special_tokens=True) for o in out]
 
 
@@ -182,6 +355,8 @@ def main(argv: list[str] | None = None) -> None:
                       help="prompt text; repeat for a batch (one output line block each)")
   parser.add_argument("--max-new-tokens", type=int, default=64)
   parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely (0 = all)")
+  parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = all)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--no-chat", action="store_true", help="use the prompt as raw text")
   args = parser.parse_args(argv)
@@ -190,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     raise FtjaxError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
   if args.temperature < 0:
     raise FtjaxError(f"--temperature must be >= 0, got {args.temperature}")
+  if args.top_k < 0 or not 0 < args.top_p <= 1:
+    raise FtjaxError(f"--top-k must be >= 0 and --top-p in (0, 1], got {args.top_k} and {args.top_p}")
 
   from ftjax.models import load
   model, tokenizer = load(args.model)
@@ -197,7 +374,8 @@ def main(argv: list[str] | None = None) -> None:
   log.info("loaded %s: %s, %d layers, %.1fM params", args.model, cfg.model_type, cfg.num_layers,
            cfg.num_params() / 1e6)
   texts = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
-                   chat=not args.no_chat, seed=args.seed)
+                   chat=not args.no_chat, seed=args.seed, top_k=args.top_k, top_p=args.top_p,
+                   progress=sys.stderr.isatty())  # a bar on a terminal, none in logs or pipes
   for text in texts:
     print(text, flush=True)
 

@@ -1,4 +1,7 @@
-"""KV-cache generation against a naive loop that recomputes the whole sequence every token."""
+"""KV-cache generation against a naive loop that recomputes the whole sequence every token, and
+against transformers: greedy tokens on the real SmolLM2, sampling warpers, stop tokens."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +27,15 @@ CFGS = {
 PROMPTS = [[5, 17, 3, 44, 9, 12, 80], [7], [60, 2, 33], [11, 11, 11, 11, 11]]
 
 
-def _model(family, **changes):
+def _model(family, dtype=jnp.float32, **changes):
   cfg = CFGS[family].replace(**changes)
+  return _build(cfg, dtype)
+
+
+@functools.cache  # tests only read the model: build each config once
+def _build(cfg, dtype):
   # A wide init spreads the logits, so argmax is not decided by float rounding.
-  return CausalLM(cfg, init_std=0.3, rngs=nnx.Rngs(1))
+  return CausalLM(cfg, init_std=0.3, dtype=dtype, rngs=nnx.Rngs(1))
 
 
 _forward = jax.jit(lambda graphdef, state, tokens: nnx.merge(graphdef, state)(tokens),
@@ -101,3 +109,209 @@ def test_empty_prompt_is_an_error():
   model = _model("llama")
   with pytest.raises(FtjaxError, match="at least one token"):
     generate_ids(model, [[1, 2], []], max_new_tokens=2)
+
+
+def test_max_new_tokens_and_sampling_settings_are_checked():
+  model = _model("llama")
+  for bad, match in [(dict(max_new_tokens=0), "max_new_tokens"), (dict(top_p=0.0), "top_p=0.0"),
+                     (dict(top_k=-1), "top_k=-1"), (dict(temperature=-1.0), "temperature=-1.0")]:
+    with pytest.raises(FtjaxError, match=match):
+      generate_ids(model, PROMPTS, **{"max_new_tokens": 4, **bad})
+
+
+# --- sampling: transformers' logits warpers are the reference ----------------------------------
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 0.9), (0.7, 40, 1.0), (1.3, 20, 0.8),
+                                                     (0.5, 0, 0.5)])
+def test_warped_logits_match_transformers_warpers(temperature, top_k, top_p):
+  import torch
+  from transformers.generation import logits_process as lp
+  from ftjax.generate import warp_logits
+  logits = np.random.RandomState(0).randn(64, 500).astype(np.float32)
+  warpers = lp.LogitsProcessorList(
+      [lp.TemperatureLogitsWarper(temperature)] + ([lp.TopKLogitsWarper(top_k)] if top_k else [])
+      + ([lp.TopPLogitsWarper(top_p)] if top_p < 1 else []))
+  want = warpers(torch.zeros((64, 1), dtype=torch.long), torch.tensor(logits)).numpy()
+  kept = np.isfinite(want)
+  assert 2 < kept.sum(axis=1).mean() and kept.sum(axis=1).max() < 500  # the filters cut, not to 1
+  # Eager with a Python top_p, and jitted with a traced one as the decode loop calls it.
+  jitted = jax.jit(warp_logits, static_argnums=2)
+  for got in (warp_logits(jnp.asarray(logits), temperature, top_k, top_p),
+              jitted(jnp.asarray(logits), jnp.float32(temperature), top_k, jnp.float32(top_p))):
+    got = np.asarray(got)
+    np.testing.assert_array_equal(np.isfinite(got), kept)
+    # The same division in f32 on both sides: equal up to one rounding.
+    np.testing.assert_allclose(got[kept], want[kept], rtol=1e-6)
+
+
+def test_samples_follow_the_warped_distribution():
+  """20000 draws of one row: each token's frequency is within 0.015 of its warped probability
+  (a binomial std of at most sqrt(0.25 / 20000) = 0.0035: over 4 sigma), never outside the
+  top-k / nucleus."""
+  from ftjax.generate import _Sampler, warp_logits
+  logits = jnp.asarray(np.random.RandomState(1).randn(1, 12).astype(np.float32))
+  sampler = _Sampler(sample=True, top_k=6, top_p=True)
+  keys = jax.random.split(jax.random.key(0), 20000)
+  draws = jax.jit(jax.vmap(lambda k: sampler.pick(logits, k, 0.8, 0.9)[0]))(keys)
+  freq = np.bincount(np.asarray(draws), minlength=12) / 20000
+  probs = np.asarray(jax.nn.softmax(warp_logits(logits, 0.8, 6, 0.9))[0])
+  assert (probs == 0).sum() >= 6 and freq[probs == 0].sum() == 0
+  assert np.abs(freq - probs).max() < 0.015
+
+
+def test_top_k_and_top_p_sampling_is_seeded():
+  model = _model("llama")
+  kw = dict(max_new_tokens=10, temperature=1.0, top_k=5, top_p=0.9, eos_ids=())
+  a = generate_ids(model, PROMPTS, seed=3, **kw)
+  assert a == generate_ids(model, PROMPTS, seed=3, **kw)
+  assert a != generate_ids(model, PROMPTS, seed=4, **kw)
+  # top_k=1 leaves only the argmax: sampling is greedy whatever the seed.
+  greedy = generate_ids(model, PROMPTS, max_new_tokens=10, eos_ids=())
+  assert generate_ids(model, PROMPTS, max_new_tokens=10, temperature=1.0, top_k=1, seed=5,
+                      eos_ids=()) == greedy
+
+
+# --- progress ------------------------------------------------------------------------------------
+
+def test_progress_bar_counts_new_tokens_without_changing_them(capsys):
+  """With a bar the loop runs in chunks of 8 tokens with a host sync between them; the tokens
+  (sampled ones too: a token's key depends only on the seed and its index) must not change."""
+  import io
+  from tqdm import tqdm
+  model = _model("llama")
+  free = generate_ids(model, PROMPTS, max_new_tokens=20, eos_ids=())
+  eos = free[0][12]  # row 0 stops in the second chunk
+  kw = dict(max_new_tokens=20, temperature=1.0, seed=2, eos_ids=[eos])
+  want = generate_ids(model, PROMPTS, **kw)
+  stream = io.StringIO()
+  with tqdm(total=4 * 20, file=stream, unit="tok") as bar:
+    assert generate_ids(model, PROMPTS, progress=bar, **kw) == want
+    assert bar.n == sum(map(len, want))
+  assert generate_ids(model, PROMPTS, progress=True, **kw) == want
+  err = capsys.readouterr().err
+  assert "generating" in err and "tok" in err
+
+
+# --- stop tokens: config, generation_config.json, chat template ---------------------------------
+
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+
+
+def _tokenizer(template, specials):
+  from tokenizers import Tokenizer as Backend, models as tok_models, pre_tokenizers
+  from ftjax.tokenizer import Tokenizer
+  vocab = {c: i for i, c in enumerate(sorted(set("abcdefghijklmnopqrstuvwxyz \n")))}
+  backend = Backend(tok_models.WordLevel({**vocab, "[UNK]": len(vocab)}, unk_token="[UNK]"))
+  backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+  backend.add_special_tokens(specials)
+  return Tokenizer(backend, bos_token=specials[0], eos_token=specials[1], chat_template=template)
+
+
+def test_stop_ids_add_the_chat_templates_end_of_turn():
+  """Gemma ends a reply with <end_of_turn> (its EOS is <eos>): generation must stop on both."""
+  from ftjax.generate import end_of_turn_id, stop_ids, stop_token_ids
+  tok = _tokenizer(GEMMA_TEMPLATE, ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"])
+  eot, eos = tok.token_to_id("<end_of_turn>"), tok.token_to_id("<eos>")
+  assert end_of_turn_id(tok) == eot
+  cfg = CFGS["llama"].replace(eos_token_id=eos)
+  assert stop_ids(cfg, tok) == {eos, eot}
+  assert stop_token_ids(cfg) == {eos}  # the old helper is unchanged: config ids + extras
+  # A template that writes no special token after a reply adds nothing; nor does none at all.
+  plain = _tokenizer("{% for m in messages %}{{ m['content'] }}\n{% endfor %}", ["<s>", "</s>"])
+  assert end_of_turn_id(plain) is None
+  assert stop_ids(cfg.replace(eos_token_id=(3, 4)), plain) == {3, 4, plain.eos_token_id}
+
+
+def test_generation_config_eos_ids_are_read_with_the_model(tmp_path):
+  """Llama 3 instruct: config.json says <|end_of_text|>, generation_config.json adds <|eot_id|>."""
+  import json
+  from ftjax.generate import stop_ids
+  from ftjax.models.config import load_hf_config
+  (tmp_path / "config.json").write_text(json.dumps(CFGS["llama"].replace(eos_token_id=5).to_hf_dict()))
+  (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 9]}))
+  cfg = load_hf_config(str(tmp_path))
+  assert cfg.eos_token_id == 5 and cfg.generation_eos_token_ids == (5, 9)
+  assert stop_ids(cfg) == {5, 9}
+  assert "generation_eos_token_ids" not in json.dumps(cfg.to_hf_dict())
+  (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "<eot>"}))
+  with pytest.raises(FtjaxError, match=r"generation_config.json: eos_token_id must be an int"):
+    load_hf_config(str(tmp_path))
+
+
+# --- the training mesh ---------------------------------------------------------------------------
+
+def test_sharded_model_generates_the_same_ids_without_gathering():
+  """A model placed on the 8-device mesh as training places it (fsdp and tensor sharded f32
+  params, bf16 compute) generates what the single-device model does, with a bf16 KV cache, and
+  its arrays stay where they were."""
+  from ftjax.generate import _new_cache, _on_mesh_of
+  from ftjax.parallel import sharding
+  model = _model("llama", dtype=jnp.bfloat16)
+  want = generate_ids(model, PROMPTS, max_new_tokens=8, eos_ids=())
+  graphdef, state = nnx.split(model)
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  pure = nnx.to_pure_dict(state)
+  placed = jax.device_put(pure, sharding.tree_shardings(pure, sharding.logical_axes(state), mesh))
+  nnx.replace_by_pure_dict(state, placed)
+  sharded = nnx.merge(graphdef, state)
+  kernel = sharded.model.layers.mlp.up_proj.kernel[...]
+  assert kernel.sharding.spec[1:] == ("fsdp", "tensor") and kernel.dtype == jnp.float32
+  assert generate_ids(sharded, PROMPTS, max_new_tokens=8, eos_ids=()) == want
+  assert sharded.model.layers.mlp.up_proj.kernel[...] is kernel  # not replaced by a gathered copy
+  cache = _on_mesh_of(nnx.state(sharded), _new_cache(*nnx.split(sharded), 4, 8))
+  assert cache["k"].dtype == jnp.bfloat16  # [l, b, s, kv heads, h]: batch and heads sharded
+  assert tuple(cache["k"].sharding.spec) == (None, ("data", "fsdp"), None, "tensor", None)
+
+
+# --- the real SmolLM2-135M-Instruct against transformers ------------------------------------------
+
+CHAT_PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves.",
+                "List three colours."]
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+  """ftjax's SmolLM2 (the built-in GGUF), written by save_pretrained and read by transformers:
+  both hold exactly the same f32 weights."""
+  import torch
+  import transformers
+  from ftjax import models
+  try:
+    model, tok = models.load("smollm2-135m-instruct")
+  except FtjaxError as e:
+    pytest.skip(f"SmolLM2 GGUF not available: no network/pip and no FTJAX_CACHE copy ({e})")
+  path = str(tmp_path_factory.mktemp("smollm2"))
+  models.save_pretrained(model, path, tok)
+  # One torch thread: its OpenMP workers spin against XLA's on a small shared CPU.
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+  yield model, tok, ref
+  torch.set_num_threads(threads)
+
+
+def test_smollm2_greedy_equals_transformers_and_batched_equals_one_by_one(smol):
+  """Chat prompts of unequal length, 20 new tokens, stopped at the chat's stop ids. transformers
+  runs each prompt alone (no padding to get wrong); ftjax runs them as one left-padded batch
+  and one by one."""
+  import torch
+  from ftjax.generate import encode_prompts, stop_ids
+  model, tok, ref = smol
+  ids = encode_prompts(tok, CHAT_PROMPTS, chat=True)
+  assert len({len(p) for p in ids}) == len(ids)
+  stop = stop_ids(model.config, tok)
+  batched = generate_ids(model, ids, max_new_tokens=20, eos_ids=stop, pad_id=tok.pad_token_id)
+  for prompt, got in zip(ids, batched):
+    with torch.no_grad():
+      out = ref.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20,
+                         eos_token_id=sorted(stop), pad_token_id=tok.pad_token_id)
+    assert got == out[0, len(prompt):].tolist()
+    assert generate_ids(model, [prompt], max_new_tokens=20, eos_ids=stop,
+                        pad_id=tok.pad_token_id) == [got]
+  assert any(row[-1] in stop for row in batched)  # some row ends on its own, before 20 tokens
+  assert "Paris" in tok.decode(batched[0])
+

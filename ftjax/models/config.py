@@ -50,6 +50,9 @@ class ModelConfig:
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
   pad_token_id: int | None = None
+  # generation_config.json's eos_token_id(s) where they add to config.json's (Llama 3 instruct
+  # stops on <|eot_id|> too): stop tokens for generation, never written back to config.json.
+  generation_eos_token_ids: tuple[int, ...] = ()
 
   @property
   def q_size(self) -> int:
@@ -181,4 +184,18 @@ class ModelConfig:
 
 
 def load_hf_config(model_dir: str) -> ModelConfig:
-  return ModelConfig.from_hf_file(os.path.join(model_dir, "config.json"))
+  cfg = ModelConfig.from_hf_file(os.path.join(model_dir, "config.json"))
+  return cfg.replace(generation_eos_token_ids=generation_eos_ids(model_dir))
+
+
+def generation_eos_ids(model_dir: str) -> tuple[int, ...]:
+  """The eos_token_id(s) of a HF directory's generation_config.json (() when it has none)."""
+  path = os.path.join(model_dir, "generation_config.json")
+  if not os.path.isfile(path):
+    return ()
+  data = read_json(path)
+  eos = data.get("eos_token_id") if isinstance(data, dict) else None
+  ids = eos if isinstance(eos, list) else [eos]
+  if not all(isinstance(i, int) for i in ids if i is not None):
+    raise FtjaxError(f"{path}: eos_token_id must be an int or a list of ints, got {eos!r}")
+  return tuple(int(i) for i in ids if i is not None)
