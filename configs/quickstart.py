@@ -34,7 +34,7 @@ def get_config(runlocal: str = ""):
   c.train.eval_every = 10
 
   c.eval.generate = True
-  c.eval.scorer = "quickstart_json"
+  c.eval.metrics = "exact_match,json_valid,field_accuracy"
   c.eval.few_shot = 3
   c.eval.max_examples = 100
   c.eval.max_new_tokens = 48

@@ -13,9 +13,10 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-  def __init__(self, workdir: str, keep: int = 2):
+  def __init__(self, workdir: str, keep: int = 2, folder: str = "checkpoints"):
+    # folder: "best" holds the best eval's state beside the latest ones (train.keep_best).
     self._manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        os.path.join(os.path.abspath(workdir), folder),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
   def save(self, step: int, state, data_state: dict) -> None:
