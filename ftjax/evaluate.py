@@ -53,10 +53,11 @@ def base_model_eval(run, plan: EvalPlan) -> dict:
   return out
 
 
-def results_for_run(run, plan: EvalPlan, baseline: dict, end: dict) -> dict:
-  """eval_results.json of a finished run."""
+def results_for_run(run, plan: EvalPlan | None, baseline: dict | None, end: dict) -> dict:
+  """eval_results.json of a finished run (without eval.generate: loss, training and leakage)."""
   cfg = run.config
   from ftjax.data import load_examples
+  baseline = baseline or {}
   loss = {}
   if baseline.get("loss"):
     loss["base"] = baseline["loss"]
@@ -66,11 +67,16 @@ def results_for_run(run, plan: EvalPlan, baseline: dict, end: dict) -> dict:
   if baseline.get("forgetting") and end.get("forgetting"):
     forgot = forgetting.compare(baseline["forgetting"], end["forgetting"], cfg.eval.forgetting_threshold)
     forgot["text"] = cfg.eval.forgetting_text or "built-in sample"
-  leak = evaluation.leakage_summary(load_examples(cfg.data.train, **_fmt_kw(cfg)), plan.examples,
-                                    cfg.data.check.near_dup)
-  return evaluation.assemble(plan, evaluation.metrics.primary(cfg.eval), baseline["systems"],
-                             end.get("finetuned"), loss=loss, forgetting_result=forgot,
-                             training=end.get("training"), leakage=leak)
+  leak = None
+  if cfg.data.eval:
+    evals = plan.examples if plan is not None else load_examples(cfg.data.eval, **_fmt_kw(cfg))
+    leak = evaluation.leakage_summary(load_examples(cfg.data.train, **_fmt_kw(cfg)), evals,
+                                      cfg.data.check.near_dup)
+  common = dict(loss=loss, forgetting_result=forgot, training=end.get("training"), leakage=leak)
+  primary = evaluation.metrics.primary(cfg.eval)
+  if plan is None:
+    return evaluation.assemble(None, primary, {}, eval_cfg=cfg.eval, **common)
+  return evaluation.assemble(plan, primary, baseline["systems"], end.get("finetuned"), **common)
 
 
 def evaluate_prompting(model_name: str, data: str, out_dir: str, *, shots: str = "",

@@ -129,12 +129,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
     checkpointer.close()
     writer.close()
   summary["eval_seconds"] = eval_s + summary.pop("end_eval_seconds")
+  results = evaluate.results_for_run(run, plan, baseline, end)
+  write_json(os.path.join(workdir, evaluation.report.RESULTS), results)
   if plan is not None:
-    results = evaluate.results_for_run(run, plan, baseline, end)
     summary["baseline"] = {n: r["scores"] for n, r in results["baselines"].items()}
     summary["finetuned"] = results["finetuned"]["scores"]
     summary["verdict"] = results["verdict"]["text"] if results["verdict"] else None
-    write_json(os.path.join(workdir, evaluation.report.RESULTS), results)
   write_json(summary_path, summary)
   if cfg.eval.report:
     evaluation.report.write(workdir)

@@ -56,19 +56,22 @@ def leakage_summary(train_examples, eval_examples, threshold: float) -> dict:
           "listed": pairs[:20]}
 
 
-def assemble(plan: EvalPlan, primary: str, baselines: dict, finetuned: dict | None = None, *,
+def assemble(plan: EvalPlan | None, primary: str, baselines: dict, finetuned: dict | None = None, *,
              loss: dict | None = None, forgetting_result: dict | None = None,
-             training: dict | None = None, leakage: dict | None = None) -> dict:
-  """The results a report is written from (eval_results.json)."""
-  cfg = plan.eval_cfg
+             training: dict | None = None, leakage: dict | None = None, eval_cfg=None) -> dict:
+  """The results a report is written from (eval_results.json); plan None: no generation."""
+  cfg = plan.eval_cfg if plan is not None else eval_cfg
   out = {"primary": primary, "metric_names": metrics.split_names(cfg.metrics),
-         "normalize": cfg.normalize, "examples": len(plan.references), "shots": plan.shot_sources,
-         "sources": [ex.where for ex in plan.examples],
-         "inputs": [p[-1]["content"] for p in plan.prompts], "references": plan.references,
-         "baselines": baselines, "finetuned": finetuned, "resamples": cfg.bootstrap,
-         "loss": loss or {}, "forgetting": forgetting_result, "training": training or {},
-         "leakage": leakage}
-  out.update(report.compare(plan, baselines, finetuned, primary, cfg.bootstrap))
+         "normalize": cfg.normalize, "examples": 0, "shots": [], "sources": [], "inputs": [],
+         "references": [], "baselines": baselines, "finetuned": finetuned,
+         "resamples": cfg.bootstrap, "loss": loss or {}, "forgetting": forgetting_result,
+         "training": training or {}, "leakage": leakage, "ci95": {}, "finetuned_minus": {},
+         "verdict": None}
+  if plan is not None:
+    out.update(examples=len(plan.references), shots=plan.shot_sources,
+               sources=[ex.where for ex in plan.examples],
+               inputs=[p[-1]["content"] for p in plan.prompts], references=plan.references)
+    out.update(report.compare(plan, baselines, finetuned, primary, cfg.bootstrap))
   return _plain(out)
 
 

@@ -98,8 +98,10 @@ def markdown(report: dict, systems: dict) -> str:
   names = r.get("metric_names", [])
   lines += ["## Metrics (fixed before training)", "",
             f"Declared: {', '.join(f'`{n}`' for n in names)}; primary: `{r.get('primary')}` "
-            f"(decides early stopping and the verdict). Exact-match normalisation: "
-            f"{r.get('normalize') or 'none'}. {r.get('examples', 0)} eval examples, greedy.", ""]
+            f"(decides early stopping, and the verdict when it is a generation metric; otherwise "
+            f"the first generation metric does). Exact-match normalisation: "
+            f"{r.get('normalize') or 'none'}."
+            + (f" {r['examples']} eval examples, greedy." if r.get("examples") else ""), ""]
   if r.get("shots"):
     lines += [f"Few-shot examples (from train, checked against eval for overlap): "
               f"{', '.join(r['shots'])}.", ""]
@@ -178,7 +180,7 @@ def markdown(report: dict, systems: dict) -> str:
     for pair in leak["listed"][:5]:
       lines.append(f"- {pair['eval']} ~ {pair['train']} ({pair['kind']}, {pair['similarity']:.2f})")
   else:
-    lines.append("No train set to compare with (prompting-only evaluation).")
+    lines.append("Not measured: no train set (prompting-only evaluation) or no eval set.")
   lines.append("")
   if report["data_report"]:
     from ftjax.data.check import markdown as data_markdown
