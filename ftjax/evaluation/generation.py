@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 
 from ftjax.data import load_examples
 from ftjax.data.check import leakage
@@ -141,6 +142,7 @@ def answer_ids(model, tokenizer, ids: list[list[int]], max_new_tokens: int, batc
   eos = stop_token_ids(model.config, [tokenizer.eos_token_id])
   order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
   out = [""] * len(ids)
+  t0 = time.perf_counter()
   with tqdm(total=len(ids), desc=desc, unit="prompt", file=sys.stderr, dynamic_ncols=True,
             disable=None) as bar:
     for start in range(0, len(order), batch_size):
@@ -150,7 +152,7 @@ def answer_ids(model, tokenizer, ids: list[list[int]], max_new_tokens: int, batc
         out[i] = tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
       bar.update(len(rows))
       if bar.disable:
-        elapsed = bar.format_dict["elapsed"]
+        elapsed = time.perf_counter() - t0  # a disabled bar keeps no time
         done = min(start + batch_size, len(order))
         print(f"{desc}: {done}/{len(order)} prompts, {elapsed:.0f} s, ETA "
               f"{elapsed / done * (len(order) - done):.0f} s", file=sys.stderr, flush=True)

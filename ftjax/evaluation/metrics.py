@@ -137,9 +137,15 @@ def _lcs(a, b) -> int:
   return row[-1]
 
 
+def _rouge_tokens(text: str) -> list[str]:
+  """rouge-score's tokens: lower case, punctuation splits words ("fine-tuning": fine, tuning);
+  unlike it, non-ASCII letters are kept."""
+  return _PUNCT.sub(" ", text.lower()).split()
+
+
 def _rouge_l(pred, ref, opts):
-  """ROUGE-L F-measure (beta 1) over lower-cased words, as rouge-score without stemming."""
-  p, r = _tokens(pred), _tokens(ref)
+  """ROUGE-L F-measure (beta 1) over words, as rouge-score without stemming."""
+  p, r = _rouge_tokens(pred), _rouge_tokens(ref)
   if not p or not r:
     return float(p == r)
   lcs = _lcs(p, r)
