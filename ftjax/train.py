@@ -133,7 +133,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
   write_json(os.path.join(workdir, evaluation.report.RESULTS), results)
   if plan is not None:
     summary["baseline"] = {n: r["scores"] for n, r in results["baselines"].items()}
-    summary["finetuned"] = results["finetuned"]["scores"]
+    summary["finetuned"] = dict(results["finetuned"]["scores"], examples=results["examples"])
     summary["verdict"] = results["verdict"]["text"] if results["verdict"] else None
   write_json(summary_path, summary)
   if cfg.eval.report:

@@ -244,12 +244,13 @@ def test_prompting_suffices_when_the_base_model_already_solves_the_task(model_di
   from ftjax.evaluation.generation import answer_ids
   from ftjax.models import load
   model, tok = load(model_dir)
-  inputs = [json.loads(l)["input"] for l in open(os.path.join(data_dir, "eval.jsonl"))][:6]
+  inputs = [json.loads(l)["input"] for l in open(os.path.join(data_dir, "eval.jsonl"))]
   ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": x}], add_generation_prompt=True),
                     add_special_tokens=False) for x in inputs]
-  answers = answer_ids(model, tok, ids, 6, 8, "references")
-  assert all(a.strip() for a in answers)  # a reference each (no immediate EOS)
-  eval_path = write_jsonl(tmp_path / "eval.jsonl", [{"input": x, "output": a} for x, a in zip(inputs, answers)])
+  answers = answer_ids(model, tok, ids, 6, 16, "references")
+  solved = [{"input": x, "output": a} for x, a in zip(inputs, answers) if a.strip()][:6]
+  assert len(solved) >= 4  # a random model stops at once on some inputs: those have no reference
+  eval_path = write_jsonl(tmp_path / "eval.jsonl", solved)
   workdir = str(tmp_path / "wd")
   c = tiny_config(model_dir, data_dir, **{
       "data.eval": eval_path, "train.steps": 2, "train.lr": 1e-9, "eval.generate": True,
