@@ -112,7 +112,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
     if resuming and os.path.exists(baseline_path):
       with open(baseline_path) as f:  # resuming: the base model has not changed
         baseline = json.load(f)
-    else:
+    if baseline is None or "systems" not in baseline:  # none yet, or written by an older ftjax
       baseline = evaluate.base_model_eval(run, plan)
       write_json(baseline_path, baseline)
     for name, result in baseline["systems"].items():
@@ -252,8 +252,6 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
   if checkpointer.latest_step() != final_step:  # checkpoint_every may have saved it already
     checkpointer.save(final_step, state, position)
   trainable, training = state["trainable"], {}
-  if best_ckpt is not None:
-    best_ckpt.close()
   if stopper.best_step is not None:
     training = {"metric": primary, "best_step": stopper.best_step, "best_value": stopper.best,
                 "patience": cfg.train.patience, "stopped_early": stopped_at is not None,
@@ -261,10 +259,12 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
     if best_ckpt is not None:
       if stopper.best_step != final_step:  # exports and the final evaluation use the best step
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        best_state, _ = Checkpointer(workdir, keep=1, folder="best").restore(stopper.best_step, abstract)
+        best_state, _ = best_ckpt.restore(stopper.best_step, abstract)
         trainable, training["restored_best"] = best_state["trainable"], True
         log.info("restored the best checkpoint (step %d, %s %.4g)", stopper.best_step, primary,
                  stopper.best)
+  if best_ckpt is not None:
+    best_ckpt.close()
   final_eval = evaluate_loss(run, eval_fn, trainable)
   if final_eval and final_step not in evaluated and not training.get("restored_best"):
     writer.write(final_step, final_eval, "eval/")

@@ -99,6 +99,22 @@ def test_text_metrics():
   f1_b = 2 * 1 / (2 * 1 + 1 + 0)  # tp 1, fp 1, fn 0
   assert metrics.METRICS["macro_f1"].score(preds, refs, metrics.Options()) == pytest.approx((f1_a + f1_b) / 2)
   assert metrics.confusion(preds, refs)["pairs"][("a", "b")] == 1
+  from ftjax.evaluation import confusion_summary
+  assert confusion_summary(preds, refs, metrics.Options()) == {
+      "labels": 2, "recall": {"a": 2 / 3, "b": 1.0}, "mistakes": [["a", "b", 1]]}
+
+
+def test_overfitting_warning_needs_rising_eval_loss_and_a_growing_gap():
+  from ftjax.evaluation.curves import EarlyStopping, overfitting_warnings
+  train = [(s, 3.0 - 0.1 * s) for s in range(1, 21)]
+  assert overfitting_warnings(train, [(5, 2.8), (10, 2.6), (15, 2.5)]) == []  # eval improving
+  warned = overfitting_warnings(train, [(5, 2.8), (10, 2.6), (15, 2.7)])
+  assert len(warned) == 1 and warned[0].startswith("step 15: eval loss rose 2.6000 -> 2.7000")
+  # eval loss rising but the train loss rising faster (gap shrinking): no warning
+  assert overfitting_warnings([(5, 1.0), (10, 2.0)], [(5, 2.0), (10, 2.1)]) == []
+  stop = EarlyStopping(higher_is_better=True, patience=2)
+  assert [stop.update(s, v) for s, v in ((1, 0.5), (2, 0.7), (3, 0.6), (4, 0.7))] == [True, True, False, False]
+  assert stop.should_stop and stop.best_step == 2
 
 
 def test_rouge_l_equals_rouge_score():
@@ -248,13 +264,13 @@ def test_prompting_suffices_when_the_base_model_already_solves_the_task(model_di
   ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": x}], add_generation_prompt=True),
                     add_special_tokens=False) for x in inputs]
   answers = answer_ids(model, tok, ids, 6, 16, "references")
-  solved = [{"input": x, "output": a} for x, a in zip(inputs, answers) if a.strip()][:6]
+  solved = [{"input": x, "output": a} for x, a in zip(inputs, answers) if a.strip()][:5]
   assert len(solved) >= 4  # a random model stops at once on some inputs: those have no reference
   eval_path = write_jsonl(tmp_path / "eval.jsonl", solved)
   workdir = str(tmp_path / "wd")
   c = tiny_config(model_dir, data_dir, **{
       "data.eval": eval_path, "train.steps": 2, "train.lr": 1e-9, "eval.generate": True,
-      "eval.metrics": "exact_match,token_f1", "eval.few_shot": 2, "eval.max_new_tokens": 6,
+      "eval.metrics": "exact_match,token_f1", "eval.few_shot": 1, "eval.max_new_tokens": 6,
       "eval.bootstrap": 200, "eval.forgetting_tokens": 256})
   summary = train_lib.train(c, workdir)
   assert summary["baseline"]["zero-shot"]["exact_match"] == 1.0
@@ -262,7 +278,7 @@ def test_prompting_suffices_when_the_base_model_already_solves_the_task(model_di
   assert summary["verdict"].startswith("Prompting suffices")
   results = json.load(open(os.path.join(workdir, "report.json")))["results"]
   assert results["verdict"]["kind"] == "prompting_suffices"
-  assert set(results["baselines"]) == {"zero-shot", "2-shot"}
+  assert set(results["baselines"]) == {"zero-shot", "1-shot"}
   assert abs(results["forgetting"]["relative_change"]) < 1e-3  # lr 1e-9: nothing forgotten
   assert not results["forgetting"]["flagged"]
   report = open(os.path.join(workdir, "report.md")).read()
@@ -276,11 +292,11 @@ def test_prompting_suffices_when_the_base_model_already_solves_the_task(model_di
 def test_cli_evaluates_prompting_alone_and_rewrites_a_report(model_dir, data_dir, tmp_path, capsys):
   out = str(tmp_path / "prompting")
   evaluate.main(["--model", model_dir, "--data", os.path.join(data_dir, "eval.jsonl"),
-                 "--shots", os.path.join(data_dir, "train.jsonl"), "--few-shot", "2",
-                 "--template", "Extract as JSON: {input}", "--metrics", "exact_match,json_valid",
-                 "--max-examples", "4", "--max-new-tokens", "4", "--output", out])
+                 "--few-shot", "0", "--template", "Extract as JSON: {input}",
+                 "--metrics", "exact_match,json_valid", "--max-examples", "4",
+                 "--max-new-tokens", "4", "--output", out])
   results = json.load(open(os.path.join(out, "eval_results.json")))
-  assert list(results["baselines"]) == ["zero-shot", "2-shot", "your template"]
+  assert list(results["baselines"]) == ["zero-shot", "your template"]
   assert results["examples"] == 4 and results["finetuned"] is None
   assert os.path.exists(os.path.join(out, "comparison.png"))
   os.remove(os.path.join(out, "report.md"))

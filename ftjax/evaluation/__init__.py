@@ -72,7 +72,21 @@ def assemble(plan: EvalPlan | None, primary: str, baselines: dict, finetuned: di
                sources=[ex.where for ex in plan.examples],
                inputs=[p[-1]["content"] for p in plan.prompts], references=plan.references)
     out.update(report.compare(plan, baselines, finetuned, primary, cfg.bootstrap))
+    if {"label_accuracy", "macro_f1"} & set(plan.metrics):
+      systems = dict(baselines, **({report.FINETUNED: finetuned} if finetuned else {}))
+      out["confusion"] = {name: confusion_summary(r["predictions"], plan.references, plan.options)
+                          for name, r in systems.items()}
   return _plain(out)
+
+
+def confusion_summary(predictions, references, options, top: int = 10) -> dict:
+  """Per-label recall (the `top` most frequent labels) and the `top` most frequent mistakes."""
+  table = metrics.confusion(predictions, references, options)
+  recall = {label: table["pairs"][(label, label)] / n for label, n in table["labels"].most_common(top)}
+  mistakes = [[r, p, n] for (r, p), n in table["pairs"].most_common() if r != p][:top]
+  return {"labels": len(table["labels"]), "recall": recall, "mistakes": mistakes}
+
+
 
 
 def _plain(x):

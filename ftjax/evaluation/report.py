@@ -129,6 +129,10 @@ def markdown(report: dict, systems: dict) -> str:
       lines.append("")
     if report["plots"].get("comparison"):
       lines += [f"![baselines vs fine-tuned]({report['plots']['comparison']})", ""]
+    for name, c in (r.get("confusion") or {}).items():
+      recall = ", ".join(f"{label or '(empty)'} {100 * v:.0f}%" for label, v in c["recall"].items())
+      mistakes = ", ".join(f"{a or '(empty)'} -> {b or '(empty)'} x{n}" for a, b, n in c["mistakes"]) or "none"
+      lines += [f"Labels, {name} ({c['labels']} labels): recall {recall}; most frequent mistakes: {mistakes}.", ""]
 
   loss = r.get("loss") or {}
   if loss:
