@@ -39,19 +39,27 @@ def curves(path: str, curves: dict, primary: str, best_step: int | None) -> str 
   return os.path.basename(path)
 
 
-def comparison(path: str, systems: dict[str, float], cis: dict[str, list[float]], metric: str) -> str:
-  """One bar per system (prompting baselines, fine-tuned) with its bootstrap 95% CI."""
+def comparison(path: str, systems: dict[str, dict], cis: dict[str, dict], metrics: list[str]) -> str:
+  """Bars per metric, one per system (prompting baselines, fine-tuned), each with its bootstrap
+  95% CI."""
+  import numpy as np
   plt = _pyplot()
   names = list(systems)
-  values = [100 * systems[n] for n in names]
-  lower = [100 * (systems[n] - cis[n][0]) for n in names]
-  upper = [100 * (cis[n][1] - systems[n]) for n in names]
-  fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
-  colors = ["tab:green" if n == "fine-tuned" else "tab:blue" for n in names]
-  ax.bar(names, values, yerr=[lower, upper], capsize=6, color=colors)
-  for i, v in enumerate(values):
-    ax.text(i, v + 1, f"{v:.1f}", ha="center", va="bottom")
-  ax.set(ylabel=f"{metric} (%)", ylim=(0, 105), title=f"{metric} on the eval set, 95% bootstrap CI")
+  width = 0.8 / len(names)
+  fig, ax = plt.subplots(figsize=(min(12, max(6, 0.5 * len(metrics) * len(names) + 2)), 4.5))
+  x = np.arange(len(metrics))
+  for k, name in enumerate(names):
+    values = np.array([100 * systems[name][m] for m in metrics])
+    err = np.array([[100 * systems[name][m] - 100 * cis[name][m][0] for m in metrics],
+                    [100 * cis[name][m][1] - 100 * systems[name][m] for m in metrics]])
+    pos = x + (k - (len(names) - 1) / 2) * width
+    ax.bar(pos, values, width, yerr=np.maximum(err, 0), capsize=4, label=name,
+           color="tab:green" if name == "fine-tuned" else None)
+    for px, v in zip(pos, values):
+      ax.text(px, v + 1, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+  ax.set_xticks(x, metrics)
+  ax.set(ylabel="score (%)", ylim=(0, 110), title="prompting baselines vs fine-tuned, 95% bootstrap CI")
+  ax.legend(loc="upper left", fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

@@ -73,11 +73,11 @@ def write(folder: str, results: dict | None = None) -> dict:
   systems = dict(results.get("baselines") or {})
   if results.get("finetuned"):
     systems[FINETUNED] = results["finetuned"]
-  bar_metric = (results.get("verdict") or {}).get("metric") or next(iter(results.get("metric_names", [])), None)
-  if systems and bar_metric in next(iter(systems.values()))["scores"]:
+  gen = [m for m in results.get("metric_names", []) if m not in metrics_lib.LOSS_METRICS]
+  if systems and gen:
     p["comparison"] = plots.comparison(
-        os.path.join(folder, "comparison.png"), {n: s["scores"][bar_metric] for n, s in systems.items()},
-        {n: results["ci95"][n][bar_metric] for n in systems}, bar_metric)
+        os.path.join(folder, "comparison.png"), {n: s["scores"] for n, s in systems.items()},
+        {n: results["ci95"][n] for n in systems}, gen)
   if results.get("forgetting"):
     p["forgetting"] = plots.forgetting(os.path.join(folder, "forgetting.png"), results["forgetting"])
   write_json(os.path.join(folder, "report.json"), report)
