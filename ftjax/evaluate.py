@@ -53,6 +53,19 @@ def base_model_eval(run, plan: EvalPlan) -> dict:
   return out
 
 
+def baseline_matches(baseline: dict, plan: EvalPlan) -> bool:
+  """Whether a resumed run's baseline.json answered this plan's examples with its baselines;
+  its scores are recomputed from the predictions, so a metric added since is scored too."""
+  systems = baseline.get("systems")
+  if not systems or list(systems) != list(plan.systems()):
+    return False
+  if any(r["examples"] != len(plan.references) for r in systems.values()):
+    return False
+  for r in systems.values():
+    r["scores"] = plan.score(r["predictions"])
+  return True
+
+
 def results_for_run(run, plan: EvalPlan | None, baseline: dict | None, end: dict) -> dict:
   """eval_results.json of a finished run (without eval.generate: loss, training and leakage)."""
   cfg = run.config

@@ -112,7 +112,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
     if resuming and os.path.exists(baseline_path):
       with open(baseline_path) as f:  # resuming: the base model has not changed
         baseline = json.load(f)
-    if baseline is None or "systems" not in baseline:  # none yet, or written by an older ftjax
+    if baseline is not None and not evaluate.baseline_matches(baseline, plan):
+      baseline = None  # written by an older ftjax, or eval.* changed the examples or baselines
+    if baseline is None:
       baseline = evaluate.base_model_eval(run, plan)
       write_json(baseline_path, baseline)
     for name, result in baseline["systems"].items():
