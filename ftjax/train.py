@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from ftjax import config as config_lib
-from ftjax import evaluate, evaluation, export, peft
+from ftjax import evaluate, evaluation, export
 from ftjax import step as step_lib
 from ftjax.files import write_json
 from ftjax.checkpoint import Checkpointer

@@ -6,7 +6,6 @@ task prompting already solves, and prompting-only evaluation from the command li
 import json
 import os
 
-import numpy as np
 import pytest
 
 from ftjax import config as config_lib
