@@ -28,7 +28,8 @@ def curves(path: str, curves: dict, primary: str, best_step: int | None) -> str 
   if extra:
     steps, values = zip(*curves[extra])
     axes[0][1].plot(steps, values, "o-", color="tab:green", label=extra)
-    axes[0][1].set(xlabel="step", ylabel=primary, title=f"{primary} on eval during training")
+    axes[0][1].set(xlabel="step", ylabel=primary,
+                   title=f"{primary} during training (first eval.periodic_examples)")
   for a in axes[0]:
     if best_step is not None:
       a.axvline(best_step, color="grey", linestyle="--", label=f"best step {best_step}")
@@ -55,8 +56,8 @@ def comparison(path: str, systems: dict[str, dict], cis: dict[str, dict], metric
     pos = x + (k - (len(names) - 1) / 2) * width
     ax.bar(pos, values, width, yerr=np.maximum(err, 0), capsize=4, label=name,
            color="tab:green" if name == "fine-tuned" else None)
-    for px, v in zip(pos, values):
-      ax.text(px, v + 1, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+    for px, v, top in zip(pos, values, values + np.maximum(err[1], 0)):
+      ax.text(px, top + 1, f"{v:.0f}", ha="center", va="bottom", fontsize=8)  # above the CI bar
   ax.set_xticks(x, metrics)
   ax.set(ylabel="score (%)", ylim=(0, 110), title="prompting baselines vs fine-tuned, 95% bootstrap CI")
   ax.legend(loc="upper left", fontsize=8)
