@@ -218,7 +218,9 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
                  tok_s, eta)
       window, window_t = [], time.perf_counter()
     bar.update(1)
-    if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
+    # The last step is evaluated too when an earlier eval exists to compare it with (best step).
+    if cfg.train.eval_every and (done % cfg.train.eval_every == 0
+                                 or done == cfg.train.steps and eval_curve):
       jax.block_until_ready(state)  # the step's own compute belongs to the train window
       eval_t = time.perf_counter()
       ev = periodic_eval(run, eval_fn, state["trainable"], plan, primary)
