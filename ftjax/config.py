@@ -234,8 +234,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.train.patience >= 0, f"train.patience={c.train.patience}; must be >= 0 (0: no early stopping)")
   check(not c.train.patience or c.train.eval_every > 0,
         "train.patience (early stopping) needs train.eval_every > 0")
-  check(c.eval.few_shot >= 0 and c.eval.max_examples > 0 and c.eval.bootstrap > 0,
-        "eval.few_shot must be >= 0, eval.max_examples and eval.bootstrap > 0")
+  check(c.eval.few_shot >= 0 and c.eval.max_examples > 0 and c.eval.bootstrap > 0
+        and c.eval.periodic_examples > 0 and c.eval.forgetting_threshold >= 0,
+        "eval.few_shot and eval.forgetting_threshold must be >= 0; eval.max_examples, "
+        "eval.periodic_examples and eval.bootstrap > 0")
   check(not c.eval.generate or bool(c.data.eval) or bool(c.data.generate),
         "eval.generate needs data.eval")
 
