@@ -60,6 +60,12 @@ def write(folder: str, results: dict | None = None) -> dict:
   summary = _read_json(folder, "summary.json")
   data_report = _read_json(folder, "data_report.json")
   curves = curves_lib.read_curves(folder)
+  if "metric_names" not in results and config and "metrics" in config.get("eval", {}):
+    # a run from before eval_results.json existed: its declared metrics are in config.json
+    from ml_collections import ConfigDict
+    e = ConfigDict(config["eval"])
+    results = dict(results, metric_names=metrics_lib.split_names(e.metrics),
+                   primary=metrics_lib.primary(e), normalize=e.normalize)
   primary = results.get("primary", "loss")
   training = results.get("training", {})
   warnings = curves_lib.overfitting_warnings(curves.get("train/loss", []), curves.get("eval/loss", []))
