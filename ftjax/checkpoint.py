@@ -29,8 +29,9 @@ log = logging.getLogger("ftjax.checkpoint")
 
 
 class Checkpointer:
-  def __init__(self, workdir: str, keep: int = 2):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  def __init__(self, workdir: str, keep: int = 2, folder: str = "checkpoints"):
+    # folder: "best" holds the best eval's state beside the latest ones (train.keep_best).
+    self.directory = os.path.join(os.path.abspath(workdir), folder)
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 

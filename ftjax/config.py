@@ -140,6 +140,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.nonfinite = "stop"
   c.train.eval_every = 50  # 0: only at the end
   c.train.eval_batches = 0  # 0: the whole eval split
+  # Early stopping: stop after this many periodic evals without improvement of eval.primary
+  # (0: never). With keep_best, the best eval's state is checkpointed (WORKDIR/best) and the
+  # exports and final evaluation come from it.
+  c.train.patience = 0
+  c.train.keep_best = True
   c.train.checkpoint_every = 0  # steps; 0: by time only (below) and at the end
   # Also checkpoint when this many minutes passed since the last save (0: off). SIGTERM / SIGINT
   # always checkpoint the finished step before exiting (ftjax/preemption.py).
@@ -162,15 +167,33 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.num_processes = 0
   c.distributed.process_id = -1
 
-  # Generation-based evaluation on the eval split at the end: base model (few-shot prompt) vs
-  # fine-tuned model, greedy.
+  # Evaluation (ftjax/evaluation): metrics fixed before training and written into config.json;
+  # with eval.generate, greedy answers on the eval split from the base model with prompting
+  # (zero-shot, k-shot, your template) and from the fine-tuned model, a bootstrap CI of each
+  # difference and the verdict; forgetting on a general text; report.md / report.json / PNGs.
   c.eval = ml_collections.ConfigDict()
   c.eval.generate = False
-  c.eval.scorer = "exact_match"  # exact_match | quickstart_json
-  c.eval.few_shot = 3
+  # Comma-separated: loss, perplexity, token_accuracy (teacher-forced), exact_match, json_valid,
+  # field_accuracy, label_accuracy, macro_f1, rouge_l, token_f1 (generated), or
+  # "pkg.module:function" (prediction, reference) -> float.
+  c.eval.metrics = "exact_match"
+  c.eval.primary = ""  # decides early stopping and the verdict; "": the first of eval.metrics
+  c.eval.normalize = "strip"  # exact_match: any of strip, lower, whitespace, punctuation
+  c.eval.fields = ""  # field_accuracy: keys compared ("": every key of the reference object)
+  c.eval.zero_shot = True  # baseline: the base model with the bare prompt
+  c.eval.few_shot = 3  # baseline: k solved examples from train before the prompt (0: none)
+  c.eval.few_shot_pool = ""  # "": data.train; never the eval set (overlap is refused)
+  c.eval.prompt_template = ""  # baseline: your prompt, "{input}" standing for the user turn
   c.eval.max_examples = 100
   c.eval.max_new_tokens = 64
   c.eval.batch_size = 32
+  c.eval.periodic_examples = 32  # examples generated at each train.eval_every for the primary metric
+  c.eval.bootstrap = 1000  # paired bootstrap resamples for the 95% CIs
+  c.eval.forgetting = True  # general-text perplexity + general prompts, base vs fine-tuned
+  c.eval.forgetting_text = ""  # a .txt file; "": the built-in public-domain sample
+  c.eval.forgetting_tokens = 4096
+  c.eval.forgetting_threshold = 0.1  # flag a relative perplexity increase above this
+  c.eval.report = True  # report.md / report.json / PNGs in the workdir at the end
 
   # The cost plan (ftjax/cost.py) of `python -m ftjax.data check`; default prices and their
   # dates in README.md ("What a run will cost").
@@ -276,7 +299,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"{c.train.checkpoint_every_minutes}; must be >= 0 (0: off)")
   check(c.distributed.initialize in ("auto", "on", "off"),
         f"distributed.initialize={c.distributed.initialize!r}; expected auto, on or off")
-  check(c.eval.scorer in ("exact_match", "quickstart_json"), f"eval.scorer={c.eval.scorer!r}")
+  from ftjax.evaluation import metrics as eval_metrics  # imports any custom metric, here
+  eval_metrics.validate(c.eval)
+  check(c.train.patience >= 0, f"train.patience={c.train.patience}; must be >= 0 (0: no early stopping)")
+  check(not c.train.patience or c.train.eval_every > 0,
+        "train.patience (early stopping) needs train.eval_every > 0")
+  check(c.eval.few_shot >= 0 and c.eval.max_examples > 0 and c.eval.bootstrap > 0
+        and c.eval.periodic_examples > 0 and c.eval.forgetting_threshold >= 0,
+        "eval.few_shot and eval.forgetting_threshold must be >= 0; eval.max_examples, "
+        "eval.periodic_examples and eval.bootstrap > 0")
   check(not c.eval.generate or bool(c.data.eval) or bool(c.data.generate),
         "eval.generate needs data.eval")
 

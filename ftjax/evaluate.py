@@ -1,93 +1,183 @@
-"""Generation-based evaluation: the base model with a few-shot prompt (the baseline) against the
-fine-tuned model, greedy decoding on the eval split, scored by a metric fixed in the config
-before training.
+"""Evaluation of a run, and `python -m ftjax.evaluate`.
+
+  python -m ftjax.evaluate --workdir DIR
+      (re)writes DIR/report.md, report.json and PNGs from a training run's folder (training
+      writes them at its end too).
+  python -m ftjax.evaluate --model M --data eval.jsonl [--shots train.jsonl] --few-shot 3 --output DIR
+      evaluates prompting alone (zero-shot, k-shot, optionally --template), before anyone trains,
+      into the same report files.
+
+The pieces live in ftjax/evaluation; this module joins them for train.py and the command line.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 
-from ftjax.data import load_examples
-from ftjax.generate import stop_token_ids, generate_ids
+from ftjax import evaluation, peft
+from ftjax.errors import FtjaxError, cli_errors, setup_logging
+from ftjax.evaluation import forgetting
+from ftjax.evaluation.generation import EvalPlan, few_shot_prompt, split  # noqa: F401 (API)
+from ftjax.files import write_json
 
 log = logging.getLogger("ftjax.evaluate")
 
 
-def _scorer(name: str):
-  if name == "quickstart_json":
-    from ftjax.data.quickstart_task import score
-    return score
-  return lambda pred, ref: {"exact_match": float(pred.strip() == ref.strip())}
+def _fmt_kw(cfg) -> dict:
+  from ftjax import config as config_lib
+  d = cfg.data
+  return dict(format=d.format, system_prompt=d.system_prompt or None, fields=config_lib.fields(d.fields))
 
 
-def _split(messages):
-  """(prompt messages, reference answer): the conversation up to its last assistant turn."""
-  last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-  return [{"role": m["role"], "content": m["content"]} for m in messages[:last]], messages[last]["content"]
+def plan_for_run(cfg) -> EvalPlan:
+  """The run's EvalPlan: eval split, references and few-shot pool, checked (FtjaxError) before
+  anything compiles."""
+  return EvalPlan.build(cfg.data.eval, cfg.eval, pool_path=cfg.eval.few_shot_pool or cfg.data.train,
+                        data_cfg=cfg.data, near_dup=cfg.data.check.near_dup)
 
 
-def few_shot_prompt(prompt: list[dict], shots: list[tuple[list[dict], str]]) -> list[dict]:
-  """Inserts solved examples as earlier user/assistant turns, after any system message."""
-  head = [m for m in prompt if m["role"] == "system"]
-  rest = [m for m in prompt if m["role"] != "system"]
-  turns = []
-  for shot_prompt, answer in shots:
-    turns += [m for m in shot_prompt if m["role"] != "system"]
-    turns.append({"role": "assistant", "content": answer})
-  return head + turns + rest
+def base_model_eval(run, plan: EvalPlan) -> dict:
+  """The base model (adapters disabled), before training: each prompting baseline, the eval
+  loss, and the forgetting probe."""
+  cfg = run.config
+  out = {}
+  with peft.disable_adapters(run.model()) as base:
+    out["systems"] = evaluation.run_baselines(plan, base, run.tokenizer)
+    if run.eval_ds is not None:
+      out["loss"] = evaluation.model_loss(base, run.eval_ds, cfg.train.batch_size // cfg.train.grad_accum)
+    if cfg.eval.forgetting:
+      out["forgetting"] = forgetting.probe(base, run.tokenizer, cfg.eval, cfg.data.seq_len,
+                                           "forgetting (base)")
+  return out
 
 
-def generation_eval(run, model, few_shot: int = 0) -> dict:
-  """Mean scores of `model` (greedy) over up to eval.max_examples examples of the run's eval
-  split, prompted with `few_shot` solved examples from the train split."""
-  cfg, tok = run.config, run.tokenizer
-  fmt_kw = dict(format=cfg.data.format, system_prompt=cfg.data.system_prompt or None)
-  examples = load_examples(cfg.data.eval, **fmt_kw)[: cfg.eval.max_examples]
-  shots = []
-  if few_shot:
-    shots = [_split(e.messages) for e in load_examples(cfg.data.train, **fmt_kw)[:few_shot]]
-  prompts, refs = [], []
-  for ex in examples:
-    prompt, ref = _split(ex.messages)
-    messages = few_shot_prompt(prompt, shots) if shots else prompt
-    text = tok.apply_chat_template(messages, add_generation_prompt=True)
-    prompts.append(tok.encode(text, add_special_tokens=False))
-    refs.append(ref)
-  pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-  eos = stop_token_ids(model.config, [tok.eos_token_id])
-  score = _scorer(cfg.eval.scorer)
-  totals: dict[str, float] = {}
-  samples = []
-  # Batches of similar prompt lengths: less left-padding to compute.
-  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-  for start in range(0, len(order), cfg.eval.batch_size):
-    rows = order[start:start + cfg.eval.batch_size]
-    outs = generate_ids(model, [prompts[i] for i in rows], cfg.eval.max_new_tokens,
-                        eos_ids=eos, pad_id=pad)
-    for i, out in zip(rows, outs):
-      pred = tok.decode([t for t in out if t not in eos], skip_special_tokens=True)
-      for k, v in score(pred, refs[i]).items():
-        totals[k] = totals.get(k, 0.0) + v
-      if i < 3:
-        samples.append({"prediction": pred, "reference": refs[i]})
-  result = {k: v / len(prompts) for k, v in totals.items()}
-  result.update(examples=len(prompts), few_shot=few_shot, samples=samples)
-  return result
+def baseline_matches(baseline: dict, plan: EvalPlan) -> bool:
+  """Whether a resumed run's baseline.json answered this plan's examples with its baselines;
+  its scores are recomputed from the predictions, so a metric added since is scored too."""
+  systems = baseline.get("systems")
+  if not systems or list(systems) != list(plan.systems()):
+    return False
+  if any(r["examples"] != len(plan.references) for r in systems.values()):
+    return False
+  for r in systems.values():
+    r["scores"] = plan.score(r["predictions"])
+  return True
 
 
-def fmt(result: dict | None) -> str:
-  if not result:
+def results_for_run(run, plan: EvalPlan | None, baseline: dict | None, end: dict) -> dict:
+  """eval_results.json of a finished run (without eval.generate: loss, training and leakage)."""
+  cfg = run.config
+  from ftjax.data import load_examples
+  baseline = baseline or {}
+  loss = {}
+  if baseline.get("loss"):
+    loss["base"] = baseline["loss"]
+  if end.get("eval"):
+    loss["fine-tuned"] = evaluation.loss_metrics(end["eval"]["loss"], end["eval"]["accuracy"])
+  forgot = None
+  if baseline.get("forgetting") and end.get("forgetting"):
+    forgot = forgetting.compare(baseline["forgetting"], end["forgetting"], cfg.eval.forgetting_threshold)
+    forgot["text"] = cfg.eval.forgetting_text or "built-in sample"
+  leak = None
+  if cfg.data.eval:
+    evals = plan.examples if plan is not None else load_examples(cfg.data.eval, **_fmt_kw(cfg))
+    leak = evaluation.leakage_summary(load_examples(cfg.data.train, **_fmt_kw(cfg)), evals,
+                                      cfg.data.check.near_dup)
+  common = dict(loss=loss, forgetting_result=forgot, training=end.get("training"), leakage=leak)
+  primary = evaluation.metrics.primary(cfg.eval)
+  if plan is None:
+    return evaluation.assemble(None, primary, {}, eval_cfg=cfg.eval, **common)
+  return evaluation.assemble(plan, primary, baseline["systems"], end.get("finetuned"), **common)
+
+
+def evaluate_prompting(model_name: str, data: str, out_dir: str, *, shots: str = "",
+                       few_shot: int = 3, template: str = "", metrics: str = "exact_match",
+                       max_examples: int = 100, max_new_tokens: int = 64, batch_size: int = 32,
+                       model=None, tokenizer=None) -> dict:
+  """Prompting alone: the base model zero-shot, k-shot (shots from `shots`, never from `data`)
+  and with `template`; writes out_dir/{eval_results.json, report.md, report.json, PNGs}."""
+  from ftjax import config as config_lib
+  cfg = config_lib.base_config()
+  cfg.unlock()
+  cfg.model.name_or_path = model_name
+  e = cfg.eval
+  e.generate, e.metrics, e.few_shot, e.prompt_template = True, metrics, few_shot, template
+  e.max_examples, e.max_new_tokens, e.batch_size = max_examples, max_new_tokens, batch_size
+  evaluation.metrics.validate(e)
+  plan = EvalPlan.build(data, e, pool_path=shots, data_cfg=cfg.data, near_dup=cfg.data.check.near_dup)
+  if model is None:
+    from ftjax.models import load
+    model, tokenizer = load(model_name)
+  baselines = evaluation.run_baselines(plan, model, tokenizer)
+  results = evaluation.assemble(plan, evaluation.metrics.primary(e), baselines)
+  os.makedirs(out_dir, exist_ok=True)
+  write_json(os.path.join(out_dir, "config.json"), dict(cfg.to_dict(), data=dict(cfg.data.to_dict(), eval=data, train=shots)))
+  write_json(os.path.join(out_dir, evaluation.report.RESULTS), results)
+  evaluation.report.write(out_dir)
+  return results
+
+
+def fmt(scores: dict | None) -> str:
+  if not scores:
     return "-"
-  return ", ".join(f"{k} {v:.1%}" for k, v in result.items() if isinstance(v, float))
+  return ", ".join(f"{k} {v:.1%}" for k, v in scores.items() if isinstance(v, float))
 
 
 def report(summary: dict) -> str:
+  """The few lines printed at the end of training."""
   lines = [f"finished {summary['steps']} steps ({summary['method']}, "
            f"{summary['trainable_params']:,} trainable params)"]
+  if summary.get("best_step") is not None:
+    lines.append(f"best step {summary['best_step']}" + (" (stopped early)" if summary.get("stopped_early") else ""))
   if summary.get("eval"):
     lines.append(f"eval loss {summary['eval']['loss']:.4f}, token accuracy {summary['eval']['accuracy']:.1%}")
-  if summary.get("baseline") is not None:
-    lines.append(f"base model, {summary['baseline']['few_shot']}-shot prompt: {fmt(summary['baseline'])}")
+  for name, scores in (summary.get("baseline") or {}).items():
+    lines.append(f"base model, {name}: {fmt(scores)}")
   if summary.get("finetuned") is not None:
-    lines.append(f"fine-tuned model:              {fmt(summary['finetuned'])}")
+    lines.append(f"fine-tuned model: {fmt(summary['finetuned'])}")
+  if summary.get("verdict"):
+    lines.append(summary["verdict"])
   return "\n".join(lines)
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(
+      prog="python -m ftjax.evaluate",
+      description="Write report.md / report.json / PNGs for a training workdir, or evaluate "
+                  "prompting alone (--model --data --output).")
+  parser.add_argument("--workdir", help="a training run's folder: rewrite its report")
+  parser.add_argument("--model", help="built-in name, HF directory, .gguf or Hub id")
+  parser.add_argument("--data", help="eval JSONL (with reference answers)")
+  parser.add_argument("--shots", default="", help="solved examples for the k-shot prompt (train data, never eval)")
+  parser.add_argument("--few-shot", type=int, default=3)
+  parser.add_argument("--template", default="", help="your own prompt; {input} stands for the user turn")
+  parser.add_argument("--metrics", default="exact_match", help="comma-separated, as eval.metrics")
+  parser.add_argument("--max-examples", type=int, default=100)
+  parser.add_argument("--max-new-tokens", type=int, default=64)
+  parser.add_argument("--output", help="output folder for --model")
+  args = parser.parse_args(argv)
+  setup_logging()
+  if args.workdir:
+    if not os.path.isdir(args.workdir):
+      raise FtjaxError(f"--workdir {args.workdir}: no such folder")
+    evaluation.report.write(args.workdir)
+    print(os.path.join(args.workdir, "report.md"))
+    return
+  if not (args.model and args.data and args.output):
+    raise FtjaxError("give --workdir DIR, or --model M --data eval.jsonl --output DIR")
+  if args.few_shot and not args.shots:
+    raise FtjaxError(f"--few-shot {args.few_shot} needs --shots FILE (solved train examples; "
+                     "never the eval set), or --few-shot 0")
+  results = evaluate_prompting(args.model, args.data, args.output, shots=args.shots,
+                               few_shot=args.few_shot, template=args.template, metrics=args.metrics,
+                               max_examples=args.max_examples, max_new_tokens=args.max_new_tokens)
+  for name, r in results["baselines"].items():
+    print(f"{name}: {fmt(r['scores'])}")
+  print(os.path.join(args.output, "report.md"))
+
+
+if __name__ == "__main__":
+  main()

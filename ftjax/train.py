@@ -20,11 +20,12 @@ import ml_collections
 import numpy as np
 
 from ftjax import config as config_lib
-from ftjax import evaluate, export, peft
+from ftjax import evaluate, evaluation, export
 from ftjax import step as step_lib
 from ftjax.files import write_json
 from ftjax.checkpoint import Checkpointer
 from ftjax.data.auto import row_budget
+from ftjax.evaluation import curves as curves_lib
 from ftjax.errors import FtjaxError, cli_errors, setup_logging
 from ftjax.flops import train_flops_per_token
 from ftjax.metrics import MetricWriter
@@ -149,18 +150,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
   if main and os.path.exists(summary_path):  # a finished run being re-run: the old summary is stale now
     os.remove(summary_path)
 
-  # --- baseline before training: the base model with a few-shot prompt ---
+  # --- evaluation plan (eval set, references, few-shot pool: checked before anything compiles)
+  # and the prompting baselines of the base model; a resumed run reuses them ---
+  plan = evaluate.plan_for_run(cfg) if cfg.eval.generate else None
   baseline = None
   baseline_path = os.path.join(workdir, "baseline.json")
-  if cfg.eval.generate:
+  eval_t = time.perf_counter()
+  if plan is not None:
     if resuming and os.path.exists(baseline_path):
       with open(baseline_path) as f:  # resuming: the base model has not changed
         baseline = json.load(f)
-    else:
-      with peft.disable_adapters(run.model()) as base_model:
-        baseline = evaluate.generation_eval(run, base_model, few_shot=cfg.eval.few_shot)
+    if baseline is not None and not evaluate.baseline_matches(baseline, plan):
+      baseline = None  # written by an older ftjax, or eval.* changed the examples or baselines
+    if baseline is None:
+      baseline = evaluate.base_model_eval(run, plan)
       write_json(baseline_path, baseline)
-    log.info("baseline (base model, %d-shot): %s", cfg.eval.few_shot, evaluate.fmt(baseline))
+    for name, result in baseline["systems"].items():
+      log.info("baseline (base model, %s): %s", name, evaluate.fmt(result["scores"]))
+  eval_s = time.perf_counter() - eval_t
 
   # --- state + compiled step ---
   state, data_state = init_or_restore(run, checkpointer)
@@ -168,7 +175,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
   writer = MetricWriter(workdir, resume_step=start_step if resuming else None) if main else _NoWriter()
   try:
     with StopOnSignal() as stop:
-      summary = _loop(run, workdir, state, data_state, checkpointer, writer, baseline, stop)
+      summary, end = _loop(run, workdir, state, data_state, checkpointer, writer, plan, stop)
   finally:
     checkpointer.close()
     writer.close()
@@ -176,9 +183,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
     print(f"stopped by {summary['stopped_by']} after step {summary['steps']}; checkpoint saved "
           f"in {checkpointer.directory}. Run the same command again to continue.", file=sys.stderr)
     return summary
-  if main:
-    write_json(summary_path, summary)
-    print(evaluate.report(summary), file=sys.stderr)
+  summary["eval_seconds"] = eval_s + summary.pop("end_eval_seconds")
+  if not main:
+    return summary
+  results = evaluate.results_for_run(run, plan, baseline, end)
+  write_json(os.path.join(workdir, evaluation.report.RESULTS), results)
+  if plan is not None:
+    summary["baseline"] = {n: r["scores"] for n, r in results["baselines"].items()}
+    summary["finetuned"] = dict(results["finetuned"]["scores"], examples=results["examples"])
+    summary["verdict"] = results["verdict"]["text"] if results["verdict"] else None
+  write_json(summary_path, summary)
+  if cfg.eval.report:
+    evaluation.report.write(workdir)
+    log.info("wrote %s", os.path.join(workdir, "report.md"))
+  print(evaluate.report(summary), file=sys.stderr)
   return summary
 
 
@@ -193,7 +211,7 @@ class _NoWriter:
 
 
 def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
-          writer: MetricWriter, baseline, stop: StopOnSignal):
+          writer: MetricWriter, plan, stop: StopOnSignal):
   cfg = run.config
   loader = run.train_ds.batches(cfg.train.batch_size, seed=cfg.train.seed, state=data_state)
   train_step = jit_train_step(run, state)
@@ -236,6 +254,10 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
   window, window_t, skipped = [], time.perf_counter(), []
   loop_t, eval_s = window_t, 0.0  # train_s in the summary: the steps' wall time, evals excluded
   saved_t = time.monotonic()  # train.checkpoint_every_minutes counts from the last save
+  # Periodic eval: eval loss + the primary metric -> early stopping and the best checkpoint.
+  primary = evaluation.metrics.primary(cfg.eval)
+  stopper, best_ckpt = _early_stopping(run, workdir)
+  train_curve, eval_curve, warned, stopped_at, evaluated = [], [], 0, None, set()
   for step in range(start_step, cfg.train.steps):
     state, metrics = compiled(state, run.frozen, batch)
     position = loader.get_state()
@@ -263,6 +285,7 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
              "grad_norm": float(host[-1]["grad_norm"]), "lr": float(host[-1]["lr"]),
              "tokens_per_s": tok_s, "model_tflops_per_s": flops_per_step * len(host) / elapsed / 1e12}
       writer.write(done, out, "train/")
+      train_curve.append((done, loss))
       bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
       if bar.disable:  # no terminal (a log file, CI): one line per log interval instead
         eta = (cfg.train.steps - done) * elapsed / len(host)
@@ -270,16 +293,35 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
                  tok_s, eta)
       window, window_t = [], time.perf_counter()
     bar.update(1)
-    if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
+    # The last step is evaluated too when an earlier eval exists to compare it with (best step).
+    if cfg.train.eval_every and (done % cfg.train.eval_every == 0
+                                 or done == cfg.train.steps and eval_curve):
       jax.block_until_ready(state)  # the step's own compute belongs to the train window
       eval_t = time.perf_counter()
-      ev = evaluate_loss(run, eval_fn, state["trainable"], cfg.train.eval_batches)
+      ev = periodic_eval(run, eval_fn, state["trainable"], plan, primary)
       if ev:
         writer.write(done, ev, "eval/")
-        bar.write(f"step {done}: eval loss {ev['loss']:.4f}, token accuracy {ev['accuracy']:.3f}",
+        evaluated.add(done)
+        bar.write(f"step {done}: eval loss {ev['loss']:.4f}, token accuracy {ev['accuracy']:.3f}"
+                  + (f", {primary} {ev[primary]:.4g}" if primary not in ("loss", "token_accuracy") else ""),
                   file=sys.stderr)
+        eval_curve.append((done, ev["loss"]))
+        warnings = curves_lib.overfitting_warnings(train_curve, eval_curve)
+        for w in warnings[warned:]:
+          log.warning("%s", w)
+        warned = len(warnings)
+        if stopper.update(done, ev[primary]) and best_ckpt is not None:
+          best_ckpt.save(done, state, position)
+          if distributed.is_main():
+            write_json(os.path.join(workdir, "best.json"), {"step": done, primary: ev[primary]})
       window_t += time.perf_counter() - eval_t  # keep eval time out of the next tokens/s
       eval_s += time.perf_counter() - eval_t
+      if stopper.should_stop and done < cfg.train.steps:
+        bar.write(f"step {done}: early stopping, {primary} has not improved for "
+                  f"{stopper.patience} evals (best {stopper.best:.4g} at step {stopper.best_step})",
+                  file=sys.stderr)
+        stopped_at = done
+        break
     # Every process must take these decisions together (a save or a stop is collective).
     stopping, minutes_due = distributed.any_process(
         stop.signal is not None,
@@ -291,34 +333,89 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
       saved_t = time.monotonic()
     if stopping:
       bar.close()
-      return {"steps": done, "stopped_by": stop.signal or "a signal to another process"}
+      if best_ckpt is not None:
+        best_ckpt.close()
+      return {"steps": done, "stopped_by": stop.signal or "a signal to another process"}, None
   jax.block_until_ready(state)
   train_s = time.perf_counter() - loop_t - eval_s
   bar.close()
 
-  # --- end: checkpoint, final eval, exports, generation eval, summary ---
+  # --- end: checkpoint, best state, final eval, exports, generation eval, summary ---
+  end_t = time.perf_counter()
   final_step = int(state["step"])
   if checkpointer.latest_step() != final_step:  # checkpoint_every may have saved it already
     checkpointer.save(final_step, state, position)
-  final_eval = evaluate_loss(run, eval_fn, state["trainable"])
-  if final_eval:
+  trainable, training = state["trainable"], {}
+  if stopper.best_step is not None:
+    training = {"metric": primary, "best_step": stopper.best_step, "best_value": stopper.best,
+                "patience": cfg.train.patience, "stopped_early": stopped_at is not None,
+                "stopped_at": stopped_at, "restored_best": False}
+    if best_ckpt is not None:
+      if stopper.best_step != final_step:  # exports and the final evaluation use the best step
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        best_state, _ = best_ckpt.restore(stopper.best_step, abstract)
+        trainable, training["restored_best"] = best_state["trainable"], True
+        log.info("restored the best checkpoint (step %d, %s %.4g)", stopper.best_step, primary,
+                 stopper.best)
+  if best_ckpt is not None:
+    best_ckpt.close()
+  final_eval = evaluate_loss(run, eval_fn, trainable)
+  if final_eval and final_step not in evaluated and not training.get("restored_best"):
     writer.write(final_step, final_eval, "eval/")
-  trainable = state["trainable"]
   if jax.process_count() > 1:  # each process holds only its shards: gather them (collective)
     from jax.experimental import multihost_utils
     trainable = multihost_utils.process_allgather(trainable, tiled=True)
   model = run.model(trainable)
   if run.peft_configs and cfg.export.adapter and distributed.is_main():
     export.write_adapters(model, os.path.join(workdir, "adapter"), cfg.model.name_or_path)
-  merged = export.merged_model(model) if cfg.export.merged or cfg.eval.generate else None
+  merged = export.merged_model(model) if cfg.export.merged or plan is not None else None
   if cfg.export.merged:
     export.write_merged(merged, run.tokenizer, os.path.join(workdir, "merged"))
   # A 4-bit base generates as it trained (4-bit + adapter), never materialised in float.
   generator = model if run.quantised else merged
-  finetuned = evaluate.generation_eval(run, generator, few_shot=0) if cfg.eval.generate else None
-  return {"steps": final_step, "method": cfg.method, "trainable_params": n_train,
-          "compile_s": compile_s, "train_s": train_s, "skipped_steps": skipped, "eval": final_eval,
-          "baseline": baseline, "finetuned": finetuned, "train_data": run.train_ds.summary}
+  end = {"training": training, "eval": final_eval}
+  if plan is not None:
+    end["finetuned"] = plan.run(generator, run.tokenizer, evaluation.report.FINETUNED)
+    if cfg.eval.forgetting:
+      end["forgetting"] = evaluation.forgetting.probe(generator, run.tokenizer, cfg.eval,
+                                                      cfg.data.seq_len, "forgetting (fine-tuned)")
+  summary = {"steps": final_step, "method": cfg.method, "trainable_params": n_train,
+             "compile_s": compile_s, "skipped_steps": skipped, "eval": final_eval,
+             "best_step": training.get("best_step"), "stopped_early": stopped_at is not None,
+             "train_s": train_s, "end_eval_seconds": time.perf_counter() - end_t,
+             "train_data": run.train_ds.summary}
+  return summary, end
+
+
+def periodic_eval(run: Run, eval_fn, trainable, plan, primary: str) -> dict:
+  """Eval loss, perplexity, token accuracy and, when the primary metric is a generation metric,
+  that metric on the first eval.periodic_examples eval examples (greedy)."""
+  ev = evaluate_loss(run, eval_fn, trainable, run.config.train.eval_batches)
+  if not ev:
+    return {}
+  ev.update(evaluation.loss_metrics(ev["loss"], ev["accuracy"]))
+  if plan is not None and primary in plan.metrics:
+    predictions = plan.answer(run.model(trainable), run.tokenizer, desc="eval",
+                              limit=run.config.eval.periodic_examples)
+    ev.update(plan.score(predictions))
+  return ev
+
+
+def _early_stopping(run: Run, workdir: str):
+  """(EarlyStopping, best-state Checkpointer or None), continuing a resumed run's best."""
+  cfg = run.config
+  primary = evaluation.metrics.primary(cfg.eval)
+  best_ckpt = (Checkpointer(workdir, keep=1, folder="best")
+               if cfg.train.keep_best and cfg.train.eval_every and run.eval_ds is not None else None)
+  best = best_step = None
+  best_path = os.path.join(workdir, "best.json")
+  if best_ckpt is not None and best_ckpt.latest_step() is not None and os.path.exists(best_path):
+    with open(best_path) as f:
+      saved = json.load(f)
+    best, best_step = saved.get(primary), saved["step"]
+  stopper = curves_lib.EarlyStopping(evaluation.metrics.higher_is_better(primary),
+                                     cfg.train.patience, best=best, best_step=best_step)
+  return stopper, best_ckpt
 
 
 # --- command line -----------------------------------------------------------------------

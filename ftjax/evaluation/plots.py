@@ -1,0 +1,86 @@
+"""The report's PNGs (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import os
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def curves(path: str, curves: dict, primary: str, best_step: int | None) -> str | None:
+  """Train vs eval loss over steps, and the primary metric at each periodic eval."""
+  if "train/loss" not in curves:
+    return None
+  plt = _pyplot()
+  extra = f"eval/{primary}" if f"eval/{primary}" in curves and primary != "loss" else None
+  fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(11 if extra else 6, 4), squeeze=False)
+  ax = axes[0][0]
+  for key, style in (("train/loss", "-"), ("eval/loss", "o-")):
+    if key in curves:
+      steps, values = zip(*curves[key])
+      ax.plot(steps, values, style, label=key)
+  ax.set(xlabel="step", ylabel="loss (answer tokens)", title="train vs eval loss")
+  if extra:
+    steps, values = zip(*curves[extra])
+    axes[0][1].plot(steps, values, "o-", color="tab:green", label=extra)
+    axes[0][1].set(xlabel="step", ylabel=primary,
+                   title=f"{primary} during training (first eval.periodic_examples)")
+  for a in axes[0]:
+    if best_step is not None:
+      a.axvline(best_step, color="grey", linestyle="--", label=f"best step {best_step}")
+    a.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return os.path.basename(path)
+
+
+def comparison(path: str, systems: dict[str, dict], cis: dict[str, dict], metrics: list[str]) -> str:
+  """Bars per metric, one per system (prompting baselines, fine-tuned), each with its bootstrap
+  95% CI."""
+  import numpy as np
+  plt = _pyplot()
+  names = list(systems)
+  width = 0.8 / len(names)
+  fig, ax = plt.subplots(figsize=(min(12, max(6, 0.5 * len(metrics) * len(names) + 2)), 4.5))
+  x = np.arange(len(metrics))
+  for k, name in enumerate(names):
+    values = np.array([100 * systems[name][m] for m in metrics])
+    err = np.array([[100 * systems[name][m] - 100 * cis[name][m][0] for m in metrics],
+                    [100 * cis[name][m][1] - 100 * systems[name][m] for m in metrics]])
+    pos = x + (k - (len(names) - 1) / 2) * width
+    ax.bar(pos, values, width, yerr=np.maximum(err, 0), capsize=4, label=name,
+           color="tab:green" if name == "fine-tuned" else None)
+    for px, v, top in zip(pos, values, values + np.maximum(err[1], 0)):
+      ax.text(px, top + 1, f"{v:.0f}", ha="center", va="bottom", fontsize=8)  # above the CI bar
+  ax.set_xticks(x, metrics)
+  ax.set(ylabel="score (%)", ylim=(0, 110), title="prompting baselines vs fine-tuned, 95% bootstrap CI")
+  ax.legend(loc="upper left", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return os.path.basename(path)
+
+
+def forgetting(path: str, result: dict) -> str:
+  """Perplexity on the general text before and after fine-tuning, and the flag threshold."""
+  plt = _pyplot()
+  before, after = result["perplexity_before"], result["perplexity_after"]
+  fig, ax = plt.subplots(figsize=(4.5, 4))
+  ax.bar(["base", "fine-tuned"], [before, after],
+         color=["tab:blue", "tab:red" if result["flagged"] else "tab:green"])
+  ax.axhline(before * (1 + result["threshold"]), color="grey", linestyle="--",
+             label=f"flag above +{result['threshold']:.0%}")
+  for i, v in enumerate((before, after)):
+    ax.text(i, v, f"{v:.2f}", ha="center", va="bottom")
+  ax.set(ylabel="perplexity", title=f"general text perplexity ({result['relative_change']:+.1%})")
+  ax.legend(loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return os.path.basename(path)
