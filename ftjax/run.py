@@ -155,6 +155,17 @@ def build_datasets(config, tokenizer):
   return train_ds, eval_ds
 
 
+def attach_adapters(model: nnx.Module, config) -> tuple[dict, tuple]:
+  """Attaches the config's PEFT methods to `model` in place -> ({name: config}, (graphdef,
+  trainable, frozen, mutable) states). Also runs under nnx.eval_shape (ftjax.plan)."""
+  methods = peft_configs(config)
+  for i, (name, method) in enumerate(methods.items()):
+    peft.add_adapter(model, name, method, rngs=config.train.seed + 1 + i)
+  if methods:
+    peft.set_adapter(model, list(methods))  # a combination trains together
+  return methods, nnx.split(model, peft.trainable(model) if methods else nnx.Param, nnx.Param, ...)
+
+
 def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
   config_lib.validate(config)
   dtypes = {k: config_lib.DTYPES[config.model[k]] for k in ("dtype", "param_dtype", "trainable_dtype")}
@@ -173,13 +184,7 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
                       transform=transform)
 
   # --- PEFT adapter, and which params train: one filter ---
-  methods = peft_configs(config)
-  for i, (name, method) in enumerate(methods.items()):
-    peft.add_adapter(model, name, method, rngs=config.train.seed + 1 + i)
-  if methods:
-    peft.set_adapter(model, list(methods))  # a combination trains together
-  graphdef, train_state, frozen_state, mutable_state = nnx.split(
-      model, peft.trainable(model) if methods else nnx.Param, nnx.Param, ...)
+  methods, (graphdef, train_state, frozen_state, mutable_state) = attach_adapters(model, config)
 
   # --- data (validated before anything compiles) ---
   train_ds = eval_ds = None
@@ -206,6 +211,13 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
   frozen, mutable = place(frozen_state), place(mutable_state)
   del model, params, train_state, frozen_state, mutable_state  # the host copies
 
+  optimizer, schedule, loss_fn = step_parts(config, trainable)
+  return Run(config, model_cfg, tokenizer, methods, graphdef, trainable, frozen, mutable, train_ds,
+             eval_ds, mesh, optimizer, schedule, loss_fn, quantised=quant_settings is not None)
+
+
+def step_parts(config, trainable):
+  """(optimizer, schedule, loss_fn) of the train step; `trainable` may be abstract (ftjax.plan)."""
   optimizer, schedule = make_optimizer(
       trainable, lr=config.train.lr, steps=config.train.steps, warmup_steps=config.train.warmup_steps,
       schedule=config.train.schedule, weight_decay=config.train.weight_decay, b1=config.train.b1,
@@ -213,8 +225,7 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
       lora_plus_ratio=config.lora.loraplus_lr_ratio)
   unroll = True if config.model.scan_unroll == -1 else config.model.scan_unroll
   loss_fn = CausalLMLoss(remat=config.model.remat, unroll=unroll, vocab_chunk=config.train.vocab_chunk)
-  return Run(config, model_cfg, tokenizer, methods, graphdef, trainable, frozen, mutable, train_ds,
-             eval_ds, mesh, optimizer, schedule, loss_fn, quantised=quant_settings is not None)
+  return optimizer, schedule, loss_fn
 
 
 def init_or_restore(run: Run, checkpointer: Checkpointer | None):
