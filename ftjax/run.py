@@ -246,8 +246,13 @@ def jit_train_step(run: Run, state):
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   frozen_shardings = jax.tree.map(lambda x: x.sharding, run.frozen)
   batch_sharding = NamedSharding(run.mesh, P(None, ("data", "fsdp"), None))
+  step = functools.partial(step_lib.train_step, graphdef=run.graphdef, loss_fn=run.loss_fn,
+                           optimizer=run.optimizer, schedule=run.schedule)
+
+  def traced_under_mesh(*args):  # the model pins activations' batch dim to the mesh (ops.constrain_batch)
+    with jax.sharding.use_abstract_mesh(run.mesh.abstract_mesh):
+      return step(*args)
   return jax.jit(
-      functools.partial(step_lib.train_step, graphdef=run.graphdef, loss_fn=run.loss_fn,
-                        optimizer=run.optimizer, schedule=run.schedule),
+      traced_under_mesh,
       in_shardings=(state_shardings, frozen_shardings, batch_sharding),
       out_shardings=(state_shardings, sharding.replicated(run.mesh)), donate_argnums=(0,))

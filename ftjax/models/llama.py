@@ -230,14 +230,15 @@ class Decoder(nnx.Module):
         "inv_freq": ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling)),
         "shared": self.num_virtual_tokens > 0,
     }
-    x = self._embed(x_btd)
+    x = ops.constrain_batch(self._embed(x_btd))
 
     # Split once; the scan body merges one layer's slice of the stacked state.
     graphdef, stacked = nnx.split(self.layers)
 
     def body(x, xs):
       layer_state, layer_cache, layer_rng = xs
-      return nnx.merge(graphdef, layer_state)(x, ctx, layer_cache, layer_rng)
+      x, out = nnx.merge(graphdef, layer_state)(ops.constrain_batch(x), ctx, layer_cache, layer_rng)
+      return ops.constrain_batch(x), out
 
     policy = ops.REMAT_POLICIES[remat]
     if remat != "none":
