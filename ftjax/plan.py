@@ -177,8 +177,12 @@ def abstract_run(config):
 
 def plan(config) -> Plan:
   """Compiles the train step of `config` for its mesh and accounts for every device byte."""
+  return plan_of(*abstract_run(config))
+
+
+def plan_of(run, state, batch) -> Plan:
+  """The plan of an `abstract_run`'s step."""
   from ftjax.run import jit_train_step
-  run, state, batch = abstract_run(config)
   compiled = jit_train_step(run, state).lower(state, run.frozen, batch).compile()
   mem = compiled.memory_analysis()
   other = _shard_bytes({k: v for k, v in state.items() if k not in ("trainable", "opt_state")})
@@ -221,14 +225,20 @@ def knobs(config) -> list[tuple[str, dict]]:
 
 def with_changes(config, changes: dict):
   config = config.copy_and_resolve_references()
-  for key, value in changes.items():
-    block, name = key.split(".")
-    config[block][name] = value
+  for key, value in changes.items():  # "train.grad_accum", "method"
+    node = config
+    *blocks, name = key.split(".")
+    for block in blocks:
+      node = node[block]
+    node[name] = value
   return config
 
 
-def suggest(config, device: str, report=print) -> list[tuple[str, Plan]]:
-  """Plans each knob alone, then all of them together, until one fits `device`."""
+def suggest(config, device: str | None, report=print, usable: int | None = None
+            ) -> list[tuple[str, Plan]]:
+  """Plans each knob alone, then all of them together, until one fits `device` (or `usable`
+  bytes per device); returns the plans made."""
+  usable = usable_bytes(device) if usable is None else usable
   found = []
   candidates = knobs(config)
   if len(candidates) > 1:
@@ -239,7 +249,7 @@ def suggest(config, device: str, report=print) -> list[tuple[str, Plan]]:
     except Exception as e:  # noqa: BLE001 - a knob that does not apply (e.g. divisibility)
       report(f"  {what}: not applicable ({type(e).__name__}: {str(e).splitlines()[0]})")
       continue
-    fits = result.total <= usable_bytes(device)
+    fits = result.total <= usable
     report(f"  {what}: {result.total / GIB:.2f} GiB per device -> {'fits' if fits else 'does not fit'}")
     found.append((what, result))
     if fits:
