@@ -127,6 +127,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_batches = 0  # 0: the whole eval split
   c.train.checkpoint_every = 0  # 0: only at the end
   c.train.keep_checkpoints = 2
+  # Positions of each row the vocab head + loss run on at a time (f32 logits never whole):
+  # 0 = auto, on only where a micro-batch's logits would pass 512 MiB per device; -1 = never.
   c.train.vocab_chunk = 0
 
   c.mesh = ml_collections.ConfigDict()
@@ -199,6 +201,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.train.grad_accum > 0, f"train.grad_accum={c.train.grad_accum}; must be > 0")
   check(c.train.batch_size % c.train.grad_accum == 0,
         f"train.batch_size={c.train.batch_size} is not divisible by train.grad_accum={c.train.grad_accum}")
+  check(c.train.vocab_chunk >= -1, f"train.vocab_chunk={c.train.vocab_chunk}; expected -1 (never), "
+        "0 (auto) or a chunk length")
   check(c.train.lr > 0, f"train.lr={c.train.lr}; must be > 0")
   check(c.train.schedule in SCHEDULES, f"train.schedule={c.train.schedule!r}; expected one of {SCHEDULES}")
   check(0 <= c.train.warmup_steps <= c.train.steps,

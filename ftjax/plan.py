@@ -87,6 +87,7 @@ class Plan:
   temporaries: int  # XLA's temp allocation: activations, gradients, the logits
   outputs: int  # outputs not written over donated inputs (metrics)
   code: int  # the compiled program
+  vocab_chunk: int = 0  # train.vocab_chunk in effect (0: whole logits)
 
   @property
   def total(self) -> int:
@@ -159,7 +160,7 @@ def abstract_run(config):
 
   trainable = place(train_state, dtypes["trainable_dtype"])
   frozen, mutable = place(frozen_state), place(mutable_state)
-  optimizer, schedule, loss_fn = step_parts(config, trainable)
+  optimizer, schedule, loss_fn = step_parts(config, trainable, model_cfg, mesh)
   run = Run(config, model_cfg, None, methods, graphdef, trainable, frozen, mutable, None, None,
             mesh, optimizer, schedule, loss_fn, quantised=settings is not None)
   # The state's shardings are the ones the run's jitted init gives it (XLA propagates them).
@@ -190,7 +191,7 @@ def plan_of(run, state, batch) -> Plan:
               adapters=_shard_bytes(state["trainable"]), optimizer=_shard_bytes(state["opt_state"]),
               batch=_shard_bytes(batch), other=other, temporaries=mem.temp_size_in_bytes,
               outputs=max(0, mem.output_size_in_bytes - mem.alias_size_in_bytes),
-              code=mem.generated_code_size_in_bytes)
+              code=mem.generated_code_size_in_bytes, vocab_chunk=run.loss_fn.vocab_chunk)
 
 
 def usable_bytes(device: str) -> int:
@@ -262,7 +263,8 @@ def format_plan(config, result: Plan, device: str | None) -> str:
   lines = [f"model {config.model.name_or_path} ({config.method}, base {config.model.param_dtype}"
            + (f", 4-bit {config.quant.type or 'nf4'}" if config.quant.type or "qlora" in config.method
               else "") + f"), batch {config.train.batch_size} x {config.data.seq_len} tokens, "
-           f"grad_accum {config.train.grad_accum}, remat {config.model.remat}; mesh {mesh}",
+           f"grad_accum {config.train.grad_accum}, remat {config.model.remat}, vocab_chunk "
+           f"{result.vocab_chunk or 'off'}; mesh {mesh}",
            "per-device bytes (XLA memory analysis of the compiled train step):"]
   for name, nbytes in result.rows():
     lines.append(f"  {name:<48} {nbytes / GIB:9.3f} GiB")

@@ -211,12 +211,32 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
   frozen, mutable = place(frozen_state), place(mutable_state)
   del model, params, train_state, frozen_state, mutable_state  # the host copies
 
-  optimizer, schedule, loss_fn = step_parts(config, trainable)
+  optimizer, schedule, loss_fn = step_parts(config, trainable, model_cfg, mesh)
   return Run(config, model_cfg, tokenizer, methods, graphdef, trainable, frozen, mutable, train_ds,
              eval_ds, mesh, optimizer, schedule, loss_fn, quantised=quant_settings is not None)
 
 
-def step_parts(config, trainable):
+# Above this many bytes of f32 logits per device for a micro-batch, train.vocab_chunk=0 (auto)
+# runs the vocab head in chunks of positions sized to a quarter of it.
+LOGITS_BUDGET_BYTES = 512 << 20  # with their gradient and exp() temporaries, ~3x this
+
+
+def vocab_chunk(config, model_cfg, mesh) -> int:
+  """train.vocab_chunk, resolved: -1 never chunks; 0 (auto) chunks only where a micro-batch's
+  [tokens, vocab] f32 logits on one device would pass LOGITS_BUDGET_BYTES (e.g. Llama 3's
+  128k vocab at 2048 tokens per device: 1 GiB, plus as much again for their gradient)."""
+  chunk = config.train.vocab_chunk
+  if chunk:
+    return max(chunk, 0)
+  rows = max(1, config.train.batch_size // config.train.grad_accum
+             // (mesh.shape["data"] * mesh.shape["fsdp"]))
+  seq, row_bytes = config.data.seq_len, model_cfg.vocab_size * 4
+  if rows * seq * row_bytes <= LOGITS_BUDGET_BYTES:
+    return 0
+  return max(1, min(seq, LOGITS_BUDGET_BYTES // 4 // (rows * row_bytes)))
+
+
+def step_parts(config, trainable, model_cfg, mesh):
   """(optimizer, schedule, loss_fn) of the train step; `trainable` may be abstract (ftjax.plan)."""
   optimizer, schedule = make_optimizer(
       trainable, lr=config.train.lr, steps=config.train.steps, warmup_steps=config.train.warmup_steps,
@@ -224,7 +244,8 @@ def step_parts(config, trainable):
       b2=config.train.b2, eps=config.train.eps, max_grad_norm=config.train.max_grad_norm,
       lora_plus_ratio=config.lora.loraplus_lr_ratio)
   unroll = True if config.model.scan_unroll == -1 else config.model.scan_unroll
-  loss_fn = CausalLMLoss(remat=config.model.remat, unroll=unroll, vocab_chunk=config.train.vocab_chunk)
+  loss_fn = CausalLMLoss(remat=config.model.remat, unroll=unroll,
+                         vocab_chunk=vocab_chunk(config, model_cfg, mesh))
   return optimizer, schedule, loss_fn
 
 

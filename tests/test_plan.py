@@ -14,6 +14,7 @@ from ftjax import plan as plan_lib
 from ftjax import run as run_lib
 from ftjax.data import quickstart_task
 from ftjax.errors import FtjaxError
+from ftjax.parallel import sharding
 from tiny import make_model_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,6 +89,24 @@ def test_suggest_plans_knobs_until_one_fits(model_dir, data_dir):
   assert what.startswith("remat") and result.temporaries < base.temporaries
   assert result.total <= base.total - 1 and lines == [f"  {what}: {result.total / 2**30:.2f} GiB "
                                                       "per device -> fits"]
+
+
+def test_vocab_chunk_is_on_where_the_logits_would_not_fit():
+  """train.vocab_chunk=0 (auto): Llama 3's 128k vocab at 8 x 2048 tokens on fsdp=8 (1 GiB of
+  f32 logits per device) is chunked; SmolLM2's quickstart (400 MiB on one device) is not."""
+  mesh = sharding.make_mesh(1, 8, 1)
+  c = config_lib.base_config()
+  c.train.batch_size, c.data.seq_len = 8, 2048
+  llama = plan_lib.model_config("llama-3-8b")
+  chunk = run_lib.vocab_chunk(c, llama, mesh)
+  assert 0 < chunk < 2048 and chunk * llama.vocab_size * 4 <= run_lib.LOGITS_BUDGET_BYTES // 4
+  smol = llama.replace(vocab_size=49152)
+  c.data.seq_len = 256
+  assert run_lib.vocab_chunk(c, smol, mesh) == 0
+  c.train.vocab_chunk = -1
+  assert run_lib.vocab_chunk(c, llama, mesh) == 0
+  c.train.vocab_chunk = 64
+  assert run_lib.vocab_chunk(c, smol, mesh) == 64
 
 
 def test_bad_mesh_and_device_are_errors(capsys):
