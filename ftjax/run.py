@@ -177,8 +177,12 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
     log.warning("%s is a 4-bit checkpoint; loading it dequantised to float since quant.type is "
                 "unset (set method=qlora or quant.type to train on the 4-bit base as stored)",
                 config.model.name_or_path)
+  # Float params are created on the mesh as they are read (sharded, storage dtype): the model
+  # is never whole in host memory.
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   model_cfg, params, tokenizer, transform = resolve_params(
-      config.model.name_or_path, dtype=dtypes["param_dtype"], quantize=quant_settings or False)
+      config.model.name_or_path, dtype=dtypes["param_dtype"], quantize=quant_settings or False,
+      mesh=mesh)
   params, model_cfg = shrink_layers(params, model_cfg, config.model.num_layers)
   model = from_params(model_cfg, params, dtype=dtypes["dtype"], place=lambda p: p,
                       transform=transform)
@@ -193,7 +197,6 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
     train_ds, eval_ds = build_datasets(config, tokenizer)
 
   # --- mesh + shardings: params placed by the logical axes in their metadata ---
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   micro = config.train.batch_size // config.train.grad_accum
   if micro % batch_shards:
@@ -203,7 +206,8 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True) -> Run:
   def place(state, dtype=None):
     tree = nnx.to_pure_dict(state)
     if dtype is not None:  # trained params keep their own (f32 master) dtype
-      tree = jax.tree.map(lambda x: np.asarray(x, dtype), tree)
+      tree = jax.tree.map(lambda x: x.astype(dtype) if isinstance(x, jax.Array)  # on device
+                          else np.asarray(x, dtype), tree)
     shardings = sharding.tree_shardings(tree, sharding.logical_axes(state), mesh)
     return jax.device_put(tree, shardings)
 
@@ -233,7 +237,10 @@ def vocab_chunk(config, model_cfg, mesh) -> int:
   seq, row_bytes = config.data.seq_len, model_cfg.vocab_size * 4
   if rows * seq * row_bytes <= LOGITS_BUDGET_BYTES:
     return 0
-  return max(1, min(seq, LOGITS_BUDGET_BYTES // 4 // (rows * row_bytes)))
+  chunk = max(1, min(seq, LOGITS_BUDGET_BYTES // 4 // (rows * row_bytes)))
+  while seq % chunk:  # a divisor of the row length: no padded positions computed
+    chunk -= 1
+  return chunk
 
 
 def step_parts(config, trainable, model_cfg, mesh):

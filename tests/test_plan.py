@@ -99,7 +99,7 @@ def test_vocab_chunk_is_on_where_the_logits_would_not_fit():
   c.train.batch_size, c.data.seq_len = 8, 2048
   llama = plan_lib.model_config("llama-3-8b")
   chunk = run_lib.vocab_chunk(c, llama, mesh)
-  assert 0 < chunk < 2048 and chunk * llama.vocab_size * 4 <= run_lib.LOGITS_BUDGET_BYTES // 4
+  assert 0 < chunk < 2048 and 2048 % chunk == 0 and chunk * llama.vocab_size * 4 <= run_lib.LOGITS_BUDGET_BYTES // 4
   smol = llama.replace(vocab_size=49152)
   c.data.seq_len = 256
   assert run_lib.vocab_chunk(c, smol, mesh) == 0

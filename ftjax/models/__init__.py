@@ -37,32 +37,41 @@ def from_params(cfg: ModelConfig, params: Params, *, dtype=None, place=jax.devic
   return nnx.merge(graphdef, place(params))
 
 
-def resolve_params(name_or_path: str, dtype=jnp.float32, *, quantize=None):
+def resolve_params(name_or_path: str, dtype=jnp.float32, *, quantize=None, mesh=None):
   """Model reference -> (ModelConfig, params, Tokenizer, transform) for `from_params`.
 
   quantize: ftjax.quant.quantize_model's settings (e.g. dict(quant_type="nf4")) to load the
   linear kernels in 4 bits, quantised layer by layer as they are read; None keeps a checkpoint
   as stored (a bitsandbytes load_in_4bit checkpoint stays 4-bit, its bytes unchanged; any
   other loads in float); False loads float (a 4-bit checkpoint dequantised).
+  mesh: a jax Mesh with ftjax's axes (ftjax.parallel.sharding.make_mesh): each float param is
+  created on it, sharded by its logical axes, and filled as it is read (ftjax.models.sharded),
+  so the model is never whole in host memory; None returns numpy arrays.
   """
   from ftjax import quant
   from ftjax.models.resolve import resolve_model, stored_quantisation
+  from ftjax.models.sharded import collect_mesh_sinks, mesh_sinks
   settings = stored_quantisation(name_or_path) if quantize is None else (quantize or None)
   allocate = quant.quant_sinks(**settings) if settings else None
+  if mesh is not None:
+    allocate = mesh_sinks(mesh, fallback=allocate)
   cfg, params, tokenizer = resolve_model(name_or_path, dtype=jnp.dtype(dtype), allocate=allocate)
+  params = collect_mesh_sinks(params)
   if not settings:
     return cfg, params, tokenizer, None
   return (cfg, quant.collect_sinks(params), tokenizer,
           functools.partial(quant.quantize_model, **settings))
 
 
-def load(name_or_path: str, dtype=jnp.float32, *, compute_dtype=None, quantize=None):
+def load(name_or_path: str, dtype=jnp.float32, *, compute_dtype=None, quantize=None, mesh=None):
   """Built-in name, HF model directory, .gguf file or Hub id -> (CausalLM, Tokenizer).
 
   dtype: the storage dtype of the float params (and the compute dtype unless `compute_dtype`
-  is set). quantize: 4-bit loading, as in `resolve_params` (default: as stored).
+  is set). quantize: 4-bit loading, as in `resolve_params` (default: as stored). mesh: load
+  straight onto it, sharded by the params' logical axes (see `resolve_params`).
   """
-  cfg, params, tokenizer, transform = resolve_params(name_or_path, dtype, quantize=quantize)
+  cfg, params, tokenizer, transform = resolve_params(name_or_path, dtype, quantize=quantize,
+                                                     mesh=mesh)
   return from_params(cfg, params, dtype=compute_dtype or dtype, transform=transform), tokenizer
 
 
