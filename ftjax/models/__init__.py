@@ -75,10 +75,15 @@ def load(name_or_path: str, dtype=jnp.float32, *, compute_dtype=None, quantize=N
   return from_params(cfg, params, dtype=compute_dtype or dtype, transform=transform), tokenizer
 
 
-def save_pretrained(model: CausalLM, out_dir: str, tokenizer=None, dtype=np.float32) -> None:
+def save_pretrained(model: CausalLM, out_dir: str, tokenizer=None, dtype=np.float32,
+                    max_shard_size: int | str = "5GB") -> None:
   """Writes `model` as a HF model directory (config.json + safetensors [+ tokenizer files]),
   loadable by `transformers.AutoModelForCausalLM.from_pretrained`. A 4-bit model (QuantLinear
-  kernels) is written as transformers + bitsandbytes write a load_in_4bit model, same bytes."""
+  kernels) is written as transformers + bitsandbytes write a load_in_4bit model, same bytes.
+
+  Streams from the (possibly sharded) arrays one layer at a time; files of at most
+  `max_shard_size` (bytes, or "5GB" / "500MiB" as in transformers) with the standard
+  model.safetensors.index.json when there are several. The tree is never gathered whole."""
   from ftjax.files import atomic_dir
   from ftjax.models.hf import save_hf_config, save_hf_params
   from ftjax.quant import bnb
@@ -97,7 +102,6 @@ def save_pretrained(model: CausalLM, out_dir: str, tokenizer=None, dtype=np.floa
   if any(m.quant_type == "int8" for m in in_4bit.values()):
     raise FtjaxError("save_pretrained: int8 kernels have no HF checkpoint format; dequantise "
                      "them first (ftjax.quant.dequantize_model)")
-  params = jax.device_get(params)
   quantised = {f"{path}/kernel": lambda i, m=m: jax.device_get(m.quantized(i))
                for path, m in in_4bit.items()}
   quant_config = None
@@ -108,7 +112,8 @@ def save_pretrained(model: CausalLM, out_dir: str, tokenizer=None, dtype=np.floa
     quant_config = bnb.quantization_config(first.quant_type, first.absmax_scale is not None,
                                            float_linears, np.dtype(first.dtype).name)
   with atomic_dir(out_dir) as tmp:
-    save_hf_params(params, cfg, tmp, dtype=dtype, quantised=quantised)
+    save_hf_params(params, cfg, tmp, dtype=dtype, quantised=quantised,
+                   max_shard_bytes=max_shard_size)
     save_hf_config(cfg, tmp, dtype_name=np.dtype(dtype).name, quantization_config=quant_config)
     if tokenizer is not None:
       tokenizer.save(tmp)
