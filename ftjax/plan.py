@@ -208,16 +208,15 @@ def knobs(config) -> list[tuple[str, dict]]:
     out.append(("remat: model.remat=full (recompute the layer body in the backward pass)",
                 {"model.remat": "full"}))
   micro = config.train.batch_size // config.train.grad_accum
-  shards = config.mesh.data * config.mesh.fsdp if config.mesh.data > 0 else None
-  accum = config.train.grad_accum * 2
-  if micro % 2 == 0 and config.train.batch_size % accum == 0 and (
-      shards is None or (config.train.batch_size // accum) % shards == 0):
-    out.append((f"micro-batch: train.grad_accum={accum} (micro-batch {micro // 2})",
-                {"train.grad_accum": accum}))
-  if config.mesh.data > 1:
-    out.append((f"fsdp size: mesh data={config.mesh.data // 2}, fsdp={config.mesh.fsdp * 2} "
-                "(shard params and optimizer state over more devices)",
-                {"mesh.data": config.mesh.data // 2, "mesh.fsdp": config.mesh.fsdp * 2}))
+  shards = config.mesh.data * config.mesh.fsdp if config.mesh.data > 0 else 1
+  if micro > shards and config.train.batch_size % shards == 0:  # one row per batch shard
+    accum = config.train.batch_size // shards
+    out.append((f"micro-batch: train.grad_accum={accum} (micro-batch {shards}, one row per "
+                "data-parallel device; same batch per step)", {"train.grad_accum": accum}))
+  if config.mesh.data > 1:  # the same devices, all sharding the params instead of copying them
+    fsdp = config.mesh.data * config.mesh.fsdp
+    out.append((f"fsdp size: mesh data=1, fsdp={fsdp} (params and optimizer state sharded over "
+                "every data-parallel device)", {"mesh.data": 1, "mesh.fsdp": fsdp}))
   methods = config_lib.methods(config)
   if not config_lib.quant_type(config) and "full" not in methods:
     out.append(("QLoRA: quant.type=nf4 (the frozen base in 4 bits)", {"quant.type": "nf4"}))

@@ -5,7 +5,8 @@ A loader (ftjax.models.hf / gguf) writes into whatever `allocate(spec, dtype)` r
 layer at a time (`target[i] = tensor`, `target[...] = tensor` when not stacked). `MeshSink` is
 that target on a mesh: a zero array with the param's sharding (from the logical axes of the
 abstract model and ftjax.parallel.sharding's rules), updated in place by a jitted, donated
-`dynamic_update_slice` per layer. Host memory then holds the params' shards (on a CPU mesh the
+`dynamic_update_slice` per layer (or per block of rows of a big table, which the GGUF loader
+dequantises a chunk at a time). Host memory then holds the params' shards (on a CPU mesh the
 devices are host memory too) plus the one tensor in flight; only this process's shards are
 ever written (multi-host loading needs nothing more).
 """
@@ -22,14 +23,17 @@ from ftjax.errors import FtjaxError
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(stacked, layer, index):
-  """stacked[index] = layer, in place (the output keeps the donated input's sharding)."""
-  start = (index,) + (0,) * layer.ndim
-  return jax.lax.dynamic_update_slice(stacked, layer[None].astype(stacked.dtype), start)
+def _set_block(array, block, start):
+  """array[start:start + len(block)] = block along dim 0, in place (the output keeps the
+  donated input's sharding)."""
+  return jax.lax.dynamic_update_slice(array, block.astype(array.dtype),
+                                      (start,) + (0,) * (block.ndim - 1))
 
 
 class MeshSink:
-  """One param on the mesh, written layer by layer from host tensors (see the module doc)."""
+  """One param on the mesh, written from host tensors (see the module doc): `sink[i] = layer`
+  for a stacked param, `sink[a:b] = rows` for a block of rows (a big table read in chunks),
+  `sink[...] = whole`."""
 
   def __init__(self, shape, dtype, sharding):
     self.shape, self.dtype, self.sharding = tuple(shape), jnp.dtype(dtype), sharding
@@ -37,8 +41,8 @@ class MeshSink:
 
   def _host(self, value, shape):
     value = np.asarray(value)
-    if value.shape != shape:  # the loaders check shapes first; this guards the sink itself
-      raise FtjaxError(f"MeshSink: got a tensor of shape {value.shape}, expected {shape}")
+    if value.shape != tuple(shape):  # the loaders check shapes first; this guards the sink itself
+      raise FtjaxError(f"MeshSink: got a tensor of shape {value.shape}, expected {tuple(shape)}")
     return value.astype(self.dtype, copy=False)
 
   def __setitem__(self, index, value) -> None:
@@ -47,10 +51,17 @@ class MeshSink:
       self.array = jax.make_array_from_callback(self.shape, self.sharding,
                                                 lambda idx: np.ascontiguousarray(host[idx]))
       return
+    if isinstance(index, slice):  # rows a:b
+      start, stop, step = index.indices(self.shape[0])
+      if step != 1:
+        raise FtjaxError(f"MeshSink: row slices must be contiguous, got {index}")
+      block = self._host(value, (stop - start, *self.shape[1:]))
+    else:  # one layer of a stacked param
+      start = int(index)
+      block = self._host(value, self.shape[1:])[None]
     if self.array is None:
       self.array = jax.jit(lambda: jnp.zeros(self.shape, self.dtype), out_shardings=self.sharding)()
-    layer = self._host(value, self.shape[1:])
-    self.array = _set_layer(self.array, layer, np.int32(index))
+    self.array = _set_block(self.array, block, np.int32(start))
 
 
 def mesh_sinks(mesh, fallback=None):
