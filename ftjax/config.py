@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ftjax.errors import FtjaxError
-from ftjax.models.ops import REMAT_POLICIES
+from ftjax.models.ops import ATTENTION_BACKENDS, REMAT_POLICIES
 
 # PEFT methods (each with its block below) and full fine-tuning.
 METHODS = ("lora", "qlora", "ia3", "prompt", "prefix", "adapter", "full")
@@ -39,6 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
   # matmul output and ~25% faster than keeping everything on CPU: the rest is cheaper to
   # recompute than to stack per layer (docs/benchmarks.md).
   c.model.remat = "projections"
+  # Attention kernel of the training forward pass, all with the packing segment mask: xla (any
+  # backend; the reference) | cudnn (cuDNN flash attention, GPU) | splash (Pallas, TPU).
+  c.model.attention = "xla"
   c.model.scan_unroll = 1  # layers per scan iteration; -1 unrolls all (slower compile; no faster here)
   # Shrink the loaded model for tests ("runlocal"): 0 keeps it as is.
   c.model.num_layers = 0
@@ -169,6 +172,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.model.remat in REMAT_POLICIES,
         f"model.remat={c.model.remat!r}; expected one of {tuple(REMAT_POLICIES)}")
   check(bool(c.model.name_or_path), "model.name_or_path is empty")
+  check(c.model.attention in ATTENTION_BACKENDS,
+        f"model.attention={c.model.attention!r}; expected one of {tuple(ATTENTION_BACKENDS)}")
   check(c.model.scan_unroll == -1 or c.model.scan_unroll >= 1,
         f"model.scan_unroll={c.model.scan_unroll}; expected -1 (all) or >= 1")
   check(c.lora.rank > 0, f"lora.rank={c.lora.rank}; must be > 0")

@@ -19,6 +19,7 @@ class CausalLMLoss:
 
   Hashable: it is a static argument of the jitted step.
   remat / unroll: the decoder's layer-scan options (see CausalLM.hidden_states).
+  attention: passed to the decoder only when not "xla", so any model with `hidden_states` works.
   vocab_chunk: >0 runs the vocab head + cross-entropy over this many positions of each row at
     a time, recomputed in the backward pass: [tokens, vocab] f32 logits never exist whole
     (memory for one extra head matmul).
@@ -26,11 +27,13 @@ class CausalLMLoss:
   remat: str = "none"
   unroll: int | bool = 1
   vocab_chunk: int = 0
+  attention: str = "xla"  # the decoder's attention kernel (model.attention): xla | cudnn | splash
 
   def __call__(self, model, batch: dict, rng=None) -> dict:
     hidden = model.hidden_states(batch["inputs"], positions=batch["positions"],
                                  segment_ids=batch["segment_ids"], remat=self.remat,
-                                 unroll=self.unroll, rng=rng)
+                                 unroll=self.unroll, rng=rng, **(
+                                     {"attention": self.attention} if self.attention != "xla" else {}))
     if not self.vocab_chunk:
       return token_ce_sums(model.logits, hidden, batch["targets"], batch["loss_mask"])
     return chunked_token_ce_sums(model.logits, hidden, batch["targets"], batch["loss_mask"],

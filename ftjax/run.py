@@ -26,7 +26,7 @@ from ftjax.data import build_dataset
 from ftjax.data.dataset import dataset_from_examples
 from ftjax.errors import FtjaxError
 from ftjax.losses import CausalLMLoss
-from ftjax.models import from_params, resolve_params
+from ftjax.models import from_params, ops, resolve_params
 from ftjax.models.resolve import stored_quantisation
 from ftjax.optim import make_optimizer
 from ftjax.parallel import sharding
@@ -251,8 +251,10 @@ def step_parts(config, trainable, model_cfg, mesh):
       b2=config.train.b2, eps=config.train.eps, max_grad_norm=config.train.max_grad_norm,
       lora_plus_ratio=config.lora.loraplus_lr_ratio)
   unroll = True if config.model.scan_unroll == -1 else config.model.scan_unroll
+  ops.check_attention(config.model.attention)
   loss_fn = CausalLMLoss(remat=config.model.remat, unroll=unroll,
-                         vocab_chunk=vocab_chunk(config, model_cfg, mesh))
+                         vocab_chunk=vocab_chunk(config, model_cfg, mesh),
+                         attention=config.model.attention)
   return optimizer, schedule, loss_fn
 
 
