@@ -126,6 +126,10 @@ def abstract_run(config):
   from ftjax.run import Run, attach_adapters, peft_configs, quantisation, step_parts
 
   config_lib.validate(config)
+  if config.model.attention != "xla":
+    # A fused kernel compiles only on its own backend: its memory is planned with the XLA path,
+    # which materialises the [t, s] scores a flash kernel never does (an upper bound).
+    config = with_changes(config, {"model.attention": "xla"})
   dtypes = {k: config_lib.DTYPES[config.model[k]] for k in ("dtype", "param_dtype", "trainable_dtype")}
   model_cfg = model_config(config.model.name_or_path)
   if config.model.num_layers and config.model.num_layers < model_cfg.num_layers:
@@ -259,12 +263,15 @@ def suggest(config, device: str | None, report=print, usable: int | None = None
 
 def format_plan(config, result: Plan, device: str | None) -> str:
   mesh = ", ".join(f"{k}={v}" for k, v in result.mesh.items())
+  note = ([f"model.attention={config.model.attention!r} planned with the XLA kernel (an upper "
+           "bound: it keeps the attention scores a flash kernel does not)"]
+          if config.model.attention != "xla" else [])
   lines = [f"model {config.model.name_or_path} ({config.method}, base {config.model.param_dtype}"
            + (f", 4-bit {config.quant.type or 'nf4'}" if config.quant.type or "qlora" in config.method
               else "") + f"), batch {config.train.batch_size} x {config.data.seq_len} tokens, "
            f"grad_accum {config.train.grad_accum}, remat {config.model.remat}, vocab_chunk "
            f"{result.vocab_chunk or 'off'}; mesh {mesh}",
-           "per-device bytes (XLA memory analysis of the compiled train step):"]
+           *note, "per-device bytes (XLA memory analysis of the compiled train step):"]
   for name, nbytes in result.rows():
     lines.append(f"  {name:<48} {nbytes / GIB:9.3f} GiB")
   if device:

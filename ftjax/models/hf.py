@@ -121,6 +121,16 @@ def parse_size(size: int | str) -> int:
   raise FtjaxError(f"max_shard_size={size!r}; expected bytes or a size like '5GB' or '500MiB'")
 
 
+def _fetch(x) -> np.ndarray:
+  """A host copy of one tensor. An array spread over several processes is gathered from all of
+  them, a collective: in a multi-host run every process must call the export."""
+  import jax
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
 def save_hf_params(params: Params, cfg: ModelConfig, out_dir: str, dtype=np.float32,
                    max_shard_bytes: int | str = "5GB", quantised=None) -> list[str]:
   """Writes model.safetensors, or shards of at most `max_shard_bytes` (transformers'
@@ -153,7 +163,7 @@ def save_hf_params(params: Params, cfg: ModelConfig, out_dir: str, dtype=np.floa
       if in_4bit:
         tensors = bnb.write_4bit(name, in_4bit(i if spec.stacked else ()))
       else:
-        tensor = np.asarray(leaf[i] if spec.stacked else leaf)  # one layer off the devices
+        tensor = _fetch(leaf[i] if spec.stacked else leaf)  # one layer off the devices
         tensors = {name: np.ascontiguousarray((tensor.T if spec.transpose else tensor).astype(dtype))}
       nbytes = sum(t.nbytes for t in tensors.values())
       if size and size + nbytes > limit:
