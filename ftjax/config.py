@@ -174,6 +174,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(bool(c.model.name_or_path), "model.name_or_path is empty")
   check(c.model.attention in ATTENTION_BACKENDS,
         f"model.attention={c.model.attention!r}; expected one of {tuple(ATTENTION_BACKENDS)}")
+  check(c.model.attention != "cudnn" or c.model.dtype == "bfloat16",
+        f"model.attention='cudnn' needs model.dtype='bfloat16' (cuDNN flash attention runs in "
+        f"16 bits), not {c.model.dtype!r}")
   check(c.model.scan_unroll == -1 or c.model.scan_unroll >= 1,
         f"model.scan_unroll={c.model.scan_unroll}; expected -1 (all) or >= 1")
   check(c.lora.rank > 0, f"lora.rank={c.lora.rank}; must be > 0")

@@ -88,6 +88,7 @@ class Plan:
   outputs: int  # outputs not written over donated inputs (metrics)
   code: int  # the compiled program
   vocab_chunk: int = 0  # train.vocab_chunk in effect (0: whole logits)
+  compiled: object = dataclasses.field(default=None, repr=False, compare=False)  # the executable
 
   @property
   def total(self) -> int:
@@ -195,7 +196,8 @@ def plan_of(run, state, batch) -> Plan:
               adapters=_shard_bytes(state["trainable"]), optimizer=_shard_bytes(state["opt_state"]),
               batch=_shard_bytes(batch), other=other, temporaries=mem.temp_size_in_bytes,
               outputs=max(0, mem.output_size_in_bytes - mem.alias_size_in_bytes),
-              code=mem.generated_code_size_in_bytes, vocab_chunk=run.loss_fn.vocab_chunk)
+              code=mem.generated_code_size_in_bytes, vocab_chunk=run.loss_fn.vocab_chunk,
+              compiled=compiled)
 
 
 def usable_bytes(device: str) -> int:

@@ -52,3 +52,6 @@ def test_fused_kernels_are_refused_where_they_cannot_run():
   c.model.attention = "flash"
   with pytest.raises(FtjaxError, match="model.attention='flash'"):
     config_lib.validate(c)
+  c.model.attention = "cudnn"
+  with pytest.raises(FtjaxError, match="needs model.dtype='bfloat16'"):
+    config_lib.validate(c)

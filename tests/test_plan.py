@@ -2,6 +2,7 @@
 compiled program), published model shapes, the knobs, and the command line."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -80,11 +81,17 @@ def test_known_models_have_their_published_sizes():
   assert plan_lib.model_config("meta-llama/Meta-Llama-3-70B-Instruct").num_params() == 70_553_706_496
 
 
-def test_suggest_plans_knobs_until_one_fits(model_dir, data_dir):
-  """suggest() offers remat first when it is off, plans it for real, and stops at a fit."""
-  config = tiny_config(model_dir, data_dir, **{"model.remat": "none", "mesh.fsdp": 1,
+def test_fsdp_gathers_weights_per_layer_and_knobs_lower_the_plan(model_dir, data_dir):
+  """On fsdp=8 the compiled step all-gathers one layer's kernel at a time ([64, 128], not the
+  [2, 64, 128] stack) and never the activations' 8 x 128 tokens (what XLA chose before the
+  activations were pinned to the batch axes). Then suggest() offers remat first when it is
+  off, plans it for real, and stops at a fit."""
+  config = tiny_config(model_dir, data_dir, **{"model.remat": "none", "mesh.fsdp": 8,
                                                "mesh.tensor": 1})
   base = plan_lib.plan(config)
+  gathered = set(re.findall(r"= \w+\[([\d,]+)\][^\n]*? all-gather\(", base.compiled.as_text()))
+  assert "64,128" in gathered and "2,64,128" not in gathered, gathered
+  assert not any(shape.startswith("1024,") for shape in gathered), gathered
   assert [k for _, k in plan_lib.knobs(config)][0] == {"model.remat": "full"}
   lines = []
   found = plan_lib.suggest(config, None, report=lines.append, usable=base.total - 1)
