@@ -119,11 +119,10 @@ def abstract_run(config):
   from flax import nnx
   from jax.sharding import NamedSharding, PartitionSpec as P
   from ftjax import config as config_lib
-  from ftjax import quant
+  from ftjax import peft, quant
   from ftjax import step as step_lib
   from ftjax.models.llama import CausalLM
   from ftjax.parallel import sharding
-  from ftjax import peft
   from ftjax.run import Run, attach_adapters, peft_configs, quantisation, step_parts
 
   config_lib.validate(config)

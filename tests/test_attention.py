@@ -3,7 +3,6 @@
 Only the XLA path runs natively here (CPU); the Pallas splash kernel runs in interpret mode,
 which executes the kernel's own program on CPU. cuDNN needs a GPU: on CPU it is refused."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
