@@ -7,8 +7,8 @@ that target on a mesh: a zero array with the param's sharding (from the logical 
 abstract model and ftjax.parallel.sharding's rules), updated in place by a jitted, donated
 `dynamic_update_slice` per layer (or per block of rows of a big table, which the GGUF loader
 dequantises a chunk at a time). Host memory then holds the params' shards (on a CPU mesh the
-devices are host memory too) plus the one tensor in flight; only this process's shards are
-ever written (multi-host loading needs nothing more).
+devices are host memory too) plus the one tensor in flight. Each process writes only its own
+devices' shards, which is what several hosts need (not yet run on several hosts).
 """
 
 from __future__ import annotations
