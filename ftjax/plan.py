@@ -62,10 +62,12 @@ GIB = 2**30
 def model_config(name_or_path: str):
   """The ModelConfig of a model reference without reading its weights."""
   from ftjax.models.config import ModelConfig, load_hf_config
-  from ftjax.models.resolve import _local_path
+  from ftjax.models.resolve import _HUB_ID, _local_path
   known = KNOWN_MODELS.get(name_or_path.lower())
   if known is not None:
     return ModelConfig.from_hf_dict(known, source=f"ftjax.plan.KNOWN_MODELS[{name_or_path!r}]")
+  if _HUB_ID.match(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
+    return ModelConfig.from_hf_file(_hub_config(name_or_path))  # config.json only, no weights
   path = _local_path(name_or_path)
   if os.path.isdir(path):
     return load_hf_config(path)
@@ -73,6 +75,16 @@ def model_config(name_or_path: str):
   from ftjax.tokenizer import read_gguf_metadata
   reader = open_gguf(path)  # memory-mapped: only the metadata is read
   return gguf_config(reader, read_gguf_metadata(reader), path)
+
+
+def _hub_config(repo_id: str) -> str:
+  try:
+    from huggingface_hub import hf_hub_download
+    return hf_hub_download(repo_id, "config.json")
+  except Exception as e:  # noqa: BLE001 - offline, auth, missing repo: all mean "not fetched"
+    raise FtjaxError(f"{repo_id}: could not fetch its config.json from the Hugging Face Hub "
+                     f"({type(e).__name__}); pass a local directory, a .gguf file or one of "
+                     f"{', '.join(sorted(KNOWN_MODELS))}") from None
 
 
 @dataclasses.dataclass

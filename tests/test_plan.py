@@ -119,6 +119,13 @@ def test_vocab_chunk_is_on_where_the_logits_would_not_fit():
   assert run_lib.vocab_chunk(c, smol, mesh) == 64
 
 
+def test_a_hub_id_reads_only_its_config(monkeypatch):
+  """Offline here: the Hub is asked for config.json alone, and its failure is one FtjaxError."""
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  with pytest.raises(FtjaxError, match="someorg/somemodel: could not fetch its config.json"):
+    plan_lib.model_config("someorg/somemodel")
+
+
 def test_bad_mesh_and_device_are_errors(capsys):
   with pytest.raises(FtjaxError, match="--mesh"):
     plan_lib.parse_mesh("data=1,pipeline=2")
