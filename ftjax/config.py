@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ftjax.errors import FtjaxError
-from ftjax.models.ops import REMAT_POLICIES
+from ftjax.models.ops import ATTENTION_BACKENDS, REMAT_POLICIES
 
 # PEFT methods (each with its block below) and full fine-tuning.
 METHODS = ("lora", "qlora", "ia3", "prompt", "prefix", "adapter", "full")
@@ -39,6 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
   # matmul output and ~25% faster than keeping everything on CPU: the rest is cheaper to
   # recompute than to stack per layer (docs/benchmarks.md).
   c.model.remat = "projections"
+  # Attention kernel of the training forward pass, all with the packing segment mask: xla (any
+  # backend; the reference) | cudnn (cuDNN flash attention, GPU) | splash (Pallas, TPU).
+  c.model.attention = "xla"
   c.model.scan_unroll = 1  # layers per scan iteration; -1 unrolls all (slower compile; no faster here)
   # Shrink the loaded model for tests ("runlocal"): 0 keeps it as is.
   c.model.num_layers = 0
@@ -150,6 +153,8 @@ def base_config() -> ml_collections.ConfigDict:
   # always checkpoint the finished step before exiting (ftjax/preemption.py).
   c.train.checkpoint_every_minutes = 30.0
   c.train.keep_checkpoints = 2
+  # Positions of each row the vocab head + loss run on at a time (f32 logits never whole):
+  # 0 = auto, on only where a micro-batch's logits would pass 512 MiB per device; -1 = never.
   c.train.vocab_chunk = 0
 
   c.mesh = ml_collections.ConfigDict()
@@ -238,6 +243,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.model.remat in REMAT_POLICIES,
         f"model.remat={c.model.remat!r}; expected one of {tuple(REMAT_POLICIES)}")
   check(bool(c.model.name_or_path), "model.name_or_path is empty")
+  check(c.model.attention in ATTENTION_BACKENDS,
+        f"model.attention={c.model.attention!r}; expected one of {tuple(ATTENTION_BACKENDS)}")
+  check(c.model.attention != "cudnn" or c.model.dtype == "bfloat16",
+        f"model.attention='cudnn' needs model.dtype='bfloat16' (cuDNN flash attention runs in "
+        f"16 bits), not {c.model.dtype!r}")
   check(c.model.scan_unroll == -1 or c.model.scan_unroll >= 1,
         f"model.scan_unroll={c.model.scan_unroll}; expected -1 (all) or >= 1")
   check(c.lora.rank > 0, f"lora.rank={c.lora.rank}; must be > 0")
@@ -287,6 +297,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
           + (" (0: train.steps decides)" if key == "epochs" else ""))
   check(c.train.batch_size == "auto" or c.train.batch_size % c.train.grad_accum == 0,
         f"train.batch_size={c.train.batch_size} is not divisible by train.grad_accum={c.train.grad_accum}")
+  check(c.train.vocab_chunk >= -1, f"train.vocab_chunk={c.train.vocab_chunk}; expected -1 (never), "
+        "0 (auto) or a chunk length")
   check(c.train.schedule in SCHEDULES, f"train.schedule={c.train.schedule!r}; expected one of {SCHEDULES}")
   check(bool(c.train.epochs) or 0 <= c.train.warmup_steps <= c.train.steps,
         f"train.warmup_steps={c.train.warmup_steps} must be within [0, train.steps={c.train.steps}]")

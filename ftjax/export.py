@@ -55,9 +55,10 @@ def merged_model(model: nnx.Module) -> nnx.Module:
   return peft.merge_and_unload(clone) if adapters else clone
 
 
-def write_merged(model: nnx.Module, tokenizer, out_dir: str) -> None:
-  """The model with any adapter folded in, as a HF model directory with tokenizer files."""
-  save_pretrained(merged_model(model), out_dir, tokenizer)
+def write_merged(model: nnx.Module, tokenizer, out_dir: str, max_shard_size: int | str = "5GB") -> None:
+  """The model with any adapter folded in, as a HF model directory with tokenizer files: merged
+  on the devices (sharded as trained) and streamed to files of at most `max_shard_size`."""
+  save_pretrained(merged_model(model), out_dir, tokenizer, max_shard_size=max_shard_size)
 
 
 @cli_errors

@@ -19,18 +19,21 @@ class CausalLMLoss:
 
   Hashable: it is a static argument of the jitted step.
   remat / unroll: the decoder's layer-scan options (see CausalLM.hidden_states).
-  vocab_chunk: >0 runs the vocab head + cross-entropy over this many tokens at a time,
-    recomputed in the backward pass: [tokens, vocab] f32 logits never exist whole (memory for
-    one extra head matmul).
+  attention: passed to the decoder only when not "xla", so any model with `hidden_states` works.
+  vocab_chunk: >0 runs the vocab head + cross-entropy over this many positions of each row at
+    a time, recomputed in the backward pass: [tokens, vocab] f32 logits never exist whole
+    (memory for one extra head matmul).
   """
   remat: str = "none"
   unroll: int | bool = 1
   vocab_chunk: int = 0
+  attention: str = "xla"  # the decoder's attention kernel (model.attention): xla | cudnn | splash
 
   def __call__(self, model, batch: dict, rng=None) -> dict:
     hidden = model.hidden_states(batch["inputs"], positions=batch["positions"],
                                  segment_ids=batch["segment_ids"], remat=self.remat,
-                                 unroll=self.unroll, rng=rng)
+                                 unroll=self.unroll, rng=rng, **(
+                                     {"attention": self.attention} if self.attention != "xla" else {}))
     if not self.vocab_chunk:
       return token_ce_sums(model.logits, hidden, batch["targets"], batch["loss_mask"])
     return chunked_token_ce_sums(model.logits, hidden, batch["targets"], batch["loss_mask"],
@@ -58,19 +61,22 @@ def token_ce_sums(logits_fn: Callable, hidden_btd, targets_bt, mask_bt) -> dict:
 
 
 def chunked_token_ce_sums(logits_fn: Callable, hidden_btd, targets_bt, mask_bt, chunk: int) -> dict:
-  """`token_ce_sums` over chunks of `chunk` tokens, each rematerialised in the backward pass."""
-  d = hidden_btd.shape[-1]
-  n = hidden_btd.shape[0] * hidden_btd.shape[1]
-  pad = -n % chunk
-  h = jnp.pad(hidden_btd.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
-  t = jnp.pad(targets_bt.reshape(n), (0, pad)).reshape(-1, chunk)
-  m = jnp.pad(mask_bt.reshape(n), (0, pad)).reshape(-1, chunk)  # padded tokens: mask 0
+  """`token_ce_sums` over `chunk` positions of every row at a time, each chunk rematerialised in
+  the backward pass. Chunks run along the sequence, so each holds tokens of every row and keeps
+  the batch's sharding (chunks of the flattened tokens would sit on one device at a time)."""
+  b, t, d = hidden_btd.shape
+  pad = -t % chunk
+  n = (t + pad) // chunk
+
+  def split(x):  # [b, t, ...] -> [n, b, chunk, ...]; padded positions have mask 0
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.swapaxes(x.reshape(b, n, chunk, *x.shape[2:]), 0, 1)
 
   @jax.checkpoint
   def one(carry, xs):
-    out = token_ce_sums(logits_fn, xs[0], xs[1], xs[2])
+    out = token_ce_sums(logits_fn, *xs)
     return jax.tree.map(jnp.add, carry, out), None
 
   zeros = {"loss_sum": jnp.zeros(()), "accuracy": jnp.zeros(()), "count": jnp.zeros(())}
-  sums, _ = jax.lax.scan(one, zeros, (h, t, m))
+  sums, _ = jax.lax.scan(one, zeros, (split(hidden_btd), split(targets_bt), split(mask_bt)))
   return sums

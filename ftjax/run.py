@@ -26,7 +26,7 @@ from ftjax.data.dataset import dataset_from_examples
 from ftjax.data.template import choose_chat_template
 from ftjax.errors import FtjaxError
 from ftjax.losses import CausalLMLoss
-from ftjax.models import from_params, resolve_params
+from ftjax.models import from_params, ops, resolve_params
 from ftjax.models.resolve import stored_quantisation
 from ftjax.optim import make_optimizer
 from ftjax.parallel import distributed, sharding
@@ -196,6 +196,17 @@ def build_datasets(config, tokenizer, share: tuple[int, int] = (0, 1), examples=
   return train_ds, eval_ds
 
 
+def attach_adapters(model: nnx.Module, config) -> tuple[dict, tuple]:
+  """Attaches the config's PEFT methods to `model` in place -> ({name: config}, (graphdef,
+  trainable, frozen, mutable) states). Also runs under nnx.eval_shape (ftjax.plan)."""
+  methods = peft_configs(config)
+  for i, (name, method) in enumerate(methods.items()):
+    peft.add_adapter(model, name, method, rngs=config.train.seed + 1 + i)
+  if methods:
+    peft.set_adapter(model, list(methods))  # a combination trains together
+  return methods, nnx.split(model, peft.trainable(model) if methods else nnx.Param, nnx.Param, ...)
+
+
 def setup(config: ml_collections.ConfigDict, with_data: bool = True, examples=None) -> Run:
   """A Run of `config`; `examples`: checked {"train", "eval"} Examples (see build_datasets)."""
   config_lib.validate(config)
@@ -212,26 +223,23 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True, examples=No
     log.warning("%s is a 4-bit checkpoint; loading it dequantised to float since quant.type is "
                 "unset (set method=qlora or quant.type to train on the 4-bit base as stored)",
                 config.model.name_or_path)
+  # Float params are created on the mesh as they are read (sharded, storage dtype): the model
+  # is never whole in host memory.
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   model_cfg, params, tokenizer, transform = resolve_params(
-      config.model.name_or_path, dtype=dtypes["param_dtype"], quantize=quant_settings or False)
+      config.model.name_or_path, dtype=dtypes["param_dtype"], quantize=quant_settings or False,
+      mesh=mesh)
   params, model_cfg = shrink_layers(params, model_cfg, config.model.num_layers)
   choose_chat_template(tokenizer, config.data.chat_template)
   model = from_params(model_cfg, params, dtype=dtypes["dtype"], place=lambda p: p,
                       transform=transform)
 
   # --- PEFT adapter, and which params train: one filter ---
-  methods = peft_configs(config)
-  for i, (name, method) in enumerate(methods.items()):
-    peft.add_adapter(model, name, method, rngs=config.train.seed + 1 + i)
-  if methods:
-    peft.set_adapter(model, list(methods))  # a combination trains together
-  graphdef, train_state, frozen_state, mutable_state = nnx.split(
-      model, peft.trainable(model) if methods else nnx.Param, nnx.Param, ...)
+  methods, (graphdef, train_state, frozen_state, mutable_state) = attach_adapters(model, config)
 
-  # --- mesh, then data (validated before anything compiles): a process reads only the shards
-  # of the data its devices' batch rows come from ---
+  # --- data (validated before anything compiles): a process reads only the shards of the data
+  # its devices' batch rows come from ---
   train_ds = eval_ds = None
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   micro = config.train.batch_size // config.train.grad_accum
   if micro % batch_shards:
@@ -248,7 +256,8 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True, examples=No
   def place(state, dtype=None):
     tree = nnx.to_pure_dict(state)
     if dtype is not None:  # trained params keep their own (f32 master) dtype
-      tree = jax.tree.map(lambda x: np.asarray(x, dtype), tree)
+      tree = jax.tree.map(lambda x: x.astype(dtype) if isinstance(x, jax.Array)  # on device
+                          else np.asarray(x, dtype), tree)
     shardings = sharding.tree_shardings(tree, sharding.logical_axes(state), mesh)
     return jax.device_put(tree, shardings)
 
@@ -256,15 +265,47 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True, examples=No
   frozen, mutable = place(frozen_state), place(mutable_state)
   del model, params, train_state, frozen_state, mutable_state  # the host copies
 
+  optimizer, schedule, loss_fn = step_parts(config, trainable, model_cfg, mesh)
+  return Run(config, model_cfg, tokenizer, methods, graphdef, trainable, frozen, mutable, train_ds,
+             eval_ds, mesh, optimizer, schedule, loss_fn, quantised=quant_settings is not None)
+
+
+# Above this many bytes of f32 logits per device for a micro-batch, train.vocab_chunk=0 (auto)
+# runs the vocab head in chunks of positions sized to a quarter of it.
+LOGITS_BUDGET_BYTES = 512 << 20  # with their gradient and exp() temporaries, ~3x this
+
+
+def vocab_chunk(config, model_cfg, mesh) -> int:
+  """train.vocab_chunk, resolved: -1 never chunks; 0 (auto) chunks only where a micro-batch's
+  [tokens, vocab] f32 logits on one device would pass LOGITS_BUDGET_BYTES (e.g. Llama 3's
+  128k vocab at 2048 tokens per device: 1 GiB, plus as much again for their gradient)."""
+  chunk = config.train.vocab_chunk
+  if chunk:
+    return max(chunk, 0)
+  rows = max(1, config.train.batch_size // config.train.grad_accum
+             // (mesh.shape["data"] * mesh.shape["fsdp"]))
+  seq, row_bytes = config.data.seq_len, model_cfg.vocab_size * 4
+  if rows * seq * row_bytes <= LOGITS_BUDGET_BYTES:
+    return 0
+  chunk = max(1, min(seq, LOGITS_BUDGET_BYTES // 4 // (rows * row_bytes)))
+  while seq % chunk:  # a divisor of the row length: no padded positions computed
+    chunk -= 1
+  return chunk
+
+
+def step_parts(config, trainable, model_cfg, mesh):
+  """(optimizer, schedule, loss_fn) of the train step; `trainable` may be abstract (ftjax.plan)."""
   optimizer, schedule = make_optimizer(
       trainable, lr=config.train.lr, steps=config.train.steps, warmup_steps=config.train.warmup_steps,
       schedule=config.train.schedule, weight_decay=config.train.weight_decay, b1=config.train.b1,
       b2=config.train.b2, eps=config.train.eps, max_grad_norm=config.train.max_grad_norm,
       lora_plus_ratio=config.lora.loraplus_lr_ratio)
   unroll = True if config.model.scan_unroll == -1 else config.model.scan_unroll
-  loss_fn = CausalLMLoss(remat=config.model.remat, unroll=unroll, vocab_chunk=config.train.vocab_chunk)
-  return Run(config, model_cfg, tokenizer, methods, graphdef, trainable, frozen, mutable, train_ds,
-             eval_ds, mesh, optimizer, schedule, loss_fn, quantised=quant_settings is not None)
+  ops.check_attention(config.model.attention)
+  loss_fn = CausalLMLoss(remat=config.model.remat, unroll=unroll,
+                         vocab_chunk=vocab_chunk(config, model_cfg, mesh),
+                         attention=config.model.attention)
+  return optimizer, schedule, loss_fn
 
 
 def init_or_restore(run: Run, checkpointer: Checkpointer | None):
@@ -291,8 +332,13 @@ def jit_train_step(run: Run, state):
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   frozen_shardings = jax.tree.map(lambda x: x.sharding, run.frozen)
   batch_sharding = run.batch_sharding()
+  step = functools.partial(step_lib.train_step, graphdef=run.graphdef, loss_fn=run.loss_fn,
+                           optimizer=run.optimizer, schedule=run.schedule)
+
+  def traced_under_mesh(*args):  # the model pins activations' batch dim to the mesh (ops.constrain_batch)
+    with jax.sharding.use_abstract_mesh(run.mesh.abstract_mesh):
+      return step(*args)
   return jax.jit(
-      functools.partial(step_lib.train_step, graphdef=run.graphdef, loss_fn=run.loss_fn,
-                        optimizer=run.optimizer, schedule=run.schedule),
+      traced_under_mesh,
       in_shardings=(state_shardings, frozen_shardings, batch_sharding),
       out_shardings=(state_shardings, sharding.replicated(run.mesh)), donate_argnums=(0,))

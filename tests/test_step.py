@@ -223,7 +223,7 @@ def test_non_finite_step_leaves_the_state_unchanged():
 
 def test_chunked_cross_entropy_matches_full():
   model = tiny_model()
-  batch = random_batch(np.random.RandomState(0), 3, 10)  # 30 tokens: chunks of 8 need padding
+  batch = random_batch(np.random.RandomState(0), 3, 10)  # 10 positions: chunks of 8 need padding
   graphdef, params = nnx.split(model, nnx.Param)
   full, chunked = CausalLMLoss(), CausalLMLoss(vocab_chunk=8)
   a, b = full(model, batch), chunked(model, batch)

@@ -37,39 +37,53 @@ def from_params(cfg: ModelConfig, params: Params, *, dtype=None, place=jax.devic
   return nnx.merge(graphdef, place(params))
 
 
-def resolve_params(name_or_path: str, dtype=jnp.float32, *, quantize=None):
+def resolve_params(name_or_path: str, dtype=jnp.float32, *, quantize=None, mesh=None):
   """Model reference -> (ModelConfig, params, Tokenizer, transform) for `from_params`.
 
   quantize: ftjax.quant.quantize_model's settings (e.g. dict(quant_type="nf4")) to load the
   linear kernels in 4 bits, quantised layer by layer as they are read; None keeps a checkpoint
   as stored (a bitsandbytes load_in_4bit checkpoint stays 4-bit, its bytes unchanged; any
   other loads in float); False loads float (a 4-bit checkpoint dequantised).
+  mesh: a jax Mesh with ftjax's axes (ftjax.parallel.sharding.make_mesh): each float param is
+  created on it, sharded by its logical axes, and filled as it is read (ftjax.models.sharded),
+  so the model is never whole in host memory; None returns numpy arrays.
   """
   from ftjax import quant
   from ftjax.models.resolve import resolve_model, stored_quantisation
+  from ftjax.models.sharded import collect_mesh_sinks, mesh_sinks
   settings = stored_quantisation(name_or_path) if quantize is None else (quantize or None)
   allocate = quant.quant_sinks(**settings) if settings else None
+  if mesh is not None:
+    allocate = mesh_sinks(mesh, fallback=allocate)
   cfg, params, tokenizer = resolve_model(name_or_path, dtype=jnp.dtype(dtype), allocate=allocate)
+  params = collect_mesh_sinks(params)
   if not settings:
     return cfg, params, tokenizer, None
   return (cfg, quant.collect_sinks(params), tokenizer,
           functools.partial(quant.quantize_model, **settings))
 
 
-def load(name_or_path: str, dtype=jnp.float32, *, compute_dtype=None, quantize=None):
+def load(name_or_path: str, dtype=jnp.float32, *, compute_dtype=None, quantize=None, mesh=None):
   """Built-in name, HF model directory, .gguf file or Hub id -> (CausalLM, Tokenizer).
 
   dtype: the storage dtype of the float params (and the compute dtype unless `compute_dtype`
-  is set). quantize: 4-bit loading, as in `resolve_params` (default: as stored).
+  is set). quantize: 4-bit loading, as in `resolve_params` (default: as stored). mesh: load
+  straight onto it, sharded by the params' logical axes (see `resolve_params`).
   """
-  cfg, params, tokenizer, transform = resolve_params(name_or_path, dtype, quantize=quantize)
+  cfg, params, tokenizer, transform = resolve_params(name_or_path, dtype, quantize=quantize,
+                                                     mesh=mesh)
   return from_params(cfg, params, dtype=compute_dtype or dtype, transform=transform), tokenizer
 
 
-def save_pretrained(model: CausalLM, out_dir: str, tokenizer=None, dtype=np.float32) -> None:
+def save_pretrained(model: CausalLM, out_dir: str, tokenizer=None, dtype=np.float32,
+                    max_shard_size: int | str = "5GB") -> None:
   """Writes `model` as a HF model directory (config.json + safetensors [+ tokenizer files]),
   loadable by `transformers.AutoModelForCausalLM.from_pretrained`. A 4-bit model (QuantLinear
-  kernels) is written as transformers + bitsandbytes write a load_in_4bit model, same bytes."""
+  kernels) is written as transformers + bitsandbytes write a load_in_4bit model, same bytes.
+
+  Streams from the (possibly sharded) arrays one layer at a time; files of at most
+  `max_shard_size` (bytes, or "5GB" / "500MiB" as in transformers) with the standard
+  model.safetensors.index.json when there are several. The tree is never gathered whole."""
   from ftjax.files import atomic_dir
   from ftjax.models.hf import save_hf_config, save_hf_params
   from ftjax.quant import bnb
@@ -88,7 +102,6 @@ def save_pretrained(model: CausalLM, out_dir: str, tokenizer=None, dtype=np.floa
   if any(m.quant_type == "int8" for m in in_4bit.values()):
     raise FtjaxError("save_pretrained: int8 kernels have no HF checkpoint format; dequantise "
                      "them first (ftjax.quant.dequantize_model)")
-  params = jax.device_get(params)
   quantised = {f"{path}/kernel": lambda i, m=m: jax.device_get(m.quantized(i))
                for path, m in in_4bit.items()}
   quant_config = None
@@ -99,7 +112,8 @@ def save_pretrained(model: CausalLM, out_dir: str, tokenizer=None, dtype=np.floa
     quant_config = bnb.quantization_config(first.quant_type, first.absmax_scale is not None,
                                            float_linears, np.dtype(first.dtype).name)
   with atomic_dir(out_dir) as tmp:
-    save_hf_params(params, cfg, tmp, dtype=dtype, quantised=quantised)
+    save_hf_params(params, cfg, tmp, dtype=dtype, quantised=quantised,
+                   max_shard_bytes=max_shard_size)
     save_hf_config(cfg, tmp, dtype_name=np.dtype(dtype).name, quantization_config=quant_config)
     if tokenizer is not None:
       tokenizer.save(tmp)

@@ -171,7 +171,30 @@ def _unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
   return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _dequantize(t, rows_per_chunk: int = 4096) -> np.ndarray:
+_ROWS_PER_CHUNK = 4096
+
+
+def _dequantize_rows(t, start: int, stop: int) -> np.ndarray:
+  try:
+    return gguf.quants.dequantize(t.data[start:stop], t.tensor_type)
+  except NotImplementedError:
+    raise FtjaxError(f"tensor {t.name!r} has type {t.tensor_type.name}, which gguf-py cannot "
+                     "dequantize; re-quantize the model to e.g. Q8_0, Q4_K or F16") from None
+
+
+def _put_rows(t, target, shape: tuple, path: str) -> None:
+  """Writes a 2-D tensor stored as our [rows, cols] into `target` a chunk of rows at a time, so
+  neither the whole f32 table nor a second copy of it is ever in host memory."""
+  rows = t.data.shape[0]
+  for start in range(0, rows, _ROWS_PER_CHUNK):
+    chunk = _dequantize_rows(t, start, min(start + _ROWS_PER_CHUNK, rows))
+    if start == 0 and (rows, *chunk.shape[1:]) != shape:
+      raise FtjaxError(f"{path}: tensor {t.name!r} has shape {(rows, *chunk.shape[1:])} "
+                       f"(row-major), expected {shape}")
+    target[start:start + chunk.shape[0]] = chunk
+
+
+def _dequantize(t, rows_per_chunk: int = _ROWS_PER_CHUNK) -> np.ndarray:
   """A GGUF tensor in f32, dequantised a chunk of rows at a time: gguf-py's temporaries are
   several times the chunk, so a big embedding table does not double the peak host memory."""
   data = t.data
@@ -193,6 +216,10 @@ def load_gguf(path: str, dtype=np.float32, allocate=None) -> tuple[ModelConfig, 
   meta = read_gguf_metadata(reader)
   cfg = gguf_config(reader, meta, path)
   arch = meta["general.architecture"]
+  # The parsed metadata (a numpy view per token and merge of the vocabulary: ~180 MiB for
+  # SmolLM2's 49k tokens) is not needed for the tensors; dropping it keeps it out of the peak.
+  del meta
+  reader.fields.clear()
   wanted = _gguf_names(cfg, arch)
   params: Params = {}
   for spec in param_specs(cfg):
@@ -205,6 +232,12 @@ def load_gguf(path: str, dtype=np.float32, allocate=None) -> tuple[ModelConfig, 
       raise FtjaxError(f"{path}: unexpected tensor {t.name!r} for a {arch} model "
                        f"with {cfg.num_layers} layers")
     spec, i = wanted[t.name]
+    target = get_path(params, spec.path)
+    if i is None and not spec.transpose and t.data.ndim == 2 and t.data.shape[0] > _ROWS_PER_CHUNK \
+        and arch != "gemma":  # a big table (the embedding): straight into its target, by chunks
+      _put_rows(t, target, tuple(spec.shape), path)
+      seen.add(t.name)
+      continue
     try:
       w = _dequantize(t)
     except NotImplementedError:
@@ -219,7 +252,6 @@ def load_gguf(path: str, dtype=np.float32, allocate=None) -> tuple[ModelConfig, 
     if tuple(w.shape) != want_hf:
       raise FtjaxError(f"{path}: tensor {t.name!r} has shape {tuple(w.shape)} (row-major), "
                        f"expected {want_hf}")
-    target = get_path(params, spec.path)
     if spec.transpose:
       w = w.T
     if i is None:

@@ -105,41 +105,81 @@ def _put_4bit(target, spec, i: int | None, name: str, where: dict[str, str]) -> 
     target[index] = np.asarray(dequantize_4bit(q, np.float32)).T
 
 
-def save_hf_params(params: Params, cfg: ModelConfig, out_dir: str, dtype=np.float32,
-                   max_shard_bytes: int = 2 * 1024**3, quantised=None) -> list[str]:
-  """Writes model.safetensors (or shards + index when above max_shard_bytes).
+def parse_size(size: int | str) -> int:
+  """A shard size as transformers' `max_shard_size` takes it: bytes, or "5GB" (10^9), "500MiB"."""
+  if isinstance(size, int):
+    return size
+  units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "B": 1}
+  text = str(size).strip().upper()
+  for unit in sorted(units, key=len, reverse=True):
+    number = text[:-len(unit)].strip()
+    if text.endswith(unit) and number.replace(".", "", 1).isdigit():
+      return int(float(number) * units[unit])
+  if text.isdigit():
+    return int(text)
+  raise FtjaxError(f"max_shard_size={size!r}; expected bytes or a size like '5GB' or '500MiB'")
 
-  quantised: {kernel path: layer index (or ()) -> Quant4bit} for kernels stored in 4 bits,
-  written in bitsandbytes' layout (their paths are absent from `params`).
+
+def _fetch(x) -> np.ndarray:
+  """A host copy of one tensor. An array spread over several processes is gathered from all of
+  them, a collective: in a multi-host run every process must call the export."""
+  import jax
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def save_hf_params(params: Params, cfg: ModelConfig, out_dir: str, dtype=np.float32,
+                   max_shard_bytes: int | str = "5GB", quantised=None) -> list[str]:
+  """Writes model.safetensors, or shards of at most `max_shard_bytes` (transformers'
+  `max_shard_size`) with the standard `model.safetensors.index.json`.
+
+  Streams: each tensor is fetched from its (possibly sharded, on-device) param one layer at a
+  time, and a shard file is written as soon as it is full, so host memory holds one shard at
+  most, never the model. quantised: {kernel path: layer index (or ()) -> Quant4bit} for kernels
+  stored in 4 bits, written in bitsandbytes' layout (their paths are absent from `params`).
   """
   os.makedirs(out_dir, exist_ok=True)
-  shards: list[dict[str, np.ndarray]] = [{}]
-  size = 0
+  limit = parse_size(max_shard_bytes)
+  metadata = {"format": "pt"}  # transformers refuses files without it
+  written: list[tuple[str, list[str]]] = []  # (temporary file, its tensor names)
+  shard: dict[str, np.ndarray] = {}
+  size = total = 0
+
+  def flush():
+    nonlocal shard, size
+    if shard:
+      tmp = os.path.join(out_dir, f".shard-{len(written):05d}.safetensors.part")
+      save_file(shard, tmp, metadata=metadata)
+      written.append((tmp, list(shard)))
+    shard, size = {}, 0
+
   for spec in param_specs(cfg):
     in_4bit = (quantised or {}).get(spec.path)
-    leaf = None if in_4bit else np.asarray(get_path(params, spec.path))
+    leaf = None if in_4bit else get_path(params, spec.path)
     for i, name in enumerate(spec.hf_names(cfg.num_layers)):
       if in_4bit:
         tensors = bnb.write_4bit(name, in_4bit(i if spec.stacked else ()))
       else:
-        tensor = leaf[i] if spec.stacked else leaf
+        tensor = _fetch(leaf[i] if spec.stacked else leaf)  # one layer off the devices
         tensors = {name: np.ascontiguousarray((tensor.T if spec.transpose else tensor).astype(dtype))}
       nbytes = sum(t.nbytes for t in tensors.values())
-      if size and size + nbytes > max_shard_bytes:
-        shards.append({})
-        size = 0
-      shards[-1].update(tensors)
+      if size and size + nbytes > limit:
+        flush()
+      shard.update(tensors)
       size += nbytes
-  metadata = {"format": "pt"}  # transformers refuses files without it
-  if len(shards) == 1:
-    save_file(shards[0], os.path.join(out_dir, SINGLE_FILE), metadata=metadata)
+      total += nbytes
+  flush()
+  if len(written) == 1:
+    os.replace(written[0][0], os.path.join(out_dir, SINGLE_FILE))
     return [SINGLE_FILE]
-  names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+  names = [f"model-{k + 1:05d}-of-{len(written):05d}.safetensors" for k in range(len(written))]
   weight_map = {}
-  for name, shard in zip(names, shards):
-    save_file(shard, os.path.join(out_dir, name), metadata=metadata)
-    weight_map.update({t: name for t in shard})
-  total = sum(t.nbytes for s in shards for t in s.values())
+  for name, (tmp, tensor_names) in zip(names, written):
+    os.replace(tmp, os.path.join(out_dir, name))
+    weight_map.update({t: name for t in tensor_names})
   with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
     json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
   return names

@@ -103,9 +103,13 @@ class Attention(nnx.Module):
       k_segment = jax.lax.dynamic_update_slice(cache["segment"], ctx["segment_ids"], (0, index))
       k_index = jnp.arange(k_all.shape[1])
       new_cache = {"k": k_all, "v": v_all, "segment": k_segment}
-    mask = ops.attention_mask(ctx["q_index"], k_index, ctx["segment_ids"], k_segment,
-                              cfg.sliding_window, shared=ctx["shared"])
-    out = ops.attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, cfg.head_scale())
+    if cache is None and ctx["attention"] != "xla":  # a fused kernel (training forward pass)
+      out = ops.fused_attention(ctx["attention"], q, k, v.astype(q.dtype), ctx["segment_ids"],
+                                cfg.head_scale(), cfg.sliding_window)
+    else:
+      mask = ops.attention_mask(ctx["q_index"], k_index, ctx["segment_ids"], k_segment,
+                                cfg.sliding_window, shared=ctx["shared"])
+      out = ops.attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, cfg.head_scale())
     (out,) = ops.project(out.reshape(b, t, cfg.q_size), [self.o_proj], rngs[1])
     return out, new_cache
 
@@ -198,10 +202,14 @@ class Decoder(nnx.Module):
     return x_btd
 
   def __call__(self, tokens_bt, *, positions=None, segment_ids=None, cache=None, cache_index=0,
-               remat: str = "none", unroll: int | bool = 1, rng=None):
+               remat: str = "none", unroll: int | bool = 1, rng=None, attention: str = "xla"):
     """Token ids -> final hidden states [b, t, d] (after the final norm); see CausalLM."""
     b, t = tokens_bt.shape
     n = self.num_virtual_tokens
+    if attention != "xla" and n:
+      from ftjax.errors import FtjaxError
+      raise FtjaxError(f"model.attention={attention!r}: the fused kernels have no mask for virtual "
+                       "tokens (prompt / prefix tuning); use model.attention='xla'")
     positions = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t)) if positions is None else positions
     segment_ids = (jnp.ones((b, t), jnp.int32) if segment_ids is None
                    else segment_ids.astype(jnp.int32))
@@ -218,9 +226,10 @@ class Decoder(nnx.Module):
       cache = self.init_cache(b, t, self.dtype)
       hidden, _ = self._run(x, positions + n, segment_ids, cache, n, remat, unroll, rng)
       return hidden
-    return self._run(x, positions, segment_ids, cache, cache_index, remat, unroll, rng)
+    return self._run(x, positions, segment_ids, cache, cache_index, remat, unroll, rng, attention)
 
-  def _run(self, x_btd, positions, segment_ids, cache, cache_index, remat, unroll, rng):
+  def _run(self, x_btd, positions, segment_ids, cache, cache_index, remat, unroll, rng,
+           attention: str = "xla"):
     """Embeddings -> final hidden states (and the new cache when one is given)."""
     cfg = self.config
     b, t, _ = x_btd.shape
@@ -229,15 +238,17 @@ class Decoder(nnx.Module):
         "q_index": jnp.broadcast_to(cache_index + jnp.arange(t), (b, t)),
         "inv_freq": ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling)),
         "shared": self.num_virtual_tokens > 0,
+        "attention": attention,
     }
-    x = self._embed(x_btd)
+    x = ops.constrain_batch(self._embed(x_btd))
 
     # Split once; the scan body merges one layer's slice of the stacked state.
     graphdef, stacked = nnx.split(self.layers)
 
     def body(x, xs):
       layer_state, layer_cache, layer_rng = xs
-      return nnx.merge(graphdef, layer_state)(x, ctx, layer_cache, layer_rng)
+      x, out = nnx.merge(graphdef, layer_state)(ops.constrain_batch(x), ctx, layer_cache, layer_rng)
+      return ops.constrain_batch(x), out
 
     policy = ops.REMAT_POLICIES[remat]
     if remat != "none":
@@ -295,6 +306,8 @@ class CausalLM(nnx.Module):
     remat: activation checkpointing policy of the layer body (ops.REMAT_POLICIES).
     unroll: layers per scan iteration (True: all).
     rng: dropout key for adapters (none: no dropout).
+    attention: the kernel without a cache: "xla" (default), "cudnn" (GPU) or "splash" (TPU);
+      see ops.fused_attention. Decoding with a cache always uses the XLA path.
     """
     return self.model(tokens_bt, **kwargs)
 

@@ -30,6 +30,7 @@ class ParamSpec:
   hf_name: str  # "model.layers.{i}.self_attn.q_proj.weight"; {i} only when stacked
   transpose: bool  # HF Linear weights are [out, in], our kernels [in, out]
   stacked: bool
+  axes: tuple = ()  # logical axis names per dim (None where a dim has none), for sharding
 
   def hf_names(self, num_layers: int) -> list[str]:
     return [self.hf_name.format(i=i) for i in range(num_layers)] if self.stacked else [self.hf_name]
@@ -62,9 +63,13 @@ def param_specs(cfg: ModelConfig) -> tuple[ParamSpec, ...]:
   from ftjax.models.llama import CausalLM
   abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
   specs = []
-  for path, var in flatten(nnx.to_pure_dict(nnx.state(abstract, nnx.Param))):
+  for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    path = "/".join(map(str, path))
     name, transpose = hf_name(path)
-    specs.append(ParamSpec(path, tuple(var.shape), name, transpose, path.startswith(STACKED_PREFIX)))
+    axes = tuple(var.get_metadata().get("out_sharding") or (None,) * len(var.shape))
+    specs.append(ParamSpec(path, tuple(var.shape), name, transpose, path.startswith(STACKED_PREFIX),
+                           axes))
+  specs.sort(key=lambda s: s.path.split("/"))  # path order, as `flatten` walks a tree
   return tuple(specs)
 
 

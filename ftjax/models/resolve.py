@@ -172,8 +172,9 @@ def _load_dir(model_dir: str, dtype, allocate=None):
 def _load_gguf(path: str, dtype, allocate=None):
   from ftjax.models.gguf import load_gguf
   from ftjax.tokenizer import load_tokenizer
+  tokenizer = load_tokenizer(path)  # first: its parse of the metadata is freed before the params
   cfg, params = load_gguf(path, dtype, allocate)
-  return cfg, params, load_tokenizer(path)
+  return cfg, params, tokenizer
 
 
 def _local_path(name_or_path: str) -> str:
