@@ -172,7 +172,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
   # --- state + compiled step ---
   state, data_state = init_or_restore(run, checkpointer)
   start_step = int(state["step"])
-  writer = MetricWriter(workdir, resume_step=start_step if resuming else None) if main else _NoWriter()
+  # Lines past the restored step (or all of them, when a run killed before its first checkpoint
+  # starts over) belong to no checkpoint: dropped, so no step is logged twice.
+  writer = MetricWriter(workdir, resume_step=start_step) if main else _NoWriter()
   try:
     with StopOnSignal() as stop:
       summary, end = _loop(run, workdir, state, data_state, checkpointer, writer, plan, stop)

@@ -15,7 +15,7 @@ from ftjax.data import quickstart_task
 from ftjax.errors import FtjaxError
 from ftjax.evaluation import metrics, stats
 from ftjax.evaluation.generation import EvalPlan
-from tiny import make_model_dir
+from tiny import make_model_dir, run_config
 
 
 @pytest.fixture(scope="module")
@@ -31,23 +31,7 @@ def data_dir(tmp_path_factory):
 
 
 def tiny_config(model_dir, data_dir, **overrides):
-  c = config_lib.base_config()
-  c.model.name_or_path = model_dir
-  c.data.train = os.path.join(data_dir, "train.jsonl")
-  c.data.eval = os.path.join(data_dir, "eval.jsonl")
-  c.data.seq_len = 128
-  c.train.batch_size = 8
-  c.train.warmup_steps = 0
-  c.train.log_every = 1
-  c.train.eval_every = 0
-  c.mesh.data = 1
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return run_config(model_dir, data_dir, **{"train.log_every": 1, **overrides})
 
 
 def write_jsonl(path, rows):

@@ -16,7 +16,7 @@ from ftjax import run as run_lib
 from ftjax.data import quickstart_task
 from ftjax.errors import FtjaxError
 from ftjax.parallel import sharding
-from tiny import make_model_dir
+from tiny import make_model_dir, run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,13 +34,7 @@ def data_dir(tmp_path_factory):
 
 
 def tiny_config(model_dir, data_dir, **changes):
-  c = config_lib.base_config()
-  c.model.name_or_path = model_dir
-  c.data.train = os.path.join(data_dir, "train.jsonl")
-  c.data.seq_len = 128
-  c.train.batch_size = 8
-  c.train.warmup_steps = 0
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 4, 2
+  c = run_config(model_dir, data_dir, with_eval=False, **{"mesh.fsdp": 4, "mesh.tensor": 2})
   return plan_lib.with_changes(c, changes)
 
 

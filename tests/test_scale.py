@@ -4,7 +4,6 @@ full fine-tuning, and the params, optimizer state and batch really are sharded a
 
 One tiny model, seq 128: each case is one setup and one compile (~4 s on 2 CPU cores)."""
 
-import os
 
 import jax
 import numpy as np
@@ -13,12 +12,11 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from ftjax import config as config_lib
 from ftjax import peft
 from ftjax import run as run_lib
 from ftjax.data import quickstart_task
 from ftjax.parallel import sharding
-from tiny import make_model_dir
+from tiny import make_model_dir, run_config
 
 MESHES = {"data8": dict(data=8), "fsdp8": dict(fsdp=8), "2x2x2": dict(data=2, fsdp=2, tensor=2),
           "tensor4": dict(tensor=4)}
@@ -44,17 +42,9 @@ def data_dir(tmp_path_factory):
 
 
 def mesh_config(model_dir, data_dir, method, data=1, fsdp=1, tensor=1):
-  c = config_lib.base_config()
-  c.model.name_or_path = model_dir
-  c.data.train = os.path.join(data_dir, "train.jsonl")
-  c.data.seq_len = 128
-  c.method = method
-  c.train.steps = 3
-  c.train.batch_size = 8
-  c.train.lr = 1e-3
-  c.train.warmup_steps = 0
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
-  return c
+  return run_config(model_dir, data_dir, with_eval=False, **{
+      "method": method, "train.steps": 3, "train.lr": 1e-3, "mesh.data": data, "mesh.fsdp": fsdp,
+      "mesh.tensor": tensor})
 
 
 def three_steps(config):

@@ -15,7 +15,6 @@ import pytest
 import torch
 import transformers
 
-from ftjax import config as config_lib
 from ftjax import run as run_lib
 from ftjax import step as step_lib
 from ftjax import train as train_lib
@@ -25,7 +24,7 @@ from ftjax.errors import FtjaxError
 from ftjax.models.config import load_hf_config
 from ftjax.models.hf import load_hf_params
 from ftjax.models.params import flatten, get_path
-from tiny import make_model_dir
+from tiny import make_model_dir, run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,27 +47,8 @@ def data_dir(tmp_path_factory):
 
 
 def tiny_config(model_dir, data_dir, **overrides):
-  c = config_lib.base_config()
-  c.model.name_or_path = model_dir
-  c.data.train = os.path.join(data_dir, "train.jsonl")
-  c.data.eval = os.path.join(data_dir, "eval.jsonl")
-  c.data.seq_len = 128
-  c.train.steps = 60
-  c.train.batch_size = 8
-  c.train.lr = 1e-2
-  c.train.warmup_steps = 0
-  c.train.log_every = 10
-  c.train.eval_every = 0
-  c.lora.rank = 8
-  c.lora.alpha = 16.0
-  c.mesh.data = 1  # one device: sharding tests use the 8-device mesh explicitly (test_scale.py)
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return run_config(model_dir, data_dir, **{"train.steps": 60, "train.lr": 1e-2, "train.log_every": 10,
+                                            "lora.rank": 8, "lora.alpha": 16.0, **overrides})
 
 
 # --- sharding ------------------------------------------------------------------------------
@@ -301,13 +281,18 @@ def test_interrupted_run_resumes_to_the_same_result(model_dir, data_dir, tmp_pat
     pass
 
   real_write = MetricWriter.write
+  crash_at = [1, 3]  # first before any checkpoint (the restart starts over), then after step 2's
 
   def write_then_crash(self, step, metrics, prefix=""):
     real_write(self, step, metrics, prefix)
-    if step == 3:
+    if step == crash_at[0]:
       raise Crash
 
   monkeypatch.setattr(MetricWriter, "write", write_then_crash)
+  with pytest.raises(Crash):
+    train_lib.train(tiny_config(model_dir, data_dir, **overrides), str(tmp_path / "b"))
+  assert Checkpointer(str(tmp_path / "b")).latest_step() is None
+  crash_at.pop(0)
   with pytest.raises(Crash):
     train_lib.train(tiny_config(model_dir, data_dir, **overrides), str(tmp_path / "b"))
   assert not os.path.exists(tmp_path / "b" / "summary.json")  # not a finished run

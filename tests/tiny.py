@@ -72,3 +72,28 @@ def make_model_dir(path, family: str = "llama", vocab_size: int = 512, seed: int
   model.save_pretrained(str(path))
   tok.save(str(path))
   return str(path)
+
+
+def run_config(model_dir, data_dir, *, with_eval: bool = True, **overrides):
+  """The config of a tiny run: the model folder of `make_model_dir`, the train (and eval) JSONL
+  of `data_dir`, seq 128, batch 8, no warmup, no periodic eval, one device; `overrides` are
+  dotted keys, e.g. run_config(m, d, **{"train.steps": 3, "method": "full"})."""
+  import os
+  from ftjax import config as config_lib
+  c = config_lib.base_config()
+  c.model.name_or_path = model_dir
+  c.data.train = os.path.join(data_dir, "train.jsonl")
+  if with_eval:
+    c.data.eval = os.path.join(data_dir, "eval.jsonl")
+  c.data.seq_len = 128
+  c.train.batch_size = 8
+  c.train.warmup_steps = 0
+  c.train.eval_every = 0
+  c.mesh.data = 1  # one device: the sharding tests choose their meshes explicitly
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
