@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import math
 import os
 import sys
@@ -135,7 +134,7 @@ def abstract_run(config):
   from ftjax import step as step_lib
   from ftjax.models.llama import CausalLM
   from ftjax.parallel import sharding
-  from ftjax.run import Run, attach_adapters, peft_configs, quantisation, step_parts
+  from ftjax.run import Run, attach_adapters, jit_init_state, peft_configs, quantisation, step_parts
 
   config_lib.validate(config)
   if config.model.attention != "xla":
@@ -179,11 +178,11 @@ def abstract_run(config):
   optimizer, schedule, loss_fn = step_parts(config, trainable, model_cfg, mesh)
   run = Run(config, model_cfg, None, methods, graphdef, trainable, frozen, mutable, None, None,
             mesh, optimizer, schedule, loss_fn, quantised=settings is not None)
-  # The state's shardings are the ones the run's jitted init gives it (XLA propagates them).
-  init = jax.jit(functools.partial(step_lib.init_state, optimizer=optimizer, seed=config.train.seed))
-  compiled_init = init.lower(trainable, mutable).compile()
+  # The state's shardings are the ones the run's jitted init gives it.
+  init = jit_init_state(run)
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                       jax.eval_shape(init, trainable, mutable), compiled_init.output_shardings)
+                       jax.eval_shape(init, trainable, mutable),
+                       init.lower(trainable, mutable).compile().output_shardings)
   batch_sharding = NamedSharding(mesh, P(None, ("data", "fsdp"), None))
   seq = config.data.seq_len
   batch = {k: jax.ShapeDtypeStruct((accum, micro, seq),

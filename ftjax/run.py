@@ -308,8 +308,10 @@ def step_parts(config, trainable, model_cfg, mesh):
   return optimizer, schedule, loss_fn
 
 
-def init_or_restore(run: Run, checkpointer: Checkpointer | None):
-  """The sharded train state (restored from the latest checkpoint when there is one)."""
+def jit_init_state(run: Run):
+  """The jitted initial train state of (trainable, mutable), with explicit out shardings: each
+  optimizer moment where its param is (`sharding.like_params`), counters replicated. `run`'s
+  trees may be abstract (ftjax.plan)."""
   init = functools.partial(step_lib.init_state, optimizer=run.optimizer, seed=run.config.train.seed)
   shapes = jax.eval_shape(init, run.trainable, run.mutable)
   replicated = sharding.replicated(run.mesh)
@@ -317,7 +319,12 @@ def init_or_restore(run: Run, checkpointer: Checkpointer | None):
                "trainable": jax.tree.map(lambda x: x.sharding, run.trainable),
                "mutable": jax.tree.map(lambda x: x.sharding, run.mutable),
                "opt_state": sharding.like_params(shapes["opt_state"], run.trainable, run.mesh)}
-  state = jax.jit(init, out_shardings=shardings)(run.trainable, run.mutable)
+  return jax.jit(init, out_shardings=shardings)
+
+
+def init_or_restore(run: Run, checkpointer: Checkpointer | None):
+  """The sharded train state (restored from the latest checkpoint when there is one)."""
+  state = jit_init_state(run)(run.trainable, run.mutable)
   data_state = None
   if checkpointer is not None and checkpointer.latest_step() is not None:
     # The live state's shardings: a checkpoint from another mesh is resharded as it loads.
