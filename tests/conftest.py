@@ -33,3 +33,10 @@ def hf_llama_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("hf_llama"))
   hf_models.build("llama").save_pretrained(path)
   return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  """A tiny random-init HF Llama + tokenizer folder (tests/tiny.py), one per test module."""
+  from tiny import make_model_dir
+  return make_model_dir(tmp_path_factory.mktemp("tiny_llama"))

@@ -10,12 +10,7 @@ from ftjax.data import check, quickstart_task
 from ftjax.errors import FtjaxError
 from ftjax.flops import train_flops_per_token
 from ftjax.models.config import load_hf_config
-from tiny import make_model_dir, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-  return make_model_dir(tmp_path_factory.mktemp("tiny_cost"))
+from tiny import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 from ftjax.config import base_config
 from ftjax.data import check
 from ftjax.errors import FtjaxError
-from tiny import make_model_dir, tiny_tokenizer
+from tiny import tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LONG = " ".join(f"word{i}" for i in range(300))
@@ -74,11 +74,6 @@ def _config(train, eval_="", **data):
 @pytest.fixture(scope="module")
 def tok():
   return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-  return make_model_dir(tmp_path_factory.mktemp("tiny_model"))
 
 
 def test_every_problem_with_code_and_line(tmp_path, tok):

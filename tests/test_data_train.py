@@ -12,12 +12,6 @@ from ftjax.data import auto, quickstart_task
 from ftjax.data.loader import Loader
 from ftjax.errors import FtjaxError
 from test_data_check import EXPECTED, _write_planted
-from tiny import make_model_dir
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-  return make_model_dir(tmp_path_factory.mktemp("tiny_train"))
 
 
 def _config(model_dir, train, **train_keys):

@@ -15,19 +15,12 @@ from ftjax.data import quickstart_task
 from ftjax.errors import FtjaxError
 from ftjax.evaluation import metrics, stats
 from ftjax.evaluation.generation import EvalPlan
-from tiny import make_model_dir, run_config
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-  return make_model_dir(tmp_path_factory.mktemp("tiny_llama"))
+from tiny import quickstart_data, run_config
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  out = tmp_path_factory.mktemp("data")
-  quickstart_task.write_splits(str(out), n_train=8, n_eval=16, seed=3)
-  return str(out)
+  return quickstart_data(tmp_path_factory, n_train=8, n_eval=16)
 
 
 def tiny_config(model_dir, data_dir, **overrides):

@@ -13,24 +13,16 @@ import pytest
 from ftjax import config as config_lib
 from ftjax import plan as plan_lib
 from ftjax import run as run_lib
-from ftjax.data import quickstart_task
 from ftjax.errors import FtjaxError
 from ftjax.parallel import sharding
-from tiny import make_model_dir, run_config
+from tiny import quickstart_data, run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-  return make_model_dir(tmp_path_factory.mktemp("tiny_llama"))
-
-
-@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  out = tmp_path_factory.mktemp("data")
-  quickstart_task.write_splits(str(out), n_train=32, n_eval=8, seed=3)
-  return str(out)
+  return quickstart_data(tmp_path_factory, n_train=32, n_eval=8)
 
 
 def tiny_config(model_dir, data_dir, **changes):

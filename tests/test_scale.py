@@ -14,9 +14,8 @@ from jax.sharding import PartitionSpec as P
 
 from ftjax import peft
 from ftjax import run as run_lib
-from ftjax.data import quickstart_task
 from ftjax.parallel import sharding
-from tiny import make_model_dir, run_config
+from tiny import quickstart_data, run_config
 
 MESHES = {"data8": dict(data=8), "fsdp8": dict(fsdp=8), "2x2x2": dict(data=2, fsdp=2, tensor=2),
           "tensor4": dict(tensor=4)}
@@ -30,15 +29,8 @@ LORA_A_SPECS = {"data8": P(None, None, None), "fsdp8": P(None, "fsdp", None),
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-  return make_model_dir(tmp_path_factory.mktemp("tiny_llama"))
-
-
-@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  out = tmp_path_factory.mktemp("data")
-  quickstart_task.write_splits(str(out), n_train=48, n_eval=8, seed=3)
-  return str(out)
+  return quickstart_data(tmp_path_factory, n_train=48, n_eval=8)
 
 
 def mesh_config(model_dir, data_dir, method, data=1, fsdp=1, tensor=1):

@@ -21,17 +21,11 @@ from ftjax.models.params import flatten, get_path, param_specs
 from ftjax.models.sharded import collect_mesh_sinks, mesh_sinks
 from ftjax.parallel import sharding
 from test_gguf import write_gguf
-from tiny import make_model_dir
 
 
 @pytest.fixture(scope="module")
 def mesh():
   return sharding.make_mesh(1, 4, 2)  # fsdp x tensor: every rule of the table is exercised
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-  return make_model_dir(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,11 @@ from ftjax import run as run_lib
 from ftjax import step as step_lib
 from ftjax import train as train_lib
 from ftjax.checkpoint import Checkpointer
-from ftjax.data import quickstart_task
 from ftjax.errors import FtjaxError
 from ftjax.models.config import load_hf_config
 from ftjax.models.hf import load_hf_params
 from ftjax.models.params import flatten, get_path
-from tiny import make_model_dir, run_config
+from tiny import quickstart_data, run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,15 +34,8 @@ def rel_err(a, b):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-  return make_model_dir(tmp_path_factory.mktemp("tiny_llama"))
-
-
-@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  out = tmp_path_factory.mktemp("data")
-  quickstart_task.write_splits(str(out), n_train=96, n_eval=16, seed=3)
-  return str(out)
+  return quickstart_data(tmp_path_factory, n_train=96, n_eval=16)
 
 
 def tiny_config(model_dir, data_dir, **overrides):

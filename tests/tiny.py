@@ -97,3 +97,11 @@ def run_config(model_dir, data_dir, *, with_eval: bool = True, **overrides):
       node = node[p]
     node[leaf] = value
   return c
+
+
+def quickstart_data(tmp_path_factory, n_train: int, n_eval: int) -> str:
+  """A folder with train.jsonl / eval.jsonl of the quickstart task (seed 3)."""
+  from ftjax.data import quickstart_task
+  out = tmp_path_factory.mktemp("data")
+  quickstart_task.write_splits(str(out), n_train=n_train, n_eval=n_eval, seed=3)
+  return str(out)
