@@ -20,16 +20,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import re
 import subprocess
 import sys
-import threading
-import time
 
-
-def anon_mib() -> int:
-  with open("/proc/self/status") as f:
-    return int(re.search(r"RssAnon:\s+(\d+)", f.read()).group(1)) // 1024
+from peak_rss import PeakRss  # scripts/ is on sys.path when a script runs
 
 
 def child(model: str, kind: str, warm: bool, mesh_text: str = "") -> None:
@@ -55,20 +49,11 @@ def child(model: str, kind: str, warm: bool, mesh_text: str = "") -> None:
     models.load(model, quantize=quantize, mesh=mesh)
     gc.collect()
   ctypes.CDLL("libc.so.6").malloc_trim(0)
-  base, peak, done = anon_mib(), [0], [False]
-
-  def sample():
-    while not done[0]:
-      peak[0] = max(peak[0], anon_mib())
-      time.sleep(0.001)
-  thread = threading.Thread(target=sample, daemon=True)
-  thread.start()
-  model_obj, _ = models.load(model, quantize=quantize, mesh=mesh)
-  done[0] = True
-  thread.join()
+  with PeakRss() as rss:
+    model_obj, _ = models.load(model, quantize=quantize, mesh=mesh)
   nbytes = sum(v.nbytes for v in jax.tree.leaves(nnx.state(model_obj)))
   print(json.dumps({"type": kind, "mesh": mesh_text or None, "model_mib": round(nbytes / 2**20),
-                    "load_peak_mib": peak[0] - base, "warm_quantiser": warm}), flush=True)
+                    "load_peak_mib": rss.rise // 2**20, "warm_quantiser": warm}), flush=True)
 
 
 def main() -> None:

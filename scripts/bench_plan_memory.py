@@ -21,15 +21,9 @@ import argparse
 import ctypes
 import json
 import os
-import re
 import sys
-import threading
-import time
 
-
-def anon_bytes() -> int:
-  with open("/proc/self/status") as f:
-    return int(re.search(r"RssAnon:\s+(\d+)", f.read()).group(1)) * 1024
+from peak_rss import PeakRss  # scripts/ is on sys.path when a script runs
 
 
 def main() -> None:
@@ -83,21 +77,12 @@ def main() -> None:
   ctypes.CDLL("libc.so.6").malloc_trim(0)
   live = sum(s.data.nbytes for x in jax.tree.leaves((state, run.frozen, batches[0]))
              for s in x.addressable_shards)
-  base, peak, done = anon_bytes(), [0], [False]
-
-  def sample():
-    while not done[0]:
-      peak[0] = max(peak[0], anon_bytes())
-      time.sleep(0.001)
-  thread = threading.Thread(target=sample, daemon=True)
-  thread.start()
-  for b in batches:
-    state, metrics = step(state, run.frozen, b)
-    jax.block_until_ready(metrics)
-  done[0] = True
-  thread.join()
+  with PeakRss() as rss:
+    for b in batches:
+      state, metrics = step(state, run.frozen, b)
+      jax.block_until_ready(metrics)
   n = len(run.mesh.devices.flat)
-  measured = live + max(0, peak[0] - base)
+  measured = live + rss.rise
   mem = step.memory_analysis()
   print(json.dumps({
       "config": args.config, "mesh": dict(run.mesh.shape), "method": config.method,
@@ -105,7 +90,7 @@ def main() -> None:
       "planned_all_devices_mib": round(planned.total * n / 2**20, 1),
       "planned_temp_per_device_mib": round(planned.temporaries / 2**20, 1),
       "real_step_temp_per_device_mib": round(mem.temp_size_in_bytes / 2**20, 1),
-      "live_arrays_mib": round(live / 2**20, 1), "step_rise_mib": round((peak[0] - base) / 2**20, 1),
+      "live_arrays_mib": round(live / 2**20, 1), "step_rise_mib": round(rss.rise / 2**20, 1),
       "measured_all_devices_mib": round(measured / 2**20, 1),
       "plan_over_measured": round(planned.total * n / measured, 3)}), flush=True)
 
