@@ -5,12 +5,18 @@
 Reads gsm8k's train + test questions and answers as input/output examples (cycled to --n), with
 the built-in model's tokenizer (SmolLM2's ChatML template), and times, in alternating rounds so
 a busy neighbour slows each alike:
-  one_at_a_time  what ftjax did before: per example, the template's pieces each encoded by its
-                 own `encode` call, plus the whole string to check the cuts;
-  batched        ftjax.data.template.tokenize_many: the same pieces, every string of all examples
-                 encoded in one `encode_batch_fast` call;
-  cache_hit      ftjax.data.cache.tokenize on data tokenised before (read from disk).
-Checks that all three give identical tokens and masks, then prints one JSON line.
+  one_at_a_time    what ftjax did when tokenising was first timed: per example, the template
+                   rendered for its pieces, each piece encoded by its own `encode` call, plus the
+                   whole string to check the cuts;
+  batched_offsets  the first batched version: per example two renders for the pieces, then every
+                   whole string encoded in one `encode_batch` call with character offsets, each
+                   token assigned to its piece by offsets;
+  batched          ftjax.data.template.tokenize_many today: one render per conversation shape
+                   with the contents pasted in (ftjax/data/skeleton.py), each distinct string
+                   encoded once in one `encode_batch_fast` call without offsets, the pieces found
+                   from token byte lengths (ftjax/data/bytelevel.py);
+  cache_hit        ftjax.data.cache.tokenize on data tokenised before (read from disk).
+Checks that all four give identical tokens and masks, then prints one JSON line.
 """
 
 from __future__ import annotations
@@ -38,6 +44,20 @@ def one_at_a_time(examples, tok):
   return out
 
 
+def batched_offsets(examples, tok):
+  from ftjax.data import template
+  backend = template._rust_backend(tok)
+  pieces = [template._template_pieces(ex, tok) for ex in examples]
+  encodings = backend.encode_batch(["".join(p for p, _, _ in ps) for ps in pieces],
+                                   add_special_tokens=False)
+  out = []
+  for ps, enc in zip(pieces, encodings):
+    tokens, mask = template._assign_encoding(ps, enc, tok)
+    mask[0] = 0
+    out.append((tokens, mask))
+  return out
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--data", required=True, help="a folder with gsm8k's train.jsonl, test.jsonl")
@@ -54,7 +74,7 @@ def main() -> None:
   examples = list(itertools.islice(itertools.cycle(base), args.n))
   tok = tokenizer_for(args.model)
 
-  times = {"one_at_a_time": [], "batched": [], "cache_hit": []}
+  times = {"one_at_a_time": [], "batched_offsets": [], "batched": [], "cache_hit": []}
   with tempfile.TemporaryDirectory() as tmp:
     os.environ["FTJAX_TOKEN_CACHE"] = tmp
     reference = cache.tokenize(examples, tok)  # writes the cache file
@@ -63,18 +83,23 @@ def main() -> None:
       old = one_at_a_time(examples, tok)
       times["one_at_a_time"].append(time.perf_counter() - t)
       t = time.perf_counter()
+      mid = batched_offsets(examples, tok)
+      times["batched_offsets"].append(time.perf_counter() - t)
+      t = time.perf_counter()
       new = template.tokenize_many(examples, tok)
       times["batched"].append(time.perf_counter() - t)
       cache._last.clear()  # read from disk, as a new process would
       t = time.perf_counter()
       hit = cache.tokenize(examples, tok)
       times["cache_hit"].append(time.perf_counter() - t)
-  for a, b, c, r in zip(old, new, hit, reference):
-    assert a[0] == b.tokens.tolist() == c.tokens.tolist() == r.tokens.tolist()
-    assert a[1] == b.loss_mask.tolist() == c.loss_mask.tolist()
+  for a, m, b, c, r in zip(old, mid, new, hit, reference):
+    assert a[0] == m[0] == b.tokens.tolist() == c.tokens.tolist() == r.tokens.tolist()
+    assert a[1] == m[1] == b.loss_mask.tolist() == c.loss_mask.tolist()
   median = {k: statistics.median(v) for k, v in times.items()}
-  print(json.dumps({"examples": len(examples), "tokens": int(sum(len(t.tokens) for t in new)),
+  distinct = len({json.dumps(ex.messages) for ex in examples})
+  print(json.dumps({"examples": len(examples), "distinct": distinct, "tokens": int(sum(len(t.tokens) for t in new)),
                     "seconds": times, "median_s": median,
+                    "speedup_batched_offsets": median["one_at_a_time"] / median["batched_offsets"],
                     "speedup_batched": median["one_at_a_time"] / median["batched"],
                     "speedup_cache_hit": median["one_at_a_time"] / median["cache_hit"],
                     "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "default")}))

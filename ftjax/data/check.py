@@ -4,8 +4,7 @@ Reads data.train and data.eval as training does (same formats, data.fields renam
 prompt, tokenizer and length rule) but keeps going after a problem, so one run lists them all:
 
   problems   every invalid record at `path:LINE` with a stable code: bad_json, bad_encoding,
-             unreadable (a .json array / .txt / parquet / CSV file its reader rejects),
-             data_type, unknown_format, missing_field, wrong_type, unknown_key, unknown_role,
+             bad_csv (a row whose cell count differs from the header's), data_type, unknown_format, missing_field, wrong_type, unknown_key, unknown_role,
              invalid_weight, no_assistant_turn, empty_output, over_length (tokens > seq_len + 1;
              an error only under data.length_policy="error", otherwise counted as truncated /
              dropped as training will). data.check.on_error="fail" exits non-zero listing them;
@@ -45,7 +44,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 import re
 import string
@@ -65,11 +63,7 @@ MIN_FOR_OUTLIERS = 100  # percentiles of fewer examples flag only the extremes: 
 LISTED = 50  # groups / pairs listed per signal in the JSON report
 
 
-@dataclasses.dataclass
-class Problem:
-  code: str
-  where: str  # "path:LINE"
-  message: str
+Problem = sources.Problem  # code, where ("path:LINE"), message
 
 
 @dataclasses.dataclass
@@ -84,40 +78,9 @@ class Split:
 # --- reading: every bad line, not just the first ------------------------------------------------
 
 def read_lines(path):
-  """(records, problems) of one file. JSONL is decoded line by line so every bad line is
-  reported (bad_json, bad_encoding); other formats go through sources.read_records."""
-  ext = os.path.splitext(path)[1].lower()
-  base = sources.split_spec(path)[0]
-  if base.startswith(sources.HUB_PREFIX) or sources.is_saved_dataset(base):
-    return sources.read_records(path), []  # rows of a `datasets` table: no lines to decode
-  if not os.path.isfile(path):
-    raise FtjaxError(f"{path}: data file not found")
-  with open(path, "rb") as f:
-    raw = f.read()
-  is_array = ext == ".json" and raw.lstrip().startswith(b"[")
-  if ext not in (".jsonl", ".json") or is_array:
-    try:
-      return sources.read_records(path), []
-    except FtjaxError as e:  # one problem for the file: its reader stops at the first
-      message = str(e)
-      code = ("bad_encoding" if "not valid UTF-8" in message else
-              "bad_json" if "not valid JSON" in message else "unreadable")
-      return [], [Problem(code, message.split(": ", 1)[0], message)]
-  records, problems = [], []
-  for lineno, line in enumerate(raw.split(b"\n"), start=1):
-    where = f"{path}:{lineno}"
-    try:
-      text = line.decode("utf-8")
-    except UnicodeDecodeError as e:
-      problems.append(Problem("bad_encoding", where, f"{where}: not valid UTF-8 (byte {e.start + 1})"))
-      continue
-    if not text.strip():
-      continue
-    try:
-      records.append(sources.Record(where, json.loads(text)))
-    except json.JSONDecodeError as e:
-      problems.append(Problem("bad_json", where, f"{where}: not valid JSON ({e.msg} at column {e.colno})"))
-  return records, problems
+  """(records, problems) of one source: sources.read_all, which reports every record that does
+  not read (bad_encoding, bad_json, bad_csv) at its line and keeps the rest."""
+  return sources.read_all(path)
 
 
 def validate_records(records, *, format="auto", fields=None, system_prompt=None):

@@ -2,15 +2,18 @@
 
 A source is one of:
   a file      JSONL (`.jsonl`, also `.json` holding JSONL), JSON arrays (`.json`), plain text
-              (`.txt`: one document per file), and through HF `datasets` parquet, CSV, TSV and
-              Arrow files (`.parquet`, `.csv`, `.tsv`, `.arrow`);
+              (`.txt`: one document per file), CSV and TSV with a header line (`.csv`, `.tsv`,
+              cells read as strings), and through HF `datasets` parquet and Arrow files
+              (`.parquet`, `.arrow`);
   a directory written by `datasets`' `save_to_disk` (a Dataset, or a DatasetDict: one split,
               `DIR?split=test`, default train), read with `load_from_disk`;
   a Hub dataset `hub:NAME?config=C&split=S&revision=R` (split default train), read with
               `datasets.load_dataset` when the Hugging Face Hub is reachable; otherwise an error
               saying how to use a local copy.
 Every record is a `Record(where="SOURCE:LINE", data=...)` so later validation errors can point at
-the exact line (the row, counted from 1, for `datasets` sources; CSV rows are their line).
+the exact line (the row, counted from 1, for `datasets` sources; CSV rows are the line they
+start on). `read_all` reports every record that does not read (`Problem`: bad_encoding,
+bad_json, bad_csv at its line) and keeps the rest; `read_records` stops at the first.
 """
 
 import dataclasses
@@ -27,6 +30,7 @@ class Record:
 
 
 DATASETS_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow"}
+CSV_SEPARATORS = {".csv": ",", ".tsv": "\t"}  # read with the csv module: every bad row, at its line
 HUB_PREFIX = "hub:"
 
 
@@ -48,37 +52,74 @@ def is_saved_dataset(path):
       os.path.isfile(os.path.join(path, "state.json")))
 
 
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """A record that could not be read, with a stable code (bad_json, bad_encoding, bad_csv, ...)."""
+  code: str
+  where: str  # "path:LINE"
+  message: str
+
+
 def read_records(path):
-  """All records of one source, in order. Raises FtjaxError on unreadable or empty input."""
+  """All records of one source, in order. Raises FtjaxError on the first unreadable record, or on
+  empty input (`read_all` returns every problem instead)."""
+  records, problems = read_all(path)
+  if problems:
+    raise FtjaxError(problems[0].message, code=problems[0].code)
+  return _nonempty(path, records)
+
+
+def read_all(path):
+  """(records, problems) of one source: every record that reads, and every one that does not, at
+  its line, so one look at a file shows all that is wrong with it. Raises FtjaxError for a source
+  that cannot be read at all (missing, a damaged `datasets` folder)."""
   base, options = split_spec(path)
   if base.startswith(HUB_PREFIX):
-    return _nonempty(path, _read_hub(path, base[len(HUB_PREFIX):], options))
+    return _read_hub(path, base[len(HUB_PREFIX):], options), []
   if is_saved_dataset(base):
-    return _nonempty(path, _read_saved(path, base, options))
+    return _read_saved(path, base, options), []
   if options:
     raise FtjaxError(f"{path}: ?{'&'.join(options)} applies to a save_to_disk folder or a hub: "
                      "dataset, not to a file")
   if not os.path.isfile(path):
     raise FtjaxError(f"{path}: data file not found")
   ext = os.path.splitext(path)[1].lower()
-  if ext in DATASETS_BUILDERS:
-    records = _read_with_datasets(path, ext)
+  if ext in DATASETS_BUILDERS and ext not in CSV_SEPARATORS:
+    return _read_with_datasets(path, ext), []
+  with open(path, "rb") as f:
+    raw = f.read()
+  text, problems = _decode(path, raw)
+  if ext == ".txt":
+    records = [Record(f"{path}:1", text)] if text.strip() and not problems else []
+  elif ext in CSV_SEPARATORS:
+    records, more = _read_csv(path, text, CSV_SEPARATORS[ext])
+    problems += more
+  elif ext == ".json" and text.lstrip().startswith("["):
+    records, more = _read_json_array(path, text)
+    problems += more
   else:
-    with open(path, "rb") as f:
-      raw = f.read()
-    try:
-      text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:  # else a traceback without the line
-      line = raw.count(b"\n", 0, e.start) + 1
-      raise FtjaxError(f"{path}:{line}: not valid UTF-8 (byte {e.start + 1} of the file)") from None
-    text = text.replace("\r\n", "\n").replace("\r", "\n")  # as text mode's universal newlines
-    if ext == ".txt":
-      records = [Record(f"{path}:1", text)] if text.strip() else []
-    elif ext == ".json" and text.lstrip().startswith("["):
-      records = _read_json_array(path, text)
-    else:
-      records = _read_jsonl(path, text)
-  return _nonempty(path, records)
+    records, more = _read_jsonl(path, text)
+    problems += more
+  bad_lines = {p.where for p in problems if p.code == "bad_encoding"}
+  return [r for r in records if r.where not in bad_lines], problems
+
+
+def _decode(path, raw):
+  """(text, bad_encoding problems): UTF-8 with every undecodable line reported (and replaced by
+  U+FFFD so the rest of the file still reads); newlines as text mode's universal newlines."""
+  problems = []
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError:
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+      try:
+        line.decode("utf-8")
+      except UnicodeDecodeError as e:
+        where = f"{path}:{lineno}"
+        problems.append(Problem("bad_encoding", where, f"{where}: not valid UTF-8 (byte {e.start + 1} of "
+                                "the line)"))
+    text = raw.decode("utf-8", errors="replace")
+  return text.replace("\r\n", "\n").replace("\r", "\n"), problems
 
 
 def _nonempty(path, records):
@@ -128,38 +169,104 @@ def _read_hub(source, name, options):
 
 
 def _read_jsonl(path, text):
-  records = []
-  for lineno, line in enumerate(text.splitlines(), start=1):
+  records, problems = [], []
+  for lineno, line in enumerate(text.split("\n"), start=1):
     if not line.strip():
       continue  # blank lines (often a trailing newline) are not records
+    where = f"{path}:{lineno}"
     try:
-      records.append(Record(f"{path}:{lineno}", json.loads(line)))
+      records.append(Record(where, json.loads(line)))
     except json.JSONDecodeError as e:
-      raise FtjaxError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-  return records
+      problems.append(Problem("bad_json", where, f"{where}: not valid JSON ({e.msg} at column {e.colno})"))
+  return records, problems
 
 
 def _read_json_array(path, text):
-  # Decode element by element (not json.load) so each record keeps the line it starts on.
+  """Decoded element by element (not json.load) so each record keeps the line it starts on, and a
+  broken element is reported and skipped: the scan resumes at the next top-level comma."""
   decoder = json.JSONDecoder()
-  records = []
+  records, problems = [], []
   i = _skip_ws(text, text.index("[") + 1)
   if i < len(text) and text[i] == "]":
-    return records
-  while True:
+    return records, problems
+  while i < len(text):
+    line = text.count("\n", 0, i) + 1
     try:
       value, end = decoder.raw_decode(text, i)
     except json.JSONDecodeError as e:
-      raise FtjaxError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-    records.append(Record(f"{path}:{text.count(chr(10), 0, i) + 1}", value))
+      where = f"{path}:{e.lineno}"
+      problems.append(Problem("bad_json", where, f"{where}: not valid JSON ({e.msg} at column {e.colno})"))
+      end = _next_element(text, i)
+    else:
+      records.append(Record(f"{path}:{line}", value))
     i = _skip_ws(text, end)
     if i < len(text) and text[i] == ",":
       i = _skip_ws(text, i + 1)
     elif i < len(text) and text[i] == "]":
-      return records
+      return records, problems
     else:
-      line = text.count("\n", 0, i) + 1
-      raise FtjaxError(f"{path}:{line}: not valid JSON (expected ',' or ']' in the top-level array)")
+      where = f"{path}:{text.count(chr(10), 0, i) + 1}"
+      why = "the top-level array is not closed by ']'" if i >= len(text) else (
+          "expected ',' or ']' in the top-level array")
+      problems.append(Problem("bad_json", where, f"{where}: not valid JSON ({why})"))
+      i = _next_element(text, i + 1)
+      if i < len(text) and text[i] == ",":
+        i = _skip_ws(text, i + 1)
+  return records, problems
+
+
+def _next_element(text, i):
+  """Where the element at text[i] ends as far as brackets and strings tell: the next comma or
+  closing bracket at the array's own depth (or the end of the text)."""
+  depth, in_string, escaped = 0, False, False
+  while i < len(text):
+    ch = text[i]
+    if in_string:
+      if escaped:
+        escaped = False
+      elif ch == "\\":
+        escaped = True
+      elif ch == '"':
+        in_string = False
+    elif ch == '"':
+      in_string = True
+    elif ch in "[{":
+      depth += 1
+    elif ch in "]}":
+      if depth == 0:
+        return i
+      depth -= 1
+    elif ch == "," and depth == 0:
+      return i
+    i += 1
+  return i
+
+
+def _read_csv(path, text, separator):
+  """Rows of a CSV/TSV file with a header line, keyed by the header, each at the line it starts
+  on; a row with a different number of cells than the header is a bad_csv problem. Empty cells
+  are None, as `datasets`' CSV reader (pandas) makes them."""
+  import csv
+  import io
+  records, problems = [], []
+  reader = csv.reader(io.StringIO(text, newline=""), delimiter=separator)
+  try:
+    header = next(reader, None)
+    if header is None:
+      return records, problems
+    start = reader.line_num + 1
+    for row in reader:
+      where = f"{path}:{start}"
+      if row and len(row) != len(header):
+        problems.append(Problem("bad_csv", where, f"{where}: bad_csv: {len(row)} cells; the header "
+                                f"line has {len(header)} ({', '.join(header)})"))
+      elif row:
+        records.append(Record(where, {k: (v if v != "" else None) for k, v in zip(header, row)}))
+      start = reader.line_num + 1
+  except csv.Error as e:
+    where = f"{path}:{reader.line_num}"
+    problems.append(Problem("bad_csv", where, f"{where}: bad_csv: {e}"))
+  return records, problems
 
 
 def _skip_ws(text, i):
@@ -172,10 +279,8 @@ def _read_with_datasets(path, ext):
   import datasets  # slow to import; only needed for these formats
 
   builder = DATASETS_BUILDERS[ext]
-  kwargs = {"sep": "\t"} if ext == ".tsv" else {}
   try:
-    ds = datasets.load_dataset(builder, data_files=path, split="train", **kwargs)
+    ds = datasets.load_dataset(builder, data_files=path, split="train")
   except Exception as e:  # datasets raises many types; all mean "could not read this file"
     raise FtjaxError(f"{path}: could not read {builder} file ({type(e).__name__}: {e})") from None
-  # CSV: row i is on line i + 2 (the header is line 1); parquet has no lines, use the row number.
-  return _rows(path, ds, first=2 if builder == "csv" else 1)
+  return _rows(path, ds)  # no lines in a parquet or arrow file: the row number, from 1

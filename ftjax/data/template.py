@@ -21,6 +21,7 @@ import dataclasses
 
 import numpy as np
 
+from ftjax.data import bytelevel, skeleton
 from ftjax.errors import FtjaxError
 
 
@@ -79,47 +80,57 @@ def tokenize_example(example, tok):
 
 
 def tokenize_many(examples, tok):
-  """TokenizedExamples of many examples: each rendered and cut into pieces in Python, then every
-  string of all of them encoded in one batch call of the Rust tokenizer (`encode_batch`, which
-  also runs on all cores): one call instead of one per piece."""
-  encode = _batch_encoder(tok)
+  """TokenizedExamples of many examples, in one batch call of the Rust tokenizer (which runs on
+  all cores) instead of one call per piece.
+
+  Conversations are cut into pieces: rendered once per conversation shape when the template
+  pastes contents opaquely (ftjax/data/skeleton.py), else by the renders described above. A
+  rendering that is all text is encoded whole and each token goes to the piece its first
+  character is in: when encoding piece by piece gives the same tokens that is the same
+  assignment, and when a BPE merge crosses a cut it is the fallback anyway. Byte-level BPE finds
+  the cuts from token byte lengths (ftjax/data/bytelevel.py), other tokenizers from offsets."""
   backend = _rust_backend(tok)
-  pieces = [None if ex.text is not None else
-            _template_pieces(ex, tok) if getattr(tok, "chat_template", None) else
-            _plain_pieces(ex, tok) for ex in examples]
-  texts = iter(encode([ex.text for ex in examples if ex.text is not None], True))
-  # A rendering that is all text is encoded whole, with character offsets, and each token goes
-  # to the piece its first character is in: when encoding piece by piece gives the same tokens
-  # that is the same assignment, and when a BPE merge crosses a cut it is the fallback anyway.
-  whole = [backend is not None and ps is not None and all(isinstance(p, str) for p, _, _ in ps)
-           for ps in pieces]
-  strings = []
-  for ps, w in zip(pieces, whole):
-    if ps is not None:
-      strings += ["".join(p for p, _, _ in ps)] if w else [p for p, _, _ in ps if isinstance(p, str)]
-  encoded = iter(backend.encode_batch(strings, add_special_tokens=False) if any(whole) else
-                 [_Ids(ids) for ids in encode(strings, False)])
-  out = []
-  for ex, ps, w in zip(examples, pieces, whole):
-    if ps is None:
-      out.append(_text_example(ex, next(texts), tok))
-      continue
-    if w:
-      tokens, mask = _assign_encoding(ps, next(encoded), tok)
-    else:
-      ids = [p if isinstance(p, list) else next(encoded).ids for p, _, _ in ps]
-      tokens, mask = _join_pieces(ps, ids, None, tok)
-    if not tokens:
-      raise FtjaxError(f"{ex.where}: the example renders to no tokens")
-    mask[0] = 0  # the first token is never a target: nothing precedes it
-    out.append(TokenizedExample(ex.where, np.asarray(tokens, np.int32), np.asarray(mask, np.int32)))
+  encode = _batch_encoder(tok)
+  out = [None] * len(examples)
+  text_at = [i for i, ex in enumerate(examples) if ex.text is not None]
+  for i, ids in zip(text_at, encode([examples[i].text for i in text_at], True)):
+    out[i] = _text_example(examples[i], ids, tok)
+
+  chat_at = [i for i, ex in enumerate(examples) if ex.text is None]
+  pieces = dict(zip(chat_at, _chat_pieces([examples[i] for i in chat_at], tok)))
+  whole = [i for i in chat_at
+           if backend is not None and all(isinstance(p, str) for p, _, _ in pieces[i])]
+  if whole:
+    for i, arrays in zip(whole, bytelevel.encode_pieces(backend, tok.eos_token_id,
+                                                        [pieces[i] for i in whole])):
+      if arrays is not None:
+        out[i] = TokenizedExample(examples[i].where, *arrays)
+  by_offsets = [i for i in whole if out[i] is None]
+  whole_set = set(whole)
+  by_pieces = [i for i in chat_at if out[i] is None and i not in whole_set]
+  encodings = backend.encode_batch(["".join(p for p, _, _ in pieces[i]) for i in by_offsets],
+                                   add_special_tokens=False) if by_offsets else []
+  for i, enc in zip(by_offsets, encodings):
+    out[i] = _finish(examples[i], *_assign_encoding(pieces[i], enc, tok))
+  strings = iter(encode([p for i in by_pieces for p, _, _ in pieces[i] if isinstance(p, str)], False))
+  for i in by_pieces:
+    ids = [p if isinstance(p, list) else next(strings) for p, _, _ in pieces[i]]
+    out[i] = _finish(examples[i], *_join_pieces(pieces[i], ids, None, tok))
   return out
 
 
-class _Ids:
-  """An encoding's ids, for the path without a Rust tokenizer."""
-  def __init__(self, ids):
-    self.ids = ids
+def _chat_pieces(examples, tok):
+  if not getattr(tok, "chat_template", None):
+    return [_plain_pieces(ex, tok) for ex in examples]
+  skeletons = skeleton.Skeletons(tok, _template_pieces, _render)
+  return [skeletons.pieces(ex) or _template_pieces(ex, tok) for ex in examples]
+
+
+def _finish(example, tokens, mask):
+  if not tokens:
+    raise FtjaxError(f"{example.where}: the example renders to no tokens")
+  mask[0] = 0  # the first token is never a target: nothing precedes it
+  return TokenizedExample(example.where, np.asarray(tokens, np.int32), np.asarray(mask, np.int32))
 
 
 def _batch_encoder(tok):

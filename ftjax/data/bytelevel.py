@@ -1,0 +1,130 @@
+"""Which tokens of a byte-level BPE encoding fall in which piece, without character offsets.
+
+template.py cuts each rendered example into pieces (context, trained content, end of turn) and
+must assign every token of the whole string's encoding to a piece: a token belongs to the piece
+its first character is in. Asking the Rust tokenizer for character offsets costs a third more
+than encoding without them (`encode_batch_fast`). For byte-level BPE (GPT-2, SmolLM2, Llama 3,
+Qwen, Mistral's tekken) offsets are not needed: every token stands for a fixed run of bytes of
+the text (its vocabulary string, one character per byte), so a running sum of token byte lengths
+gives where each token starts, and one `searchsorted` over all examples at once finds the cuts.
+
+The byte lengths must add up to each text's UTF-8 length, which holds unless a normalizer or an
+added token's lstrip/rstrip changed the text; an example where they don't is returned as None and
+template.py assigns it by offsets instead. Identical renderings are encoded once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import unicodedata
+import weakref
+
+import numpy as np
+
+# Piece kinds as codes (template.py's "ctx" | "content" | "end" | "end1", weight folded in).
+CTX, CONTENT, END, END1 = 0, 1, 2, 3
+_UNKNOWN = 1 << 30  # byte length of a token that is not plain byte-level: no sum can match
+_tables = weakref.WeakKeyDictionary()  # Rust tokenizer -> (byte lengths, normalizer) or None
+
+
+def byte_lengths(backend):
+  """(int64 [vocab] bytes per token id, normalizer: None | "NFC"), or None when `backend` is not
+  byte-level BPE (sentencepiece-style vocabularies spell spaces as '▁' and prepend one)."""
+  try:
+    return _tables[backend]
+  except KeyError:
+    pass
+  spec = json.loads(backend.to_str())
+  model, pre, norm = spec.get("model") or {}, spec.get("pre_tokenizer") or {}, spec.get("normalizer")
+  pre_types = {p.get("type") for p in pre.get("pretokenizers", [pre])}
+  norm_type = None if norm is None else norm.get("type")
+  table = None
+  if model.get("type") == "BPE" and "ByteLevel" in pre_types and norm_type in (None, "NFC"):
+    from ftjax.tokenizer import _BYTES_TO_UNICODE
+    alphabet = set(_BYTES_TO_UNICODE.values())
+    lengths = np.full(backend.get_vocab_size(with_added_tokens=True), _UNKNOWN, np.int64)
+    for token, i in model["vocab"].items():
+      if i < len(lengths) and all(ch in alphabet for ch in token):
+        lengths[i] = len(token)
+    for i, added in backend.get_added_tokens_decoder().items():
+      if i < len(lengths):
+        lengths[i] = len(added.content.encode("utf-8"))
+    table = (lengths, norm_type)
+  _tables[backend] = table
+  return table
+
+
+def encode_pieces(backend, eos_id, examples_pieces):
+  """[(tokens int32 [n], loss_mask int32 [n]) or None] for each example's pieces, a list of
+  (text, kind, weight) whose texts join to the rendering. None: assign that one by offsets."""
+  table = byte_lengths(backend)
+  if table is None:
+    return [None] * len(examples_pieces)
+  lengths, normalizer = table
+  fulls, nbytes, piece_ex, piece_at, piece_kind = [], [], [], [], []
+  for e, pieces in enumerate(examples_pieces):
+    full = "".join(p for p, _, _ in pieces)
+    ascii_only = full.isascii()
+    at = 0
+    for text, kind, weight in pieces:
+      piece_ex.append(e)
+      piece_at.append(at)
+      piece_kind.append(_code(kind, weight))
+      at += len(text) if ascii_only else len(text.encode("utf-8"))
+    fulls.append(full)
+    nbytes.append(at)
+  unique = {}
+  which = [unique.setdefault(full, len(unique)) for full in fulls]
+  ids = [enc.ids for enc in backend.encode_batch_fast(list(unique), add_special_tokens=False)]
+  per_example = [ids[u] for u in which]
+  counts = np.fromiter(map(len, per_example), np.int64, len(per_example))
+  starts = np.concatenate([[0], np.cumsum(counts)])
+  tokens = np.fromiter(itertools.chain.from_iterable(per_example), np.int32, int(starts[-1]))
+  if not len(tokens):
+    return [None] * len(examples_pieces)
+
+  token_bytes = lengths[tokens]
+  token_end = np.cumsum(token_bytes)
+  token_start = token_end - token_bytes
+  nonempty = counts > 0
+  sums = np.zeros(len(counts), np.int64)
+  sums[nonempty] = np.add.reduceat(token_bytes, starts[:-1][nonempty])
+  ok = nonempty & (sums == np.asarray(nbytes))
+  if normalizer == "NFC":
+    ok &= np.fromiter((unicodedata.is_normalized("NFC", f) for f in fulls), bool, len(fulls))
+
+  # Piece e.k starts at the first token of example e starting at or after its first byte.
+  piece_ex, piece_kind = np.asarray(piece_ex), np.asarray(piece_kind)
+  example_byte0 = np.where(nonempty, token_start[np.minimum(starts[:-1], len(tokens) - 1)], 0)
+  first = np.searchsorted(token_start, example_byte0[piece_ex] + np.asarray(piece_at), "left")
+  first = np.clip(first, starts[piece_ex], starts[piece_ex + 1])
+  last = np.append(first[1:], 0)  # one past the piece's last token: the next piece's first
+  ends_example = np.append(piece_ex[1:] != piece_ex[:-1], True)
+  last[ends_example] = starts[piece_ex[ends_example] + 1]
+
+  # An end-of-turn piece trains through its first EOS, or only its first token without one.
+  stop = last.copy()
+  eos_at = np.flatnonzero(tokens == eos_id) if eos_id is not None else np.zeros(0, np.int64)
+  next_eos = eos_at[np.minimum(np.searchsorted(eos_at, first), len(eos_at) - 1)] if len(eos_at) else None
+  one = np.minimum(first + 1, last)
+  is_end = piece_kind == END
+  if next_eos is not None:
+    stop[is_end] = np.where(next_eos[is_end] < last[is_end], next_eos[is_end] + 1, one[is_end])
+  else:
+    stop[is_end] = one[is_end]
+  stop[piece_kind == END1] = one[piece_kind == END1]
+  trained = (piece_kind != CTX) & (stop > first)
+  edges = np.zeros(len(tokens) + 1, np.int32)
+  np.add.at(edges, first[trained], 1)
+  np.add.at(edges, stop[trained], -1)
+  mask = np.cumsum(edges[:-1], dtype=np.int32)
+  mask[starts[:-1][nonempty]] = 0  # the first token is never a target: nothing precedes it
+  return [(tokens[s:t], mask[s:t]) if good else None
+          for s, t, good in zip(starts[:-1], starts[1:], ok)]
+
+
+def _code(kind, weight):
+  if kind == "ctx" or not weight:
+    return CTX
+  return {"content": CONTENT, "end": END, "end1": END1}[kind]
