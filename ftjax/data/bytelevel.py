@@ -64,25 +64,24 @@ def encode_pieces(backend, eos_id, examples_pieces):
   lengths, normalizer = table
   fulls, nbytes, piece_ex, piece_at, piece_kind = [], [], [], [], []
   for e, pieces in enumerate(examples_pieces):
-    full = "".join(p for p, _, _ in pieces)
-    ascii_only = full.isascii()
-    at = 0
-    for text, kind, weight in pieces:
-      piece_ex.append(e)
-      piece_at.append(at)
-      piece_kind.append(_code(kind, weight))
-      at += len(text) if ascii_only else len(text.encode("utf-8"))
+    texts = [text for text, _, _ in pieces]
+    full = "".join(texts)
+    sizes = map(len, texts) if full.isascii() else (len(t.encode("utf-8")) for t in texts)
+    at = list(itertools.accumulate(sizes, initial=0))
+    piece_at += at[:-1]
+    piece_ex += [e] * len(pieces)
+    piece_kind += [_CODES[kind] if weight else CTX for _, kind, weight in pieces]
     fulls.append(full)
-    nbytes.append(at)
+    nbytes.append(at[-1])
   unique = {}
   which = [unique.setdefault(full, len(unique)) for full in fulls]
-  ids = [enc.ids for enc in backend.encode_batch_fast(list(unique), add_special_tokens=False)]
-  per_example = [ids[u] for u in which]
-  counts = np.fromiter(map(len, per_example), np.int64, len(per_example))
+  arrays = [np.array(enc.ids, np.int32)
+            for enc in backend.encode_batch_fast(list(unique), add_special_tokens=False)]
+  counts = np.array([len(arrays[u]) for u in which], np.int64)
   starts = np.concatenate([[0], np.cumsum(counts)])
-  tokens = np.fromiter(itertools.chain.from_iterable(per_example), np.int32, int(starts[-1]))
-  if not len(tokens):
+  if not starts[-1]:
     return [None] * len(examples_pieces)
+  tokens = np.concatenate([arrays[u] for u in which])
 
   token_bytes = lengths[tokens]
   token_end = np.cumsum(token_bytes)
@@ -124,7 +123,4 @@ def encode_pieces(backend, eos_id, examples_pieces):
           for s, t, good in zip(starts[:-1], starts[1:], ok)]
 
 
-def _code(kind, weight):
-  if kind == "ctx" or not weight:
-    return CTX
-  return {"content": CONTENT, "end": END, "end1": END1}[kind]
+_CODES = {"ctx": CTX, "content": CONTENT, "end": END, "end1": END1}
