@@ -237,6 +237,13 @@ def test_generation_config_eos_ids_are_read_with_the_model(tmp_path):
   assert cfg.eos_token_id == 5 and cfg.generation_eos_token_ids == (5, 9)
   assert stop_ids(cfg) == {5, 9}
   assert "generation_eos_token_ids" not in json.dumps(cfg.to_hf_dict())
+  # An export keeps them: save_hf_config writes generation_config.json back, as transformers reads it.
+  from ftjax.models.hf import save_hf_config
+  transformers = pytest.importorskip("transformers")
+  (tmp_path / "out").mkdir()
+  save_hf_config(cfg, str(tmp_path / "out"))
+  assert load_hf_config(str(tmp_path / "out")).generation_eos_token_ids == (5, 9)
+  assert transformers.GenerationConfig.from_pretrained(str(tmp_path / "out")).eos_token_id == [5, 9]
   (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "<eot>"}))
   with pytest.raises(FtjaxError, match=r"generation_config.json: eos_token_id must be an int"):
     load_hf_config(str(tmp_path))

@@ -193,6 +193,14 @@ def save_hf_config(cfg: ModelConfig, out_dir: str, dtype_name: str = "float32",
     hf["quantization_config"] = quantization_config
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf, f, indent=2)
+  if cfg.generation_eos_token_ids:
+    # Extra stop ids (Llama 3 instruct's <|eot_id|>) live in generation_config.json, where
+    # transformers' generate() and ftjax.generate read them; an export must keep them.
+    config_eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, tuple) else (cfg.eos_token_id,)
+    eos = list(dict.fromkeys([i for i in config_eos if i is not None] + list(cfg.generation_eos_token_ids)))
+    generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos, "pad_token_id": cfg.pad_token_id}
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+      json.dump({k: v for k, v in generation.items() if v is not None}, f, indent=2)
 
 
 def param_count(params: Params) -> int:
