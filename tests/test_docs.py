@@ -74,3 +74,11 @@ def test_relative_links_resolve():
 def test_docs_stand_alone():
   for page in PAGES:
     assert not re.search(r"(\.\./|/work/)shared", _read(page)), page
+
+
+def test_the_command_writes_the_reference(tmp_path, capsys):
+  out = tmp_path / "configuration.md"
+  config_reference.main(["--reference", "--write", str(out)])
+  assert out.read_text(encoding="utf-8") == config_reference.reference()
+  config_reference.main(["--reference"])
+  assert capsys.readouterr().out.endswith(config_reference.reference())
