@@ -54,52 +54,55 @@ def base_config() -> ml_collections.ConfigDict:
   c.modules_to_save = ""
 
   c.lora = ml_collections.ConfigDict()  # LoRA, rsLoRA, DoRA, LoRA+
-  c.lora.rank = 8
-  c.lora.alpha = 8.0
-  c.lora.dropout = 0.0
+  c.lora.rank = 8  # r: the inner width of the low-rank update B @ A
+  c.lora.alpha = 8.0  # the update is scaled by alpha / rank (alpha / sqrt(rank) with rslora)
+  c.lora.dropout = 0.0  # dropout on the LoRA branch's input while training
   c.lora.targets = "all-linear"  # regex over module names, or a comma-separated list of names
-  c.lora.rslora = False
-  c.lora.use_dora = False
+  c.lora.rslora = False  # rsLoRA: scale alpha / sqrt(rank), steadier at large ranks
+  c.lora.use_dora = False  # DoRA: also train a magnitude per output feature
   c.lora.init_a = "kaiming"  # kaiming | gaussian
   c.lora.loraplus_lr_ratio = 1.0  # LoRA+: lr(B) = ratio * lr(A); ~16 in the paper
 
   c.ia3 = ml_collections.ConfigDict()  # IA3; "" takes HF PEFT's defaults for the family
-  c.ia3.targets = ""
-  c.ia3.feedforward = ""
+  c.ia3.targets = ""  # modules whose outputs are scaled (k, v and the FFN in PEFT's defaults)
+  c.ia3.feedforward = ""  # those of ia3.targets scaled at their input (the FFN down projection)
 
   c.prompt = ml_collections.ConfigDict()  # prompt tuning
-  c.prompt.num_virtual_tokens = 20
+  c.prompt.num_virtual_tokens = 20  # trained embeddings put before every sequence
   c.prompt.init = "RANDOM"  # RANDOM | SAMPLE_VOCAB | TEXT
-  c.prompt.init_text = ""
+  c.prompt.init_text = ""  # with init TEXT: the text whose token embeddings start the prompt
 
   c.prefix = ml_collections.ConfigDict()  # prefix tuning
-  c.prefix.num_virtual_tokens = 20
-  c.prefix.projection = False
-  c.prefix.encoder_hidden_size = 0  # 0: the kv width
+  c.prefix.num_virtual_tokens = 20  # trained key/value positions per layer
+  c.prefix.projection = False  # reparametrise through a 2-layer MLP while training (folded at save)
+  c.prefix.encoder_hidden_size = 0  # hidden width of that MLP; 0: the kv width
 
   # A 4-bit frozen base (QLoRA with method lora): kernels quantised while loading, layer by
   # layer, in bitsandbytes' format; trained adapters stay f32. method="qlora" is method="lora"
   # with quant.type="nf4".
   c.quant = ml_collections.ConfigDict()
   c.quant.type = ""  # "" (none) | nf4 | fp4 (4-bit, bitsandbytes' format) | int8 (per channel)
-  c.quant.block_size = 64  # 4-bit only
-  c.quant.double_quant = True  # 4-bit only
+  c.quant.block_size = 64  # weights per absmax scale (4-bit only)
+  c.quant.double_quant = True  # 8-bit codes for the absmax scales too (4-bit only)
   c.quant.skip = "lm_head"  # modules kept in float (the embedding table always is)
 
   c.adapter = ml_collections.ConfigDict()  # bottleneck adapter layers
   c.adapter.architecture = "houlsby"  # houlsby (after attention and MLP) | pfeiffer (after MLP)
-  c.adapter.reduction_factor = 16
-  c.adapter.non_linearity = "relu"
-  c.adapter.targets = ""  # "": the architecture's places
+  c.adapter.reduction_factor = 16  # bottleneck width = hidden size / this
+  c.adapter.non_linearity = "relu"  # activation inside the bottleneck
+  c.adapter.targets = ""  # modules the adapters follow; "": the architecture's places
 
   c.data = ml_collections.ConfigDict()
-  c.data.train = ""  # JSONL path
-  c.data.eval = ""
+  # Train data: a file (.jsonl, .json, .txt, .parquet, .csv, .tsv, .arrow) or a folder of them;
+  # also save_to_disk folders (DIR?split=test), Hub datasets (hub:NAME?config=C&split=S&revision=R)
+  # and several sources joined by commas.
+  c.data.train = ""
+  c.data.eval = ""  # eval data, the same forms as data.train ("": none, or data.eval_fraction)
   c.data.format = "auto"  # auto | input_output | instruction | chat | text
-  c.data.seq_len = 256
-  c.data.pack = True
-  c.data.length_policy = "truncate"
-  c.data.system_prompt = ""
+  c.data.seq_len = 256  # tokens per packed row (a longer example follows data.length_policy)
+  c.data.pack = True  # several examples per row, each attending only to itself
+  c.data.length_policy = "truncate"  # an example over data.seq_len: cut, dropped, or an error
+  c.data.system_prompt = ""  # a system turn put before every example that has none
   # Key renaming before format detection, "source:ours" pairs, e.g. "question:input,answer:output".
   c.data.fields = ""
   # Train data split into this many shards (example i -> shard i % shards), each packed and
@@ -107,8 +110,6 @@ def base_config() -> ml_collections.ConfigDict:
   # A single process with data.shards=N sees the batches N processes would.
   c.data.shards = 0
   c.data.generate = ""  # name of a built-in generated dataset written on first run ("quickstart")
-  # data.train / data.eval may also be save_to_disk folders (DIR?split=test), Hub datasets
-  # (hub:NAME?config=C&split=S&revision=R) and several sources joined by commas.
   # auto (the tokenizer's own; conversations without one are an error) | chatml | plain | a .jinja file
   c.data.chat_template = "auto"
   c.data.mix = ""  # one weight per data.train source, e.g. "3,1": drawn in that proportion
@@ -121,63 +122,65 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.check.near_dup = 0.4  # word 5-gram Jaccard at or above which two texts are near-duplicates
 
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 100
+  c.train.steps = 100  # optimizer steps (unless train.epochs is set)
   # train.epochs: passes over the train rows instead of train.steps (0: train.steps decides);
   # epochs, batch_size and lr also take "auto": chosen from the data size and the method, by
   # the rule in ftjax/data/auto.py, and printed. Typed `object` so a flag can say "auto" or 3.
   c.train.epochs = _number_or_auto(0)
   c.train.batch_size = _number_or_auto(8)  # sequences per optimizer step (all devices and micro-batches)
-  c.train.grad_accum = 1
-  c.train.lr = _number_or_auto(2e-4)
-  c.train.schedule = "cosine"
-  c.train.warmup_steps = 10
-  c.train.weight_decay = 0.0
-  c.train.b1 = 0.9
-  c.train.b2 = 0.999
-  c.train.eps = 1e-8
-  c.train.max_grad_norm = 1.0
-  c.train.seed = 0
-  c.train.log_every = 10  # 0: only at the end
+  c.train.grad_accum = 1  # micro-batches per step: batch_size / grad_accum sequences at a time
+  c.train.lr = _number_or_auto(2e-4)  # peak learning rate (AdamW)
+  c.train.schedule = "cosine"  # decay after the linear warmup
+  c.train.warmup_steps = 10  # linear warmup from 0 to train.lr
+  c.train.weight_decay = 0.0  # AdamW decoupled weight decay, on matrices only (not norms, biases)
+  c.train.b1 = 0.9  # AdamW beta1
+  c.train.b2 = 0.999  # AdamW beta2
+  c.train.eps = 1e-8  # AdamW epsilon
+  c.train.max_grad_norm = 1.0  # clip the global gradient norm to this (0: no clipping)
+  c.train.seed = 0  # adapter init, dropout and the data order
+  c.train.log_every = 10  # steps between metric lines; 0: only at the end
   # A step whose loss or gradient is NaN/inf never updates the state; "stop" ends the run
   # naming the step (the last checkpoint stays the latest), "skip" logs it and goes on.
   c.train.nonfinite = "stop"
-  c.train.eval_every = 50  # 0: only at the end
-  c.train.eval_batches = 0  # 0: the whole eval split
+  c.train.eval_every = 50  # steps between periodic evals; 0: only at the end
+  c.train.eval_batches = 0  # batches of the eval loss; 0: the whole eval split
   # Early stopping: stop after this many periodic evals without improvement of eval.primary
   # (0: never). With keep_best, the best eval's state is checkpointed (WORKDIR/best) and the
   # exports and final evaluation come from it.
   c.train.patience = 0
-  c.train.keep_best = True
+  c.train.keep_best = True  # with train.eval_every: keep the best eval's state (above)
   c.train.checkpoint_every = 0  # steps; 0: by time only (below) and at the end
   # Also checkpoint when this many minutes passed since the last save (0: off). SIGTERM / SIGINT
   # always checkpoint the finished step before exiting (ftjax/preemption.py).
   c.train.checkpoint_every_minutes = 30.0
-  c.train.keep_checkpoints = 2
+  c.train.keep_checkpoints = 2  # the newest checkpoints kept in WORKDIR
   # Positions of each row the vocab head + loss run on at a time (f32 logits never whole):
   # 0 = auto, on only where a micro-batch's logits would pass 512 MiB per device; -1 = never.
   c.train.vocab_chunk = 0
 
+  # Device mesh axes (ftjax/parallel/sharding.py): the batch is split over data and fsdp, the
+  # params over fsdp and tensor; one size may be -1, all the remaining devices.
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
+  c.mesh.data = -1  # data-parallel replicas
+  c.mesh.fsdp = 1  # params and optimizer state sharded over this axis too (ZeRO-3 / FSDP)
+  c.mesh.tensor = 1  # tensor (model) parallelism inside each layer
 
   # Several processes (hosts) on JAX's own runtime (ftjax/parallel/distributed.py). "auto" joins
   # them when a coordinator is set here or a launcher is found (SLURM, Open MPI, a multi-host TPU
   # slice, JAX_COORDINATOR_ADDRESS); "on" always calls jax.distributed.initialize() (JAX detects
   # the rest); "off" never.
   c.distributed = ml_collections.ConfigDict()
-  c.distributed.initialize = "auto"
+  c.distributed.initialize = "auto"  # auto | on | off (above)
   c.distributed.coordinator = ""  # host:port of process 0, e.g. "10.0.0.1:1234"
-  c.distributed.num_processes = 0
-  c.distributed.process_id = -1
+  c.distributed.num_processes = 0  # with a coordinator; 0: found by jax.distributed
+  c.distributed.process_id = -1  # this process, with a coordinator; -1: found by jax.distributed
 
   # Evaluation (ftjax/evaluation): metrics fixed before training and written into config.json;
   # with eval.generate, greedy answers on the eval split from the base model with prompting
   # (zero-shot, k-shot, your template) and from the fine-tuned model, a bootstrap CI of each
   # difference and the verdict; forgetting on a general text; report.md / report.json / PNGs.
   c.eval = ml_collections.ConfigDict()
-  c.eval.generate = False
+  c.eval.generate = False  # baselines, fine-tuned answers, verdict and report (needs data.eval)
   # Comma-separated: loss, perplexity, token_accuracy (teacher-forced), exact_match, json_valid,
   # field_accuracy, label_accuracy, macro_f1, rouge_l, token_f1 (generated), or
   # "pkg.module:function" (prediction, reference) -> float.
@@ -189,14 +192,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.few_shot = 3  # baseline: k solved examples from train before the prompt (0: none)
   c.eval.few_shot_pool = ""  # "": data.train; never the eval set (overlap is refused)
   c.eval.prompt_template = ""  # baseline: your prompt, "{input}" standing for the user turn
-  c.eval.max_examples = 100
-  c.eval.max_new_tokens = 64
-  c.eval.batch_size = 32
+  c.eval.max_examples = 100  # eval examples answered by each model
+  c.eval.max_new_tokens = 64  # answer length limit (greedy decoding)
+  c.eval.batch_size = 32  # prompts decoded together
   c.eval.periodic_examples = 32  # examples generated at each train.eval_every for the primary metric
   c.eval.bootstrap = 1000  # paired bootstrap resamples for the 95% CIs
   c.eval.forgetting = True  # general-text perplexity + general prompts, base vs fine-tuned
   c.eval.forgetting_text = ""  # a .txt file; "": the built-in public-domain sample
-  c.eval.forgetting_tokens = 4096
+  c.eval.forgetting_tokens = 4096  # tokens of the general text the perplexity is measured on
   c.eval.forgetting_threshold = 0.1  # flag a relative perplexity increase above this
   c.eval.report = True  # report.md / report.json / PNGs in the workdir at the end
 
@@ -206,11 +209,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.cost.probe_steps = 3  # train steps timed after the compile and a warm-up; 0: no probe (no model load)
   c.cost.mfu = 0.35  # assumed model FLOPs utilisation on the named accelerators
   c.cost.api_usd_per_million_tokens = 25.0  # hosted fine-tuning of a GPT-4o-class model
+  # On-demand price per accelerator (per chip for TPUs) and hour, for the cost plan.
   c.cost.usd_per_hour = ml_collections.ConfigDict(dict(A100=2.0, H100=3.0, L4=0.7, v5e=1.2))
 
   c.export = ml_collections.ConfigDict()
   c.export.merged = False  # also write the merged HF model at the end of training
-  c.export.adapter = True
+  c.export.adapter = True  # write the adapter alone (HF PEFT format) to WORKDIR/adapter at the end
 
   c.lock()
   return c
@@ -355,3 +359,8 @@ def targets(text: str):
   if text == "all-linear" or "," not in text and any(ch in text for ch in "/.*[("):
     return text
   return names(text)
+
+
+if __name__ == "__main__":  # `python -m ftjax.config --reference`: docs/configuration.md
+  from ftjax.config_reference import main
+  main()
