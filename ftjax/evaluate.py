@@ -95,13 +95,16 @@ def results_for_run(run, plan: EvalPlan | None, baseline: dict | None, end: dict
 def evaluate_prompting(model_name: str, data: str, out_dir: str, *, shots: str = "",
                        few_shot: int = 3, template: str = "", metrics: str = "exact_match",
                        max_examples: int = 100, max_new_tokens: int = 64, batch_size: int = 32,
-                       model=None, tokenizer=None) -> dict:
+                       system_prompt: str = "", model=None, tokenizer=None) -> dict:
   """Prompting alone: the base model zero-shot, k-shot (shots from `shots`, never from `data`)
-  and with `template`; writes out_dir/{eval_results.json, report.md, report.json, PNGs}."""
+  and with `template`, each after `system_prompt` (data.system_prompt: give the one the training
+  config uses, so these baselines are the run's); writes out_dir/{eval_results.json, report.md,
+  report.json, PNGs}."""
   from ftjax import config as config_lib
   cfg = config_lib.base_config()
   cfg.unlock()
   cfg.model.name_or_path = model_name
+  cfg.data.system_prompt = system_prompt
   e = cfg.eval
   e.generate, e.metrics, e.few_shot, e.prompt_template = True, metrics, few_shot, template
   e.max_examples, e.max_new_tokens, e.batch_size = max_examples, max_new_tokens, batch_size
@@ -155,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--few-shot", type=int, default=3)
   parser.add_argument("--template", default="", help="your own prompt; {input} stands for the user turn")
   parser.add_argument("--metrics", default="exact_match", help="comma-separated, as eval.metrics")
+  parser.add_argument("--system-prompt", default="", help="as data.system_prompt of the training config")
   parser.add_argument("--max-examples", type=int, default=100)
   parser.add_argument("--max-new-tokens", type=int, default=64)
   parser.add_argument("--output", help="output folder for --model")
@@ -173,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
                      "never the eval set), or --few-shot 0")
   results = evaluate_prompting(args.model, args.data, args.output, shots=args.shots,
                                few_shot=args.few_shot, template=args.template, metrics=args.metrics,
-                               max_examples=args.max_examples, max_new_tokens=args.max_new_tokens)
+                               max_examples=args.max_examples, max_new_tokens=args.max_new_tokens,
+                               system_prompt=args.system_prompt)
   for name, r in results["baselines"].items():
     print(f"{name}: {fmt(r['scores'])}")
   print(os.path.join(args.output, "report.md"))
