@@ -194,8 +194,9 @@ SMOKE_SETTINGS = {
 
 def smoke(config, **overrides) -> list[str]:
   """Shrinks `config` so a run takes seconds on a CPU and still goes through every phase (data
-  check, baselines, training, evaluation, report, exports); returns the changes. The answers of
-  a 2-layer model are nonsense: a smoke run checks the plumbing, not the quality."""
+  check, baselines, training, evaluation, report, exports; not the forgetting probe, whose
+  general prompts cost more than the rest of the evaluation); returns the changes. The answers
+  of a 2-layer model are nonsense: a smoke run checks the plumbing, not the quality."""
   settings = dict(SMOKE_SETTINGS, **overrides)
   if config.eval.few_shot > 1:
     settings.setdefault("eval.few_shot", 1)
