@@ -250,7 +250,9 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
            cfg.train.steps)
 
   # --- loop ---
-  from tqdm import tqdm
+  # tqdm.auto: a widget in Jupyter / Colab (where stderr is no terminal and a plain bar would be
+  # disabled), the text bar in a terminal; elsewhere (CI, a log file) the log lines below.
+  from tqdm.auto import tqdm
   bar = tqdm(total=cfg.train.steps, initial=start_step, desc="train", file=sys.stderr,
              dynamic_ncols=True, disable=None if distributed.is_main() else True)
   window, window_t, skipped = [], time.perf_counter(), []
