@@ -16,7 +16,8 @@ a busy neighbour slows each alike:
                    encoded once in one `encode_batch_fast` call without offsets, the pieces found
                    from token byte lengths (ftjax/data/bytelevel.py);
   cache_hit        ftjax.data.cache.tokenize on data tokenised before (read from disk).
-Checks that all four give identical tokens and masks, then prints one JSON line.
+Checks that all four give identical tokens and masks, then prints one JSON line. Each round
+starts with the next path in turn, and no path's output stays alive while the next one runs.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import os
 import statistics
 import tempfile
 import time
+
+import numpy as np
 
 
 def one_at_a_time(examples, tok):
@@ -58,6 +61,13 @@ def batched_offsets(examples, tok):
   return out
 
 
+def _flat(pairs):
+  """(all tokens, all masks, lengths): one comparable form for every path's output."""
+  return (np.concatenate([np.asarray(t, np.int64) for t, _ in pairs]),
+          np.concatenate([np.asarray(m, np.int64) for _, m in pairs]),
+          np.array([len(t) for t, _ in pairs]))
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--data", required=True, help="a folder with gsm8k's train.jsonl, test.jsonl")
@@ -74,30 +84,31 @@ def main() -> None:
   examples = list(itertools.islice(itertools.cycle(base), args.n))
   tok = tokenizer_for(args.model)
 
-  times = {"one_at_a_time": [], "batched_offsets": [], "batched": [], "cache_hit": []}
+  def cache_hit():
+    cache._last.clear()  # read from disk, as a new process would
+    return cache.tokenize(examples, tok)
+
+  paths = {"one_at_a_time": lambda: one_at_a_time(examples, tok),
+           "batched_offsets": lambda: batched_offsets(examples, tok),
+           "batched": lambda: template.tokenize_many(examples, tok),
+           "cache_hit": cache_hit}
+  times = {name: [] for name in paths}
   with tempfile.TemporaryDirectory() as tmp:
     os.environ["FTJAX_TOKEN_CACHE"] = tmp
     reference = cache.tokenize(examples, tok)  # writes the cache file
-    for _ in range(args.rounds):
-      t = time.perf_counter()
-      old = one_at_a_time(examples, tok)
-      times["one_at_a_time"].append(time.perf_counter() - t)
-      t = time.perf_counter()
-      mid = batched_offsets(examples, tok)
-      times["batched_offsets"].append(time.perf_counter() - t)
-      t = time.perf_counter()
-      new = template.tokenize_many(examples, tok)
-      times["batched"].append(time.perf_counter() - t)
-      cache._last.clear()  # read from disk, as a new process would
-      t = time.perf_counter()
-      hit = cache.tokenize(examples, tok)
-      times["cache_hit"].append(time.perf_counter() - t)
-  for a, m, b, c, r in zip(old, mid, new, hit, reference):
-    assert a[0] == m[0] == b.tokens.tolist() == c.tokens.tolist() == r.tokens.tolist()
-    assert a[1] == m[1] == b.loss_mask.tolist() == c.loss_mask.tolist()
+    want = _flat([(t.tokens, t.loss_mask) for t in reference])
+    names = list(paths)
+    for r in range(args.rounds):
+      for name in names[r % len(names):] + names[:r % len(names)]:  # each path first in turn
+        t = time.perf_counter()
+        out = paths[name]()
+        times[name].append(time.perf_counter() - t)
+        got = _flat([(o.tokens, o.loss_mask) if hasattr(o, "tokens") else o for o in out])
+        assert all(np.array_equal(g, w) for g, w in zip(got, want)), f"{name} differs"
+        del out, got  # nothing of one path stays alive while the next runs
   median = {k: statistics.median(v) for k, v in times.items()}
   distinct = len({json.dumps(ex.messages) for ex in examples})
-  print(json.dumps({"examples": len(examples), "distinct": distinct, "tokens": int(sum(len(t.tokens) for t in new)),
+  print(json.dumps({"examples": len(examples), "distinct": distinct, "tokens": int(len(want[0])),
                     "seconds": times, "median_s": median,
                     "speedup_batched_offsets": median["one_at_a_time"] / median["batched_offsets"],
                     "speedup_batched": median["one_at_a_time"] / median["batched"],

@@ -70,7 +70,7 @@ def _examples():
   return out
 
 
-def _tokenizer(template_source, *, pre="bytelevel", normalizer=None, lstrip_end=False):
+def _tokenizer(template_source, *, pre="bytelevel", normalizer=None, lstrip_end=False, extra=()):
   backend = Backend(models.BPE(unk_token="<unk>" if pre == "metaspace" else None))
   if pre == "bytelevel":
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -87,6 +87,7 @@ def _tokenizer(template_source, *, pre="bytelevel", normalizer=None, lstrip_end=
   backend.train_from_iterator(CORPUS, trainer)
   if lstrip_end:
     backend.add_special_tokens([AddedToken("<|im_end|>", lstrip=True, special=True)])
+  backend.add_special_tokens(list(extra))
   return Tokenizer(backend, eos_token="<|im_end|>", pad_token="<|im_end|>",
                    chat_template=template_source)
 
@@ -169,3 +170,20 @@ def test_byte_level_cuts_fall_back_where_lengths_do_not_add_up(kind):
     assert sum(swallowed) == 3 and taken == [not s for s in swallowed]
   else:
     assert all(taken)
+
+
+def test_a_start_every_example_shares_is_encoded_once():
+  """SMOL injects a default system prompt: every rendering starts with it, up to the user turn's
+  <|im_start|>. It is encoded once, cut only right after an added token (where the tokenizer
+  cuts its input anyway), and not at all when a longer added token would cross the cut."""
+  examples = [ex for ex in _examples() if ex.where.startswith("d.jsonl")]
+  system = "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>"
+  for extra, expected in (((), system), (["<|im_start|>user"], system + "user"),
+                          (["<|im_start|>user\nquestion 1"], "")):  # examples 1, 10, 11 hold it
+    tok = _tokenizer(SMOL, extra=extra)
+    fulls = ["".join(p for p, _, _ in template._template_pieces(ex, tok)) for ex in examples]
+    assert bytelevel.shared_prefix(fulls, bytelevel.byte_lengths(template._rust_backend(tok))[2]) == expected
+    _assert_same(tok, examples)
+  assert bytelevel.shared_prefix(["a<|x|>bc", "a<|x|>bd"], ("<|x|>",)) == "a<|x|>"
+  assert bytelevel.shared_prefix(["a<|x|>bc", "a<|x|>bd"], ("<|x|>", "<|x|>bc")) == ""
+  assert bytelevel.shared_prefix(["a<|x|>bc", "z<|x|>bd"], ("<|x|>",)) == ""

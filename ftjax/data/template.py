@@ -17,7 +17,9 @@ followed by a newline, each assistant message by EOS).
 """
 
 import bisect
+import contextlib
 import dataclasses
+import gc
 
 import numpy as np
 
@@ -89,6 +91,25 @@ def tokenize_many(examples, tok):
   character is in: when encoding piece by piece gives the same tokens that is the same
   assignment, and when a BPE merge crosses a cut it is the fallback anyway. Byte-level BPE finds
   the cuts from token byte lengths (ftjax/data/bytelevel.py), other tokenizers from offsets."""
+  with _gc_paused():
+    return _tokenize_many(examples, tok)
+
+
+@contextlib.contextmanager
+def _gc_paused():
+  """Tokenising allocates a few container objects per example and frees none; the cyclic
+  collector would meanwhile rescan every live object of the caller (records, examples) over
+  and over, ~7% of the batched path on 10k examples. Nothing here makes cycles."""
+  enabled = gc.isenabled()
+  gc.disable()
+  try:
+    yield
+  finally:
+    if enabled:
+      gc.enable()
+
+
+def _tokenize_many(examples, tok):
   backend = _rust_backend(tok)
   encode = _batch_encoder(tok)
   out = [None] * len(examples)
