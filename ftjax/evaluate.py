@@ -25,12 +25,6 @@ from ftjax.files import write_json
 log = logging.getLogger("ftjax.evaluate")
 
 
-def _fmt_kw(cfg) -> dict:
-  from ftjax import config as config_lib
-  d = cfg.data
-  return dict(format=d.format, system_prompt=d.system_prompt or None, fields=config_lib.fields(d.fields))
-
-
 def plan_for_run(cfg) -> EvalPlan:
   """The run's EvalPlan: eval split, references and few-shot pool, checked (FtjaxError) before
   anything compiles."""
@@ -69,7 +63,7 @@ def baseline_matches(baseline: dict, plan: EvalPlan) -> bool:
 def results_for_run(run, plan: EvalPlan | None, baseline: dict | None, end: dict) -> dict:
   """eval_results.json of a finished run (without eval.generate: loss, training and leakage)."""
   cfg = run.config
-  from ftjax.data import load_examples
+  from ftjax.data import load_examples, read_options
   baseline = baseline or {}
   loss = {}
   if baseline.get("loss"):
@@ -82,8 +76,8 @@ def results_for_run(run, plan: EvalPlan | None, baseline: dict | None, end: dict
     forgot["text"] = cfg.eval.forgetting_text or "built-in sample"
   leak = None
   if cfg.data.eval:
-    evals = plan.examples if plan is not None else load_examples(cfg.data.eval, **_fmt_kw(cfg))
-    leak = evaluation.leakage_summary(load_examples(cfg.data.train, **_fmt_kw(cfg)), evals,
+    evals = plan.examples if plan is not None else load_examples(cfg.data.eval, **read_options(cfg.data))
+    leak = evaluation.leakage_summary(load_examples(cfg.data.train, **read_options(cfg.data)), evals,
                                       cfg.data.check.near_dup)
   common = dict(loss=loss, forgetting_result=forgot, training=end.get("training"), leakage=leak)
   primary = evaluation.metrics.primary(cfg.eval)

@@ -175,6 +175,24 @@ def test_few_shot_pool_overlapping_eval_is_refused(model_dir, data_dir, tmp_path
   assert not os.path.exists(tmp_path / "wd" / "metrics.jsonl")  # no step ran
 
 
+def test_skip_policy_reads_eval_and_shots_as_training_does(data_dir, tmp_path):
+  """data.check.on_error="skip": records the check skips (an empty CSV answer, bad JSON) are
+  skipped by the eval set and the few-shot pool too, not an error half-way through a run."""
+  train = [json.loads(line) for line in open(os.path.join(data_dir, "train.jsonl"))][:6]
+  pool = tmp_path / "train.csv"
+  pool.write_text("input,output\n" + "x,\n" + "".join(f'"{r["input"]}","{r["output"].replace(chr(34), 2 * chr(34))}"\n' for r in train))
+  evals = tmp_path / "eval.jsonl"
+  evals.write_text(open(os.path.join(data_dir, "eval.jsonl")).read() + "{not json\n")
+  c = config_lib.base_config()
+  c.eval.few_shot = 3
+  with pytest.raises(FtjaxError, match=r"eval.jsonl:\d+: not valid JSON"):
+    EvalPlan.build(str(evals), c.eval, pool_path=str(pool), data_cfg=c.data)
+  c.data.check.on_error = "skip"
+  plan = EvalPlan.build(str(evals), c.eval, pool_path=str(pool), data_cfg=c.data)
+  assert [w.rsplit("/", 1)[1] for w in plan.shot_sources] == ["train.csv:3", "train.csv:4", "train.csv:5"]
+  assert plan.references[0] == json.loads(open(os.path.join(data_dir, "eval.jsonl")).readline())["output"]
+
+
 # --- forgetting -----------------------------------------------------------------------------
 
 def test_perplexity_equals_transformers_on_tinyshakespeare(model_dir, shared_data):

@@ -30,10 +30,10 @@ Tokenisation is batched (template.tokenize_many) and cached on disk (ftjax.data.
 ftjax.data.auto resolves train.epochs and the "auto" epochs / batch size / learning rate.
 """
 
-from ftjax.data.dataset import Dataset, build_dataset, load_examples, tokenize_examples
+from ftjax.data.dataset import Dataset, build_dataset, load_examples, read_options, tokenize_examples
 from ftjax.data.loader import Loader
 from ftjax.data.packing import pack
 from ftjax.data.template import TokenizedExample, tokenize_example
 
-__all__ = ["Dataset", "Loader", "TokenizedExample", "build_dataset", "load_examples", "pack",
+__all__ = ["Dataset", "Loader", "TokenizedExample", "build_dataset", "load_examples", "pack", "read_options",
            "tokenize_example", "tokenize_examples"]

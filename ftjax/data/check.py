@@ -319,11 +319,11 @@ def leakage(train, eval_examples, *, threshold):
 
 def check(config, tokenizer):
   """(report dict, {"train": examples, "eval": examples}) for a config, nothing written."""
-  from ftjax import config as config_lib
   d = config.data
   template.choose_chat_template(tokenizer, d.chat_template)
-  common = dict(seq_len=d.seq_len, format=d.format, fields=config_lib.fields(d.fields),
-                system_prompt=d.system_prompt or None, length_policy=d.length_policy)
+  common = dataset_lib.read_options(d)
+  del common["skip_invalid"]  # the check reads every record and reports the invalid ones
+  common.update(seq_len=d.seq_len, length_policy=d.length_policy)
   splits = {"train": check_split(d.train, tokenizer, **common)}
   if d.eval:
     splits["eval"] = check_split(d.eval, tokenizer, **common)

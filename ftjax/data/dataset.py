@@ -33,11 +33,30 @@ def _expand(path):
   return out
 
 
-def load_examples(path, *, format="auto", fields=None, system_prompt=None):
-  """Validated Examples from a file, a directory of data files, or a list of them."""
+def read_options(data_cfg) -> dict:
+  """load_examples' keyword arguments from a config's `data` block: one place that says how a
+  run reads its files, for training, evaluation and the few-shot pool alike."""
+  from ftjax import config as config_lib
+  return dict(format=data_cfg.format, system_prompt=data_cfg.system_prompt or None,
+              fields=config_lib.fields(data_cfg.fields),
+              skip_invalid=data_cfg.check.on_error == "skip")
+
+
+def load_examples(path, *, format="auto", fields=None, system_prompt=None, skip_invalid=False):
+  """Validated Examples from a file, a directory of data files, or a list of them.
+
+  A record that does not read or validate raises FtjaxError naming it; with `skip_invalid`
+  (data.check.on_error="skip", whose check has reported and counted them) it is left out, as
+  training leaves it out."""
   examples = []
   for p in _expand(path):
-    examples.extend(formats.to_examples(sources.read_records(p), format, fields, system_prompt))
+    if skip_invalid:
+      from ftjax.data import check
+      records, _ = sources.read_all(p)
+      examples.extend(check.validate_records(records, format=format, fields=fields,
+                                             system_prompt=system_prompt)[0])
+    else:
+      examples.extend(formats.to_examples(sources.read_records(p), format, fields, system_prompt))
   if not examples:
     raise FtjaxError(f"{path}: no examples (empty dataset)")
   return examples

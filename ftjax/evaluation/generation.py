@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from ftjax.data import load_examples
+from ftjax.data import load_examples, read_options
 from ftjax.data.check import leakage
 from ftjax.errors import FtjaxError
 from ftjax.evaluation import metrics as metrics_lib
@@ -66,11 +66,7 @@ class EvalPlan:
   @classmethod
   def build(cls, eval_path: str, eval_cfg, *, pool_path: str = "", data_cfg=None,
             near_dup: float = 0.4) -> "EvalPlan":
-    fmt_kw = {}
-    if data_cfg is not None:
-      from ftjax import config as config_lib
-      fmt_kw = dict(format=data_cfg.format, system_prompt=data_cfg.system_prompt or None,
-                    fields=config_lib.fields(data_cfg.fields))
+    fmt_kw = read_options(data_cfg) if data_cfg is not None else {}
     examples = load_examples(eval_path, **fmt_kw)[: eval_cfg.max_examples]
     missing = [ex.where for ex in examples if not _has_reference(ex)]
     if missing:
