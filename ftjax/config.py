@@ -361,6 +361,17 @@ def targets(text: str):
   return names(text)
 
 
+def flat(tree: dict, prefix: str = "") -> dict:
+  """{"train.lr": 1e-4, ...}: a nested dict (config.to_dict(), a saved config.json) by dotted key."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
 if __name__ == "__main__":  # `python -m ftjax.config --reference`: docs/configuration.md
   from ftjax.config_reference import main
   main()

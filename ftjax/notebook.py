@@ -247,14 +247,7 @@ def _set(config, settings: dict) -> None:
 
 def config_changes(before, after) -> list[str]:
   """"key: old -> new" for every key whose value differs between two configs."""
-  def flat(tree, prefix=""):
-    out = {}
-    for key, value in tree.items():
-      if isinstance(value, dict):
-        out.update(flat(value, f"{prefix}{key}."))
-      else:
-        out[f"{prefix}{key}"] = value
-    return out
+  from ftjax.config import flat
   a, b = flat(before.to_dict()), flat(after.to_dict())
   return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 

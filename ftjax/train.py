@@ -59,26 +59,16 @@ def evaluate_loss(run: Run, eval_fn, trainable, max_batches: int = 0) -> dict:
   return {"loss": sums["loss_sum"] / count, "accuracy": sums["accuracy"] / count}
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def check_resume_config(path: str, config, allow_change: bool) -> None:
   """A resumed run must train what the interrupted one trained: refuse changed keys, naming
   them, unless `allow_change` (then log them)."""
   if not os.path.exists(path):
     return
   with open(path) as f:
-    old = _flat(json.load(f))
-  new = _flat(json.loads(json.dumps(config.to_dict())))
+    old = config_lib.flat(json.load(f))
+  new = config_lib.flat(json.loads(json.dumps(config.to_dict())))
   # A key the workdir's config lacks was added to ftjax since: the old run had its default.
-  defaults = _flat(json.loads(json.dumps(config_lib.base_config().to_dict())))
+  defaults = config_lib.flat(json.loads(json.dumps(config_lib.base_config().to_dict())))
   old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
   changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
              if old.get(k) != new.get(k) and not k.startswith(RESUME_SAFE_KEYS)]

@@ -87,7 +87,8 @@ def test_streamed_export_is_split_by_size_and_loads_in_transformers(model_dir, m
   assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
   assert sorted(os.listdir(tmp_path / "out")) == sorted(
       files + ["config.json", "model.safetensors.index.json"] + [
-          f for f in os.listdir(tmp_path / "out") if f.startswith(("tokenizer", "special", "chat"))])
+          f for f in os.listdir(tmp_path / "out") if f.startswith(("tokenizer", "special", "chat"))]
+      + (["generation_config.json"] if os.path.exists(os.path.join(model_dir, "generation_config.json")) else []))
   from safetensors import safe_open
   total = 0
   for name in files:
