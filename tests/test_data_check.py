@@ -111,6 +111,16 @@ def test_json_array_and_csv_report_every_problem(tmp_path, tok):
   assert kept["train"][4].messages[0]["content"] == "two\nlines"
 
 
+def test_a_failed_check_still_prices_auto_epochs(tmp_path, tok):
+  """The cost plan of a failed check resolves train.epochs="auto" from the records that passed
+  (what the run would train on once the bad ones are fixed), not the default step count."""
+  c = _config(_write_planted(tmp_path / "bad.jsonl"))
+  c.train.epochs = "auto"
+  report = check.run_check(c, tok, out_dir=str(tmp_path / "out"), probe=False)
+  assert report["failed"] and report["auto"]
+  assert report["cost"]["steps"] == c.train.steps != base_config().train.steps
+
+
 def test_over_length_follows_length_policy(tmp_path, tok):
   path = _write_planted(tmp_path / "bad.jsonl")
   report, kept = check.check(_config(path, length_policy="truncate", on_error="skip"), tok)

@@ -487,8 +487,9 @@ def run_check(config, tokenizer, out_dir=".", probe=True):
   from ftjax.files import write_json
   from ftjax.data import auto
   report, _ = check(config, tokenizer)
-  if not report["failed"]:
-    auto.resolve_from_report(config, report)  # train.epochs / "auto": the steps the plan prices
+  # train.epochs / "auto": the steps the plan prices. A failed check prices the records that
+  # passed, what the run would train on once the bad ones are fixed or skipped.
+  auto.resolve_from_report(config, report)
   probed = None
   if probe and config.cost.probe_steps and not report["failed"]:
     probed = cost.probe(config, config.cost.probe_steps)
