@@ -187,3 +187,11 @@ def test_a_start_every_example_shares_is_encoded_once():
   assert bytelevel.shared_prefix(["a<|x|>bc", "a<|x|>bd"], ("<|x|>",)) == "a<|x|>"
   assert bytelevel.shared_prefix(["a<|x|>bc", "a<|x|>bd"], ("<|x|>", "<|x|>bc")) == ""
   assert bytelevel.shared_prefix(["a<|x|>bc", "z<|x|>bd"], ("<|x|>",)) == ""
+
+
+def test_chunks_and_repeats(monkeypatch):
+  """Encoding runs in chunks of examples on a worker thread, each distinct string once: small
+  chunks, and repeats within and across chunks, give the same tokens and masks."""
+  monkeypatch.setattr(bytelevel, "_CHUNK", 4)
+  examples = _examples()[:-1]
+  _assert_same(_tokenizer(SMOL), examples + examples[::-1] + examples[:3])

@@ -25,7 +25,7 @@ import numpy as np
 
 # Piece kinds as codes (template.py's "ctx" | "content" | "end" | "end1", weight folded in).
 CTX, CONTENT, END, END1 = 0, 1, 2, 3
-_CHUNK = 1024  # strings per encode call
+_CHUNK = 1024  # examples per encode call (their strings not encoded before)
 _UNKNOWN = 1 << 30  # byte length of a token that is not plain byte-level: no sum can match
 _tables = weakref.WeakKeyDictionary()  # Rust tokenizer -> (byte lengths, normalizer) or None
 
@@ -46,7 +46,7 @@ def byte_lengths(backend):
   if model.get("type") == "BPE" and "ByteLevel" in pre_types and norm_type in (None, "NFC"):
     from ftjax.tokenizer import _BYTES_TO_UNICODE
     alphabet = set(_BYTES_TO_UNICODE.values())
-    lengths = np.full(backend.get_vocab_size(with_added_tokens=True), _UNKNOWN, np.int64)
+    lengths = np.full(backend.get_vocab_size(with_added_tokens=True), _UNKNOWN, np.int32)
     for token, i in model["vocab"].items():
       if i < len(lengths) and all(ch in alphabet for ch in token):
         lengths[i] = len(token)
@@ -71,40 +71,58 @@ def encode_pieces(backend, eos_id, examples_pieces):
     return [None] * len(examples_pieces)
   lengths, normalizer, cut_after = table
   fulls = ["".join(text for text, _, _ in pieces) for pieces in examples_pieces]
-  unique = {}
-  which = [unique.setdefault(full, len(unique)) for full in fulls]
   # A start every rendering shares (a template's default system prompt) is encoded once.
-  prefix = shared_prefix(list(unique), cut_after)
+  prefix = shared_prefix(list(dict.fromkeys(fulls)), cut_after)
   head = np.array(backend.encode(prefix, add_special_tokens=False).ids if prefix else [], np.int32)
+  out = []
   with concurrent.futures.ThreadPoolExecutor(1) as worker:
-    # The Rust tokenizer releases the GIL: it encodes chunk k+1 (on every core) while this
-    # thread lays out the pieces and then turns chunk k's ids into arrays (~10% less wall time
-    # on 2 cores than encoding everything first).
-    strings = [full[len(prefix):] for full in unique]
-    chunks = [worker.submit(backend.encode_batch_fast, strings[i:i + _CHUNK], add_special_tokens=False)
-              for i in range(0, len(strings), _CHUNK)]
-    nbytes, piece_ex, piece_at, piece_kind = [], [], [], []
-    for e, (pieces, full) in enumerate(zip(examples_pieces, fulls)):
-      texts = [text for text, _, _ in pieces]
-      sizes = map(len, texts) if full.isascii() else (len(t.encode("utf-8")) for t in texts)
-      at = list(itertools.accumulate(sizes, initial=0))
-      piece_at += at[:-1]
-      piece_ex += [e] * len(pieces)
-      piece_kind += [_CODES[kind] if weight else CTX for _, kind, weight in pieces]
-      nbytes.append(at[-1])
-    arrays = [np.array(enc.ids, np.int32) for chunk in chunks for enc in chunk.result()]
-  counts = np.array([len(head) + len(arrays[u]) for u in which], np.int64)
+    # The Rust tokenizer releases the GIL: it encodes the distinct strings of chunk k+1 (on
+    # every core) while this thread assigns the tokens of chunk k to pieces, so only the last
+    # chunk's assignment is not hidden behind encoding.
+    seen = {}  # full string -> (future of its chunk's encodings, index in it)
+    chunks = []
+    for lo in range(0, len(fulls), _CHUNK):
+      new = [f for f in dict.fromkeys(fulls[lo:lo + _CHUNK]) if f not in seen]
+      future = worker.submit(backend.encode_batch_fast, [f[len(prefix):] for f in new],
+                             add_special_tokens=False)
+      seen.update((f, (future, i)) for i, f in enumerate(new))
+      chunks.append(range(lo, min(lo + _CHUNK, len(fulls))))
+    arrays = {}  # future -> its encodings as int32 arrays
+    for rows in chunks:
+      ids = []
+      for e in rows:
+        future, i = seen[fulls[e]]
+        if future not in arrays:
+          arrays[future] = [np.array(enc.ids, np.int32) for enc in future.result()]
+        ids.append(arrays[future][i])
+      out += _assign([examples_pieces[e] for e in rows], [fulls[e] for e in rows], ids, head,
+                     lengths, normalizer, eos_id)
+  return out
+
+
+def _assign(examples_pieces, fulls, ids, head, lengths, normalizer, eos_id):
+  """encode_pieces for examples whose strings encode (after `head`) to `ids`."""
+  nbytes, piece_ex, piece_at, piece_kind = [], [], [], []
+  for e, (pieces, full) in enumerate(zip(examples_pieces, fulls)):
+    texts = [text for text, _, _ in pieces]
+    sizes = map(len, texts) if full.isascii() else (len(t.encode("utf-8")) for t in texts)
+    at = list(itertools.accumulate(sizes, initial=0))
+    piece_at += at[:-1]
+    piece_ex += [e] * len(pieces)
+    piece_kind += [_CODES[kind] if weight else CTX for _, kind, weight in pieces]
+    nbytes.append(at[-1])
+  counts = np.array([len(head) + len(a) for a in ids], np.int64)
   starts = np.concatenate([[0], np.cumsum(counts)])
   if not starts[-1]:
     return [None] * len(examples_pieces)
-  tokens = np.concatenate([a for u in which for a in (head, arrays[u])])
+  tokens = np.concatenate([x for a in ids for x in (head, a)])
 
   token_bytes = lengths[tokens]
-  token_end = np.cumsum(token_bytes)
+  token_end = np.cumsum(token_bytes, dtype=np.int64)
   token_start = token_end - token_bytes
   nonempty = counts > 0
   sums = np.zeros(len(counts), np.int64)
-  sums[nonempty] = np.add.reduceat(token_bytes, starts[:-1][nonempty])
+  sums[nonempty] = np.add.reduceat(token_bytes, starts[:-1][nonempty], dtype=np.int64)
   ok = nonempty & (sums == np.asarray(nbytes))
   if normalizer == "NFC":
     ok &= np.fromiter((unicodedata.is_normalized("NFC", f) for f in fulls), bool, len(fulls))
@@ -131,8 +149,8 @@ def encode_pieces(backend, eos_id, examples_pieces):
   stop[piece_kind == END1] = one[piece_kind == END1]
   trained = (piece_kind != CTX) & (stop > first)
   edges = np.zeros(len(tokens) + 1, np.int32)
-  np.add.at(edges, first[trained], 1)
-  np.add.at(edges, stop[trained], -1)
+  edges[first[trained]] += 1  # trained ranges are disjoint and non-empty: no index repeats
+  edges[stop[trained]] -= 1
   mask = np.cumsum(edges[:-1], dtype=np.int32)
   mask[starts[:-1][nonempty]] = 0  # the first token is never a target: nothing precedes it
   return [(tokens[s:t], mask[s:t]) if good else None
