@@ -57,7 +57,7 @@ class Skeletons:
     self._tok = tok
     self._template_pieces = template_pieces  # template._template_pieces (the slow, exact path)
     self._render = render  # template._render
-    self._shapes = {}  # shape -> [format, seen count] or None (this shape goes the slow way)
+    self._shapes = {}  # shape -> [piece formats, trims, examples seen], or None: the slow way
     self._triggers = content_literals(getattr(tok, "chat_template", None) or "")
 
   def pieces(self, example):
