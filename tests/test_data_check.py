@@ -98,13 +98,14 @@ def test_json_array_and_csv_report_every_problem(tmp_path, tok):
   array = tmp_path / "bad.json"
   array.write_bytes(b'[\n{"input": "a b", "output": "c"},\n{"input": "d" "output": "e"},\n'
                     b'{"input": "f", "output": "g"},\n{"input": "\xff", "output": "h"},\n'
-                    b'{"input": "i", output: 1},\n{"input": "j ]", "output": "k"}\n]\n')
+                    b'{"input": "i", output: 1},\n{"input": "j ]", "output": "k"},\n'
+                    b'{"input": "spans",\n "output": "\xfe two lines"}\n]\n')
   csv = tmp_path / "bad.csv"
   csv.write_text('input,output\na b,c\n"two\nlines",d\ne,f,g\nh\ni,\n"j, k",l\n')
   report, kept = check.check(_config(f"{array},{csv}", on_error="skip"), tok)
   found = [(p["where"].rsplit("/", 1)[1], p["code"]) for p in report["problems"]]
   assert found == [("bad.json:3", "bad_json"), ("bad.json:5", "bad_encoding"),
-                   ("bad.json:6", "bad_json"), ("bad.csv:5", "bad_csv"), ("bad.csv:6", "bad_csv"),
+                   ("bad.json:6", "bad_json"), ("bad.json:9", "bad_encoding"), ("bad.csv:5", "bad_csv"), ("bad.csv:6", "bad_csv"),
                    ("bad.csv:7", "wrong_type")]  # an empty cell is None, as pandas reads it
   assert [ex.where.rsplit("/", 1)[1] for ex in kept["train"]] == [
       "bad.json:2", "bad.json:4", "bad.json:7", "bad.csv:2", "bad.csv:3", "bad.csv:8"]

@@ -89,19 +89,23 @@ def read_all(path):
   with open(path, "rb") as f:
     raw = f.read()
   text, problems = _decode(path, raw)
+  bad_lines = [int(p.where.rsplit(":", 1)[1]) for p in problems]
   if ext == ".txt":
-    records = [Record(f"{path}:1", text)] if text.strip() and not problems else []
-  elif ext in CSV_SEPARATORS:
-    records, more = _read_csv(path, text, CSV_SEPARATORS[ext])
-    problems += more
-  elif ext == ".json" and text.lstrip().startswith("["):
-    records, more = _read_json_array(path, text)
-    problems += more
-  else:
+    return ([Record(f"{path}:1", text)] if text.strip() and not problems else []), problems
+  is_array = ext == ".json" and text.lstrip().startswith("[")
+  if not (is_array or ext in CSV_SEPARATORS):
     records, more = _read_jsonl(path, text)
-    problems += more
-  bad_lines = {p.where for p in problems if p.code == "bad_encoding"}
-  return [r for r in records if r.where not in bad_lines], problems
+    return [r for r in records if _line(r) not in bad_lines], problems + more
+  reader = _read_csv if ext in CSV_SEPARATORS else _read_json_array
+  records, more = reader(path, text, CSV_SEPARATORS[ext]) if ext in CSV_SEPARATORS else reader(path, text)
+  # A record of these formats may span lines: drop it when an undecodable line is among them.
+  ends = [_line(r) for r in records[1:]] + [text.count("\n") + 2]
+  return [r for r, end in zip(records, ends)
+          if not any(_line(r) <= b < end for b in bad_lines)], problems + more
+
+
+def _line(record):
+  return int(record.where.rsplit(":", 1)[1])
 
 
 def _decode(path, raw):
