@@ -35,13 +35,17 @@ import numpy as np
 
 def one_at_a_time(examples, tok):
   from ftjax.data import template
+  backend = template._rust_backend(tok)
   out = []
   for ex in examples:
     pieces = template._template_pieces(ex, tok)
     ids = [p if isinstance(p, list) else list(tok.encode(p, add_special_tokens=False))
            for p, _, _ in pieces]
-    whole = tok.encode("".join(p for p, _, _ in pieces), add_special_tokens=False)
-    tokens, mask = template._join_pieces(pieces, ids, whole, tok)
+    full = "".join(p for p, _, _ in pieces)
+    whole = tok.encode(full, add_special_tokens=False)
+    tokens, mask = template._join_pieces(pieces, ids, tok)
+    if tokens != list(whole):  # a BPE merge across a cut: assign the whole string's tokens
+      tokens, mask = template._assign_encoding(pieces, backend.encode(full, add_special_tokens=False), tok)
     mask[0] = 0
     out.append((tokens, mask))
   return out

@@ -211,8 +211,9 @@ def test_offsets_mapping_agrees_with_pieces(tok):
   ex = _chat("paid 12 usd to hooli", '{"amount": 12.00}', "and again", "once more", system="s")
   pieces = template._template_pieces(ex, tok)
   by_pieces = template._join_pieces(
-      pieces, [tok.encode(p, add_special_tokens=False) for p, _, _ in pieces], None, tok)
-  by_offsets = template._mask_by_offsets(pieces, tok, "".join(p for p, _, _ in pieces))
+      pieces, [tok.encode(p, add_special_tokens=False) for p, _, _ in pieces], tok)
+  enc = template._rust_backend(tok).encode("".join(p for p, _, _ in pieces), add_special_tokens=False)
+  by_offsets = template._assign_encoding(pieces, enc, tok)
   assert by_offsets == by_pieces
 
 

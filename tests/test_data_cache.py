@@ -45,9 +45,10 @@ def _piecewise(ex, tok):
   pieces = template._template_pieces(ex, tok)
   ids = [p if isinstance(p, list) else tok.encode(p, add_special_tokens=False) for p, _, _ in pieces]
   whole = tok.encode("".join(p for p, _, _ in pieces), add_special_tokens=False)
-  tokens, mask = template._join_pieces(pieces, ids, None, tok)
+  tokens, mask = template._join_pieces(pieces, ids, tok)
   if tokens != whole:
-    tokens, mask = template._mask_by_offsets(pieces, tok, "".join(p for p, _, _ in pieces))
+    enc = template._rust_backend(tok).encode("".join(p for p, _, _ in pieces), add_special_tokens=False)
+    tokens, mask = template._assign_encoding(pieces, enc, tok)
   mask[0] = 0
   return tokens, mask
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from ftjax.config import base_config
-from ftjax.data import check
+from ftjax.data import check, sources
 from ftjax.errors import FtjaxError
 from tiny import tiny_tokenizer
 
@@ -242,7 +242,7 @@ def test_gsm8k_train_test_leakage(tok):
   fields = {"question": "input", "answer": "output"}
   splits = {}
   for name in ("train", "test"):
-    records, problems = check.read_lines(os.path.join(folder, f"{name}.jsonl"))
+    records, problems = sources.read_all(os.path.join(folder, f"{name}.jsonl"))
     splits[name], invalid = check.validate_records(records, fields=fields)
     assert not problems and not invalid
   leaks = check.leakage(splits["train"], splits["test"], threshold=0.4)

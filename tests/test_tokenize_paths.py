@@ -102,7 +102,7 @@ def _reference(example, tok):
     tokens, mask = template._assign_encoding(pieces, enc, tok)
   else:  # an EOS id appended after the rendering: each text piece encoded on its own
     ids = [p if isinstance(p, list) else tok.encode(p, add_special_tokens=False) for p, _, _ in pieces]
-    tokens, mask = template._join_pieces(pieces, ids, None, tok)
+    tokens, mask = template._join_pieces(pieces, ids, tok)
   mask[0] = 0
   return tokens, mask
 

@@ -77,12 +77,6 @@ class Split:
 
 # --- reading: every bad line, not just the first ------------------------------------------------
 
-def read_lines(path):
-  """(records, problems) of one source: sources.read_all, which reports every record that does
-  not read (bad_encoding, bad_json, bad_csv) at its line and keeps the rest."""
-  return sources.read_all(path)
-
-
 def validate_records(records, *, format="auto", fields=None, system_prompt=None):
   """(examples, problems): formats.record_examples on each record, its errors collected."""
   records = [formats.rename(r, fields) for r in records] if fields else records
@@ -117,7 +111,7 @@ def check_split(path, tokenizer, *, seq_len, format="auto", fields=None, system_
   """A Split for a data path (file, directory or list), as training would read it."""
   examples, problems, origin = [], [], []
   for p in dataset_lib._expand(path):
-    records, bad = read_lines(p)
+    records, bad = sources.read_all(p)  # every unreadable record, at its line
     found, invalid = validate_records(records, format=format, fields=fields,
                                       system_prompt=system_prompt)
     examples.extend(found)

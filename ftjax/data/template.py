@@ -7,10 +7,10 @@ token positions, never by comparing ids with pad_token_id, so EOS stays trained 
 
 Where an assistant message sits in the rendering is found by rendering prefixes of the conversation:
 render(messages[:i], add_generation_prompt=True) ends where message i's content starts, and
-render(messages[:i+1]) ends where its turn ends. The rendering is cut at those points and each
-piece is tokenised on its own; if the concatenation differs from tokenising the whole string (a BPE
-merge across a cut), token-to-piece assignment falls back to character offsets when the tokenizer
-exposes them.
+render(messages[:i+1]) ends where its turn ends. The rendering is cut at those points, the whole
+string is tokenised, and each token goes to the piece its first character is in (so a BPE merge
+across a cut keeps the canonical tokens). A rendering holding token ids (an appended EOS), or a
+tokenizer without a Rust backend, has each piece tokenised on its own instead.
 
 Without a chat template the fallback format is "input\\noutput<eos>" (each non-assistant message
 followed by a newline, each assistant message by EOS).
@@ -137,7 +137,7 @@ def _tokenize_many(examples, tok):
   strings = iter(encode([p for i in by_pieces for p, _, _ in pieces[i] if isinstance(p, str)], False))
   for i in by_pieces:
     ids = [p if isinstance(p, list) else next(strings) for p, _, _ in pieces[i]]
-    out[i] = _finish(examples[i], *_join_pieces(pieces[i], ids, None, tok))
+    out[i] = _finish(examples[i], *_join_pieces(pieces[i], ids, tok))
   return out
 
 
@@ -288,44 +288,15 @@ def _piece_mask(ids, kind, weight, eos):
   return [1] * n + [0] * (len(ids) - n)
 
 
-def _join_pieces(pieces, encoded, whole, tok):
-  """(tokens, mask) from each piece's ids; `whole`: the ids of the whole string (None when a
-  piece is already ids), to check that the cuts did not split a BPE merge."""
+def _join_pieces(pieces, encoded, tok):
+  """(tokens, mask) from each piece's own ids: the path for renderings that hold token ids (an
+  appended EOS, the plain format's BOS) or tokenizers without a Rust backend. The piecewise
+  tokens decode to the same text, and the prompt part matches how a prompt is tokenised at
+  inference (encoded on its own)."""
   eos = tok.eos_token_id
   tokens = [t for ids in encoded for t in ids]
   mask = [b for ids, (_, kind, w) in zip(encoded, pieces) for b in _piece_mask(ids, kind, w, eos)]
-  if whole is not None:
-    if list(whole) != tokens:
-      full = "".join(p for p, _, _ in pieces)
-      by_offsets = _mask_by_offsets(pieces, tok, full)
-      if by_offsets is not None:
-        return by_offsets
-      # No offsets available: keep the piecewise tokens. They decode to the same text and the
-      # prompt part matches how a prompt is tokenised at inference (encoded on its own).
   return tokens, mask
-
-
-def _offsets_encoder(tok):
-  fn = getattr(tok, "encode_with_offsets", None)
-  if callable(fn):
-    return fn
-  backend = _rust_backend(tok)
-  if backend is None:
-    return None
-
-  def encode(text):
-    enc = backend.encode(text, add_special_tokens=False)
-    return list(enc.ids), list(enc.offsets)
-  return encode
-
-
-def _mask_by_offsets(pieces, tok, full):
-  """Tokenise the whole string and assign each token to the piece where its first char lies."""
-  encode = _offsets_encoder(tok)
-  if encode is None:
-    return None
-  ids, offsets = encode(full)
-  return _assign_by_offsets(pieces, ids, offsets, tok)
 
 
 def _assign_encoding(pieces, enc, tok):
