@@ -68,3 +68,37 @@ def test_failed_cache_write_warns_and_leaves_no_temporary_file(tok, token_cache,
   assert list(token_cache.iterdir()) == []  # neither the entry nor its .tmp.npz
   assert any("could not write the token cache" in r.getMessage() for r in caplog.records)
   monkeypatch.setattr(cache.np, "savez", real_savez)
+
+
+# --- item 13: one-line errors ---------------------------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train_cli(tmp_path, *args):
+  import subprocess
+  import sys
+  # PIP_NO_INDEX: a run that got as far as fetching the built-in model fails at once, offline.
+  env = {**os.environ, "FTJAX_CACHE": str(tmp_path / "cache"), "PIP_NO_INDEX": "1"}
+  return subprocess.run([sys.executable, "-m", "ftjax.train", *args], capture_output=True,
+                        text=True, cwd=str(tmp_path), env=env, timeout=180)
+
+
+def _one_line_error(proc, *needles):
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and all(n in last for n in needles), last
+
+
+def test_cli_missing_config_file(tmp_path):
+  _one_line_error(_train_cli(tmp_path, "--config", "configs/nope.py"), "configs/nope.py",
+                  "no such file")
+
+
+def test_cli_workdir_that_is_a_file(tmp_path):
+  (tmp_path / "wd").write_text("my notes\n")
+  proc = _train_cli(tmp_path, "--config", os.path.join(REPO, "configs", "quickstart.py"),
+                    "--workdir", "wd")
+  _one_line_error(proc, "--workdir wd", "not a folder")
+  assert (tmp_path / "wd").read_text() == "my notes\n"
