@@ -102,3 +102,52 @@ def test_cli_workdir_that_is_a_file(tmp_path):
                     "--workdir", "wd")
   _one_line_error(proc, "--workdir wd", "not a folder")
   assert (tmp_path / "wd").read_text() == "my notes\n"
+
+
+@pytest.fixture
+def model_copy(model_dir, tmp_path):
+  import shutil
+  return shutil.copytree(model_dir, tmp_path / "model")
+
+
+def test_non_json_model_config(model_copy):
+  from ftjax import models
+  (model_copy / "config.json").write_text('{"model_type": "llama",\n  oops}')
+  with pytest.raises(FtjaxError, match=r"config.json:2: not valid JSON"):
+    models.resolve_params(str(model_copy))
+
+
+def test_truncated_model_safetensors(model_copy):
+  from ftjax import models
+  weights = model_copy / "model.safetensors"
+  weights.write_bytes(weights.read_bytes()[:-100])  # an interrupted copy
+  with pytest.raises(FtjaxError, match=rf"{weights}: damaged safetensors file .*download or save it again"):
+    models.resolve_params(str(model_copy))
+
+
+@pytest.fixture
+def saved_adapter(tmp_path):
+  from ftjax import peft
+  from tiny import tiny_model
+  model = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+  peft.save_adapter(model, str(tmp_path / "adapter"))
+  return tmp_path / "adapter"
+
+
+def test_truncated_adapter_safetensors(saved_adapter):
+  from ftjax import peft
+  from tiny import tiny_model
+  weights = saved_adapter / "adapter_model.safetensors"
+  weights.write_bytes(weights.read_bytes()[:50])
+  with pytest.raises(FtjaxError, match=rf"{weights}: damaged safetensors file"):
+    peft.load_adapter(tiny_model(), str(saved_adapter))
+
+
+def test_non_numeric_lora_alpha(saved_adapter):
+  import json
+  from ftjax import peft
+  from tiny import tiny_model
+  path = saved_adapter / "adapter_config.json"
+  path.write_text(json.dumps({**json.loads(path.read_text()), "lora_alpha": "sixteen"}))
+  with pytest.raises(FtjaxError, match=r"adapter_config.json: lora_alpha='sixteen' is not a number"):
+    peft.load_adapter(tiny_model(), str(saved_adapter))

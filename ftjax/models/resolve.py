@@ -20,6 +20,7 @@ import tempfile
 import zipfile
 
 import numpy as np
+from safetensors import SafetensorError
 
 from ftjax.errors import FtjaxError
 
@@ -165,8 +166,27 @@ def _load_dir(model_dir: str, dtype, allocate=None):
     raise FtjaxError(f"{model_dir}: no config.json; expected a HF model directory with "
                      f"config.json and *.safetensors, or a .gguf file{hint}")
   cfg = load_hf_config(model_dir)
-  params = load_hf_params(model_dir, cfg, dtype, allocate)
+  try:
+    params = load_hf_params(model_dir, cfg, dtype, allocate)
+  except SafetensorError as e:
+    raise damaged_safetensors(sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))), e) from None
   return cfg, params, load_tokenizer(model_dir)
+
+
+def damaged_safetensors(paths: list[str], error: Exception) -> FtjaxError:
+  """The error for a safetensors file that does not open (truncated by an interrupted download
+  or copy, or not safetensors at all), naming the file: safetensors' own message names none."""
+  from safetensors import safe_open
+  bad = []
+  for path in paths:
+    try:
+      with safe_open(path, framework="np"):
+        pass
+    except (SafetensorError, OSError):
+      bad.append(path)
+  named = ", ".join(bad) if bad else " / ".join(paths)
+  return FtjaxError(f"{named}: damaged safetensors file ({error}); it is probably truncated "
+                    "(an interrupted download or copy): download or save it again")
 
 
 def _load_gguf(path: str, dtype, allocate=None):
@@ -193,14 +213,17 @@ def _local_path(name_or_path: str) -> str:
 
 def stored_quantisation(name_or_path: str) -> dict | None:
   """The 4-bit settings of a bitsandbytes `load_in_4bit` HF checkpoint (None for any other)."""
-  import json
+  from ftjax.files import read_json
   from ftjax.quant.bnb import checkpoint_settings
   path = _local_path(name_or_path)
   config_path = os.path.join(path, "config.json")
   if not os.path.isfile(config_path):
     return None
-  with open(config_path) as f:
-    return checkpoint_settings(json.load(f))
+  hf_config = read_json(config_path)
+  if not isinstance(hf_config, dict):
+    raise FtjaxError(f"{config_path}: expected a JSON object (a HF model config), got "
+                     f"{type(hf_config).__name__}")
+  return checkpoint_settings(hf_config)
 
 
 def tokenizer_for(name_or_path: str):
