@@ -151,3 +151,23 @@ def test_non_numeric_lora_alpha(saved_adapter):
   path.write_text(json.dumps({**json.loads(path.read_text()), "lora_alpha": "sixteen"}))
   with pytest.raises(FtjaxError, match=r"adapter_config.json: lora_alpha='sixteen' is not a number"):
     peft.load_adapter(tiny_model(), str(saved_adapter))
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "json"])
+def test_deep_nesting_and_huge_integers_are_bad_records(tmp_path, ext):
+  """json raises RecursionError / ValueError (not JSONDecodeError) for these: each was a crash
+  of the whole read; now each is one bad_json problem at its line, and the records around it
+  read on."""
+  import json
+  from ftjax.data import sources
+  good = {"input": "a", "output": "b"}
+  lines = [json.dumps(good), "[" * 100_000 + "]" * 100_000,
+           '{"input": "c", "output": ' + "7" * 5000 + "}", json.dumps(good)]
+  path = tmp_path / f"d.{ext}"
+  path.write_text("\n".join(lines) if ext == "jsonl" else "[\n" + ",\n".join(lines) + "\n]\n")
+  records, problems = sources.read_all(str(path))
+  first = 1 if ext == "jsonl" else 2
+  assert [r.where for r in records] == [f"{path}:{first}", f"{path}:{first + 3}"]
+  assert [(p.code, p.where) for p in problems] == [("bad_json", f"{path}:{first + 1}"),
+                                                   ("bad_json", f"{path}:{first + 2}")]
+  assert "nested deeper" in problems[0].message and "4300 digits" in problems[1].message
