@@ -171,3 +171,61 @@ def test_deep_nesting_and_huge_integers_are_bad_records(tmp_path, ext):
   assert [(p.code, p.where) for p in problems] == [("bad_json", f"{path}:{first + 1}"),
                                                    ("bad_json", f"{path}:{first + 2}")]
   assert "nested deeper" in problems[0].message and "4300 digits" in problems[1].message
+
+
+# --- items 13 and 14: chat templates ----------------------------------------------------------
+
+def _with_template(tok, source):
+  import copy
+  other = copy.copy(tok)
+  other.chat_template = source
+  return other
+
+
+CONVERSATION = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+
+@pytest.mark.parametrize("source, message", [
+    ("{{ raise_exception('Conversation roles must alternate') }}",
+     "chat template: Conversation roles must alternate"),
+    ("{{ messages.__class__.__mro__ }}", "chat template: refused by the sandbox"),
+    ("{{ ''.__class__.__base__.__subclasses__() }}", "chat template: refused by the sandbox"),
+])
+def test_template_errors_are_one_line(tok, source, message):
+  with pytest.raises(FtjaxError, match=message) as info:
+    _with_template(tok, source).apply_chat_template(CONVERSATION)
+  assert "\n" not in str(info.value)
+
+
+def test_template_error_names_the_example(tok):
+  from ftjax.data import template
+  from ftjax.data.formats import Example
+  bad = _with_template(tok, "{% if messages|length > 1 %}{{ raise_exception('only one turn') }}{% endif %}x")
+  ex = Example("chats.jsonl:7", messages=[{**m, "weight": int(m["role"] == "assistant")} for m in CONVERSATION])
+  with pytest.raises(FtjaxError, match=r"^chats.jsonl:7: chat template: only one turn$"):
+    template.tokenize_many([ex], bad)
+
+
+@pytest.mark.parametrize("source", [
+    # ~10**10 iterations of an empty body: hours without a bound.
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    # output grows without end: 10**10 characters.
+    "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+])
+def test_template_rendering_is_bounded(tok, source, monkeypatch):
+  """With the real limits (10 s, 16 Mi characters) each stops within ~10 s; lowered here so
+  the test takes a fraction of that. What is checked is that the render stops, with the error."""
+  import time
+  from ftjax import template_sandbox
+  monkeypatch.setattr(template_sandbox, "MAX_SECONDS", 0.5)
+  monkeypatch.setattr(template_sandbox, "MAX_CHARS", 100_000)
+  start = time.monotonic()
+  with pytest.raises(FtjaxError, match="chat template: (rendering ran over 0.5 s|the rendered text would exceed)"):
+    _with_template(tok, source).apply_chat_template(CONVERSATION)
+  assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("source", ["{{ 'x' * 10**12 }}", "{{ 2 ** 1000000000 }}"])
+def test_template_arithmetic_bombs_are_refused(tok, source):
+  with pytest.raises(FtjaxError, match="chat template: .*(exceed|too large)"):
+    _with_template(tok, source).apply_chat_template(CONVERSATION)
