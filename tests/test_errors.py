@@ -229,3 +229,23 @@ def test_template_rendering_is_bounded(tok, source, monkeypatch):
 def test_template_arithmetic_bombs_are_refused(tok, source):
   with pytest.raises(FtjaxError, match="chat template: .*(exceed|too large)"):
     _with_template(tok, source).apply_chat_template(CONVERSATION)
+
+
+# --- item 13: a prompt longer than the model's context ---------------------------------------
+
+def test_prompt_longer_than_the_context_is_refused_before_allocating():
+  """A model stand-in with only a config: the refusal comes before anything touches the weights
+  or allocates the KV cache."""
+  import types
+  from ftjax.generate import generate_ids
+  from tiny import TINY
+  model = types.SimpleNamespace(config=dataclasses_replace(TINY, max_position_embeddings=32))
+  prompts = [[1, 2, 3], list(range(1, 41))]
+  with pytest.raises(FtjaxError, match=r"prompt 2 of 2 is 40 tokens, but the model's context "
+                                       r"\(max_position_embeddings\) is 32 tokens"):
+    generate_ids(model, prompts, max_new_tokens=4)
+
+
+def dataclasses_replace(obj, **changes):
+  import dataclasses
+  return dataclasses.replace(obj, **changes)
