@@ -249,3 +249,32 @@ def test_prompt_longer_than_the_context_is_refused_before_allocating():
 def dataclasses_replace(obj, **changes):
   import dataclasses
   return dataclasses.replace(obj, **changes)
+
+
+# --- security notes: custom metrics ----------------------------------------------------------
+
+@pytest.mark.parametrize("spec, message", [
+    ("os:symlink", "function of the system module 'os'"),
+    ("shutil:rmtree", "function of the system module 'shutil'"),
+    ("builtins:exec", "function of the system module 'builtins'"),
+    ("subprocess:run", "function of the system module 'subprocess'"),
+    ("math:pi", "is not a function"),
+    ("collections:OrderedDict", "is not a function"),
+])
+def test_custom_metric_refuses_system_functions_and_non_functions(spec, message, tmp_path, monkeypatch):
+  from ftjax.evaluation import metrics
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(FtjaxError, match=f"custom metric '{spec}' .*{message}"):
+    metrics.user_metric(spec).score(["a"], ["b"], metrics.Options())  # old code: os.symlink('a', 'b') here
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_custom_metric_reexporting_a_system_function_is_refused(tmp_path, monkeypatch):
+  from ftjax.evaluation import metrics
+  (tmp_path / "my_metrics_reexport.py").write_text("from os import remove\n\n"
+                                                   "def good(p, r):\n  return float(p == r)\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  with pytest.raises(FtjaxError, match="system module 'posix'|system module 'nt'"):
+    metrics.user_metric("my_metrics_reexport:remove")
+  assert metrics.user_metric("my_metrics_reexport:good").score(["x", "y"], ["x", "z"],
+                                                               metrics.Options()) == 0.5
