@@ -104,10 +104,21 @@ def test_cli_workdir_that_is_a_file(tmp_path):
   assert (tmp_path / "wd").read_text() == "my notes\n"
 
 
+@pytest.fixture(scope="module")
+def small_model_dir(tmp_path_factory):
+  """tests/tiny.py's model saved by ftjax itself: no torch import (conftest's model_dir builds
+  one with transformers, seconds more)."""
+  from ftjax import models
+  from tiny import tiny_model
+  path = str(tmp_path_factory.mktemp("small_model"))
+  models.save_pretrained(tiny_model(), path, tiny_tokenizer(vocab_size=64))
+  return path
+
+
 @pytest.fixture
-def model_copy(model_dir, tmp_path):
+def model_copy(small_model_dir, tmp_path):
   import shutil
-  return shutil.copytree(model_dir, tmp_path / "model")
+  return shutil.copytree(small_model_dir, tmp_path / "model")
 
 
 def test_non_json_model_config(model_copy):
@@ -125,13 +136,20 @@ def test_truncated_model_safetensors(model_copy):
     models.resolve_params(str(model_copy))
 
 
-@pytest.fixture
-def saved_adapter(tmp_path):
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
   from ftjax import peft
   from tiny import tiny_model
   model = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
-  peft.save_adapter(model, str(tmp_path / "adapter"))
-  return tmp_path / "adapter"
+  path = str(tmp_path_factory.mktemp("adapter"))
+  peft.save_adapter(model, path)
+  return path
+
+
+@pytest.fixture
+def saved_adapter(adapter_dir, tmp_path):
+  import shutil
+  return shutil.copytree(adapter_dir, tmp_path / "adapter")
 
 
 def test_truncated_adapter_safetensors(saved_adapter):
