@@ -183,7 +183,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.generate = False  # baselines, fine-tuned answers, verdict and report (needs data.eval)
   # Comma-separated: loss, perplexity, token_accuracy (teacher-forced), exact_match, json_valid,
   # field_accuracy, label_accuracy, macro_f1, rouge_l, token_f1 (generated), or
-  # "pkg.module:function" (prediction, reference) -> float.
+  # "pkg.module:function" (prediction, reference) -> float. A custom metric imports and runs that
+  # module's code, as a Python config file does: use only configs you trust. Functions of system
+  # modules (os, sys, subprocess, shutil, builtins...) and non-functions are refused.
   c.eval.metrics = "exact_match"
   c.eval.primary = ""  # decides early stopping and the verdict; "": the first of eval.metrics
   c.eval.normalize = "strip"  # exact_match: any of strip, lower, whitespace, punctuation

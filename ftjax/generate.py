@@ -248,6 +248,7 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], max_new_tokens: int 
     raise FtjaxError(f"generate: expected temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
                      f"temperature={temperature}, top_k={top_k}, top_p={top_p}")
   cfg = model.config
+  _check_prompt_lengths(prompts, cfg.max_position_embeddings)
   eos = stop_token_ids(cfg) if eos_ids is None else {int(i) for i in eos_ids}
   b = len(prompts)
   # A prefix shared by all prompts is prefilled once, with batch 1, and copied into every row.
@@ -312,6 +313,17 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], max_new_tokens: int 
     if owned:
       bar.close()
   return rows
+
+
+def _check_prompt_lengths(prompts: list[list[int]], context: int) -> None:
+  """Refuses a prompt that leaves no room for a new token in the model's context, before the KV
+  cache is allocated: its size follows the prompt (an over-long prompt once asked for 52.9 GB)."""
+  longest = max(range(len(prompts)), key=lambda r: len(prompts[r]))
+  if len(prompts[longest]) >= context:
+    which = f"prompt {longest + 1} of {len(prompts)}" if len(prompts) > 1 else "the prompt"
+    raise FtjaxError(f"generate: {which} is {len(prompts[longest])} tokens, but the model's "
+                     f"context (max_position_embeddings) is {context} tokens including the new "
+                     "ones; shorten the prompt")
 
 
 def _until_stop(row: list[int], eos: set[int]) -> list[int]:

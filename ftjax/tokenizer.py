@@ -297,8 +297,10 @@ class Tokenizer:
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
     variables = {name: value for name, value in self._specials.items() if value is not None}
     variables.update(kwargs)
-    return _compile_template(template).render(messages=messages, tools=tools, documents=None,
-                                              add_generation_prompt=add_generation_prompt, **variables)
+    from ftjax import template_sandbox  # bounded time and output; errors as one FtjaxError line
+    return template_sandbox.render(_compile_template(template), messages=messages, tools=tools,
+                                   documents=None, add_generation_prompt=add_generation_prompt,
+                                   **variables)
 
   def save(self, out_dir):
     """Write `tokenizer.json` + `tokenizer_config.json`, loadable by `AutoTokenizer.from_pretrained`."""
@@ -524,7 +526,7 @@ def _compile_template(source):
 
   import jinja2
   import jinja2.ext
-  from jinja2.sandbox import ImmutableSandboxedEnvironment
+  from ftjax.template_sandbox import BoundedSandbox
 
   def raise_exception(message):
     raise jinja2.exceptions.TemplateError(message)
@@ -548,8 +550,8 @@ def _compile_template(source):
     def _render(self, caller):
       return caller()
 
-  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                      extensions=[Generation, jinja2.ext.loopcontrols])
+  env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True,
+                       extensions=[Generation, jinja2.ext.loopcontrols])
   env.filters["tojson"] = tojson
   env.globals["raise_exception"] = raise_exception
   env.globals["strftime_now"] = strftime_now

@@ -429,8 +429,17 @@ def _parse_flags_and_train(argv) -> None:
   from absl import flags
   cfg = parse_flags(argv)
   name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
-  train(cfg, flags.FLAGS.workdir or os.path.join("workdirs", name),
-        allow_config_change=flags.FLAGS.allow_config_change)
+  workdir = flags.FLAGS.workdir or os.path.join("workdirs", name)
+  check_workdir_arg(workdir)
+  train(cfg, workdir, allow_config_change=flags.FLAGS.allow_config_change)
+
+
+def check_workdir_arg(workdir: str) -> None:
+  """Refuses a --workdir that exists but is not a folder, before the model loads (train() would
+  only find out when it creates the folder, after the data check and the model load)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise FtjaxError(f"--workdir {workdir}: exists and is not a folder; pass a new or existing "
+                     "folder for the run's checkpoints and logs")
 
 
 def parse_flags(argv) -> ml_collections.ConfigDict:
@@ -449,7 +458,20 @@ def parse_flags(argv) -> ml_collections.ConfigDict:
   setup_logging()
   if flags.FLAGS.config is None:
     raise FtjaxError("--config is required, e.g. --config configs/quickstart.py")
+  if not isinstance(flags.FLAGS.config, ml_collections.ConfigDict):
+    _config_load_error(flags.FLAGS["config"].config_filename)
   return flags.FLAGS.config
+
+
+def _config_load_error(spec: str) -> None:
+  """ml_collections turns an unreadable --config file into a placeholder that raises a long
+  IOError on first use, deep inside training: say which file, here."""
+  path = spec.split(":", 1)[0]
+  if not os.path.exists(path):
+    raise FtjaxError(f"--config {path}: no such file; pass a config file such as "
+                     "configs/quickstart.py (relative to the current folder, or an absolute path)")
+  raise FtjaxError(f"--config {path}: could not be read as a config file (a readable .py file "
+                   "defining get_config() is expected)")
 
 
 if __name__ == "__main__":

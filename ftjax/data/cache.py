@@ -84,18 +84,39 @@ def tokenize(examples, tok):
   if k in _last:
     return _with_where(_last[k], examples)
   path = os.path.join(folder, f"{k}.npz")
-  if os.path.isfile(path):
-    try:
-      with np.load(path) as f:
-        tokens, mask, ends = f["tokens"], f["loss_mask"], f["ends"]
-      if len(ends) == len(examples):
-        log.info("read %d tokenised examples from the cache %s", len(examples), path)
-        return _remember(k, _split(tokens, mask, ends), examples)
-    except (OSError, ValueError, KeyError) as e:  # a damaged file: tokenise again, rewrite it
-      log.warning("ignoring the unreadable token cache %s (%s)", path, e)
+  cached = _read(path, len(examples)) if os.path.isfile(path) else None
+  if cached is not None:
+    log.info("read %d tokenised examples from the cache %s", len(examples), path)
+    return _remember(k, cached, examples)
   out = template.tokenize_many(examples, tok)
   _write(path, out)
   return _remember(k, [(t.tokens, t.loss_mask) for t in out], examples)
+
+
+def _read(path, count):
+  """The cached (tokens, mask) pairs, or None for a damaged entry, which is deleted (with a
+  warning naming it) so that this run rewrites it: a bad file must not fail every later run."""
+  try:
+    with np.load(path) as f:
+      tokens, mask, ends = f["tokens"], f["loss_mask"], f["ends"]
+    if len(ends) != count or len(tokens) != len(mask) or (len(ends) and ends[-1] != len(tokens)):
+      raise ValueError(f"holds {len(ends)} examples and {len(tokens)} tokens, expected {count} "
+                       "examples")
+    return _split(tokens, mask, ends)
+  # BadZipFile: a truncated or overwritten .npz (np.load opens it as a zip); EOFError, zlib
+  # errors and the like from a damaged member: every one means "not a usable entry".
+  except Exception as e:  # noqa: BLE001
+    log.warning("discarding the damaged token cache entry %s (%s: %s); tokenising again",
+                path, type(e).__name__, e)
+    _remove(path)
+    return None
+
+
+def _remove(path):
+  try:
+    os.remove(path)
+  except OSError:
+    pass  # unwritable folder: the entry is rebuilt in memory and the write below warns
 
 
 def _split(tokens, mask, ends):
@@ -114,9 +135,16 @@ def _with_where(arrays, examples):
 
 
 def _write(path, out):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  """Stores the entry; a failed write (full disk, read-only cache folder) only costs the next
+  run a tokenisation: a warning, never the run, and no temporary file left behind."""
   tmp = f"{path}.{os.getpid()}.tmp.npz"
-  np.savez(tmp, tokens=np.concatenate([t.tokens for t in out]).astype(np.int32),
-           loss_mask=np.concatenate([t.loss_mask for t in out]).astype(np.int32),
-           ends=np.cumsum([len(t.tokens) for t in out]).astype(np.int64))
-  os.replace(tmp, path)
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(tmp, tokens=np.concatenate([t.tokens for t in out]).astype(np.int32),
+             loss_mask=np.concatenate([t.loss_mask for t in out]).astype(np.int32),
+             ends=np.cumsum([len(t.tokens) for t in out]).astype(np.int64))
+    os.replace(tmp, path)
+  except OSError as e:
+    log.warning("could not write the token cache %s (%s); continuing without it (set "
+                "FTJAX_TOKEN_CACHE to a writable folder, or to off)", path, e)
+    _remove(tmp)

@@ -19,6 +19,7 @@ bad_json, bad_csv at its line) and keeps the rest; `read_records` stops at the f
 import dataclasses
 import json
 import os
+import sys
 
 from ftjax.errors import FtjaxError
 
@@ -180,9 +181,30 @@ def _read_jsonl(path, text):
     where = f"{path}:{lineno}"
     try:
       records.append(Record(where, json.loads(line)))
-    except json.JSONDecodeError as e:
-      problems.append(Problem("bad_json", where, f"{where}: not valid JSON ({e.msg} at column {e.colno})"))
+    except _UNDECODABLE as e:
+      problems.append(_bad_json(path, lineno, e))
   return records, problems
+
+
+# What Python's JSON reader raises besides JSONDecodeError (a ValueError): RecursionError for
+# nesting deeper than the interpreter's recursion limit (~1000 levels), ValueError for an integer
+# of more than sys.get_int_max_str_digits() (4300) digits. Both are one bad record, not a crash.
+_UNDECODABLE = (ValueError, RecursionError)
+
+
+def _bad_json(path, lineno, e):
+  """The bad_json Problem of a record that json could not decode (`lineno`: where it starts)."""
+  if isinstance(e, json.JSONDecodeError):
+    where = f"{path}:{e.lineno + lineno - 1}"
+    return Problem("bad_json", where, f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+  where = f"{path}:{lineno}"
+  if isinstance(e, RecursionError):
+    why = "nested deeper than Python's JSON reader allows (about 1000 levels)"
+  elif "digits" in str(e):
+    why = f"an integer with more than {sys.get_int_max_str_digits()} digits; quote it as a string"
+  else:
+    why = " ".join(str(e).split())
+  return Problem("bad_json", where, f"{where}: not valid JSON ({why})")
 
 
 def _read_json_array(path, text):
@@ -197,9 +219,9 @@ def _read_json_array(path, text):
     line = text.count("\n", 0, i) + 1
     try:
       value, end = decoder.raw_decode(text, i)
-    except json.JSONDecodeError as e:
-      where = f"{path}:{e.lineno}"
-      problems.append(Problem("bad_json", where, f"{where}: not valid JSON ({e.msg} at column {e.colno})"))
+    except _UNDECODABLE as e:
+      # raw_decode counts lines from the start of `text`: lineno 1 here keeps its line numbers.
+      problems.append(_bad_json(path, 1 if isinstance(e, json.JSONDecodeError) else line, e))
       end = _next_element(text, i)
     else:
       records.append(Record(f"{path}:{line}", value))

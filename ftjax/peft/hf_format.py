@@ -15,7 +15,7 @@ import os
 import jax
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from ftjax.errors import FtjaxError
@@ -93,12 +93,33 @@ def read_config(adapter_dir: str) -> PeftConfig:
   if kind is None:
     raise FtjaxError(f"{path}: peft_type={raw.get('peft_type')!r}; supported: "
                      f"{', '.join(map(repr, CONFIG_TYPES))}")
+  _check_numbers(raw, path)
   try:
     return kind.from_peft(raw)
   except KeyError as e:
     raise FtjaxError(f"{path}: missing key {e.args[0]!r}") from None
   except (FtjaxError, TypeError, ValueError) as e:
     raise FtjaxError(f"{path}: {e}") from None
+
+
+# Numeric adapter_config.json keys: a string there ("16") would only fail deep inside the first
+# forward pass (or, for lora_alpha, scale by a str), far from the file that holds it.
+_NUMERIC_KEYS = ("r", "lora_alpha", "lora_dropout", "num_virtual_tokens", "reduction_factor")
+_NUMERIC_MAPS = ("rank_pattern", "alpha_pattern")
+
+
+def _check_numbers(raw: dict, path: str) -> None:
+  def number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+  for key in _NUMERIC_KEYS:
+    if raw.get(key) is not None and not number(raw[key]):
+      raise FtjaxError(f"{path}: {key}={raw[key]!r} is not a number; write it without quotes, "
+                       "e.g. 16")
+  for key in _NUMERIC_MAPS:
+    for pattern, value in (raw.get(key) or {}).items():
+      if not number(value):
+        raise FtjaxError(f"{path}: {key}[{pattern!r}]={value!r} is not a number")
 
 
 def load_adapter(model: nnx.Module, adapter_dir: str, *, adapter_name: str = "default",
@@ -127,7 +148,12 @@ def _load_tensors(model: nnx.Module, adapter_dir: str, adapter_name: str) -> Non
   weights = os.path.join(adapter_dir, WEIGHTS_FILE)
   if not os.path.isfile(weights):
     raise FtjaxError(f"{weights}: no such file")
-  with safe_open(weights, framework="np") as f:
+  try:
+    f = safe_open(weights, framework="np")
+  except SafetensorError as e:
+    raise FtjaxError(f"{weights}: damaged safetensors file ({e}); it is probably truncated (an "
+                     "interrupted copy or download): save or download the adapter again") from None
+  with f:
     available = set(f.keys())
     stacks = stack_sizes(model)
     used = set()
