@@ -165,6 +165,9 @@ class Decoder(nnx.Module):
 
   # Attributes holding a vmapped stack of layers: per-layer names (HF, PEFT) index into them.
   stacked_modules = ("layers",)
+  # Attributes whose projections get the step's dropout key through ops.project (adapters
+  # there keep no RNG stream of their own; no key, no dropout).
+  keyed_modules = ("layers",)
   virtual_token_slots = ("prompt", "prefix")
 
   def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, init_std, rngs):
