@@ -481,15 +481,27 @@ def test_modules_to_save_train_whole_modules_and_move_both_ways(hf_dir, tmp_path
   assert rel_err(again(jnp.asarray(TOKENS)), hf_logits(reference)) < 1e-4
 
 
-@pytest.mark.parametrize("config", [peft.PromptTuningConfig(num_virtual_tokens=3),
-                                    peft.PrefixTuningConfig(num_virtual_tokens=3)],
-                         ids=["prompt", "prefix"])
-def test_virtual_tokens_under_packing_padding_and_the_kv_cache(config):
+@pytest.mark.parametrize("configs", [[peft.PromptTuningConfig(num_virtual_tokens=3)],
+                                     [peft.PrefixTuningConfig(num_virtual_tokens=3)],
+                                     [peft.PromptTuningConfig(num_virtual_tokens=3),
+                                      peft.PrefixTuningConfig(num_virtual_tokens=2)]],
+                         ids=["prompt", "prefix", "prompt+prefix"])
+def test_virtual_tokens_under_packing_padding_and_the_kv_cache(configs):
   """Every packed document sees the virtual tokens as if alone; padding changes nothing; cached
-  greedy decoding equals recomputing the whole sequence; they cannot be merged."""
+  greedy decoding equals recomputing the whole sequence (the cache is built apart from the
+  forward pass, so this checks the two agree); they cannot be merged. With both slots on, the
+  prefix comes first, then the prompt, and each changes the output."""
   from ftjax.generate import generate_ids
   from tiny import tiny_model
+  config, n_virtual = configs[0], sum(c.num_virtual_tokens for c in configs)
   model = peft.get_peft_model(tiny_model(), config)
+  for i, extra in enumerate(configs[1:]):
+    peft.add_adapter(model, f"extra{i}", extra)
+  tokens = jnp.asarray(TOKENS % 64)
+  alone = {name: np.asarray(model(tokens)) for name in peft.named.configs(model)}
+  peft.set_adapter(model, list(peft.named.configs(model)))
+  if len(configs) > 1:  # both act: the output is neither one's alone
+    assert min(rel_err(model(tokens), out) for out in alone.values()) > 1e-3
   rng = np.random.RandomState(0)
   a, b = rng.randint(0, 64, 5), rng.randint(0, 64, 7)
   packed = np.concatenate([a, b])[None]
@@ -514,7 +526,7 @@ def test_virtual_tokens_under_packing_padding_and_the_kv_cache(config):
 
   with pytest.raises(FtjaxError, match="cannot be folded into the base weights"):
     peft.merge_and_unload(model)
-  assert model.peft_config["default"] is config and model.num_virtual_tokens == 3  # unchanged
+  assert model.peft_config["default"] is config and model.num_virtual_tokens == n_virtual  # unchanged
   with peft.disable_adapters(model):
     assert model.num_virtual_tokens == 0
   assert peft.unload(model).num_virtual_tokens == 0
