@@ -329,6 +329,95 @@ def test_einsum_layers_take_lora():
     peft.get_peft_model(PerHead(), peft.LoraConfig(target_modules=["proj"]))
 
 
+class EinsumBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.proj = nnx.Einsum("btd,dnh->btnh", (8, 2, 4), (2, 4), rngs=rngs)
+
+  def __call__(self, x):
+    return x + jnp.tanh(self.proj(x).reshape(x.shape))
+
+
+class EinsumStack(nnx.Module):
+  """Two einsum layers made by nnx.vmap and run by nnx.scan, as a user would stack them."""
+
+  stacked_modules = ("layers",)
+
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=2)
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(rngs):
+      return EinsumBlock(rngs)
+    self.layers = make(rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def run(x, layer):
+      return layer(x)
+    return run(x, self.layers)
+
+
+def _random_b(model, seed):
+  proj = model.layers.proj
+  proj.lora_b.set_value(jax.random.normal(jax.random.key(seed), proj.lora_b.shape))
+
+
+def test_stacked_einsum_lora_adapts_only_layers_to_transform():
+  """layers_to_transform=[1] on a stacked einsum: layer 0's adapter neither changes the output
+  nor gets a gradient nor counts, and the merged model is the trained one."""
+  x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+  model = peft.get_peft_model(EinsumStack(nnx.Rngs(0)), peft.LoraConfig(
+      r=2, target_modules=["proj"], layers_to_transform=[1]))
+  assert model.layers.proj.lora_a.shape == (2, 8, 2)
+  _random_b(model, 1)
+  adapted = np.asarray(model(x))
+  with peft.disable_adapters(model):
+    assert rel_err(model(x), adapted) > 1e-2  # layer 1's adapter acts
+  b = model.layers.proj.lora_b
+  b.set_value(b[...].at[0].set(jax.random.normal(jax.random.key(2), b.shape[1:])))
+  np.testing.assert_array_equal(np.asarray(model(x)), adapted)  # layer 0's does not
+  grads = nnx.grad(lambda m: m(x).sum(), argnums=nnx.DiffState(0, peft.AdapterParam))(model)
+  for name in ("lora_a", "lora_b"):
+    g = np.asarray(grads["layers"]["proj"][name][...])
+    assert not g[0].any() and np.abs(g[1]).max() > 1e-3, name
+  assert peft.count_params(model)[0] == 2 * (8 + 2 * 4)  # r x (in + out), one layer
+  assert rel_err(peft.merge_and_unload(nnx.clone(model))(x), adapted) < 1e-5
+
+
+def test_stacked_einsum_lora_dropout_per_layer_stream():
+  """A user's stacked layers draw dropout from a stream of their own, one key per layer (the
+  decoder's come through ops.project instead); model.eval() turns it off."""
+  x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+  model = peft.get_peft_model(EinsumStack(nnx.Rngs(0)), peft.LoraConfig(
+      r=2, lora_dropout=0.5, target_modules=["proj"]))
+  proj = model.layers.proj
+  assert proj.dropout.rngs.key.shape == (2,)  # one key per layer
+
+  @nnx.vmap(in_axes=(0, None))
+  def dropped(layer, x):
+    return layer.drop(x)
+  masks = np.asarray(dropped(proj, jnp.ones((64, 8)))) != 0  # [layers, 64, 8]
+  # 512 draws per layer: std sqrt(.25/512) = 0.022 of the kept fraction; 5 std = 0.11.
+  assert all(abs(m.mean() - 0.5) < 0.11 for m in masks)
+  assert abs((masks[0] == masks[1]).mean() - 0.5) < 0.11  # layers draw their own masks
+  again = np.asarray(dropped(proj, jnp.ones((64, 8)))) != 0
+  assert (again != masks).any()  # the stream advanced
+
+  _random_b(model, 1)
+  model.eval()
+  no_dropout = np.asarray(model(x))
+  model.train()
+  for layer in (0, 1):  # with only this layer's adapter on, its dropout shows in the output
+    b = proj.lora_b[...]
+    proj.lora_b.set_value(b.at[1 - layer].set(0))
+    model.eval()
+    reference = np.asarray(model(x))
+    model.train()
+    assert rel_err(model(x), reference) > 1e-3, layer
+    proj.lora_b.set_value(b)
+  model.eval()
+  np.testing.assert_array_equal(np.asarray(model(x)), no_dropout)
+
+
 class PerHead(nnx.Module):
   """An einsum with a kernel dim shared by input and output (per-head weights): not a matrix."""
 
