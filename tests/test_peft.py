@@ -241,6 +241,32 @@ def test_load_adapter_reads_what_peft_wrote(hf_dir, tmp_path, method):
     np.testing.assert_array_equal(a[key], b[key])
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_adapters_load_as_peft_reloads_them(hf_dir, tmp_path, init):
+  """PiSSA / OLoRA move part of each base weight into the adapter at init; PEFT redoes that on
+  the base when it reloads the adapter, and so must ftjax, or the model is another one."""
+  torch.manual_seed(0)
+  config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=init)
+  trained = hf_peft.get_peft_model(hf_model(hf_dir), hf_peft.LoraConfig(**config))
+  with torch.no_grad():  # as if trained: both factors off their init
+    for name, param in trained.named_parameters():
+      if "lora_" in name:
+        param.add_(0.05 * torch.randn_like(param))
+  trained.save_pretrained(str(tmp_path))
+  want = hf_logits(hf_peft.PeftModel.from_pretrained(hf_model(hf_dir), str(tmp_path)).eval())
+  assert rel_err(hf_logits(trained.eval()), want) < 1e-5  # PEFT's reload is the trained model
+  model = peft.load_adapter(ours(hf_dir), str(tmp_path))
+  assert model.peft_config["default"].init_lora_weights == init
+  # f32 throughout; torch's and XLA's SVD / QR differ by rounding only: measured 4.7e-7
+  # (PiSSA) and 2.7e-7 (OLoRA) of the largest logit; ignoring the base change gave 0.069 / 0.13.
+  assert rel_err(model(jnp.asarray(TOKENS)), want) < 1e-4
+  # ftjax's own PiSSA / OLoRA init starts as the base model.
+  fresh = peft.get_peft_model(ours(hf_dir), peft.LoraConfig(**config))
+  assert rel_err(fresh(jnp.asarray(TOKENS)), ours(hf_dir)(jnp.asarray(TOKENS))) < 1e-5
+  with pytest.raises(FtjaxError, match="init_lora_weights='pissa' with use_dora=True"):
+    peft.LoraConfig(init_lora_weights="pissa", use_dora=True)
+
+
 @pytest.mark.parametrize("method", [m for m in METHODS if m not in VIRTUAL])
 def test_merge_unload_disable_and_export(hf_dir, tmp_path, method):
   import transformers
@@ -284,7 +310,11 @@ def test_load_adapter_bad_inputs_are_named(hf_dir, tmp_path):
   with pytest.raises(FtjaxError, match="adapter_config.json: no such file"):
     peft.load_adapter(ours(hf_dir), str(tmp_path))
   for change, message in (({"peft_type": "LOHA"}, "peft_type='LOHA'; supported: 'LORA', 'IA3'"),
-                          ({"fan_in_fan_out": True}, "fan_in_fan_out=True is not supported")):
+                          ({"fan_in_fan_out": True}, "fan_in_fan_out=True is not supported"),
+                          # inits that rewrite the base in ways ftjax does not rebuild
+                          ({"init_lora_weights": "pissa_niter_4"},
+                           "init_lora_weights='pissa_niter_4' is not supported"),
+                          ({"init_lora_weights": "loftq"}, "init_lora_weights='loftq' is not supported")):
     config_path.write_text(json.dumps({**good, **change}))
     with pytest.raises(FtjaxError, match=message):
       peft.load_adapter(ours(hf_dir), str(tmp_path / "a"))
