@@ -230,7 +230,9 @@ def _adapter_axes(*names) -> dict:
 
 class _Lora(AdapterLayer):
   """A and B for a kernel viewed as [lead..., *in_shape, *out_shape]. Subclasses define
-  `_delta()`: s · A B in the kernel's layout, f32."""
+  `_xa(x)` (x @ A), `_update(y, xd, xa)` (the update from the base output y, the dropped-out
+  input xd and xa = xd @ A) and `_delta()` (s · A B in the kernel's layout, f32); masking and
+  dropout come from AdapterLayer."""
 
   def __init__(self, base_layer, *, in_shape, out_shape, in_axes, out_axes, r: int,
                scaling: float, dropout: float, init, rngs: nnx.Rngs):
