@@ -326,7 +326,7 @@ class LoraLinear(_Lora):
   def on_attach(self) -> None:
     if self.init in BASE_CHANGING_INITS:
       a, b = (_pissa_factors if self.init == "pissa" else _olora_factors)(
-          float_kernel(self.base_layer), self.r, self.scaling)
+          float_kernel(self.base_linear()), self.r, self.scaling)
       self.lora_a.set_value(a)
       self.lora_b.set_value(b)
       self.unfold()  # the base keeps W - s A B, so the model starts as the base model
