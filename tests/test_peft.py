@@ -241,6 +241,32 @@ def test_load_adapter_reads_what_peft_wrote(hf_dir, tmp_path, method):
     np.testing.assert_array_equal(a[key], b[key])
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_adapters_load_as_peft_reloads_them(hf_dir, tmp_path, init):
+  """PiSSA / OLoRA move part of each base weight into the adapter at init; PEFT redoes that on
+  the base when it reloads the adapter, and so must ftjax, or the model is another one."""
+  torch.manual_seed(0)
+  config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=init)
+  trained = hf_peft.get_peft_model(hf_model(hf_dir), hf_peft.LoraConfig(**config))
+  with torch.no_grad():  # as if trained: both factors off their init
+    for name, param in trained.named_parameters():
+      if "lora_" in name:
+        param.add_(0.05 * torch.randn_like(param))
+  trained.save_pretrained(str(tmp_path))
+  want = hf_logits(hf_peft.PeftModel.from_pretrained(hf_model(hf_dir), str(tmp_path)).eval())
+  assert rel_err(hf_logits(trained.eval()), want) < 1e-5  # PEFT's reload is the trained model
+  model = peft.load_adapter(ours(hf_dir), str(tmp_path))
+  assert model.peft_config["default"].init_lora_weights == init
+  # f32 throughout; torch's and XLA's SVD / QR differ by rounding only: measured 4.7e-7
+  # (PiSSA) and 2.7e-7 (OLoRA) of the largest logit; ignoring the base change gave 0.069 / 0.13.
+  assert rel_err(model(jnp.asarray(TOKENS)), want) < 1e-4
+  # ftjax's own PiSSA / OLoRA init starts as the base model.
+  fresh = peft.get_peft_model(ours(hf_dir), peft.LoraConfig(**config))
+  assert rel_err(fresh(jnp.asarray(TOKENS)), ours(hf_dir)(jnp.asarray(TOKENS))) < 1e-5
+  with pytest.raises(FtjaxError, match="init_lora_weights='pissa' with use_dora=True"):
+    peft.LoraConfig(init_lora_weights="pissa", use_dora=True)
+
+
 @pytest.mark.parametrize("method", [m for m in METHODS if m not in VIRTUAL])
 def test_merge_unload_disable_and_export(hf_dir, tmp_path, method):
   import transformers
@@ -284,7 +310,11 @@ def test_load_adapter_bad_inputs_are_named(hf_dir, tmp_path):
   with pytest.raises(FtjaxError, match="adapter_config.json: no such file"):
     peft.load_adapter(ours(hf_dir), str(tmp_path))
   for change, message in (({"peft_type": "LOHA"}, "peft_type='LOHA'; supported: 'LORA', 'IA3'"),
-                          ({"fan_in_fan_out": True}, "fan_in_fan_out=True is not supported")):
+                          ({"fan_in_fan_out": True}, "fan_in_fan_out=True is not supported"),
+                          # inits that rewrite the base in ways ftjax does not rebuild
+                          ({"init_lora_weights": "pissa_niter_4"},
+                           "init_lora_weights='pissa_niter_4' is not supported"),
+                          ({"init_lora_weights": "loftq"}, "init_lora_weights='loftq' is not supported")):
     config_path.write_text(json.dumps({**good, **change}))
     with pytest.raises(FtjaxError, match=message):
       peft.load_adapter(ours(hf_dir), str(tmp_path / "a"))
@@ -327,6 +357,95 @@ def test_einsum_layers_take_lora():
   assert rel_err(peft.merge_and_unload(nnx.clone(model))(x), adapted) < 1e-5
   with pytest.raises(FtjaxError, match="contracted with the input or passed to the output"):
     peft.get_peft_model(PerHead(), peft.LoraConfig(target_modules=["proj"]))
+
+
+class EinsumBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.proj = nnx.Einsum("btd,dnh->btnh", (8, 2, 4), (2, 4), rngs=rngs)
+
+  def __call__(self, x):
+    return x + jnp.tanh(self.proj(x).reshape(x.shape))
+
+
+class EinsumStack(nnx.Module):
+  """Two einsum layers made by nnx.vmap and run by nnx.scan, as a user would stack them."""
+
+  stacked_modules = ("layers",)
+
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=2)
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(rngs):
+      return EinsumBlock(rngs)
+    self.layers = make(rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def run(x, layer):
+      return layer(x)
+    return run(x, self.layers)
+
+
+def _random_b(model, seed):
+  proj = model.layers.proj
+  proj.lora_b.set_value(jax.random.normal(jax.random.key(seed), proj.lora_b.shape))
+
+
+def test_stacked_einsum_lora_adapts_only_layers_to_transform():
+  """layers_to_transform=[1] on a stacked einsum: layer 0's adapter neither changes the output
+  nor gets a gradient nor counts, and the merged model is the trained one."""
+  x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+  model = peft.get_peft_model(EinsumStack(nnx.Rngs(0)), peft.LoraConfig(
+      r=2, target_modules=["proj"], layers_to_transform=[1]))
+  assert model.layers.proj.lora_a.shape == (2, 8, 2)
+  _random_b(model, 1)
+  adapted = np.asarray(model(x))
+  with peft.disable_adapters(model):
+    assert rel_err(model(x), adapted) > 1e-2  # layer 1's adapter acts
+  b = model.layers.proj.lora_b
+  b.set_value(b[...].at[0].set(jax.random.normal(jax.random.key(2), b.shape[1:])))
+  np.testing.assert_array_equal(np.asarray(model(x)), adapted)  # layer 0's does not
+  grads = nnx.grad(lambda m: m(x).sum(), argnums=nnx.DiffState(0, peft.AdapterParam))(model)
+  for name in ("lora_a", "lora_b"):
+    g = np.asarray(grads["layers"]["proj"][name][...])
+    assert not g[0].any() and np.abs(g[1]).max() > 1e-3, name
+  assert peft.count_params(model)[0] == 2 * (8 + 2 * 4)  # r x (in + out), one layer
+  assert rel_err(peft.merge_and_unload(nnx.clone(model))(x), adapted) < 1e-5
+
+
+def test_stacked_einsum_lora_dropout_per_layer_stream():
+  """A user's stacked layers draw dropout from a stream of their own, one key per layer (the
+  decoder's come through ops.project instead); model.eval() turns it off."""
+  x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+  model = peft.get_peft_model(EinsumStack(nnx.Rngs(0)), peft.LoraConfig(
+      r=2, lora_dropout=0.5, target_modules=["proj"]))
+  proj = model.layers.proj
+  assert proj.dropout.rngs.key.shape == (2,)  # one key per layer
+
+  @nnx.vmap(in_axes=(0, None))
+  def dropped(layer, x):
+    return layer.drop(x)
+  masks = np.asarray(dropped(proj, jnp.ones((64, 8)))) != 0  # [layers, 64, 8]
+  # 512 draws per layer: std sqrt(.25/512) = 0.022 of the kept fraction; 5 std = 0.11.
+  assert all(abs(m.mean() - 0.5) < 0.11 for m in masks)
+  assert abs((masks[0] == masks[1]).mean() - 0.5) < 0.11  # layers draw their own masks
+  again = np.asarray(dropped(proj, jnp.ones((64, 8)))) != 0
+  assert (again != masks).any()  # the stream advanced
+
+  _random_b(model, 1)
+  model.eval()
+  no_dropout = np.asarray(model(x))
+  model.train()
+  for layer in (0, 1):  # with only this layer's adapter on, its dropout shows in the output
+    b = proj.lora_b[...]
+    proj.lora_b.set_value(b.at[1 - layer].set(0))
+    model.eval()
+    reference = np.asarray(model(x))
+    model.train()
+    assert rel_err(model(x), reference) > 1e-3, layer
+    proj.lora_b.set_value(b)
+  model.eval()
+  np.testing.assert_array_equal(np.asarray(model(x)), no_dropout)
 
 
 class PerHead(nnx.Module):
@@ -481,15 +600,29 @@ def test_modules_to_save_train_whole_modules_and_move_both_ways(hf_dir, tmp_path
   assert rel_err(again(jnp.asarray(TOKENS)), hf_logits(reference)) < 1e-4
 
 
-@pytest.mark.parametrize("config", [peft.PromptTuningConfig(num_virtual_tokens=3),
-                                    peft.PrefixTuningConfig(num_virtual_tokens=3)],
-                         ids=["prompt", "prefix"])
-def test_virtual_tokens_under_packing_padding_and_the_kv_cache(config):
+@pytest.mark.parametrize("configs", [[peft.PromptTuningConfig(num_virtual_tokens=3)],
+                                     [peft.PrefixTuningConfig(num_virtual_tokens=3)],
+                                     [peft.PromptTuningConfig(num_virtual_tokens=3),
+                                      peft.PrefixTuningConfig(num_virtual_tokens=2)]],
+                         ids=["prompt", "prefix", "prompt+prefix"])
+def test_virtual_tokens_under_packing_padding_and_the_kv_cache(configs):
   """Every packed document sees the virtual tokens as if alone; padding changes nothing; cached
-  greedy decoding equals recomputing the whole sequence; they cannot be merged."""
+  greedy decoding equals recomputing the whole sequence (the cache is built apart from the
+  forward pass, so this checks the two agree); they cannot be merged. With both slots on, the
+  prefix comes first, then the prompt, and each changes the output."""
   from ftjax.generate import generate_ids
   from tiny import tiny_model
+  config, n_virtual = configs[0], sum(c.num_virtual_tokens for c in configs)
   model = peft.get_peft_model(tiny_model(), config)
+  for i, extra in enumerate(configs[1:]):
+    peft.add_adapter(model, f"extra{i}", extra)
+  if len(configs) > 1:  # both act: the output is neither one's alone
+    tokens = jnp.asarray(TOKENS[:1] % 64)
+    alone = [np.asarray(model(tokens))]
+    peft.set_adapter(model, "extra0")
+    alone.append(np.asarray(model(tokens)))
+    peft.set_adapter(model, list(peft.named.configs(model)))
+    assert min(rel_err(model(tokens), out) for out in alone) > 1e-3
   rng = np.random.RandomState(0)
   a, b = rng.randint(0, 64, 5), rng.randint(0, 64, 7)
   packed = np.concatenate([a, b])[None]
@@ -498,23 +631,24 @@ def test_virtual_tokens_under_packing_padding_and_the_kv_cache(config):
   out = np.asarray(model(jnp.asarray(packed), positions=jnp.asarray(positions),
                          segment_ids=jnp.asarray(segments)))
   # Same f32 ops over other lengths: 1e-5 leaves room for summation order only.
-  assert rel_err(out[0, :5], model(jnp.asarray(a[None]))[0]) < 1e-5
+  a_alone = model(jnp.asarray(a[None]))[0]
+  assert rel_err(out[0, :5], a_alone) < 1e-5
   assert rel_err(out[0, 5:], model(jnp.asarray(b[None]))[0]) < 1e-5
   padded = np.concatenate([a, np.zeros(4, int)])[None]
   pad_out = model(jnp.asarray(padded), segment_ids=jnp.asarray([[1] * 5 + [0] * 4]))
-  assert rel_err(pad_out[0, :5], model(jnp.asarray(a[None]))[0]) < 1e-5
+  assert rel_err(pad_out[0, :5], a_alone) < 1e-5
 
   prompts = [list(a), list(b)]
   got = generate_ids(model, prompts, max_new_tokens=5, eos_ids=())
   for prompt, tokens in zip(prompts, got):
-    seq = list(prompt)
-    for _ in range(5):
-      seq.append(int(jnp.argmax(model(jnp.asarray([seq]))[0, -1])))
-    assert tokens == seq[len(prompt):]
+    # Greedy decoding without a cache in one pass: causal, so row i of the whole sequence's
+    # logits is the last row of the pass over its first i + 1 tokens.
+    logits = model(jnp.asarray([list(prompt) + tokens]))[0, len(prompt) - 1:-1]
+    assert tokens == [int(t) for t in jnp.argmax(logits, -1)]
 
   with pytest.raises(FtjaxError, match="cannot be folded into the base weights"):
     peft.merge_and_unload(model)
-  assert model.peft_config["default"] is config and model.num_virtual_tokens == 3  # unchanged
+  assert model.peft_config["default"] is config and model.num_virtual_tokens == n_virtual  # unchanged
   with peft.disable_adapters(model):
     assert model.num_virtual_tokens == 0
   assert peft.unload(model).num_virtual_tokens == 0

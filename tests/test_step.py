@@ -241,16 +241,58 @@ def test_unrolled_layers_match_scanned():
   assert rel_err(model(tokens, unroll=True), model(tokens)) < 1e-6
 
 
-def test_lora_dropout_uses_the_step_key():
-  """Dropout on the decoder's LoRA inputs: different keys, different losses; no key, none."""
-  model = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=4, lora_dropout=0.5,
+def test_lora_dropout_uses_the_step_key(monkeypatch):
+  """Dropout on the decoder's LoRA inputs, every mask recorded: the rate and the 1/(1-p)
+  scaling are right, q/k/v (gate/up) and every layer draw their own masks, a key gives the
+  same loss twice and another key another; no key, no dropout."""
+  from ftjax.peft import core
+  rate, masks = 0.25, []
+  record = lambda x, xd: masks.append((np.asarray(x), np.asarray(xd)))
+
+  def recording(x, p, key):
+    out = core.dropout.__wrapped__(x, p, key)
+    jax.debug.callback(record, x, out)  # fires once per layer of the scan
+    return out
+  recording.__wrapped__ = core.dropout
+  monkeypatch.setattr(core, "dropout", recording)
+  model = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=4, lora_dropout=rate,
                                                             target_modules="all-linear"))
   for _, layer in peft.adapter_layers(model):
     layer.lora_b.set_value(layer.lora_b[...] + 0.5)
   batch = random_batch(np.random.RandomState(0), 2, 8)
-  loss = lambda rng: float(CausalLMLoss()(model, batch, rng)["loss_sum"])
+  jitted = nnx.jit(lambda m, rng: CausalLMLoss()(m, batch, rng)["loss_sum"])
+  loss = lambda rng: float(jitted(model, rng))
   assert loss(jax.random.key(0)) != loss(jax.random.key(1))
+  masks.clear()
+  loss(jax.random.key(2))
+
+  # 7 wrapped linears per layer, one mask each.
+  n_layers = model.config.num_layers
+  assert len(masks) == 7 * n_layers
+  keep = [xd != 0 for _, xd in masks]
+  kept = np.concatenate([k.ravel() for k in keep])
+  # Binomial: n = 16 tokens x (32 x 6 + 64) inputs x 2 layers = 8192 elements, std
+  # sqrt(p(1-p)/n) = 0.0048; 5 std is 0.024 (a missing mask moves the rate by 0.25).
+  assert abs(1 - kept.mean() - rate) < 0.024
+  for (x, xd), k in zip(masks, keep):  # kept inputs scaled by 1/(1-p), up to f32 rounding
+    np.testing.assert_allclose(xd[k], x[k] / (1 - rate), rtol=1e-6)
+  # Modules reading the same input (q/k/v, gate/up) and the layers of the stack: masks agree
+  # where independent ones would, p^2 + (1-p)^2 = 0.625 (a shared mask agrees everywhere).
+  by_input = {}
+  for x, k in zip([x for x, _ in masks], keep):
+    by_input.setdefault(x.tobytes(), []).append(k)
+  groups = [g for g in by_input.values() if len(g) > 1]
+  assert sorted(len(g) for g in groups) == [2] * n_layers + [3] * n_layers
+  agree = lambda a, b: float((a == b).mean())
+  pairs = [agree(g[i], g[j]) for g in groups for i in range(len(g)) for j in range(i + 1, len(g))]
+  # each pair has >= 512 elements: std <= 0.021, 5 std 0.11
+  assert all(abs(a - 0.625) < 0.11 for a in pairs), pairs
+  # The same site (q/k/v) in layer 0 and layer 1 draws other masks too.
+  first, second = [g[0] for g in groups if len(g) == 3]
+  assert abs(agree(first, second) - 0.625) < 0.11
+
   assert loss(jax.random.key(0)) == loss(jax.random.key(0))
+  masks.clear()
   with peft.disable_adapters(model):
     base = loss(None)
-  assert loss(None) != base  # no key: no dropout, but the adapter is on
+  assert loss(None) != base and not masks  # no key: no dropout, but the adapter is on

@@ -165,6 +165,9 @@ class Decoder(nnx.Module):
 
   # Attributes holding a vmapped stack of layers: per-layer names (HF, PEFT) index into them.
   stacked_modules = ("layers",)
+  # Attributes whose projections get the step's dropout key through ops.project (adapters
+  # there keep no RNG stream of their own; no key, no dropout).
+  keyed_modules = ("layers",)
   virtual_token_slots = ("prompt", "prefix")
 
   def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, init_std, rngs):
@@ -214,19 +217,34 @@ class Decoder(nnx.Module):
     segment_ids = (jnp.ones((b, t), jnp.int32) if segment_ids is None
                    else segment_ids.astype(jnp.int32))
     x = self.embed_tokens(tokens_bt)
-    prompt, prefix = self._virtual("prompt"), self._virtual("prefix")
     if n and cache is not None:  # virtual tokens are already in the cache's first n slots
       return self._run(x, positions + n, segment_ids, cache, cache_index + n, remat, unroll, rng)
-    if prompt is not None:  # put the virtual tokens first; drop them from the output
-      x = jnp.concatenate([jnp.broadcast_to(prompt()[None].astype(x.dtype), (b, n, x.shape[-1])), x], 1)
-      positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(n), (b, n)), positions + n], 1)
-      segment_ids = jnp.concatenate([jnp.full((b, n), ops.SHARED_SEGMENT, jnp.int32), segment_ids], 1)
-      return self._run(x, positions, segment_ids, None, 0, remat, unroll, rng)[:, n:]
-    if prefix is not None:  # the prefix as a prefilled cache, dropped after the pass
-      cache = self.init_cache(b, t, self.dtype)
-      hidden, _ = self._run(x, positions + n, segment_ids, cache, n, remat, unroll, rng)
-      return hidden
+    if n:
+      return self._with_virtual_tokens(x, positions, segment_ids, remat, unroll, rng)
     return self._run(x, positions, segment_ids, cache, cache_index, remat, unroll, rng, attention)
+
+  def _with_virtual_tokens(self, x, positions, segment_ids, remat, unroll, rng):
+    """The forward pass without a cache when an adapter adds virtual tokens: the prefix's
+    keys and values (positions 0..p-1) are a prefilled cache, the prompt's embeddings (next
+    positions) go before every row; both slots may be on together. Returns the real tokens'
+    hidden states only."""
+    b = x.shape[0]
+    prompt, prefix = self._virtual("prompt"), self._virtual("prefix")
+    n_prefix = prefix.num_virtual_tokens if prefix is not None else 0
+    n_prompt = prompt.num_virtual_tokens if prompt is not None else 0
+    positions = positions + n_prefix + n_prompt
+    if prompt is not None:
+      table = jnp.broadcast_to(prompt()[None].astype(x.dtype), (b, n_prompt, x.shape[-1]))
+      x = jnp.concatenate([table, x], 1)
+      positions = jnp.concatenate([jnp.broadcast_to(n_prefix + jnp.arange(n_prompt), (b, n_prompt)),
+                                   positions], 1)
+      segment_ids = jnp.concatenate([jnp.full((b, n_prompt), ops.SHARED_SEGMENT, jnp.int32),
+                                     segment_ids], 1)
+    if prefix is None:
+      return self._run(x, positions, segment_ids, None, 0, remat, unroll, rng)[:, n_prompt:]
+    cache = self._prefix_cache(b, x.shape[1], self.dtype)
+    hidden, _ = self._run(x, positions, segment_ids, cache, n_prefix, remat, unroll, rng)
+    return hidden[:, n_prompt:]
 
   def _run(self, x_btd, positions, segment_ids, cache, cache_index, remat, unroll, rng,
            attention: str = "xla"):
@@ -258,23 +276,32 @@ class Decoder(nnx.Module):
     x = self.norm(x)
     return x if cache is None else (x, new_cache)
 
-  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict[str, Any]:
-    """An empty KV cache for `max_len` real tokens, its first slots holding the virtual tokens."""
-    cfg, n = self.config, self.num_virtual_tokens
-    cache = init_cache(cfg, batch, n + max_len, dtype)
+  def _prefix_cache(self, batch: int, length: int, dtype) -> dict[str, Any]:
+    """A cache of p + `length` slots whose first p hold the prefix's keys and values (p = 0
+    without a prefix) and are visible to every segment."""
+    prefix = self._virtual("prefix")
+    n = prefix.num_virtual_tokens if prefix is not None else 0
+    cache = init_cache(self.config, batch, n + length, dtype)
     if not n:
       return cache
-    segment = cache["segment"].at[:, :, :n].set(ops.SHARED_SEGMENT)
-    prefix = self._virtual("prefix")
-    if prefix is not None:  # [l, 2, n, k, h] -> the first n slots of every row
-      kv = prefix().astype(dtype)[:, :, None]
-      return {"k": cache["k"].at[:, :, :n].set(kv[:, 0]), "v": cache["v"].at[:, :, :n].set(kv[:, 1]),
-              "segment": segment}
-    # prompt: the virtual tokens' keys and values, computed once by running them alone
-    x = jnp.broadcast_to(self.prompt()[None], (batch, n, cfg.hidden_size))
-    positions = jnp.broadcast_to(jnp.arange(n), (batch, n))
-    _, cache = self._run(x, positions, jnp.full((batch, n), ops.SHARED_SEGMENT, jnp.int32),
-                         dict(cache, segment=segment), 0, "none", 1, None)
+    kv = prefix().astype(dtype)[:, :, None]  # [l, 2, n, k, h] -> the first n slots of every row
+    return {"k": cache["k"].at[:, :, :n].set(kv[:, 0]), "v": cache["v"].at[:, :, :n].set(kv[:, 1]),
+            "segment": cache["segment"].at[:, :, :n].set(ops.SHARED_SEGMENT)}
+
+  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict[str, Any]:
+    """An empty KV cache for `max_len` real tokens, its first slots holding the virtual tokens
+    (the prefix's, then the prompt's)."""
+    cfg, prompt = self.config, self._virtual("prompt")
+    n_prompt = prompt.num_virtual_tokens if prompt is not None else 0
+    cache = self._prefix_cache(batch, n_prompt + max_len, dtype)
+    if not n_prompt:
+      return cache
+    # the prompt's keys and values, computed once by running its tokens after the prefix
+    n_prefix = self.num_virtual_tokens - n_prompt
+    x = jnp.broadcast_to(prompt()[None], (batch, n_prompt, cfg.hidden_size))
+    positions = jnp.broadcast_to(n_prefix + jnp.arange(n_prompt), (batch, n_prompt))
+    _, cache = self._run(x, positions, jnp.full((batch, n_prompt), ops.SHARED_SEGMENT, jnp.int32),
+                         cache, n_prefix, "none", 1, None)
     return cache
 
 

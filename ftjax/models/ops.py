@@ -216,8 +216,9 @@ def project(x, modules: Sequence, rng=None) -> list:
   The grouping protocol: a module class may define a classmethod
   `project_many(x, modules, rng=None) -> list` that applies several of its instances reading
   the same x together. Adapters use it to share work (LoRA runs one x @ [A_q | A_k | A_v]
-  matmul instead of three thin ones) and to receive the dropout key `rng`. The decoder never
-  knows which adapter, if any, is attached.
+  matmul instead of three thin ones) and to receive the dropout key `rng`, from which each
+  module draws its own mask (None: no dropout). The decoder never knows which adapter, if any,
+  is attached.
   """
   lead = x.shape[:-1]
   x = x.reshape(-1, x.shape[-1])

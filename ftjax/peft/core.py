@@ -39,11 +39,16 @@ class AdapterParam(nnx.Param):
 class AdapterLayer(nnx.Module):
   """A layer with an adapter around it: `base_layer` is the wrapped module, unchanged.
 
-  A method's wrapper subclasses it and provides `__call__`, `fold()` / `unfold()` (adds its
-  update into the base layer's weights in place, and takes it out again) when `mergeable`,
-  `peft_tensors()` ({suffix: array} in HF PEFT's layout, e.g.
+  A method's wrapper subclasses it and provides `delta(x, y)` (its additive update from the
+  dropped-out input x and the base output y; a non-additive method overrides `__call__`),
+  `fold()` / `unfold()` (adds its update into the base layer's weights in place, and takes it
+  out again) when `mergeable`, `peft_tensors()` ({suffix: array} in HF PEFT's layout, e.g.
   {"lora_A.weight": [r, in] (or [l, r, in] in a layer stack)}) and `load_peft_tensors(tensors)`
   (the inverse). While `disabled` or `merged` is set it must return the base layer's output.
+
+  This class owns what every wrapper must do alike, so no subclass can forget it: masking to
+  the layers of a stack it adapts (`layers_to_transform`, `masked`) and dropout on its input
+  (`drop`), whether the layer is called directly or through `ftjax.models.ops.project`.
   """
 
   base_layer: nnx.Module
@@ -54,10 +59,39 @@ class AdapterLayer(nnx.Module):
   peft_prefixed: ClassVar[bool] = True  # False: PEFT keys are the bare tensor names
 
   layer_mask = None  # a LayerMask when adapted in some layers of a stack only
+  dropout_rate: float = 0.0  # dropout on the adapter's input (LoRA's lora_dropout)
+  # The layer's own dropout (an nnx.Dropout whose RNG stream has one key per layer of its
+  # stack, so each layer draws its own mask); None where the keys come through ops.project.
+  dropout = None
 
   @property
   def off(self) -> bool:
     return self.disabled or self.merged
+
+  def __call__(self, x):
+    y = self.base_layer(x)
+    if self.off:
+      return y
+    return self.add(y, self.delta(self.drop(x), y))
+
+  def delta(self, x, y):
+    """The adapter's additive update for input x (after dropout) and base output y."""
+    raise NotImplementedError(f"{type(self).__name__} defines neither delta() nor __call__")
+
+  def add(self, y, update):
+    """y + update, the update kept only in the layers the adapter is active in."""
+    return y + self.masked(update).astype(y.dtype)
+
+  def drop(self, x, rng=None, index: int = 0):
+    """Dropout on the adapter's input. `rng` (ops.project's key) decides when given: each
+    module of a group folds its `index` in, so q, k and v draw independent masks. Without it
+    the layer's own stream does (off under `model.eval()`); a layer of a stack whose keys come
+    through ops.project has none, and a call without a key means no dropout (evaluation)."""
+    if not self.dropout_rate:
+      return x
+    if rng is not None:
+      return dropout(x, self.dropout_rate, jax.random.fold_in(rng, index))
+    return self.dropout(x) if self.dropout is not None else x
 
   def masked(self, x):
     """x (the adapter's contribution or update) where the layer is adapted, 0 elsewhere; inside
@@ -71,6 +105,10 @@ class AdapterLayer(nnx.Module):
     """Which layers of the stack carry this adapter (None: all)."""
     return None if self.layer_mask is None else [bool(v) for v in np.asarray(self.layer_mask[...])]
 
+  def on_attach(self) -> None:
+    """Called once the layer mask is set, before the layer replaces its base (LoRA's PiSSA /
+    OLoRA inits move part of the base weights into the adapter here)."""
+
   def base_linear(self) -> nnx.Module:
     """The innermost wrapped layer (adapters of several names form a chain)."""
     layer = self.base_layer
@@ -83,6 +121,21 @@ class AdapterLayer(nnx.Module):
     if not self.merged:
       self.fold()
     return self.base_layer
+
+
+def dropout(x, rate: float, key):
+  """Inverted dropout: each element kept with probability 1 - rate and scaled by 1/(1 - rate)."""
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def own_dropout(rate: float, rngs: nnx.Rngs, layers: int | None) -> nnx.Dropout:
+  """An nnx.Dropout with its own RNG stream; in a stack of `layers` layers one key per layer
+  (sliced by the user's nnx.vmap / nnx.scan as the layer's params are)."""
+  module = nnx.Dropout(rate)
+  stream = rngs["dropout"]
+  module.rngs = stream.split(layers) if layers else stream.fork()
+  return module
 
 
 class LayerMask(nnx.Variable):
@@ -175,6 +228,20 @@ def stack_sizes(model: nnx.Module) -> dict[str, int]:
       if leaves:
         out[_name((*path, attr))] = leaves[0].shape[0]
   return out
+
+
+def stack_of(path: str, stacks: dict[str, int]) -> str | None:
+  """The layer stack ("model/layers") a module's path lies in, or None."""
+  path = logical_name(path)
+  return next((s for s in stacks if path.startswith(s + "/")), None)
+
+
+def keyed_paths(model: nnx.Module) -> list[str]:
+  """Paths of the modules whose projections get the step's dropout key through
+  ftjax.models.ops.project (their owner lists them in `keyed_modules`, as ftjax's decoder
+  does for its layer stack): adapters there need no RNG stream of their own."""
+  return [_name((*path, attr)) for path, module in nnx.iter_modules(model)
+          for attr in getattr(type(module), "keyed_modules", ())]
 
 
 def torch_names(path: str, stacks: dict[str, int]) -> tuple[list[str], bool]:
@@ -340,6 +407,7 @@ class WrapperConfig(PeftConfig):
 
   def attach(self, model: nnx.Module, rngs: nnx.Rngs) -> None:
     stacks = stack_sizes(model)
+    keyed = keyed_paths(model)
     wrapped = set()
     layers = getattr(self, "layers_to_transform", None)
     for path, module, mask in find_targets(model, self.targets(model), self.supported,
@@ -351,6 +419,9 @@ class WrapperConfig(PeftConfig):
       if mask is not None:
         layer.layer_mask = LayerMask(jnp.asarray(mask, jnp.float32), out_sharding=("layers",),
                                      eager_sharding=False)
+      if layer.dropout_rate and not any(logical_name(path).startswith(k + "/") for k in keyed):
+        layer.dropout = own_dropout(layer.dropout_rate, rngs, stacks.get(stack_of(path, stacks)))
+      layer.on_attach()
       replace_module(model, path, layer)
       wrapped.add(path)
     attach_modules_to_save(model, self.modules_to_save, wrapped)

@@ -32,6 +32,10 @@ from ftjax.quant.linear import QuantLinear
 from ftjax.peft.core import (AdapterLayer, AdapterParam, WrapperConfig, as_list, as_tuple,
                              refuse_unsupported)
 
+# init_lora_weights values ftjax implements; PiSSA and OLoRA also rewrite the base weights.
+INITS = (True, "gaussian", "pissa", "olora")
+BASE_CHANGING_INITS = ("pissa", "olora")
+
 # HF PEFT's default targets when `target_modules` is None, by model_type.
 DEFAULT_TARGETS = {t: ("q_proj", "v_proj") for t in ("llama", "mistral", "qwen2", "qwen3", "gemma")}
 
@@ -43,7 +47,13 @@ class LoraConfig(WrapperConfig):
   target_modules: a regex that must match a module's whole name, a list of names matched
     exactly or as the last components of a name, or "all-linear" (every linear layer but the
     output head). Names are torch-style: "model.layers.0.self_attn.q_proj".
-  init_lora_weights: True (kaiming-uniform A, PEFT's default) or "gaussian" (A ~ N(0, 1/r)).
+  init_lora_weights: True (kaiming-uniform A, PEFT's default), "gaussian" (A ~ N(0, 1/r)),
+    "pissa" (A, B from the base weight's top-r singular triplets; the base keeps the residual,
+    W - U_r S_r V_r^T, computed by an exact SVD) or "olora" (A, B from the base weight's QR
+    factors; the base keeps W - s Q_r R_r). PiSSA and OLoRA change the base layer's weights, as
+    in HF PEFT, so a PEFT adapter saved with them loads as the model PEFT reloads; they need
+    float nnx.Linear layers and no DoRA. PEFT's other inits (randomised "pissa_niter_N",
+    "loftq", "eva", "corda", ...) are refused: ftjax cannot rebuild the base they change.
   rank_pattern / alpha_pattern: {pattern: r or alpha} overriding r / lora_alpha for the layers
     whose name ends with the pattern (HF PEFT's rule, a regex on the last name components);
     in a layer stack every layer must get the same values.
@@ -87,9 +97,12 @@ class LoraConfig(WrapperConfig):
       raise FtjaxError(f"LoraConfig: r={self.r!r}; expected a positive integer")
     if not 0.0 <= self.lora_dropout < 1.0:
       raise FtjaxError(f"LoraConfig: lora_dropout={self.lora_dropout}; expected a value in [0, 1)")
-    if self.init_lora_weights not in (True, "gaussian"):
-      raise FtjaxError(f"LoraConfig: init_lora_weights={self.init_lora_weights!r}; "
-                       "supported: True (kaiming-uniform A) or 'gaussian'")
+    if self.init_lora_weights not in INITS:
+      raise FtjaxError(f"LoraConfig: init_lora_weights={self.init_lora_weights!r} is not supported; "
+                       f"expected one of {INITS}")
+    if self.init_lora_weights in BASE_CHANGING_INITS and self.use_dora:
+      raise FtjaxError(f"LoraConfig: init_lora_weights={self.init_lora_weights!r} with "
+                       "use_dora=True is not supported")
     if self.bias != "none":
       raise FtjaxError(f"LoraConfig: bias={self.bias!r}; only 'none' is supported")
 
@@ -113,6 +126,10 @@ class LoraConfig(WrapperConfig):
       raise FtjaxError(f"LoraConfig: r={r} is larger than the layer "
                        f"{names[0] if names else type(module).__name__} ({d_in} -> {d_out}): a "
                        "rank above min(in, out) adds parameters but no expressiveness")
+    if self.init_lora_weights in BASE_CHANGING_INITS and type(module) is not nnx.Linear:
+      raise FtjaxError(f"LoraConfig: init_lora_weights={self.init_lora_weights!r} rewrites the base "
+                       f"weights of {names[0] if names else 'the layer'}, which needs a float "
+                       f"nnx.Linear, not a {type(module).__name__}")
     if not isinstance(module, nnx.Einsum):  # nnx.Linear or a quantised linear
       kind = DoraLinear if self.use_dora else LoraLinear
     elif self.use_dora:
@@ -146,12 +163,25 @@ class LoraConfig(WrapperConfig):
                target_modules=as_tuple(raw["target_modules"]),
                lora_dropout=float(raw.get("lora_dropout") or 0.0),
                use_rslora=bool(raw.get("use_rslora")), use_dora=bool(raw.get("use_dora")),
-               init_lora_weights="gaussian" if raw.get("init_lora_weights") == "gaussian" else True,
+               init_lora_weights=_init_from_peft(raw.get("init_lora_weights", True)),
                modules_to_save=as_tuple(raw.get("modules_to_save") or None),
                rank_pattern=raw.get("rank_pattern") or {}, alpha_pattern=raw.get("alpha_pattern") or {},
                layers_to_transform=raw.get("layers_to_transform"),
                layers_pattern=raw.get("layers_pattern") or None,
                bias=raw.get("bias") or "none", task_type=raw.get("task_type"))
+
+
+def _init_from_peft(value):
+  """adapter_config.json's init_lora_weights as ftjax holds it. False (PEFT's random B) loads
+  as True: both factors come from the file, and only PiSSA / OLoRA change anything else."""
+  if value is False or value is None:
+    return True
+  if value not in INITS:
+    raise FtjaxError(f"init_lora_weights={value!r} is not supported: it changes the base weights "
+                     "at load in a way ftjax does not rebuild (supported: True, False, 'gaussian', "
+                     "'pissa', 'olora'); convert the adapter to plain LoRA in PEFT first "
+                     "(save_pretrained's path_initial_model_for_weight_conversion)")
+  return value
 
 
 def _pattern_value(pattern, name: str, default):
@@ -200,7 +230,9 @@ def _adapter_axes(*names) -> dict:
 
 class _Lora(AdapterLayer):
   """A and B for a kernel viewed as [lead..., *in_shape, *out_shape]. Subclasses define
-  `_delta()`: s · A B in the kernel's layout, f32."""
+  `_xa(x)` (x @ A), `_update(y, xd, xa)` (the update from the base output y, the dropped-out
+  input xd and xa = xd @ A) and `_delta()` (s · A B in the kernel's layout, f32); masking and
+  dropout come from AdapterLayer."""
 
   def __init__(self, base_layer, *, in_shape, out_shape, in_axes, out_axes, r: int,
                scaling: float, dropout: float, init, rngs: nnx.Rngs):
@@ -219,12 +251,11 @@ class _Lora(AdapterLayer):
     self.lora_b = LoraParam(jnp.zeros((*lead, r, *out_shape), jnp.float32),
                             **_adapter_axes(*lead_axes, "lora_rank", *out_axes))
     self.r, self.scaling, self.dropout_rate = r, scaling, dropout
-    # A stateful dropout only outside layer stacks; the decoder passes keys to stacked layers.
-    self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout and not lead else None
+    self.init = init
     self.disabled = False
 
-  def _dropout(self, x):
-    return self.dropout(x) if self.dropout is not None else x
+  def delta(self, x, y):
+    return self._update(y, x, self._xa(x))
 
   def fold(self) -> None:
     kernel = _writable_kernel(self.base_linear())
@@ -261,47 +292,76 @@ class LoraLinear(_Lora):
                      out_axes=(out_axis,), **kwargs)
     self._in_shape = (d_in,)
 
-  def __call__(self, x):
-    y = self.base_layer(x)
-    if self.off:
-      return y
-    xd = self._dropout(x)
-    return self._combine(y, xd, jnp.dot(xd, self.lora_a[...].astype(x.dtype)), xd is not x)
+  def _xa(self, x):
+    return jnp.dot(x, self.lora_a[...].astype(x.dtype))
 
-  def _combine(self, y, xd, xa, dropped: bool):
-    """The layer's output from the base output y and xa = dropout(x) @ A."""
-    del xd, dropped
-    return y + self.masked(jnp.dot(xa * self.scaling, self.lora_b[...].astype(xa.dtype)).astype(y.dtype))
+  def _update(self, y, xd, xa):
+    """The update from the base output y, the dropped-out input xd and xa = xd @ A."""
+    del xd
+    return jnp.dot(xa * self.scaling, self.lora_b[...].astype(xa.dtype))
 
   @classmethod
   def project_many(cls, x, modules: Sequence["LoraLinear"], rng=None) -> list:
     """Several LoRA linears reading the same x [tokens, in] (ftjax.models.ops.project).
 
-    One x @ [A_1 | A_2 | ...] for all of them: three thin matmuls (q, k, v) cost about as much
-    as one, so this cuts the LoRA forward and backward passes. `rng`: the dropout key.
+    Without dropout, one x @ [A_1 | A_2 | ...] for all of them: three thin matmuls (q, k, v)
+    cost about as much as one, so this cuts the LoRA forward and backward passes. With
+    dropout each module draws its own mask (as PEFT's one nn.Dropout per layer) and the
+    products stay one batched matmul over the modules' dropped-out inputs. `rng`: the dropout
+    key; None means no dropout for layers without a stream of their own.
     """
     outs = [m.base_layer(x) for m in modules]
     active = [i for i, m in enumerate(modules) if not m.off]
     if not active:
       return outs
-    rate = modules[active[0]].dropout_rate
-    if rng is None and any(modules[i].dropout is not None for i in active):
-      return [modules[i](x) if i in active else outs[i] for i in range(len(modules))]
-    xd = x
-    if rate and rng is not None:
-      if any(modules[i].dropout_rate != rate for i in active):
-        raise FtjaxError("LoRA layers reading the same input must share lora_dropout")
-      keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-      xd = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-    a_cat = jnp.concatenate([modules[i].lora_a[...] for i in active], axis=-1).astype(x.dtype)
-    xa = checkpoint_name(jnp.dot(xd, a_cat), "adapter")
-    splits = np.cumsum([modules[i].r for i in active])[:-1].tolist()
-    for i, xa_i in zip(active, jnp.split(xa, splits, axis=-1)):
-      outs[i] = modules[i]._combine(outs[i], xd, xa_i, xd is not x)
+    chosen = [modules[i] for i in active]
+    xds = [m.drop(x, rng, index=i) for i, m in zip(active, chosen)]
+    for i, m, xd, xa in zip(active, chosen, xds, _grouped_xa(x, xds, chosen)):
+      outs[i] = m.add(outs[i], m._update(outs[i], xd, xa))
     return outs
 
   def _delta(self):
     return self.scaling * jnp.matmul(self.lora_a[...], self.lora_b[...])
+
+  def on_attach(self) -> None:
+    if self.init in BASE_CHANGING_INITS:
+      a, b = (_pissa_factors if self.init == "pissa" else _olora_factors)(
+          float_kernel(self.base_linear()), self.r, self.scaling)
+      self.lora_a.set_value(a)
+      self.lora_b.set_value(b)
+      self.unfold()  # the base keeps W - s A B, so the model starts as the base model
+
+
+def _grouped_xa(x, xds: list, modules: list) -> list:
+  """xd_i @ A_i for LoRA modules reading x, xd_i being module i's dropped-out x (x itself
+  without dropout), each product tagged "adapter" for the `projections` remat policy."""
+  a = [m.lora_a[...].astype(x.dtype) for m in modules]
+  if all(xd is x for xd in xds):  # one matmul for the whole group
+    xa = checkpoint_name(jnp.dot(x, jnp.concatenate(a, axis=-1)), "adapter")
+    return jnp.split(xa, np.cumsum([m.r for m in modules])[:-1].tolist(), axis=-1)
+  if len({ai.shape for ai in a}) == 1:  # one batched matmul over the modules' own inputs
+    xa = checkpoint_name(jnp.einsum("gti,gir->gtr", jnp.stack(xds), jnp.stack(a)), "adapter")
+    return list(xa)
+  return [checkpoint_name(jnp.dot(xd, ai), "adapter") for xd, ai in zip(xds, a)]
+
+
+def _pissa_factors(kernel, r: int, scaling: float):
+  """PEFT's pissa_init on a kernel [..., in, out]: with W = kernel^T = V S Uh (exact SVD),
+  A = diag(sqrt(S_r / s)) Uh_r and B = V_r diag(sqrt(S_r / s)), in ftjax's layout
+  ([in, r], [r, out]); s A B is W's best rank-r approximation, whatever the signs."""
+  v, sv, uh = jnp.linalg.svd(jnp.swapaxes(kernel, -1, -2), full_matrices=False)
+  root = jnp.sqrt(sv[..., :r] / scaling)
+  a = jnp.swapaxes(uh[..., :r, :], -1, -2) * root[..., None, :]
+  b = jnp.swapaxes(v[..., :, :r], -1, -2) * root[..., :, None]
+  return a, b
+
+
+def _olora_factors(kernel, r: int, scaling: float):
+  """PEFT's olora_init on a kernel [..., in, out]: W = kernel^T = Q R, A = R_r, B = Q_r (the
+  product Q_r R_r does not depend on the QR's sign choices), in ftjax's layout."""
+  del scaling  # OLoRA's factors are unscaled: the base gives up s Q_r R_r
+  q, rr = jnp.linalg.qr(jnp.swapaxes(kernel, -1, -2))
+  return jnp.swapaxes(rr[..., :r, :], -1, -2), jnp.swapaxes(q[..., :, :r], -1, -2)
 
 
 class DoraLinear(LoraLinear):
@@ -318,17 +378,18 @@ class DoraLinear(LoraLinear):
     weight = float_kernel(self.base_linear()) + self._delta()
     return self.lora_magnitude[...] / jax.lax.stop_gradient(jnp.linalg.norm(weight, axis=-2))
 
-  def _combine(self, y, xd, xa, dropped: bool):
-    # HF PEFT's form: y + (m/||.|| - 1) · xW + (m/||.||) · s (xA) B, where xW is the base output
-    # without bias (recomputed from the dropped-out x when dropout is on).
-    if dropped:
+  def _update(self, y, xd, xa):
+    # HF PEFT's form: (m/||.|| - 1) · xW + (m/||.||) · s (xA) B, where xW is the base output
+    # without bias, recomputed from the dropped-out x where dropout is configured (xd is x
+    # when no mask was drawn: the same value, one matmul more).
+    if self.dropout_rate:
       base = jnp.dot(xd, float_kernel(self.base_linear()).astype(xd.dtype))
     else:
       bias = self.base_linear().bias
       base = y - bias[...].astype(y.dtype) if bias is not None else y
     scale = self._magnitude_scale().astype(y.dtype)
     lora = jnp.dot(xa, self.lora_b[...].astype(xa.dtype)) * self.scaling
-    return y + self.masked((scale - 1) * base + scale * lora.astype(y.dtype))
+    return (scale - 1) * base + scale * lora.astype(y.dtype)
 
   def fold(self) -> None:
     """W' = m (W + sAB) / ||W + sAB||; the norm is kept to undo it exactly as PEFT does."""
@@ -388,12 +449,12 @@ class LoraEinsum(_Lora):
                      in_axes=tuple(names[c] for c in contracted),
                      out_axes=tuple(names[c] for c in free), **kwargs)
 
-  def __call__(self, x):
-    y = self.base_layer(x)
-    if self.off:
-      return y
-    xa = jnp.einsum(self._xa_eq, self._dropout(x), self.lora_a[...].astype(x.dtype))
-    return y + jnp.einsum(self._out_eq, xa * self.scaling, self.lora_b[...].astype(x.dtype)).astype(y.dtype)
+  def _xa(self, x):
+    return jnp.einsum(self._xa_eq, x, self.lora_a[...].astype(x.dtype))
+
+  def _update(self, y, xd, xa):
+    del xd
+    return jnp.einsum(self._out_eq, xa * self.scaling, self.lora_b[...].astype(xa.dtype)).astype(y.dtype)
 
   def _delta(self):
     return self.scaling * jnp.einsum(self._merge_eq, self.lora_a[...], self.lora_b[...])
