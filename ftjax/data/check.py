@@ -4,7 +4,7 @@ Reads data.train and data.eval as training does (same formats, data.fields renam
 prompt, tokenizer and length rule) but keeps going after a problem, so one run lists them all:
 
   problems   every invalid record at `path:LINE` with a stable code: bad_json, bad_encoding,
-             bad_csv (a row whose cell count differs from the header's), data_type, unknown_format, missing_field, wrong_type, unknown_key, unknown_role,
+             bad_csv (a row whose cell count differs from the header's), data_type, unknown_format, mixed_format, missing_field, wrong_type, unknown_key, unknown_role,
              invalid_weight, no_assistant_turn, empty_output, over_length (tokens > seq_len + 1;
              an error only under data.length_policy="error", otherwise counted as truncated /
              dropped as training will). data.check.on_error="fail" exits non-zero listing them;
@@ -80,19 +80,20 @@ class Split:
 def validate_records(records, *, format="auto", fields=None, system_prompt=None):
   """(examples, problems): formats.record_examples on each record, its errors collected."""
   records = [formats.rename(r, fields) for r in records] if fields else records
-  fmt = format
+  fmt, detected_from = format, None
   if fmt == "auto":  # training detects from the first record; here the first one that tells
     fmt = None
     for r in records:
       try:
-        fmt = formats.detect_format(r)
+        fmt, detected_from = formats.detect_format(r), r.where
         break
       except FtjaxError:
         continue
   examples, problems = [], []
   for r in records:
     try:
-      found = formats.record_examples(r, fmt or formats.detect_format(r), system_prompt)
+      found = formats.record_examples(r, fmt or formats.detect_format(r), system_prompt,
+                                      detected_from=detected_from)
     except FtjaxError as e:
       problems.append(Problem(e.code or "invalid", r.where, str(e)))
       continue
