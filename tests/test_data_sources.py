@@ -153,3 +153,42 @@ def test_a_csv_row_the_csv_module_refuses_is_reported_at_its_line_and_reading_go
   assert "field larger than field limit" in problems[0].message
   assert [(r.where.rsplit("/", 1)[1], r.data["question"]) for r in records] == [
       ("d.csv:2", "q1"), ("d.csv:4", "q3"), ("d.csv:5", "q4\nstill q4")]
+
+
+def _empty_splits(report):
+  return {p["split"]: p["message"] for p in report["problems"] if p["code"] == "empty_split"}
+
+
+@pytest.mark.parametrize("on_error", ["fail", "skip"])
+def test_an_empty_or_emptied_split_fails_the_check_naming_why(tmp_path, tok, on_error):
+  # Each of these said "result: ok" and training then stopped with "no examples left after the
+  # length policy" (or, for drop_leaked, trained on nothing).
+  good = _write(tmp_path / "good.jsonl", _rows(4, "g"))
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("\n")
+  bad = _write(tmp_path / "bad.jsonl", [{"question": "q", "answer": 3}] * 3)
+
+  def run(train, eval_="", drop_leaked=False, **data):
+    c = _config(train, eval_, **data)
+    c.data.check.on_error, c.data.check.drop_leaked = on_error, drop_leaked
+    report, _ = check.check(c, tok)
+    assert report["failed"] and check.summary_text(report).endswith("result: FAILED")
+    assert "empty_split" in check.failure_message(report)
+    return _empty_splits(report)
+
+  assert run(str(empty)) == {"train": f"data.train ({empty}): empty_split: no examples left: "
+                                      "no records: the data is empty"}
+  assert set(run(good, str(empty))) == {"eval"}
+  assert "every record has a problem (3 records" in run(bad)["train"]
+  one = _write(tmp_path / "one.jsonl", _rows(1, "o"))
+  assert "data.eval_fraction=0.5 held out no record of the 1 valid" in run(one, eval_fraction=0.5)["eval"]
+  leaked = run(good, good, drop_leaked=True)["train"]
+  assert "data.check.drop_leaked removed all 4 train examples" in leaked
+  long = _write(tmp_path / "long.jsonl", [{"question": "word " * 200, "answer": "a"}] * 2)
+  assert "all 2 examples were cut by the length policy: 2 dropped as longer than max_len 129" in (
+      run(long, length_policy="drop")["train"])
+  # Training reads through the same check: the run stops there, with the reason.
+  c = _config(str(empty))
+  c.data.check.on_error = on_error
+  with pytest.raises(FtjaxError, match="empty_split: no examples left: no records"):
+    check.clean_examples(c, tok)

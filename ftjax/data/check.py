@@ -329,7 +329,7 @@ def check(config, tokenizer):
                        "fields": d.fields, "format": d.format, "mix": d.mix,
                        "eval_fraction": d.eval_fraction, "chat_template": d.chat_template},
             "problems": [], "counts": {}, "errors": 0, "splits": {}}
-  kept = {}
+  kept, emptied = {}, {}  # emptied: split -> why it has no example left (a check failure)
   for name, split in splits.items():
     errors = [p for p in split.problems if is_error(p, d.length_policy)]
     bad = {p.where for p in errors}
@@ -338,8 +338,14 @@ def check(config, tokenizer):
                                 error=is_error(p, d.length_policy)) for p in split.problems]
     report["errors"] += len(errors)
     report["splits"][name] = {"records_with_errors": len(bad), "skipped": 0}
+    if not kept[name]:
+      emptied[name] = _why_no_valid_record(split, len(bad), d.check.on_error)
   if "eval" not in splits and d.eval_fraction > 0:  # a held-out split carved from train
+    records = len({ex.where for ex in kept["train"]})
     kept["train"], kept["eval"] = carve_eval(kept["train"], d.eval_fraction, d.eval_seed)
+    if not kept["eval"]:
+      emptied.setdefault("eval", f"data.eval_fraction={d.eval_fraction} held out no record of the "
+                         f"{records} valid train record(s); at least 2 are needed")
     splits["eval"] = splits["train"]  # same token lengths
     report["splits"]["eval"] = {"records_with_errors": 0, "skipped": 0,
                                 "carved_from_train": len(kept["eval"])}
@@ -360,15 +366,48 @@ def check(config, tokenizer):
     leaked = {p["train"] for p in leaks}
     kept["train"] = [ex for ex in kept["train"] if ex.where not in leaked]
     report["leakage"]["dropped_from_train"] = len(leaked)
+    if leaked and not kept["train"]:
+      emptied.setdefault("train", f"data.check.drop_leaked removed all {len(leaked)} train "
+                         "examples: each repeats an eval input (is data.eval the train data?)")
 
   if d.mix:  # after quality and leakage, which judge each example once
     origin = dict(zip(map(id, splits["train"].examples), splits["train"].sources))
     kept["train"], report["mix"] = mix(kept["train"], [origin[id(ex)] for ex in kept["train"]],
                                        [float(w) for w in d.mix.split(",")], d.eval_seed)
   for name, examples in kept.items():
-    report["splits"][name].update(token_stats(examples, splits[name].lengths, tokenizer, d,
-                                              pack=d.pack if name == "train" else False))
+    try:
+      stats = token_stats(examples, splits[name].lengths, tokenizer, d,
+                          pack=d.pack if name == "train" else False)
+    except FtjaxError as e:
+      if e.code != "empty_split":
+        raise
+      stats = {"examples": 0}
+      emptied.setdefault(name, str(e).split(": ", 1)[1])  # every example cut by the length policy
+    report["splits"][name].update(stats)
+  _fail_empty_splits(report, emptied, d)
   return report, kept
+
+
+def _why_no_valid_record(split, with_errors, on_error):
+  if not with_errors:
+    return "no records: the data is empty"
+  what = "skipped under data.check.on_error='skip'" if on_error == "skip" else "listed above"
+  return f"every record has a problem ({with_errors} records, {what})"
+
+
+def _fail_empty_splits(report, emptied, d):
+  """An empty or emptied split fails the check whatever data.check.on_error says: training would
+  stop later on it with a vaguer message (or run without the eval split the config asked for)."""
+  for name, why in emptied.items():
+    path = d.train if name == "train" else (d.eval or "held-out eval")
+    message = f"data.{name} ({path}): empty_split: no examples left: {why}"
+    report["problems"].append(dict(code="empty_split", where=str(path), message=message,
+                                   split=name, error=True))
+    report["splits"][name]["empty"] = why
+    report["errors"] += 1
+  if emptied:
+    report["counts"] = dict(collections.Counter(p["code"] for p in report["problems"]).most_common())
+    report["failed"] = True
 
 
 def token_stats(examples, lengths, tokenizer, d, *, pack):
@@ -396,7 +435,11 @@ def clean_examples(config, tokenizer):
 
 def failure_message(report):
   errors = [p for p in report["problems"] if p["error"]]
-  lines = [f"{len(errors)} data problems (data.check.on_error='fail'; 'skip' drops them):"]
+  if report["config"]["on_error"] == "skip":  # skipped records do not fail it; empty splits do
+    errors = [p for p in errors if p["code"] == "empty_split"]
+    lines = [f"{len(errors)} split(s) with no examples left:"]
+  else:
+    lines = [f"{len(errors)} data problems (data.check.on_error='fail'; 'skip' drops them):"]
   lines += [f"  {p['message']}" for p in errors[:MAX_PRINTED]]
   if len(errors) > MAX_PRINTED:
     lines.append(f"  ... {len(errors) - MAX_PRINTED} more in data_report.json")
