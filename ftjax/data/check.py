@@ -8,7 +8,8 @@ prompt, tokenizer and length rule) but keeps going after a problem, so one run l
              invalid_weight, no_assistant_turn, empty_output, over_length (tokens > seq_len + 1;
              an error only under data.length_policy="error", otherwise counted as truncated /
              dropped as training will). data.check.on_error="fail" exits non-zero listing them;
-             "skip" drops those records and counts them.
+             "skip" drops those records and counts them. A split left with no example
+             (empty_split, naming why) fails the check under either policy.
   quality    in train: exact duplicates (each turn casefolded, whitespace collapsed,
              punctuation stripped at its ends), near-duplicates, one input with conflicting outputs, one
              output for many inputs (>= 5 inputs and >= 5% of examples), length outliers (tokens
