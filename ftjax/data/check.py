@@ -340,7 +340,7 @@ def check(config, tokenizer):
     report["errors"] += len(errors)
     report["splits"][name] = {"records_with_errors": len(bad), "skipped": 0}
     if not kept[name]:
-      emptied[name] = _why_no_valid_record(split, len(bad), d.check.on_error)
+      emptied[name] = _why_no_valid_record(len(bad), d.check.on_error)
   if "eval" not in splits and d.eval_fraction > 0:  # a held-out split carved from train
     records = len({ex.where for ex in kept["train"]})
     kept["train"], kept["eval"] = carve_eval(kept["train"], d.eval_fraction, d.eval_seed)
@@ -383,16 +383,16 @@ def check(config, tokenizer):
       if e.code != "empty_split":
         raise
       stats = {"examples": 0}
-      emptied.setdefault(name, str(e).split(": ", 1)[1])  # every example cut by the length policy
+      emptied.setdefault(name, str(e).removeprefix("data: "))  # every example cut by the length policy
     report["splits"][name].update(stats)
   _fail_empty_splits(report, emptied, d)
   return report, kept
 
 
-def _why_no_valid_record(split, with_errors, on_error):
+def _why_no_valid_record(with_errors, on_error):
   if not with_errors:
     return "no records: the data is empty"
-  what = "skipped under data.check.on_error='skip'" if on_error == "skip" else "listed above"
+  what = "skipped under data.check.on_error='skip'" if on_error == "skip" else "each listed with its code"
   return f"every record has a problem ({with_errors} records, {what})"
 
 
