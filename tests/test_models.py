@@ -199,3 +199,15 @@ def test_checkpoint_tensors_the_config_does_not_read_are_an_error(tmp_path, capl
             metadata={"format": "pt"})
   with pytest.raises(FtjaxError, match=r"1 tensor\(s\) .*: model\.extra_proj\.weight; is config\.json"):
     load_hf_params(str(tmp_path), cfg)
+
+
+def test_gguf_with_more_blocks_than_its_block_count_names_the_extra_tensor(tmp_path):
+  # The GGUF path reads its config from the same file and already refused tensors it does not
+  # map (gguf.py, load_gguf); this pins that for the fewer-layers case of the HF test above.
+  from test_gguf import write_gguf
+  from ftjax.models.gguf import load_gguf
+  model = hf_models.build("llama")
+  model.config.num_hidden_layers = 1  # block_count 1, while both layers' tensors are written
+  path = write_gguf(model, str(tmp_path / "m.gguf"), "llama")
+  with pytest.raises(FtjaxError, match=r"unexpected tensor 'blk\.1\..*' for a llama model with 1 layers"):
+    load_gguf(path)
