@@ -499,3 +499,15 @@ def test_metadata_columns_and_other_formats_keys_are_ignored(tmp_path):
   (tmp_path / "d.csv").write_text("input,outptu\na,x\n")
   with pytest.raises(FtjaxError, match=r"d\.csv:2: unknown_key: 'outptu'"):
     load_examples(str(tmp_path / "d.csv"))
+
+
+def test_a_key_another_format_reads_beside_the_records_own_is_named(tmp_path):
+  chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+  # A top-level system prompt in a chat record was dropped without a word.
+  path = _write(tmp_path / "c.jsonl", [json.dumps(chat), json.dumps(dict(chat, system="be brief"))])
+  with pytest.raises(FtjaxError, match=r"c\.jsonl:2: unknown_key: \['system'\] are read by another "
+                     r"format, not by chat \(keys messages\); a system prompt goes in messages"):
+    load_examples(path)
+  # A rendered "text" copy beside the messages (as many HF datasets carry) is fine.
+  rendered = _write(tmp_path / "r.jsonl", [json.dumps(dict(chat, text="<user>q<assistant>a"))])
+  assert load_examples(rendered)[0].messages[-1]["content"] == "a"

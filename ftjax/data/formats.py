@@ -102,9 +102,11 @@ def check_keys(record, fmt, detected_from=None):
                 ignoring case, or one edit away (two for the 8+ letter keys instruction,
                 instances, messages), e.g. "sytem", "Output", "mesages". Checked first: a
                 misspelt key is the likelier cause of a record that looks like another format.
+                Also (format="auto" only) a key another format reads beside the record's own,
+                e.g. a top-level "system" in a chat record, which the chat format would drop;
+                but not "text", a rendered copy many HF datasets carry (tatsu-lab/alpaca).
   Other keys are metadata and ignored, as HF datasets' extra columns ("id", "category",
-  "source", ...) usually are, and so are keys another format reads (alpaca's rendered "text"
-  column beside "instruction")."""
+  "source", ...) usually are. A format forced with format= reads what it reads, on purpose."""
   data = record.data
   for key in data:
     if key in READ_KEYS or not isinstance(key, str):
@@ -123,6 +125,12 @@ def check_keys(record, fmt, detected_from=None):
       raise FtjaxError(code="mixed_format", message=f"{record.where}: mixed_format: keys {sorted(data)} "
                        f"are the {own} format, but this file is {fmt} (detected from {detected_from}); "
                        "use one format per file, or set data.format")
+    other = sorted(k for k in data if k in READ_KEYS and k not in FORMAT_KEYS[fmt] and k != "text")
+    if other:
+      hint = ("a system prompt goes in messages as {'role': 'system', ...} or in data.system_prompt"
+              if fmt == "chat" and "system" in other else "drop or rename them, or set data.format")
+      raise FtjaxError(code="unknown_key", message=f"{record.where}: unknown_key: {other} are read by "
+                       f"another format, not by {fmt} (keys {', '.join(FORMAT_KEYS[fmt])}); {hint}")
 
 
 @functools.lru_cache(maxsize=4096)  # a file repeats its few keys on every record
