@@ -174,9 +174,10 @@ def test_missing_and_misshaped_tensor_are_named(tmp_path):
     load_hf_params(str(tmp_path), cfg)
 
 
-def test_checkpoint_tensors_the_config_does_not_read_are_an_error(tmp_path, caplog):
+def test_checkpoint_tensors_the_config_does_not_read_are_an_error(hf_llama_dir, tmp_path, caplog):
+  import shutil
   from safetensors.numpy import load_file, save_file
-  hf_models.build("llama").save_pretrained(str(tmp_path))
+  shutil.copytree(hf_llama_dir, tmp_path, dirs_exist_ok=True)  # the session's 2-layer untied Llama
   cfg = load_hf_config(str(tmp_path))
   # One layer of a two-layer checkpoint used to load (and generate) without a word.
   with pytest.raises(FtjaxError, match=r"9 tensor\(s\) in the checkpoint are not used by its config: "
