@@ -17,6 +17,8 @@ import argparse
 import dataclasses
 import functools
 import logging
+import math
+import numbers
 import sys
 from typing import Iterable
 
@@ -223,6 +225,23 @@ def _progress_bar(progress, total: int):
   return (progress or None), False
 
 
+def check_sampling(temperature, top_k, top_p, *, flags=False) -> None:
+  """FtjaxError unless temperature is a finite number >= 0, top_k an integer >= 0 and top_p in
+  (0, 1]. NaN fails every comparison, so `temperature < 0` alone let `nan` through to decode
+  greedily (`nan > 0` is False), and `inf` would sample uniformly (logits / inf = 0).
+  flags: name the CLI's --options in the message instead of the arguments."""
+  name = (lambda n: "--" + n.replace("_", "-")) if flags else (lambda n: n)
+  bad = []
+  if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
+    bad.append(f"{name('temperature')}={temperature!r}: expected a finite number >= 0 (0 = greedy)")
+  if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+    bad.append(f"{name('top_k')}={top_k!r}: expected an integer >= 0 (0 = all tokens)")
+  if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):  # also false for nan
+    bad.append(f"{name('top_p')}={top_p!r}: expected a number in (0, 1] (1 = off)")
+  if bad:
+    raise FtjaxError(("" if flags else "generate: ") + "; ".join(bad))
+
+
 def generate_ids(model: CausalLM, prompts: list[list[int]], max_new_tokens: int = 64,
                  temperature: float = 0.0, seed: int = 0, eos_ids: Iterable[int] | None = None,
                  pad_id: int = 0, *, top_k: int = 0, top_p: float = 1.0,
@@ -244,9 +263,7 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], max_new_tokens: int 
     raise FtjaxError("generate: every prompt needs at least one token")
   if max_new_tokens < 1:
     raise FtjaxError(f"generate: max_new_tokens must be at least 1, got {max_new_tokens}")
-  if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-    raise FtjaxError(f"generate: expected temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
-                     f"temperature={temperature}, top_k={top_k}, top_p={top_p}")
+  check_sampling(temperature, top_k, top_p)
   cfg = model.config
   _check_prompt_lengths(prompts, cfg.max_position_embeddings)
   eos = stop_token_ids(cfg) if eos_ids is None else {int(i) for i in eos_ids}
@@ -375,10 +392,7 @@ def main(argv: list[str] | None = None) -> None:
   setup_logging("%(message)s")
   if args.max_new_tokens < 1:
     raise FtjaxError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-  if args.temperature < 0:
-    raise FtjaxError(f"--temperature must be >= 0, got {args.temperature}")
-  if args.top_k < 0 or not 0 < args.top_p <= 1:
-    raise FtjaxError(f"--top-k must be >= 0 and --top-p in (0, 1], got {args.top_k} and {args.top_p}")
+  check_sampling(args.temperature, args.top_k, args.top_p, flags=True)
 
   from ftjax.models import load
   model, tokenizer = load(args.model)

@@ -436,3 +436,78 @@ def test_shared_tinyshakespeare_as_text(shared_data, tok):
   ds = build_dataset(os.path.join(shared_data, "tinyshakespeare", "input.txt"), tok, seq_len=512)
   assert ds.summary["chunked"] == 1 and ds.summary["fill"] > 0.99
   assert ds.summary["trained_tokens"] == ds.summary["tokens"] - len(ds.examples)
+
+
+# -- record keys against the file's format --------------------------------------------------------
+
+
+def test_a_record_of_another_format_is_mixed_format_not_read_as_the_first(tmp_path):
+  from ftjax.data import check
+  from ftjax.data.sources import read_all
+  # Read as input_output (the first record's format), the alpaca record trained on its input
+  # alone, its instruction dropped without a word.
+  path = _write(tmp_path / "m.jsonl", ['{"input": "q", "output": "a"}',
+                                       '{"instruction": "Translate", "input": "chat", "output": "cat"}'])
+  with pytest.raises(FtjaxError, match=r"m\.jsonl:2: mixed_format: keys \['input', 'instruction', "
+                     r"'output'\] are the instruction format, but this file is input_output "
+                     r"\(detected from .*m\.jsonl:1\)") as e:
+    load_examples(path)
+  assert e.value.code == "mixed_format"
+  examples, problems = check.validate_records(read_all(path)[0])  # what data check / skip see
+  assert [(p.code, p.where[-9:]) for p in problems] == [("mixed_format", "m.jsonl:2")]
+  assert len(examples) == 1
+  # A forced format reads every record as that format, on purpose: no mixed_format.
+  assert len(load_examples(path, format="instruction", skip_invalid=True)) == 1
+
+
+@pytest.mark.parametrize("first, record, key, near", [
+    ({"input": "q", "output": "a"}, {"input": "q", "output": "a", "sytem": "be brief"}, "sytem", "system"),
+    ({"input": "q", "output": "a"}, {"input": "q", "Output": "a", "output": "b"}, "Output", "output"),
+    ({"instruction": "i", "output": "a"}, {"instruction": "i", "ouptut": "a"}, "ouptut", "output"),
+    ({"instruction": "i", "output": "a"}, {"instrcution": "i", "output": "a"}, "instrcution", "instruction"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+     {"mesages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+     "mesages", "messages"),
+])
+def test_a_misspelt_key_is_unknown_key_naming_the_near_miss(tmp_path, first, record, key, near):
+  path = _write(tmp_path / "k.jsonl", [json.dumps(first), json.dumps(record)])
+  with pytest.raises(FtjaxError, match=rf"k\.jsonl:2: unknown_key: '{key}' is not read by the .* "
+                     rf"did you mean '{near}'\?") as e:
+    load_examples(path)
+  assert e.value.code == "unknown_key"
+
+
+def test_metadata_columns_and_other_formats_keys_are_ignored(tmp_path):
+  # HF datasets carry extra columns (self_instruct's id/name/is_classification, dolly's
+  # category, tatsu-lab/alpaca's rendered "text"): not misspellings, so not errors.
+  path = _write(tmp_path / "meta.jsonl", [
+      json.dumps({"id": "t0", "category": "qa", "source": "web", "input": "q", "output": "a"}),
+      json.dumps({"id": "t1", "input": "q2", "output": "a2", "is_classification": False})])
+  alpaca = _write(tmp_path / "al.jsonl", [json.dumps(
+      {"instruction": "Do", "input": "x", "output": "y", "text": "### Instruction: Do ..."})])
+  assert [e.messages[-1]["content"] for e in load_examples([path, alpaca])] == ["a", "a2", "y"]
+  # data.fields renames first: the renamed key is read, a misspelt one still named.
+  renamed = _write(tmp_path / "r.jsonl", [json.dumps({"question": "q", "answer": "a", "sys": "s"})])
+  ex = load_examples(renamed, fields={"question": "input", "answer": "output", "sys": "system"})
+  assert ex[0].messages[0] == {"role": "system", "content": "s", "weight": 0}
+  typo = _write(tmp_path / "t.jsonl", [json.dumps({"question": "q", "answer": "a", "systme": "s"})])
+  with pytest.raises(FtjaxError, match=r"t\.jsonl:1: unknown_key: 'systme' .* did you mean 'system'"):
+    load_examples(typo, fields={"question": "input", "answer": "output"})
+  # The same rule for CSV columns.
+  (tmp_path / "c.csv").write_text("input,output,category\na,x,greeting\nb,y,\n")
+  assert len(load_examples(str(tmp_path / "c.csv"))) == 2
+  (tmp_path / "d.csv").write_text("input,outptu\na,x\n")
+  with pytest.raises(FtjaxError, match=r"d\.csv:2: unknown_key: 'outptu'"):
+    load_examples(str(tmp_path / "d.csv"))
+
+
+def test_a_key_another_format_reads_beside_the_records_own_is_named(tmp_path):
+  chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+  # A top-level system prompt in a chat record was dropped without a word.
+  path = _write(tmp_path / "c.jsonl", [json.dumps(chat), json.dumps(dict(chat, system="be brief"))])
+  with pytest.raises(FtjaxError, match=r"c\.jsonl:2: unknown_key: \['system'\] are read by another "
+                     r"format, not by chat \(keys messages\); a system prompt goes in messages"):
+    load_examples(path)
+  # A rendered "text" copy beside the messages (as many HF datasets carry) is fine.
+  rendered = _write(tmp_path / "r.jsonl", [json.dumps(dict(chat, text="<user>q<assistant>a"))])
+  assert load_examples(rendered)[0].messages[-1]["content"] == "a"

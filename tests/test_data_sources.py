@@ -111,3 +111,84 @@ def test_eval_carved_from_train(tmp_path, tok):
   assert {ex.where for ex in other["eval"]} != held
   train_ds, eval_ds = build_datasets(c, tok)
   assert train_ds.summary["examples"] == 40 and eval_ds.summary["examples"] == 10
+
+
+def test_csv_cell_over_the_csv_modules_field_limit_reads_whole_and_the_rows_after_it_too(
+    tmp_path, tok):
+  import csv
+  # 131,072 characters is the csv module's default limit; past it the old reader stopped the
+  # whole file, and under on_error="skip" the rows after the long cell vanished unreported.
+  long_answer = "word " * 40_000  # 200,000 characters
+  lines = ["question,answer", f"a long one,{long_answer}"]
+  lines += [f"question {i},answer {i}" for i in range(17)]
+  path = tmp_path / "long.csv"
+  path.write_text("\n".join(lines) + "\n")
+  limit = csv.field_size_limit()
+  records, problems = sources.read_all(str(path))
+  assert problems == [] and len(records) == 18
+  assert records[0].data["answer"] == long_answer and records[-1].where.endswith("long.csv:19")
+  assert csv.field_size_limit() == limit  # the process-wide limit is put back
+  c = _config(str(path))
+  c.data.check.on_error = "skip"
+  report, kept = check.check(c, tok)
+  assert report["problems"] == [] or {p["code"] for p in report["problems"]} == {"over_length"}
+  assert len(kept["train"]) == 18 and not report["failed"]
+
+
+def test_a_csv_row_the_csv_module_refuses_is_reported_at_its_line_and_reading_goes_on(
+    tmp_path, monkeypatch):
+  import contextlib
+  import csv
+  # Any csv.Error (here the field limit, kept low on purpose) costs its row only.
+  monkeypatch.setattr(sources, "_csv_field_limit", lambda at_least: contextlib.nullcontext(),
+                      raising=False)
+  path = tmp_path / "d.csv"
+  path.write_text("question,answer\nq1,a1\nq2," + "x" * 200 + "\nq3,a3\n\"q4\nstill q4\",a4\n")
+  limit = csv.field_size_limit(100)
+  try:
+    records, problems = sources.read_all(str(path))
+  finally:
+    csv.field_size_limit(limit)
+  assert [(p.code, p.where.rsplit("/", 1)[1]) for p in problems] == [("bad_csv", "d.csv:3")]
+  assert "field larger than field limit" in problems[0].message
+  assert [(r.where.rsplit("/", 1)[1], r.data["question"]) for r in records] == [
+      ("d.csv:2", "q1"), ("d.csv:4", "q3"), ("d.csv:5", "q4\nstill q4")]
+
+
+def _empty_splits(report):
+  return {p["split"]: p["message"] for p in report["problems"] if p["code"] == "empty_split"}
+
+
+@pytest.mark.parametrize("on_error", ["fail", "skip"])
+def test_an_empty_or_emptied_split_fails_the_check_naming_why(tmp_path, tok, on_error):
+  # Each of these said "result: ok" and training then stopped with "no examples left after the
+  # length policy" (or, for drop_leaked, trained on nothing).
+  good = _write(tmp_path / "good.jsonl", _rows(4, "g"))
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("\n")
+  bad = _write(tmp_path / "bad.jsonl", [{"question": "q", "answer": 3}] * 3)
+
+  def run(train, eval_="", drop_leaked=False, **data):
+    c = _config(train, eval_, **data)
+    c.data.check.on_error, c.data.check.drop_leaked = on_error, drop_leaked
+    report, _ = check.check(c, tok)
+    assert report["failed"] and check.summary_text(report).endswith("result: FAILED")
+    assert "empty_split" in check.failure_message(report)
+    return _empty_splits(report)
+
+  assert run(str(empty)) == {"train": f"data.train ({empty}): empty_split: no examples left: "
+                                      "no records: the data is empty"}
+  assert set(run(good, str(empty))) == {"eval"}
+  assert "every record has a problem (3 records" in run(bad)["train"]
+  one = _write(tmp_path / "one.jsonl", _rows(1, "o"))
+  assert "data.eval_fraction=0.5 held out no record of the 1 valid" in run(one, eval_fraction=0.5)["eval"]
+  leaked = run(good, good, drop_leaked=True)["train"]
+  assert "data.check.drop_leaked removed all 4 train examples" in leaked
+  long = _write(tmp_path / "long.jsonl", [{"question": "word " * 200, "answer": "a"}] * 2)
+  assert "all 2 examples were cut by the length policy: 2 dropped as longer than max_len 129" in (
+      run(long, length_policy="drop")["train"])
+  # Training reads through the same check: the run stops there, with the reason.
+  c = _config(str(empty))
+  c.data.check.on_error = on_error
+  with pytest.raises(FtjaxError, match="empty_split: no examples left: no records"):
+    check.clean_examples(c, tok)

@@ -322,3 +322,27 @@ def test_smollm2_greedy_equals_transformers_and_batched_equals_one_by_one(smol):
   assert any(row[-1] in stop for row in batched)  # some row ends on its own, before 20 tokens
   assert "Paris" in tok.decode(batched[0])
 
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(temperature=float("nan")), r"temperature=nan: expected a finite number"),
+    (dict(temperature=float("inf")), r"temperature=inf"),
+    (dict(top_p=float("nan")), r"top_p=nan"), (dict(top_p=1.5), r"top_p=1.5"),
+    (dict(top_k=2.5), r"top_k=2.5")])
+def test_non_finite_or_out_of_range_sampling_settings_are_refused(bad, match):
+  # nan fails every comparison, so `temperature < 0` let it through and `nan > 0` then decoded
+  # greedily; inf would sample uniformly (logits / inf = 0). Checked before any model work.
+  with pytest.raises(FtjaxError, match=match):
+    generate_ids(_model("llama"), PROMPTS, **{"max_new_tokens": 2, "temperature": 1.0, **bad})
+
+
+@pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--temperature", "inf"),
+                                        ("--top-p", "nan"), ("--temperature", "-0.5")])
+def test_cli_refuses_non_finite_sampling_flags_before_loading(flag, value, capsys):
+  from ftjax.generate import main
+  # --model names nothing loadable: the flag check must fail first, with its own message.
+  with pytest.raises(SystemExit) as exit_info:
+    main(["--model", "/nonexistent/model", "--prompt", "hi", flag, value])
+  assert exit_info.value.code != 0
+  err = capsys.readouterr().err
+  assert f"{flag}={value}" in err and "expected" in err, err

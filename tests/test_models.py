@@ -172,3 +172,43 @@ def test_missing_and_misshaped_tensor_are_named(tmp_path):
   save_file(bad, path, metadata={"format": "pt"})
   with pytest.raises(FtjaxError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'"):
     load_hf_params(str(tmp_path), cfg)
+
+
+def test_checkpoint_tensors_the_config_does_not_read_are_an_error(hf_llama_dir, tmp_path, caplog):
+  import shutil
+  from safetensors.numpy import load_file, save_file
+  shutil.copytree(hf_llama_dir, tmp_path, dirs_exist_ok=True)  # the session's 2-layer untied Llama
+  cfg = load_hf_config(str(tmp_path))
+  # One layer of a two-layer checkpoint used to load (and generate) without a word.
+  with pytest.raises(FtjaxError, match=r"9 tensor\(s\) in the checkpoint are not used by its config: "
+                     r"model\.layers\.1\..*layers up to 1 but the config has num_hidden_layers=1"):
+    load_hf_params(str(tmp_path), cfg.replace(num_layers=1))
+  # An untied config on a tied-head checkpoint is already "missing lm_head"; a tied config on an
+  # untied checkpoint leaves the head unread, which transformers skips too (it re-ties): a warning.
+  with caplog.at_level("WARNING", logger="ftjax.models.hf"):
+    load_hf_params(str(tmp_path), cfg.replace(tie_word_embeddings=True))
+  assert "ignoring 1 tensor(s) transformers also ignores: lm_head.weight" in caplog.text
+  # A rotary inv_freq cache (older Llama checkpoints) is skipped as transformers skips it.
+  path = str(tmp_path / "model.safetensors")
+  tensors = load_file(path)
+  inv_freq = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32) for i in (0, 1)}
+  save_file(dict(tensors, **inv_freq), path, metadata={"format": "pt"})
+  params = load_hf_params(str(tmp_path), cfg)
+  np.testing.assert_array_equal(params["lm_head"]["kernel"], tensors["lm_head.weight"].T)
+  # Anything else left over names itself.
+  save_file(dict(tensors, **{"model.extra_proj.weight": np.ones((2, 2), np.float32)}), path,
+            metadata={"format": "pt"})
+  with pytest.raises(FtjaxError, match=r"1 tensor\(s\) .*: model\.extra_proj\.weight; is config\.json"):
+    load_hf_params(str(tmp_path), cfg)
+
+
+def test_gguf_with_more_blocks_than_its_block_count_names_the_extra_tensor(tmp_path):
+  # The GGUF path reads its config from the same file and already refused tensors it does not
+  # map (gguf.py, load_gguf); this pins that for the fewer-layers case of the HF test above.
+  from test_gguf import write_gguf
+  from ftjax.models.gguf import load_gguf
+  model = hf_models.build("llama")
+  model.config.num_hidden_layers = 1  # block_count 1, while both layers' tensors are written
+  path = write_gguf(model, str(tmp_path / "m.gguf"), "llama")
+  with pytest.raises(FtjaxError, match=r"unexpected tensor 'blk\.1\..*' for a llama model with 1 layers"):
+    load_gguf(path)

@@ -4,11 +4,12 @@ Reads data.train and data.eval as training does (same formats, data.fields renam
 prompt, tokenizer and length rule) but keeps going after a problem, so one run lists them all:
 
   problems   every invalid record at `path:LINE` with a stable code: bad_json, bad_encoding,
-             bad_csv (a row whose cell count differs from the header's), data_type, unknown_format, missing_field, wrong_type, unknown_key, unknown_role,
+             bad_csv (a row whose cell count differs from the header's), data_type, unknown_format, mixed_format, missing_field, wrong_type, unknown_key, unknown_role,
              invalid_weight, no_assistant_turn, empty_output, over_length (tokens > seq_len + 1;
              an error only under data.length_policy="error", otherwise counted as truncated /
              dropped as training will). data.check.on_error="fail" exits non-zero listing them;
-             "skip" drops those records and counts them.
+             "skip" drops those records and counts them. A split left with no example
+             (empty_split, naming why) fails the check under either policy.
   quality    in train: exact duplicates (each turn casefolded, whitespace collapsed,
              punctuation stripped at its ends), near-duplicates, one input with conflicting outputs, one
              output for many inputs (>= 5 inputs and >= 5% of examples), length outliers (tokens
@@ -80,19 +81,20 @@ class Split:
 def validate_records(records, *, format="auto", fields=None, system_prompt=None):
   """(examples, problems): formats.record_examples on each record, its errors collected."""
   records = [formats.rename(r, fields) for r in records] if fields else records
-  fmt = format
+  fmt, detected_from = format, None
   if fmt == "auto":  # training detects from the first record; here the first one that tells
     fmt = None
     for r in records:
       try:
-        fmt = formats.detect_format(r)
+        fmt, detected_from = formats.detect_format(r), r.where
         break
       except FtjaxError:
         continue
   examples, problems = [], []
   for r in records:
     try:
-      found = formats.record_examples(r, fmt or formats.detect_format(r), system_prompt)
+      found = formats.record_examples(r, fmt or formats.detect_format(r), system_prompt,
+                                      detected_from=detected_from)
     except FtjaxError as e:
       problems.append(Problem(e.code or "invalid", r.where, str(e)))
       continue
@@ -328,7 +330,7 @@ def check(config, tokenizer):
                        "fields": d.fields, "format": d.format, "mix": d.mix,
                        "eval_fraction": d.eval_fraction, "chat_template": d.chat_template},
             "problems": [], "counts": {}, "errors": 0, "splits": {}}
-  kept = {}
+  kept, emptied = {}, {}  # emptied: split -> why it has no example left (a check failure)
   for name, split in splits.items():
     errors = [p for p in split.problems if is_error(p, d.length_policy)]
     bad = {p.where for p in errors}
@@ -337,8 +339,14 @@ def check(config, tokenizer):
                                 error=is_error(p, d.length_policy)) for p in split.problems]
     report["errors"] += len(errors)
     report["splits"][name] = {"records_with_errors": len(bad), "skipped": 0}
+    if not kept[name]:
+      emptied[name] = _why_no_valid_record(len(bad), d.check.on_error)
   if "eval" not in splits and d.eval_fraction > 0:  # a held-out split carved from train
+    records = len({ex.where for ex in kept["train"]})
     kept["train"], kept["eval"] = carve_eval(kept["train"], d.eval_fraction, d.eval_seed)
+    if not kept["eval"]:
+      emptied.setdefault("eval", f"data.eval_fraction={d.eval_fraction} held out no record of the "
+                         f"{records} valid train record(s); at least 2 are needed")
     splits["eval"] = splits["train"]  # same token lengths
     report["splits"]["eval"] = {"records_with_errors": 0, "skipped": 0,
                                 "carved_from_train": len(kept["eval"])}
@@ -359,15 +367,48 @@ def check(config, tokenizer):
     leaked = {p["train"] for p in leaks}
     kept["train"] = [ex for ex in kept["train"] if ex.where not in leaked]
     report["leakage"]["dropped_from_train"] = len(leaked)
+    if leaked and not kept["train"]:
+      emptied.setdefault("train", f"data.check.drop_leaked removed all {len(leaked)} train "
+                         "examples: each repeats an eval input (is data.eval the train data?)")
 
   if d.mix:  # after quality and leakage, which judge each example once
     origin = dict(zip(map(id, splits["train"].examples), splits["train"].sources))
     kept["train"], report["mix"] = mix(kept["train"], [origin[id(ex)] for ex in kept["train"]],
                                        [float(w) for w in d.mix.split(",")], d.eval_seed)
   for name, examples in kept.items():
-    report["splits"][name].update(token_stats(examples, splits[name].lengths, tokenizer, d,
-                                              pack=d.pack if name == "train" else False))
+    try:
+      stats = token_stats(examples, splits[name].lengths, tokenizer, d,
+                          pack=d.pack if name == "train" else False)
+    except FtjaxError as e:
+      if e.code != "empty_split":
+        raise
+      stats = {"examples": 0}
+      emptied.setdefault(name, str(e).removeprefix("data: "))  # every example cut by the length policy
+    report["splits"][name].update(stats)
+  _fail_empty_splits(report, emptied, d)
   return report, kept
+
+
+def _why_no_valid_record(with_errors, on_error):
+  if not with_errors:
+    return "no records: the data is empty"
+  what = "skipped under data.check.on_error='skip'" if on_error == "skip" else "each listed with its code"
+  return f"every record has a problem ({with_errors} records, {what})"
+
+
+def _fail_empty_splits(report, emptied, d):
+  """An empty or emptied split fails the check whatever data.check.on_error says: training would
+  stop later on it with a vaguer message (or run without the eval split the config asked for)."""
+  for name, why in emptied.items():
+    path = d.train if name == "train" else (d.eval or "held-out eval")
+    message = f"data.{name} ({path}): empty_split: no examples left: {why}"
+    report["problems"].append(dict(code="empty_split", where=str(path), message=message,
+                                   split=name, error=True))
+    report["splits"][name]["empty"] = why
+    report["errors"] += 1
+  if emptied:
+    report["counts"] = dict(collections.Counter(p["code"] for p in report["problems"]).most_common())
+    report["failed"] = True
 
 
 def token_stats(examples, lengths, tokenizer, d, *, pack):
@@ -395,7 +436,11 @@ def clean_examples(config, tokenizer):
 
 def failure_message(report):
   errors = [p for p in report["problems"] if p["error"]]
-  lines = [f"{len(errors)} data problems (data.check.on_error='fail'; 'skip' drops them):"]
+  if report["config"]["on_error"] == "skip":  # skipped records do not fail it; empty splits do
+    errors = [p for p in errors if p["code"] == "empty_split"]
+    lines = [f"{len(errors)} split(s) with no examples left:"]
+  else:
+    lines = [f"{len(errors)} data problems (data.check.on_error='fail'; 'skip' drops them):"]
   lines += [f"  {p['message']}" for p in errors[:MAX_PRINTED]]
   if len(errors) > MAX_PRINTED:
     lines.append(f"  ... {len(errors) - MAX_PRINTED} more in data_report.json")

@@ -48,17 +48,22 @@ def load_examples(path, *, format="auto", fields=None, system_prompt=None, skip_
   A record that does not read or validate raises FtjaxError naming it; with `skip_invalid`
   (data.check.on_error="skip", whose check has reported and counted them) it is left out, as
   training leaves it out."""
-  examples = []
+  examples, records_seen = [], 0
   for p in _expand(path):
     if skip_invalid:
       from ftjax.data import check
-      records, _ = sources.read_all(p)
+      records, unread = sources.read_all(p)
+      records_seen += len(unread) + len(records)
       examples.extend(check.validate_records(records, format=format, fields=fields,
                                              system_prompt=system_prompt)[0])
     else:
       examples.extend(formats.to_examples(sources.read_records(p), format, fields, system_prompt))
+  if not examples and records_seen:
+    raise FtjaxError(f"{path}: no examples: all {records_seen} records are invalid and were skipped "
+                     "(data.check.on_error='skip'; `python -m ftjax.data check` lists them)",
+                     code="empty_split")
   if not examples:
-    raise FtjaxError(f"{path}: no examples (empty dataset)")
+    raise FtjaxError(f"{path}: no examples (empty dataset)", code="empty_split")
   return examples
 
 
@@ -103,6 +108,20 @@ def tokenize_examples(examples, tokenizer, *, max_len, length_policy="truncate")
     out.append(tex)
   counts["first_over_length"] = first_over
   return out, counts
+
+
+def _why_none_left(counts, max_len, length_policy):
+  """What emptied a split in tokenize_examples, from its counts."""
+  if not counts["examples"]:
+    return "no examples to tokenize"
+  parts = []
+  if counts["dropped"]:
+    parts.append(f"{counts['dropped']} dropped as longer than max_len {max_len} "
+                 f"(length_policy={length_policy!r}; 'truncate' keeps them)")
+  if counts["no_trained_tokens"]:
+    parts.append(f"{counts['no_trained_tokens']} with no token to train within max_len {max_len} "
+                 "(the prompt fills it; raise data.seq_len)")
+  return f"all {counts['examples']} examples were cut by the length policy: " + ", ".join(parts)
 
 
 def _windows(tex, max_len):
@@ -157,7 +176,7 @@ def dataset_from_examples(examples, tokenizer, *, seq_len, pack=True, length_pol
   tokenized, counts = tokenize_examples(examples, tokenizer, max_len=seq_len + 1,
                                         length_policy=length_policy)
   if not tokenized:
-    raise FtjaxError(f"{name}: no examples left after the length policy ({counts})")
+    raise FtjaxError(f"{name}: {_why_none_left(counts, seq_len + 1, length_policy)}", code="empty_split")
   if pad_id is None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   rows = packing.pack(tokenized, seq_len, pack=pack, pad_id=pad_id)

@@ -1,6 +1,7 @@
 """Validate raw records and turn each into an `Example`: a chat conversation or a plain text.
 
-Formats (auto-detected per file from the first record's keys, or forced with `format=`):
+Formats (auto-detected per file from the first record's keys, or forced with `format=`; every
+record's keys are then checked against that format, see `check_keys`):
   input_output  {"input", "output", optional "system"}
   instruction   {"instruction", optional "input", "output", optional "system"} (alpaca); also
                 self_instruct's {"instruction", "instances": [{"input", "output"}, ...]}, expanded
@@ -13,6 +14,7 @@ stable names `python -m ftjax.data check` counts), so the checker reuses this on
 """
 
 import dataclasses
+import functools
 
 from ftjax.errors import FtjaxError
 
@@ -20,8 +22,13 @@ FORMATS = ("input_output", "instruction", "chat", "text")
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = ("role", "content", "weight", "name")
 # Stable problem codes (ftjax.data.check); the message keeps the hosted-API wording.
-CODES = ("data_type", "unknown_format", "missing_field", "wrong_type", "unknown_key", "unknown_role",
-         "invalid_weight", "no_assistant_turn")
+CODES = ("data_type", "unknown_format", "mixed_format", "missing_field", "wrong_type", "unknown_key",
+         "unknown_role", "invalid_weight", "no_assistant_turn")
+# The top-level keys each format reads (after data.fields renaming).
+FORMAT_KEYS = {"input_output": ("input", "output", "system"),
+               "instruction": ("instruction", "input", "output", "system", "instances"),
+               "chat": ("messages",), "text": ("text",)}
+READ_KEYS = frozenset(k for keys in FORMAT_KEYS.values() for k in keys)
 
 
 @dataclasses.dataclass
@@ -60,16 +67,22 @@ def to_examples(records, format="auto", fields=None, system_prompt=None):
     return []
   records = [rename(r, fields) for r in records] if fields else records
   fmt = detect_format(records[0]) if format == "auto" else format
+  detected_from = records[0].where if format == "auto" else None
   examples = []
   for record in records:
-    examples.extend(record_examples(record, fmt, system_prompt))
+    examples.extend(record_examples(record, fmt, system_prompt, detected_from=detected_from))
   return examples
 
 
-def record_examples(record, fmt, system_prompt=None):
-  """The Examples of one (renamed) record in a known format; FtjaxError with `.code` if invalid."""
+def record_examples(record, fmt, system_prompt=None, *, detected_from=None):
+  """The Examples of one (renamed) record in a known format; FtjaxError with `.code` if invalid.
+
+  detected_from: the record ("path:LINE") the format was detected from under format="auto"; a
+  record whose own keys say another format is then a mixed_format error, not read as this one."""
   if fmt not in FORMATS:
     raise FtjaxError(f"format {fmt!r} is not one of {', '.join(('auto',) + FORMATS)}")
+  if isinstance(record.data, dict):
+    check_keys(record, fmt, detected_from)
   convert = {"input_output": _from_input_output, "instruction": _from_instruction,
              "chat": _from_chat, "text": _from_text}[fmt]
   examples = convert(record)
@@ -77,6 +90,71 @@ def record_examples(record, fmt, system_prompt=None):
     if ex.messages is not None and system_prompt and ex.messages[0]["role"] != "system":
       ex.messages.insert(0, {"role": "system", "content": system_prompt, "weight": 0})
   return examples
+
+
+def check_keys(record, fmt, detected_from=None):
+  """FtjaxError for a record whose keys do not fit the file's format `fmt`:
+
+  mixed_format  (format="auto" only) the record's own keys say another format, e.g. an alpaca
+                {"instruction", "input", "output"} record in a file whose first record was
+                {"input", "output"}: read as input_output it would train without its instruction.
+  unknown_key   a key the format does not read that is a near-miss of one it does: the same
+                ignoring case, or one edit away (two for the 8+ letter keys instruction,
+                instances, messages), e.g. "sytem", "Output", "mesages". Checked first: a
+                misspelt key is the likelier cause of a record that looks like another format.
+                Also (format="auto" only) a key another format reads beside the record's own,
+                e.g. a top-level "system" in a chat record, which the chat format would drop;
+                but not "text", a rendered copy many HF datasets carry (tatsu-lab/alpaca).
+  Other keys are metadata and ignored, as HF datasets' extra columns ("id", "category",
+  "source", ...) usually are. A format forced with format= reads what it reads, on purpose."""
+  data = record.data
+  for key in data:
+    if key in READ_KEYS or not isinstance(key, str):
+      continue
+    near = _near_miss(key, FORMAT_KEYS[fmt])
+    if near:
+      raise FtjaxError(code="unknown_key", message=f"{record.where}: unknown_key: {key!r} is not read by "
+                       f"the {fmt} format (keys {', '.join(FORMAT_KEYS[fmt])}); did you mean {near!r}? "
+                       "(rename keys with data.fields)")
+  if detected_from is not None:
+    try:
+      own = detect_format(record)
+    except FtjaxError:
+      own = None  # no format's keys at all: the converter says what is missing
+    if own is not None and own != fmt:
+      raise FtjaxError(code="mixed_format", message=f"{record.where}: mixed_format: keys {sorted(data)} "
+                       f"are the {own} format, but this file is {fmt} (detected from {detected_from}); "
+                       "use one format per file, or set data.format")
+    other = sorted(k for k in data if k in READ_KEYS and k not in FORMAT_KEYS[fmt] and k != "text")
+    if other:
+      hint = ("a system prompt goes in messages as {'role': 'system', ...} or in data.system_prompt"
+              if fmt == "chat" and "system" in other else "drop or rename them, or set data.format")
+      raise FtjaxError(code="unknown_key", message=f"{record.where}: unknown_key: {other} are read by "
+                       f"another format, not by {fmt} (keys {', '.join(FORMAT_KEYS[fmt])}); {hint}")
+
+
+@functools.lru_cache(maxsize=4096)  # a file repeats its few keys on every record
+def _near_miss(key, candidates):
+  """The candidate `key` looks like a misspelling of, or None."""
+  folded = key.casefold()
+  for candidate in candidates:
+    if _edit_distance(folded, candidate) <= (2 if len(candidate) >= 8 else 1):
+      return candidate
+  return None
+
+
+def _edit_distance(a, b):
+  """Optimal string alignment distance: insertions, deletions, substitutions and swaps of two
+  neighbouring letters ("outptu") each cost 1."""
+  prev2, prev = None, list(range(len(b) + 1))
+  for i in range(1, len(a) + 1):
+    row = [i] + [0] * len(b)
+    for j in range(1, len(b) + 1):
+      row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (a[i - 1] != b[j - 1]))
+      if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+        row[j] = min(row[j], prev2[j - 2] + 1)
+    prev2, prev = prev, row
+  return prev[-1]
 
 
 def rename(record, fields):

@@ -16,10 +16,12 @@ start on). `read_all` reports every record that does not read (`Problem`: bad_en
 bad_json, bad_csv at its line) and keeps the rest; `read_records` stops at the first.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
 import sys
+import threading
 
 from ftjax.errors import FtjaxError
 
@@ -270,29 +272,63 @@ def _next_element(text, i):
 
 def _read_csv(path, text, separator):
   """Rows of a CSV/TSV file with a header line, keyed by the header, each at the line it starts
-  on; a row with a different number of cells than the header is a bad_csv problem. Empty cells
-  are None, as `datasets`' CSV reader (pandas) makes them."""
+  on; a row with a different number of cells than the header, or one the csv module cannot
+  parse, is a bad_csv problem at its line and reading goes on. Empty cells are None, as
+  `datasets`' CSV reader (pandas) makes them."""
   import csv
   import io
   records, problems = [], []
-  reader = csv.reader(io.StringIO(text, newline=""), delimiter=separator)
-  try:
-    header = next(reader, None)
+  with _csv_field_limit(len(text)):
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=separator)
+    try:
+      header = next(reader, None)
+    except csv.Error as e:
+      return records, [_bad_csv(path, reader.line_num, e)]
     if header is None:
       return records, problems
     start = reader.line_num + 1
-    for row in reader:
+    while True:
       where = f"{path}:{start}"
+      try:
+        row = next(reader)
+      except StopIteration:
+        break
+      except csv.Error as e:  # this row only: the reader resumes at the next line
+        problems.append(_bad_csv(path, start, e))
+        start = reader.line_num + 1
+        continue
       if row and len(row) != len(header):
         problems.append(Problem("bad_csv", where, f"{where}: bad_csv: {len(row)} cells; the header "
                                 f"line has {len(header)} ({', '.join(header)})"))
       elif row:
         records.append(Record(where, {k: (v if v != "" else None) for k, v in zip(header, row)}))
       start = reader.line_num + 1
-  except csv.Error as e:
-    where = f"{path}:{reader.line_num}"
-    problems.append(Problem("bad_csv", where, f"{where}: bad_csv: {e}"))
   return records, problems
+
+
+def _bad_csv(path, line, error):
+  where = f"{path}:{line}"
+  return Problem("bad_csv", where, f"{where}: bad_csv: {error}")
+
+
+_CSV_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _csv_field_limit(at_least):
+  """The csv module's field size limit (131,072 characters by default, process-wide) raised to
+  `at_least` while one file is read, then put back. No cell can be longer than the file's text,
+  so its length is a limit no cell reaches: a long document in one cell reads whole, as pandas
+  (`datasets`' CSV reader) reads it. The lock keeps two readers from restoring each other's
+  value mid-file."""
+  import csv
+  with _CSV_LIMIT_LOCK:
+    previous = csv.field_size_limit()
+    csv.field_size_limit(max(previous, at_least))
+    try:
+      yield
+    finally:
+      csv.field_size_limit(previous)
 
 
 def _skip_ws(text, i):

@@ -7,7 +7,9 @@ layer-stacked host arrays: peak host memory is the params themselves plus one te
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,8 @@ from ftjax.errors import FtjaxError
 from ftjax.models.config import ModelConfig
 from ftjax.models.params import Params, flatten, get_path, param_specs, set_path
 from ftjax.quant import bnb
+
+log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -62,6 +66,7 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype=np.float32, allocate=
                            f"{spec.shape[::-1]}); set tie_word_embeddings if the head is tied")
         raise FtjaxError(f"{model_dir}: missing tensor {name!r} for {spec.path}")
       by_file.setdefault(where[name], []).append((spec, i if spec.stacked else None, name))
+  _refuse_unused(model_dir, cfg, where, [name for items in by_file.values() for _, _, name in items])
   for path, items in by_file.items():
     with safe_open(path, framework="np") as f:
       for spec, i, name in items:
@@ -82,6 +87,37 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype=np.float32, allocate=
         else:
           target[i] = tensor
   return params
+
+
+# Tensors transformers itself skips without a word (the models' `_keys_to_ignore_on_load_unexpected`):
+# a rotary `inv_freq` cache older Llama checkpoints stored (recomputed from the config), and a
+# head stored although the config ties it (transformers re-ties it to the embedding, so the
+# stored copy goes unused there too).
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_TIED_HEAD = "lm_head.weight"
+
+
+def _refuse_unused(model_dir: str, cfg: ModelConfig, where: dict[str, str], used: list[str]) -> None:
+  """FtjaxError naming the checkpoint's tensors the config does not read: a config with fewer
+  layers than the weights (or of another model) must not load as if it matched. A 4-bit
+  tensor's quant state (`NAME.absmax`, ...) counts as read with it; tensors transformers also
+  skips are logged, not refused."""
+  read = set(used)
+  four_bit = tuple(f"{name}." for name in used if bnb.quant_state_key(name, where))
+  unused = sorted(n for n in where if n not in read and not n.startswith(four_bit))
+  skipped = [n for n in unused if _IGNORED.search(n) or (n == _TIED_HEAD and cfg.tie_word_embeddings)]
+  if skipped:
+    log.warning("%s: ignoring %d tensor(s) transformers also ignores: %s", model_dir, len(skipped),
+                ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
+  unused = [n for n in unused if n not in skipped]
+  if not unused:
+    return
+  layers = sorted({int(m.group(1)) for n in unused if (m := re.match(r"model\.layers\.(\d+)\.", n))})
+  hint = (f"; the checkpoint has layers up to {layers[-1]} but the config has num_hidden_layers="
+          f"{cfg.num_layers}" if layers and layers[0] >= cfg.num_layers else
+          "; is config.json the one these weights were saved with?")
+  raise FtjaxError(f"{model_dir}: {len(unused)} tensor(s) in the checkpoint are not used by its "
+                   f"config: {', '.join(unused[:4])}{' ...' if len(unused) > 4 else ''}{hint}")
 
 
 def _put_4bit(target, spec, i: int | None, name: str, where: dict[str, str]) -> None:
