@@ -225,15 +225,18 @@ def main():
   p.add_argument("--planted", type=int, default=400)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--gram", type=int, help="override similarity.GRAM")
+  p.add_argument("--run", type=int, help="override similarity.RUN")
   p.add_argument("--common-share", type=float, help="override similarity.COMMON_SHARE")
   p.add_argument("--before", action="store_true", help="also measure the word 5-gram measure")
   args = p.parse_args()
   from ftjax.data import similarity
+  if args.run:
+    similarity.RUN = args.run
   if args.gram:
     similarity.GRAM = args.gram
   if args.common_share is not None:
     similarity.COMMON_SHARE = args.common_share
-  measures = {f"char {similarity.GRAM}-grams, boilerplate > {similarity.COMMON_SHARE:.1%}":
+  measures = {f"char {similarity.GRAM}-grams, boilerplate > {similarity.COMMON_SHARE:.1%}, run {similarity.RUN}":
               similarity.similar_pairs}
   if args.before:
     measures["word 5-grams (before)"] = pairs_before
