@@ -2,11 +2,10 @@
 set and a short-text set: false positives on unrelated pairs, recall on planted edits, time.
 
   python scripts/calibrate_near_dup.py --gsm8k DIR --clinc150 DIR [--planted 400] [--seed 0]
-      [--gram 5] [--common-share 0.01] [--before]
+      [--gram 5] [--common-share 0.05] [--run 8] [--before]
 
 long texts   gsm8k questions (7,473 train / 1,319 test, ~46 words). Unrelated pairs: every
-             train x test pair but the known rewrites (REWRITES: the same problem with names and
-             numbers changed, read one by one).
+             train x test pair but the rewrites read by hand (REWRITES).
 short texts  CLINC150 intent queries (15,000 train / 4,500 test, ~8 words, 150 intents).
              Unrelated pairs: train x test pairs of different intents. Same-intent pairs are
              paraphrases of one request, often near-verbatim ("what is my balance" / "what's my
@@ -36,11 +35,14 @@ import time
 
 import numpy as np
 
-THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.6)
+THRESHOLDS = (0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6)
 LOW = min(THRESHOLDS)
-# gsm8k (test line, train line) pairs that restate one problem with names / numbers changed
-# (reported by word 5-grams before this measure; read and confirmed by hand).
-REWRITES = {(603, 1315), (603, 5163), (633, 21)}
+# gsm8k (test line, train line) pairs that restate one problem (its template, with names,
+# numbers or the question changed): every pair this measure scores >= 0.3, read one by one
+# (the first three are the ones word 5-grams found).
+REWRITES = {(603, 1315), (603, 5163), (633, 21), (825, 3727), (598, 6656), (975, 2601),
+            (449, 1782), (580, 2579), (919, 7286), (497, 3428), (303, 3053), (980, 4241),
+            (356, 6291)}
 INSTRUCTION = ("You are a customer support assistant for a bank and travel app. Classify the "
                "customer's message into exactly one intent from the list you were given and "
                "reply with the intent name only.\nMessage: ")
