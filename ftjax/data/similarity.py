@@ -72,9 +72,15 @@ def shingle_occurrences(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def _shares(doc, token, n_texts, n_tokens):
   """Per token: the share of the texts it is in (0 for a token in fewer than COMMON_MIN + 1)."""
-  present = np.unique(doc * n_tokens + token)  # (text, token) pairs
+  present = _distinct(doc * n_tokens + token)  # (text, token) pairs
   texts_with = np.bincount(present % n_tokens, minlength=n_tokens)
   return np.where(texts_with > COMMON_MIN, texts_with / max(n_texts, 1), 0.0)
+
+
+def _distinct(values):
+  """Sorted distinct values (np.unique's hash path measured 10x slower on 2 M int64)."""
+  values = np.sort(values)
+  return values[np.concatenate([[True], values[1:] != values[:-1]])] if len(values) else values
 
 
 def _edges_of_runs(doc, common):
@@ -87,9 +93,12 @@ def _edges_of_runs(doc, common):
   starts_run[1:] = (common[1:] != common[:-1]) | (doc[1:] != doc[:-1])
   run = np.cumsum(starts_run) - 1
   in_long_run = common & (np.bincount(run)[run] >= RUN)
+  if not in_long_run.any():
+    return np.zeros(n, dtype=bool)
   before = np.concatenate([[0], np.cumsum(in_long_run)])  # long-run occurrences before index i
-  first = np.searchsorted(doc, doc, side="left")  # the text's first and last occurrence
-  last = np.searchsorted(doc, doc, side="right") - 1
+  per_text = np.bincount(doc)
+  first = np.repeat(np.cumsum(per_text) - per_text, per_text)  # the text's first occurrence
+  last = first + per_text[doc] - 1
   i = np.arange(n)
   lo, hi = np.maximum(i - GRAM + 1, first), np.minimum(i + GRAM - 1, last)
   return before[hi + 1] - before[lo] > 0
@@ -122,11 +131,11 @@ def similar_pairs(left: list[str], right: list[str] | None, threshold: float) ->
   matrices = _matrices([left] if same else [left, right])
   a, b = matrices[0], matrices[-1]
   size_a, size_b = np.diff(a.indptr), np.diff(b.indptr)
-  bt = b.T.tocsr()
   pairs = []
   for lo in range(0, a.shape[0], ROWS_PER_BLOCK):
-    shared = (a[lo:lo + ROWS_PER_BLOCK] @ bt).tocoo()
-    i, j, k = shared.row + lo, shared.col, shared.data
+    first = lo if same else 0  # within a split only the pairs i < j: half the product
+    shared = (a[lo:lo + ROWS_PER_BLOCK] @ b[first:].T).tocoo()
+    i, j, k = shared.row + lo, shared.col + first, shared.data
     if same:
       i, j, k = i[i < j], j[i < j], k[i < j]
     score = k / (size_a[i] + size_b[j] - k)
