@@ -24,14 +24,15 @@ prompt, tokenizer and length rule) but keeps going after a problem, so one run l
 Near-duplicates (ftjax/data/similarity.py): Jaccard similarity of character 5-gram shingle
 sets, casefolded, without the shingles that are boilerplate in the split (in more than 5% of
 its texts: a shared instruction line or template, stock phrasing), exact (no MinHash). It holds
-on one-line texts as on long ones: a listing with 2 of 16 words changed scores 0.8. The default
+on one-line texts as on long ones: a listing with 2 of 16 words changed scores 0.82. The default
 threshold 0.4 (data.check.near_dup) was calibrated by scripts/calibrate_near_dup.py on a long-
 text set (a public grade-school math set, 7,473 train / 1,319 test questions: every train/test
-pair at or above 0.4 restates one problem with names and numbers changed, recall 92% on planted
-such rewrites) and a short-text set (an intent set, 15,000 / 4,500 one-line queries: 2 of 9-12
-words changed are found 83% of the time; pairs of different intents reach 0.4 at a rate of
-1.4e-5, mostly one sentence with its object changed, "change my oil" / "change my tires");
-docs/benchmarks.md has the numbers.
+pair at or above 0.3 restates one problem with names, numbers or the question changed, and 94%
+of planted such rewrites reach 0.4) and a short-text set (an intent set, 15,000 / 4,500 one-line
+queries: 82% of copies with 2 of 9-12 words changed reach 0.4; pairs of different intents do at
+a rate of 1.4e-5, mostly one sentence with its object changed, "change my oil" / "change my
+tires"). Pairs with the same input are reported as exact duplicates or conflicting outputs, not
+again as near duplicates. docs/benchmarks.md has the numbers.
 
 Then, for training: without data.eval, data.eval_fraction carves a held-out split from the
 train records (`carve_eval`); data.mix draws the train sources by weight (`mix`, after the
