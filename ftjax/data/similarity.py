@@ -45,6 +45,10 @@ COMMON_SHARE = 0.05  # a shingle in more than this share of a split's texts is b
 COMMON_MIN = 10  # ... when it is also in more than this many of them (small splits)
 SPAN_SHARE = 0.5  # a run of RUN consecutive shingles each in more than this share of the
 RUN = 8  # texts (12+ characters most texts repeat verbatim) takes its edges along
+# a pair shares at least this many counted shingles (~12 characters of text that is not
+# boilerplate): without it two short templated texts whose every word is boilerplate but one
+# number scored 1.0 on the one shingle left ("send 50 euros to Anna" / "... to Li Wei")
+MIN_SHARED = 8
 ROWS_PER_BLOCK = 2048  # texts per block of the sparse product: bounds its memory
 
 _WORD = re.compile(r"\w+")
@@ -145,6 +149,6 @@ def similar_pairs(left: list[str], right: list[str] | None, threshold: float) ->
     if same:
       i, j, k = i[i < j], j[i < j], k[i < j]
     score = k / (size_a[i] + size_b[j] - k)
-    hit = score >= threshold
+    hit = (score >= threshold) & (k >= MIN_SHARED)
     pairs += zip(i[hit].tolist(), j[hit].tolist(), np.round(score[hit], 4).tolist())
   return sorted(pairs, key=lambda p: (-p[2], p[0], p[1]))
