@@ -351,6 +351,33 @@ def test_boilerplate_shingles_do_not_count():
   assert (i, j) == (40, 41) and score == pytest.approx(_char_jaccard(LISTING, RELISTED), abs=0.05)
 
 
+def _templated(n, seed):
+  """n distinct short texts from 3 templates whose every slot value is in > 5% of them."""
+  rng = random.Random(seed)
+  templates = ["send {a} to {n}", "I want to transfer {a} to {n} {w}",
+               "move {a} from my {c} account to {n}"]
+  slots = {"a": ["50 euros", "$120", "300 pounds", "1,000 CHF", "75 dollars"],
+           "c": ["savings", "checking", "joint", "business"],
+           "n": ["Anna", "my landlord", "Mr. Okafor", "the garage", "Li Wei", "my sister"],
+           "w": ["today", "yesterday", "on Saturday", "right now"]}
+  out = []
+  while len(out) < n:
+    text = rng.choice(templates).format(**{k: rng.choice(v) for k, v in slots.items()})
+    if text not in out:
+      out.append(text)
+  return out
+
+
+def test_texts_left_with_a_few_shingles_are_not_near_identical(monkeypatch):
+  """When boilerplate takes all of two short texts but a shingle or two, those must not make
+  them near duplicates: without MIN_SHARED 63 of these 200 x 40 pairs scored 1.0 ("send 50
+  euros to Li Wei" / "send 50 euros to the garage")."""
+  texts = _templated(240, seed=0)
+  assert similarity.similar_pairs(texts[:200], texts[200:], 0.4) == []
+  monkeypatch.setattr(similarity, "MIN_SHARED", 1)  # the guard is what keeps them apart
+  assert len(similarity.similar_pairs(texts[:200], texts[200:], 0.4)) > 10
+
+
 def test_summary_lists_locations_and_report_path(tmp_path, tok):
   path = _write_planted(tmp_path / "bad.jsonl")
   report = check.run_check(_config(path, on_error="skip"), tok, out_dir=str(tmp_path / "out"),
