@@ -30,7 +30,7 @@ text set (a public grade-school math set, 7,473 train / 1,319 test questions: ev
 pair at or above 0.3 restates one problem with names, numbers or the question changed, and 94%
 of planted such rewrites reach 0.4) and a short-text set (an intent set, 15,000 / 4,500 one-line
 queries: 82% of copies with 2 of 9-12 words changed reach 0.4; pairs of different intents do at
-a rate of 1.4e-5, mostly one sentence with its object changed, "change my oil" / "change my
+a rate of 1.3e-5, mostly one sentence with its object changed, "change my oil" / "change my
 tires"). Pairs with the same input are reported as exact duplicates or conflicting outputs, not
 again as near duplicates. docs/benchmarks.md has the numbers.
 

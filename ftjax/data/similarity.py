@@ -22,7 +22,7 @@ Texts that are nothing but boilerplate have no near duplicates (the exact-duplic
 sees them). The price: near copies of one text making up more than COMMON_SHARE of a split are
 each other's boilerplate and are not reported (exact copies still are), a template shared by
 fewer texts than that still counts, and a message's words that the instruction also uses stop
-counting (on 1,000 one-line queries under one instruction, of ~105 pairs 6 near 0.4 appeared
+counting (on 1,000 one-line queries under one instruction, of ~100 pairs 5 near 0.4 appeared
 and 7 went).
 
 Exact, not MinHash: the pairs that share a counted shingle are found by a sparse product of
