@@ -18,7 +18,8 @@ not count for a train/eval pair, neither in the intersection nor in the union):
              each in more than SPAN_SHARE of the texts (a span most texts repeat verbatim): the
              few that join it to what follows ("age w" in "...message: what"), which would
              otherwise make the messages that start alike similar.
-Texts that are nothing but boilerplate have no near duplicates (the exact-duplicate check still
+A pair also shares at least MIN_SHARED counted shingles (~12 characters). Texts that are
+nothing but boilerplate have no near duplicates (the exact-duplicate check still
 sees them). The price: near copies of one text making up more than COMMON_SHARE of a split are
 each other's boilerplate and are not reported (exact copies still are), a template shared by
 fewer texts than that still counts, and a message's words that the instruction also uses stop
