@@ -48,7 +48,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-import re
 import string
 
 import numpy as np
