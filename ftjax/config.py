@@ -119,7 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.check = ml_collections.ConfigDict()
   c.data.check.on_error = "fail"  # fail: stop, listing every problem | skip: drop bad records, count them
   c.data.check.drop_leaked = False  # drop train examples whose input (near-)duplicates an eval input
-  c.data.check.near_dup = 0.4  # word 5-gram Jaccard at or above which two texts are near-duplicates
+  c.data.check.near_dup = 0.4  # near duplicates: character 5-gram Jaccard >= this, boilerplate excluded
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100  # optimizer steps (unless train.epochs is set)

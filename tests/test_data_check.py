@@ -2,13 +2,15 @@
 
 import json
 import os
+import random
+import re
 import subprocess
 import sys
 
 import pytest
 
 from ftjax.config import base_config
-from ftjax.data import check, sources
+from ftjax.data import check, similarity, sources
 from ftjax.errors import FtjaxError
 from tiny import tiny_tokenizer
 
@@ -17,6 +19,14 @@ LONG = " ".join(f"word{i}" for i in range(300))
 NEAR_A = ("the committee met on tuesday to review the annual budget for the city library and "
           "agreed to extend the opening hours during the winter months for students")
 NEAR_B = NEAR_A.replace("tuesday", "thursday")  # one word of 27 changed
+
+
+def _char_jaccard(a, b, n=5):
+  """The near-duplicate measure written plainly, for texts with no boilerplate shingle."""
+  def grams(text):
+    s = " ".join(re.findall(r"\w+", text.casefold()))
+    return {s[i:i + n] for i in range(len(s) - n + 1)}
+  return len(grams(a) & grams(b)) / len(grams(a) | grams(b))
 
 
 def _chat(user, assistant, role="assistant"):
@@ -88,8 +98,9 @@ def test_every_problem_with_code_and_line(tmp_path, tok):
   assert q["exact_duplicates"]["listed"] == [[f"{path}:8", f"{path}:9"]]
   near = q["near_duplicates"]["listed"]
   assert [(p["a"], p["b"]) for p in near] == [(f"{path}:10", f"{path}:11")]
-  # 28 words with the output "noted": 24 shingles each, the 5 holding the changed word differ
-  assert near[0]["similarity"] == pytest.approx(19 / 29, abs=1e-3)
+  # too few texts for any shingle to be boilerplate: plain Jaccard of character 5-gram sets
+  expected = _char_jaccard(NEAR_A + "\nnoted", NEAR_B + "\nnoted")
+  assert near[0]["similarity"] == pytest.approx(expected, abs=1e-4) and expected < 1
   assert q["conflicting_outputs"]["listed"] == [[f"{path}:12", f"{path}:13"]]
   assert {ex.where for ex in kept["train"]} == {f"{path}:{i}" for i in (1, 8, 9, 10, 11, 12, 13)}
 
@@ -153,6 +164,7 @@ def test_cli_fail_policy_names_every_line(tmp_path, model_dir):
   assert "compil" not in (r.stderr + r.stdout).lower()  # nothing was built: data only
   report = json.loads((out / "data_report.json").read_text())
   assert report["failed"] and len(report["problems"]) == len(EXPECTED)
+  assert f"report: {out / 'data_report.json'}" in r.stdout  # not silently in some folder
 
 
 def test_cli_skip_policy_counts_skipped(tmp_path, model_dir):
@@ -235,22 +247,147 @@ def test_markdown_section(tmp_path, tok):
   assert md.startswith("## Data check") and "`bad_json` 1" in md and "| train | 8 |" in md
 
 
-def test_gsm8k_train_test_leakage(tok):
-  folder = os.path.join(REPO, "..", "shared", "data", "gsm8k")
-  if not os.path.isdir(folder):
-    pytest.skip(f"{folder} not found")
+# gsm8k (test line, train line) pairs restating one problem with names / numbers / the question
+# changed, read one by one; the first three are the ones the word 5-gram measure found.
+GSM8K_REWRITES = {(633, 21): 0.649, (603, 5163): 0.622, (603, 1315): 0.606, (825, 3727): 0.449,
+                  (598, 6656): 0.439, (975, 2601): 0.405, (449, 1782): 0.388, (580, 2579): 0.366,
+                  (919, 7286): 0.354, (497, 3428): 0.319, (303, 3053): 0.312, (980, 4241): 0.308,
+                  (356, 6291): 0.302}
+
+
+def test_gsm8k_train_test_leakage(shared_data):
+  """The calibration on long texts: every train/test pair at or above 0.3 (9.9 M pairs) is one
+  of the rewrites read by hand (no unrelated pair), and at the default 0.4 the leaks are the
+  six closest of them, the word 5-gram measure's three included."""
   fields = {"question": "input", "answer": "output"}
   splits = {}
   for name in ("train", "test"):
-    records, problems = sources.read_all(os.path.join(folder, f"{name}.jsonl"))
+    records, problems = sources.read_all(os.path.join(shared_data, "gsm8k", f"{name}.jsonl"))
     splits[name], invalid = check.validate_records(records, fields=fields)
     assert not problems and not invalid
-  leaks = check.leakage(splits["train"], splits["test"], threshold=0.4)
-  # Measured: 3 pairs (test 603 ~ train 1315 and 5163 at 0.556, test 633 ~ train 21 at 0.405),
-  # all the same problem with names / numbers changed; none exact. The next closest is 0.2.
-  assert len(leaks) == 3 and {p["kind"] for p in leaks} == {"near"}
-  assert [round(p["similarity"], 3) for p in leaks] == [0.556, 0.556, 0.405]
-  assert len(check.leakage(splits["train"], splits["test"], threshold=0.2)) == 4
+  leaks = check.leakage(splits["train"], splits["test"], threshold=0.3)
+  found = {(int(p["eval"].rsplit(":", 1)[1]), int(p["train"].rsplit(":", 1)[1])): p["similarity"]
+           for p in leaks}
+  assert {p["kind"] for p in leaks} == {"near"}
+  assert found == pytest.approx(GSM8K_REWRITES, abs=1e-3)
+  assert sum(s >= 0.4 for s in found.values()) == 6  # at the default threshold
+
+
+LISTING = "Used city bike, blue, for sale in very good condition with new tyres, asking 469 euros"
+RELISTED = "Used city bike, blue, on sale in very good condition with new tyres, Asking 469 EUR"
+OTHER_LISTINGS = [
+  "Wooden dining table with four chairs, some scratches, pick up only, 120 euros",
+  "Selling a used washing machine, 7 kg, works fine, collection from Lyon",
+  "Two concert tickets for Saturday night, row 12, face value",
+  "Baby stroller in great shape, folds flat, rain cover included, 80 euros or best offer",
+]
+
+
+def test_short_text_near_duplicate_reported_with_both_locations(tmp_path, tok):
+  """A one-line listing and its copy with 2 of 16 words changed and one case changed: a leak
+  and, in one split, a near duplicate, each with both locations (word 5-grams scored it 0.33)."""
+  records = [json.dumps({"input": t, "output": "listing"}) for t in OTHER_LISTINGS]
+  train = _write(tmp_path / "train.jsonl", records + [json.dumps({"input": LISTING, "output": "ok"})])
+  eval_ = _write(tmp_path / "eval.jsonl", [json.dumps({"input": RELISTED, "output": "ok"})])
+  report, _ = check.check(_config(train, eval_), tok)
+  assert [(p["train"], p["eval"], p["kind"]) for p in report["leakage"]["listed"]] == [
+      (f"{train}:5", f"{eval_}:1", "near")]
+  assert report["leakage"]["listed"][0]["similarity"] == pytest.approx(
+      _char_jaccard(LISTING, RELISTED), abs=1e-4)
+
+  both = _write(tmp_path / "both.jsonl", records + [json.dumps({"input": LISTING, "output": "a"}),
+                                                    json.dumps({"input": RELISTED, "output": "a"})])
+  report, _ = check.check(_config(both), tok)
+  near = report["quality"]["near_duplicates"]["listed"]
+  assert [(p["a"], p["b"]) for p in near] == [(f"{both}:5", f"{both}:6")]
+  text = check.summary_text(report)
+  assert f"near duplicate {near[0]['similarity']:.2f}: {both}:5 ~ {both}:6" in text
+
+
+def _messages(n, seed):
+  """n short messages of 5-9 words, none sharing a word with another (they all differ)."""
+  rng = random.Random(seed)
+  letters = "abcdefghijklmnopqrstuvwxyz"
+  words = list({"".join(rng.choice(letters) for _ in range(rng.randint(3, 8))) for _ in range(20 * n)})
+  out, at = [], 0
+  for _ in range(n):
+    k = rng.randint(5, 9)
+    out.append(" ".join(words[at:at + k]))
+    at += k
+  return out
+
+
+INSTRUCTION = ("You are a customer support assistant for a bank. Classify the customer's message "
+               "into exactly one of the intents you were given and reply with the intent name only.")
+
+
+def test_a_shared_instruction_line_makes_no_near_duplicates(tmp_path, tok):
+  """1 instruction line + "Message: " + a short message that differs from every other: no near
+  duplicate, no leak, drop_leaked drops nothing; a relisted message under the same instruction
+  is still found (the instruction is ignored, not the check)."""
+  messages = _messages(260, seed=0)
+  def record(message, i):
+    return json.dumps({"input": f"{INSTRUCTION}\nMessage: {message}", "output": f"intent{i % 7}"})
+  train = _write(tmp_path / "train.jsonl", [record(m, i) for i, m in enumerate(messages[:200])]
+                 + [record(LISTING, 0)])
+  eval_ = _write(tmp_path / "eval.jsonl", [record(m, i) for i, m in enumerate(messages[200:])]
+                 + [record(RELISTED, 0)])
+  report, kept = check.check(_config(train, eval_, drop_leaked=True), tok)
+  assert report["quality"]["near_duplicates"]["pairs"] == 0
+  assert [(p["train"], p["eval"]) for p in report["leakage"]["listed"]] == [
+      (f"{train}:201", f"{eval_}:61")]
+  assert report["leakage"]["dropped_from_train"] == 1 and len(kept["train"]) == 200
+
+
+def test_boilerplate_shingles_do_not_count():
+  """The rule in isolation: a shingle in more than COMMON_SHARE of a split's texts counts in
+  neither the intersection nor the union, so a shared prefix leaves the messages' own score."""
+  messages = _messages(40, seed=1)
+  prefixed = [f"{INSTRUCTION}\nMessage: {m}" for m in messages]
+  assert similarity.similar_pairs(prefixed, None, 0.05) == []
+  assert similarity.similar_pairs(prefixed[:30], prefixed[30:], 0.05) == []
+  pair = [f"{INSTRUCTION}\nMessage: {LISTING}", f"{INSTRUCTION}\nMessage: {RELISTED}"]
+  (i, j, score), = similarity.similar_pairs(prefixed + pair, None, 0.4)
+  assert (i, j) == (40, 41) and score == pytest.approx(_char_jaccard(LISTING, RELISTED), abs=0.05)
+
+
+def _templated(n, seed):
+  """n distinct short texts from 3 templates whose every slot value is in > 5% of them."""
+  rng = random.Random(seed)
+  templates = ["send {a} to {n}", "I want to transfer {a} to {n} {w}",
+               "move {a} from my {c} account to {n}"]
+  slots = {"a": ["50 euros", "$120", "300 pounds", "1,000 CHF", "75 dollars"],
+           "c": ["savings", "checking", "joint", "business"],
+           "n": ["Anna", "my landlord", "Mr. Okafor", "the garage", "Li Wei", "my sister"],
+           "w": ["today", "yesterday", "on Saturday", "right now"]}
+  out = []
+  while len(out) < n:
+    text = rng.choice(templates).format(**{k: rng.choice(v) for k, v in slots.items()})
+    if text not in out:
+      out.append(text)
+  return out
+
+
+def test_texts_left_with_a_few_shingles_are_not_near_identical(monkeypatch):
+  """When boilerplate takes all of two short texts but a shingle or two, those must not make
+  them near duplicates: without MIN_SHARED 63 of these 200 x 40 pairs scored 1.0 ("send 50
+  euros to Li Wei" / "send 50 euros to the garage")."""
+  texts = _templated(240, seed=0)
+  assert similarity.similar_pairs(texts[:200], texts[200:], 0.4) == []
+  monkeypatch.setattr(similarity, "MIN_SHARED", 1)  # the guard is what keeps them apart
+  assert len(similarity.similar_pairs(texts[:200], texts[200:], 0.4)) > 10
+
+
+def test_summary_lists_locations_and_report_path(tmp_path, tok):
+  path = _write_planted(tmp_path / "bad.jsonl")
+  report = check.run_check(_config(path, on_error="skip"), tok, out_dir=str(tmp_path / "out"),
+                           probe=False)
+  text = check.summary_text(report)
+  assert f"duplicate: {path}:8 = {path}:9" in text
+  assert f"near duplicate " in text and f"{path}:10 ~ {path}:11" in text
+  assert f"conflicting outputs: {path}:12 / {path}:13" in text
+  written = tmp_path / "out" / "data_report.json"
+  assert f"report: {written}" in text and json.loads(written.read_text())["quality"]
 
 
 def test_input_output_codes_with_field_renaming():
