@@ -4,7 +4,13 @@
 checkpoint of a training run and writes the adapter-merged model as a HF directory (loadable by
 `transformers.AutoModelForCausalLM.from_pretrained`) and/or the adapter alone in HF PEFT format
 (loadable by `peft.PeftModel.from_pretrained`). Each output is written to a temporary folder
-and renamed when complete, so a failed export never leaves a folder that looks finished.
+and moved into place when complete, so a failed export never leaves a folder that looks finished.
+
+An output folder must be new, empty or a previous export of the same kind (then replaced);
+one holding anything else is refused unless `--overwrite`, and even then only the export's own
+files are replaced there: an export never deletes a file it did not write, and never writes into
+a training workdir itself (ftjax.files.atomic_dir). Writing into WORKDIR (the default outputs)
+takes the workdir's lock, so it never runs beside a training of that workdir (ftjax/lock.py).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ MERGED = ExportKind("HF model", "config.json",
                      "model-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors",
                      "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"))
 
-# What marks a training workdir: its lock file (ftjax.lock), or a config beside checkpoints (a
+# What marks a training workdir: its lock file (ftjax/lock.py), or a config beside checkpoints (a
 # workdir from before the lock). An export never writes into one, nor into a folder holding one.
 LOCK_FILE = ".ftjax.lock"
 _WORKDIR_FOLDERS = ("checkpoints", "best")
@@ -101,7 +101,8 @@ def check_export_target(out_dir: str, kind: ExportKind, overwrite: bool = False)
     raise FtjaxError(
         f"{out_dir}: the folder holds files that are not a {kind.name} export ({shown}); choose "
         f"an empty or new folder, or pass --overwrite (overwrite=True) to write the export's files "
-        f"({', '.join(kind.patterns[:3])}, ...) into it, keeping the rest")
+        f"({', '.join(kind.patterns[:2])}{', ...' if len(kind.patterns) > 2 else ''}) into it, "
+        "keeping the rest")
 
 
 @contextlib.contextmanager
