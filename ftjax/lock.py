@@ -79,18 +79,18 @@ class WorkdirLock:
     self.path = os.path.join(workdir, LOCK_FILE)
     self.what = what
     self._fd = None
+    self._created = False  # by this lock: removed again when nothing else was written
 
   def acquire(self) -> "WorkdirLock":
     if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
       raise FtjaxError(f"{self.workdir}: a file is in the way; the workdir is a folder")
-    os.makedirs(self.workdir, exist_ok=True)
     key = os.path.realpath(self.path)
     if key in _HELD:
       raise FtjaxError(f"{self.workdir}: in use by this process already (another train/export "
                        "into it is running here); wait for it, or use another --workdir")
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    self._created = not os.path.exists(self.workdir)
+    fd = self._open_locked()
     try:
-      self._lock(fd)
       previous = _read_record(fd)
       if previous:  # the kernel dropped its lock: that holder is gone
         log.warning("%s: the previous holder, %s, ended without releasing it (killed?); taking "
@@ -103,6 +103,26 @@ class WorkdirLock:
     self._fd = fd
     _HELD.add(key)
     return self
+
+  def _open_locked(self) -> int:
+    """The lock file's descriptor, locked. Retried when the file was replaced while we waited
+    (a release that removed the workdir it had created: see `release`)."""
+    while True:
+      os.makedirs(self.workdir, exist_ok=True)
+      try:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      except FileNotFoundError:  # the folder went between the two lines
+        continue
+      try:
+        self._lock(fd)
+        if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+          return fd
+      except FileNotFoundError:
+        pass
+      except BaseException:
+        os.close(fd)
+        raise
+      os.close(fd)
 
   def _lock(self, fd: int) -> None:
     try:
@@ -132,6 +152,12 @@ class WorkdirLock:
       return
     # An empty record: a release, not a killed holder (what _record_only relies on, too).
     os.ftruncate(self._fd, 0)
+    if self._created and os.listdir(self.workdir) == [LOCK_FILE]:
+      # A run refused before writing anything leaves no workdir behind (removed while still
+      # locked; a process that opened the file meanwhile sees it gone and retries).
+      os.unlink(self.path)
+      with contextlib.suppress(OSError):
+        os.rmdir(self.workdir)
     os.close(self._fd)  # drops the flock
     self._fd = None
     _HELD.discard(os.path.realpath(self.path))

@@ -210,15 +210,20 @@ def test_a_second_writer_is_refused_while_the_first_runs(workdir, holder, capsys
 
 def test_the_lock_is_released_when_train_fails(workdir, tmp_path):
   config, _ = workdir
-  wd = str(tmp_path / "wd")
   broken = config.copy_and_resolve_references()
   broken.data.train = str(tmp_path / "missing.jsonl")
+  new = str(tmp_path / "new")
   with pytest.raises(FtjaxError, match="missing.jsonl"):
-    train_lib.train(broken, wd)
-  assert os.path.isfile(os.path.join(wd, ".ftjax.lock"))  # train took it
-  with WorkdirLock(wd, "test"):  # free again
+    train_lib.train(broken, new)
+  assert not os.path.exists(new)  # refused before writing anything: not even the workdir
+  existing = str(tmp_path / "existing")
+  os.makedirs(existing)
+  with pytest.raises(FtjaxError, match="missing.jsonl"):
+    train_lib.train(broken, existing)
+  assert os.listdir(existing) == [".ftjax.lock"]  # train took the lock...
+  with WorkdirLock(existing, "test"):  # ... and released it
     with pytest.raises(FtjaxError, match="in use by this process"):
-      WorkdirLock(wd, "test").acquire()
+      WorkdirLock(existing, "test").acquire()
 
 
 def test_without_file_locks_the_holders_record_decides(tmp_path, monkeypatch):
