@@ -21,6 +21,7 @@ from ftjax.errors import FtjaxError, cli_errors, setup_logging
 from ftjax.evaluation import forgetting
 from ftjax.evaluation.generation import EvalPlan, few_shot_prompt, split  # noqa: F401 (API)
 from ftjax.files import write_json
+from ftjax.lock import hold_workdir
 
 log = logging.getLogger("ftjax.evaluate")
 
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
   if args.workdir:
     if not os.path.isdir(args.workdir):
       raise FtjaxError(f"--workdir {args.workdir}: no such folder")
-    evaluation.report.write(args.workdir)
+    with hold_workdir(args.workdir, "evaluate"):  # not while a run writes it (ftjax/lock.py)
+      evaluation.report.write(args.workdir)
     print(os.path.join(args.workdir, "report.md"))
     return
   if not (args.model and args.data and args.output):

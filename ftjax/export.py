@@ -4,12 +4,19 @@
 checkpoint of a training run and writes the adapter-merged model as a HF directory (loadable by
 `transformers.AutoModelForCausalLM.from_pretrained`) and/or the adapter alone in HF PEFT format
 (loadable by `peft.PeftModel.from_pretrained`). Each output is written to a temporary folder
-and renamed when complete, so a failed export never leaves a folder that looks finished.
+and moved into place when complete, so a failed export never leaves a folder that looks finished.
+
+An output folder must be new, empty or a previous export of the same kind (then replaced);
+one holding anything else is refused unless `--overwrite`, and even then only the export's own
+files are replaced there: an export never deletes a file it did not write, and never writes into
+a training workdir itself (ftjax.files.atomic_dir). Writing into WORKDIR (the default outputs)
+takes the workdir's lock, so it never runs beside a training of that workdir (ftjax/lock.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -17,26 +24,57 @@ import ml_collections
 from flax import nnx
 
 from ftjax import config as config_lib
-from ftjax import peft, quant
+from ftjax import files, peft, quant
 from ftjax.checkpoint import Checkpointer
 from ftjax.errors import FtjaxError, cli_errors
 from ftjax.files import read_json
 from ftjax.models import save_pretrained
-from ftjax.run import init_or_restore, setup
+from ftjax.lock import hold_workdir
+from ftjax.run import init_or_restore, peft_configs, setup
 
 
-def write_adapters(model: nnx.Module, out_dir: str, base_model_name: str) -> list[str]:
+def write_adapters(model: nnx.Module, out_dir: str, base_model_name: str,
+                   overwrite: bool = False) -> list[str]:
   """Each attached adapter in HF PEFT's layout (adapter_config.json +
   adapter_model.safetensors): one adapter in `out_dir` itself, several each in
-  `out_dir/<name>/` (as PEFT saves adapters that are not "default"). Returns the folders."""
+  `out_dir/<name>/` (as PEFT saves adapters that are not "default"). Returns the folders.
+  Never deletes what an export did not write (see `check_adapters_target`)."""
   names = list(peft.configs(model))
+  check_adapters_target(names, out_dir, overwrite)
   if len(names) == 1:
-    peft.save_adapter(model, out_dir, base_model_name, adapter_name=names[0])
+    peft.save_adapter(model, out_dir, base_model_name, adapter_name=names[0], overwrite=overwrite)
     return [out_dir]
   os.makedirs(out_dir, exist_ok=True)
+  folders = [adapter_folder(out_dir, name) for name in names]
+  for name, folder in zip(names, folders):
+    peft.save_adapter(model, folder, base_model_name, adapter_name=name, overwrite=overwrite)
+  return folders
+
+
+def adapter_folder(out_dir: str, name: str) -> str:
+  """`out_dir/<name>`, checked to stay inside `out_dir` (names are checked where adapters are
+  added, ftjax.peft.core.check_adapter_name; this guards the path itself)."""
+  return files.inside(out_dir, os.path.join(out_dir, name))
+
+
+def check_adapters_target(names: list[str], out_dir: str, overwrite: bool = False) -> None:
+  """Refuses what `write_adapters` must not write the adapters `names` into, before anything is
+  computed: one adapter as `ftjax.files.check_export_target` says; for several, `out_dir` may
+  hold only their folders from a previous export (unless `overwrite`), each checked as one."""
+  if len(names) == 1:
+    files.check_export_target(out_dir, files.ADAPTER, overwrite)
+    return
+  files.check_export_target(out_dir, files.ADAPTER, overwrite=True)  # a file, a workdir
+  if os.path.isdir(out_dir) and not overwrite:
+    other = sorted(e for e in os.listdir(out_dir)
+                   if e not in names and e not in files.ADAPTER.kept and not files.partial(e))
+    if other:
+      raise FtjaxError(f"{out_dir}: the folder holds {', '.join(other[:5])}, which are not "
+                       f"this model's adapters ({', '.join(names)}); choose an empty or new "
+                       "folder, or pass --overwrite (overwrite=True) to write the adapter "
+                       "folders into it, keeping the rest")
   for name in names:
-    peft.save_adapter(model, os.path.join(out_dir, name), base_model_name, adapter_name=name)
-  return [os.path.join(out_dir, name) for name in names]
+    files.check_export_target(adapter_folder(out_dir, name), files.ADAPTER, overwrite)
 
 
 def _quantised(model: nnx.Module) -> bool:
@@ -55,10 +93,14 @@ def merged_model(model: nnx.Module) -> nnx.Module:
   return peft.merge_and_unload(clone) if adapters else clone
 
 
-def write_merged(model: nnx.Module, tokenizer, out_dir: str, max_shard_size: int | str = "5GB") -> None:
+def write_merged(model: nnx.Module, tokenizer, out_dir: str, max_shard_size: int | str = "5GB",
+                 overwrite: bool = False) -> None:
   """The model with any adapter folded in, as a HF model directory with tokenizer files: merged
-  on the devices (sharded as trained) and streamed to files of at most `max_shard_size`."""
-  save_pretrained(merged_model(model), out_dir, tokenizer, max_shard_size=max_shard_size)
+  on the devices (sharded as trained) and streamed to files of at most `max_shard_size`.
+  `out_dir` as `ftjax.models.save_pretrained` takes it."""
+  files.check_export_target(out_dir, files.MERGED, overwrite)  # before merging
+  save_pretrained(merged_model(model), out_dir, tokenizer, max_shard_size=max_shard_size,
+                  overwrite=overwrite)
 
 
 @cli_errors
@@ -69,12 +111,32 @@ def main(argv=None) -> None:
   parser.add_argument("--adapter", default=None, help="PEFT adapter output (default WORKDIR/adapter)")
   parser.add_argument("--no-merged", action="store_true")
   parser.add_argument("--no-adapter", action="store_true")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="write into a folder that holds other files: only the export's own "
+                           "files are replaced there, the rest is kept")
   args = parser.parse_args(argv)
   saved = read_json(os.path.join(args.workdir, "config.json"),
                     f" (is {args.workdir} a training workdir?)")
   config = config_lib.base_config()
   config.unlock()
   config.update(ml_collections.ConfigDict(saved))
+  adapter_out = args.adapter or os.path.join(args.workdir, "adapter")
+  merged_out = args.merged or os.path.join(args.workdir, "merged")
+  outputs = []  # checked before anything loads: a refused folder costs no restore
+  names = list(peft_configs(config))
+  if names and not args.no_adapter:
+    check_adapters_target(names, adapter_out, args.overwrite)
+    outputs.append(adapter_out)
+  if not args.no_merged:
+    files.check_export_target(merged_out, files.MERGED, args.overwrite)
+    outputs.append(merged_out)
+  # Into the workdir (the default outputs): one writer at a time, as training (ftjax/lock.py).
+  writes_workdir = any(files.within(args.workdir, out) for out in outputs)
+  with hold_workdir(args.workdir, "export") if writes_workdir else contextlib.nullcontext():
+    _export(args, config, adapter_out, merged_out)
+
+
+def _export(args, config, adapter_out: str, merged_out: str) -> None:
   checkpointer = Checkpointer(args.workdir)
   if checkpointer.latest_step() is None:
     raise FtjaxError(f"{args.workdir}: no checkpoint to export")
@@ -84,8 +146,7 @@ def main(argv=None) -> None:
   model = run.model(state["trainable"])
   print(f"restored step {int(state['step'])} from {args.workdir}", file=sys.stderr)
   if run.peft_configs and not args.no_adapter:
-    out = args.adapter or os.path.join(args.workdir, "adapter")
-    for folder in write_adapters(model, out, config.model.name_or_path):
+    for folder in write_adapters(model, adapter_out, config.model.name_or_path, args.overwrite):
       print(f"wrote PEFT adapter to {folder}", file=sys.stderr)
   if not args.no_merged:
     if not peft.can_merge(model):
@@ -94,9 +155,8 @@ def main(argv=None) -> None:
                          "weight update); export the adapter alone")
       print(f"no merged model: a {config.method} adapter has no merged form", file=sys.stderr)
       return
-    out = args.merged or os.path.join(args.workdir, "merged")
-    write_merged(model, run.tokenizer, out)
-    print(f"wrote merged HF model to {out}", file=sys.stderr)
+    write_merged(model, run.tokenizer, merged_out, overwrite=args.overwrite)
+    print(f"wrote merged HF model to {merged_out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

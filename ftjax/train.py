@@ -28,6 +28,7 @@ from ftjax.data.auto import row_budget
 from ftjax.evaluation import curves as curves_lib
 from ftjax.errors import FtjaxError, cli_errors, setup_logging
 from ftjax.flops import train_flops_per_token
+from ftjax.lock import hold_workdir
 from ftjax.metrics import MetricWriter
 from ftjax.parallel import distributed
 from ftjax.preemption import StopOnSignal
@@ -119,6 +120,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
   config_lib.validate(config)  # before joining other processes on its distributed.* values
   d = config.distributed
   distributed.initialize(d.coordinator, d.num_processes, d.process_id, d.initialize)
+  with hold_workdir(workdir, "train"):  # one writer per workdir (ftjax/lock.py)
+    return _train(config, workdir, allow_config_change)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool) -> dict:
   if jax.process_count() > 1 and (config.eval.generate or config.export.merged):
     raise FtjaxError("config: eval.generate and export.merged run on one process only for now; "
                      "set them False and export the checkpoint with `python -m ftjax.export`")
@@ -361,10 +367,12 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
     trainable = multihost_utils.process_allgather(trainable, tiled=True)
   model = run.model(trainable)
   if run.peft_configs and cfg.export.adapter and distributed.is_main():
-    export.write_adapters(model, os.path.join(workdir, "adapter"), cfg.model.name_or_path)
+    # overwrite: these folders are the workdir's own (nothing but export files is ever replaced)
+    export.write_adapters(model, os.path.join(workdir, "adapter"), cfg.model.name_or_path,
+                          overwrite=True)
   merged = export.merged_model(model) if cfg.export.merged or plan is not None else None
   if cfg.export.merged:
-    export.write_merged(merged, run.tokenizer, os.path.join(workdir, "merged"))
+    export.write_merged(merged, run.tokenizer, os.path.join(workdir, "merged"), overwrite=True)
   # A 4-bit base generates as it trained (4-bit + adapter), never materialised in float.
   generator = model if run.quantised else merged
   end = {"training": training, "eval": final_eval}

@@ -76,18 +76,23 @@ def load(name_or_path: str, dtype=jnp.float32, *, compute_dtype=None, quantize=N
 
 
 def save_pretrained(model: CausalLM, out_dir: str, tokenizer=None, dtype=np.float32,
-                    max_shard_size: int | str = "5GB") -> None:
+                    max_shard_size: int | str = "5GB", overwrite: bool = False) -> None:
   """Writes `model` as a HF model directory (config.json + safetensors [+ tokenizer files]),
   loadable by `transformers.AutoModelForCausalLM.from_pretrained`. A 4-bit model (QuantLinear
   kernels) is written as transformers + bitsandbytes write a load_in_4bit model, same bytes.
 
   Streams from the (possibly sharded) arrays one layer at a time; files of at most
   `max_shard_size` (bytes, or "5GB" / "500MiB" as in transformers) with the standard
-  model.safetensors.index.json when there are several. The tree is never gathered whole."""
-  from ftjax.files import atomic_dir
+  model.safetensors.index.json when there are several. The tree is never gathered whole.
+
+  `out_dir`: new, empty or a previous export (replaced); a folder holding anything else is
+  refused unless `overwrite`, and even then only the export's own files (config.json,
+  model*.safetensors, tokenizer files) are replaced there (ftjax.files.atomic_dir)."""
+  from ftjax.files import MERGED, atomic_dir, check_export_target
   from ftjax.models.hf import save_hf_config, save_hf_params
   from ftjax.quant import bnb
   from ftjax.quant.linear import QuantLinear
+  check_export_target(out_dir, MERGED, overwrite)  # before any work
   cfg = model.config
   in_4bit = {"/".join(map(str, p)): m for p, m in nnx.iter_modules(model) if isinstance(m, QuantLinear)}
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -111,7 +116,7 @@ def save_pretrained(model: CausalLM, out_dir: str, tokenizer=None, dtype=np.floa
                             if isinstance(m, nnx.Linear) and p} | {"lm_head"})
     quant_config = bnb.quantization_config(first.quant_type, first.absmax_scale is not None,
                                            float_linears, np.dtype(first.dtype).name)
-  with atomic_dir(out_dir) as tmp:
+  with atomic_dir(out_dir, MERGED, overwrite) as tmp:
     save_hf_params(params, cfg, tmp, dtype=dtype, quantised=quantised,
                    max_shard_bytes=max_shard_size)
     save_hf_config(cfg, tmp, dtype_name=np.dtype(dtype).name, quantization_config=quant_config)

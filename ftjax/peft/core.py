@@ -31,6 +31,20 @@ from flax import nnx
 from ftjax.errors import FtjaxError
 
 
+def check_adapter_name(name) -> str:
+  """`name`, refused unless HF PEFT could use it: PEFT keeps adapters in torch ModuleDicts,
+  whose keys are non-empty strings without "." (torch's add_module), and saves an adapter other
+  than "default" in the folder <output>/<name>, so a path separator (or NUL) is refused too."""
+  if not isinstance(name, str) or not name:
+    raise FtjaxError(f"adapter name {name!r}: expected a non-empty string")
+  bad = sorted({c for c in name if c in "./\\\0"})
+  if bad:
+    raise FtjaxError(f"adapter name {name!r}: {', '.join(map(repr, bad))} not allowed (HF PEFT "
+                     "refuses '.', and the name becomes a folder name when saved); use e.g. "
+                     "letters, digits, '_' and '-'")
+  return name
+
+
 class AdapterParam(nnx.Param):
   """Marks a trainable adapter leaf. `nnx.state(model, AdapterParam)` is the adapter tree; each
   method may subclass it (LoRA: `LoraParam`)."""

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from ftjax.errors import FtjaxError
-from ftjax.files import atomic_dir, read_json
+from ftjax.files import ADAPTER, atomic_dir, read_json
 from ftjax.peft.core import PeftConfig, adapter_layers, stack_sizes, torch_names, unload
 
 CONFIG_FILE = "adapter_config.json"
@@ -70,13 +70,15 @@ def _keys(layer, names: list[str], suffix: str) -> list[str]:
 
 
 def save_adapter(model: nnx.Module, out_dir: str, base_model_name_or_path: str | None = None,
-                 *, adapter_name: str | None = None) -> None:
+                 *, adapter_name: str | None = None, overwrite: bool = False) -> None:
   """Writes one attached adapter (default: the only or only active one) in HF PEFT's format,
-  whole or not at all."""
+  whole or not at all. `out_dir`: new, empty or a previous adapter export (replaced); a folder
+  holding anything else is refused unless `overwrite`, and even then only the adapter's two
+  files are replaced there (ftjax.files.atomic_dir)."""
   from ftjax.peft.named import configs
   adapter_name = _named(model, adapter_name, "save_adapter")
   config = configs(model)[adapter_name]
-  with atomic_dir(out_dir) as tmp:
+  with atomic_dir(out_dir, ADAPTER, overwrite) as tmp:
     save_file(adapter_state_dict(model, adapter_name), os.path.join(tmp, WEIGHTS_FILE),
               metadata={"format": "pt"})
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:

@@ -20,7 +20,8 @@ from flax import nnx
 from flax.core import FrozenDict
 
 from ftjax.errors import FtjaxError
-from ftjax.peft.core import AdapterParam, PeftConfig, adapter_layers, replace_module
+from ftjax.peft.core import (AdapterParam, PeftConfig, adapter_layers, check_adapter_name,
+                              replace_module)
 
 
 def configs(model: nnx.Module) -> dict[str, PeftConfig]:
@@ -35,6 +36,7 @@ def active_adapters(model: nnx.Module) -> tuple[str, ...]:
 def _attach(model: nnx.Module, config: PeftConfig, adapter_name: str, rngs) -> None:
   """Attaches `config` and labels what it added with `adapter_name`: the wrappers, and their
   own params through the `adapter_name` metadata (what `trainable` selects by)."""
+  check_adapter_name(adapter_name)
   if not isinstance(config, PeftConfig):
     from ftjax.peft import CONFIG_TYPES
     raise FtjaxError(f"unsupported config {type(config).__name__}; supported: "
