@@ -90,7 +90,7 @@ class AdapterLayer(nnx.Module):
 
   def delta(self, x, y):
     """The adapter's additive update for input x (after dropout) and base output y."""
-    raise NotImplementedError(f"{type(self).__name__} defines neither delta() nor __call__")
+    raise TypeError(f"{type(self).__name__} defines neither delta() nor __call__")
 
   def add(self, y, update):
     """y + update, the update kept only in the layers the adapter is active in."""
