@@ -67,7 +67,7 @@ def _keys(path) -> list[str]:
 def is_vector(path, leaf) -> bool:
   """A per-feature vector (bias, norm scale, IA3 scale, DoRA magnitude), stacked or not."""
   name = _keys(path)[-1]
-  return jax.numpy.ndim(leaf) <= 1 or name in VECTOR_NAMES or name.endswith("_bias")
+  return len(getattr(leaf, "shape", ())) <= 1 or name in VECTOR_NAMES or name.endswith("_bias")
 
 
 def decays(path, leaf) -> bool:
@@ -81,9 +81,10 @@ def decay_mask(trainable: Params) -> Params:
 
 
 def loraplus_labels(trainable: Params) -> Params:
-  """"fast" (lr x ratio) for LoRA's B and every vector, as PEFT's loraplus; "rest" otherwise."""
+  """"b" (lr x ratio) for LoRA's B and every vector, as PEFT's loraplus; "rest" otherwise.
+  ("b": the group's name in checkpoints written before vectors joined it.)"""
   return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: "fast" if _keys(path)[-1] == "lora_b" or is_vector(path, leaf)
+      lambda path, leaf: "b" if _keys(path)[-1] == "lora_b" or is_vector(path, leaf)
       else "rest", trainable)
 
 
@@ -117,7 +118,7 @@ def make_optimizer(trainable: Params, *, lr: float, steps: int, warmup_steps: in
 
   if lora_plus_ratio != 1.0:  # LoRA+: B learns ratio x faster than A (Hayou et al. 2024)
     fast = make_schedule(lr * lora_plus_ratio, steps, warmup_steps, schedule)
-    update = optax.multi_transform({"rest": adamw(sched), "fast": adamw(fast)},
+    update = optax.multi_transform({"rest": adamw(sched), "b": adamw(fast)},
                                    loraplus_labels(trainable))
   else:
     update = adamw(sched)

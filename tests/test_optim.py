@@ -123,7 +123,7 @@ def test_lora_plus_groups_as_peft_does(layers):
     module, leaf = _ftjax_leaf(name)
     tree.setdefault(module, {})[leaf] = jnp.ones(layers + shapes[leaf])
   labels = loraplus_labels(tree)
-  ours = {name: labels[_ftjax_leaf(name)[0]][_ftjax_leaf(name)[1]] == "fast" for name in peft_fast}
+  ours = {name: labels[_ftjax_leaf(name)[0]][_ftjax_leaf(name)[1]] == "b" for name in peft_fast}
   assert ours == peft_fast
   # fast: 2 B, 2 DoRA magnitudes, the 2 wrapped layers' biases, the norm's weight and bias; not 2 A
   assert sum(peft_fast.values()) == 8 and len(peft_fast) == 10
