@@ -61,7 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora.rslora = False  # rsLoRA: scale alpha / sqrt(rank), steadier at large ranks
   c.lora.use_dora = False  # DoRA: also train a magnitude per output feature
   c.lora.init_a = "kaiming"  # kaiming | gaussian
-  c.lora.loraplus_lr_ratio = 1.0  # LoRA+: lr(B) = ratio * lr(A); ~16 in the paper
+  # LoRA+: lr(B) = ratio * lr(A); ~16 in the paper. As PEFT's loraplus, every trained vector
+  # (DoRA magnitude, bias, norm scale) is in B's group too; ftjax has no LoRA on embeddings.
+  c.lora.loraplus_lr_ratio = 1.0
 
   c.ia3 = ml_collections.ConfigDict()  # IA3; "" takes HF PEFT's defaults for the family
   c.ia3.targets = ""  # modules whose outputs are scaled (k, v and the FFN in PEFT's defaults)
@@ -132,7 +134,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.lr = _number_or_auto(2e-4)  # peak learning rate (AdamW)
   c.train.schedule = "cosine"  # decay after the linear warmup
   c.train.warmup_steps = 10  # linear warmup from 0 to train.lr
-  c.train.weight_decay = 0.0  # AdamW decoupled weight decay, on matrices only (not norms, biases)
+  # AdamW decoupled weight decay, on matrices only (LoRA A/B, bottleneck and prompt/prefix
+  # tables, base kernels): never on vectors (biases, norm scales, IA3 scales, DoRA magnitudes).
+  c.train.weight_decay = 0.0
   c.train.b1 = 0.9  # AdamW beta1
   c.train.b2 = 0.999  # AdamW beta2
   c.train.eps = 1e-8  # AdamW epsilon
@@ -187,7 +191,9 @@ def base_config() -> ml_collections.ConfigDict:
   # module's code, as a Python config file does: use only configs you trust. Functions of system
   # modules (os, sys, subprocess, shutil, builtins...) and non-functions are refused.
   c.eval.metrics = "exact_match"
-  c.eval.primary = ""  # decides early stopping and the verdict; "": the first of eval.metrics
+  # Decides early stopping and the verdict. "": the first of eval.metrics this run computes
+  # (generation metrics only with eval.generate), else loss; a metric passed over is logged.
+  c.eval.primary = ""
   c.eval.normalize = "strip"  # exact_match: any of strip, lower, whitespace, punctuation
   c.eval.fields = ""  # field_accuracy: keys compared ("": every key of the reference object)
   c.eval.zero_shot = True  # baseline: the base model with the bare prompt

@@ -82,18 +82,15 @@ def step_memory(compiled) -> dict:
 def model_facts(run, state) -> dict:
   """FLOPs per token and the sizes the plan needs, from a Run and its train state."""
   import jax
-  from ftjax.flops import train_flops_per_token
+  from ftjax.flops import run_flops_per_token
   cfg = run.config
   n_train = sum(x.size for x in jax.tree.leaves(state["trainable"]))
   n_frozen = sum(x.size for x in jax.tree.leaves(run.frozen))
   weight_bytes = sum(x.size * x.dtype.itemsize
                      for x in jax.tree.leaves((state["trainable"], run.frozen)))
-  full = cfg.method == "full"
   return {"trainable_params": int(n_train), "params": int(n_train + n_frozen),
           "weight_bytes": int(weight_bytes),
-          "flops_per_token": train_flops_per_token(
-              run.model_cfg, cfg.data.seq_len, full=full,
-              lora_params=0 if full or not run.peft_configs else n_train)}
+          "flops_per_token": run_flops_per_token(run, state["trainable"])}
 
 
 def probe(config, steps: int = 3) -> dict:
@@ -211,8 +208,9 @@ def summary_text(cost: dict) -> str:
   here, mem = cost["here"], cost["memory"]
   lines.append(f"  here ({here['device']}): {here['train_s']:.0f} s of steps "
                f"({here['step_s']:.2f} s/step, median of {here['probe_steps']} probed) + "
-               f"{here['compile_s']:.0f} s compile; {cost['flops_per_token'] / 1e9:.2f} GFLOP/token, "
-               f"{here['achieved_flops_per_s'] / 1e12:.3f} TFLOP/s achieved")
+               f"{here['compile_s']:.0f} s compile; {cost['flops_per_token'] / 1e9:.2f} GFLOP/token "
+               f"(attention over whole {cost['seq_len']}-token rows; less for short packed "
+               f"documents: ftjax/flops.py), {here['achieved_flops_per_s'] / 1e12:.3f} TFLOP/s achieved")
   acc = ", ".join(f"{n} {a['train_s']:.3g} s ${a['usd']:.3g}" for n, a in cost["accelerators"].items())
   lines.append(f"  at {cost['mfu']:.0%} MFU: {acc}")
   fits = {True: "fits", False: "does NOT fit", None: "limit unknown"}[mem["fits"]]

@@ -18,7 +18,10 @@ target (the causal-LM loss sums "accuracy").
 
 A step whose loss or gradient is not finite leaves the state as it was (only `step` advances)
 and says so in metrics["finite"]; the train loop then stops or skips by its policy. So a
-non-finite update can never reach a checkpoint.
+non-finite update can never reach a checkpoint. The learning-rate schedule counts applied
+updates (the optimizer's own count), not steps: a skip delays the rest of the schedule by one
+step, as in HF Trainer, which skips lr_scheduler.step() with a skipped optimizer step; the
+logged metrics["lr"] reads the same count, so it is the rate the update applied.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import optax
 from flax import nnx
 
 from ftjax.models.params import Params
+from ftjax.optim import applied_updates
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -58,7 +62,8 @@ def train_step(state: dict, frozen: Params, batch: dict, *, graphdef: nnx.GraphD
                schedule: Callable | None = None) -> tuple[dict, dict]:
   """One optimizer update from a batch whose leaves are [accum, micro_batch, ...].
 
-  `schedule` (optional) only reports the learning rate of this step in the metrics.
+  `schedule` (optional) only reports the learning rate of this step in the metrics, read at
+  the optimizer's count of applied updates (see the module docstring).
   """
   rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
@@ -96,7 +101,9 @@ def train_step(state: dict, frozen: Params, batch: dict, *, graphdef: nnx.GraphD
   metrics.update(loss=sums["loss_sum"] / count, count=sums["count"], grad_norm=grad_norm,
                  finite=finite)
   if schedule is not None:
-    metrics["lr"] = schedule(state["step"])
+    # The learning rate this step applied (or would have, when skipped): the schedule at the
+    # optimizer's own count of applied updates, the clock its update reads, not at `step`.
+    metrics["lr"] = schedule(applied_updates(state["opt_state"], default=state["step"]))
   new_state = dict(state, step=state["step"] + 1, trainable=trainable, opt_state=opt_state,
                    mutable=mutable)
   return new_state, metrics

@@ -27,7 +27,7 @@ from ftjax.checkpoint import Checkpointer
 from ftjax.data.auto import row_budget
 from ftjax.evaluation import curves as curves_lib
 from ftjax.errors import FtjaxError, cli_errors, setup_logging
-from ftjax.flops import train_flops_per_token
+from ftjax.flops import run_flops_per_token
 from ftjax.lock import hold_workdir
 from ftjax.metrics import MetricWriter
 from ftjax.parallel import distributed
@@ -231,8 +231,7 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
 
   seq = cfg.data.seq_len
   n_train = sum(x.size for x in jax.tree.leaves(state["trainable"]))
-  flops_per_step = cfg.train.batch_size * seq * train_flops_per_token(
-      run.model_cfg, seq, full=cfg.method == "full", lora_params=n_train if run.peft_configs else 0)
+  flops_per_step = cfg.train.batch_size * seq * run_flops_per_token(run, state["trainable"])
   start_step = int(state["step"])
   # `position`: where the first batch not yet trained on starts; that is what a checkpoint saves
   # (the loader itself runs one batch ahead, fetching while the device computes).

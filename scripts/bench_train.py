@@ -85,7 +85,7 @@ class FtjaxBench:
 
   def __init__(self, config, batch: int, seq: int):
     from ftjax import run as run_lib
-    from ftjax.flops import train_flops_per_token
+    from ftjax.flops import run_flops_per_token
     config.train.batch_size = batch
     config.data.seq_len = seq
     self.config, self.batch, self.seq = config, batch, seq
@@ -97,10 +97,7 @@ class FtjaxBench:
     t = time.perf_counter()
     self.compiled = step.lower(self.state, self.run.frozen, self.data).compile()
     self.compile_s = time.perf_counter() - t
-    n_lora = (sum(x.size for x in jax.tree.leaves(self.state["trainable"]))
-              if config.method == "lora" else 0)
-    self.flops = batch * seq * train_flops_per_token(self.run.model_cfg, seq,
-                                                     full=config.method == "full", lora_params=n_lora)
+    self.flops = batch * seq * run_flops_per_token(self.run, self.state["trainable"])
 
   def steps(self, n: int) -> list[float]:
     times = []

@@ -1,7 +1,10 @@
 """The cost plan (ftjax/cost.py): a probe of the real compiled step and the plan's arithmetic."""
 
+import math
 import os
 
+import jax
+import numpy as np
 import pytest
 
 from ftjax import config as config_lib
@@ -38,9 +41,6 @@ def test_probe_measures_the_real_step(probed, config, model_dir):
   # LoRA r=8 on all 7 linear layers of 2 layers (d=64, q 64, kv 32, ffn 128): (in + out) * 8 each
   per_layer = 8 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 2 * (64 + 128) + (128 + 64))
   assert probed["trainable_params"] == 2 * per_layer
-  model_cfg = load_hf_config(model_dir)
-  assert probed["flops_per_token"] == train_flops_per_token(model_cfg, 64, full=False,
-                                                            lora_params=2 * per_layer)
   mem = probed["memory"]
   # the frozen base and the LoRA state are arguments of the step: at least their bytes
   assert mem["arguments"] >= probed["weight_bytes"] > 0
@@ -94,3 +94,45 @@ def test_cost_config_validated(config, key, value):
   c.cost[key] = value
   with pytest.raises(FtjaxError, match=f"cost.{key}"):
     config_lib.validate(c)
+
+
+def dot_flops(jaxpr) -> int:
+  """2 x (output size) x (contracted size) summed over every dot_general the program runs:
+  scan bodies times their length, the costlier branch of a cond, every nested call."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contract)
+    subs = [getattr(v, "jaxpr", v) for v in eqn.params.values()
+            if isinstance(v, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr))]
+    if eqn.primitive.name == "cond":
+      total += max(dot_flops(b.jaxpr) for b in eqn.params["branches"])
+    times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+    total += times * sum(dot_flops(sub) for sub in subs)
+  return total
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix", "prompt"])
+def test_flops_per_token_against_the_step_s_own_matmuls(config, method):
+  """The cost plan's FLOPs per token against an independent count: the matmul FLOPs of the
+  traced train step itself (remat off, so no recomputation). The one known difference: the xla
+  attention computes the whole causal row (the masked half too), which the formula halves; with
+  that half added back the two agree exactly (1e-9: float rounding of the formula's divisions).
+  main's formula, which counted the prefix/prompt tables as matmul weights and no virtual
+  tokens, was 2.8% low for prefix tuning (20 keys) and 17% low for prompt tuning (20 positions).
+  Elementwise work (norms, softmax, the optimizer) is in neither count."""
+  from ftjax import run as run_lib
+  c = config.copy_and_resolve_references()
+  c.model.remat, c.method = "none", method
+  run = run_lib.setup(c, with_data=False)
+  state, _ = run_lib.init_or_restore(run, None)
+  batch = cost.synthetic_batch(c, run.model_cfg.vocab_size)
+  traced = run_lib.jit_train_step(run, state).trace(state, run.frozen, batch)
+  measured = dot_flops(traced.jaxpr.jaxpr)
+  m, seq = run.model_cfg, c.data.seq_len
+  row = seq + (c.prompt.num_virtual_tokens if method == "prompt" else 0)
+  masked_half = 3 * m.num_layers * 4 * m.q_size * row * row / 2 / seq  # per trained token
+  predicted = batch["inputs"].size * (cost.model_facts(run, state)["flops_per_token"] + masked_half)
+  assert predicted == pytest.approx(measured, rel=1e-9)

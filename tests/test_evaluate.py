@@ -56,6 +56,29 @@ def test_json_metrics_equal_the_quickstart_scorer():
       assert got == want, (pred, got, want)
 
 
+def test_field_accuracy_compares_json_types():
+  """true is not 1 and false is not 0.0 (Python's bool is an int); 1 and 1.0 are one JSON number."""
+  fa = metrics.METRICS["field_accuracy"]
+  ref = '{"paid": true, "refund": false, "n": 1, "tags": [true, 2]}'
+  assert fa.score(['{"paid": 1, "refund": 0.0, "n": 1.0, "tags": [1, 2.0]}'], [ref], metrics.Options()) == 0.25
+  assert fa.score(['{"paid": true, "refund": false, "n": 1, "tags": [true, 2.0]}'], [ref], metrics.Options()) == 1.0
+  assert fa.score(['{"paid": "true", "refund": null, "n": "1", "tags": [true]}'], [ref], metrics.Options()) == 0.0
+
+
+def test_primary_metric_falls_back_to_loss_visibly(caplog):
+  """With eval.generate=False the first generation metric can't be computed: the primary is the
+  first metric that is (else loss), as the config comment says, and a log line says so."""
+  e = config_lib.base_config().eval
+  e.metrics, e.generate = "exact_match,token_accuracy", False
+  with caplog.at_level("WARNING", logger="ftjax.evaluation.metrics"):
+    assert metrics.primary(e) == "token_accuracy"
+  assert "eval.primary is 'token_accuracy': eval.metrics lists exact_match first" in caplog.text
+  e.metrics = "rouge_l"
+  assert metrics.primary(e) == "loss"
+  e.generate = True
+  assert metrics.primary(e) == "rouge_l"
+
+
 def test_text_metrics():
   em = metrics.METRICS["exact_match"]
   assert em.score([" Paris. "], ["paris"], metrics.Options(("strip",))) == 0.0

@@ -221,6 +221,32 @@ def test_non_finite_step_leaves_the_state_unchanged():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_logged_learning_rate_is_the_applied_one_after_a_skipped_step():
+  """A linear schedule, steps good / non-finite / good: each logged lr is the one the update
+  applied, and the skip delays the schedule by one step (HF Trainer skips lr_scheduler.step()
+  with the optimizer step). Adam with b1 = b2 = 0 moves every entry by lr * g / (|g| + eps),
+  i.e. by lr to ~1e-6 (eps 1e-8 against gradients >= ~1e-4): the largest move is the lr."""
+  graphdef, train, frozen, mutable = step_lib.split_model(_lora_model(), peft.AdapterParam)
+  optimizer, schedule = make_optimizer(train, lr=0.01, steps=10, schedule="linear", b1=0.0,
+                                       b2=0.0, max_grad_norm=0)
+  step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, loss_fn=CausalLMLoss(),
+                                   optimizer=optimizer, schedule=schedule))
+  state = step_lib.init_state(train, mutable, optimizer, 0)
+  batch = jax.tree.map(lambda x: x[None], random_batch(np.random.RandomState(0), 2, 8))
+  bad_frozen = jax.tree.map(lambda x: x, frozen)
+  bad_frozen["model"]["norm"]["scale"] = jnp.full_like(frozen["model"]["norm"]["scale"], jnp.nan)
+  logged, applied = [], []
+  for frozen_now in (frozen, bad_frozen, frozen):
+    after, metrics = step(state, frozen_now, batch)
+    logged.append(float(metrics["lr"]))
+    applied.append(max(float(jnp.abs(a - b).max()) for a, b in
+                       zip(jax.tree.leaves(after["trainable"]), jax.tree.leaves(state["trainable"]))))
+    state = after
+  assert applied[1] == 0.0 and int(state["step"]) == 3
+  assert logged == pytest.approx([0.01, 0.009, 0.009], rel=1e-6)  # the skip does not advance it
+  assert [applied[0], applied[2]] == pytest.approx([logged[0], logged[2]], rel=1e-4)
+
+
 def test_chunked_cross_entropy_matches_full():
   model = tiny_model()
   batch = random_batch(np.random.RandomState(0), 3, 10)  # 10 positions: chunks of 8 need padding

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import importlib
 import json
+import logging
 import re
 import string
 from typing import Callable
@@ -27,6 +29,8 @@ from typing import Callable
 import numpy as np
 
 from ftjax.errors import FtjaxError
+
+log = logging.getLogger(__name__)
 
 LOSS_METRICS = {"loss": False, "perplexity": False, "token_accuracy": True}  # name: higher is better
 NORMALIZERS = ("strip", "lower", "whitespace", "punctuation")
@@ -101,15 +105,30 @@ def _json_valid(pred, ref, opts):
   return obj is not None and (ref_obj is None or sorted(obj) == sorted(ref_obj))
 
 
+def json_equal(a, b) -> bool:
+  """Equality of two parsed JSON values as JSON types: true is not 1 and false is not 0 (Python's
+  bool is an int, so `==` says they are); numbers compare by value (5 == 5.0: JSON has one
+  number type); arrays and objects element by element."""
+  if isinstance(a, bool) or isinstance(b, bool):
+    return isinstance(a, bool) and isinstance(b, bool) and a == b
+  if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+    return a == b
+  if isinstance(a, list) and isinstance(b, list):
+    return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b))
+  if isinstance(a, dict) and isinstance(b, dict):
+    return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
+  return type(a) is type(b) and a == b
+
+
 def _field_accuracy(pred, ref, opts):
-  """Share of the reference object's fields (or `opts.fields`) equal in the prediction; numbers
-  compare by value (5 == 5.0)."""
+  """Share of the reference object's fields (or `opts.fields`) equal in the prediction, as JSON
+  values (`json_equal`: 5 == 5.0, true != 1)."""
   ref_obj = _reference_object(ref)
   if ref_obj is None:
     raise FtjaxError(f"field_accuracy: the reference {ref[:60]!r} is not a JSON object")
   keys = opts.fields or tuple(ref_obj)
   obj = parse_object(pred) or {}
-  return sum(k in obj and obj[k] == ref_obj.get(k) for k in keys) / max(len(keys), 1)
+  return sum(k in obj and json_equal(obj[k], ref_obj.get(k)) for k in keys) / max(len(keys), 1)
 
 
 def _tokens(text: str) -> list[str]:
@@ -253,13 +272,25 @@ def options(eval_cfg) -> Options:
 
 def primary(eval_cfg) -> str:
   """The metric that decides early stopping and the verdict: eval.primary, else the first of
-  eval.metrics that this run computes (generation metrics need eval.generate), else loss."""
+  eval.metrics that this run computes (generation metrics need eval.generate), else loss.
+  Passing over a generation metric is logged (once), so the switch to loss is never silent."""
   if eval_cfg.primary:
     return eval_cfg.primary
-  for name in split_names(eval_cfg.metrics):
+  names = split_names(eval_cfg.metrics)
+  for name in names:
     if name in LOSS_METRICS or eval_cfg.generate:
-      return name
-  return "loss"
+      break
+  else:
+    name = "loss"
+  if names and name != names[0]:
+    _log_passed_over(name, tuple(names[:names.index(name)] if name in names else names))
+  return name
+
+
+@functools.lru_cache(maxsize=None)
+def _log_passed_over(chosen: str, skipped: tuple[str, ...]) -> None:
+  log.warning("eval.primary is %r: eval.metrics lists %s first, which needs eval.generate=True "
+              "(set eval.primary, or eval.generate, to choose)", chosen, ", ".join(skipped))
 
 
 def validate(eval_cfg) -> None:
