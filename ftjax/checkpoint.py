@@ -8,6 +8,12 @@ them in a warning. A step folder that is there but cannot be read back (truncate
 afterwards) is not caught by orbax: `restore_latest` falls back to the step before, then warns
 naming the bad folder and moves it aside to `<step>.unreadable`.
 
+A save that fails (a read-only or full disk) stops the run with one FtjaxError naming the step,
+the folder and the checkpoint that is still intact: orbax deletes older steps only after a new
+one is complete, so a failed save never costs the previous checkpoint. Step folders are created
+synchronously, so a read-only folder fails the save at once (created in the background, the
+writer threads waited 300 s for a folder that never came before the process could exit).
+
 Restoring takes the shardings of the live (abstract) state, so a run saved on one mesh continues
 on another (8 devices -> 4 or 1). On several processes orbax coordinates the writes; process 0
 alone moves folders aside.
@@ -18,6 +24,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -32,12 +39,51 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int = 2, folder: str = "checkpoints"):
     # folder: "best" holds the best eval's state beside the latest ones (train.keep_best).
     self.directory = os.path.join(os.path.abspath(workdir), folder)
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    _quiet_orbax_noise()
+    self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True,
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False)))
+    self._in_flight = None  # the step whose save may still be writing in the background
+    self._failed = False  # a save failed and was reported: close() must not raise it again
 
   def save(self, step: int, state, data_state: dict) -> None:
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+    """Starts saving `step` in the background, once the previous save is complete; a failed
+    save (the previous one, or this one's start) raises FtjaxError naming its step."""
+    self.wait()  # orbax waits for the previous save too: here its failure gets its own step
+    with _SaveFailures(self, step):
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+    self._in_flight = step
+
+  def check_for_errors(self) -> None:
+    """Raises FtjaxError when the background save has failed; cheap, and never waits for a save
+    still writing. (orbax's own check_for_errors races with its finalize thread, which then no
+    longer sees the error and deletes the older steps as if the save had succeeded.)"""
+    if self._in_flight is not None and not self._manager.is_saving_in_progress():
+      self.wait()
+
+  def wait(self) -> None:
+    """Blocks until the save in flight is complete; FtjaxError when it failed."""
+    if self._in_flight is None:
+      return
+    with _SaveFailures(self, self._in_flight):
+      self._manager.wait_until_finished()
+    self._in_flight = None
+
+  def save_failed(self, step: int, error: BaseException) -> FtjaxError:
+    """The one-line error of a failed save of `step`, naming the checkpoint still intact."""
+    self._failed = True
+    intact = sorted(int(n) for n in os.listdir(self.directory)
+                    if n.isdigit() and int(n) != step) if os.path.isdir(self.directory) else []
+    if intact:
+      kept = (f"the previous checkpoint, step {intact[-1]} "
+              f"({os.path.join(self.directory, str(intact[-1]))}), is intact: run the same "
+              "command again to continue from it once the disk is writable and has space")
+    else:
+      kept = "no earlier checkpoint exists, so a rerun starts from step 0"
+    reason = f"{type(error).__name__}: " + " ".join(str(error).split())[:300]
+    return FtjaxError(f"{os.path.join(self.directory, str(step))}: saving the checkpoint of step "
+                      f"{step} failed ({reason}); {kept}")
 
   def latest_step(self):
     return self._manager.latest_step()
@@ -90,5 +136,70 @@ class Checkpointer:
     self._manager.reload()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    if not self._failed:
+      self.wait()
+      self._manager.close()
+      return
+    try:  # the failure was reported already; orbax raises it again on every wait
+      self._manager.close()
+    except Exception:  # noqa: BLE001
+      pass
+
+
+class _SaveFailures:
+  """`with`: any exception of an orbax save or wait -> the checkpointer's FtjaxError naming the
+  failed step."""
+
+  def __init__(self, checkpointer: Checkpointer, step: int):
+    self.checkpointer, self.step = checkpointer, step
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc is None or not isinstance(exc, Exception) or isinstance(exc, FtjaxError):
+      return False
+    self.checkpointer._in_flight = None
+    raise self.checkpointer.save_failed(self.step, exc) from exc
+
+
+def _is_closed_loop_callback(args) -> bool:
+  """A tensorstore read or write finishing after orbax closed the asyncio loop awaiting it.
+  orbax runs each save / restore in a fresh event loop and closes it as soon as the first array
+  fails (a damaged file, a full disk); the sibling reads and writes still in flight then call
+  back into the closed loop, and Python prints each RuntimeError as an unraisable exception:
+  36-99 tracebacks for one damaged checkpoint. Their results are not needed any more (the
+  operation has failed and is reported, or the step before is restored), so they are dropped."""
+  if not (args.exc_type is RuntimeError and str(args.exc_value) == "Event loop is closed"):
+    return False
+  tb = args.exc_traceback
+  while tb is not None:
+    if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+      return True
+    tb = tb.tb_next
+  return False
+
+
+class _DropOrbaxTracebacks(logging.Filter):
+  """orbax logs each failed background save thread with its traceback (a full disk: 640
+  lines); ftjax re-raises the same error as one FtjaxError naming the step, so orbax's records
+  keep their one-line message and lose the traceback."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _quiet_orbax_noise() -> None:
+  """Installs, once per process, the two filters above (each passes everything else on)."""
+  if getattr(sys.unraisablehook, "ftjax_quiet", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(args):
+    if not _is_closed_loop_callback(args):
+      previous(args)
+  hook.ftjax_quiet = True
+  sys.unraisablehook = hook
+  logging.getLogger("absl").addFilter(_DropOrbaxTracebacks())
