@@ -81,9 +81,8 @@ class Checkpointer:
               "command again to continue from it once the disk is writable and has space")
     else:
       kept = "no earlier checkpoint exists, so a rerun starts from step 0"
-    reason = f"{type(error).__name__}: " + " ".join(str(error).split())[:300]
     return FtjaxError(f"{os.path.join(self.directory, str(step))}: saving the checkpoint of step "
-                      f"{step} failed ({reason}); {kept}")
+                      f"{step} failed ({_short(error)}); {kept}")
 
   def latest_step(self):
     return self._manager.latest_step()
@@ -110,8 +109,7 @@ class Checkpointer:
       try:
         state, data = self.restore(step, abstract_state)
       except Exception as e:  # noqa: BLE001 -- any failure to read a step: try the one before
-        failed.append((os.path.join(self.directory, str(step)), f"{type(e).__name__}: "
-                       + " ".join(str(e).split())[:300]))
+        failed.append((os.path.join(self.directory, str(step)), _short(e)))
         continue
       for path, reason in failed:
         log.warning("checkpoint %s is unreadable (%s); moved it to %s.unreadable and restored "
@@ -144,6 +142,13 @@ class Checkpointer:
       self._manager.close()
     except Exception:  # noqa: BLE001
       pass
+
+
+def _short(error: BaseException, limit: int = 300) -> str:
+  """The error on one line, its middle cut when long: tensorstore names the file first and the
+  OS error ("File too large", "No space left on device") last."""
+  text = f"{type(error).__name__}: " + " ".join(str(error).split())
+  return text if len(text) <= limit else f"{text[:limit // 2]} ... {text[-limit // 2:]}"
 
 
 class _SaveFailures:
