@@ -114,7 +114,7 @@ def start_cli(overrides, tmp_path, workdir, max_file_bytes=None):
              config_file(tmp_path / "cfg.py", overrides), "--workdir", workdir]
   if max_file_bytes is not None:
     command = [sys.executable, "-c", "import os, resource, sys; resource.setrlimit(resource."
-               f"RLIMIT_FSIZE, ({max_file_bytes}, resource.RLIM_INFINITY)); "
+               f"RLIMIT_FSIZE, ({max_file_bytes}, resource.getrlimit(resource.RLIMIT_FSIZE)[1])); "
                "os.execv(sys.argv[1], sys.argv[1:])", *command]
   return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
