@@ -168,18 +168,31 @@ class _SaveFailures:
     raise self.checkpointer.save_failed(self.step, exc) from exc
 
 
-def _is_closed_loop_callback(args) -> bool:
-  """A tensorstore read or write finishing after orbax closed the asyncio loop awaiting it.
-  orbax runs each save / restore in a fresh event loop and closes it as soon as the first array
-  fails (a damaged file, a full disk); the sibling reads and writes still in flight then call
-  back into the closed loop, and Python prints each RuntimeError as an unraisable exception:
-  36-99 tracebacks for one damaged checkpoint. Their results are not needed any more (the
-  operation has failed and is reported, or the step before is restored), so they are dropped."""
-  if not (args.exc_type is RuntimeError and str(args.exc_value) == "Event loop is closed"):
-    return False
-  tb = args.exc_traceback
+_ORBAX = f"{os.sep}orbax{os.sep}"
+
+
+def _is_orbax_leftover(args) -> bool:
+  """An unraisable exception left behind by an orbax save or restore that failed, and was
+  reported: orbax runs each in a fresh event loop and closes it as soon as the first array fails
+  (a damaged file, a full disk). The sibling tensorstore reads and writes still in flight then
+  call back into the closed loop ("Event loop is closed": 36-99 tracebacks for one damaged
+  checkpoint), and their abandoned coroutines are closed later, at the latest when the
+  interpreter shuts down. Their results are not needed (the step before is restored, or the
+  failed save is reported), so these are dropped."""
+  if args.exc_type is RuntimeError and str(args.exc_value) == "Event loop is closed":
+    tb = args.exc_traceback
+    while tb is not None:
+      if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+        return True
+      tb = tb.tb_next
+  code = getattr(args.object, "cr_code", None)  # a coroutine being closed
+  return code is not None and _ORBAX in code.co_filename
+
+
+def _through_orbax(exc_info) -> bool:
+  tb = exc_info[2] if isinstance(exc_info, tuple) else None
   while tb is not None:
-    if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+    if _ORBAX in tb.tb_frame.f_code.co_filename:
       return True
     tb = tb.tb_next
   return False
@@ -188,23 +201,30 @@ def _is_closed_loop_callback(args) -> bool:
 class _DropOrbaxTracebacks(logging.Filter):
   """orbax logs each failed background save thread with its traceback (a full disk: 640
   lines); ftjax re-raises the same error as one FtjaxError naming the step, so orbax's records
-  keep their one-line message and lose the traceback."""
+  keep their one-line message and lose the traceback. On the asyncio logger: the futures of the
+  event loop orbax abandoned ("exception was never retrieved") hold that same error: dropped."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+    if record.name == "asyncio":
+      return not (record.exc_info and _through_orbax(record.exc_info))
+    if record.exc_info and _ORBAX in record.pathname:
       record.exc_info, record.exc_text = None, None
     return True
 
 
 def _quiet_orbax_noise() -> None:
-  """Installs, once per process, the two filters above (each passes everything else on)."""
+  """Installs the filters above, once (each passes everything else on). The hook is checked
+  each time: a test runner may have swapped sys.unraisablehook since."""
+  for name in ("absl", "asyncio"):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _DropOrbaxTracebacks) for f in logger.filters):
+      logger.addFilter(_DropOrbaxTracebacks())
   if getattr(sys.unraisablehook, "ftjax_quiet", False):
     return
   previous = sys.unraisablehook
 
   def hook(args):
-    if not _is_closed_loop_callback(args):
+    if not _is_orbax_leftover(args):
       previous(args)
   hook.ftjax_quiet = True
   sys.unraisablehook = hook
-  logging.getLogger("absl").addFilter(_DropOrbaxTracebacks())
