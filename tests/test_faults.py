@@ -187,7 +187,9 @@ def test_sigkill_at_a_random_step_then_restart_is_bitwise_the_uninterrupted_run(
   restored = [int(m.split()[-1]) for m in messages if m.startswith("restored checkpoint at step")]
   assert restored == ([] if latest is None else [latest]), messages
   assert_resumed(workdir, summary, messages, latest)
-  for path in unfinished:
+  # Named when a finished checkpoint is restored; killed during the first save, the run starts
+  # over without reading the folder (orbax replaces the unfinished step when it saves it again).
+  for path in unfinished if latest is not None else []:
     assert any(f"ignoring {path}: a checkpoint save that did not finish" in m for m in messages)
   assert_same_run(workdir, straight)
 
