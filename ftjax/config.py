@@ -321,6 +321,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.train.checkpoint_every >= 0 and c.train.checkpoint_every_minutes >= 0,
         f"train.checkpoint_every={c.train.checkpoint_every}, train.checkpoint_every_minutes="
         f"{c.train.checkpoint_every_minutes}; must be >= 0 (0: off)")
+  # 0 would let orbax delete every checkpoint, the final one too: nothing to export or resume.
+  check(isinstance(c.train.keep_checkpoints, int) and c.train.keep_checkpoints >= 1,
+        f"train.keep_checkpoints={c.train.keep_checkpoints!r}; must be an integer >= 1")
   check(c.distributed.initialize in ("auto", "on", "off"),
         f"distributed.initialize={c.distributed.initialize!r}; expected auto, on or off")
   from ftjax.evaluation import metrics as eval_metrics  # imports any custom metric, here

@@ -171,6 +171,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
   # Lines past the restored step (or all of them, when a run killed before its first checkpoint
   # starts over) belong to no checkpoint: dropped, so no step is logged twice.
   writer = MetricWriter(workdir, resume_step=start_step) if main else _NoWriter()
+  resumed_from = start_step if data_state is not None else None  # None: started at step 0
+  if resumed_from is not None:
+    # A row of its own: the step rows above it were logged by the interrupted run, and every
+    # row below it by this one, so a reader (and the tests) can see no step ran twice.
+    writer.write(resumed_from, {"resumed_from_step": resumed_from})
+    log.info("resumed from step %d: steps 1..%d are not run again", resumed_from, resumed_from)
   try:
     with StopOnSignal() as stop:
       summary, end = _loop(run, workdir, state, data_state, checkpointer, writer, plan, stop)
@@ -178,10 +184,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
     checkpointer.close()
     writer.close()
   if summary.get("stopped_by"):
+    summary["resumed_from_step"] = resumed_from
     print(f"stopped by {summary['stopped_by']} after step {summary['steps']}; checkpoint saved "
           f"in {checkpointer.directory}. Run the same command again to continue.", file=sys.stderr)
     return summary
   summary["eval_seconds"] = eval_s + summary.pop("end_eval_seconds")
+  summary["resumed_from_step"] = resumed_from
   if not main:
     return summary
   results = evaluate.results_for_run(run, plan, baseline, end)
@@ -321,6 +329,7 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
                   file=sys.stderr)
         stopped_at = done
         break
+    checkpointer.check_for_errors()  # a failed background save stops the run now, naming it
     # Every process must take these decisions together (a save or a stop is collective).
     stopping, minutes_due = distributed.any_process(
         stop.signal is not None,
@@ -344,6 +353,7 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
   final_step = int(state["step"])
   if checkpointer.latest_step() != final_step:  # checkpoint_every may have saved it already
     checkpointer.save(final_step, state, position)
+  checkpointer.wait()  # the final checkpoint is complete (or its failure reported) before exports
   trainable, training = state["trainable"], {}
   if stopper.best_step is not None:
     training = {"metric": primary, "best_step": stopper.best_step, "best_value": stopper.best,

@@ -4,6 +4,7 @@ peft, the frozen base in memory, resume, non-finite steps, bad input, every ship
 import functools
 import glob
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -260,10 +261,12 @@ def test_export_cli_on_a_folder_that_is_not_a_run(tmp_path):
   assert "config.json: no such file" in proc.stderr
 
 
-def test_interrupted_run_resumes_to_the_same_result(model_dir, data_dir, tmp_path, monkeypatch):
-  """Crash a run after it logged step 3 (its last checkpoint: step 2), start it again: the final
-  adapters equal an uninterrupted run's (state, optimizer, RNG and data position restored), and
-  metrics.jsonl has every step once."""
+def test_interrupted_run_resumes_to_the_same_result(model_dir, data_dir, tmp_path, monkeypatch,
+                                                   caplog):
+  """Crash a run after it logged step 3 (its last checkpoint: step 2), start it again: it
+  resumes from step 2 without running steps 1-2 again, the final adapters equal an uninterrupted
+  run's (state, optimizer, RNG and data position restored), and metrics.jsonl has every step
+  once."""
   from ftjax.metrics import MetricWriter
   overrides = {"train.steps": 6, "train.checkpoint_every": 2, "train.log_every": 1,
                "lora.dropout": 0.1}  # dropout: the RNG must be restored too
@@ -290,8 +293,18 @@ def test_interrupted_run_resumes_to_the_same_result(model_dir, data_dir, tmp_pat
   assert not os.path.exists(tmp_path / "b" / "summary.json")  # not a finished run
   assert Checkpointer(str(tmp_path / "b")).latest_step() == 2
   monkeypatch.setattr(MetricWriter, "write", real_write)
-  resumed = train_lib.train(tiny_config(model_dir, data_dir, **overrides), str(tmp_path / "b"))
+  with caplog.at_level(logging.INFO, logger="ftjax.train"):
+    resumed = train_lib.train(tiny_config(model_dir, data_dir, **overrides), str(tmp_path / "b"))
   assert resumed["steps"] == straight["steps"] == 6
+  # Deterministic runs end equal whether resumed or rerun from step 0: the restore itself shows.
+  assert straight["resumed_from_step"] is None and resumed["resumed_from_step"] == 2
+  assert "resumed from step 2: steps 1..2 are not run again" in caplog.messages
+  # metrics.jsonl: steps 1-2 logged by the crashed run, before the resume row; 3-6 after it.
+  rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
+  marks = [i for i, row in enumerate(rows) if "resumed_from_step" in row]
+  assert [rows[i] for i in marks] == [{"step": 2, "resumed_from_step": 2.0}]
+  assert [r["step"] for r in rows[:marks[0]] if "train/loss" in r] == [1, 2]
+  assert [r["step"] for r in rows[marks[0]:] if "train/loss" in r] == [3, 4, 5, 6]
   from safetensors.numpy import load_file
   a = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
   b = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
