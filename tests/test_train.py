@@ -298,6 +298,8 @@ def test_interrupted_run_resumes_to_the_same_result(model_dir, data_dir, tmp_pat
   assert resumed["steps"] == straight["steps"] == 6
   # Deterministic runs end equal whether resumed or rerun from step 0: the restore itself shows.
   assert straight["resumed_from_step"] is None and resumed["resumed_from_step"] == 2
+  # a local model folder has no Hub revision or wheel digest to record
+  assert straight["model_source"] is None
   assert "resumed from step 2: steps 1..2 are not run again" in caplog.messages
   # metrics.jsonl: steps 1-2 logged by the crashed run, before the resume row; 3-6 after it.
   rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
