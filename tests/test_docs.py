@@ -82,3 +82,33 @@ def test_the_command_writes_the_reference(tmp_path, capsys):
   assert out.read_text(encoding="utf-8") == config_reference.reference()
   config_reference.main(["--reference"])
   assert capsys.readouterr().out.endswith(config_reference.reference())
+
+
+def _anchor(heading):
+  """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+  return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(text):
+  text = re.sub(r"```.*?```", "", text, flags=re.S)  # a "# comment" in a code block is no heading
+  return {_anchor(h) for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+
+
+def test_links_to_a_section_name_a_heading_of_that_page():
+  for page in PAGES:
+    for target in re.findall(r"\]\(([^)\s]+)\)", _read(page)):
+      if re.match(r"[a-z]+:", target) or "#" not in target:
+        continue
+      path, anchor = target.split("#", 1)
+      path = os.path.join(os.path.dirname(page), path) if path else page
+      assert anchor in _anchors(_read(path)), f"{os.path.relpath(page, ROOT)} links to missing {target}"
+
+
+def test_readme_is_a_front_door():
+  """README.md stays short (the rest lives in docs/) and keeps the two commands .ci/run relies on."""
+  text = _read(os.path.join(ROOT, "README.md"))
+  assert len(text.splitlines()) <= 250
+  assert "pip install -e . && python -m ftjax.train --config configs/quickstart.py" in text
+  assert "pip install -e '.[test]' && python -m pytest -q -n 2 tests" in text
+  assert "python -m pytest -q -n 2 tests" in _read(os.path.join(ROOT, ".ci", "run"))
+  assert "## Faults and guarantees" in text and "(docs/faults.md)" in text
