@@ -212,7 +212,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.report = True  # report.md / report.json / PNGs in the workdir at the end
 
   # The cost plan (ftjax/cost.py) of `python -m ftjax.data check`; default prices and their
-  # dates in README.md ("What a run will cost").
+  # dates in docs/data.md ("What a run will cost").
   c.cost = ml_collections.ConfigDict()
   c.cost.probe_steps = 3  # train steps timed after the compile and a warm-up; 0: no probe (no model load)
   c.cost.mfu = 0.35  # assumed model FLOPs utilisation on the named accelerators

@@ -181,7 +181,7 @@ Every run is one config: a Python file under `configs/` that starts from
 overridden on the command line, `--config.lora.rank=16`, `--config.data.train=my.jsonl`; the
 schema is locked, so a misspelt key is an error, and `ftjax.config.validate` checks the values
 and their combinations before anything loads or compiles. A resumed run refuses a change of
-the keys that decide what it trains (README.md, "Using it").
+the keys that decide what it trains (docs/usage.md).
 
 The defaults below are `base_config()`'s; the quickstart changes some of them. Descriptions
 are the comments of `base_config()` in ftjax/config.py; allowed values, where the code names

@@ -41,7 +41,7 @@ import numpy as np
 log = logging.getLogger("ftjax.cost")
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets (no sparsity). The $/hour of
-# each comes from the config (cost.usd_per_hour); defaults and their dates are in README.md.
+# each comes from the config (cost.usd_per_hour); defaults and their dates are in docs/data.md.
 ACCELERATORS = {"A100": 312e12, "H100": 989e12, "L4": 121e12, "v5e": 197e12}
 
 

@@ -1,5 +1,5 @@
 """ftjax.peft on (a) ftjax's decoder, against HF PEFT on the same tiny HF model, and (b) a
-user-written Flax NNX model that is not a decoder (the recipe in the README)."""
+user-written Flax NNX model that is not a decoder (the recipe in docs/python_api.md)."""
 
 import functools
 import json
@@ -482,7 +482,7 @@ def classification_loss(model, batch, rng):
 
 
 def test_user_model_fine_tunes_with_lora(tmp_path):
-  """The README's recipe: get_peft_model on the user's model, ftjax.step.fit, save / load."""
+  """The recipe in docs/python_api.md: get_peft_model on the user's model, ftjax.step.fit, save / load."""
   rng = np.random.RandomState(0)
   x = rng.randn(256, 16).astype(np.float32)
   y = (x[:, :4].argmax(-1)).astype(np.int32)  # labels the random base does not know
@@ -524,7 +524,7 @@ def test_user_model_fine_tunes_with_lora(tmp_path):
 
 
 def test_readme_llm_recipe(tmp_path):
-  """README's Python API section on a tiny model: load -> get_peft_model -> fit -> save_adapter,
+  """docs/python_api.md on a tiny model: load -> get_peft_model -> fit -> save_adapter,
   and the adapter and the merged model load in peft / transformers with the same logits."""
   import itertools
   import transformers
