@@ -40,3 +40,13 @@ def model_dir(tmp_path_factory):
   """A tiny random-init HF Llama + tokenizer folder (tests/tiny.py), one per test module."""
   from tiny import make_model_dir
   return make_model_dir(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture
+def token_cache(tmp_path, monkeypatch):
+  """A token cache folder of the test's own (FTJAX_TOKEN_CACHE), the in-process memo cleared."""
+  from ftjax.data import cache
+  monkeypatch.setenv("FTJAX_TOKEN_CACHE", str(tmp_path / "tokens"))
+  cache._last.clear()
+  yield tmp_path / "tokens"
+  cache._last.clear()

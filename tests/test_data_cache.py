@@ -17,14 +17,6 @@ def tok():
   return tiny_tokenizer()
 
 
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-  monkeypatch.setenv("FTJAX_TOKEN_CACHE", str(tmp_path / "tokens"))
-  cache._last.clear()
-  yield tmp_path / "tokens"
-  cache._last.clear()
-
-
 def _msg(role, content, weight=None):
   return {"role": role, "content": content, "weight": int(role == "assistant") if weight is None else weight}
 
@@ -76,10 +68,10 @@ def test_batched_equals_one_at_a_time(tok):
     np.testing.assert_array_equal(a.loss_mask, b.loss_mask)
 
 
-def test_rerun_reads_the_cache(tok, cache_dir, monkeypatch):
+def test_rerun_reads_the_cache(tok, token_cache, monkeypatch):
   examples = _examples()
   first = cache.tokenize(examples, tok)
-  files = os.listdir(cache_dir)
+  files = os.listdir(token_cache)
   assert len(files) == 1 and files[0].endswith(".npz")
   cache._last.clear()  # as a new process: only the file is left
 
@@ -94,7 +86,7 @@ def test_rerun_reads_the_cache(tok, cache_dir, monkeypatch):
     np.testing.assert_array_equal(a.loss_mask, b.loss_mask)
 
 
-def test_any_key_change_misses(tok, cache_dir, monkeypatch):
+def test_any_key_change_misses(tok, token_cache, monkeypatch):
   examples = _examples()
   base = cache.key(examples, tok)
   changed_data = examples[:-1] + [Example("s.jsonl:1", messages=[_msg("user", "short"),
@@ -116,7 +108,7 @@ def test_any_key_change_misses(tok, cache_dir, monkeypatch):
   assert cache.key(list(examples), tok) == cache.key(examples, tok)  # deterministic
 
 
-def test_build_dataset_uses_the_cache(tok, cache_dir, tmp_path, monkeypatch):
+def test_build_dataset_uses_the_cache(tok, token_cache, tmp_path, monkeypatch):
   quickstart_task.write_splits(str(tmp_path / "d"), n_train=20, n_eval=2, seed=4)
   path = str(tmp_path / "d" / "train.jsonl")
   ds = build_dataset(path, tok, seq_len=128)
@@ -131,10 +123,10 @@ def test_build_dataset_uses_the_cache(tok, cache_dir, tmp_path, monkeypatch):
   assert calls == [1]
 
 
-def test_damaged_file_is_rewritten(tok, cache_dir):
+def test_damaged_file_is_rewritten(tok, token_cache):
   examples = _examples()[:3]
   cache.tokenize(examples, tok)
-  (path,) = [cache_dir / f for f in os.listdir(cache_dir)]
+  (path,) = [token_cache / f for f in os.listdir(token_cache)]
   path.write_bytes(b"not a zip")
   cache._last.clear()
   out = cache.tokenize(examples, tok)

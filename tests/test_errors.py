@@ -20,14 +20,6 @@ def tok():
   return tiny_tokenizer()
 
 
-@pytest.fixture
-def token_cache(tmp_path, monkeypatch):
-  monkeypatch.setenv("FTJAX_TOKEN_CACHE", str(tmp_path / "tokens"))
-  cache._last.clear()
-  yield tmp_path / "tokens"
-  cache._last.clear()
-
-
 def _examples():
   from ftjax.data.formats import Example
   return [Example(f"d.jsonl:{i}", messages=[{"role": "user", "content": f"question {i}", "weight": 0},
