@@ -1,9 +1,10 @@
 """Exports: HF PEFT adapters and merged HF models.
 
-`python -m ftjax.export --workdir DIR [--merged OUT] [--adapter OUT]` restores the latest
+`python -m ftjax.export --workdir DIR [--merged OUT] [--adapter OUT] [--gguf TYPE]` restores the latest
 checkpoint of a training run and writes the adapter-merged model as a HF directory (loadable by
 `transformers.AutoModelForCausalLM.from_pretrained`) and/or the adapter alone in HF PEFT format
-(loadable by `peft.PeftModel.from_pretrained`). Each output is written to a temporary folder
+(loadable by `peft.PeftModel.from_pretrained`); `--gguf TYPE` also writes the merged model as
+one GGUF file for llama.cpp / Ollama / LM Studio, with an Ollama Modelfile beside it. Each output is written to a temporary folder
 and renamed when complete, so a failed export never leaves a folder that looks finished.
 """
 
@@ -21,7 +22,9 @@ from ftjax import peft, quant
 from ftjax.checkpoint import Checkpointer
 from ftjax.errors import FtjaxError, cli_errors
 from ftjax.files import read_json
-from ftjax.models import save_pretrained
+from ftjax.models import save_gguf, save_pretrained
+from ftjax.models.gguf_write import TYPES as GGUF_TYPES
+from ftjax.models.gguf_write import write_modelfile
 from ftjax.run import init_or_restore, setup
 
 
@@ -61,6 +64,18 @@ def write_merged(model: nnx.Module, tokenizer, out_dir: str, max_shard_size: int
   save_pretrained(merged_model(model), out_dir, tokenizer, max_shard_size=max_shard_size)
 
 
+def write_gguf(model: nnx.Module, tokenizer, path: str, type_name: str) -> None:
+  """The merged model as one GGUF file plus an Ollama Modelfile beside it; prints what was
+  written and how to run it."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  info = save_gguf(model, path, tokenizer, type=type_name)
+  modelfile = write_modelfile(path, tokenizer, info["eot_token"])
+  name = os.path.splitext(os.path.basename(path))[0].lower()
+  print(f"wrote GGUF {path} ({info['bytes'] / 2**20:.1f} MiB, {type_name})\n"
+        f"  Ollama:    ollama create {name} -f {modelfile} && ollama run {name}\n"
+        f"  llama.cpp: llama-cli -m {path} -cnv", file=sys.stderr)
+
+
 @cli_errors
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog="python -m ftjax.export", description=__doc__.split("\n\n")[0])
@@ -69,6 +84,10 @@ def main(argv=None) -> None:
   parser.add_argument("--adapter", default=None, help="PEFT adapter output (default WORKDIR/adapter)")
   parser.add_argument("--no-merged", action="store_true")
   parser.add_argument("--no-adapter", action="store_true")
+  parser.add_argument("--gguf", default=None, metavar="TYPE", choices=sorted(GGUF_TYPES),
+                      help="also write a GGUF file of this type (f32, f16, bf16, q8_0, q4_0)")
+  parser.add_argument("--gguf-out", default=None,
+                      help="GGUF output file (default WORKDIR/gguf/model-TYPE.gguf)")
   args = parser.parse_args(argv)
   saved = read_json(os.path.join(args.workdir, "config.json"),
                     f" (is {args.workdir} a training workdir?)")
@@ -87,6 +106,9 @@ def main(argv=None) -> None:
     out = args.adapter or os.path.join(args.workdir, "adapter")
     for folder in write_adapters(model, out, config.model.name_or_path):
       print(f"wrote PEFT adapter to {folder}", file=sys.stderr)
+  if args.gguf:
+    write_gguf(model, run.tokenizer, args.gguf_out or os.path.join(args.workdir, "gguf", f"model-{args.gguf}.gguf"),
+               args.gguf)
   if not args.no_merged:
     if not peft.can_merge(model):
       if args.merged:

@@ -267,3 +267,54 @@ def _add_tokenizer(w: gguf.GGUFWriter, tokenizer, n_vocab: int) -> str | None:
   elif template:
     w.add_chat_template(template)
   return eot
+
+
+# -- Ollama ----------------------------------------------------------------------------------------
+
+# Ollama's own Go templates for the chat formats a jinja template can be recognised by (its
+# template library's chatml / llama3-instruct / gemma-instruct); Ollama prepends the Modelfile's
+# SYSTEM as a system message when a request has none.
+_OLLAMA_TEMPLATES = {
+    "<|im_start|>": ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
+                     "{{ end }}<|im_start|>assistant\n"),
+    "<|start_header_id|>": ("{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>"
+                            "\n\n{{ .Content }}<|eot_id|>{{ end }}"
+                            "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    "<start_of_turn>": ("{{- range .Messages }}<start_of_turn>"
+                        "{{ if eq .Role \"assistant\" }}model{{ else }}user{{ end }}\n"
+                        "{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n"),
+}
+
+
+def _default_system(tokenizer) -> str | None:
+  """The system prompt a ChatML template inserts when a conversation has none (SmolLM2's)."""
+  try:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+  except Exception:  # noqa: BLE001
+    return None
+  head = "<|im_start|>system\n"
+  return text[len(head):text.index("<|im_end|>")] if text.startswith(head) else None
+
+
+def write_modelfile(gguf_path: str, tokenizer, eot_token: str | None) -> str:
+  """An Ollama `Modelfile` beside the GGUF file: FROM it, the chat format as a Go TEMPLATE when
+  the jinja template is a known one (else Ollama falls back to the file's own
+  tokenizer.chat_template), and a `PARAMETER stop` per end token. Returns its path."""
+  template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+  lines = [f"FROM ./{os.path.basename(gguf_path)}"]
+  go = next((t for marker, t in _OLLAMA_TEMPLATES.items() if template and marker in template), None)
+  if go is not None:
+    lines.append(f'TEMPLATE """{go}"""')
+    system = _default_system(tokenizer) if go is _OLLAMA_TEMPLATES["<|im_start|>"] else None
+    if system:
+      lines.append(f'SYSTEM """{system}"""')
+  elif template:
+    lines.append("# No TEMPLATE: this chat format has no known Go form; Ollama uses the GGUF "
+                 "file's tokenizer.chat_template.")
+  for stop in dict.fromkeys(t for t in (eot_token, tokenizer.eos_token) if t):
+    lines.append(f"PARAMETER stop {json.dumps(stop)}")
+  path = os.path.join(os.path.dirname(os.path.abspath(gguf_path)), "Modelfile")
+  with open(path + ".partial", "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  os.replace(path + ".partial", path)
+  return path
