@@ -1,0 +1,80 @@
+"""log.trackers: a tiny training run logged to W&B (offline) and an MLflow file store, read back."""
+
+import glob
+import json
+import os
+
+import pytest
+
+from ftjax import train as train_lib
+from ftjax.errors import FtjaxError
+from ftjax.metrics import MetricWriter
+from tiny import make_model_dir, quickstart_data, run_config
+
+
+def _wandb_history(run_dir: str) -> list[dict]:
+  """The history rows of an offline W&B run, from its .wandb record file."""
+  from wandb.proto import wandb_internal_pb2
+  from wandb.sdk.internal import datastore
+  (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
+  store = datastore.DataStore()
+  store.open_for_scan(path)
+  rows = []
+  while (data := store.scan_data()) is not None:
+    record = wandb_internal_pb2.Record()
+    record.ParseFromString(data)
+    if record.WhichOneof("record_type") == "history":
+      rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                   for item in record.history.item})
+  return rows
+
+
+def test_wandb_offline_and_mlflow_file_store_get_config_metrics_and_report(tmp_path_factory, monkeypatch):
+  pytest.importorskip("wandb", reason="the trackers extra (wandb) is not installed")
+  pytest.importorskip("mlflow", reason="the trackers extra (mlflow-skinny) is not installed")
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+  model_dir = make_model_dir(tmp_path_factory.mktemp("model"))
+  data_dir = quickstart_data(tmp_path_factory, n_train=8, n_eval=4)
+  workdir = str(tmp_path_factory.mktemp("run"))
+  c = run_config(model_dir, data_dir, **{
+      "train.steps": 2, "train.log_every": 1, "eval.forgetting": False,
+      "log.trackers": "tensorboard,wandb,mlflow", "log.project": "tiny-proj",
+      "log.run_name": "tiny-run"})
+  train_lib.train(c, workdir)
+  lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  logged = {k for line in lines for k in line if k != "step"}
+  assert "train/loss" in logged and os.path.isfile(os.path.join(workdir, "report.md"))
+
+  from mlflow.tracking import MlflowClient
+  client = MlflowClient(tracking_uri="file:" + os.path.join(workdir, "mlruns"))
+  experiment = client.get_experiment_by_name("tiny-proj")
+  (run,) = client.search_runs([experiment.experiment_id])
+  assert run.info.run_name == "tiny-run" and run.info.status == "FINISHED"
+  assert run.data.params["train.steps"] == "2" and run.data.params["log.trackers"] == c.log.trackers
+  for key in logged:  # every metric, at every step it was logged
+    history = client.get_metric_history(run.info.run_id, key.replace("/", "."))
+    assert sorted(m.step for m in history) == sorted(l["step"] for l in lines if key in l), key
+  artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+  assert {"report.md", "report.json", "config.json", "summary.json"} <= artifacts
+
+  (run_dir,) = glob.glob(os.path.join(workdir, "wandb", "offline-run-*"))
+  rows = _wandb_history(run_dir)
+  assert {k for row in rows for k in row if not k.startswith("_")} == logged
+  assert [row["train/loss"] for row in rows if "train/loss" in row] == pytest.approx(
+      [l["train/loss"] for l in lines if "train/loss" in l])
+  config_yaml = open(os.path.join(run_dir, "files", "config.yaml")).read()
+  assert "tiny-proj" in config_yaml
+  assert os.path.isfile(os.path.join(run_dir, "files", "report.md")) or glob.glob(
+      os.path.join(run_dir, "**", "report.md"), recursive=True) or "report" in open(
+      glob.glob(os.path.join(run_dir, "run-*.wandb"))[0], "rb").read().decode("latin-1")
+
+
+def test_missing_tracker_package_and_unknown_name(tmp_path, monkeypatch):
+  import sys
+  monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+  with pytest.raises(FtjaxError, match=r"'wandb'.*pip install 'ftjax\[trackers\]'"):
+    MetricWriter(str(tmp_path), trackers="tensorboard,wandb")
+  with pytest.raises(FtjaxError, match="unknown tracker 'comet'"):
+    MetricWriter(str(tmp_path), trackers="comet")
