@@ -12,21 +12,36 @@ from ftjax.metrics import MetricWriter
 from tiny import make_model_dir, quickstart_data, run_config
 
 
-def _wandb_history(run_dir: str) -> list[dict]:
-  """The history rows of an offline W&B run, from its .wandb record file."""
+def _wandb_records(path: str):
+  """The protobuf records of a .wandb file: wandb's 7-byte header (":W&B", magic, version)
+  then LevelDB-log blocks of 32 KiB, each chunk a 7-byte header (crc32, length, type: 1 full,
+  2 first, 3 middle, 4 last). wandb 0.31 ships no Python reader of its own any more."""
   from wandb.proto import wandb_internal_pb2
-  from wandb.sdk.internal import datastore
+  data = open(path, "rb").read()
+  assert data[:4] == b":W&B", path
+  pos, pending, block = 7, b"", 32768
+  while pos + 7 <= len(data):
+    if block - pos % block < 7:  # a block's tail too short for a header is zero padding
+      pos += block - pos % block
+      continue
+    length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+    if kind == 0:
+      break
+    pending += data[pos + 7:pos + 7 + length]
+    pos += 7 + length
+    if kind in (1, 4):
+      record = wandb_internal_pb2.Record()
+      record.ParseFromString(pending)
+      pending = b""
+      yield record
+
+
+def _wandb_history(run_dir: str) -> list[dict]:
+  """The history rows (one per logged step) of an offline W&B run."""
   (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
-  store = datastore.DataStore()
-  store.open_for_scan(path)
-  rows = []
-  while (data := store.scan_data()) is not None:
-    record = wandb_internal_pb2.Record()
-    record.ParseFromString(data)
-    if record.WhichOneof("record_type") == "history":
-      rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                   for item in record.history.item})
-  return rows
+  return [{item.key or "/".join(item.nested_key): json.loads(item.value_json)
+           for item in r.history.item}
+          for r in _wandb_records(path) if r.WhichOneof("record_type") == "history"]
 
 
 def test_wandb_offline_and_mlflow_file_store_get_config_metrics_and_report(tmp_path_factory, monkeypatch):
@@ -64,11 +79,15 @@ def test_wandb_offline_and_mlflow_file_store_get_config_metrics_and_report(tmp_p
   assert {k for row in rows for k in row if not k.startswith("_")} == logged
   assert [row["train/loss"] for row in rows if "train/loss" in row] == pytest.approx(
       [l["train/loss"] for l in lines if "train/loss" in l])
-  config_yaml = open(os.path.join(run_dir, "files", "config.yaml")).read()
-  assert "tiny-proj" in config_yaml
-  assert os.path.isfile(os.path.join(run_dir, "files", "report.md")) or glob.glob(
-      os.path.join(run_dir, "**", "report.md"), recursive=True) or "report" in open(
-      glob.glob(os.path.join(run_dir, "run-*.wandb"))[0], "rb").read().decode("latin-1")
+  records = list(_wandb_records(glob.glob(os.path.join(run_dir, "run-*.wandb"))[0]))
+  (run_record,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+  config = {item.key: item.value_json for item in run_record.config.update}
+  assert run_record.project == "tiny-proj" and run_record.display_name == "tiny-run"
+  assert json.loads(config["log"])["trackers"] == c.log.trackers
+  assert json.loads(config["train"])["steps"] == 2
+  artifact_files = {f.path for r in records if r.WhichOneof("record_type") == "artifact"
+                    for f in r.artifact.manifest.contents}
+  assert {"report.md", "report.json", "config.json", "summary.json"} <= artifact_files
 
 
 def test_missing_tracker_package_and_unknown_name(tmp_path, monkeypatch):
