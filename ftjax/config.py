@@ -220,12 +220,27 @@ def base_config() -> ml_collections.ConfigDict:
   # On-demand price per accelerator (per chip for TPUs) and hour, for the cost plan.
   c.cost.usd_per_hour = ml_collections.ConfigDict(dict(A100=2.0, H100=3.0, L4=0.7, v5e=1.2))
 
+  # Where metrics go besides WORKDIR/metrics.jsonl. Each tracker gets the resolved config as
+  # run parameters, every logged metric, and at the end the report files as artifacts.
+  c.log = ml_collections.ConfigDict()
+  # Comma-separated: tensorboard (WORKDIR/tensorboard), wandb, mlflow; the last two need
+  # `pip install ftjax[trackers]`. Offline: WANDB_MODE=offline; MLflow writes the file store
+  # WORKDIR/mlruns unless MLFLOW_TRACKING_URI is set.
+  c.log.trackers = "tensorboard"
+  c.log.project = "ftjax"  # W&B project / MLflow experiment name
+  c.log.run_name = ""  # W&B / MLflow run name; "": the workdir's folder name
+
   c.export = ml_collections.ConfigDict()
   c.export.merged = False  # also write the merged HF model at the end of training
   c.export.adapter = True  # write the adapter alone (HF PEFT format) to WORKDIR/adapter at the end
 
   c.lock()
   return c
+
+
+def _trackers_ok(spec) -> bool:
+  from ftjax.metrics import TRACKERS
+  return all(n.strip() in TRACKERS for n in str(spec).split(",") if n.strip())
 
 
 def _number_or_auto(value):
@@ -314,6 +329,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.train.schedule in SCHEDULES, f"train.schedule={c.train.schedule!r}; expected one of {SCHEDULES}")
   check(bool(c.train.epochs) or 0 <= c.train.warmup_steps <= c.train.steps,
         f"train.warmup_steps={c.train.warmup_steps} must be within [0, train.steps={c.train.steps}]")
+  check(_trackers_ok(c.log.trackers), f"log.trackers={c.log.trackers!r}; expected a comma-separated "
+        "list of tensorboard, wandb, mlflow")
   check(c.train.log_every >= 0, f"train.log_every={c.train.log_every}; must be >= 0 (0: only at the end)")
   check(c.train.nonfinite in NONFINITE_POLICIES,
         f"train.nonfinite={c.train.nonfinite!r}; expected one of {NONFINITE_POLICIES}")

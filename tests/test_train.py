@@ -248,6 +248,29 @@ def test_export_cli_writes_the_trained_run(lora_run, tmp_path):
                                               "q_proj", "up_proj", "v_proj"]
 
 
+def test_export_cli_writes_a_gguf_of_the_merged_run(lora_run, tmp_path, capsys):
+  """`--gguf f32`: the trained run's merged model as one GGUF file that ftjax's GGUF reader
+  loads to the merged HF export's weights exactly (f32 stores them as they are); an existing
+  file at a path of the user's is replaced only with --overwrite."""
+  from ftjax import export
+  from ftjax.models import from_params, load
+  from ftjax.models.gguf import load_gguf
+  _, workdir, _, _ = lora_run
+  out = str(tmp_path / "g" / "run.gguf")
+  export.main(["--workdir", workdir, "--no-merged", "--no-adapter", "--gguf", "f32", "--gguf-out", out])
+  assert sorted(os.listdir(tmp_path / "g")) == ["Modelfile", "run.gguf"]
+  cfg, params = load_gguf(out)
+  merged, _ = load(os.path.join(workdir, "merged"))
+  ids = jnp.arange(1, 13)[None]
+  np.testing.assert_allclose(np.asarray(from_params(cfg, params)(ids)), np.asarray(merged(ids)),
+                             rtol=1e-5, atol=1e-5)  # f32 both: only summation order may differ
+  before = open(out, "rb").read()
+  with pytest.raises(SystemExit) as exit_info:  # refused before anything is restored
+    export.main(["--workdir", workdir, "--no-merged", "--no-adapter", "--gguf", "f16", "--gguf-out", out])
+  assert exit_info.value.code == 2 and "exists; pass --overwrite" in capsys.readouterr().err
+  assert open(out, "rb").read() == before
+
+
 def test_export_does_not_import_the_train_loop():
   """export.py and train.py share ftjax/run.py; neither imports the other's module back."""
   code = "import sys, ftjax.export; assert 'ftjax.train' not in sys.modules, 'cycle'"

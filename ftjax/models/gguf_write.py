@@ -1,0 +1,320 @@
+"""GGUF files (llama.cpp / Ollama / LM Studio) out: the merged model, its tokenizer and template.
+
+    ftjax.models.save_gguf(model, "out/model.gguf", tokenizer, type="q8_0")
+
+Metadata keys, tensor names and quantisation all come from the installed `gguf` package (its
+GGUFWriter, name table and `gguf.quants`), so nothing here spells a llama.cpp string by hand.
+The layout is what llama.cpp's convert_hf_to_gguf.py writes for the same HF checkpoint: q/k rows
+permuted for the llama architecture, gemma's norms stored as (1 + w), no `output.weight` when
+the head is tied, 1-D tensors (norms, biases) kept in F32. ftjax.models.gguf reads these files
+back by inverting exactly those steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import gguf
+import jax
+import numpy as np
+from flax import nnx
+
+from ftjax.errors import FtjaxError
+from ftjax.models.gguf import _gguf_names
+from ftjax.models.params import get_path
+
+Q = gguf.GGMLQuantizationType
+
+# --gguf TYPE -> (tensor type of the 2-D weights, general.file_type). q4_k_m / q5_k_m are not
+# offered: gguf-py has no quantize() for the K-quants, and a re-implementation could not be
+# checked to match llama.cpp's quantizer byte for byte (use llama.cpp's llama-quantize on an f16
+# export for those).
+TYPES = {
+    "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+}
+
+# ftjax model_type -> llama.cpp architecture (Mistral is written as llama, as convert_hf_to_gguf
+# does; its sliding window is not recorded, so llama.cpp attends to the whole context).
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+             "gemma": "gemma"}
+
+
+def save_gguf(model, path: str, tokenizer, type: str = "f16", name: str | None = None) -> dict:  # noqa: A002
+  """Writes `model` (adapters folded in, a 4-bit base dequantised first) with `tokenizer`'s
+  vocabulary, special ids and chat template as one GGUF file at `path`, atomically (a temporary
+  file renamed when complete). Returns {"path", "bytes", "type", "eot_token"} for the caller."""
+  from ftjax.export import merged_model  # export imports ftjax.models: import here, not above
+  if type not in TYPES:
+    raise FtjaxError(f"GGUF type {type!r} is not supported; choose one of {', '.join(TYPES)} "
+                     "(for q4_k_m / q5_k_m, run llama.cpp's llama-quantize on an f16 export)")
+  from ftjax import peft
+  if any(True for _ in peft.adapter_layers(model)) and not peft.can_merge(model):
+    raise FtjaxError("save_gguf: the attached adapter has no merged form (it is not a weight "
+                     "update), so it cannot be written into a GGUF file")
+  model = merged_model(model)
+  cfg = model.config
+  if cfg.model_type not in GGUF_ARCH:
+    raise FtjaxError(f"save_gguf: model_type {cfg.model_type!r} has no llama.cpp architecture; "
+                     f"supported: {', '.join(GGUF_ARCH)}")
+  arch = GGUF_ARCH[cfg.model_type]
+  tmp = path + ".partial"
+  writer = gguf.GGUFWriter(tmp, arch)
+  try:
+    _add_model_metadata(writer, cfg, type, name or os.path.splitext(os.path.basename(path))[0])
+    eot = _add_tokenizer(writer, tokenizer, cfg.vocab_size)
+    _add_tensors(writer, model, cfg, arch, TYPES[type][0])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, path)
+  except BaseException:
+    writer.close()
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return {"path": path, "bytes": os.path.getsize(path), "type": type, "eot_token": eot}
+
+
+# -- model -----------------------------------------------------------------------------------------
+
+def _add_model_metadata(w: gguf.GGUFWriter, cfg, type_name: str, name: str) -> None:
+  w.add_name(name)
+  w.add_file_type(TYPES[type_name][1])
+  w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+  w.add_context_length(cfg.max_position_embeddings)
+  w.add_embedding_length(cfg.hidden_size)
+  w.add_feed_forward_length(cfg.intermediate_size)
+  w.add_block_count(cfg.num_layers)
+  w.add_head_count(cfg.num_heads)
+  w.add_head_count_kv(cfg.num_kv_heads)
+  w.add_key_length(cfg.head_dim)
+  w.add_value_length(cfg.head_dim)
+  w.add_rope_dimension_count(cfg.head_dim)
+  w.add_rope_freq_base(cfg.rope_theta)
+  w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+  w.add_vocab_size(cfg.vocab_size)
+  scaling = dict(cfg.rope_scaling)
+  kind = scaling.get("rope_type")
+  if kind == "linear":
+    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    w.add_rope_scaling_factor(float(scaling["factor"]))
+  elif kind == "llama3":  # llama.cpp carries it as a per-frequency divisor tensor
+    w.add_tensor("rope_freqs.weight", _llama3_rope_freqs(cfg, scaling))
+  elif kind:
+    raise FtjaxError(f"save_gguf: rope scaling {kind!r} has no GGUF form here (linear, llama3 do)")
+
+
+def _llama3_rope_freqs(cfg, s: dict) -> np.ndarray:
+  """llama.cpp's LlamaModel.generate_extra_tensors: the divisor of each RoPE frequency."""
+  h = cfg.head_dim
+  freqs = 1.0 / (cfg.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
+  old, low, high, factor = (s["original_max_position_embeddings"], s["low_freq_factor"],
+                            s["high_freq_factor"], s["factor"])
+  wavelen = 2 * math.pi / freqs
+  smooth = (old / wavelen - low) / (high - low)
+  return np.where(wavelen < old / high, 1.0,
+                  np.where(wavelen > old / low, factor,
+                           1 / ((1 - smooth) / factor + smooth))).astype(np.float32)
+
+
+def _permute_qk(w: np.ndarray, heads: int) -> np.ndarray:
+  """llama.cpp's LlamaModel.permute: each head's rows from HF's rotate-half pairs (i, i + h/2)
+  to interleaved pairs (2i, 2i + 1); ftjax.models.gguf._unpermute_qk is its inverse."""
+  return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _hf_layout(name: str, w: np.ndarray, spec, cfg, arch: str) -> np.ndarray:
+  """A param as llama.cpp stores it: HF's [out, in] layout plus the architecture's fix-ups."""
+  if spec.transpose:
+    w = w.T
+  if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+    w = _permute_qk(w, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
+  if arch == "gemma" and name.endswith("norm.weight"):
+    w = w + 1  # convert_hf_to_gguf stores gemma's RMSNorm scale as (1 + w)
+  return np.ascontiguousarray(w, np.float32)
+
+
+def _encode_tensor(w: np.ndarray, qtype) -> tuple[np.ndarray, object]:
+  """(data, raw_dtype) for GGUFWriter.add_tensor. As convert_hf_to_gguf: 1-D tensors stay F32;
+  a 2-D tensor whose rows do not fill whole quantisation blocks falls back to F16."""
+  if w.ndim < 2 or qtype == Q.F32:
+    return w, None
+  if qtype == Q.F16:
+    return w.astype(np.float16), None
+  block = gguf.GGML_QUANT_SIZES[qtype][0]
+  if w.shape[-1] % block:
+    return w.astype(np.float16), None
+  return gguf.quants.quantize(w, qtype), qtype
+
+
+def _add_tensors(w: gguf.GGUFWriter, model, cfg, arch: str, qtype) -> None:
+  """Every param under its llama.cpp name, one (layer) tensor on the host at a time."""
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  for name, (spec, layer) in _gguf_names(cfg, arch).items():
+    leaf = get_path(params, spec.path)
+    value = np.asarray(jax.device_get(leaf if layer is None else leaf[layer]), np.float32)
+    data, raw = _encode_tensor(_hf_layout(name, value, spec, cfg, arch), qtype)
+    if raw is None:
+      w.add_tensor(name, data)
+    else:
+      w.add_tensor(name, data, raw_dtype=raw)
+
+
+# -- tokenizer -------------------------------------------------------------------------------------
+
+# A byte-level BPE's split regex (ftjax.tokenizer's table, the one its GGUF reader uses) ->
+# the tokenizer.ggml.pre name llama.cpp knows it by.
+_PRE_NAMES = {"_LLAMA3_SPLIT": "llama-bpe", "_QWEN2_SPLIT": "qwen2", "_TEKKEN_SPLIT": "tekken",
+              "_GPT4O_SPLIT": "gpt-4o", "_QWEN35_SPLIT": "qwen35"}
+
+
+def _pre_tokenizer_name(pre: dict | None) -> str:
+  """tokenizer.ggml.pre for a tokenizer.json pre_tokenizer, or a clear error: a wrong name
+  would make llama.cpp split text differently, i.e. give other token ids, silently."""
+  from ftjax import tokenizer as tok_lib
+  parts = pre.get("pretokenizers", [pre]) if pre else []
+  kinds = [p.get("type") for p in parts]
+  if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+    return "gpt-2"
+  if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") \
+      and parts[1].get("use_regex", True):
+    return "smollm"  # SmolLM2: digits one by one, then GPT-2's split
+  if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
+    regex = parts[0].get("pattern", {}).get("Regex")
+    for attr, name in _PRE_NAMES.items():
+      if regex == getattr(tok_lib, attr):
+        return name
+  raise FtjaxError(f"save_gguf: the tokenizer's pre-tokenizer ({json.dumps(pre)[:200]}) matches "
+                   "none llama.cpp knows (gpt-2, smollm, llama-bpe, qwen2, tekken, gpt-4o, qwen35)")
+
+
+def _vocab_tables(tokenizer, n_vocab: int) -> tuple[list[str], list[int]]:
+  """Tokens and llama.cpp token types for ids 0..n_vocab-1: added special tokens are CONTROL,
+  other added tokens USER_DEFINED (stored as text), ids the tokenizer lacks `[PAD{i}]` UNUSED
+  (as convert_hf_to_gguf pads a vocabulary to the embedding's rows)."""
+  backend = tokenizer.backend
+  vocab = backend.get_vocab(with_added_tokens=False)
+  added = backend.get_added_tokens_decoder()
+  if tokenizer.vocab_size > n_vocab:
+    raise FtjaxError(f"save_gguf: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                     f"embedding only {n_vocab} rows")
+  tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+  types = [int(gguf.TokenType.UNUSED)] * n_vocab
+  for token, i in vocab.items():
+    tokens[i], types[i] = token, int(gguf.TokenType.NORMAL)
+  for i, token in added.items():
+    tokens[i] = token.content
+    types[i] = int(gguf.TokenType.CONTROL if token.special else gguf.TokenType.USER_DEFINED)
+  return tokens, types
+
+
+def _end_of_turn(tokenizer) -> str | None:
+  """The special token the chat template closes an assistant turn with (<|im_end|>,
+  <|eot_id|>, <end_of_turn>), found by rendering a turn; None without a template."""
+  if not tokenizer.chat_template:
+    return None
+  marker = "\u2063ftjax-end\u2063"
+  try:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                          {"role": "assistant", "content": marker}])
+  except Exception:  # noqa: BLE001 - a template that refuses this conversation: no stop id found
+    return None
+  tail = text.split(marker, 1)[-1]
+  specials = {t.content for t in tokenizer.backend.get_added_tokens_decoder().values() if t.special}
+  for i in tokenizer.encode(tail, add_special_tokens=False):
+    token = tokenizer.backend.id_to_token(i)
+    if token in specials:
+      return token
+  return tokenizer.eos_token
+
+
+def _add_tokenizer(w: gguf.GGUFWriter, tokenizer, n_vocab: int) -> str | None:
+  """tokenizer.ggml.* and the chat template; returns the end-of-turn token."""
+  spec = json.loads(tokenizer.backend.to_str())
+  model = spec.get("model", {})
+  decoder = spec.get("decoder") or {}
+  if model.get("type") != "BPE" or decoder.get("type") != "ByteLevel":
+    raise FtjaxError("save_gguf: only byte-level BPE tokenizers (GPT-2 style: SmolLM, Llama 3, "
+                     f"Qwen) are written so far; this one is {model.get('type')} with a "
+                     f"{decoder.get('type')} decoder (SentencePiece-style vocabularies are not)")
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre(_pre_tokenizer_name(spec.get("pre_tokenizer")))
+  tokens, types = _vocab_tables(tokenizer, n_vocab)
+  w.add_token_list(tokens)
+  w.add_token_types(types)
+  w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+  ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
+         "pad": tokenizer._id("pad_token"), "unk": tokenizer._id("unk_token")}
+  for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id),
+                   ("pad", w.add_pad_token_id), ("unk", w.add_unk_token_id)):
+    if ids[key] is not None:
+      add(ids[key])
+  w.add_add_bos_token(bool(tokenizer.add_bos_token))
+  w.add_add_eos_token(bool(tokenizer.add_eos_token))
+  eot = _end_of_turn(tokenizer)
+  if eot is not None:
+    w.add_eot_token_id(tokenizer.token_to_id(eot))
+  template = tokenizer.chat_template
+  if isinstance(template, dict):
+    w.add_chat_template([{"name": k, "template": v} for k, v in template.items()])
+  elif template:
+    w.add_chat_template(template)
+  return eot
+
+
+# -- Ollama ----------------------------------------------------------------------------------------
+
+# Ollama's own Go templates for the chat formats a jinja template can be recognised by (its
+# template library's chatml / llama3-instruct / gemma-instruct); Ollama prepends the Modelfile's
+# SYSTEM as a system message when a request has none.
+_OLLAMA_TEMPLATES = {
+    "<|im_start|>": ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
+                     "{{ end }}<|im_start|>assistant\n"),
+    "<|start_header_id|>": ("{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>"
+                            "\n\n{{ .Content }}<|eot_id|>{{ end }}"
+                            "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    "<start_of_turn>": ("{{- range .Messages }}<start_of_turn>"
+                        "{{ if eq .Role \"assistant\" }}model{{ else }}user{{ end }}\n"
+                        "{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n"),
+}
+
+
+def _default_system(tokenizer) -> str | None:
+  """The system prompt a ChatML template inserts when a conversation has none (SmolLM2's)."""
+  try:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+  except Exception:  # noqa: BLE001
+    return None
+  head = "<|im_start|>system\n"
+  return text[len(head):text.index("<|im_end|>")] if text.startswith(head) else None
+
+
+def write_modelfile(gguf_path: str, tokenizer, eot_token: str | None) -> str:
+  """An Ollama `Modelfile` beside the GGUF file: FROM it, the chat format as a Go TEMPLATE when
+  the jinja template is a known one (else Ollama falls back to the file's own
+  tokenizer.chat_template), and a `PARAMETER stop` per end token. Returns its path."""
+  template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+  lines = [f"FROM ./{os.path.basename(gguf_path)}"]
+  go = next((t for marker, t in _OLLAMA_TEMPLATES.items() if template and marker in template), None)
+  if go is not None:
+    lines.append(f'TEMPLATE """{go}"""')
+    system = _default_system(tokenizer) if go is _OLLAMA_TEMPLATES["<|im_start|>"] else None
+    if system:
+      lines.append(f'SYSTEM """{system}"""')
+  elif template:
+    lines.append("# No TEMPLATE: this chat format has no known Go form; Ollama uses the GGUF "
+                 "file's tokenizer.chat_template.")
+  for stop in dict.fromkeys(t for t in (eot_token, tokenizer.eos_token) if t):
+    lines.append(f"PARAMETER stop {json.dumps(stop)}")
+  path = os.path.join(os.path.dirname(os.path.abspath(gguf_path)), "Modelfile")
+  with open(path + ".partial", "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  os.replace(path + ".partial", path)
+  return path
