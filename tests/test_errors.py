@@ -120,6 +120,13 @@ def test_non_json_model_config(model_copy):
     models.resolve_params(str(model_copy))
 
 
+def test_non_json_shard_index(model_copy):
+  from ftjax import models
+  (model_copy / "model.safetensors.index.json").write_text('{"weight_map":\n  {oops}')
+  with pytest.raises(FtjaxError, match=r"model.safetensors.index.json:2: not valid JSON"):
+    models.resolve_params(str(model_copy))
+
+
 def test_truncated_model_safetensors(model_copy):
   from ftjax import models
   weights = model_copy / "model.safetensors"

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ftjax.errors import FtjaxError
+from ftjax.files import read_json
 from ftjax.models.config import ModelConfig
 from ftjax.models.params import Params, flatten, get_path, param_specs, set_path
 from ftjax.quant import bnb
@@ -31,8 +32,8 @@ def _tensor_files(model_dir: str) -> dict[str, str]:
   """HF tensor name -> safetensors file path."""
   index_path = os.path.join(model_dir, INDEX_FILE)
   if os.path.exists(index_path):
-    with open(index_path) as f:
-      weight_map = json.load(f).get("weight_map")
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
       raise FtjaxError(f"{index_path}: expected a 'weight_map' object")
     return {name: os.path.join(model_dir, file) for name, file in weight_map.items()}
