@@ -42,6 +42,8 @@ def build(family: str, seed: int = 0):
     for name, p in model.named_parameters():
       if "norm" in name or name.endswith("bias"):
         p.add_(0.1 * torch.randn_like(p))
+      if getattr(config, "attn_logit_softcapping", None) and name.endswith(("q_proj.weight", "k_proj.weight")):
+        p.mul_(8.0)  # scores of order 1, where the soft-cap bends them (at 0.02 init they are ~0.02)
   return model
 
 

@@ -209,7 +209,9 @@ class ModelConfig:
     if self.sandwich_norms:  # gemma2 / gemma3
       hf.update(attn_logit_softcapping=self.attn_logit_softcap,
                 final_logit_softcapping=self.final_logit_softcap,
-                query_pre_attn_scalar=self.query_pre_attn_scalar, sliding_window=self.sliding_window,
+                # transformers' strict config wants an int where the value is one
+                query_pre_attn_scalar=_int_if_whole(self.query_pre_attn_scalar),
+                sliding_window=self.sliding_window,
                 layer_types=list(self.layer_types))
     if self.model_type == "gemma3_text":
       hf["rope_local_base_freq"] = self.rope_local_theta
@@ -225,6 +227,10 @@ class ModelConfig:
 
   def head_scale(self) -> float:
     return 1.0 / math.sqrt(self.query_pre_attn_scalar or self.head_dim)
+
+
+def _int_if_whole(value: float | None):
+  return int(value) if value is not None and float(value).is_integer() else value
 
 
 def _positive(value) -> float | None:
