@@ -245,12 +245,13 @@ def test_gemma_greedy_generate_equals_transformers(family):
   _, hf_model, _, cfg, model = family
   rng = np.random.RandomState(5)
   prompts = [rng.randint(3, cfg.vocab_size, n).tolist() for n in (7, 3)]
-  got = generate_ids(model, prompts, max_new_tokens=12, eos_ids=set(), pad_id=0)
+  got = generate_ids(model, prompts, max_new_tokens=12, eos_ids={cfg.eos_token_id}, pad_id=0)
   for prompt, ours in zip(prompts, got):
-    with torch.no_grad():
+    with torch.no_grad():  # stops on the same eos (the config's)
       out = hf_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12,
-                              min_new_tokens=12, pad_token_id=0)
+                              pad_token_id=0)
     assert ours == out[0, len(prompt):].tolist()
+  assert sum(len(row) for row in got) > 12  # more than one row went past the window
 
 
 def test_gemma3_multimodal_checkpoint_loads_its_text_model(tmp_path):
