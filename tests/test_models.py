@@ -302,3 +302,14 @@ def test_gemma_lora_wraps_what_peft_wraps_and_loads_its_adapter(family, tmp_path
   assert rel_err(plain, want) > 1e-2  # the adapter matters
   model = peft.load_adapter(hf_models.ftjax_model(path), str(tmp_path))
   assert rel_err(model(jnp.asarray(tokens)), want) < 1e-4
+
+
+def test_fused_kernels_refuse_what_they_cannot_compute(tmp_path):
+  """cuDNN / splash have no attention soft-capping (gemma2), and splash one static window
+  (gemma3 mixes sliding and global layers): a clear error, not a silently different model."""
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  for name, attention, match in (("gemma2", "cudnn", "soft-capping"), ("gemma3", "splash", "static mask")):
+    cfg = ModelConfig.from_hf_dict(hf_models.FAMILIES[name]().to_dict())
+    model = models.CausalLM(cfg, rngs=nnx.Rngs(0))
+    with pytest.raises(FtjaxError, match=match):
+      model(tokens, attention=attention)
