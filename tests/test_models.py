@@ -308,8 +308,20 @@ def test_fused_kernels_refuse_what_they_cannot_compute(tmp_path):
   """cuDNN / splash have no attention soft-capping (gemma2), and splash one static window
   (gemma3 mixes sliding and global layers): a clear error, not a silently different model."""
   tokens = jnp.zeros((1, 8), jnp.int32)
-  for name, attention, match in (("gemma2", "cudnn", "soft-capping"), ("gemma3", "splash", "static mask")):
+  for name, attention, match in (("gemma2", "cudnn", "soft-capping"), ("gemma3", "splash", "one static mask")):
     cfg = ModelConfig.from_hf_dict(hf_models.FAMILIES[name]().to_dict())
     model = models.CausalLM(cfg, rngs=nnx.Rngs(0))
     with pytest.raises(FtjaxError, match=match):
       model(tokens, attention=attention)
+
+
+def test_a_layers_window_as_scan_data_masks_as_the_static_window():
+  """gemma2 / gemma3 hand each layer its window as an array sliced by the scan (0: global):
+  the mask must equal the static int window's, and 0 the unwindowed mask."""
+  from ftjax.models import ops
+  index = jnp.broadcast_to(jnp.arange(10), (2, 10))
+  segments = jnp.asarray(np.repeat([[1], [2]], 10, 1).astype(np.int32)).at[1, 7:].set(0)
+  mask = lambda window: np.asarray(ops.attention_mask(index, jnp.arange(10), segments, segments, window))
+  np.testing.assert_array_equal(mask(jnp.asarray(3, jnp.int32)), mask(3))
+  np.testing.assert_array_equal(mask(jnp.asarray(0, jnp.int32)), mask(None))
+  assert (mask(3) != mask(None)).any()

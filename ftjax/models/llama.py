@@ -395,10 +395,10 @@ def _check_fused_kernel(cfg: ModelConfig, attention: str) -> None:
     raise FtjaxError(f"model.attention={attention!r}: the fused kernels have no attention logit "
                      f"soft-capping ({cfg.model_type}'s attn_logit_softcapping="
                      f"{cfg.attn_logit_softcap}); use model.attention='xla'")
-  if attention == "splash" and len(set(cfg.layer_windows())) > 1:
-    raise FtjaxError(f"model.attention='splash': {cfg.model_type} mixes sliding-window and global "
-                     "layers, and the splash kernel takes one static mask; use model.attention="
-                     "'xla' or 'cudnn'")
+  if attention == "splash" and cfg.layer_types:
+    raise FtjaxError(f"model.attention='splash': {cfg.model_type}'s per-layer attention windows "
+                     "(layer_types) are data of the layer scan, and the splash kernel takes one "
+                     "static mask; use model.attention='xla' or 'cudnn'")
 
 
 def _per_layer_data(cfg: ModelConfig) -> dict[str, Any] | None:
