@@ -321,7 +321,8 @@ def test_a_layers_window_as_scan_data_masks_as_the_static_window():
   from ftjax.models import ops
   index = jnp.broadcast_to(jnp.arange(10), (2, 10))
   segments = jnp.asarray(np.repeat([[1], [2]], 10, 1).astype(np.int32)).at[1, 7:].set(0)
-  mask = lambda window: np.asarray(ops.attention_mask(index, jnp.arange(10), segments, segments, window))
-  np.testing.assert_array_equal(mask(jnp.asarray(3, jnp.int32)), mask(3))
-  np.testing.assert_array_equal(mask(jnp.asarray(0, jnp.int32)), mask(None))
+  mask = lambda window: ops.attention_mask(index, jnp.arange(10), segments, segments, window)
+  traced = jax.jit(mask)  # as inside the layer scan: the window is a tracer, not a Python int
+  np.testing.assert_array_equal(traced(jnp.asarray(3, jnp.int32)), mask(3))
+  np.testing.assert_array_equal(traced(jnp.asarray(0, jnp.int32)), mask(None))
   assert (mask(3) != mask(None)).any()
