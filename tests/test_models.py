@@ -284,8 +284,8 @@ def test_gemma_lora_wraps_what_peft_wraps_and_loads_its_adapter(family, tmp_path
     ours_lora = peft.get_peft_model(hf_models.ftjax_model(path), peft.LoraConfig(r=2, target_modules=targets))
     theirs = hf_peft.get_peft_model(fresh_hf(), hf_peft.LoraConfig(r=2, target_modules=targets))
     assert lora_names(ours_lora) == hf_lora_names(theirs), targets
-    count = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(ours_lora, nnx.Param))
-                if "lora" in "/".join(map(str, _)))
+    count = sum(int(np.prod(v.shape)) for path, v in nnx.to_flat_state(nnx.state(ours_lora, nnx.Param))
+                if "lora" in "/".join(map(str, path)))
     assert count == theirs.get_nb_trainable_parameters()[0], targets
   torch.manual_seed(1)
   theirs = hf_peft.get_peft_model(fresh_hf(), hf_peft.LoraConfig(r=4, target_modules="all-linear",
