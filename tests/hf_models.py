@@ -17,6 +17,19 @@ FAMILIES = {
     "qwen2": lambda: transformers.Qwen2Config(**COMMON, tie_word_embeddings=True),
     "qwen3": lambda: transformers.Qwen3Config(**COMMON, head_dim=32),
     "gemma": lambda: transformers.GemmaConfig(**COMMON, head_dim=16, hidden_activation="gelu_pytorch_tanh"),
+    # Configs that bite: a window (4) shorter than every test sequence, soft-caps near the
+    # scores' / logits' scale (build() scales the weights up until they matter), a
+    # query_pre_attn_scalar that is not head_dim, 3 layers (sliding, full, sliding).
+    "gemma2": lambda: transformers.Gemma2Config(
+        **{**COMMON, "num_hidden_layers": 3}, head_dim=16, sliding_window=4,
+        query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=1.5),
+    # local / global mixed (2 sliding then 1 global), a local RoPE base apart from the global one,
+    # linear RoPE scaling on the global layer only, q/k norms.
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        **{**COMMON, "num_hidden_layers": 3}, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 50000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}),
 }
 
 
@@ -29,6 +42,8 @@ def build(family: str, seed: int = 0):
     for name, p in model.named_parameters():
       if "norm" in name or name.endswith("bias"):
         p.add_(0.1 * torch.randn_like(p))
+      if getattr(config, "attn_logit_softcapping", None) and name.endswith(("q_proj.weight", "k_proj.weight")):
+        p.mul_(8.0)  # scores of order 1, where the soft-cap bends them (at 0.02 init they are ~0.02)
   return model
 
 

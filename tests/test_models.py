@@ -141,7 +141,7 @@ def test_save_pretrained_refuses_a_model_with_adapters(tmp_path):
 
 def test_unsupported_architecture_names_it(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "hidden_size": 8}))
-  with pytest.raises(FtjaxError, match="gpt_neox.*supported: llama, mistral, qwen2, qwen3, gemma"):
+  with pytest.raises(FtjaxError, match="gpt_neox.*supported: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text"):
     load_hf_config(str(tmp_path))
 
 
@@ -212,3 +212,117 @@ def test_gguf_with_more_blocks_than_its_block_count_names_the_extra_tensor(tmp_p
   path = write_gguf(model, str(tmp_path / "m.gguf"), "llama")
   with pytest.raises(FtjaxError, match=r"unexpected tensor 'blk\.1\..*' for a llama model with 1 layers"):
     load_gguf(path)
+
+
+# --- gemma 2 / gemma 3 (text): what makes them differ from gemma 1 ------------------------
+
+GEMMAS = ["gemma2", "gemma3"]
+# Each switch off in turn: the tiny configs of hf_models must make every one of them matter,
+# or the logits tests above would pass with the switch ignored.
+GEMMA_SWITCHES = {
+    "gemma2": {"attn_logit_softcap": None, "final_logit_softcap": None, "query_pre_attn_scalar": None,
+               "layer_types": ("full_attention",) * 3},
+    "gemma3": {"rope_local_theta": None, "rope_scaling": (), "layer_types": ("full_attention",) * 3},
+}
+
+
+@pytest.mark.parametrize("family", GEMMAS, indirect=True)
+def test_gemma_switches_change_the_logits(family):
+  name, _, path, cfg, model = family
+  tokens = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (2, 16)))
+  base = model(tokens)
+  params = load_hf_params(path, cfg)
+  for key, off in GEMMA_SWITCHES[name].items():
+    changed = models.from_params(cfg.replace(**{key: off}), params)(tokens)
+    assert rel_err(changed, base) > 1e-3, (name, key)  # 10x the logits tolerance at least
+
+
+@pytest.mark.parametrize("family", GEMMAS, indirect=True)
+def test_gemma_greedy_generate_equals_transformers(family):
+  """Prompts of unequal length (left-padded together by ftjax), 12 new tokens: past the
+  sliding window (4) of the local layers, so the cached decode must apply it."""
+  from ftjax.generate import generate_ids
+  _, hf_model, _, cfg, model = family
+  rng = np.random.RandomState(5)
+  prompts = [rng.randint(3, cfg.vocab_size, n).tolist() for n in (7, 3)]
+  got = generate_ids(model, prompts, max_new_tokens=12, eos_ids={cfg.eos_token_id}, pad_id=0)
+  for prompt, ours in zip(prompts, got):
+    with torch.no_grad():  # stops on the same eos (the config's)
+      out = hf_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12,
+                              pad_token_id=0)
+    assert ours == out[0, len(prompt):].tolist()
+  assert sum(len(row) for row in got) > 12  # more than one row went past the window
+
+
+def test_gemma3_multimodal_checkpoint_loads_its_text_model(tmp_path):
+  """Gemma3ForConditionalGeneration: the text model's weights sit under model.language_model
+  beside a vision tower; ftjax loads the text model (config from text_config) and ignores the rest."""
+  torch.manual_seed(0)
+  text = hf_models.FAMILIES["gemma3"]().to_dict()
+  vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                image_size=28, patch_size=14)
+  config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                     image_token_index=127, boi_token_index=125, eoi_token_index=126)
+  hf_model = transformers.Gemma3ForConditionalGeneration(config).eval()
+  hf_model.save_pretrained(str(tmp_path))
+  model = hf_models.ftjax_model(str(tmp_path))
+  assert model.config.model_type == "gemma3_text" and model.config.layer_types == tuple(text["layer_types"])
+  tokens = np.random.RandomState(6).randint(0, 120, (2, 12))
+  with torch.no_grad():
+    ref = hf_model(input_ids=torch.tensor(tokens)).logits.numpy()
+  assert rel_err(model(jnp.asarray(tokens)), ref) < 1e-4
+
+
+@pytest.mark.parametrize("family", GEMMAS, indirect=True)
+def test_gemma_lora_wraps_what_peft_wraps_and_loads_its_adapter(family, tmp_path):
+  import peft as hf_peft
+  from ftjax import peft
+  from test_peft import hf_lora_names, lora_names
+  _, _, path, cfg, _ = family
+  fresh_hf = lambda: transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+  for targets in ("all-linear", None):  # None: PEFT's default for the model_type
+    ours_lora = peft.get_peft_model(hf_models.ftjax_model(path), peft.LoraConfig(r=2, target_modules=targets))
+    theirs = hf_peft.get_peft_model(fresh_hf(), hf_peft.LoraConfig(r=2, target_modules=targets))
+    assert lora_names(ours_lora) == hf_lora_names(theirs), targets
+    count = sum(int(np.prod(v.shape)) for path, v in nnx.to_flat_state(nnx.state(ours_lora, nnx.Param))
+                if "lora" in "/".join(map(str, path)))
+    assert count == theirs.get_nb_trainable_parameters()[0], targets
+  torch.manual_seed(1)
+  theirs = hf_peft.get_peft_model(fresh_hf(), hf_peft.LoraConfig(r=4, target_modules="all-linear",
+                                                                 init_lora_weights="gaussian"))
+  with torch.no_grad():  # B starts at zero: give the adapter an effect
+    for name, p in theirs.named_parameters():
+      if "lora_B" in name:
+        p.normal_(0, 0.05)
+  theirs.save_pretrained(str(tmp_path))
+  tokens = np.random.RandomState(7).randint(0, cfg.vocab_size, (2, 16))
+  with torch.no_grad():
+    want = theirs.eval()(torch.tensor(tokens)).logits.numpy()
+    plain = fresh_hf()(torch.tensor(tokens)).logits.numpy()
+  assert rel_err(plain, want) > 1e-2  # the adapter matters
+  model = peft.load_adapter(hf_models.ftjax_model(path), str(tmp_path))
+  assert rel_err(model(jnp.asarray(tokens)), want) < 1e-4
+
+
+def test_fused_kernels_refuse_what_they_cannot_compute(tmp_path):
+  """cuDNN / splash have no attention soft-capping (gemma2), and splash one static window
+  (gemma3 mixes sliding and global layers): a clear error, not a silently different model."""
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  for name, attention, match in (("gemma2", "cudnn", "soft-capping"), ("gemma3", "splash", "one static mask")):
+    cfg = ModelConfig.from_hf_dict(hf_models.FAMILIES[name]().to_dict())
+    model = models.CausalLM(cfg, rngs=nnx.Rngs(0))
+    with pytest.raises(FtjaxError, match=match):
+      model(tokens, attention=attention)
+
+
+def test_a_layers_window_as_scan_data_masks_as_the_static_window():
+  """gemma2 / gemma3 hand each layer its window as an array sliced by the scan (0: global):
+  the mask must equal the static int window's, and 0 the unwindowed mask."""
+  from ftjax.models import ops
+  index = jnp.broadcast_to(jnp.arange(10), (2, 10))
+  segments = jnp.asarray(np.repeat([[1], [2]], 10, 1).astype(np.int32)).at[1, 7:].set(0)
+  mask = lambda window: ops.attention_mask(index, jnp.arange(10), segments, segments, window)
+  traced = jax.jit(mask)  # as inside the layer scan: the window is a tracer, not a Python int
+  np.testing.assert_array_equal(traced(jnp.asarray(3, jnp.int32)), mask(3))
+  np.testing.assert_array_equal(traced(jnp.asarray(0, jnp.int32)), mask(None))
+  assert (mask(3) != mask(None)).any()

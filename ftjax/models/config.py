@@ -10,6 +10,12 @@ The decoder differs between families only in a handful of switches, so each fami
 | qwen2 / 2.5   | `qkv_bias=True`                                                  |
 | qwen3         | `qk_norm=True`, explicit `head_dim`                               |
 | gemma (1)     | `embed_scale`, `norm_offset=1`, gelu-tanh MLP, tied head          |
+| gemma2        | gemma's, plus `sandwich_norms`, `layer_types` (sliding / full),   |
+|               | `attn_logit_softcap`, `final_logit_softcap`, `query_pre_attn_scalar` |
+| gemma3 (text) | gemma2's, plus `qk_norm` and `rope_local_theta` (sliding layers)  |
+
+Per-layer differences (`layer_types`) are data the layer scan slices (`layer_windows`,
+`layer_is_local`), never a Python branch per layer: the stack stays one compiled body.
 """
 
 from __future__ import annotations
@@ -22,7 +28,11 @@ from typing import Any
 from ftjax.errors import FtjaxError
 from ftjax.files import read_json
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3_text")
+# Multimodal configs whose `text_config` is a supported decoder: their text model loads alone.
+TEXT_MODEL_OF = {"gemma3": "gemma3_text"}
+LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +63,25 @@ class ModelConfig:
   # generation_config.json's eos_token_id(s) where they add to config.json's (Llama 3 instruct
   # stops on <|eot_id|> too): stop tokens for generation, never written back to config.json.
   generation_eos_token_ids: tuple[int, ...] = ()
+  # gemma2 / gemma3: tanh soft-capping of attention scores and of the final logits (None: off).
+  attn_logit_softcap: float | None = None
+  final_logit_softcap: float | None = None
+  query_pre_attn_scalar: float | None = None  # scores scale by its -1/2 power, not head_dim's
+  # gemma2 / gemma3: post_attention_layernorm normalises the attention output (before the
+  # residual add) and pre/post_feedforward_layernorm wrap the MLP: four norms per layer.
+  sandwich_norms: bool = False
+  # One of LAYER_TYPES per layer; () means every layer alike (Mistral's sliding_window then
+  # applies to all). "sliding_attention" layers use sliding_window and rope_local_theta.
+  layer_types: tuple[str, ...] = ()
+  rope_local_theta: float | None = None  # gemma3: plain RoPE base of the sliding layers
+
+  def layer_windows(self) -> tuple[int, ...]:
+    """Each layer's attention window, 0 for global layers (only with layer_types)."""
+    return tuple(int(self.sliding_window or 0) if kind == "sliding_attention" else 0
+                 for kind in self.layer_types)
+
+  def layer_is_local(self) -> tuple[bool, ...]:
+    return tuple(kind == "sliding_attention" for kind in self.layer_types)
 
   @property
   def q_size(self) -> int:
@@ -69,7 +98,7 @@ class ModelConfig:
       attn += self.q_size + 2 * self.kv_size
     if self.qk_norm:
       attn += 2 * self.head_dim
-    per_layer = attn + 3 * d * f + 2 * d
+    per_layer = attn + 3 * d * f + (4 if self.sandwich_norms else 2) * d
     head = 0 if self.tie_word_embeddings else d * v
     return v * d + layers * per_layer + d + head
 
@@ -81,6 +110,11 @@ class ModelConfig:
   @classmethod
   def from_hf_dict(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
     model_type = hf.get("model_type")
+    if model_type in TEXT_MODEL_OF and isinstance(hf.get("text_config"), dict):
+      # Gemma3ForConditionalGeneration: the text model, with the outer config's ids as fallback.
+      text = hf["text_config"]
+      outer = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
+      return cls.from_hf_dict({**outer, **text, "model_type": TEXT_MODEL_OF[model_type]}, source)
     if model_type not in SUPPORTED_ARCHITECTURES:
       raise FtjaxError(
           f"{source}: unsupported architecture model_type={model_type!r}; "
@@ -100,17 +134,9 @@ class ModelConfig:
       )
     except KeyError as e:
       raise FtjaxError(f"{source}: missing required key {e.args[0]!r}") from None
-    # transformers 5 folds rope_theta and rope_scaling into `rope_parameters`.
-    rope = dict(hf.get("rope_parameters") or {})
-    theta = rope.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
-    scaling = dict(hf.get("rope_scaling") or rope)
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ("default", "linear", "llama3"):
-      raise FtjaxError(f"{source}: unsupported rope scaling type {rope_type!r}; "
-                       "supported: default, linear, llama3")
-    scaling = {} if rope_type == "default" else {**scaling, "rope_type": rope_type}
-    scaling.pop("type", None)
-    is_gemma = model_type == "gemma"
+    theta, scaling, local_theta = _rope(hf, model_type, source)
+    is_gemma = model_type in GEMMA_FAMILIES
+    sandwich = model_type in ("gemma2", "gemma3_text")
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
     if act in ("gelu_pytorch_tanh", "gelu_tanh", "gelu"):
       # Gemma 1 checkpoints say "gelu" but were trained with the tanh approximation;
@@ -120,6 +146,7 @@ class ModelConfig:
       raise FtjaxError(f"{source}: unsupported activation {act!r}; supported: silu, gelu_pytorch_tanh")
     sliding = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
     eos = hf.get("eos_token_id")
+    layer_types = _layer_types(hf, model_type, kw["num_layers"], source)
     return cls(
         **kw,
         rope_theta=float(theta),
@@ -127,7 +154,7 @@ class ModelConfig:
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", is_gemma)),
         qkv_bias=bool(hf.get("attention_bias", False)) or model_type == "qwen2",
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "gemma3_text"),
         norm_offset=1.0 if is_gemma else 0.0,
         activation=act,
         embed_scale=is_gemma,
@@ -136,6 +163,12 @@ class ModelConfig:
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
         pad_token_id=hf.get("pad_token_id"),
+        attn_logit_softcap=_positive(hf.get("attn_logit_softcapping")) if sandwich else None,
+        final_logit_softcap=_positive(hf.get("final_logit_softcapping")) if sandwich else None,
+        query_pre_attn_scalar=(float(hf.get("query_pre_attn_scalar") or 256) if sandwich else None),
+        sandwich_norms=sandwich,
+        layer_types=layer_types,
+        rope_local_theta=local_theta,
     )
 
   @classmethod
@@ -145,7 +178,8 @@ class ModelConfig:
   def to_hf_dict(self) -> dict:
     """The config.json that transformers needs to rebuild this model."""
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM"}[self.model_type]
+            "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+            "gemma3_text": "Gemma3ForCausalLM"}[self.model_type]
     scaling = dict(self.rope_scaling) or None
     hf = {
         "architectures": [arch],
@@ -170,8 +204,20 @@ class ModelConfig:
         "pad_token_id": self.pad_token_id,
         "torch_dtype": "float32",
     }
-    if self.model_type == "gemma":
+    if self.model_type in GEMMA_FAMILIES:
       hf["hidden_activation"] = hf["hidden_act"]
+    if self.sandwich_norms:  # gemma2 / gemma3
+      hf.update(attn_logit_softcapping=self.attn_logit_softcap,
+                final_logit_softcapping=self.final_logit_softcap,
+                # transformers' strict config wants an int where the value is one
+                query_pre_attn_scalar=_int_if_whole(self.query_pre_attn_scalar),
+                sliding_window=self.sliding_window,
+                layer_types=list(self.layer_types))
+    if self.model_type == "gemma3_text":
+      hf["rope_local_base_freq"] = self.rope_local_theta
+      hf["rope_parameters"] = {
+          "full_attention": hf["rope_parameters"],
+          "sliding_attention": {"rope_type": "default", "rope_theta": self.rope_local_theta}}
     if self.model_type in ("llama", "qwen3"):
       hf["attention_bias"] = self.qkv_bias
     if self.model_type in ("mistral", "qwen2", "qwen3"):
@@ -180,7 +226,70 @@ class ModelConfig:
     return hf
 
   def head_scale(self) -> float:
-    return 1.0 / math.sqrt(self.head_dim)
+    return 1.0 / math.sqrt(self.query_pre_attn_scalar or self.head_dim)
+
+
+def _int_if_whole(value: float | None):
+  return int(value) if value is not None and float(value).is_integer() else value
+
+
+def _positive(value) -> float | None:
+  return float(value) if value else None
+
+
+def _rope_scaling(params: dict, source: str) -> tuple[float | None, dict]:
+  """(rope_theta or None, scaling dict without it; {} for plain RoPE) of one rope dict."""
+  scaling = dict(params)
+  theta = scaling.pop("rope_theta", None)
+  rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+  if rope_type not in ("default", "linear", "llama3"):
+    raise FtjaxError(f"{source}: unsupported rope scaling type {rope_type!r}; "
+                     "supported: default, linear, llama3")
+  scaling = {} if rope_type == "default" else {**scaling, "rope_type": rope_type}
+  scaling.pop("type", None)
+  return theta, scaling
+
+
+def _rope(hf: dict, model_type: str, source: str) -> tuple[float, dict, float | None]:
+  """(rope_theta, rope_scaling, rope_local_theta) from either transformers layout: 4's
+  rope_theta / rope_scaling (/ gemma3's rope_local_base_freq), or 5's `rope_parameters`
+  (keyed by layer type for gemma3, where the scaling belongs to the full-attention layers)."""
+  rope = dict(hf.get("rope_parameters") or {})
+  if model_type == "gemma3_text":
+    if "full_attention" in rope:
+      theta, scaling = _rope_scaling(rope["full_attention"], f"{source}: rope_parameters.full_attention")
+      local, local_scaling = _rope_scaling(rope.get("sliding_attention") or {},
+                                           f"{source}: rope_parameters.sliding_attention")
+      if local_scaling:
+        raise FtjaxError(f"{source}: rope_parameters.sliding_attention has rope scaling "
+                         f"{local_scaling}; ftjax supports plain RoPE on the sliding layers")
+    else:
+      _, scaling = _rope_scaling(hf.get("rope_scaling") or {}, source)
+      theta, local = hf.get("rope_theta"), hf.get("rope_local_base_freq")
+    return float(theta or 1_000_000.0), scaling, float(local or 10_000.0)
+  theta = rope.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
+  _, scaling = _rope_scaling(hf.get("rope_scaling") or rope, source)
+  return float(theta), scaling, None
+
+
+def _layer_types(hf: dict, model_type: str, num_layers: int, source: str) -> tuple[str, ...]:
+  """gemma2 / gemma3: each layer's attention kind, from `layer_types` or the older pattern
+  (gemma2 alternates from a sliding layer 0; gemma3 makes every 6th layer global)."""
+  if model_type not in ("gemma2", "gemma3_text"):
+    return ()
+  if hf.get("use_bidirectional_attention"):
+    raise FtjaxError(f"{source}: use_bidirectional_attention=true (an embedding model) is not "
+                     "supported; ftjax's decoder is causal")
+  kinds = hf.get("layer_types")
+  if kinds is None:
+    pattern = 2 if model_type == "gemma2" else int(hf.get("sliding_window_pattern") or 6)
+    kinds = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
+  if len(kinds) != num_layers or any(k not in LAYER_TYPES for k in kinds):
+    raise FtjaxError(f"{source}: layer_types must list one of {LAYER_TYPES} per layer "
+                     f"({num_layers}), got {kinds!r}")
+  if "sliding_attention" in kinds and not hf.get("sliding_window"):
+    raise FtjaxError(f"{source}: layer_types has sliding_attention layers but no sliding_window")
+  return tuple(kinds)
 
 
 def load_hf_config(model_dir: str) -> ModelConfig:

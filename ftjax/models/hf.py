@@ -54,7 +54,7 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype=np.float32, allocate=
   allocate(spec, dtype): what each param is written into, layer by layer (default: an empty
   float array of its shape; ftjax.quant.quant_sinks quantises kernels as they arrive).
   """
-  where = _tensor_files(model_dir)
+  where, stored = _text_model_tensors(model_dir, _tensor_files(model_dir))
   by_file: dict[str, list[tuple[Any, int | None, str]]] = {}
   params: Params = {}
   for spec in param_specs(cfg):
@@ -72,9 +72,9 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype=np.float32, allocate=
     with safe_open(path, framework="np") as f:
       for spec, i, name in items:
         if bnb.quant_state_key(name, where):  # a bitsandbytes 4-bit weight
-          _put_4bit(get_path(params, spec.path), spec, i, name, where)
+          _put_4bit(get_path(params, spec.path), spec, i, name, where, stored)
           continue
-        tensor = f.get_tensor(name)
+        tensor = f.get_tensor(stored.get(name, name))
         if spec.transpose:
           tensor = tensor.T
         target = get_path(params, spec.path)
@@ -88,6 +88,31 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype=np.float32, allocate=
         else:
           target[i] = tensor
   return params
+
+
+# Where a multimodal checkpoint (Gemma3ForConditionalGeneration) keeps its text model: written
+# by transformers 5, and by 4 -> the decoder's own names.
+_TEXT_MODEL_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                        ("language_model.lm_head.", "lm_head."))
+
+
+def _text_model_tensors(model_dir: str, where: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+  """A multimodal checkpoint's text-model tensors under the decoder's names (the vision tower
+  and projector are left out, with a log line); any other checkpoint as it is. Returns
+  ({decoder name: file}, {decoder name: name stored in the file} for the renamed ones)."""
+  if not any(n.startswith(old) for n in where for old, _ in _TEXT_MODEL_PREFIXES):
+    return where, {}
+  text, stored, other = {}, {}, []
+  for name, path in where.items():
+    new = next((new + name[len(old):] for old, new in _TEXT_MODEL_PREFIXES if name.startswith(old)),
+               name if name == _TIED_HEAD else None)
+    if new is None:
+      other.append(name)
+    else:
+      text[new], stored[new] = path, name
+  log.info("%s: loading the text model of a multimodal checkpoint; %d other tensor(s) (vision "
+           "tower, projector) left out", model_dir, len(other))
+  return text, stored
 
 
 # Tensors transformers itself skips without a word (the models' `_keys_to_ignore_on_load_unexpected`):
@@ -121,7 +146,8 @@ def _refuse_unused(model_dir: str, cfg: ModelConfig, where: dict[str, str], used
                    f"config: {', '.join(unused[:4])}{' ...' if len(unused) > 4 else ''}{hint}")
 
 
-def _put_4bit(target, spec, i: int | None, name: str, where: dict[str, str]) -> None:
+def _put_4bit(target, spec, i: int | None, name: str, where: dict[str, str],
+              stored: dict[str, str]) -> None:
   """Writes a bitsandbytes 4-bit weight into a QuantSink (its bytes as stored) or, dequantised,
   into a float array."""
   from ftjax.quant.fourbit import dequantize_4bit
@@ -129,7 +155,7 @@ def _put_4bit(target, spec, i: int | None, name: str, where: dict[str, str]) -> 
 
   def read(key):
     with safe_open(where[key], framework="np") as f:
-      return f.get_tensor(key)
+      return f.get_tensor(stored.get(key, key))
   q = bnb.read_4bit(name, bnb.quant_state_key(name, where), read)
   expected = tuple(spec.shape[1:] if i is not None else spec.shape)
   if not spec.transpose or tuple(q.shape) != expected[::-1]:

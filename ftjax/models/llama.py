@@ -75,9 +75,9 @@ class Attention(nnx.Module):
     self.k_proj = lin(d, cfg.kv_size, "embed", "kv_heads", bias=cfg.qkv_bias)
     self.v_proj = lin(d, cfg.kv_size, "embed", "kv_heads", bias=cfg.qkv_bias)
     self.o_proj = lin(cfg.q_size, d, "q_heads", "embed")
-    if cfg.qk_norm:
-      self.q_norm = RMSNorm(h, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
-      self.k_norm = RMSNorm(h, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+    if cfg.qk_norm:  # qwen3; gemma3's store (w - 1) like its other norms
+      self.q_norm = RMSNorm(h, eps=cfg.rms_norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype)
+      self.k_norm = RMSNorm(h, eps=cfg.rms_norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype)
     self.config = cfg
 
   def __call__(self, x_btd, ctx: dict, cache, rngs):
@@ -92,6 +92,7 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     q = ops.apply_rope(q, ctx["positions"], ctx["inv_freq"])
     k = ops.apply_rope(k, ctx["positions"], ctx["inv_freq"])
+    window = ctx["window"]  # an int, or this layer's slice of the per-layer windows (0: global)
 
     if cache is None:
       k_all, v_all, k_segment, new_cache = k, v, ctx["segment_ids"], None
@@ -105,11 +106,12 @@ class Attention(nnx.Module):
       new_cache = {"k": k_all, "v": v_all, "segment": k_segment}
     if cache is None and ctx["attention"] != "xla":  # a fused kernel (training forward pass)
       out = ops.fused_attention(ctx["attention"], q, k, v.astype(q.dtype), ctx["segment_ids"],
-                                cfg.head_scale(), cfg.sliding_window)
+                                cfg.head_scale(), window)
     else:
       mask = ops.attention_mask(ctx["q_index"], k_index, ctx["segment_ids"], k_segment,
-                                cfg.sliding_window, shared=ctx["shared"])
-      out = ops.attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, cfg.head_scale())
+                                window, shared=ctx["shared"])
+      out = ops.attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, cfg.head_scale(),
+                          softcap=cfg.attn_logit_softcap)
     (out,) = ops.project(out.reshape(b, t, cfg.q_size), [self.o_proj], rngs[1])
     return out, new_cache
 
@@ -139,11 +141,19 @@ class DecoderLayer(nnx.Module):
     self.input_layernorm = norm()
     self.self_attn = Attention(cfg, **kw)
     self.post_attention_layernorm = norm()
+    if cfg.sandwich_norms:  # gemma2 / gemma3: the MLP between its own pre and post norms
+      self.pre_feedforward_layernorm = norm()
+      self.post_feedforward_layernorm = norm()
     self.mlp = MLP(cfg, **kw)
+    self.sandwich_norms = cfg.sandwich_norms
 
   def __call__(self, x_btd, ctx: dict, cache=None, rng=None):
     rngs = jax.random.split(rng, 4) if rng is not None else [None] * 4
     out, new_cache = self.self_attn(self.input_layernorm(x_btd), ctx, cache, rngs[:2])
+    if self.sandwich_norms:  # post_attention_layernorm normalises the attention output
+      x_btd = x_btd + self.post_attention_layernorm(out)
+      out = self.mlp(self.pre_feedforward_layernorm(x_btd), rngs[2:])
+      return x_btd + self.post_feedforward_layernorm(out), new_cache
     x_btd = x_btd + out
     x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd), rngs[2:])
     return x_btd, new_cache
@@ -213,6 +223,8 @@ class Decoder(nnx.Module):
       from ftjax.errors import FtjaxError
       raise FtjaxError(f"model.attention={attention!r}: the fused kernels have no mask for virtual "
                        "tokens (prompt / prefix tuning); use model.attention='xla'")
+    if attention != "xla":
+      _check_fused_kernel(self.config, attention)
     positions = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t)) if positions is None else positions
     segment_ids = (jnp.ones((b, t), jnp.int32) if segment_ids is None
                    else segment_ids.astype(jnp.int32))
@@ -255,6 +267,7 @@ class Decoder(nnx.Module):
         "positions": positions, "segment_ids": segment_ids, "cache_index": cache_index,
         "q_index": jnp.broadcast_to(cache_index + jnp.arange(t), (b, t)),
         "inv_freq": ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling)),
+        "window": cfg.sliding_window,
         "shared": self.num_virtual_tokens > 0,
         "attention": attention,
     }
@@ -262,17 +275,22 @@ class Decoder(nnx.Module):
 
     # Split once; the scan body merges one layer's slice of the stacked state.
     graphdef, stacked = nnx.split(self.layers)
+    per_layer = _per_layer_data(cfg)
 
     def body(x, xs):
-      layer_state, layer_cache, layer_rng = xs
-      x, out = nnx.merge(graphdef, layer_state)(ops.constrain_batch(x), ctx, layer_cache, layer_rng)
+      layer_state, layer_cache, layer_rng, layer_data = xs
+      layer_ctx = ctx if layer_data is None else {
+          **ctx, "window": layer_data["window"],
+          "inv_freq": jnp.where(layer_data["local"], layer_data["local_inv_freq"], ctx["inv_freq"])}
+      x, out = nnx.merge(graphdef, layer_state)(ops.constrain_batch(x), layer_ctx, layer_cache,
+                                                layer_rng)
       return ops.constrain_batch(x), out
 
     policy = ops.REMAT_POLICIES[remat]
     if remat != "none":
       body = jax.checkpoint(body, policy=policy, prevent_cse=False)
     layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
-    x, new_cache = jax.lax.scan(body, x, (stacked, cache, layer_rngs), unroll=unroll)
+    x, new_cache = jax.lax.scan(body, x, (stacked, cache, layer_rngs, per_layer), unroll=unroll)
     x = self.norm(x)
     return x if cache is None else (x, new_cache)
 
@@ -355,14 +373,46 @@ class CausalLM(nnx.Module):
       w = head.kernel[...]
     else:  # an adapter wraps the head: its own call
       out = head.attend(hidden_btd) if self.lm_head is None else head(hidden_btd)
-      return out.astype(jnp.float32)
-    return jnp.dot(hidden_btd, w.astype(hidden_btd.dtype), preferred_element_type=jnp.float32)
+      return self._softcap(out.astype(jnp.float32))
+    return self._softcap(jnp.dot(hidden_btd, w.astype(hidden_btd.dtype),
+                                 preferred_element_type=jnp.float32))
+
+  def _softcap(self, logits):
+    cap = self.config.final_logit_softcap  # gemma2: cap * tanh(logits / cap), in f32 as HF
+    return logits if not cap else jnp.tanh(logits / cap) * cap
 
   def __call__(self, tokens_bt, **kwargs):
     out = self.hidden_states(tokens_bt, **kwargs)
     if isinstance(out, tuple):
       return self.logits(out[0]), out[1]
     return self.logits(out)
+
+
+def _check_fused_kernel(cfg: ModelConfig, attention: str) -> None:
+  """The fused kernels have no attention soft-capping, and splash's window is one static mask."""
+  from ftjax.errors import FtjaxError
+  if cfg.attn_logit_softcap:
+    raise FtjaxError(f"model.attention={attention!r}: the fused kernels have no attention logit "
+                     f"soft-capping ({cfg.model_type}'s attn_logit_softcapping="
+                     f"{cfg.attn_logit_softcap}); use model.attention='xla'")
+  if attention == "splash" and cfg.layer_types:
+    raise FtjaxError(f"model.attention='splash': {cfg.model_type}'s per-layer attention windows "
+                     "(layer_types) are data of the layer scan, and the splash kernel takes one "
+                     "static mask; use model.attention='xla' or 'cudnn'")
+
+
+def _per_layer_data(cfg: ModelConfig) -> dict[str, Any] | None:
+  """What differs between layers (gemma2 / gemma3 layer_types), as arrays with a leading [l]
+  axis that the layer scan slices: the attention window (0: global) and, for sliding layers, the
+  local RoPE frequencies. None when every layer is alike (the window stays a Python int)."""
+  if not cfg.layer_types:
+    return None
+  local_theta = cfg.rope_local_theta or cfg.rope_theta  # gemma2: one base for all layers
+  local_scaling = {} if cfg.rope_local_theta else dict(cfg.rope_scaling)
+  local_inv_freq = ops.rope_inv_freq(cfg.head_dim, local_theta, local_scaling)
+  return {"window": jnp.asarray(cfg.layer_windows(), jnp.int32),
+          "local": jnp.asarray(cfg.layer_is_local()),
+          "local_inv_freq": jnp.broadcast_to(local_inv_freq, (cfg.num_layers, *local_inv_freq.shape))}
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict[str, Any]:

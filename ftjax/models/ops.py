@@ -104,13 +104,17 @@ def attention_mask(q_index_bt, k_index_s, q_segment_bt, k_segment_bs, sliding_wi
   mask &= same
   if pad_keys:
     mask &= (k_segment_bs != 0)[:, None, :]
-  if sliding_window:
+  if isinstance(sliding_window, jax.Array):  # one layer's window in a scan; 0 means global
+    in_window = k_index_s[None, None, :] > q_index_bt[:, :, None] - sliding_window
+    mask &= in_window | (sliding_window <= 0)
+  elif sliding_window:
     mask &= k_index_s[None, None, :] > q_index_bt[:, :, None] - sliding_window
   return mask[:, None]
 
 
-def attention(q_btnh, k_bskh, v_bskh, mask_b1ts, scale: float):
+def attention(q_btnh, k_bskh, v_bskh, mask_b1ts, scale: float, softcap: float | None = None):
   """Grouped-query attention: softmax(q k^T * scale, masked) v, scores and softmax in f32.
+  softcap (gemma2): the scaled scores become softcap * tanh(scores / softcap) before masking.
 
   The query heads sharing a kv head are stacked along the rows ([b, k, g*t, h]), so each
   score / value product is one [g*t, h] x [h, s] matmul per (batch, kv head) with the batch dims
@@ -123,6 +127,8 @@ def attention(q_btnh, k_bskh, v_bskh, mask_b1ts, scale: float):
   q = q_btnh.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
   scores = jnp.einsum("bkqh,bksh->bkqs", q, k_bskh.transpose(0, 2, 1, 3),
                       preferred_element_type=jnp.float32).reshape(b, k, g, t, s) * scale
+  if softcap:
+    scores = jnp.tanh(scores / softcap) * softcap
   scores = jnp.where(mask_b1ts[:, :, None], scores, -0.7 * jnp.finfo(jnp.float32).max)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype).reshape(b, k, g * t, s)
   out = jnp.einsum("bkqs,bksh->bkqh", probs, v_bskh.transpose(0, 2, 1, 3))

@@ -37,7 +37,8 @@ INITS = (True, "gaussian", "pissa", "olora")
 BASE_CHANGING_INITS = ("pissa", "olora")
 
 # HF PEFT's default targets when `target_modules` is None, by model_type.
-DEFAULT_TARGETS = {t: ("q_proj", "v_proj") for t in ("llama", "mistral", "qwen2", "qwen3", "gemma")}
+DEFAULT_TARGETS = {t: ("q_proj", "v_proj") for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+                                                   "gemma3_text")}
 
 
 @dataclasses.dataclass(frozen=True)
