@@ -136,7 +136,7 @@ def test_qlora_at_init_is_the_dequantised_float_model(family, tmp_path):
   # the residual's scale, so NF4's per-weight rounding shows in full in the logits: measured
   # 0.34 (gemma2) and 0.30 (gemma3) against 0.009 for gemma 1, whose tiny block outputs barely
   # move its residual stream.
-  assert 1e-4 < distance < 0.5
+  assert 1e-4 < distance < (0.5 if family in ("gemma2", "gemma3") else 0.3)
   assert peft.count_params(qlora) == peft.count_params(peft.get_peft_model(
       original, peft.LoraConfig(r=4, target_modules="all-linear")))  # 4-bit codes count as params
 
