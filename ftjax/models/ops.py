@@ -58,9 +58,10 @@ def rms_norm(x, scale, eps: float, offset: float = 0.0):
   return scale.astype(x.dtype) * x32.astype(x.dtype)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict) -> jnp.ndarray:
-  """Per-pair rotation frequencies [h/2], including llama3 / linear scaling."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict) -> jnp.ndarray:
+  """Per-pair rotation frequencies [rotary_dim/2], including llama3 / linear scaling
+  (rotary_dim: head_dim, or fewer dims with partial rotary)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
   kind = scaling.get("rope_type", "default")
   if kind == "linear":
     inv_freq = inv_freq / scaling["factor"]
@@ -77,13 +78,16 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict) -> jnp.ndarray:
 
 
 def apply_rope(x_btnh, positions_bt, inv_freq):
-  """HF's rotate-half RoPE: pairs are (i, i + h/2), not interleaved."""
-  angles = positions_bt[..., None].astype(jnp.float32) * inv_freq  # [b, t, h/2]
+  """HF's rotate-half RoPE: pairs are (i, i + r/2), not interleaved, over the first
+  r = 2 * len(inv_freq) dims of each head; the rest pass unrotated (partial rotary, phi3)."""
+  angles = positions_bt[..., None].astype(jnp.float32) * inv_freq  # [b, t, r/2]
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
   x = x_btnh.astype(jnp.float32)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  rotary = 2 * inv_freq.shape[-1]
+  x_rot, x_pass = x[..., :rotary], x[..., rotary:]
+  x1, x2 = jnp.split(x_rot, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x_pass], axis=-1)
   return out.astype(x_btnh.dtype)
 
 
