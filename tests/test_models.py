@@ -239,8 +239,12 @@ def test_gemma_switches_change_the_logits(family):
 
 @pytest.mark.parametrize("family", GEMMAS, indirect=True)
 def test_gemma_greedy_generate_equals_transformers(family):
+  _check_greedy_generate(family)
+
+
+def _check_greedy_generate(family):
   """Prompts of unequal length (left-padded together by ftjax), 12 new tokens: past the
-  sliding window (4) of the local layers, so the cached decode must apply it."""
+  sliding window (gemma's local layers: 4, phi3: 8), so the cached decode must apply it."""
   from ftjax.generate import generate_ids
   _, hf_model, _, cfg, model = family
   rng = np.random.RandomState(5)
@@ -275,12 +279,18 @@ def test_gemma3_multimodal_checkpoint_loads_its_text_model(tmp_path):
 
 @pytest.mark.parametrize("family", GEMMAS, indirect=True)
 def test_gemma_lora_wraps_what_peft_wraps_and_loads_its_adapter(family, tmp_path):
+  _, _, path, cfg, _ = family
+  _check_lora_against_peft(path, cfg, tmp_path, ("all-linear", None))  # None: PEFT's default
+
+
+def _check_lora_against_peft(path, cfg, tmp_path, target_sets):
+  """For each target set: ftjax's LoRA wraps the modules peft.get_peft_model wraps, with the
+  same trainable count; then an all-linear PEFT adapter (B randomised) loads within 1e-4."""
   import peft as hf_peft
   from ftjax import peft
   from test_peft import hf_lora_names, lora_names
-  _, _, path, cfg, _ = family
   fresh_hf = lambda: transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-  for targets in ("all-linear", None):  # None: PEFT's default for the model_type
+  for targets in target_sets:
     ours_lora = peft.get_peft_model(hf_models.ftjax_model(path), peft.LoraConfig(r=2, target_modules=targets))
     theirs = hf_peft.get_peft_model(fresh_hf(), hf_peft.LoraConfig(r=2, target_modules=targets))
     assert lora_names(ours_lora) == hf_lora_names(theirs), targets
@@ -326,3 +336,39 @@ def test_a_layers_window_as_scan_data_masks_as_the_static_window():
   np.testing.assert_array_equal(traced(jnp.asarray(3, jnp.int32)), mask(3))
   np.testing.assert_array_equal(traced(jnp.asarray(0, jnp.int32)), mask(None))
   assert (mask(3) != mask(None)).any()
+
+
+@pytest.mark.parametrize("family", ["phi3"], indirect=True)
+def test_phi3_partial_rotary_and_window_change_the_logits(family):
+  """The tiny Phi-3 rotates half of each head and has a window (8) shorter than the sequence:
+  turning either off must move the logits, so the transformers match above tests both."""
+  _, _, path, cfg, model = family
+  assert cfg.fused_projections and cfg.rotary_dim == cfg.head_dim // 2
+  tokens = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (2, 16)))
+  base = model(tokens)
+  params = load_hf_params(path, cfg)
+  for key, off in (("partial_rotary_factor", 1.0), ("sliding_window", None)):
+    changed = models.from_params(cfg.replace(**{key: off}), params)(tokens)
+    assert rel_err(changed, base) > 1e-3, key  # 10x the logits tolerance at least
+
+
+@pytest.mark.parametrize("family", ["phi3"], indirect=True)
+def test_phi3_greedy_generate_equals_transformers(family):
+  _check_greedy_generate(family)
+
+
+@pytest.mark.parametrize("family", ["phi3"], indirect=True)
+def test_phi3_lora_on_fused_projections_matches_peft(family, tmp_path):
+  """LoRA on the fused qkv_proj / gate_up_proj is one A/B over the fused output, as in PEFT;
+  the installed peft has no default targets for phi3, so the sets are named."""
+  _, _, path, cfg, _ = family
+  _check_lora_against_peft(path, cfg, tmp_path,
+                           ("all-linear", ("qkv_proj",), ("qkv_proj", "gate_up_proj", "o_proj", "down_proj")))
+
+
+def test_phi3_longrope_is_refused_by_name():
+  hf = hf_models.FAMILIES["phi3"]().to_dict()
+  hf["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
+                           "long_factor": [2.0] * 4, "partial_rotary_factor": 0.5}
+  with pytest.raises(FtjaxError, match="'longrope'.*not supported"):
+    ModelConfig.from_hf_dict(hf)
