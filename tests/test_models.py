@@ -366,12 +366,30 @@ def test_phi3_lora_on_fused_projections_matches_peft(family, tmp_path):
   _check_lora_against_peft(path, cfg, tmp_path, ("all-linear", ("qkv_proj",)))
 
 
-def test_phi3_longrope_is_refused_by_name():
-  hf = hf_models.FAMILIES["phi3"]().to_dict()
-  hf["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
-                           "long_factor": [2.0] * 4, "partial_rotary_factor": 0.5}
-  with pytest.raises(FtjaxError, match="'longrope'.*not supported"):
-    ModelConfig.from_hf_dict(hf)
+def test_phi3_longrope_matches_transformers_below_and_past_the_original_length(tmp_path):
+  """Phi-3 128k / 3.5 / 4-mini's longrope: short factors up to original_max_position_embeddings
+  (16 here), long ones and the cos/sin scale sqrt(1 + ln(256/16) / ln 16) = 1.22 past it."""
+  factors = lambda *f: list(f)  # one per rotated pair: rotary_dim 8 -> 4
+  config = transformers.Phi3Config(
+      **{**hf_models.COMMON, "max_position_embeddings": 256}, partial_rotary_factor=0.5,
+      pad_token_id=0, original_max_position_embeddings=16,
+      rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                       "short_factor": factors(1.0, 1.5, 2.0, 3.0), "long_factor": factors(2.0, 4.0, 8.0, 16.0)})
+  torch.manual_seed(0)
+  transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(str(tmp_path))
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+  model = hf_models.ftjax_model(str(tmp_path))
+  assert dict(model.config.rope_scaling)["original_max_position_embeddings"] == 16
+  rng = np.random.RandomState(9)
+  for length in (12, 24):  # below, past the original length
+    tokens = rng.randint(0, config.vocab_size, (2, length))
+    with torch.no_grad():
+      ref = hf_model(torch.tensor(tokens)).logits.numpy()
+    assert rel_err(model(jnp.asarray(tokens)), ref) < 1e-4, length
+  models.save_pretrained(model, str(tmp_path / "out"))  # the factors survive the export
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
+  with torch.no_grad():
+    assert rel_err(reloaded(torch.tensor(tokens)).logits.numpy(), ref) < 1e-5
 
 
 @pytest.mark.parametrize("family", ["phi3"], indirect=True)

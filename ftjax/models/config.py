@@ -14,7 +14,7 @@ The decoder differs between families only in a handful of switches, so each fami
 |               | `attn_logit_softcap`, `final_logit_softcap`, `query_pre_attn_scalar` |
 | gemma3 (text) | gemma2's, plus `qk_norm` and `rope_local_theta` (sliding layers)  |
 | phi3 / 3.5 / 4-mini | `fused_projections` (`qkv_proj`, `gate_up_proj` as in HF),  |
-|               | `partial_rotary_factor`; longrope scaling is refused by name      |
+|               | `partial_rotary_factor`, longrope RoPE scaling (short/long factors) |
 
 Per-layer differences (`layer_types`) are data the layer scan slices (`layer_windows`,
 `layer_is_local`), never a Python branch per layer: the stack stays one compiled body.
@@ -235,6 +235,8 @@ class ModelConfig:
       hf["partial_rotary_factor"] = self.partial_rotary_factor
       hf["rope_parameters"]["partial_rotary_factor"] = self.partial_rotary_factor
       hf["sliding_window"] = self.sliding_window
+      if scaling and "original_max_position_embeddings" in scaling:
+        hf["original_max_position_embeddings"] = scaling["original_max_position_embeddings"]
     if self.model_type in ("llama", "qwen3"):
       hf["attention_bias"] = self.qkv_bias
     if self.model_type in ("mistral", "qwen2", "qwen3"):
@@ -260,13 +262,17 @@ def _rope_scaling(params: dict, source: str) -> tuple[float | None, dict]:
   theta = scaling.pop("rope_theta", None)
   scaling.pop("partial_rotary_factor", None)  # phi3's transformers 5 keeps it here; read apart
   rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-  if rope_type in ("longrope", "su"):
-    raise FtjaxError(f"{source}: rope scaling type {rope_type!r} (Phi-3 128k / Phi-3.5 / Phi-4-mini's "
-                     "short/long factors) is not supported yet; supported: default, linear, llama3 "
-                     "(the 4k-context Phi-3 models use plain RoPE)")
-  if rope_type not in ("default", "linear", "llama3"):
+  if rope_type == "su":  # Phi-3's older name, as transformers renames it
+    rope_type = "longrope"
+  if rope_type not in ("default", "linear", "llama3", "longrope"):
     raise FtjaxError(f"{source}: unsupported rope scaling type {rope_type!r}; "
-                     "supported: default, linear, llama3")
+                     "supported: default, linear, llama3, longrope")
+  if rope_type == "longrope":
+    missing = [k for k in ("short_factor", "long_factor") if not isinstance(scaling.get(k), (list, tuple))]
+    if missing:
+      raise FtjaxError(f"{source}: longrope rope scaling needs {' and '.join(missing)} (lists of numbers)")
+    # hashable: ModelConfig is a cache key
+    scaling.update(short_factor=tuple(scaling["short_factor"]), long_factor=tuple(scaling["long_factor"]))
   scaling = {} if rope_type == "default" else {**scaling, "rope_type": rope_type}
   scaling.pop("type", None)
   return theta, scaling
@@ -300,6 +306,10 @@ def _rope(hf: dict, model_type: str, source: str) -> tuple[float, dict, float | 
     return float(theta or 1_000_000.0), scaling, float(local or 10_000.0)
   theta = rope.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
   _, scaling = _rope_scaling(hf.get("rope_scaling") or rope, source)
+  if scaling.get("rope_type") == "longrope" and "original_max_position_embeddings" not in scaling:
+    if "original_max_position_embeddings" not in hf:  # transformers 4 keeps it at the top level
+      raise FtjaxError(f"{source}: longrope rope scaling needs original_max_position_embeddings")
+    scaling["original_max_position_embeddings"] = int(hf["original_max_position_embeddings"])
   return float(theta), scaling, None
 
 

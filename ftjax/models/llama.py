@@ -97,8 +97,8 @@ class Attention(nnx.Module):
     v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    q = ops.apply_rope(q, ctx["positions"], ctx["inv_freq"])
-    k = ops.apply_rope(k, ctx["positions"], ctx["inv_freq"])
+    q = ops.apply_rope(q, ctx["positions"], ctx["inv_freq"], ctx["rope_scale"])
+    k = ops.apply_rope(k, ctx["positions"], ctx["inv_freq"], ctx["rope_scale"])
     window = ctx["window"]  # an int, or this layer's slice of the per-layer windows (0: global)
 
     if cache is None:
@@ -282,10 +282,18 @@ class Decoder(nnx.Module):
         "positions": positions, "segment_ids": segment_ids, "cache_index": cache_index,
         "q_index": jnp.broadcast_to(cache_index + jnp.arange(t), (b, t)),
         "inv_freq": ops.rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, dict(cfg.rope_scaling)),
+        "rope_scale": 1.0,
         "window": cfg.sliding_window,
         "shared": self.num_virtual_tokens > 0,
         "attention": attention,
     }
+    scaling = dict(cfg.rope_scaling)
+    if scaling.get("rope_type") == "longrope":
+      # As transformers: the long factors for every position of a call that reaches past the
+      # original context (max position + 1 > original), the short ones otherwise.
+      long_inv_freq, original, ctx["rope_scale"] = ops.longrope(
+          cfg.rotary_dim, cfg.rope_theta, scaling, cfg.max_position_embeddings)
+      ctx["inv_freq"] = jnp.where(jnp.max(positions) + 1 > original, long_inv_freq, ctx["inv_freq"])
     x = ops.constrain_batch(self._embed(x_btd))
 
     # Split once; the scan body merges one layer's slice of the stacked state.
