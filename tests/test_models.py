@@ -426,3 +426,11 @@ def test_phi3_lora_trains_and_its_adapter_loads_in_peft(family, tmp_path):
     want = hf_peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()(torch.tensor(tokens)).logits.numpy()
   assert rel_err(plain, want) > 1e-3  # the trained adapter matters (10x the tolerance below)
   assert rel_err(trained(jnp.asarray(tokens)), want) < 1e-4  # f32 both sides: summation order only
+
+
+def test_phi3_longrope_without_its_factors_is_named():
+  hf = hf_models.FAMILIES["phi3"]().to_dict()
+  hf["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
+                           "original_max_position_embeddings": 16}
+  with pytest.raises(FtjaxError, match="longrope rope scaling needs long_factor"):
+    ModelConfig.from_hf_dict(hf)
