@@ -30,6 +30,10 @@ FAMILIES = {
         layer_types=["sliding_attention", "sliding_attention", "full_attention"],
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 50000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}),
+    # fused qkv_proj / gate_up_proj, partial rotary (half of each 16-dim head rotates), a
+    # window (8) shorter than most test sequences.
+    "phi3": lambda: transformers.Phi3Config(**COMMON, partial_rotary_factor=0.5, sliding_window=8,
+                                            pad_token_id=0),
 }
 
 

@@ -239,8 +239,12 @@ def test_gemma_switches_change_the_logits(family):
 
 @pytest.mark.parametrize("family", GEMMAS, indirect=True)
 def test_gemma_greedy_generate_equals_transformers(family):
+  _check_greedy_generate(family)
+
+
+def _check_greedy_generate(family):
   """Prompts of unequal length (left-padded together by ftjax), 12 new tokens: past the
-  sliding window (4) of the local layers, so the cached decode must apply it."""
+  sliding window (gemma's local layers: 4, phi3: 8), so the cached decode must apply it."""
   from ftjax.generate import generate_ids
   _, hf_model, _, cfg, model = family
   rng = np.random.RandomState(5)
@@ -275,12 +279,18 @@ def test_gemma3_multimodal_checkpoint_loads_its_text_model(tmp_path):
 
 @pytest.mark.parametrize("family", GEMMAS, indirect=True)
 def test_gemma_lora_wraps_what_peft_wraps_and_loads_its_adapter(family, tmp_path):
+  _, _, path, cfg, _ = family
+  _check_lora_against_peft(path, cfg, tmp_path, ("all-linear", None))  # None: PEFT's default
+
+
+def _check_lora_against_peft(path, cfg, tmp_path, target_sets):
+  """For each target set: ftjax's LoRA wraps the modules peft.get_peft_model wraps, with the
+  same trainable count; then an all-linear PEFT adapter (B randomised) loads within 1e-4."""
   import peft as hf_peft
   from ftjax import peft
   from test_peft import hf_lora_names, lora_names
-  _, _, path, cfg, _ = family
   fresh_hf = lambda: transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-  for targets in ("all-linear", None):  # None: PEFT's default for the model_type
+  for targets in target_sets:
     ours_lora = peft.get_peft_model(hf_models.ftjax_model(path), peft.LoraConfig(r=2, target_modules=targets))
     theirs = hf_peft.get_peft_model(fresh_hf(), hf_peft.LoraConfig(r=2, target_modules=targets))
     assert lora_names(ours_lora) == hf_lora_names(theirs), targets
@@ -326,3 +336,101 @@ def test_a_layers_window_as_scan_data_masks_as_the_static_window():
   np.testing.assert_array_equal(traced(jnp.asarray(3, jnp.int32)), mask(3))
   np.testing.assert_array_equal(traced(jnp.asarray(0, jnp.int32)), mask(None))
   assert (mask(3) != mask(None)).any()
+
+
+@pytest.mark.parametrize("family", ["phi3"], indirect=True)
+def test_phi3_partial_rotary_and_window_change_the_logits(family):
+  """The tiny Phi-3 rotates half of each head and has a window (8) shorter than the sequence:
+  turning either off must move the logits, so the transformers match above tests both."""
+  _, _, path, cfg, model = family
+  assert cfg.fused_projections and cfg.rotary_dim == cfg.head_dim // 2
+  tokens = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (2, 16)))
+  base = model(tokens)
+  params = load_hf_params(path, cfg)
+  for key, off in (("partial_rotary_factor", 1.0), ("sliding_window", None)):
+    changed = models.from_params(cfg.replace(**{key: off}), params)(tokens)
+    assert rel_err(changed, base) > 1e-3, key  # 10x the logits tolerance at least
+
+
+@pytest.mark.parametrize("family", ["phi3"], indirect=True)
+def test_phi3_greedy_generate_equals_transformers(family):
+  _check_greedy_generate(family)
+
+
+@pytest.mark.parametrize("family", ["phi3"], indirect=True)
+def test_phi3_lora_on_fused_projections_matches_peft(family, tmp_path):
+  """LoRA on the fused qkv_proj / gate_up_proj is one A/B over the fused output, as in PEFT;
+  the installed peft has no default targets for phi3, so the sets are named ("all-linear" is
+  qkv_proj, o_proj, gate_up_proj and down_proj)."""
+  _, _, path, cfg, _ = family
+  _check_lora_against_peft(path, cfg, tmp_path, ("all-linear", ("qkv_proj",)))
+
+
+def test_phi3_longrope_matches_transformers_below_and_past_the_original_length(tmp_path):
+  """Phi-3 128k / 3.5 / 4-mini's longrope: short factors up to original_max_position_embeddings
+  (16 here), long ones and the cos/sin scale sqrt(1 + ln(256/16) / ln 16) = 1.22 past it."""
+  factors = lambda *f: list(f)  # one per rotated pair: rotary_dim 8 -> 4
+  config = transformers.Phi3Config(
+      **{**hf_models.COMMON, "max_position_embeddings": 256}, partial_rotary_factor=0.5,
+      pad_token_id=0, original_max_position_embeddings=16,
+      rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                       "short_factor": factors(1.0, 1.5, 2.0, 3.0), "long_factor": factors(2.0, 4.0, 8.0, 16.0)})
+  torch.manual_seed(0)
+  transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(str(tmp_path))
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+  model = hf_models.ftjax_model(str(tmp_path))
+  assert dict(model.config.rope_scaling)["original_max_position_embeddings"] == 16
+  rng = np.random.RandomState(9)
+  for length in (12, 24):  # below, past the original length
+    tokens = rng.randint(0, config.vocab_size, (2, length))
+    with torch.no_grad():
+      ref = hf_model(torch.tensor(tokens)).logits.numpy()
+    assert rel_err(model(jnp.asarray(tokens)), ref) < 1e-4, length
+  models.save_pretrained(model, str(tmp_path / "out"))  # the factors survive the export
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
+  with torch.no_grad():
+    assert rel_err(reloaded(torch.tensor(tokens)).logits.numpy(), ref) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["phi3"], indirect=True)
+def test_phi3_lora_trains_and_its_adapter_loads_in_peft(family, tmp_path):
+  """The other direction: LoRA on the fused projections trains (the loss falls each step) and
+  the adapter ftjax saves gives the same logits under HF PEFT."""
+  import functools
+  import optax
+  import peft as hf_peft
+  from ftjax import peft
+  from ftjax import step as step_lib
+  from ftjax.losses import CausalLMLoss
+  from tiny import counting_batch
+  _, _, path, cfg, _ = family
+  model = peft.get_peft_model(hf_models.ftjax_model(path), peft.LoraConfig(
+      r=4, target_modules=("qkv_proj", "gate_up_proj")))
+  graphdef, trainable, frozen, mutable = step_lib.split_model(model, peft.AdapterParam)
+  optimizer = optax.adam(1e-2)
+  step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, loss_fn=CausalLMLoss(),
+                                   optimizer=optimizer))
+  state = step_lib.init_state(trainable, mutable, optimizer, seed=0)
+  batch = jax.tree.map(lambda x: x[None], counting_batch(4, 16, vocab=cfg.vocab_size))
+  losses = []
+  for _ in range(4):
+    state, metrics = step(state, frozen, batch)
+    losses.append(float(metrics["loss"]))
+  assert all(b < a for a, b in zip(losses, losses[1:])), losses
+  trained = step_lib.merge_model(graphdef, state["trainable"], frozen, state["mutable"])
+  peft.save_adapter(trained, str(tmp_path))
+  base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+  tokens = np.random.RandomState(8).randint(0, cfg.vocab_size, (2, 16))
+  with torch.no_grad():
+    plain = base(torch.tensor(tokens)).logits.numpy()
+    want = hf_peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()(torch.tensor(tokens)).logits.numpy()
+  assert rel_err(plain, want) > 1e-3  # the trained adapter matters (10x the tolerance below)
+  assert rel_err(trained(jnp.asarray(tokens)), want) < 1e-4  # f32 both sides: summation order only
+
+
+def test_phi3_longrope_without_its_factors_is_named():
+  hf = hf_models.FAMILIES["phi3"]().to_dict()
+  hf["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
+                           "original_max_position_embeddings": 16}
+  with pytest.raises(FtjaxError, match="longrope rope scaling needs long_factor"):
+    ModelConfig.from_hf_dict(hf)

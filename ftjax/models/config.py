@@ -13,6 +13,8 @@ The decoder differs between families only in a handful of switches, so each fami
 | gemma2        | gemma's, plus `sandwich_norms`, `layer_types` (sliding / full),   |
 |               | `attn_logit_softcap`, `final_logit_softcap`, `query_pre_attn_scalar` |
 | gemma3 (text) | gemma2's, plus `qk_norm` and `rope_local_theta` (sliding layers)  |
+| phi3 / 3.5 / 4-mini | `fused_projections` (`qkv_proj`, `gate_up_proj` as in HF),  |
+|               | `partial_rotary_factor`, longrope RoPE scaling (short/long factors) |
 
 Per-layer differences (`layer_types`) are data the layer scan slices (`layer_windows`,
 `layer_is_local`), never a Python branch per layer: the stack stays one compiled body.
@@ -28,7 +30,7 @@ from typing import Any
 from ftjax.errors import FtjaxError
 from ftjax.files import read_json
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3_text")
 # Multimodal configs whose `text_config` is a supported decoder: their text model loads alone.
 TEXT_MODEL_OF = {"gemma3": "gemma3_text"}
@@ -74,6 +76,15 @@ class ModelConfig:
   # applies to all). "sliding_attention" layers use sliding_window and rope_local_theta.
   layer_types: tuple[str, ...] = ()
   rope_local_theta: float | None = None  # gemma3: plain RoPE base of the sliding layers
+  # phi3: one `qkv_proj` ([q | k | v] outputs) and one `gate_up_proj` ([gate | up]) per layer,
+  # kept fused as HF stores them, so LoRA on `qkv_proj` is PEFT's one A/B over the fused output.
+  fused_projections: bool = False
+  # phi3 (Phi-4-mini: 0.75): RoPE rotates the first rotary_dim dims of each head, the rest pass.
+  partial_rotary_factor: float = 1.0
+
+  @property
+  def rotary_dim(self) -> int:
+    return int(self.head_dim * self.partial_rotary_factor)  # HF's int(), not round()
 
   def layer_windows(self) -> tuple[int, ...]:
     """Each layer's attention window, 0 for global layers (only with layer_types)."""
@@ -169,6 +180,8 @@ class ModelConfig:
         sandwich_norms=sandwich,
         layer_types=layer_types,
         rope_local_theta=local_theta,
+        fused_projections=model_type == "phi3",
+        partial_rotary_factor=_partial_rotary_factor(hf, source),
     )
 
   @classmethod
@@ -179,7 +192,7 @@ class ModelConfig:
     """The config.json that transformers needs to rebuild this model."""
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-            "gemma3_text": "Gemma3ForCausalLM"}[self.model_type]
+            "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}[self.model_type]
     scaling = dict(self.rope_scaling) or None
     hf = {
         "architectures": [arch],
@@ -218,6 +231,12 @@ class ModelConfig:
       hf["rope_parameters"] = {
           "full_attention": hf["rope_parameters"],
           "sliding_attention": {"rope_type": "default", "rope_theta": self.rope_local_theta}}
+    if self.model_type == "phi3":
+      hf["partial_rotary_factor"] = self.partial_rotary_factor
+      hf["rope_parameters"]["partial_rotary_factor"] = self.partial_rotary_factor
+      hf["sliding_window"] = self.sliding_window
+      if scaling and "original_max_position_embeddings" in scaling:
+        hf["original_max_position_embeddings"] = scaling["original_max_position_embeddings"]
     if self.model_type in ("llama", "qwen3"):
       hf["attention_bias"] = self.qkv_bias
     if self.model_type in ("mistral", "qwen2", "qwen3"):
@@ -241,13 +260,31 @@ def _rope_scaling(params: dict, source: str) -> tuple[float | None, dict]:
   """(rope_theta or None, scaling dict without it; {} for plain RoPE) of one rope dict."""
   scaling = dict(params)
   theta = scaling.pop("rope_theta", None)
+  scaling.pop("partial_rotary_factor", None)  # phi3's transformers 5 keeps it here; read apart
   rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-  if rope_type not in ("default", "linear", "llama3"):
+  if rope_type == "su":  # Phi-3's older name, as transformers renames it
+    rope_type = "longrope"
+  if rope_type not in ("default", "linear", "llama3", "longrope"):
     raise FtjaxError(f"{source}: unsupported rope scaling type {rope_type!r}; "
-                     "supported: default, linear, llama3")
+                     "supported: default, linear, llama3, longrope")
+  if rope_type == "longrope":
+    missing = [k for k in ("short_factor", "long_factor") if not isinstance(scaling.get(k), (list, tuple))]
+    if missing:
+      raise FtjaxError(f"{source}: longrope rope scaling needs {' and '.join(missing)} (lists of numbers)")
+    # hashable: ModelConfig is a cache key
+    scaling.update(short_factor=tuple(scaling["short_factor"]), long_factor=tuple(scaling["long_factor"]))
   scaling = {} if rope_type == "default" else {**scaling, "rope_type": rope_type}
   scaling.pop("type", None)
   return theta, scaling
+
+
+def _partial_rotary_factor(hf: dict, source: str) -> float:
+  """phi3's partial_rotary_factor: top-level (transformers 4) or in rope_parameters (5)."""
+  factor = hf.get("partial_rotary_factor", (hf.get("rope_parameters") or {}).get("partial_rotary_factor"))
+  factor = 1.0 if factor is None else float(factor)
+  if not 0.0 < factor <= 1.0:
+    raise FtjaxError(f"{source}: partial_rotary_factor must be in (0, 1], got {factor}")
+  return factor
 
 
 def _rope(hf: dict, model_type: str, source: str) -> tuple[float, dict, float | None]:
@@ -269,6 +306,10 @@ def _rope(hf: dict, model_type: str, source: str) -> tuple[float, dict, float | 
     return float(theta or 1_000_000.0), scaling, float(local or 10_000.0)
   theta = rope.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
   _, scaling = _rope_scaling(hf.get("rope_scaling") or rope, source)
+  if scaling.get("rope_type") == "longrope" and "original_max_position_embeddings" not in scaling:
+    if "original_max_position_embeddings" not in hf:  # transformers 4 keeps it at the top level
+      raise FtjaxError(f"{source}: longrope rope scaling needs original_max_position_embeddings")
+    scaling["original_max_position_embeddings"] = int(hf["original_max_position_embeddings"])
   return float(theta), scaling, None
 
 

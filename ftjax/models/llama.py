@@ -71,9 +71,12 @@ class Attention(nnx.Module):
     d, h = cfg.hidden_size, cfg.head_dim
     lin = functools.partial(_linear, dtype=dtype, param_dtype=param_dtype, init_std=init_std,
                             rngs=rngs)
-    self.q_proj = lin(d, cfg.q_size, "embed", "q_heads", bias=cfg.qkv_bias)
-    self.k_proj = lin(d, cfg.kv_size, "embed", "kv_heads", bias=cfg.qkv_bias)
-    self.v_proj = lin(d, cfg.kv_size, "embed", "kv_heads", bias=cfg.qkv_bias)
+    if cfg.fused_projections:  # phi3: HF's one qkv_proj, outputs [q | k | v]
+      self.qkv_proj = lin(d, cfg.q_size + 2 * cfg.kv_size, "embed", "q_heads", bias=cfg.qkv_bias)
+    else:
+      self.q_proj = lin(d, cfg.q_size, "embed", "q_heads", bias=cfg.qkv_bias)
+      self.k_proj = lin(d, cfg.kv_size, "embed", "kv_heads", bias=cfg.qkv_bias)
+      self.v_proj = lin(d, cfg.kv_size, "embed", "kv_heads", bias=cfg.qkv_bias)
     self.o_proj = lin(cfg.q_size, d, "q_heads", "embed")
     if cfg.qk_norm:  # qwen3; gemma3's store (w - 1) like its other norms
       self.q_norm = RMSNorm(h, eps=cfg.rms_norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype)
@@ -84,14 +87,18 @@ class Attention(nnx.Module):
     """Returns (output [b, t, d], this layer's new cache or None)."""
     cfg = self.config
     b, t, _ = x_btd.shape
-    q, k, v = ops.project(x_btd, [self.q_proj, self.k_proj, self.v_proj], rngs[0])
+    if cfg.fused_projections:
+      (qkv,) = ops.project(x_btd, [self.qkv_proj], rngs[0])
+      q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
+    else:
+      q, k, v = ops.project(x_btd, [self.q_proj, self.k_proj, self.v_proj], rngs[0])
     q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    q = ops.apply_rope(q, ctx["positions"], ctx["inv_freq"])
-    k = ops.apply_rope(k, ctx["positions"], ctx["inv_freq"])
+    q = ops.apply_rope(q, ctx["positions"], ctx["inv_freq"], ctx["rope_scale"])
+    k = ops.apply_rope(k, ctx["positions"], ctx["inv_freq"], ctx["rope_scale"])
     window = ctx["window"]  # an int, or this layer's slice of the per-layer windows (0: global)
 
     if cache is None:
@@ -121,13 +128,21 @@ class MLP(nnx.Module):
     d, f = cfg.hidden_size, cfg.intermediate_size
     lin = functools.partial(_linear, dtype=dtype, param_dtype=param_dtype, init_std=init_std,
                             rngs=rngs)
-    self.gate_proj = lin(d, f, "embed", "mlp")
-    self.up_proj = lin(d, f, "embed", "mlp")
+    if cfg.fused_projections:  # phi3: HF's one gate_up_proj, outputs [gate | up]
+      self.gate_up_proj = lin(d, 2 * f, "embed", "mlp")
+    else:
+      self.gate_proj = lin(d, f, "embed", "mlp")
+      self.up_proj = lin(d, f, "embed", "mlp")
     self.down_proj = lin(f, d, "mlp", "embed")
     self.activation = cfg.activation
+    self.fused = cfg.fused_projections
 
   def __call__(self, x, rngs):
-    gate, up = ops.project(x, [self.gate_proj, self.up_proj], rngs[0])
+    if self.fused:
+      (gate_up,) = ops.project(x, [self.gate_up_proj], rngs[0])
+      gate, up = jnp.split(gate_up, 2, axis=-1)
+    else:
+      gate, up = ops.project(x, [self.gate_proj, self.up_proj], rngs[0])
     act = jax.nn.silu if self.activation == "silu" else functools.partial(jax.nn.gelu, approximate=True)
     (out,) = ops.project(act(gate) * up, [self.down_proj], rngs[1])
     return out
@@ -266,11 +281,19 @@ class Decoder(nnx.Module):
     ctx = {
         "positions": positions, "segment_ids": segment_ids, "cache_index": cache_index,
         "q_index": jnp.broadcast_to(cache_index + jnp.arange(t), (b, t)),
-        "inv_freq": ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling)),
+        "inv_freq": ops.rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, dict(cfg.rope_scaling)),
+        "rope_scale": 1.0,
         "window": cfg.sliding_window,
         "shared": self.num_virtual_tokens > 0,
         "attention": attention,
     }
+    scaling = dict(cfg.rope_scaling)
+    if scaling.get("rope_type") == "longrope":
+      # As transformers: the long factors for every position of a call that reaches past the
+      # original context (max position + 1 > original), the short ones otherwise.
+      long_inv_freq, original, ctx["rope_scale"] = ops.longrope(
+          cfg.rotary_dim, cfg.rope_theta, scaling, cfg.max_position_embeddings)
+      ctx["inv_freq"] = jnp.where(jnp.max(positions) + 1 > original, long_inv_freq, ctx["inv_freq"])
     x = ops.constrain_batch(self._embed(x_btd))
 
     # Split once; the scan body merges one layer's slice of the stacked state.
@@ -409,7 +432,7 @@ def _per_layer_data(cfg: ModelConfig) -> dict[str, Any] | None:
     return None
   local_theta = cfg.rope_local_theta or cfg.rope_theta  # gemma2: one base for all layers
   local_scaling = {} if cfg.rope_local_theta else dict(cfg.rope_scaling)
-  local_inv_freq = ops.rope_inv_freq(cfg.head_dim, local_theta, local_scaling)
+  local_inv_freq = ops.rope_inv_freq(cfg.rotary_dim, local_theta, local_scaling)
   return {"window": jnp.asarray(cfg.layer_windows(), jnp.int32),
           "local": jnp.asarray(cfg.layer_is_local()),
           "local_inv_freq": jnp.broadcast_to(local_inv_freq, (cfg.num_layers, *local_inv_freq.shape))}

@@ -58,11 +58,14 @@ def rms_norm(x, scale, eps: float, offset: float = 0.0):
   return scale.astype(x.dtype) * x32.astype(x.dtype)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict) -> jnp.ndarray:
-  """Per-pair rotation frequencies [h/2], including llama3 / linear scaling."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict) -> jnp.ndarray:
+  """Per-pair rotation frequencies [rotary_dim/2], including llama3 / linear scaling
+  (rotary_dim: head_dim, or fewer dims with partial rotary)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
   kind = scaling.get("rope_type", "default")
-  if kind == "linear":
+  if kind == "longrope":  # the short factors; Decoder._run swaps in the long ones past the original length
+    inv_freq = inv_freq / jnp.asarray(scaling["short_factor"], jnp.float32)
+  elif kind == "linear":
     inv_freq = inv_freq / scaling["factor"]
   elif kind == "llama3":
     factor = scaling["factor"]
@@ -76,14 +79,29 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict) -> jnp.ndarray:
   return inv_freq
 
 
-def apply_rope(x_btnh, positions_bt, inv_freq):
-  """HF's rotate-half RoPE: pairs are (i, i + h/2), not interleaved."""
-  angles = positions_bt[..., None].astype(jnp.float32) * inv_freq  # [b, t, h/2]
-  cos = jnp.cos(angles)[:, :, None, :]
-  sin = jnp.sin(angles)[:, :, None, :]
+def longrope(rotary_dim: int, theta: float, scaling: dict, max_position_embeddings: int):
+  """Phi-3's longrope, as transformers computes it: (long inv_freq [rotary_dim/2], the length
+  past which it replaces the short one, the cos/sin scale)."""
+  original = scaling["original_max_position_embeddings"]
+  factor = scaling.get("factor") or max_position_embeddings / original
+  scale = scaling.get("attention_factor")
+  if scale is None:
+    scale = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+  base = rope_inv_freq(rotary_dim, theta, {})
+  return base / jnp.asarray(scaling["long_factor"], jnp.float32), original, float(scale)
+
+
+def apply_rope(x_btnh, positions_bt, inv_freq, scale: float = 1.0):
+  """HF's rotate-half RoPE: pairs are (i, i + r/2), not interleaved, over the first
+  r = 2 * len(inv_freq) dims of each head; the rest pass unrotated (partial rotary, phi3)."""
+  angles = positions_bt[..., None].astype(jnp.float32) * inv_freq  # [b, t, r/2]
+  cos = jnp.cos(angles)[:, :, None, :] * scale  # longrope's attention factor scales cos / sin
+  sin = jnp.sin(angles)[:, :, None, :] * scale
   x = x_btnh.astype(jnp.float32)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  rotary = 2 * inv_freq.shape[-1]
+  x_rot, x_pass = x[..., :rotary], x[..., rotary:]
+  x1, x2 = jnp.split(x_rot, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x_pass], axis=-1)
   return out.astype(x_btnh.dtype)
 
 

@@ -39,6 +39,8 @@ BASE_CHANGING_INITS = ("pissa", "olora")
 # HF PEFT's default targets when `target_modules` is None, by model_type.
 DEFAULT_TARGETS = {t: ("q_proj", "v_proj") for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
                                                    "gemma3_text")}
+# phi3: the installed peft has no default for it; its fused qkv_proj carries q and v.
+DEFAULT_TARGETS["phi3"] = ("qkv_proj",)
 
 
 @dataclasses.dataclass(frozen=True)
