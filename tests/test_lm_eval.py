@@ -73,3 +73,44 @@ def test_registered_under_the_name_ftjax():
   from lm_eval.api.registry import get_model
   from ftjax.lm_eval import FtjaxLM
   assert get_model("ftjax") is FtjaxLM
+
+
+CHOICES = [{"question": "Spent 12 dollars on", "choices": [" lunch", " dinner"], "answer": 0},
+           {"question": "The total was", "choices": [" 40", " twelve dollars"], "answer": 1}]
+
+
+@pytest.fixture(scope="module")
+def local_tasks(tmp_path_factory):
+  """A multiple-choice task of lm_eval's YAML format over a local JSONL file: nothing downloaded."""
+  import json
+  folder = tmp_path_factory.mktemp("lm_eval_task")
+  (folder / "choice.jsonl").write_text("".join(json.dumps(d) + "\n" for d in CHOICES))
+  (folder / "tiny_choice.yaml").write_text(
+      "task: tiny_choice\ndataset_path: json\ndataset_kwargs:\n"
+      f"  data_files:\n    test: {folder / 'choice.jsonl'}\n  cache_dir: {folder / 'cache'}\n"
+      "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+      "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
+      "metric_list:\n  - metric: acc\n    higher_is_better: true\n")
+  # only this folder's tasks: indexing lm_eval's hundreds of built-in task files costs ~10 s
+  from lm_eval.tasks import TaskManager
+  return TaskManager(include_path=str(folder), include_defaults=False)
+
+
+def _choice_scores(lm, task_manager):
+  from lm_eval import evaluator
+  out = evaluator.simple_evaluate(model=lm, tasks=["tiny_choice"], log_samples=True,
+                                  task_manager=task_manager)
+  samples = sorted(out["samples"]["tiny_choice"], key=lambda s: s["doc_id"])
+  return [float(r[0][0]) for s in samples for r in s["resps"]], out["results"]["tiny_choice"]
+
+
+def test_local_task_through_lm_eval_evaluator(models, local_tasks):
+  """lm_eval's own evaluator on a task file: the ftjax model's per-choice scores and accuracy
+  equal the HF adapter's."""
+  ours, reference = models
+  got, got_results = _choice_scores(ours, local_tasks)
+  want, want_results = _choice_scores(reference, local_tasks)
+  assert len(got) == 4
+  np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+  assert got_results["acc,none"] == want_results["acc,none"]
+
