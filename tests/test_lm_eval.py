@@ -114,3 +114,44 @@ def test_local_task_through_lm_eval_evaluator(models, local_tasks):
   np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
   assert got_results["acc,none"] == want_results["acc,none"]
 
+
+
+@pytest.fixture(scope="module")
+def exact_vocab_dir(model_dir, tmp_path_factory):
+  """The tiny model with as many embedding rows as its tokenizer has tokens: HFLM(peft=...)
+  resizes the embeddings to the tokenizer's length (tests/tiny.py pads them to 512), which
+  would change the reference's softmax, not ours."""
+  import transformers
+  from tiny import make_model_dir
+  n = len(transformers.AutoTokenizer.from_pretrained(model_dir))
+  return make_model_dir(tmp_path_factory.mktemp("tiny_llama_exact"), vocab_size=n)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(exact_vocab_dir, tmp_path_factory):
+  """A LoRA adapter of the tiny model, moved off its init (B = 0 would change nothing)."""
+  import jax
+  from ftjax import models, peft
+  model, _ = models.load(exact_vocab_dir)
+  model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8,
+                                                     target_modules=["q_proj", "v_proj"]))
+  for i, (_, layer) in enumerate(peft.adapter_layers(model)):
+    layer.lora_b.set_value(0.1 * jax.random.normal(jax.random.key(i), layer.lora_b.shape))
+  folder = str(tmp_path_factory.mktemp("lora"))
+  peft.save_adapter(model, folder, exact_vocab_dir)
+  return folder
+
+
+def test_adapter_scores_match_hf_adapter_with_peft(exact_vocab_dir, adapter_dir):
+  """`adapter=DIR`: the base model with the run's adapter, as HFLM(peft=DIR) scores it."""
+  from lm_eval.models.huggingface import HFLM
+  from ftjax.lm_eval import FtjaxLM
+  ours = FtjaxLM(pretrained=exact_vocab_dir, adapter=adapter_dir, batch_size=2, max_length=64)
+  base = FtjaxLM(pretrained=exact_vocab_dir, batch_size=2, max_length=64)
+  reference = HFLM(pretrained=exact_vocab_dir, peft=adapter_dir, device="cpu", dtype="float32",
+                   batch_size=2, max_length=64)
+  got = ours.loglikelihood(_requests("loglikelihood", PAIRS), disable_tqdm=True)
+  want = reference.loglikelihood(_requests("loglikelihood", PAIRS), disable_tqdm=True)
+  np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], atol=TOL, rtol=0)
+  plain = base.loglikelihood(_requests("loglikelihood", PAIRS), disable_tqdm=True)
+  assert max(abs(g[0] - b[0]) for g, b in zip(got, plain)) > 1e-2  # the adapter was applied
