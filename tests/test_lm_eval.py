@@ -9,7 +9,7 @@ pytest.importorskip("lm_eval", reason="lm-eval is an optional extra (pip install
 from lm_eval.api.instance import Instance  # noqa: E402
 
 # f32 on both sides with jax's "highest" matmul precision (tests/conftest.py): the sums of a few
-# log-probs agreed to ~1e-6 when measured; 1e-4 is the issue's bound.
+# log-probs (totals up to ~-120) differed by at most 1.3e-5 when measured; 1e-4 is the issue's bound.
 TOL = 1e-4
 
 PAIRS = [("Spent 12 dollars on", " lunch"), ("The total was", " 40 dollars and some change"),
@@ -38,6 +38,21 @@ def test_loglikelihood_matches_hf_adapter(models):
   np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], atol=TOL, rtol=0)
   assert [g[1] for g in got] == [w[1] for w in want]
   assert all(np.isfinite(g[0]) and g[0] < 0 for g in got)
+
+
+def test_is_greedy_matches_hf_adapter_on_a_greedy_continuation(models):
+  """A random model's continuations of PAIRS are never greedy: score its own greedy tokens
+  (True) and the same with the last token changed (False) at the token level on both sides."""
+  from ftjax.generate import generate_ids
+  ours, reference = models
+  context = ours.tok_encode("Spent 12 dollars on")
+  greedy = generate_ids(ours.model, [context], 3, eos_ids=())[0]
+  changed = greedy[:-1] + [(greedy[-1] + 1) % 400]
+  requests = [(("", ""), context, greedy), (("", ""), context, changed)]
+  got = ours._loglikelihood_tokens(requests)
+  want = reference._loglikelihood_tokens(requests, disable_tqdm=True)
+  assert [g[1] for g in got] == [w[1] for w in want] == [True, False]
+  np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], atol=TOL, rtol=0)
 
 
 def test_loglikelihood_rolling_matches_hf_adapter(models):
