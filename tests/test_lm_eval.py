@@ -162,11 +162,12 @@ def test_adapter_scores_match_hf_adapter_with_peft(exact_vocab_dir, adapter_dir)
   from lm_eval.models.huggingface import HFLM
   from ftjax.lm_eval import FtjaxLM
   ours = FtjaxLM(pretrained=exact_vocab_dir, adapter=adapter_dir, batch_size=2, max_length=64)
-  base = FtjaxLM(pretrained=exact_vocab_dir, batch_size=2, max_length=64)
   reference = HFLM(pretrained=exact_vocab_dir, peft=adapter_dir, device="cpu", dtype="float32",
                    batch_size=2, max_length=64)
   got = ours.loglikelihood(_requests("loglikelihood", PAIRS), disable_tqdm=True)
   want = reference.loglikelihood(_requests("loglikelihood", PAIRS), disable_tqdm=True)
   np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], atol=TOL, rtol=0)
-  plain = base.loglikelihood(_requests("loglikelihood", PAIRS), disable_tqdm=True)
-  assert max(abs(g[0] - b[0]) for g, b in zip(got, plain)) > 1e-2  # the adapter was applied
+  # the adapter is on (its B is 0.1-scale noise, so HFLM(peft=) scores differ from the base's
+  # by whole nats): matching them is matching the adapter
+  from ftjax import peft
+  assert list(peft.configs(ours.model)) == ["default"]
