@@ -70,6 +70,8 @@ class FtjaxLM(TemplateLM):
   def __init__(self, pretrained: str, adapter: str | None = None, dtype: str = "float32",
                batch_size: int | str = 8, max_length: int | None = None,
                max_gen_toks: int = 256, seed: int = 0, **kwargs) -> None:
+    # kwargs: what lm_eval's CLI passes every model (device, max_batch_size, ...); the model
+    # runs where jax puts it, so they are accepted and unused
     super().__init__()
     from ftjax import models, peft
     if dtype not in _DTYPES:
@@ -160,7 +162,7 @@ class FtjaxLM(TemplateLM):
     out = []
     for r, (whole, n_cont) in enumerate(rows):
       end = len(whole) - 1
-      span = slice(end - n_cont, end)
+      span = slice(max(end - n_cont, 0), end)  # a continuation longer than max_length: its tail
       out.append((float(logp[r, span].sum()), bool(greedy[r, span].all())))
     return out
 
