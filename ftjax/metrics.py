@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 
+from ftjax import config as config_lib
 from ftjax.errors import FtjaxError
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
@@ -43,16 +44,6 @@ def _require(package: str):
   except ImportError:
     raise FtjaxError(f"log.trackers includes {package!r} but the {package} package is not "
                      f"installed: pip install 'ftjax[trackers]' (or pip install {package})") from None
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
 
 
 class _WandbSink:
@@ -91,7 +82,7 @@ class _MlflowSink:
       experiment = self._client.get_experiment_by_name(project)
       exp_id = experiment.experiment_id if experiment else self._client.create_experiment(project)
       run_id = self._client.create_run(exp_id, run_name=run_name).info.run_id
-      params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in _flat(config).items()]
+      params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in config_lib.flat(config).items()]
       for start in range(0, len(params), 100):  # MLflow's per-batch limit
         self._client.log_batch(run_id, params=params[start:start + 100])
     self.run_id = run_id
