@@ -18,7 +18,7 @@ import os
 
 from ftjax import evaluation, peft
 from ftjax.errors import FtjaxError, cli_errors, setup_logging
-from ftjax.evaluation import forgetting
+from ftjax.evaluation import baseline_cache, forgetting
 from ftjax.evaluation.generation import EvalPlan, few_shot_prompt, split  # noqa: F401 (API)
 from ftjax.files import write_json
 from ftjax.lock import hold_workdir
@@ -35,7 +35,22 @@ def plan_for_run(cfg) -> EvalPlan:
 
 def base_model_eval(run, plan: EvalPlan) -> dict:
   """The base model (adapters disabled), before training: each prompting baseline, the eval
-  loss, and the forgetting probe."""
+  loss, and the forgetting probe; read from the baseline cache when an earlier run of the same
+  model, data and eval config wrote it (ftjax/evaluation/baseline_cache.py)."""
+  folder = baseline_cache.cache_dir()
+  k = baseline_cache.key(run, plan) if folder else None
+  if k is None:
+    return _evaluate_base_model(run, plan)
+  cached, path = baseline_cache.read(run, plan, k)
+  if cached is not None:
+    log.info("baseline from cache %s", path)
+    return cached
+  out = _evaluate_base_model(run, plan)
+  baseline_cache.write(path, k, out)
+  return out
+
+
+def _evaluate_base_model(run, plan: EvalPlan) -> dict:
   cfg = run.config
   out = {}
   with peft.disable_adapters(run.model()) as base:

@@ -330,3 +330,84 @@ def test_cli_evaluates_prompting_alone_and_rewrites_a_report(model_dir, data_dir
   with pytest.raises(SystemExit):
     evaluate.main(["--model", model_dir, "--data", os.path.join(data_dir, "eval.jsonl"), "--output", out])
   assert "--few-shot 3 needs --shots" in capsys.readouterr().err
+
+
+# --- the baseline cache (ftjax/evaluation/baseline_cache.py) ----------------------------------
+
+@pytest.fixture
+def base_generations(monkeypatch):
+  """The `desc` of every answer_ids call (one per batch of answers: "zero-shot", "1-shot",
+  "forgetting (base)", "fine-tuned", ...), in order."""
+  from ftjax.evaluation import generation
+  calls, real = [], generation.answer_ids
+
+  def counting(model, tokenizer, ids, max_new_tokens, batch_size, desc):
+    calls.append(desc)
+    return real(model, tokenizer, ids, max_new_tokens, batch_size, desc)
+  monkeypatch.setattr(generation, "answer_ids", counting)
+  return calls
+
+
+BASE_DESCS = {"zero-shot", "1-shot", "forgetting (base)"}
+
+
+def test_a_second_method_on_the_same_data_reads_the_baselines_from_the_cache(
+    model_dir, data_dir, tmp_path, monkeypatch, base_generations, caplog):
+  """LoRA, then full fine-tuning on the same model, data and eval config: the second run
+  generates nothing with the base model (no zero-shot, 1-shot or base forgetting answers) and
+  reports the same baselines, logging where they came from."""
+  monkeypatch.setenv("FTJAX_BASELINE_CACHE", str(tmp_path / "baselines"))
+  overrides = {"train.steps": 1, "eval.generate": True, "eval.few_shot": 1,
+               "eval.max_examples": 4, "eval.max_new_tokens": 4, "eval.bootstrap": 50,
+               "eval.forgetting_tokens": 256}
+  first = train_lib.train(tiny_config(model_dir, data_dir, **overrides), str(tmp_path / "lora"))
+  assert BASE_DESCS <= set(base_generations)
+  base_generations.clear()
+  caplog.set_level("INFO", logger="ftjax.evaluate")
+  second = train_lib.train(tiny_config(model_dir, data_dir, method="full", **overrides),
+                           str(tmp_path / "full"))
+  assert not BASE_DESCS & set(base_generations), base_generations
+  assert "fine-tuned" in base_generations  # the run's own model still answers
+  assert second["baseline"] == first["baseline"]
+  entry, = os.listdir(tmp_path / "baselines")
+  assert f"baseline from cache {tmp_path / 'baselines' / entry}" in caplog.text
+  results = {name: json.load(open(tmp_path / name / "eval_results.json")) for name in ("lora", "full")}
+  assert results["full"]["baselines"] == results["lora"]["baselines"]
+  assert results["full"]["forgetting"]["perplexity_before"] == results["lora"]["forgetting"]["perplexity_before"]
+
+
+def test_the_baseline_cache_misses_on_a_changed_key_and_ignores_bad_entries(
+    model_dir, data_dir, tmp_path, monkeypatch, base_generations, caplog):
+  """A changed eval setting (max_new_tokens) is another key; a truncated entry, or one whose
+  predictions do not fit the run, is ignored with a warning, computed again and rewritten."""
+  from ftjax.run import setup
+  folder = tmp_path / "baselines"
+  monkeypatch.setenv("FTJAX_BASELINE_CACHE", str(folder))
+  c = tiny_config(model_dir, data_dir, **{"eval.generate": True, "eval.few_shot": 1,
+                                          "eval.max_examples": 3, "eval.max_new_tokens": 3,
+                                          "eval.forgetting": False})
+  run = setup(c)
+  plan = evaluate.plan_for_run(c)
+  fresh = evaluate.base_model_eval(run, plan)
+  assert base_generations == ["zero-shot", "1-shot"]
+  path, = folder.iterdir()
+  base_generations.clear()
+  assert evaluate.base_model_eval(run, plan) == fresh and base_generations == []
+
+  c.eval.max_new_tokens = 2  # a changed eval key: a miss, a second entry
+  evaluate.base_model_eval(run, evaluate.plan_for_run(c))
+  assert base_generations == ["zero-shot", "1-shot"] and len(list(folder.iterdir())) == 2
+  c.eval.max_new_tokens = 3
+
+  caplog.set_level("WARNING", logger="ftjax.evaluation.baseline_cache")
+  text = path.read_text()
+  entry = json.loads(text)
+  entry["baseline"]["systems"]["zero-shot"]["predictions"].pop()
+  for bad in (text[: len(text) // 2], json.dumps(entry)):
+    path.write_text(bad)
+    base_generations.clear()
+    caplog.clear()
+    assert evaluate.base_model_eval(run, plan) == fresh
+    assert base_generations == ["zero-shot", "1-shot"]  # computed again, not trusted
+    assert f"ignoring the baseline cache entry {path}" in caplog.text
+    assert json.loads(path.read_text())["baseline"] == fresh  # and rewritten whole
