@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
 
 from ftjax import evaluation, peft
 from ftjax.errors import FtjaxError, cli_errors, setup_logging
@@ -76,6 +77,42 @@ def baseline_matches(baseline: dict, plan: EvalPlan) -> bool:
   return True
 
 
+def final_eval(loss, answer, plan: EvalPlan | None) -> dict:
+  """The end-of-run evaluation of one state: {"eval": the eval loss over the whole eval split,
+  "finetuned": the answers to every eval prompt (with a plan), "seconds"}. loss(max_batches)
+  and answer(plan) are the run's own (train.py)."""
+  t = time.perf_counter()
+  out = {"eval": loss(0)}
+  if plan is not None:
+    out["finetuned"] = answer(plan)
+  out["seconds"] = time.perf_counter() - t
+  return out
+
+
+def finetuned_answers(run, trainable, plan: EvalPlan) -> dict:
+  """The answers of the model holding `trainable` to every eval prompt, from the model the end
+  of a run generates with: the merged one, or base + adapter on a 4-bit base."""
+  from ftjax import export
+  model = run.model(trainable)
+  generator = model if run.quantised else export.merged_model(model)
+  return plan.run(generator, run.tokenizer, evaluation.report.FINETUNED)
+
+
+def periodic_from_final(final: dict, loss, plan: EvalPlan | None, primary: str, cfg) -> dict:
+  """The periodic eval at the last step, which would repeat the final eval of the same state:
+  its numbers taken from `final` instead (on the quickstart that saves a pass over the eval
+  loss and 32 answers). The loss is computed again only when train.eval_batches limits it; the
+  primary metric is scored on the first eval.periodic_examples of the final answers, the
+  examples a periodic eval answers."""
+  ev = loss(cfg.train.eval_batches) if cfg.train.eval_batches else dict(final["eval"] or {})
+  if not ev:
+    return {}
+  ev.update(evaluation.loss_metrics(ev["loss"], ev["accuracy"]))
+  if plan is not None and primary in plan.metrics:
+    ev.update(plan.score(final["finetuned"]["predictions"][: cfg.eval.periodic_examples]))
+  return ev
+
+
 def results_for_run(run, plan: EvalPlan | None, baseline: dict | None, end: dict) -> dict:
   """eval_results.json of a finished run (without eval.generate: loss, training and leakage)."""
   cfg = run.config
@@ -104,7 +141,7 @@ def results_for_run(run, plan: EvalPlan | None, baseline: dict | None, end: dict
 
 def evaluate_prompting(model_name: str, data: str, out_dir: str, *, shots: str = "",
                        few_shot: int = 3, template: str = "", metrics: str = "exact_match",
-                       max_examples: int = 100, max_new_tokens: int = 64, batch_size: int = 32,
+                       max_examples: int = 100, max_new_tokens: int = 64, batch_size: int = 0,
                        system_prompt: str = "", model=None, tokenizer=None) -> dict:
   """Prompting alone: the base model zero-shot, k-shot (shots from `shots`, never from `data`)
   and with `template`, each after `system_prompt` (data.system_prompt: give the one the training
