@@ -411,3 +411,53 @@ def test_the_baseline_cache_misses_on_a_changed_key_and_ignores_bad_entries(
     assert base_generations == ["zero-shot", "1-shot"]  # computed again, not trusted
     assert f"ignoring the baseline cache entry {path}" in caplog.text
     assert json.loads(path.read_text())["baseline"] == fresh  # and rewritten whole
+
+
+# --- the last periodic eval is the final eval --------------------------------------------------
+
+def _final_step_run(model_dir, data_dir, workdir):
+  c = tiny_config(model_dir, data_dir, **{
+      "train.steps": 2, "train.eval_every": 1, "eval.generate": True, "eval.few_shot": 0,
+      "eval.forgetting": False, "eval.max_examples": 4, "eval.periodic_examples": 2,
+      "eval.max_new_tokens": 4, "eval.bootstrap": 50})
+  summary = train_lib.train(c, str(workdir))
+  evals = {r["step"]: r for r in map(json.loads, open(workdir / "metrics.jsonl")) if "eval/loss" in r}
+  results = json.load(open(workdir / "eval_results.json"))
+  return summary, evals, results
+
+
+def test_the_periodic_eval_at_the_last_step_reuses_the_final_eval(
+    model_dir, data_dir, tmp_path, monkeypatch, base_generations):
+  """eval_every 1 of 2 steps: step 2's periodic eval is the final eval of the same state, so
+  it is not run twice: one pass of the eval loss and one set of fine-tuned answers after step
+  1's eval; step 2's logged numbers are the final ones (its exact match: the first
+  eval.periodic_examples final answers). Step 1's exact match is reported as -1 so that step 2
+  is the best (a tie would keep step 1 and restore it)."""
+  real_periodic = train_lib.periodic_eval
+  monkeypatch.setattr(train_lib, "periodic_eval",
+                      lambda *a, **k: dict(real_periodic(*a, **k), exact_match=-1.0))
+  loss_passes = []
+  real_loss = train_lib.evaluate_loss
+  monkeypatch.setattr(train_lib, "evaluate_loss",
+                      lambda *a, **k: loss_passes.append(1) or real_loss(*a, **k))
+  summary, evals, results = _final_step_run(model_dir, data_dir, tmp_path / "wd")
+  assert base_generations == ["zero-shot", "eval", "fine-tuned"]
+  assert len(loss_passes) == 2  # step 1's periodic eval, the final eval (not step 2's again)
+  assert summary["best_step"] == 2 and not results["training"].get("restored_best")
+  assert evals[2]["eval/loss"] == summary["eval"]["loss"]
+  answers, refs = results["finetuned"]["predictions"][:2], results["references"][:2]
+  assert evals[2]["eval/exact_match"] == metrics.resolve(["exact_match"])["exact_match"].score(
+      answers, refs, metrics.options(config_lib.base_config().eval))
+
+
+def test_a_restored_best_step_is_evaluated_again(model_dir, data_dir, tmp_path, monkeypatch,
+                                                 base_generations):
+  """When step 2 is not the best (forced here: its exact match reported as -1), the final
+  evaluation is the restored step 1's: the final state's answers are not reused for it."""
+  real = evaluate.periodic_from_final
+  monkeypatch.setattr(evaluate, "periodic_from_final",
+                      lambda *a, **k: dict(real(*a, **k), exact_match=-1.0))
+  summary, evals, results = _final_step_run(model_dir, data_dir, tmp_path / "wd")
+  assert summary["best_step"] == 1 and results["training"]["restored_best"]
+  assert base_generations == ["zero-shot", "eval", "fine-tuned", "fine-tuned"]
+  assert summary["eval"]["loss"] == pytest.approx(evals[1]["eval/loss"], rel=1e-6)
