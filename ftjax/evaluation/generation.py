@@ -156,11 +156,12 @@ def answer_ids(model, tokenizer, ids: list[list[int]], max_new_tokens: int, batc
 
 
 def batches(model, ids: list[list[int]], max_new_tokens: int, batch_size: int) -> list[list[int]]:
-  """The prompts' indices in decoding batches, shortest prompts first. batch_size > 0: the fewest
-  batches of at most that many, 0: of at most what `rows_per_batch` allows; of near-equal sizes. Each batch
-  costs a compile of its shapes and a decode loop as long as its longest answer; on the
-  quickstart's 100 prompts one batch took N% less CPU time than four of 32 (measured, see
-  docs/evaluation.md)."""
+  """The prompts' indices in decoding batches, shortest prompts first: the fewest batches of
+  at most `batch_size` rows (0: of at most what `rows_per_batch` allows), of near-equal sizes.
+  Each batch costs a compile of its shapes and a decode loop as long as its longest answer.
+  Measured on SmolLM2-135M (f32, 2-core CPU, CPU seconds, load ~20): the quickstart's 100
+  zero-shot prompts in one batch 41 s against 48 s in four of 32 (3-shot: 76 s against 84 s);
+  47 decode steps instead of 188."""
   order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
   if not order:
     return []
