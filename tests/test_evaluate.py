@@ -174,6 +174,13 @@ def test_unknown_and_unimportable_metrics_are_refused(tmp_path, monkeypatch):
     config_lib.validate(c)
 
 
+def test_a_negative_eval_batch_size_is_refused():
+  c = config_lib.base_config()
+  c.eval.batch_size = -1
+  with pytest.raises(FtjaxError, match=r"eval.batch_size=-1; expected an integer >= 0"):
+    metrics.validate(c.eval)
+
+
 def test_eval_set_without_references_is_refused(tmp_path):
   path = write_jsonl(tmp_path / "eval.jsonl", [{"text": "just some text"}, {"text": "more"}])
   with pytest.raises(FtjaxError, match=r"eval.jsonl:1: eval example without a reference answer \(2 of 2"):

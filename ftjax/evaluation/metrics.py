@@ -306,7 +306,8 @@ def validate(eval_cfg) -> None:
       raise FtjaxError(f"config: eval.metrics: unknown metric {name!r}; expected one of "
                        f"{', '.join(all_names())}, or 'pkg.module:function' for your own")
   resolve(names)
-  if isinstance(eval_cfg.batch_size, bool) or not isinstance(eval_cfg.batch_size, int) or eval_cfg.batch_size < 0:
+  size = eval_cfg.batch_size
+  if isinstance(size, bool) or not isinstance(size, int) or size < 0:
     raise FtjaxError(f"config: eval.batch_size={eval_cfg.batch_size!r}; expected an integer >= 0 "
                      "(0: as many prompts at once as memory allows)")
   if eval_cfg.primary and eval_cfg.primary not in names:
