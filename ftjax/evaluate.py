@@ -107,7 +107,8 @@ def periodic_from_final(final: dict, loss, plan: EvalPlan | None, primary: str, 
   ev = loss(cfg.train.eval_batches) if cfg.train.eval_batches else dict(final["eval"] or {})
   if not ev:
     return {}
-  ev.update(evaluation.loss_metrics(ev["loss"], ev["accuracy"]))
+  if "accuracy" in ev:  # a next-token objective: perplexity and token accuracy too
+    ev.update(evaluation.loss_metrics(ev["loss"], ev["accuracy"]))
   if plan is not None and primary in plan.metrics:
     ev.update(plan.score(final["finetuned"]["predictions"][: cfg.eval.periodic_examples]))
   return ev
