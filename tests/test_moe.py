@@ -64,6 +64,10 @@ def test_logits_match_transformers(family):
   valid = mask.astype(bool)
   # f32 on both sides; 1e-4 relative as for the dense families (summation order only).
   assert rel_err(ours[valid], ref[valid]) < 1e-4
+  grouped = nnx.clone(ours_model)  # the GPU / TPU path (ragged_dot), here on CPU
+  getattr(grouped.model.layers, cfg.moe_module).implementation = "ragged"
+  ours = np.asarray(grouped(jnp.asarray(tokens), segment_ids=jnp.asarray(mask)))
+  assert rel_err(ours[valid], ref[valid]) < 1e-4
   # prefill 12 tokens, then decode 4 one at a time (one compile: cache_index is traced)
   decode = nnx.jit(lambda m, tok, cache, i: m(tok, cache=cache, cache_index=i))
   logits, cache = decode(ours_model, jnp.asarray(tokens[:1, :12]), ours_model.init_cache(1, 16), 0)
