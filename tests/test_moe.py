@@ -220,3 +220,12 @@ def test_qlora_loads_attention_in_4_bits_and_keeps_experts_float(family):
   tokens = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (1, 8)))
   # NF4 attention weights: close to the float model, not equal (measured ~1e-2 relative)
   assert 0 < rel_err(model(tokens), ours_model(tokens)) < 0.3
+
+
+def test_flops_count_the_active_experts_only(family):
+  """MFU's per-token matmul params: top-k experts and the router, not every expert."""
+  from ftjax.flops import matmul_params
+  cfg = family[3]
+  dense = matmul_params(cfg.replace(num_experts=0, num_experts_per_tok=0))
+  d, f, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+  assert matmul_params(cfg) - dense == layers * (3 * d * f * (2 - 1) + d * 4)
