@@ -39,6 +39,7 @@ EXPERT_PROJECTIONS = {"mixtral": ("w1", "w3", "w2"), "qwen3_moe": ("gate_proj", 
 
 
 def _axes(*names):
+  """ftjax.models.llama.axes (not imported: llama imports this module)."""
   return {"out_sharding": names, "eager_sharding": False}
 
 
