@@ -1,4 +1,4 @@
-"""GRPO's loss and advantages against TRL's GRPOTrainer on the same numbers.
+"""GRPO against TRL: its loss and advantages on the same numbers, and its reward functions.
 
 TRL's `_compute_loss` runs unmodified on a stand-in trainer holding only the attributes it reads;
 its model forward is replaced by the fixed per-token log-probs (a leaf tensor, so torch gives the
@@ -131,3 +131,64 @@ def test_unknown_loss_type_is_named():
   with pytest.raises(ValueError, match="loss_type='ppo'"):
     grpo_loss.policy_loss_sums(*(jnp.zeros((1, 1)),) * 3, jnp.zeros(1), jnp.ones((1, 1)),
                                loss_type="ppo")
+
+
+# --- reward functions --------------------------------------------------------------------------
+
+from ftjax.errors import FtjaxError  # noqa: E402
+from ftjax.objectives import grpo_rewards  # noqa: E402
+
+
+def test_exact_answer_reads_tags_or_the_last_number_and_compares_by_value():
+  completions = ["so it is 12", "<answer>1,200</answer> not 7", "the answer is 3.0", "no idea",
+                 "Paris", "<answer> paris </answer>"]
+  answers = ["12", "1200", "3", "4", "paris", "Paris"]
+  got = grpo_rewards.exact_answer(["p"] * 6, completions, answer=answers)
+  assert got == [1.0, 1.0, 1.0, 0.0, 0.0, 1.0]  # "Paris" alone has no tag and no number
+  assert grpo_rewards.exact_answer(["p"], ["5"], answer=[""]) == [None]
+
+
+def test_weighted_sum_skips_none_and_marks_unscorable():
+  rewards = grpo_rewards.Rewards("json_valid,length_penalty", "2,0.5")
+  per_func = np.array([[1, -0.01], [np.nan, -0.02], [np.nan, np.nan]], np.float32)
+  np.testing.assert_allclose(rewards.weighted_sum(per_func)[:2], [2 - 0.005, -0.01], rtol=1e-6)
+  assert np.isnan(rewards.weighted_sum(per_func)[2])
+
+
+def _write_module(tmp_path, monkeypatch, name, body):
+  (tmp_path / f"{name}.py").write_text(body)
+  monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_a_user_reward_gets_trl_arguments_and_a_failure_names_the_prompt(tmp_path, monkeypatch):
+  _write_module(tmp_path, monkeypatch, "my_rewards", (
+      "def seen(prompts, completions, answer, **kw):\n"
+      "    return [float(len(c)) if a != 'x' else None for c, a in zip(completions, answer)]\n"
+      "def breaks(prompts, completions, **kw):\n"
+      "    return [1.0 / (len(c) - 3) for c in completions]\n"))
+  rewards = grpo_rewards.Rewards("my_rewards:seen,json_valid")
+  scores = rewards(["q1", "q1", "q2"], ["{}", "abc", "[1]"], {"answer": ["1", "x", "2"]})
+  np.testing.assert_array_equal(scores[:, 0], [2.0, np.nan, 3.0])
+  np.testing.assert_array_equal(scores[:, 1], [1.0, 0.0, 1.0])
+  broken = grpo_rewards.Rewards("my_rewards:breaks")
+  with pytest.raises(FtjaxError, match=r"my_rewards:breaks raised ZeroDivisionError.* completion 1 "
+                                       r"\(prompt 'second prompt'\)"):
+    broken(["first prompt", "second prompt"], ["abcd", "abc"], {})
+
+
+@pytest.mark.parametrize("funcs, weights, message", [
+    ("", "", "grpo.reward_funcs is empty"),
+    ("os:remove", "", "system module 'os'"),
+    ("json_valid,length_penalty", "1", "1 weight\\(s\\) for 2 reward function\\(s\\)"),
+    ("no_such_reward_module:f", "", "failed to import: ModuleNotFoundError"),
+])
+def test_bad_reward_config_is_named(funcs, weights, message):
+  with pytest.raises(FtjaxError, match=message):
+    grpo_rewards.Rewards(funcs, weights)
+
+
+def test_a_reward_returning_a_non_number_is_named(tmp_path, monkeypatch):
+  _write_module(tmp_path, monkeypatch, "my_bad_rewards",
+                "def bad(prompts, completions, **kw):\n    return ['1'] * len(completions)\n")
+  with pytest.raises(FtjaxError, match=r"my_bad_rewards:bad returned '1' for completion 0"):
+    grpo_rewards.Rewards("my_bad_rewards:bad")(["p"], ["c"], {})
