@@ -30,14 +30,30 @@ class CausalLMLoss:
   attention: str = "xla"  # the decoder's attention kernel (model.attention): xla | cudnn | splash
 
   def __call__(self, model, batch: dict, rng=None) -> dict:
+    moe = getattr(getattr(model, "config", None), "num_experts", 0) > 0
     hidden = model.hidden_states(batch["inputs"], positions=batch["positions"],
                                  segment_ids=batch["segment_ids"], remat=self.remat,
                                  unroll=self.unroll, rng=rng, **(
-                                     {"attention": self.attention} if self.attention != "xla" else {}))
+                                     {"attention": self.attention} if self.attention != "xla" else {}),
+                                 **({"router_stats": True} if moe else {}))
+    if moe:
+      hidden, stats = hidden
     if not self.vocab_chunk:
-      return token_ce_sums(model.logits, hidden, batch["targets"], batch["loss_mask"])
-    return chunked_token_ce_sums(model.logits, hidden, batch["targets"], batch["loss_mask"],
-                                 self.vocab_chunk)
+      sums = token_ce_sums(model.logits, hidden, batch["targets"], batch["loss_mask"])
+    else:
+      sums = chunked_token_ce_sums(model.logits, hidden, batch["targets"], batch["loss_mask"],
+                                   self.vocab_chunk)
+    return with_router_aux_loss(sums, stats, model.config.router_aux_loss_coef) if moe else sums
+
+
+def with_router_aux_loss(sums: dict, stats: dict, coef: float) -> dict:
+  """A mixture-of-experts model's load-balancing loss (transformers' `aux_loss`) added to the
+  loss with its coefficient (`router_aux_loss_coef` of config.json) and reported as the
+  "aux_loss" metric. Both go in as sums (times the target count), as the step divides every
+  sum by the count: the step's loss is then mean NLL + coef * aux_loss, as transformers'."""
+  from ftjax.models.moe import load_balancing_loss
+  aux = load_balancing_loss(stats) * sums["count"]
+  return {**sums, "loss_sum": sums["loss_sum"] + coef * aux, "aux_loss": aux}
 
 
 def token_ce_sums(logits_fn: Callable, hidden_btd, targets_bt, mask_bt) -> dict:
@@ -80,3 +96,26 @@ def chunked_token_ce_sums(logits_fn: Callable, hidden_btd, targets_bt, mask_bt, 
   zeros = {"loss_sum": jnp.zeros(()), "accuracy": jnp.zeros(()), "count": jnp.zeros(())}
   sums, _ = jax.lax.scan(one, zeros, (split(hidden_btd), split(targets_bt), split(mask_bt)))
   return sums
+
+
+# Above this many bytes of f32 logits per device for a micro-batch, train.vocab_chunk=0 (auto)
+# runs the vocab head in chunks of positions sized to a quarter of it.
+LOGITS_BUDGET_BYTES = 512 << 20  # with their gradient and exp() temporaries, ~3x this
+
+
+def vocab_chunk(config, model_cfg, mesh) -> int:
+  """train.vocab_chunk, resolved: -1 never chunks; 0 (auto) chunks only where a micro-batch's
+  [tokens, vocab] f32 logits on one device would pass LOGITS_BUDGET_BYTES (e.g. Llama 3's
+  128k vocab at 2048 tokens per device: 1 GiB, plus as much again for their gradient)."""
+  chunk = config.train.vocab_chunk
+  if chunk:
+    return max(chunk, 0)
+  rows = max(1, config.train.batch_size // config.train.grad_accum
+             // (mesh.shape["data"] * mesh.shape["fsdp"]))
+  seq, row_bytes = config.data.seq_len, model_cfg.vocab_size * 4
+  if rows * seq * row_bytes <= LOGITS_BUDGET_BYTES:
+    return 0
+  chunk = max(1, min(seq, LOGITS_BUDGET_BYTES // 4 // (rows * row_bytes)))
+  while seq % chunk:  # a divisor of the row length: no padded positions computed
+    chunk -= 1
+  return chunk
