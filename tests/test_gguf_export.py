@@ -187,3 +187,76 @@ def test_cli_writer_prints_and_writes_modelfile(tmp_path, capsys, tokenizer):
   assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}' in modelfile
   assert 'PARAMETER stop "<|im_end|>"' in modelfile
   assert sorted(os.listdir(tmp_path / "gguf")) == ["Modelfile", "model-q8_0.gguf"]
+
+
+# --- SentencePiece vocabularies (Llama 2, Mistral v1 style): tokenizer.ggml.model "llama" -----
+
+SPM_TEXTS = ["Spent 12 dollars on lunch, then 40 on groceries.", "caf\u00e9 \u00fcber na\u00efve",
+             "x**2 + (ok) = 99999?", "two  spaces and\na newline", "\u6f22\u5b57 unseen: \u00a7\u00b6"]
+
+
+@pytest.fixture(scope="module")
+def spm_folder(tmp_path_factory):
+  """A tiny Llama with a SentencePiece BPE tokenizer.model trained here as Llama's own is
+  (byte fallback, no normalisation, spaces kept) and a tokenizer_config adding BOS."""
+  import json
+  import random
+  spm = pytest.importorskip("sentencepiece", reason="sentencepiece builds the test's tokenizer.model")
+  folder = tmp_path_factory.mktemp("gguf_spm")
+  rng = random.Random(0)
+  words = ("the of and to in is for on that with as at by from total dollars lunch groceries "
+           "spent paid Monday Friday receipt coffee taxi rent answer question").split()
+  corpus = folder / "corpus.txt"
+  corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
+                              + rng.choice([".", ",", "?", " 12", " 40.5"]) for _ in range(2000))
+                    + "\ncaf\u00e9 \u00fcber na\u00efve (ok) x**2\n", encoding="utf-8")
+  spm.SentencePieceTrainer.train(
+      input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=400, model_type="bpe",
+      byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+      character_coverage=1.0, minloglevel=2)
+  (folder / "tokenizer_config.json").write_text(json.dumps(
+      {"add_bos_token": True, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+  torch.manual_seed(0)
+  hf = transformers.AutoModelForCausalLM.from_config(_family_config("llama"), dtype=torch.float32)
+  hf.save_pretrained(str(folder))
+  model, tok = models.load(str(folder))
+  path = str(folder / "model-f32.gguf")
+  save_gguf(model, path, tok, type="f32")
+  return folder, tok, path
+
+
+def test_sentencepiece_vocab_read_back_by_gguf_and_ftjax(spm_folder):
+  """gguf-py reads the pieces, token types and special ids the tokenizer.model holds, scores
+  ordered as its merges; ftjax's GGUF tokenizer gives the original's ids and text."""
+  from sentencepiece import SentencePieceProcessor, sentencepiece_model_pb2
+  folder, tok, path = spm_folder
+  proto = sentencepiece_model_pb2.ModelProto()
+  proto.ParseFromString((folder / "tokenizer.model").read_bytes())
+  pieces = list(proto.pieces)
+  meta = read_gguf_metadata(path)
+  assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] is True
+  tokens, types, scores = (meta[f"tokenizer.ggml.{k}"] for k in ("tokens", "token_type", "scores"))
+  assert len(tokens) == len(types) == len(scores) == 512  # the embedding's rows
+  assert tokens[:len(pieces)] == [p.piece for p in pieces]
+  # sentencepiece's piece types are llama.cpp's token types (NORMAL, UNKNOWN, CONTROL, BYTE)
+  assert types[:len(pieces)] == [p.type for p in pieces]
+  assert set(types[len(pieces):]) == {gguf.TokenType.UNUSED}
+  assert {types[i] for i in range(len(pieces))} == {1, 2, 3, 6}
+  assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"],
+          meta["tokenizer.ggml.unknown_token_id"]) == (proto.trainer_spec.bos_id,
+                                                       proto.trainer_spec.eos_id, proto.trainer_spec.unk_id)
+  assert meta["tokenizer.ggml.add_bos_token"] is True
+  # llama.cpp joins the pair making the highest-scoring token first: the scores of the pieces
+  # merges make must rank them as the .model's own scores do
+  merged = [i for i, p in enumerate(pieces) if p.type == 1 and len(p.piece) > 1]
+  assert sorted(merged, key=lambda i: -scores[i]) == sorted(merged, key=lambda i: (-pieces[i].score, i))
+  back = load_tokenizer(path)
+  processor = SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+  for text in SPM_TEXTS:
+    assert back.encode(text) == tok.encode(text) == [1] + processor.encode(text), text
+    assert back.decode(back.encode(text)) == text
+  # transformers' GGUF tokenizer reads the same file to the same ids (it adds no BOS whatever
+  # tokenizer.ggml.add_bos_token says: compared without special tokens)
+  theirs = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=os.path.basename(path))
+  for text in SPM_TEXTS:
+    assert theirs.encode(text, add_special_tokens=False) == processor.encode(text), text
