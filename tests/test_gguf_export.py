@@ -260,3 +260,44 @@ def test_sentencepiece_vocab_read_back_by_gguf_and_ftjax(spm_folder):
   theirs = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=os.path.basename(path))
   for text in SPM_TEXTS:
     assert theirs.encode(text, add_special_tokens=False) == processor.encode(text), text
+
+
+# --- a trained run end to end: export command -> GGUF -> ftjax / transformers vs merged HF ------
+
+def _check_script():
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                      "check_gguf_export.py")
+  spec = importlib.util.spec_from_file_location("check_gguf_export", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_trained_run_gguf_matches_merged_export(model_dir, tmp_path_factory):
+  """A tiny LoRA run (lr 1e-2: the adapter moves) exported with `python -m ftjax.export` as
+  merged HF and as GGUF f32 / f16 / bf16 / q8_0 (scripts/check_gguf_export.py): each GGUF
+  re-imported by ftjax has the merged model's logits within its type's tolerance (the script's
+  TOLERANCE, justified there), and transformers' GGUF reader decodes each file to the same
+  greedy answer as ftjax's."""
+  from ftjax import train as train_lib
+  from tiny import quickstart_data, run_config
+  script = _check_script()
+  data_dir = quickstart_data(tmp_path_factory, n_train=8, n_eval=4)
+  workdir = str(tmp_path_factory.mktemp("gguf_run"))
+  train_lib.train(run_config(model_dir, data_dir, **{
+      "train.steps": 3, "train.lr": 1e-2, "eval.forgetting": False}), workdir)
+  rows = {r["type"]: r for r in script.check(workdir, ["f32", "f16", "bf16", "q8_0"],
+                                              max_new_tokens=12, with_transformers=True,
+                                              stop_at_eos=False)}
+  for t, row in rows.items():
+    assert row["ok"], (t, row["logits_rel_error"], row["tolerance"])
+    assert row["answer_gguf_transformers"] == row["answer_gguf_ftjax"], t
+  # f32 stores the weights themselves: the same greedy answer as the merged model
+  assert rows["f32"]["answer_gguf_ftjax"] == rows["f32"]["answer_merged"]
+  assert len(rows["f32"]["answer_merged"]["ids"]) == 12
+  # each type really rounds: errors grow f32 < f16 < bf16, and the files shrink
+  errors = [rows[t]["logits_rel_error"] for t in ("f32", "f16", "bf16")]
+  assert errors == sorted(errors) and errors[0] < 1e-5 < errors[1]
+  assert rows["f32"]["bytes"] > rows["f16"]["bytes"] > rows["q8_0"]["bytes"]
+  print({t: r["logits_rel_error"] for t, r in rows.items()})  # measured: see the script's TOLERANCE
