@@ -301,3 +301,16 @@ def test_trained_run_gguf_matches_merged_export(model_dir, tmp_path_factory):
   assert errors == sorted(errors) and errors[0] < 1e-5 < errors[1]
   assert rows["f32"]["bytes"] > rows["f16"]["bytes"] > rows["q8_0"]["bytes"]
   print({t: r["logits_rel_error"] for t, r in rows.items()})  # measured: see the script's TOLERANCE
+
+
+@pytest.mark.parametrize("k_quant", ["Q4_K", "Q5_K", "Q6_K"])
+def test_gguf_package_still_has_no_k_quant_quantiser(k_quant):
+  """docs/deploy.md says q4_k_m / q5_k_m are not written because the gguf package can only
+  dequantise K-quants (0.19: quantise F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, TQ1_0, TQ2_0,
+  MXFP4). When a gguf release adds a K-quant quantiser this fails: then offer the type, checked
+  as the other types are."""
+  qtype = getattr(Q, k_quant)
+  block = np.random.RandomState(0).randn(2, gguf.GGML_QUANT_SIZES[qtype][0]).astype(np.float32)
+  with pytest.raises(NotImplementedError):
+    gguf.quants.quantize(block, qtype)
+  assert k_quant.lower() + "_m" not in __import__("ftjax.models.gguf_write", fromlist=["TYPES"]).TYPES
