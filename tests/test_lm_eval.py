@@ -285,3 +285,23 @@ def test_lm_eval_not_installed_is_a_config_error(monkeypatch, task_folder):
     config_lib.validate(c)
   c.eval.lm_eval_tasks = ""
   config_lib.validate(c)  # off: lm_eval is not needed
+
+
+def test_a_task_failing_after_training_is_recorded_not_raised(monkeypatch):
+  """After training the checkpoint and exports exist: a task that fails then (a dataset gone, a
+  download refused) becomes a line in the report, not a crash that skips summary and report."""
+  import types
+  from ftjax import config as config_lib
+  from ftjax.evaluation import harness, report
+  def fail(*args, **kwargs):
+    raise FileNotFoundError("docs.jsonl vanished")
+  monkeypatch.setattr(harness, "score", fail)
+  c = config_lib.base_config()
+  c.eval.lm_eval_tasks = "tiny_ppl.yaml"
+  out = harness.base_vs_tuned(types.SimpleNamespace(config=c), tuned=None)
+  assert out == {"tasks": ["tiny_ppl.yaml"], "limit": 0,
+                 "error": "FileNotFoundError: docs.jsonl vanished"}
+  assert "**Not scored:** FileNotFoundError: docs.jsonl vanished" in "\n".join(
+      report._lm_eval_section(out, under_forgetting=True))
+  c.eval.lm_eval_tasks = ""
+  assert harness.base_vs_tuned(types.SimpleNamespace(config=c), tuned=None) is None

@@ -229,7 +229,9 @@ def _lm_eval_section(result: dict | None, under_forgetting: bool) -> list[str]:
     return lines + [f"**Not scored:** {_cell(result['error'])}", ""]
 
   def num(value, err):
-    return "-" if value is None else f"{value:.4f}" + (f" ± {err:.4f}" if err is not None else "")
+    if not isinstance(value, (int, float)):
+      return "-"
+    return f"{value:.4f}" + (f" ± {err:.4f}" if isinstance(err, (int, float)) else "")
   lines += ["| task | metric | base | fine-tuned | change |", "|---|---|---|---|---|"]
   for task, metric, base, tuned, base_err, tuned_err in table(result):
     change = "-" if base is None or tuned is None else f"{tuned - base:+.4f}"
