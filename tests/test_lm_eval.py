@@ -298,10 +298,10 @@ def test_a_task_failing_after_training_is_recorded_not_raised(monkeypatch):
   monkeypatch.setattr(harness, "score", fail)
   c = config_lib.base_config()
   c.eval.lm_eval_tasks = "tiny_ppl.yaml"
-  out = harness.base_vs_tuned(types.SimpleNamespace(config=c), tuned=None)
+  out = harness.base_vs_tuned(types.SimpleNamespace(config=c, tokenizer=None), tuned=None)
   assert out == {"tasks": ["tiny_ppl.yaml"], "limit": 0,
                  "error": "FileNotFoundError: docs.jsonl vanished"}
   assert "**Not scored:** FileNotFoundError: docs.jsonl vanished" in "\n".join(
       report._lm_eval_section(out, under_forgetting=True))
   c.eval.lm_eval_tasks = ""
-  assert harness.base_vs_tuned(types.SimpleNamespace(config=c), tuned=None) is None
+  assert harness.base_vs_tuned(types.SimpleNamespace(config=c, tokenizer=None), tuned=None) is None
