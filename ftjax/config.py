@@ -217,6 +217,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.forgetting_tokens = 4096  # tokens of the general text the perplexity is measured on
   c.eval.forgetting_threshold = 0.1  # flag a relative perplexity increase above this
   c.eval.report = True  # report.md / report.json / PNGs in the workdir at the end
+  # lm-evaluation-harness tasks scored after training on the base and the fine-tuned model (the
+  # report's forgetting section; needs pip install 'ftjax[lm_eval]'), comma-separated: a task
+  # name lm_eval knows (its dataset comes from the Hugging Face Hub or its cache), or the path of
+  # a task YAML file or a folder of them (a YAML over local data files runs offline: see
+  # ftjax/evaluation/harness.py). Checked before training. "": off.
+  c.eval.lm_eval_tasks = ""
+  c.eval.lm_eval_limit = 0  # examples per lm_eval task (0: all of them)
 
   # The cost plan (ftjax/cost.py) of `python -m ftjax.data check`; default prices and their
   # dates in docs/data.md ("What a run will cost").
@@ -352,6 +359,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"distributed.initialize={c.distributed.initialize!r}; expected auto, on or off")
   from ftjax.evaluation import metrics as eval_metrics  # imports any custom metric, here
   eval_metrics.validate(c.eval)
+  from ftjax.evaluation import harness  # the lm_eval tasks: installed, found, parsed
+  harness.validate(c.eval)
   check(c.train.patience >= 0, f"train.patience={c.train.patience}; must be >= 0 (0: no early stopping)")
   check(not c.train.patience or c.train.eval_every > 0,
         "train.patience (early stopping) needs train.eval_every > 0")

@@ -136,8 +136,11 @@ def results_for_run(run, plan: EvalPlan | None, baseline: dict | None, end: dict
   common = dict(loss=loss, forgetting_result=forgot, training=end.get("training"), leakage=leak)
   primary = evaluation.metrics.primary(cfg.eval)
   if plan is None:
-    return evaluation.assemble(None, primary, {}, eval_cfg=cfg.eval, **common)
-  return evaluation.assemble(plan, primary, baseline["systems"], end.get("finetuned"), **common)
+    out = evaluation.assemble(None, primary, {}, eval_cfg=cfg.eval, **common)
+  else:
+    out = evaluation.assemble(plan, primary, baseline["systems"], end.get("finetuned"), **common)
+  out["lm_eval"] = end.get("lm_eval")  # eval.lm_eval_tasks: base vs fine-tuned (harness.py)
+  return out
 
 
 def evaluate_prompting(model_name: str, data: str, out_dir: str, *, shots: str = "",

@@ -220,6 +220,8 @@ def _end(run: Run, workdir: str, checkpoint_dir: str, plan, baseline, summary: d
     summary["baseline"] = {n: r["scores"] for n, r in results["baselines"].items()}
     summary["finetuned"] = dict(results["finetuned"]["scores"], examples=results["examples"])
     summary["verdict"] = results["verdict"]["text"] if results["verdict"] else None
+  if results.get("lm_eval"):
+    summary["lm_eval"] = results["lm_eval"]
   write_json(summary_path, summary)
   if cfg.eval.report:
     evaluation.report.write(workdir)
@@ -429,6 +431,7 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
     if cfg.eval.forgetting:
       end["forgetting"] = evaluation.forgetting.probe(generator, run.tokenizer, cfg.eval,
                                                       cfg.data.seq_len, "forgetting (fine-tuned)")
+  end["lm_eval"] = evaluation.harness.base_vs_tuned(run, model)  # eval.lm_eval_tasks
   summary = {"steps": final_step, "method": cfg.method, "trainable_params": n_train,
              "compile_s": compile_s, "skipped_steps": skipped, "eval": final_eval,
              "best_step": training.get("best_step"), "stopped_early": stopped_at is not None,

@@ -5,6 +5,7 @@ overfitting, leakage, and the report (`python -m ftjax.evaluate`).
   generation.py  EvalPlan: eval set + references + shots (checked), greedy answers, scores
   stats.py       paired bootstrap CIs and the verdict in words
   forgetting.py  general-text perplexity and general prompts, before / after
+  harness.py     lm-evaluation-harness tasks (eval.lm_eval_tasks), base vs fine-tuned
   curves.py      metrics.jsonl curves, the overfitting warning, early stopping
   report.py      report.json, report.md and the PNGs (plots.py)
 """
@@ -15,10 +16,10 @@ import math
 
 import numpy as np
 
-from ftjax.evaluation import forgetting, metrics, report
+from ftjax.evaluation import forgetting, harness, metrics, report
 from ftjax.evaluation.generation import EvalPlan, few_shot_prompt, split
 
-__all__ = ["EvalPlan", "few_shot_prompt", "split", "metrics", "report", "forgetting",
+__all__ = ["EvalPlan", "few_shot_prompt", "split", "metrics", "report", "forgetting", "harness",
            "run_baselines", "assemble", "leakage_summary", "loss_metrics", "model_loss"]
 
 

@@ -181,6 +181,8 @@ def markdown(report: dict, systems: dict) -> str:
     if report["plots"].get("forgetting"):
       lines += [f"![forgetting]({report['plots']['forgetting']})", ""]
 
+  lines += _lm_eval_section(r.get("lm_eval"), f is not None)
+
   lines += ["## Leakage", ""]
   leak = r.get("leakage")
   if leak:
@@ -213,6 +215,28 @@ def markdown(report: dict, systems: dict) -> str:
   if report["config"]:
     lines += ["## Config", "", "```json", json.dumps(report["config"], indent=1, sort_keys=True), "```", ""]
   return "\n".join(lines)
+
+
+def _lm_eval_section(result: dict | None, under_forgetting: bool) -> list[str]:
+  """eval.lm_eval_tasks' scores, base vs fine-tuned, as part of the forgetting section."""
+  if not result:
+    return []
+  from ftjax.evaluation.harness import table
+  lines = ([] if under_forgetting else ["## Forgetting", ""]) + ["### lm-evaluation-harness", ""]
+  limit = f", first {result['limit']} examples per task" if result.get("limit") else ""
+  lines += [f"Tasks {', '.join(f'`{t}`' for t in result['tasks'])}{limit} (lm_eval, model ftjax).", ""]
+  if result.get("error"):
+    return lines + [f"**Not scored:** {_cell(result['error'])}", ""]
+
+  def num(value, err):
+    if not isinstance(value, (int, float)):
+      return "-"
+    return f"{value:.4f}" + (f" ± {err:.4f}" if isinstance(err, (int, float)) else "")
+  lines += ["| task | metric | base | fine-tuned | change |", "|---|---|---|---|---|"]
+  for task, metric, base, tuned, base_err, tuned_err in table(result):
+    change = "-" if base is None or tuned is None else f"{tuned - base:+.4f}"
+    lines.append(f"| {task} | {metric} | {num(base, base_err)} | {num(tuned, tuned_err)} | {change} |")
+  return lines + [""]
 
 
 def _cell(text: str) -> str:

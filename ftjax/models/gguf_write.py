@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import gguf
 import jax
@@ -215,6 +216,62 @@ def _vocab_tables(tokenizer, n_vocab: int) -> tuple[list[str], list[int]]:
   return tokens, types
 
 
+def _add_sentencepiece_vocab(w: gguf.GGUFWriter, tokenizer, spec: dict, n_vocab: int) -> None:
+  """tokenizer.ggml.model "llama" (llama.cpp's SentencePiece tokenizer): tokens, scores and
+  token types as convert_hf_to_gguf writes them from a tokenizer.model, plus the merges (as its
+  Llama-HF path writes them) so that readers rebuilding a BPE from the file need not guess them.
+
+  llama.cpp's SentencePiece tokenizer repeatedly joins the adjacent pair whose joined text is the
+  highest-scoring token; a BPE applies its merges in rank order. A token's score here is minus
+  the rank of the first merge that makes it, so both join in the same order (a .model file's own
+  scores are in that order too: transformers ranks the merges by them). Tokens no merge makes
+  (characters, bytes, control and user-defined tokens) score 0, as in a .model file."""
+  tokens, types = _vocab_tables(tokenizer, n_vocab)
+  unk = tokenizer._id("unk_token")
+  for i, token in enumerate(tokens):
+    if i == unk:
+      types[i] = int(gguf.TokenType.UNKNOWN)
+    elif types[i] == gguf.TokenType.NORMAL and _BYTE_PIECE.fullmatch(token):
+      types[i] = int(gguf.TokenType.BYTE)
+  scores = [0.0] * n_vocab
+  ids = {t: i for i, t in enumerate(tokens)}
+  made = set()
+  for rank, merge in enumerate(_merge_list(spec)):
+    token = merge.replace(" ", "", 1)
+    if token in ids and token not in made:
+      made.add(token)
+      scores[ids[token]] = -float(rank + 1)
+  for i, kind in enumerate(types):
+    if kind == gguf.TokenType.UNUSED:
+      scores[i] = -1000.0  # convert_hf_to_gguf's score of a [PADi] filler
+  w.add_tokenizer_model("llama")
+  w.add_tokenizer_pre("default")
+  w.add_token_list(tokens)
+  w.add_token_scores(scores)
+  w.add_token_types(types)
+  w.add_add_space_prefix(_adds_space_prefix(spec))
+
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def _adds_space_prefix(spec: dict) -> bool:
+  """Whether the tokenizer puts "▁" before the text (SentencePiece's add_dummy_prefix:
+  Llama 2 does, Gemma does not): a Metaspace pre-tokenizer that prepends, or a normalizer that
+  prepends "▁" (transformers' Llama converter)."""
+  def walk(node):
+    if isinstance(node, dict):
+      yield node
+      for key in ("pretokenizers", "normalizers"):
+        for child in node.get(key) or []:
+          yield from walk(child)
+  for node in walk(spec.get("pre_tokenizer")):
+    if node.get("type") == "Metaspace" and node.get("prepend_scheme", "always") != "never":
+      return True
+  return any(n.get("type") == "Prepend" and n.get("prepend") == "▁"
+             for n in walk(spec.get("normalizer")))
+
+
 def _end_of_turn(tokenizer) -> str | None:
   """The special token the chat template closes an assistant turn with (<|im_end|>,
   <|eot_id|>, <end_of_turn>), found by rendering a turn; None without a template."""
@@ -235,21 +292,48 @@ def _end_of_turn(tokenizer) -> str | None:
   return tokenizer.eos_token
 
 
+def _is_byte_level(spec: dict) -> bool:
+  return spec.get("model", {}).get("type") == "BPE" and (spec.get("decoder") or {}).get("type") == "ByteLevel"
+
+
+def _decoders(spec: dict) -> list[dict]:
+  decoder = spec.get("decoder") or {}
+  return decoder.get("decoders", [decoder])
+
+
+def _is_sentencepiece_bpe(spec: dict) -> bool:
+  """A SentencePiece BPE vocabulary (Llama 2, Mistral v1, Gemma), as ftjax.tokenizer builds it
+  from a tokenizer.model or transformers' converter writes it to tokenizer.json: byte-fallback
+  BPE whose decoder turns "▁" back into spaces."""
+  model = spec.get("model", {})
+  return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and any(
+      d.get("type") == "Replace" and d.get("pattern", {}).get("String") == "▁"
+      for d in _decoders(spec))
+
+
+def _merge_list(spec: dict) -> list[str]:
+  return [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+
+
 def _add_tokenizer(w: gguf.GGUFWriter, tokenizer, n_vocab: int) -> str | None:
   """tokenizer.ggml.* and the chat template; returns the end-of-turn token."""
   spec = json.loads(tokenizer.backend.to_str())
-  model = spec.get("model", {})
-  decoder = spec.get("decoder") or {}
-  if model.get("type") != "BPE" or decoder.get("type") != "ByteLevel":
-    raise FtjaxError("save_gguf: only byte-level BPE tokenizers (GPT-2 style: SmolLM, Llama 3, "
-                     f"Qwen) are written so far; this one is {model.get('type')} with a "
-                     f"{decoder.get('type')} decoder (SentencePiece-style vocabularies are not)")
-  w.add_tokenizer_model("gpt2")
-  w.add_tokenizer_pre(_pre_tokenizer_name(spec.get("pre_tokenizer")))
-  tokens, types = _vocab_tables(tokenizer, n_vocab)
-  w.add_token_list(tokens)
-  w.add_token_types(types)
-  w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+  if _is_byte_level(spec):
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(_pre_tokenizer_name(spec.get("pre_tokenizer")))
+    tokens, types = _vocab_tables(tokenizer, n_vocab)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+  elif _is_sentencepiece_bpe(spec):
+    _add_sentencepiece_vocab(w, tokenizer, spec, n_vocab)
+  else:
+    model = spec.get("model", {})
+    raise FtjaxError("save_gguf: the tokenizer is neither byte-level BPE (GPT-2 style: SmolLM, "
+                     "Llama 3, Qwen) nor SentencePiece byte-fallback BPE (Llama 2, Mistral v1, "
+                     f"Gemma); it is {model.get('type')} with a "
+                     f"{(spec.get('decoder') or {}).get('type')} decoder (a SentencePiece "
+                     "unigram vocabulary would be read back from GGUF as a BPE: other ids)")
+  w.add_token_merges(_merge_list(spec))
   ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
          "pad": tokenizer._id("pad_token"), "unk": tokenizer._id("unk_token")}
   for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id),
