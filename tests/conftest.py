@@ -19,6 +19,27 @@ jax.config.update("jax_default_matmul_precision", "highest")
 SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 
+# Compiles of at least this many seconds go to the persistent cache (jax's default is 1 s). Most
+# of the suite's compiles are repeats: every train() call re-traces the same tiny train step.
+CACHE_MIN_COMPILE_S = 0.2
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory):
+  """XLA's persistent compilation cache for the session, in-process and in every subprocess
+  (the CLI runs, the multi-host processes, the notebook kernels inherit the environment): a
+  computation compiled once (the same HLO, devices and options) is loaded, not compiled again.
+  One folder per xdist worker, so no two test processes race on the same entry."""
+  from jax.experimental.compilation_cache import compilation_cache
+  path = str(tmp_path_factory.mktemp("xla_cache"))
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_S)
+  compilation_cache.reset_cache()  # in case it was set up, without a folder, by an earlier compile
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(CACHE_MIN_COMPILE_S)
+  yield path
+
+
 @pytest.fixture
 def shared_data():
   if not os.path.isdir(SHARED_DATA):

@@ -22,7 +22,7 @@ from safetensors.numpy import load_file
 from ftjax import train as train_lib
 from ftjax.checkpoint import Checkpointer
 from ftjax.data import quickstart_task
-from test_faults import compile_cache, config_file, losses, make_config  # noqa: F401 (fixture)
+from test_faults import config_file, losses, make_config
 from tiny import make_model_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
