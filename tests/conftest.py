@@ -19,6 +19,21 @@ jax.config.update("jax_default_matmul_precision", "highest")
 SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 
+# The modules that take longest, longest first (CPU seconds measured on the 2-core CI machine).
+# CI runs `-n 2` with `--dist loadfile` (setup.cfg): a module's tests stay on one worker, so its
+# module fixtures (a trained run, a loaded model, the notebook kernels) are built once, and the
+# long modules start first so the two workers end together instead of one running a long
+# module alone at the end.
+SLOWEST_FIRST = ["test_notebooks", "test_train", "test_multihost", "test_faults", "test_models",
+                 "test_bench", "test_lm_eval", "test_evaluate", "test_gguf_export", "test_peft",
+                 "test_generate", "test_step", "test_quant", "test_gguf", "test_cost"]
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+  items.sort(key=lambda item: rank.get(getattr(getattr(item, "module", None), "__name__", ""), len(rank)))
+
+
 # Compiles of at least this many seconds go to the persistent cache (jax's default is 1 s). Most
 # of the suite's compiles are repeats: every train() call re-traces the same tiny train step.
 CACHE_MIN_COMPILE_S = 0.2
