@@ -73,9 +73,10 @@ def hf_llama_dir(tmp_path_factory):
   return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
-  """A tiny random-init HF Llama + tokenizer folder (tests/tiny.py), one per test module."""
+  """A tiny random-init HF Llama + tokenizer folder (tests/tiny.py), built once per session
+  (2.4 CPU s each; it was built per module): read it, never write into it (copy it first)."""
   from tiny import make_model_dir
   return make_model_dir(tmp_path_factory.mktemp("tiny_llama"))
 

@@ -35,15 +35,13 @@ from ftjax import train as train_lib
 from ftjax.checkpoint import Checkpointer
 from ftjax.errors import FtjaxError
 from ftjax.data import quickstart_task
-from tiny import make_model_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 40
 
 
 @pytest.fixture(scope="module")
-def overrides(tmp_path_factory):
-  model_dir = make_model_dir(tmp_path_factory.mktemp("tiny_llama"))
+def overrides(model_dir, tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("data")
   quickstart_task.write_splits(str(data_dir), n_train=48, n_eval=8, seed=3)
   return {"model.name_or_path": model_dir, "data.train": str(data_dir / "train.jsonl"),
