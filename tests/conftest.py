@@ -29,6 +29,7 @@ SLOWEST_FIRST = ["test_notebooks", "test_train", "test_multihost", "test_faults"
                  "test_generate", "test_step", "test_quant", "test_gguf", "test_cost"]
 
 
+@pytest.hookimpl(tryfirst=True)  # before plugins that reorder on purpose (--ff, pytest-randomly)
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
   items.sort(key=lambda item: rank.get(getattr(getattr(item, "module", None), "__name__", ""), len(rank)))
