@@ -243,3 +243,70 @@ def test_label_signals_name_rare_classes_imbalance_and_conflicts():
   assert set(found) == {"rare_class", "imbalance", "conflicting_labels"}
   assert "'small' has 1" in found["rare_class"].message and found["rare_class"].where == "f:31"
   assert "f:0" in found["conflicting_labels"].message and "f:31" in found["conflicting_labels"].message
+
+
+# --- training against peft SEQ_CLS + torch AdamW ------------------------------------------------------
+
+def _class_batches(num_labels: int = NUM_LABELS):
+  """Three batches of 4 right-padded rows (pad id 0) with class ids."""
+  out = []
+  for seed in range(3):
+    rng = np.random.RandomState(seed)
+    tokens = rng.randint(1, 128, (4, 10)).astype(np.int32)
+    segment_ids = np.ones((4, 10), np.int32)
+    for row, n in enumerate((10, 6, 3, 8)):
+      tokens[row, n:], segment_ids[row, n:] = 0, 0
+    out.append({"inputs": tokens, "segment_ids": segment_ids,
+                "positions": np.broadcast_to(np.arange(10, dtype=np.int32), (4, 10)).copy(),
+                "labels": rng.randint(0, num_labels, 4).astype(np.int32),
+                "row_mask": np.ones(4, np.float32)})
+  return out
+
+
+def test_three_lora_adamw_steps_equal_peft_seq_cls(llama_cls_dir, tmp_path):
+  """Same init (ftjax's adapter, loaded by peft with is_trainable), same batches: LoRA and the
+  score head after three AdamW steps agree within the SFT parity test's 1e-5 (tests/test_step.py
+  says why the whole-adapter L2 is the measure)."""
+  import functools
+
+  import optax
+  import peft as hf_peft
+  from ftjax import step as step_lib
+  from ftjax.optim import make_optimizer
+  from test_step import _torch_adamw, l2_rel
+
+  model = peft.get_peft_model(classifier.load_pretrained(llama_cls_dir)[0], peft.LoraConfig(
+      r=4, lora_alpha=8, target_modules="all-linear", task_type="SEQ_CLS", modules_to_save=("score",)))
+  peft.save_adapter(model, str(tmp_path / "init"))
+  init = peft.adapter_state_dict(model)
+  reference = hf_peft.PeftModel.from_pretrained(_hf_load(llama_cls_dir), str(tmp_path / "init"),
+                                                is_trainable=True)
+  graphdef, train, frozen, mutable = step_lib.split_model(model, peft.AdapterParam)
+  optimizer, _ = make_optimizer(train, lr=1e-3, steps=3, schedule="constant", weight_decay=0.1,
+                                max_grad_norm=1.0)
+  step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, optimizer=optimizer,
+                                   loss_fn=cls_lib.ClassificationLoss(),
+                                   schedule=optax.constant_schedule(1e-3)))
+  state = step_lib.init_state(train, mutable, optimizer, seed=0)
+  torch_opt = _torch_adamw(reference.parameters(), 1e-3, 0.1)
+  reference.train()
+  for batch in _class_batches():
+    state, metrics = step(state, frozen, jax.tree.map(lambda x: x[None], batch))
+    loss = reference(input_ids=torch.tensor(batch["inputs"]),
+                     attention_mask=torch.tensor(batch["segment_ids"]),
+                     labels=torch.tensor(batch["labels"]).long()).loss
+    assert abs(float(metrics["loss"]) - loss.item()) < 1e-5
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in reference.parameters() if p.requires_grad], 1.0)
+    torch_opt.step()
+    torch_opt.zero_grad()
+  trained = step_lib.merge_model(graphdef, state["trainable"], frozen, state["mutable"])
+  ours = peft.adapter_state_dict(trained)
+  theirs = {k.replace(".default", "").replace("modules_to_save.", ""): v.detach().numpy()
+            for k, v in reference.state_dict().items() if "lora_" in k or "modules_to_save" in k}
+  assert ours.keys() == theirs.keys() and "base_model.model.score.weight" in ours
+  assert l2_rel(ours, theirs) < 1e-5
+  for key in ours:
+    assert l2_rel({key: ours[key]}, {key: theirs[key]}) < 1e-4, key
+  assert l2_rel({"s": ours["base_model.model.score.weight"]},
+                {"s": init["base_model.model.score.weight"]}) > 1e-4  # the head trained
