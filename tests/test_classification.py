@@ -310,3 +310,29 @@ def test_three_lora_adamw_steps_equal_peft_seq_cls(llama_cls_dir, tmp_path):
     assert l2_rel({key: ours[key]}, {key: theirs[key]}) < 1e-4, key
   assert l2_rel({"s": ours["base_model.model.score.weight"]},
                 {"s": init["base_model.model.score.weight"]}) > 1e-4  # the head trained
+
+
+# --- prediction -------------------------------------------------------------------------------------
+
+def test_classify_command_labels_a_file_in_batches(model_dir, tmp_path, capsys):
+  """Batched and padded predictions equal each text's own unpadded forward pass."""
+  from ftjax import classify
+  from ftjax.tokenizer import load_tokenizer
+  model, _, _ = classifier.load_pretrained(model_dir, num_labels=3)
+  tokenizer = load_tokenizer(model_dir)
+  out_dir = str(tmp_path / "clf")
+  classifier.save_pretrained(model, out_dir, ["neg", "neu", "pos"], tokenizer)
+  texts = ["what a great day", "terrible", "it is a table", "fine I guess, nothing special at all"]
+  data = _write(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+  classify.main(["--model", out_dir, "--data", data, "--output", str(tmp_path / "p.jsonl"),
+                 "--batch-size", "3"])
+  rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+  assert [r["input"] for r in rows] == texts and rows[1]["where"] == f"{data}:2"
+  for row, text in zip(rows, texts):
+    ids = jnp.asarray([cls_lib.encode(tokenizer, text, "none")])
+    want = cls_lib.probabilities(np.asarray(model(ids, pad_token_id=None)), "single_label")[0]
+    got = np.array([row["probabilities"][n] for n in ("neg", "neu", "pos")])
+    assert np.abs(got - want).max() < 1e-5
+    assert row["label"] == ["neg", "neu", "pos"][int(np.argmax(want))]
+  classify.main(["--model", out_dir, "--text", "terrible"])
+  assert json.loads(capsys.readouterr().out)["probabilities"] == rows[1]["probabilities"]
