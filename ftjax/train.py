@@ -93,12 +93,13 @@ def check_data(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
   train.epochs and "auto" values from its counts. Under data.check.on_error="fail" a bad record
   stops the run here, listing the problems (nothing is written: `write_data_report` saves the
   report once the run is set up). Returns (examples to train on, report)."""
+  from ftjax import objectives
   from ftjax.data import auto, check
   from ftjax.models.resolve import tokenizer_for
   from ftjax.run import _prepare_data
   config_lib.validate(config)
   _prepare_data(config)
-  report, kept = check.check(config, tokenizer_for(config.model.name_or_path))
+  report, kept = objectives.get(config).check_data(tokenizer_for(config.model.name_or_path))
   if report["failed"]:
     raise FtjaxError(f"{check.failure_message(report)}\n(all of them with codes: python -m "
                      "ftjax.data check --config ... --out DIR writes DIR/data_report.json)")
@@ -402,7 +403,8 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
                           overwrite=True)
   merged = export.merged_model(model) if cfg.export.merged or plan is not None else None
   if cfg.export.merged:
-    export.write_merged(merged, run.tokenizer, os.path.join(workdir, "merged"), overwrite=True)
+    export.write_merged(merged, run.tokenizer, os.path.join(workdir, "merged"), overwrite=True,
+                        objective=run.objective)
   # A 4-bit base generates as it trained (4-bit + adapter), never materialised in float.
   generator = model if run.quantised else merged
   end = {"training": training, "eval": final_eval}

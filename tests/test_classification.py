@@ -336,3 +336,69 @@ def test_classify_command_labels_a_file_in_batches(model_dir, tmp_path, capsys):
     assert row["label"] == ["neg", "neu", "pos"][int(np.argmax(want))]
   classify.main(["--model", out_dir, "--text", "terrible"])
   assert json.loads(capsys.readouterr().out)["probabilities"] == rows[1]["probabilities"]
+
+
+# --- the objective in a run ---------------------------------------------------------------------------
+
+INTENTS = {"balance": ["what is my balance", "how much money do i have", "show my account balance",
+                       "balance please", "tell me the balance on checking", "current balance"],
+           "transfer": ["send 20 dollars to sam", "move money to savings", "transfer funds now",
+                        "wire cash to my mom", "pay bob back 5 dollars", "transfer 100 to checking"],
+           "card_lost": ["i lost my card", "my card was stolen", "cannot find my credit card",
+                         "freeze my lost card", "card missing since yesterday", "report a stolen card"]}
+
+
+@pytest.fixture(scope="module")
+def intent_dir(tmp_path_factory):
+  """A synthetic 3-intent set: train.jsonl (4 of each) and eval.jsonl (2 of each, unseen texts)."""
+  out = tmp_path_factory.mktemp("intents")
+  train = [{"text": t, "label": k} for k, texts in INTENTS.items() for t in texts[:4]]
+  test = [{"text": t, "label": k} for k, texts in INTENTS.items() for t in texts[4:]]
+  _write(out / "train.jsonl", train)
+  _write(out / "eval.jsonl", test)
+  return out
+
+
+def _shipped_config(model_dir, intent_dir, **overrides):
+  """configs/classification.py (runlocal) on the tiny model and the synthetic intents."""
+  import importlib.util
+  import os
+  spec = importlib.util.spec_from_file_location(
+      "classification_config", os.path.join(os.path.dirname(__file__), "..", "configs", "classification.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("runlocal")
+  c.model.name_or_path = model_dir
+  c.data.train, c.data.eval = str(intent_dir / "train.jsonl"), str(intent_dir / "eval.jsonl")
+  c.train.batch_size, c.train.steps, c.mesh.data = 4, 1, 1
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def test_shipped_config_trains_one_step_and_exports(model_dir, intent_dir, tmp_path):
+  """One LoRA step of configs/classification.py: the merged export is a classifier that
+  transformers loads with the run's class names and equal logits, and the adapter is SEQ_CLS."""
+  from ftjax import train as train_lib
+  summary = train_lib.train(_shipped_config(model_dir, intent_dir), str(tmp_path / "run"))
+  assert summary["steps"] == 1 and np.isfinite(summary["eval"]["loss"])
+  assert 0.0 <= summary["eval"]["accuracy"] <= 1.0
+  merged = str(tmp_path / "run" / "merged")
+  theirs = _hf_load(merged)
+  assert list(theirs.config.id2label.values()) == ["balance", "card_lost", "transfer"]
+  ours, names, _ = classifier.load_pretrained(merged)
+  tokens = np.asarray([[5, 6, 7, 8]])
+  assert np.abs(_torch_logits(theirs, tokens) - np.asarray(ours(jnp.asarray(tokens)))).max() < TOL
+  adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+  assert adapter["task_type"] == "SEQ_CLS" and adapter["modules_to_save"] == ["score"]
+
+
+def test_bad_labels_stop_the_run_at_file_and_line(model_dir, intent_dir, tmp_path):
+  from ftjax import train as train_lib
+  bad = _write(tmp_path / "eval.jsonl", [{"text": "hello", "label": "greeting"}])
+  with pytest.raises(FtjaxError, match=r"eval.jsonl:1: unknown_label: 'greeting'"):
+    train_lib.train(_shipped_config(model_dir, intent_dir, **{"data.eval": bad}), str(tmp_path / "run"))

@@ -35,6 +35,7 @@ import numpy as np
 
 from ftjax.errors import FtjaxError
 from ftjax.models.classifier import segment_last_index
+from ftjax.objectives.base import Objective
 
 PROBLEM_TYPES = ("single_label", "multi_label")
 TEMPLATES = ("none", "chat")
@@ -322,3 +323,141 @@ def report(targets: np.ndarray, predicted: np.ndarray, names: list[str],
     out["confusions"] = [{"true": names[a], "predicted": names[b], "count": c}
                          for (a, b), c in sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
   return out
+
+
+# --- the objective ----------------------------------------------------------------------------------
+
+# methods that train the score head: with an adapter it is PEFT's modules_to_save (prompt / prefix
+# tuning have no such slot in ftjax)
+HEAD_METHODS = ("lora", "qlora", "ia3", "adapter", "full")
+_LABEL_CACHE: dict = {}
+
+
+class Classification(Objective):
+  """objective="classification": the `score` head on the decoder (see the module docstring)."""
+
+  name = "classification"
+  config_block = "classification"
+  best_metric = "accuracy"
+  greater_is_better = True
+
+  @property
+  def block(self):
+    return self.config.classification
+
+  def validate(self) -> None:
+    c, config = self.block, self.config
+    if c.problem_type not in PROBLEM_TYPES:
+      raise FtjaxError(f"config: classification.problem_type={c.problem_type!r}; expected one of "
+                       f"{PROBLEM_TYPES}")
+    if c.template not in TEMPLATES:
+      raise FtjaxError(f"config: classification.template={c.template!r}; expected one of {TEMPLATES}")
+    from ftjax import config as config_lib
+    other = [m for m in config_lib.methods(config) if m not in HEAD_METHODS]
+    if other:
+      raise FtjaxError(f"config: method {config.method!r} under objective='classification': "
+                       f"{other[0]} has no place for the trained score head; use one of {HEAD_METHODS}")
+    if config.eval.generate:
+      raise FtjaxError("config: eval.generate=True under objective='classification': the "
+                       "classifier does not generate; its eval metrics are accuracy and macro_f1")
+    self.class_weights()  # parsed and checked now, before anything loads
+
+  def class_weights(self) -> tuple[float, ...]:
+    """classification.class_weights: "" (none) or one positive number per class, in id order."""
+    text = self.block.class_weights.strip()
+    if not text:
+      return ()
+    try:
+      weights = tuple(float(w) for w in text.split(","))
+    except ValueError:
+      raise FtjaxError(f"config: classification.class_weights={text!r}: expected comma-separated "
+                       "numbers, one per class") from None
+    if any(not w > 0 for w in weights):
+      raise FtjaxError(f"config: classification.class_weights={text!r}: weights must be > 0")
+    return weights
+
+  def labels(self) -> list[str]:
+    """The class names in id order (read from the train data when classification.labels is "")."""
+    spec, train = self.block.labels, self.config.data.train
+    key = (spec, train, self.block.problem_type, self.config.data.fields, _mtimes(train))
+    if key not in _LABEL_CACHE:
+      examples = None
+      if not spec.strip():
+        examples, _ = read_split(train, self.block.problem_type, self._fields())
+      _LABEL_CACHE[key] = resolve_labels(spec, examples)
+    names = _LABEL_CACHE[key]
+    weights = self.class_weights()
+    if weights and len(weights) != len(names):
+      raise FtjaxError(f"config: classification.class_weights has {len(weights)} weights for "
+                       f"{len(names)} classes")
+    return names
+
+  def _fields(self):
+    from ftjax import config as config_lib
+    return config_lib.fields(self.config.data.fields)
+
+  def row_spec(self):
+    seq = (self.config.data.seq_len,)
+    labels = (((), np.int32) if self.block.problem_type == "single_label"
+              else ((len(self.labels()),), np.float32))
+    return {"inputs": (seq, np.int32), "segment_ids": (seq, np.int32), "positions": (seq, np.int32),
+            "labels": labels, "row_mask": ((), np.float32)}
+
+  def synthetic_batch(self, vocab_size, seed=0):
+    batch = super().synthetic_batch(vocab_size, seed)
+    shape = batch["inputs"].shape
+    batch["segment_ids"] = np.ones(shape, np.int32)
+    batch["positions"] = np.broadcast_to(np.arange(shape[-1], dtype=np.int32), shape).copy()
+    batch["labels"] = (np.zeros_like(batch["labels"]) if self.block.problem_type == "single_label"
+                       else batch["labels"])
+    return batch
+
+  def check_data(self, tokenizer):
+    from ftjax.objectives import classification_check
+    return classification_check.check(self, tokenizer)
+
+  def dataset(self, examples, tokenizer, *, train, name):
+    from ftjax.data.dataset import Dataset
+    d = self.config.data
+    if not examples:
+      raise FtjaxError(f"{name}: no examples", code="empty_split")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows, truncated = build_rows(examples, self.labels(), tokenizer, seq_len=d.seq_len,
+                                 problem_type=self.block.problem_type,
+                                 template=self.block.template, pad_id=pad)
+    tokens = int(rows["segment_ids"].sum())
+    summary = dict(examples=len(examples), kept=len(examples), rows=len(examples), seq_len=d.seq_len,
+                   max_len=d.seq_len, packed=False, tokens=tokens, trained_tokens=tokens,
+                   fill=tokens / max(1, rows["segment_ids"].size), over_length=truncated,
+                   truncated=truncated, dropped=0, no_trained_tokens=0, no_user_turn=0,
+                   first_over_length=None, classes=len(self.labels()), files=[name])
+    return Dataset(examples, rows, summary, d.seq_len)
+
+  def loss_fn(self, model_cfg, mesh):
+    from ftjax.models import ops
+    m = self.config.model
+    ops.check_attention(m.attention)
+    return ClassificationLoss(self.block.problem_type, self.class_weights(), remat=m.remat,
+                              unroll=True if m.scan_unroll == -1 else m.scan_unroll,
+                              attention=m.attention)
+
+  def build_model(self, model):
+    from ftjax.models.classifier import SequenceClassifier
+    return SequenceClassifier.from_causal_lm(model, len(self.labels()), seed=self.config.train.seed)
+
+  def peft_options(self, modules_to_save):
+    return {"task_type": "SEQ_CLS", "modules_to_save": tuple(dict.fromkeys(
+        (*(modules_to_save or ()), "score")))}
+
+  def save_merged(self, model, tokenizer, out_dir, *, max_shard_size="5GB", overwrite=False):
+    from ftjax.models import classifier
+    classifier.save_pretrained(model, out_dir, self.labels(), tokenizer,
+                               problem_type=self.block.problem_type, overwrite=overwrite)
+
+
+def _mtimes(path: str) -> tuple:
+  from ftjax.data import dataset as dataset_lib
+  try:
+    return tuple(os.path.getmtime(p) for p in dataset_lib._expand(path))
+  except (OSError, FtjaxError):
+    return ()
