@@ -17,8 +17,6 @@ import json
 import os
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ftjax.errors import FtjaxError, cli_errors
@@ -32,19 +30,17 @@ def classify(model, tokenizer, texts: list[str], labels: list[str], *,
              max_length: int = 512) -> list[dict]:
   """[{"label" | "labels", "probabilities"}] for each text, batch by batch."""
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  forward = jax.jit(lambda tokens, segments: model.pooled_logits(
-      model.hidden_states(tokens, segment_ids=segments),
-      cls_lib.segment_last_index(segments)))
+  forward = cls_lib.forward_fn(model)
   out = []
   for start in range(0, len(texts), batch_size):
     ids = [cls_lib.encode(tokenizer, t, template)[:max_length] or [pad]
            for t in texts[start:start + batch_size]]
     width = -(-max(map(len, ids)) // LENGTH_BUCKET) * LENGTH_BUCKET
-    tokens = np.full((batch_size, width), pad, np.int32)
-    segments = np.zeros((batch_size, width), np.int32)
+    tokens = np.full((len(ids), width), pad, np.int32)
+    segments = np.zeros((len(ids), width), np.int32)
     for row, row_ids in enumerate(ids):
       tokens[row, :len(row_ids)], segments[row, :len(row_ids)] = row_ids, 1
-    logits = np.asarray(forward(jnp.asarray(tokens), jnp.asarray(segments)))[:len(ids)]
+    logits = cls_lib.logits_of(forward, tokens, segments, batch_size)
     out.extend(_rows(cls_lib.probabilities(logits, problem_type), labels, problem_type))
   return out
 

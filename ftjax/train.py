@@ -391,6 +391,10 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
   if best_ckpt is not None:
     best_ckpt.close()
   final_eval = evaluate_loss(run, eval_fn, trainable)
+  details = objective_metrics(run, trainable)
+  final_eval.update(_floats(details))
+  if details and distributed.is_main():
+    write_json(os.path.join(workdir, "eval_metrics.json"), details)
   if final_eval and final_step not in evaluated and not training.get("restored_best"):
     writer.write(final_step, final_eval, "eval/")
   if jax.process_count() > 1:  # each process holds only its shards: gather them (collective)
@@ -421,6 +425,19 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
   return summary, end
 
 
+def objective_metrics(run: Run, trainable, max_batches: int = 0) -> dict:
+  """The objective's host-side eval metrics on the eval split (Objective.eval_metrics; SFT has
+  none), on its first `max_batches` batches (0: all)."""
+  if run.eval_ds is None:
+    return {}
+  size = run.config.train.batch_size // run.config.train.grad_accum
+  return run.objective.eval_metrics(run.model(trainable), run.eval_ds, size, max_batches * size)
+
+
+def _floats(metrics: dict) -> dict:
+  return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+
 def periodic_eval(run: Run, eval_fn, trainable, plan, primary: str) -> dict:
   """Eval loss, perplexity, token accuracy and, when the primary metric is a generation metric,
   that metric on the first eval.periodic_examples eval examples (greedy)."""
@@ -428,6 +445,7 @@ def periodic_eval(run: Run, eval_fn, trainable, plan, primary: str) -> dict:
   if not ev:
     return {}
   ev.update(evaluation.loss_metrics(ev["loss"], ev["accuracy"]))
+  ev.update(_floats(objective_metrics(run, trainable, run.config.train.eval_batches)))
   if plan is not None and primary in plan.metrics:
     predictions = plan.answer(run.model(trainable), run.tokenizer, desc="eval",
                               limit=run.config.eval.periodic_examples)

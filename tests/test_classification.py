@@ -387,6 +387,10 @@ def test_shipped_config_trains_one_step_and_exports(model_dir, intent_dir, tmp_p
   summary = train_lib.train(_shipped_config(model_dir, intent_dir), str(tmp_path / "run"))
   assert summary["steps"] == 1 and np.isfinite(summary["eval"]["loss"])
   assert 0.0 <= summary["eval"]["accuracy"] <= 1.0
+  details = json.loads((tmp_path / "run" / "eval_metrics.json").read_text())
+  assert summary["eval"]["macro_f1"] == details["macro_f1"]
+  assert summary["eval"]["accuracy"] == pytest.approx(details["accuracy"])  # loss pass = host pass
+  assert set(details["per_class"]) == set(INTENTS)
   merged = str(tmp_path / "run" / "merged")
   theirs = _hf_load(merged)
   assert list(theirs.config.id2label.values()) == ["balance", "card_lost", "transfer"]
@@ -402,3 +406,25 @@ def test_bad_labels_stop_the_run_at_file_and_line(model_dir, intent_dir, tmp_pat
   bad = _write(tmp_path / "eval.jsonl", [{"text": "hello", "label": "greeting"}])
   with pytest.raises(FtjaxError, match=r"eval.jsonl:1: unknown_label: 'greeting'"):
     train_lib.train(_shipped_config(model_dir, intent_dir, **{"data.eval": bad}), str(tmp_path / "run"))
+
+
+def test_data_check_report_lists_codes_and_label_signals(model_dir, intent_dir, tmp_path):
+  """The check `python -m ftjax.data check` and training run: errors at file:line, the label
+  signals as warnings, label counts in the quality section, leakage on the texts."""
+  from ftjax import objectives
+  from ftjax.tokenizer import load_tokenizer
+  train = _write(tmp_path / "train.jsonl", [
+      {"text": "what is my balance", "label": "balance"},
+      {"text": "What is my balance?", "label": "transfer"},
+      {"text": "move money", "label": "transfer"},
+      {"text": "", "label": ""}])
+  config = _shipped_config(model_dir, intent_dir, **{"data.train": train,
+                                                     "classification.labels": "balance,transfer"})
+  report, kept = objectives.get(config).check_data(load_tokenizer(model_dir))
+  found = {(p["code"], p["where"], p["error"]) for p in report["problems"]}
+  assert ("empty_label", f"{train}:4", True) in found
+  assert ("conflicting_labels", f"{train}:1", False) in found
+  assert any(p["code"] == "unknown_label" and p["split"] == "eval" for p in report["problems"])
+  assert report["failed"] and len(kept["train"]) == 3
+  assert report["quality"]["labels"]["counts"] == {"balance": 1, "transfer": 2}
+  assert report["splits"]["train"]["rows"] == 3

@@ -130,7 +130,7 @@ def hf_config(cfg: ModelConfig, labels: list[str], problem_type: str = "single_l
 
 def save_pretrained(model: SequenceClassifier, out_dir: str, labels: list[str], tokenizer=None,
                     *, problem_type: str = "single_label", dtype=np.float32,
-                    overwrite: bool = False) -> None:
+                    max_shard_size: int | str = "5GB", overwrite: bool = False) -> None:
   """Writes `model` (adapters folded in first: ftjax.peft.merge_and_unload) as a HF directory
   that `transformers.AutoModelForSequenceClassification.from_pretrained` loads: the decoder's
   tensors as save_hf_params writes them plus `score.weight` [L, d], and the config with the
@@ -147,7 +147,8 @@ def save_pretrained(model: SequenceClassifier, out_dir: str, labels: list[str], 
   params = nnx.to_pure_dict(nnx.state(model.model, nnx.Param))
   with atomic_dir(out_dir, MERGED, overwrite) as tmp:
     # tie_word_embeddings=True: the decoder's params without a vocab head
-    files = save_hf_params({"model": params}, cfg.replace(tie_word_embeddings=True), tmp, dtype=dtype)
+    files = save_hf_params({"model": params}, cfg.replace(tie_word_embeddings=True), tmp, dtype=dtype,
+                           max_shard_bytes=max_shard_size)
     score = np.asarray(jax.device_get(model.score.kernel[...]), dtype).T
     _add_tensor_file(tmp, files, {SCORE_TENSOR: np.ascontiguousarray(score)})
     with open(os.path.join(tmp, "config.json"), "w") as f:

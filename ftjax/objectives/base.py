@@ -70,6 +70,12 @@ class Objective:
     names or None)."""
     return {"task_type": "CAUSAL_LM", "modules_to_save": modules_to_save}
 
+  def eval_metrics(self, model, dataset, batch_size: int, max_rows: int = 0) -> dict:
+    """Metrics computed on the host from `model`'s outputs on the eval Dataset (its first
+    `max_rows` rows; 0: all), beside the loss function's sums: float values are logged as
+    eval/<name>, the whole dict is written to WORKDIR/eval_metrics.json at the end. SFT: none."""
+    return {}
+
   def save_merged(self, model, tokenizer, out_dir: str, *, max_shard_size="5GB",
                   overwrite: bool = False) -> None:
     """Writes the trained model, adapters folded in, as a HF directory (export.merged)."""

@@ -280,6 +280,33 @@ def multi_label_sums(logits_bl, targets_bl, mask_b, weights_l) -> dict:
 
 # --- metrics on the host ------------------------------------------------------------------------
 
+def forward_fn(model):
+  """(tokens [b, t], segment_ids [b, t]) -> f32 logits [b, L] as numpy, one jitted function
+  (compiled once per shape) with the model's state an argument, not a constant folded in."""
+  from flax import nnx
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def forward(state, tokens, segment_ids):
+    m = nnx.merge(graphdef, state)
+    return m.pooled_logits(m.hidden_states(tokens, segment_ids=segment_ids),
+                           segment_last_index(segment_ids))
+
+  return lambda tokens, segment_ids: np.asarray(
+      forward(state, jnp.asarray(tokens), jnp.asarray(segment_ids)))
+
+
+def logits_of(forward, tokens: np.ndarray, segment_ids: np.ndarray, batch_size: int) -> np.ndarray:
+  """Logits [n, L] of right-padded rows, `batch_size` rows per call of `forward` (forward_fn);
+  the last batch is padded with empty rows so every call has one shape."""
+  out = []
+  for start in range(0, len(tokens), batch_size):
+    t, s = tokens[start:start + batch_size], segment_ids[start:start + batch_size]
+    pad = batch_size - len(t)
+    out.append(forward(np.pad(t, [(0, pad), (0, 0)]), np.pad(s, [(0, pad), (0, 0)]))[:len(t)])
+  return np.concatenate(out)
+
+
 def predictions(logits: np.ndarray, problem_type: str) -> np.ndarray:
   """[n] class ids (single_label) or [n, L] 0/1 (multi_label, sigmoid > 0.5)."""
   logits = np.asarray(logits)
@@ -449,10 +476,18 @@ class Classification(Objective):
     return {"task_type": "SEQ_CLS", "modules_to_save": tuple(dict.fromkeys(
         (*(modules_to_save or ()), "score")))}
 
+  def eval_metrics(self, model, dataset, batch_size, max_rows=0):
+    """accuracy, macro_f1, per_class and confusions on the eval rows (report)."""
+    rows = dataset.rows
+    n = len(rows["inputs"]) if not max_rows else min(max_rows, len(rows["inputs"]))
+    logits = logits_of(forward_fn(model), rows["inputs"][:n], rows["segment_ids"][:n], batch_size)
+    return report(rows["labels"][:n], predictions(logits, self.block.problem_type), self.labels())
+
   def save_merged(self, model, tokenizer, out_dir, *, max_shard_size="5GB", overwrite=False):
     from ftjax.models import classifier
     classifier.save_pretrained(model, out_dir, self.labels(), tokenizer,
-                               problem_type=self.block.problem_type, overwrite=overwrite)
+                               problem_type=self.block.problem_type, overwrite=overwrite,
+                               max_shard_size=max_shard_size)
 
 
 def _mtimes(path: str) -> tuple:
