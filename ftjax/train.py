@@ -88,6 +88,26 @@ def check_resume_config(path: str, config, allow_change: bool) -> None:
   log.warning("resuming with a changed config: %s", "; ".join(changed))
 
 
+OBJECTIVE_STATE = "objective.json"  # Objective.run_state() of the run in this workdir
+
+
+def check_resume_objective(workdir: str, run: Run) -> None:
+  """A resumed run's objective state (a classifier's class names) must be the saved one: the
+  checkpoint's head has one output per saved class, in the saved order."""
+  path = os.path.join(workdir, OBJECTIVE_STATE)
+  now = run.objective.run_state()
+  if not now or not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+  if changed:
+    raise FtjaxError(f"{path}: the run in this workdir trained with other {', '.join(changed)} "
+                     f"({saved.get(changed[0])!r:.200} now {now.get(changed[0])!r:.200}); its "
+                     "checkpoint does not fit them. Fix them in the config (e.g. "
+                     "classification.labels) or use a new --workdir")
+
+
 def check_data(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
   """The data check (ftjax/data/check.py) before anything loads or compiles; resolves
   train.epochs and "auto" values from its counts. Under data.check.on_error="fail" a bad record
@@ -146,8 +166,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
   config_path = os.path.join(workdir, "config.json")
   if resuming:
     check_resume_config(config_path, cfg, allow_config_change)
+    check_resume_objective(workdir, run)
   if main:
     write_json(config_path, cfg.to_dict())
+    if run.objective.run_state():
+      write_json(os.path.join(workdir, OBJECTIVE_STATE), run.objective.run_state())
   summary_path = os.path.join(workdir, "summary.json")
   if main and os.path.exists(summary_path):  # a finished run being re-run: the old summary is stale now
     os.remove(summary_path)

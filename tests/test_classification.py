@@ -399,6 +399,12 @@ def test_shipped_config_trains_one_step_and_exports(model_dir, intent_dir, tmp_p
   assert np.abs(_torch_logits(theirs, tokens) - np.asarray(ours(jnp.asarray(tokens)))).max() < TOL
   adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
   assert adapter["task_type"] == "SEQ_CLS" and adapter["modules_to_save"] == ["score"]
+  # the class names are stored with the run: resuming on data with another class set is refused
+  more = _write(tmp_path / "more.jsonl", [{"text": "hi", "label": "greeting"}] * 2
+                + [{"text": t, "label": k} for k, texts in INTENTS.items() for t in texts[:4]])
+  with pytest.raises(FtjaxError, match="objective.json: .*other labels"):
+    train_lib.train(_shipped_config(model_dir, intent_dir, **{"data.train": more, "train.steps": 2}),
+                    str(tmp_path / "run"), allow_config_change=True)
 
 
 def test_bad_labels_stop_the_run_at_file_and_line(model_dir, intent_dir, tmp_path):

@@ -70,6 +70,11 @@ class Objective:
     names or None)."""
     return {"task_type": "CAUSAL_LM", "modules_to_save": modules_to_save}
 
+  def run_state(self) -> dict:
+    """What a checkpoint depends on beyond the config (JSON), written to WORKDIR/objective.json;
+    a resumed run whose value differs is refused (ftjax.train.check_resume_objective). SFT: {}."""
+    return {}
+
   def eval_metrics(self, model, dataset, batch_size: int, max_rows: int = 0) -> dict:
     """Metrics computed on the host from `model`'s outputs on the eval Dataset (its first
     `max_rows` rows; 0: all), beside the loss function's sums: float values are logged as

@@ -476,6 +476,9 @@ class Classification(Objective):
     return {"task_type": "SEQ_CLS", "modules_to_save": tuple(dict.fromkeys(
         (*(modules_to_save or ()), "score")))}
 
+  def run_state(self):
+    return {"labels": self.labels(), "problem_type": self.block.problem_type}
+
   def eval_metrics(self, model, dataset, batch_size, max_rows=0):
     """accuracy, macro_f1, per_class and confusions on the eval rows (report)."""
     rows = dataset.rows
