@@ -410,7 +410,11 @@ class Classification(Objective):
     if key not in _LABEL_CACHE:
       examples = None
       if not spec.strip():
-        examples, _ = read_split(train, self.block.problem_type, self._fields())
+        examples, problems = read_split(train, self.block.problem_type, self._fields())
+        if not examples and problems:
+          raise FtjaxError(f"classification.labels is empty and no record of data.train has a "
+                           f"usable label to take the class names from; the first: "
+                           f"{problems[0].message}", code=problems[0].code)
       _LABEL_CACHE[key] = resolve_labels(spec, examples)
     names = _LABEL_CACHE[key]
     weights = self.class_weights()
