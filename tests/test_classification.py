@@ -434,3 +434,20 @@ def test_data_check_report_lists_codes_and_label_signals(model_dir, intent_dir, 
   assert report["failed"] and len(kept["train"]) == 3
   assert report["quality"]["labels"]["counts"] == {"balance": 1, "transfer": 2}
   assert report["splits"]["train"]["rows"] == 3
+
+
+def test_clinc150_converts_to_150_balanced_classes(shared_data, tmp_path):
+  """scripts/prepare_clinc150.py on the real CLINC150: 150 intents of 100 train examples, every
+  test label a train class, no record with a problem."""
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+  import prepare_clinc150
+  train, test = prepare_clinc150.convert(os.path.join(shared_data, "clinc150", "data_full.json"),
+                                         str(tmp_path))
+  examples, problems = cls_lib.read_split(train, "single_label")
+  names = cls_lib.resolve_labels("", examples)
+  assert not problems and len(examples) == 15000 and len(names) == 150
+  assert not [p for p in cls_lib.label_signals(examples, names) if p.code in ("rare_class", "imbalance")]
+  held_out, problems = cls_lib.read_split(test, "single_label")
+  assert len(held_out) == 4500 and not problems + cls_lib.check_records(held_out, names)
