@@ -51,6 +51,23 @@ def base_config() -> ml_collections.ConfigDict:
   # with their own keys keep them in a block named after them.
   c.objective = "sft"
 
+  # objective="classification": a linear `score` head on the last real token's hidden state
+  # (transformers' *ForSequenceClassification; PEFT task_type SEQ_CLS), trained with the adapter.
+  # Data: {"input" or "text", "label"} records (data.fields renames keys); docs/methods.md.
+  c.classification = ml_collections.ConfigDict()
+  # Class names in id order: "" = the sorted distinct labels of data.train (stored with the
+  # export's id2label), "a,b,c", or a file with one name a line. Fix them for ids stable across runs.
+  c.classification.labels = ""
+  # single_label: one label a text, softmax cross-entropy | multi_label: "label" a list (or a
+  # comma-separated string), one sigmoid binary cross-entropy per class.
+  c.classification.problem_type = "single_label"
+  # One weight per class in id order, e.g. "1,4,1" ("": none): scales each class's loss, as
+  # torch's CrossEntropyLoss(weight=) / BCEWithLogitsLoss(weight=).
+  c.classification.class_weights = ""
+  # none: the text tokenised as it is | chat: as one user turn of the chat template, with the
+  # generation prompt. No EOS is appended either way (pooling takes the last real token).
+  c.classification.template = "none"
+
   # lora | ia3 | prompt | prefix | adapter | full; PEFT methods combine with "+", e.g.
   # "lora+prompt": both attached as named adapters ("lora", "prompt") and trained together.
   c.method = "lora"

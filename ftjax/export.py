@@ -98,11 +98,15 @@ def merged_model(model: nnx.Module) -> nnx.Module:
 
 
 def write_merged(model: nnx.Module, tokenizer, out_dir: str, max_shard_size: int | str = "5GB",
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, objective=None) -> None:
   """The model with any adapter folded in, as a HF model directory with tokenizer files: merged
   on the devices (sharded as trained) and streamed to files of at most `max_shard_size`.
   `out_dir` as `ftjax.models.save_pretrained` takes it."""
   files.check_export_target(out_dir, files.MERGED, overwrite)  # before merging
+  if objective is not None:  # the objective's format (a classifier's *ForSequenceClassification)
+    objective.save_merged(merged_model(model), tokenizer, out_dir, max_shard_size=max_shard_size,
+                          overwrite=overwrite)
+    return
   save_pretrained(merged_model(model), out_dir, tokenizer, max_shard_size=max_shard_size,
                   overwrite=overwrite)
 
@@ -198,7 +202,7 @@ def _export(args, config, adapter_out: str, merged_out: str) -> None:
                          "weight update); export the adapter alone")
       print(f"no merged model: a {config.method} adapter has no merged form", file=sys.stderr)
       return
-    write_merged(model, run.tokenizer, merged_out, overwrite=args.overwrite)
+    write_merged(model, run.tokenizer, merged_out, overwrite=args.overwrite, objective=run.objective)
     print(f"wrote merged HF model to {merged_out}", file=sys.stderr)
 
 

@@ -127,7 +127,7 @@ def abstract_run(config):
   import jax
   from flax import nnx
   from ftjax import config as config_lib
-  from ftjax import peft, quant
+  from ftjax import objectives, peft, quant
   from ftjax.models.llama import CausalLM
   from ftjax.parallel import sharding
   from ftjax.run import Run, attach_adapters, jit_init_state, peft_configs, quantisation, step_parts
@@ -148,6 +148,7 @@ def abstract_run(config):
                      rngs=nnx.Rngs(0))
     if settings:
       model = quant.quantize_model(model, **settings)
+    model = objectives.get(config).build_model(model)
     attach_adapters(model, config)
     return model
 

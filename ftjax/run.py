@@ -99,10 +99,11 @@ class Run:
 def peft_configs(config) -> dict[str, peft.PeftConfig]:
   """{adapter name: config} of the PEFT methods the config selects ({} for full fine-tuning);
   each is named after its method. modules_to_save goes with the first wrapping method."""
-  out, to_save = {}, config_lib.names(config.modules_to_save) or None
+  options = objectives.get(config).peft_options(config_lib.names(config.modules_to_save) or None)
+  out, to_save = {}, options["modules_to_save"]
   for name in config_lib.methods(config):
     wraps = name in ("lora", "qlora", "ia3", "adapter")
-    method = method_config(config, name, to_save if wraps else None)
+    method = method_config(config, name, to_save if wraps else None, options["task_type"])
     if method is not None:
       out[name] = method
       if wraps:
@@ -110,7 +111,8 @@ def peft_configs(config) -> dict[str, peft.PeftConfig]:
   return out
 
 
-def method_config(config, method: str, modules_to_save) -> peft.PeftConfig | None:
+def method_config(config, method: str, modules_to_save,
+                  task_type: str = "CAUSAL_LM") -> peft.PeftConfig | None:
   """One PEFT method's config from its block of the run config (None: full fine-tuning)."""
   if method in ("lora", "qlora"):  # qlora: LoRA on the 4-bit base (config.quant)
     c = config.lora
@@ -118,12 +120,12 @@ def method_config(config, method: str, modules_to_save) -> peft.PeftConfig | Non
                            target_modules=config_lib.targets(c.targets), use_rslora=c.rslora,
                            use_dora=c.use_dora,
                            init_lora_weights="gaussian" if c.init_a == "gaussian" else True,
-                           modules_to_save=modules_to_save, task_type="CAUSAL_LM")
+                           modules_to_save=modules_to_save, task_type=task_type)
   if method == "ia3":
     c = config.ia3
     return peft.IA3Config(target_modules=config_lib.targets(c.targets),
                           feedforward_modules=config_lib.targets(c.feedforward),
-                          modules_to_save=modules_to_save, task_type="CAUSAL_LM")
+                          modules_to_save=modules_to_save, task_type=task_type)
   if method == "prompt":
     c = config.prompt
     return peft.PromptTuningConfig(num_virtual_tokens=c.num_virtual_tokens, prompt_tuning_init=c.init,
@@ -193,7 +195,11 @@ def build_datasets(config, tokenizer, share: tuple[int, int] = (0, 1), examples=
   d = config.data
   objective = objectives.get(config)
   owned, num_shards = data_shards(config, share)
-  kept = examples if examples is not None else check.clean_examples(config, tokenizer)
+  if examples is None:
+    report, examples = objective.check_data(tokenizer)
+    if report["failed"]:
+      raise FtjaxError(check.failure_message(report))
+  kept = examples
   if num_shards > 1:
     from ftjax.data.loader import Shards
     train_ds = Shards({i: objective.dataset(kept["train"][i::num_shards], tokenizer, train=True,
@@ -248,6 +254,7 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True, examples=No
   choose_chat_template(tokenizer, config.data.chat_template)
   model = from_params(model_cfg, params, dtype=dtypes["dtype"], place=lambda p: p,
                       transform=transform)
+  model = objective.build_model(model)  # SFT: the causal LM itself
 
   # --- PEFT adapter, and which params train: one filter ---
   methods, (graphdef, train_state, frozen_state, mutable_state) = attach_adapters(model, config)

@@ -89,17 +89,38 @@ def check_resume_config(path: str, config, allow_change: bool) -> None:
   log.warning("resuming with a changed config: %s", "; ".join(changed))
 
 
+OBJECTIVE_STATE = "objective.json"  # Objective.run_state() of the run in this workdir
+
+
+def check_resume_objective(workdir: str, run: Run) -> None:
+  """A resumed run's objective state (a classifier's class names) must be the saved one: the
+  checkpoint's head has one output per saved class, in the saved order."""
+  path = os.path.join(workdir, OBJECTIVE_STATE)
+  now = run.objective.run_state()
+  if not now or not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+  if changed:
+    raise FtjaxError(f"{path}: the run in this workdir trained with other {', '.join(changed)} "
+                     f"({saved.get(changed[0])!r:.200} now {now.get(changed[0])!r:.200}); its "
+                     "checkpoint does not fit them. Fix them in the config (e.g. "
+                     "classification.labels) or use a new --workdir")
+
+
 def check_data(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
   """The data check (ftjax/data/check.py) before anything loads or compiles; resolves
   train.epochs and "auto" values from its counts. Under data.check.on_error="fail" a bad record
   stops the run here, listing the problems (nothing is written: `write_data_report` saves the
   report once the run is set up). Returns (examples to train on, report)."""
+  from ftjax import objectives
   from ftjax.data import auto, check
   from ftjax.models.resolve import tokenizer_for
   from ftjax.run import _prepare_data
   config_lib.validate(config)
   _prepare_data(config)
-  report, kept = check.check(config, tokenizer_for(config.model.name_or_path))
+  report, kept = objectives.get(config).check_data(tokenizer_for(config.model.name_or_path))
   if report["failed"]:
     raise FtjaxError(f"{check.failure_message(report)}\n(all of them with codes: python -m "
                      "ftjax.data check --config ... --out DIR writes DIR/data_report.json)")
@@ -146,8 +167,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
   config_path = os.path.join(workdir, "config.json")
   if resuming:
     check_resume_config(config_path, cfg, allow_config_change)
+    check_resume_objective(workdir, run)
   if main:
     write_json(config_path, cfg.to_dict())
+    if run.objective.run_state():
+      write_json(os.path.join(workdir, OBJECTIVE_STATE), run.objective.run_state())
   summary_path = os.path.join(workdir, "summary.json")
   if main and os.path.exists(summary_path):  # a finished run being re-run: the old summary is stale now
     os.remove(summary_path)
@@ -409,6 +433,10 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
     best_ckpt.close()
   reuse = final is not None and not training.get("restored_best")  # the same state
   final_eval = final["eval"] if reuse else evaluate_loss(run, eval_fn, trainable)
+  details = objective_metrics(run, trainable)
+  final_eval.update(_floats(details))
+  if details and distributed.is_main():
+    write_json(os.path.join(workdir, "eval_metrics.json"), details)
   if final_eval and final_step not in evaluated and not training.get("restored_best"):
     writer.write(final_step, final_eval, "eval/")
   if jax.process_count() > 1:  # each process holds only its shards: gather them (collective)
@@ -421,7 +449,8 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
                           overwrite=True)
   merged = export.merged_model(model) if cfg.export.merged or plan is not None else None
   if cfg.export.merged:
-    export.write_merged(merged, run.tokenizer, os.path.join(workdir, "merged"), overwrite=True)
+    export.write_merged(merged, run.tokenizer, os.path.join(workdir, "merged"), overwrite=True,
+                        objective=run.objective)
   # A 4-bit base generates as it trained (4-bit + adapter), never materialised in float.
   generator = model if run.quantised else merged
   end = {"training": training, "eval": final_eval}
@@ -441,6 +470,19 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
   return summary, end
 
 
+def objective_metrics(run: Run, trainable, max_batches: int = 0) -> dict:
+  """The objective's host-side eval metrics on the eval split (Objective.eval_metrics; SFT has
+  none), on its first `max_batches` batches (0: all)."""
+  if run.eval_ds is None:
+    return {}
+  size = run.config.train.batch_size // run.config.train.grad_accum
+  return run.objective.eval_metrics(run.model(trainable), run.eval_ds, size, max_batches * size)
+
+
+def _floats(metrics: dict) -> dict:
+  return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+
 def periodic_eval(run: Run, eval_fn, trainable, plan, primary: str) -> dict:
   """Eval loss, perplexity, token accuracy and, when the primary metric is a generation metric,
   that metric on the first eval.periodic_examples eval examples (greedy)."""
@@ -449,6 +491,7 @@ def periodic_eval(run: Run, eval_fn, trainable, plan, primary: str) -> dict:
     return {}
   if "accuracy" in ev:  # a next-token objective: perplexity and token accuracy too
     ev.update(evaluation.loss_metrics(ev["loss"], ev["accuracy"]))
+  ev.update(_floats(objective_metrics(run, trainable, run.config.train.eval_batches)))
   if plan is not None and primary in plan.metrics:
     predictions = plan.answer(run.model(trainable), run.tokenizer, desc="eval",
                               limit=run.config.eval.periodic_examples)

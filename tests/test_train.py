@@ -214,6 +214,12 @@ def test_every_config_runs_one_tiny_step(path, model_dir, data_dir, tmp_path):
   if c.data.generate:  # generated on first run: into the test's tmp dir
     c.data.train = str(tmp_path / "gen" / "train.jsonl")
     c.data.eval = str(tmp_path / "gen" / "eval.jsonl")
+  elif c.objective == "classification":  # labelled texts: the quickstart inputs, two classes
+    for split in ("train", "eval"):
+      with open(os.path.join(data_dir, f"{split}.jsonl")) as f, open(tmp_path / f"{split}.jsonl", "w") as out:
+        for i, line in enumerate(f):
+          out.write(json.dumps({"text": json.loads(line)["input"], "label": "ab"[i % 2]}) + "\n")
+      c.data[split] = str(tmp_path / f"{split}.jsonl")
   else:
     c.data.train = os.path.join(data_dir, "train.jsonl")
     c.data.eval = os.path.join(data_dir, "eval.jsonl")

@@ -515,7 +515,8 @@ def run_check(config, tokenizer, out_dir=".", probe=True):
   from ftjax import cost
   from ftjax.files import write_json
   from ftjax.data import auto
-  report, _ = check(config, tokenizer)
+  from ftjax import objectives
+  report, _ = objectives.get(config).check_data(tokenizer)
   # train.epochs / "auto": the steps the plan prices. A failed check prices the records that
   # passed, what the run would train on once the bad ones are fixed or skipped.
   auto.resolve_from_report(config, report)

@@ -55,6 +55,41 @@ class Objective:
     """The step's loss function; hashable (it is a static argument of the jitted step)."""
     raise NotImplementedError
 
+  # --- capabilities beyond SFT's: each default is what SFT does -----------------------------
+
+  def check_data(self, tokenizer) -> tuple[dict, dict]:
+    """(data check report, {"train", "eval"} checked examples for `dataset`), the report in
+    ftjax.data.check's shape (the run's data report, the cost plan and "auto" values read it)."""
+    from ftjax.data import check
+    return check.check(self.config, tokenizer)
+
+  def build_model(self, model):
+    """The model this objective trains, built on the loaded causal LM (before adapters attach;
+    also under nnx.eval_shape in ftjax.plan). SFT trains the causal LM itself."""
+    return model
+
+  def peft_options(self, modules_to_save) -> dict:
+    """task_type and modules_to_save of the run's PEFT configs (`modules_to_save`: the config's
+    names or None)."""
+    return {"task_type": "CAUSAL_LM", "modules_to_save": modules_to_save}
+
+  def run_state(self) -> dict:
+    """What a checkpoint depends on beyond the config (JSON), written to WORKDIR/objective.json;
+    a resumed run whose value differs is refused (ftjax.train.check_resume_objective). SFT: {}."""
+    return {}
+
+  def eval_metrics(self, model, dataset, batch_size: int, max_rows: int = 0) -> dict:
+    """Metrics computed on the host from `model`'s outputs on the eval Dataset (its first
+    `max_rows` rows; 0: all), beside the loss function's sums: float values are logged as
+    eval/<name>, the whole dict is written to WORKDIR/eval_metrics.json at the end. SFT: none."""
+    return {}
+
+  def save_merged(self, model, tokenizer, out_dir: str, *, max_shard_size="5GB",
+                  overwrite: bool = False) -> None:
+    """Writes the trained model, adapters folded in, as a HF directory (export.merged)."""
+    from ftjax.models import save_pretrained
+    save_pretrained(model, out_dir, tokenizer, max_shard_size=max_shard_size, overwrite=overwrite)
+
   def next_rows(self, run, state, take_rows: Callable[[int], dict]) -> dict:
     """The rows of the next train step, [train.batch_size, ...] each. `take_rows(n)` reads the
     next n rows of the train data (the checkpointed position advances by them; padding rows
