@@ -150,10 +150,12 @@ class TrainLog(Hook):
     elapsed = time.perf_counter() - self.t - (loop.excluded_s - self.excluded_at)
     loss = float(np.mean([m["loss"] for m in host]))
     tok_s = len(host) * cfg.train.batch_size * cfg.data.seq_len / elapsed
-    out = {"loss": loss, "accuracy": float(np.mean([m["accuracy"] for m in host])),
-           "grad_norm": float(host[-1]["grad_norm"]), "lr": float(host[-1]["lr"]),
-           "tokens_per_s": tok_s,
-           "model_tflops_per_s": loop.flops_per_step * len(host) / elapsed / 1e12}
+    # Every metric the objective's loss returns, as a mean over the window's steps.
+    out = {k: float(np.mean([m[k] for m in host])) for k in host[-1]
+           if k not in ("count", "finite", "grad_norm", "lr")}
+    out.update(grad_norm=float(host[-1]["grad_norm"]), lr=float(host[-1]["lr"]),
+               tokens_per_s=tok_s,
+               model_tflops_per_s=loop.flops_per_step * len(host) / elapsed / 1e12)
     loop.writer.write(loop.step, out, "train/")
     loop.train_curve.append((loop.step, loss))
     loop.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
@@ -200,10 +202,10 @@ class PeriodicEval(Hook):
   def _report(self, loop: Loop, ev: dict) -> None:
     primary = self.primary
     loop.writer.write(loop.step, ev, "eval/")
-    loop.bar.write(f"step {loop.step}: eval loss {ev['loss']:.4f}, token accuracy "
-                   f"{ev['accuracy']:.3f}" + (f", {primary} {ev[primary]:.4g}"
-                                              if primary not in ("loss", "token_accuracy") else ""),
-                   file=sys.stderr)
+    loop.bar.write(f"step {loop.step}: eval loss {ev['loss']:.4f}"
+                   + (f", token accuracy {ev['accuracy']:.3f}" if "accuracy" in ev else "")
+                   + (f", {primary} {ev[primary]:.4g}" if primary not in ("loss", "token_accuracy")
+                      else ""), file=sys.stderr)
     loop.eval_curve.append((loop.step, ev["loss"]))
     warnings = curves_lib.overfitting_warnings(loop.train_curve, loop.eval_curve)
     for w in warnings[self.warned:]:

@@ -52,14 +52,19 @@ def evaluate_loss(run: Run, eval_fn, trainable, max_batches: int = 0) -> dict:
     return {}
   loader = run.eval_ds.batches(run.config.train.batch_size // run.config.train.grad_accum,
                                shuffle=False, repeat=False)
-  sums = {"loss_sum": 0.0, "accuracy": 0.0, "count": 0.0}
+  sums: dict = {}
   for i, batch in enumerate(loader):
     if max_batches and i >= max_batches:
       break
     out = eval_fn(trainable, run.frozen, run.mutable, run.place_eval_batch(batch))
-    sums = {k: sums[k] + float(out[k]) for k in sums}
-  count = max(sums["count"], 1.0)
-  return {"loss": sums["loss_sum"] / count, "accuracy": sums["accuracy"] / count}
+    sums = {k: sums.get(k, 0.0) + float(v) for k, v in out.items()}
+  # The objective's sums, as means per counted target (as the train step reports them).
+  count = max(sums.pop("count", 0.0), 1.0)
+  out = {k: v / (max(sums[k + "__count"], 1.0) if k + "__count" in sums else count)
+         for k, v in sums.items() if not k.endswith("__count")}
+  if "loss_sum" in out:
+    out["loss"] = out.pop("loss_sum")
+  return out
 
 
 def check_resume_config(path: str, config, allow_change: bool) -> None:
@@ -119,7 +124,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
 
   Stopped by SIGTERM / SIGINT: checkpoints the finished step and returns {"steps", "stopped_by"}
   without the end-of-run phase; the same call continues the run. `hooks`: more periodic actions
-  (ftjax.hooks.Hook), run after the non-finite guard and before logging at each step.
+  (ftjax.hooks.Hook), run after the objective's own hooks, after the non-finite guard and
+  before logging at each step.
   """
   config_lib.validate(config)  # before joining other processes on its distributed.* values
   d = config.distributed
@@ -274,16 +280,22 @@ class Batches:
     before fetching the next batch, so it names the first batch not yet trained on)."""
     return self.loader.get_state()
 
-  def next(self) -> dict:
-    n, loader = self.size, self.loader
+  def next(self, state) -> dict:
+    """The next step's batch. The objective turns the data's rows into the step's (SFT: as they
+    are; an RL objective samples completions from the current params here, so it is given the
+    state)."""
+    return self.run.place_batch(self.run.objective.next_rows(self.run, state, self.take_rows))
+
+  def take_rows(self, want: int) -> dict:
+    n, loader = want, self.loader
     if self.budget is not None:
       pos = loader.get_state()
       n = max(0, min(n, self.budget - pos["epoch"] * loader.num_rows - pos["row"]))
     rows = loader.next_batch(n) if n else {k: v[:0] for k, v in loader.rows.items()}
-    if n < self.size:  # the last step of an epochs run: padding rows train nothing
-      rows = {k: np.concatenate([v, np.zeros((self.size - n,) + v.shape[1:], v.dtype)])
+    if n < want:  # the last step of an epochs run: padding rows train nothing
+      rows = {k: np.concatenate([v, np.zeros((want - n,) + v.shape[1:], v.dtype)])
               for k, v in rows.items()}
-    return self.run.place_batch(rows)
+    return rows
 
 
 def _start(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
@@ -295,7 +307,7 @@ def _start(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer
   eval_fn = jax.jit(functools.partial(step_lib.eval_step, graphdef=run.graphdef, loss_fn=run.loss_fn))
   n_train = sum(x.size for x in jax.tree.leaves(state["trainable"]))
   position = batches.position()
-  batch = batches.next()
+  batch = batches.next(state)
   t0 = time.perf_counter()
   compiled = jit_train_step(run, state).lower(state, run.frozen, batch).compile()
   compile_s = time.perf_counter() - t0
@@ -311,7 +323,8 @@ def _start(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer
               compiled, step=int(state["step"]), compile_s=compile_s, n_train=n_train,
               flops_per_step=cfg.train.batch_size * cfg.data.seq_len
               * run_flops_per_token(run, state["trainable"]))
-  return loop, batches, default_hooks(run, workdir, _periodic_eval_of_loop, extra_hooks)
+  hooks = default_hooks(run, workdir, _periodic_eval_of_loop, (*run.objective.hooks(run), *extra_hooks))
+  return loop, batches, hooks
 
 
 def run_loop(loop: Loop, hooks: Sequence[Hook], batches: Batches) -> None:
@@ -327,7 +340,7 @@ def run_loop(loop: Loop, hooks: Sequence[Hook], batches: Batches) -> None:
     loop.state, loop.metrics = loop.compiled(loop.state, loop.run.frozen, loop.batch)
     loop.position = batches.position()
     if step + 1 < steps:
-      loop.batch = batches.next()  # overlaps with the device computing this step
+      loop.batch = batches.next(loop.state)  # overlaps with the device computing this step
     loop.step = step + 1
     loop.finite = bool(loop.metrics["finite"])  # False: the step left the state unchanged
     for hook in hooks:
@@ -411,7 +424,8 @@ def periodic_eval(run: Run, eval_fn, trainable, plan, primary: str) -> dict:
   ev = evaluate_loss(run, eval_fn, trainable, run.config.train.eval_batches)
   if not ev:
     return {}
-  ev.update(evaluation.loss_metrics(ev["loss"], ev["accuracy"]))
+  if "accuracy" in ev:  # a next-token objective: perplexity and token accuracy too
+    ev.update(evaluation.loss_metrics(ev["loss"], ev["accuracy"]))
   if plan is not None and primary in plan.metrics:
     predictions = plan.answer(run.model(trainable), run.tokenizer, desc="eval",
                               limit=run.config.eval.periodic_examples)
