@@ -21,7 +21,7 @@ from ftjax.models.llama import CausalLM, init_cache
 from ftjax.models.params import Params, abstract_model, flatten, param_specs
 
 __all__ = ["CausalLM", "ModelConfig", "from_params", "init_cache", "load", "resolve_params", "save_gguf",
-           "save_pretrained"]
+           "save_pretrained", "shrink_layers"]
 
 
 def from_params(cfg: ModelConfig, params: Params, *, dtype=None, place=jax.device_put,
@@ -65,16 +65,33 @@ def resolve_params(name_or_path: str, dtype=jnp.float32, *, quantize=None, mesh=
           functools.partial(quant.quantize_model, **settings))
 
 
-def load(name_or_path: str, dtype=jnp.float32, *, compute_dtype=None, quantize=None, mesh=None):
+def shrink_layers(params: Params, cfg: ModelConfig, num_layers: int) -> tuple[Params, ModelConfig]:
+  """Keep the first `num_layers` layers (tests, `runlocal` configs, a smoke run; 0 keeps all).
+  `params` may be None: only the config is cut (an abstract model, ftjax.plan)."""
+  if not num_layers or num_layers >= cfg.num_layers:
+    return params, cfg
+  if params is not None:
+    layers = jax.tree.map(lambda x: x[:num_layers], params["model"]["layers"])
+    params = dict(params, model=dict(params["model"], layers=layers))
+  return params, cfg.replace(num_layers=num_layers)
+
+
+def load(name_or_path: str, dtype=jnp.float32, *, compute_dtype=None, quantize=None, mesh=None,
+         num_layers: int = 0, place=jax.device_put):
   """Built-in name, HF model directory, .gguf file or Hub id -> (CausalLM, Tokenizer).
 
   dtype: the storage dtype of the float params (and the compute dtype unless `compute_dtype`
   is set). quantize: 4-bit loading, as in `resolve_params` (default: as stored). mesh: load
-  straight onto it, sharded by the params' logical axes (see `resolve_params`).
+  straight onto it, sharded by the params' logical axes (see `resolve_params`). num_layers:
+  keep only the first ones (0: all). place: as in `from_params` (a run that places the params
+  itself passes `lambda p: p`). The one path from a reference to a model: ftjax.run.setup and
+  ftjax.notebook.load_model load through it.
   """
   cfg, params, tokenizer, transform = resolve_params(name_or_path, dtype, quantize=quantize,
                                                      mesh=mesh)
-  return from_params(cfg, params, dtype=compute_dtype or dtype, transform=transform), tokenizer
+  params, cfg = shrink_layers(params, cfg, num_layers)
+  return (from_params(cfg, params, dtype=compute_dtype or dtype, place=place, transform=transform),
+          tokenizer)
 
 
 def save_gguf(model: CausalLM, path: str, tokenizer, type: str = "f16", name: str | None = None) -> dict:  # noqa: A002

@@ -13,6 +13,7 @@ run's objective; none of them branches on its name. An objective says:
                     per completion, say, where the loss counts tokens).
   synthetic_batch   one batch of row_spec's shapes, for the cost probe's timing.
   next_rows(...)    the next step's rows from the data's (SFT: as they are), given the state.
+  hooks(run)        its own periodic actions in the loop (ftjax.hooks.Hook; SFT: none).
   validate()        checks across config keys that the schema cannot make alone.
 
 Supervised fine-tuning (ftjax.objectives.sft) is the worked example; docs/design.md, "Adding an
@@ -96,6 +97,11 @@ class Objective:
     past an epochs budget). `state` is the train state this step updates (its params current:
     an objective that samples from the policy does so here)."""
     return take_rows(self.config.train.batch_size)
+
+  def hooks(self, run) -> list:
+    """Its own `ftjax.hooks.Hook`s, run in the loop after the non-finite guard and before
+    logging (a pass before the first step, a metric every n steps); docs/design.md, "The loop"."""
+    return []
 
   def synthetic_batch(self, vocab_size: int, seed: int = 0) -> dict:
     """A batch [accum, micro, *shape] of random rows: dense compute does not depend on the
