@@ -374,6 +374,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"train.keep_checkpoints={c.train.keep_checkpoints!r}; must be an integer >= 1")
   check(c.distributed.initialize in ("auto", "on", "off"),
         f"distributed.initialize={c.distributed.initialize!r}; expected auto, on or off")
+  _validate_eval(c, check)
+
+
+def _validate_eval(c: ml_collections.ConfigDict, check) -> None:
+  """validate()'s checks of eval.* and early stopping."""
   from ftjax.evaluation import metrics as eval_metrics  # imports any custom metric, here
   eval_metrics.validate(c.eval)
   from ftjax.evaluation import harness  # the lm_eval tasks: installed, found, parsed
