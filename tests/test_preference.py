@@ -181,3 +181,114 @@ def test_kto_loss_equals_trl(kl_shift):
   _assert_metrics_equal(metrics, trl_metrics, ("rewards/chosen", "rewards/rejected",
                                                "rewards/margins", "logps/chosen", "logps/rejected", "kl"))
   assert (trl_metrics["kl"] == 0) == (kl_shift < 0)
+
+
+# --- the same losses from ftjax's decoder vs trl on a peft model ------------------------------
+
+import functools
+
+import optax
+
+import hf_models
+from ftjax import peft
+from ftjax import step as step_lib
+from ftjax.objectives import logps as logps_lib
+from ftjax.optim import make_optimizer
+
+
+def _token_rows(rng, rows, length, vocab):
+  """`rows` right-padded sequences of `length` tokens: a 2-5 token prompt, a completion, padding."""
+  ids = np.zeros((rows, length), np.int64)
+  attention = np.zeros((rows, length), np.int64)
+  completion = np.zeros((rows, length), np.int64)
+  for r in range(rows):
+    n, p = rng.randint(8, length + 1), rng.randint(2, 6)
+    ids[r, :n] = rng.randint(1, vocab, n)
+    attention[r, :n] = 1
+    completion[r, p:n] = 1
+  return ids, attention, completion
+
+
+def _pair_batches(vocab, pairs=4, length=14, seeds=(0, 1, 2)):
+  """(trl inputs, ftjax batch) per seed: trl's rows [2B, L] (chosen rows first) and ftjax's
+  pairs [B, 2, L-1] of the same sequences."""
+  out = []
+  for seed in seeds:
+    ids, attention, completion = _token_rows(np.random.RandomState(seed), 2 * pairs, length, vocab)
+    trl_inputs = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(attention),
+                  "completion_mask": torch.tensor(completion)}
+    flat = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": completion[:, 1:],
+            "segment_ids": attention[:, :-1], "target_mask": attention[:, 1:],
+            "positions": np.broadcast_to(np.arange(length - 1), (2 * pairs, length - 1))}
+    dtypes = {"loss_mask": np.float32, "target_mask": np.float32}
+    ours = {k: np.stack([v[:pairs], v[pairs:]], axis=1).astype(dtypes.get(k, np.int32))
+            for k, v in flat.items()}
+    out.append((trl_inputs, ours))
+  return out
+
+
+def _lora_pair(hf_dir, tmp_path, nonzero_b=True):
+  """ftjax's LoRA model and peft's, same weights (ftjax's init saved, loaded by peft), trl's
+  fused log-prob head on peft's base model (as DPOTrainer sets it up)."""
+  import peft as hf_peft
+  import transformers
+  from trl.trainer.utils import add_fused_lm_head
+  model = peft.get_peft_model(hf_models.ftjax_model(hf_dir),
+                              peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+  if nonzero_b:  # the policy differs from the reference from the first step
+    for _, layer in peft.adapter_layers(model):
+      layer.lora_b.set_value(layer.lora_b[...] + 0.05)
+  peft.save_adapter(model, str(tmp_path / "init"))
+  base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+  add_fused_lm_head(base, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+  reference = hf_peft.PeftModel.from_pretrained(base, str(tmp_path / "init"), is_trainable=True)
+  return model, reference
+
+
+def _trl_dpo_model_loss(torch_model, inputs, **attrs):
+  from trl.trainer.dpo_trainer import DPOTrainer
+  ns = _trainer_namespace(ld_alpha=None, precompute_ref_logps=False, f_divergence_type="reverse_kl",
+                          use_weighting=False, ref_model=None, **attrs)
+  ns.model = torch_model
+  return DPOTrainer._compute_loss(ns, torch_model, inputs, False), _trl_means(ns)
+
+
+def _jit_step(graphdef, optimizer, loss_fn):
+  return jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, loss_fn=loss_fn,
+                                   optimizer=optimizer))
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_lora_dpo_loss_and_metrics_equal_trl_with_disabled_adapter_reference(hf_llama_dir, tmp_path,
+                                                                            loss_type):
+  """One batch through ftjax's decoder (the reference = adapters disabled in the same jitted
+  loss) and through trl's DPOTrainer._compute_loss on peft (its reference: the same, by peft)."""
+  model, torch_model = _lora_pair(hf_llama_dir, tmp_path)
+  torch_model.train()
+  trl_inputs, batch = _pair_batches(torch_model.config.vocab_size, seeds=(5,))[0]
+  attrs = dict(beta=0.5, loss_types=[loss_type], loss_weights=[1.0], label_smoothing=0.0)
+  trl_loss, trl_metrics = _trl_dpo_model_loss(torch_model, trl_inputs, **attrs)
+  loss_fn = logps_lib.DPOLoss(beta=0.5, loss_type=loss_type)
+  sums = jax.jit(lambda m, b: loss_fn(m, b))(model, batch)
+  count = float(sums["count"])
+  assert count == 4
+  assert abs(float(sums["loss_sum"]) / count - float(trl_loss)) <= TOL * abs(float(trl_loss))
+  _assert_metrics_equal({k: v / count for k, v in sums.items()}, trl_metrics, PAIR_METRICS)
+  assert abs(trl_metrics["rewards/margins"]) > 1e-3  # the adapters matter: not the trivial 0
+
+
+def test_first_lora_dpo_step_loss_is_ln2_and_margins_zero(hf_llama_dir, tmp_path):
+  """A fresh LoRA (B = 0) computes as its base, the reference: every log-ratio is 0, so the
+  sigmoid loss is -log sigmoid(0) = ln 2 and the rewards and margins are 0."""
+  model, _ = _lora_pair(hf_llama_dir, tmp_path, nonzero_b=False)
+  _, batch = _pair_batches(128, seeds=(7,))[0]
+  graphdef, train, frozen, mutable = step_lib.split_model(model, peft.AdapterParam)
+  optimizer, _ = make_optimizer(train, lr=1e-3, steps=3, schedule="constant")
+  state = step_lib.init_state(train, mutable, optimizer, seed=0)
+  step = _jit_step(graphdef, optimizer, logps_lib.DPOLoss())
+  state, metrics = step(state, frozen, jax.tree.map(lambda x: x[None], batch))
+  assert abs(float(metrics["loss"]) - math.log(2)) < 1e-6
+  for name in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+    assert abs(float(metrics[name])) < 1e-6, name
+  _, second = step(state, frozen, jax.tree.map(lambda x: x[None], batch))
+  assert float(second["loss"]) < math.log(2) - 1e-4  # and the step learned (B moved off 0)

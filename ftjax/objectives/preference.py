@@ -30,20 +30,29 @@ import jax.numpy as jnp
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
-def _pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict:
+def _mean(x, valid=None):
+  """Mean over the batch, or over its `valid` entries: an eval batch's last rows may be padding
+  (ftjax.data.loader), which must weigh nothing."""
+  if valid is None:
+    return jnp.mean(x)
+  valid = valid.astype(jnp.float32)
+  return jnp.sum(jnp.where(valid > 0, x, 0.0)) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+def _pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, valid) -> dict:
   chosen_rewards = jax.lax.stop_gradient(chosen_rewards)
   rejected_rewards = jax.lax.stop_gradient(rejected_rewards)
-  return {"rewards/chosen": jnp.mean(chosen_rewards),
-          "rewards/rejected": jnp.mean(rejected_rewards),
-          "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
-          "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
-          "logps/chosen": jnp.mean(jax.lax.stop_gradient(chosen_logps)),
-          "logps/rejected": jnp.mean(jax.lax.stop_gradient(rejected_logps))}
+  return {"rewards/chosen": _mean(chosen_rewards, valid),
+          "rewards/rejected": _mean(rejected_rewards, valid),
+          "rewards/accuracies": _mean((chosen_rewards > rejected_rewards).astype(jnp.float32), valid),
+          "rewards/margins": _mean(chosen_rewards - rejected_rewards, valid),
+          "logps/chosen": _mean(jax.lax.stop_gradient(chosen_logps), valid),
+          "logps/rejected": _mean(jax.lax.stop_gradient(rejected_logps), valid)}
 
 
 def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lens,
              rejected_lens, *, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0, rpo_alpha: float | None = None):
+             label_smoothing: float = 0.0, rpo_alpha: float | None = None, valid=None):
   """DPO and its IPO / hinge / robust variants; `lens` are completion token counts [B]."""
   ref_chosen_logps = jax.lax.stop_gradient(ref_chosen_logps)
   ref_rejected_logps = jax.lax.stop_gradient(ref_rejected_logps)
@@ -65,8 +74,9 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     per_pair = (clean - flipped) / (1 - 2 * label_smoothing)
   else:
     raise ValueError(f"dpo.loss_type {loss_type!r} is not one of {', '.join(DPO_LOSS_TYPES)}")
-  loss = jnp.mean(per_pair)
-  metrics = _pair_metrics(beta * chosen_ratio, beta * rejected_ratio, chosen_logps, rejected_logps)
+  loss = _mean(per_pair, valid)
+  metrics = _pair_metrics(beta * chosen_ratio, beta * rejected_ratio, chosen_logps, rejected_logps,
+                          valid)
   if rpo_alpha is not None:
     nll = -jnp.sum(chosen_logps) / jnp.maximum(jnp.sum(chosen_lens), 1.0)
     loss = loss + rpo_alpha * nll
@@ -81,7 +91,7 @@ def log1mexp(x):
                    jnp.log(-jnp.expm1(safe_hi)))
 
 
-def orpo_loss(chosen_avg_logps, rejected_avg_logps, chosen_nll, *, beta: float = 0.1):
+def orpo_loss(chosen_avg_logps, rejected_avg_logps, chosen_nll, *, beta: float = 0.1, valid=None):
   """ORPO: NLL of the chosen rows minus beta * mean log sigmoid(log odds ratio).
 
   chosen_avg_logps / rejected_avg_logps: completion log-probs averaged per token [B];
@@ -89,53 +99,55 @@ def orpo_loss(chosen_avg_logps, rejected_avg_logps, chosen_nll, *, beta: float =
   log_odds = ((chosen_avg_logps - rejected_avg_logps)
               - (log1mexp(chosen_avg_logps) - log1mexp(rejected_avg_logps)))
   ratio = jax.nn.log_sigmoid(log_odds)
-  loss = chosen_nll - jnp.mean(beta * ratio)
+  loss = chosen_nll - _mean(beta * ratio, valid)
   metrics = _pair_metrics(beta * chosen_avg_logps, beta * rejected_avg_logps, chosen_avg_logps,
-                          rejected_avg_logps)
+                          rejected_avg_logps, valid)
   metrics.update({"nll_loss": jax.lax.stop_gradient(chosen_nll),
-                  "log_odds_ratio": jax.lax.stop_gradient(jnp.mean(ratio)),
-                  "log_odds_chosen": jax.lax.stop_gradient(jnp.mean(log_odds))})
+                  "log_odds_ratio": jax.lax.stop_gradient(_mean(ratio, valid)),
+                  "log_odds_chosen": jax.lax.stop_gradient(_mean(log_odds, valid))})
   return loss, metrics
 
 
 def simpo_loss(chosen_avg_logps, rejected_avg_logps, chosen_nll, *, beta: float = 2.0,
-               gamma: float = 0.5, label_smoothing: float = 0.0, cpo_alpha: float = 0.0):
+               gamma: float = 0.5, label_smoothing: float = 0.0, cpo_alpha: float = 0.0,
+               valid=None):
   """SimPO: -log sigmoid(beta * (avg chosen - avg rejected) - gamma) (+ cpo_alpha * NLL).
 
   chosen_nll: mean NLL per chosen completion token over the micro-batch (scalar)."""
   logits = (chosen_avg_logps - rejected_avg_logps) - gamma / beta
   per_pair = (-jax.nn.log_sigmoid(beta * logits) * (1 - label_smoothing)
               - jax.nn.log_sigmoid(-beta * logits) * label_smoothing)
-  loss = jnp.mean(per_pair) + (cpo_alpha * chosen_nll if cpo_alpha else 0.0)
+  loss = _mean(per_pair, valid) + (cpo_alpha * chosen_nll if cpo_alpha else 0.0)
   metrics = _pair_metrics(beta * chosen_avg_logps, beta * rejected_avg_logps, chosen_avg_logps,
-                          rejected_avg_logps)
+                          rejected_avg_logps, valid)
   metrics["nll_loss"] = jax.lax.stop_gradient(chosen_nll) if cpo_alpha else jnp.zeros(())
   return loss, metrics
 
 
 def kto_loss(logps, ref_logps, kl_logps, ref_kl_logps, labels, *, beta: float = 0.1,
-             desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0, valid=None):
   """KTO over B unpaired examples; labels [B] bool (True = desirable).
 
   kl_logps / ref_kl_logps: log-probs of the mismatched (prompt_i, completion_{i-1}) sequences,
   whose mean log-ratio estimates the KL term (a constant: no gradient, clamped at 0)."""
-  labels = labels.astype(bool)
+  valid = jnp.ones(labels.shape, bool) if valid is None else valid.astype(bool)
+  labels = labels.astype(bool) & valid
+  rejected = ~labels & valid
   ref_logps = jax.lax.stop_gradient(ref_logps)
-  kl = jnp.maximum(jax.lax.stop_gradient(jnp.mean(kl_logps - ref_kl_logps)), 0.0)
+  kl = jnp.maximum(jax.lax.stop_gradient(_mean(kl_logps - ref_kl_logps, valid)), 0.0)
   ratio = logps - ref_logps
   per_example = jnp.where(labels, desirable_weight * (1 - jax.nn.sigmoid(beta * (ratio - kl))),
                           undesirable_weight * (1 - jax.nn.sigmoid(beta * (kl - ratio))))
-  loss = jnp.mean(per_example)
+  loss = _mean(per_example, valid)
   rewards = jax.lax.stop_gradient(beta * ratio)
-  n_chosen = jnp.sum(labels)
-  n_rejected = labels.shape[0] - n_chosen
+  n_chosen, n_rejected = jnp.sum(labels), jnp.sum(rejected)
   # TRL averages over the chosen (rejected) examples present; a batch without any logs 0 here.
   mean_of = lambda x, which, n: jnp.sum(jnp.where(which, x, 0.0)) / jnp.maximum(n, 1)
   logps = jax.lax.stop_gradient(logps)
   metrics = {"rewards/chosen": mean_of(rewards, labels, n_chosen),
-             "rewards/rejected": mean_of(rewards, ~labels, n_rejected),
+             "rewards/rejected": mean_of(rewards, rejected, n_rejected),
              "logps/chosen": mean_of(logps, labels, n_chosen),
-             "logps/rejected": mean_of(logps, ~labels, n_rejected), "kl": kl}
+             "logps/rejected": mean_of(logps, rejected, n_rejected), "kl": kl}
   metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
   return loss, metrics
 
