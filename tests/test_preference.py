@@ -292,3 +292,34 @@ def test_first_lora_dpo_step_loss_is_ln2_and_margins_zero(hf_llama_dir, tmp_path
     assert abs(float(metrics[name])) < 1e-6, name
   _, second = step(state, frozen, jax.tree.map(lambda x: x[None], batch))
   assert float(second["loss"]) < math.log(2) - 1e-4  # and the step learned (B moved off 0)
+
+
+def test_three_lora_dpo_adamw_steps_equal_trl_and_peft(hf_llama_dir, tmp_path):
+  """Three AdamW steps (weight decay, clipping) on three batches: the adapters agree with trl's
+  DPO loss + peft + torch AdamW within the SFT parity test's tolerance (tests/test_step.py)."""
+  from test_step import _torch_adamw, l2_rel
+  model, torch_model = _lora_pair(hf_llama_dir, tmp_path)
+  graphdef, train, frozen, mutable = step_lib.split_model(model, peft.AdapterParam)
+  lr, decay = 1e-3, 0.1
+  optimizer, _ = make_optimizer(train, lr=lr, steps=3, schedule="constant", weight_decay=decay,
+                                max_grad_norm=1.0)
+  state = step_lib.init_state(train, mutable, optimizer, seed=0)
+  step = _jit_step(graphdef, optimizer, logps_lib.DPOLoss(beta=0.5))
+  torch_opt = _torch_adamw(torch_model.parameters(), lr, decay)
+  torch_model.train()
+  attrs = dict(beta=0.5, loss_types=["sigmoid"], loss_weights=[1.0], label_smoothing=0.0)
+  for trl_inputs, batch in _pair_batches(torch_model.config.vocab_size):
+    state, _ = step(state, frozen, jax.tree.map(lambda x: x[None], batch))
+    loss, _ = _trl_dpo_model_loss(torch_model, trl_inputs, **attrs)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in torch_model.parameters() if p.requires_grad], 1.0)
+    torch_opt.step()
+    torch_opt.zero_grad()
+  trained = step_lib.merge_model(graphdef, state["trainable"], frozen, state["mutable"])
+  ours = peft.adapter_state_dict(trained)
+  theirs = {k.replace(".default", ""): v.detach().numpy()
+            for k, v in torch_model.state_dict().items() if "lora_" in k}
+  assert ours.keys() == theirs.keys()
+  assert l2_rel(ours, theirs) < 1e-5
+  init = peft.adapter_state_dict(model)
+  assert l2_rel(ours, init) > 1e-3  # they moved
