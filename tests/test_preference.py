@@ -323,3 +323,84 @@ def test_three_lora_dpo_adamw_steps_equal_trl_and_peft(hf_llama_dir, tmp_path):
   assert l2_rel(ours, theirs) < 1e-5
   init = peft.adapter_state_dict(model)
   assert l2_rel(ours, init) > 1e-3  # they moved
+
+
+def _torch_logits(torch_model, inputs):
+  with torch.no_grad():
+    return torch_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+
+
+@pytest.mark.parametrize("objective", ["orpo", "simpo"])
+def test_reference_free_losses_from_the_decoder_equal_trl(hf_llama_dir, tmp_path, objective):
+  """ORPO / SimPO from ftjax's decoder vs trl's own pieces on peft's logits: get_batch_logps
+  (averaged over the completion), the chosen NLL as its concatenated_forward computes it (ORPO:
+  every non-pad token; CPO/SimPO: the completion), then odds_ratio_loss / cpo_loss."""
+  from trl.experimental.cpo.cpo_trainer import CPOTrainer
+  from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+  model, torch_model = _lora_pair(hf_llama_dir, tmp_path)
+  trl_inputs, batch = _pair_batches(torch_model.config.vocab_size, seeds=(9,))[0]
+  logits = _torch_logits(torch_model, trl_inputs)
+  ids = trl_inputs["input_ids"]
+  labels = ids.masked_fill(trl_inputs["completion_mask"] == 0, -100)
+  avg = ORPOTrainer.get_batch_logps(logits, labels, average_log_prob=True)
+  chosen, rejected = avg[:4], avg[4:]
+  nll_labels = ids.masked_fill(trl_inputs["attention_mask"] == 0, -100) if objective == "orpo" else labels
+  nll = torch.nn.functional.cross_entropy(logits[:4, :-1].reshape(-1, logits.shape[-1]),
+                                          nll_labels[:4, 1:].reshape(-1))
+  if objective == "orpo":
+    losses, *_ = ORPOTrainer.odds_ratio_loss(_cpo_namespace(beta=0.3), chosen, rejected)
+    want = float(nll - losses.mean())
+    loss_fn = logps_lib.ORPOLoss(beta=0.3)
+  else:
+    ns = _cpo_namespace(alpha=0.0, loss_type="simpo", simpo_gamma=0.5, beta=2.0, label_smoothing=0.0)
+    losses, _, _ = CPOTrainer.cpo_loss(ns, chosen, rejected)
+    want = float(losses.mean() + 0.5 * nll)
+    loss_fn = logps_lib.SimPOLoss(beta=2.0, gamma=0.5, cpo_alpha=0.5)
+  sums = jax.jit(lambda m, b: loss_fn(m, b))(model, batch)
+  assert abs(float(sums["loss_sum"]) / 4 - want) <= TOL * abs(want)
+  assert abs(float(sums["logps/chosen"]) / 4 - float(chosen.mean())) <= TOL * abs(float(chosen.mean()))
+  assert abs(float(sums["nll_loss"]) / 4 - float(nll)) <= TOL * float(nll)
+
+
+def test_lora_kto_loss_equals_trl_with_disabled_adapter_reference(hf_llama_dir, tmp_path):
+  """KTO: 8 unpaired examples and their mismatched KL sequences (prompt i, completion i-1)
+  through ftjax's decoder and through KTOTrainer._compute_loss on peft."""
+  from trl.trainer.kto_trainer import KTOTrainer
+  model, torch_model = _lora_pair(hf_llama_dir, tmp_path)
+  torch_model.train()
+  (main, ours_main), (kl, ours_kl) = _pair_batches(torch_model.config.vocab_size, seeds=(11, 12))
+  labels = np.array([1, 1, 0, 1, 0, 0, 1, 0], bool)
+  ns = _trainer_namespace(calculate_KL=True, precompute_ref_logps=False, loss_type="kto", beta=0.4,
+                          desirable_weight=1.2, undesirable_weight=0.9, ref_model=None)
+  ns.model = torch_model
+  ns._compute_kl_logps = lambda m, b: KTOTrainer._compute_kl_logps(ns, m, b)
+  inputs = dict(main, label=torch.tensor(labels), KL_input_ids=kl["input_ids"],
+                KL_attention_mask=kl["attention_mask"], KL_completion_mask=kl["completion_mask"])
+  trl_loss = float(KTOTrainer._compute_loss(ns, torch_model, inputs, False))
+  trl_metrics = _trl_means(ns)
+  # ftjax's KTO rows: [8, 2, seq] = (example, its KL sequence); _pair_batches split 8 rows as 4 pairs
+  unpair = lambda b: {k: np.concatenate([v[:, 0], v[:, 1]]) for k, v in b.items()}
+  batch = {k: np.stack([unpair(ours_main)[k], unpair(ours_kl)[k]], axis=1) for k in ours_main}
+  batch["label"] = labels.astype(np.float32)
+  loss_fn = logps_lib.KTOLoss(beta=0.4, desirable_weight=1.2, undesirable_weight=0.9)
+  sums = jax.jit(lambda m, b: loss_fn(m, b))(model, batch)
+  assert abs(float(sums["loss_sum"]) / 8 - trl_loss) <= TOL * abs(trl_loss)
+  _assert_metrics_equal({k: v / 8 for k, v in sums.items()}, trl_metrics,
+                        ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl"))
+
+
+def test_precomputed_reference_logps_give_the_same_dpo_loss(hf_llama_dir, tmp_path):
+  """dpo.precompute_ref_logps: log-probs computed once before training (adapters disabled) feed
+  the same loss as the in-step reference; a model without adapters refuses the in-step one."""
+  from tiny import tiny_model
+  model, _ = _lora_pair(hf_llama_dir, tmp_path)
+  _, batch = _pair_batches(128, seeds=(4,))[0]
+  ref = logps_lib.precompute_ref_logps(model, batch, batch_size=3)  # 4 pairs: a partial batch too
+  assert ref.shape == (4, 2) and np.all(ref < 0)
+  loss_fn = logps_lib.DPOLoss(beta=0.5)
+  in_step = jax.jit(lambda m, b: loss_fn(m, b))(model, batch)
+  stored = jax.jit(lambda m, b: loss_fn(m, b))(model, dict(batch, ref_logps=ref))
+  for key in in_step:
+    assert abs(float(in_step[key]) - float(stored[key])) <= 1e-5 * max(1.0, abs(float(in_step[key]))), key
+  with pytest.raises(ValueError, match="precompute_ref_logps"):
+    loss_fn(tiny_model(), jax.tree.map(lambda x: x % 64, batch))
