@@ -404,3 +404,104 @@ def test_precomputed_reference_logps_give_the_same_dpo_loss(hf_llama_dir, tmp_pa
     assert abs(float(in_step[key]) - float(stored[key])) <= 1e-5 * max(1.0, abs(float(in_step[key]))), key
   with pytest.raises(ValueError, match="precompute_ref_logps"):
     loss_fn(tiny_model(), jax.tree.map(lambda x: x % 64, batch))
+
+
+# --- data: TRL's formats, rows and the problems at file:line ---------------------------------
+
+import json
+
+from ftjax.data import preference as pref_data
+from ftjax.data import sources
+
+
+def _write_jsonl(path, records):
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def tok():
+  from tiny import tiny_tokenizer
+  return tiny_tokenizer()
+
+
+def test_the_three_pair_formats_give_the_same_rows(tmp_path, tok):
+  """standard strings, conversational lists, and an implicit prompt (whole conversations with a
+  shared prefix) describe one pair: the same token rows; the prompt untrained, each row's trained
+  tokens are its reply (and the end of its turn)."""
+  user, good, bad = "What is 2 + 3?", "5", "six"
+  records = [
+      {"prompt": user, "chosen": good, "rejected": bad},
+      {"prompt": [{"role": "user", "content": user}],
+       "chosen": [{"role": "assistant", "content": good}],
+       "rejected": [{"role": "assistant", "content": bad}]},
+      {"chosen": [{"role": "user", "content": user}, {"role": "assistant", "content": good}],
+       "rejected": [{"role": "user", "content": user}, {"role": "assistant", "content": bad}]}]
+  recs, _ = sources.read_all(_write_jsonl(tmp_path / "p.jsonl", records))
+  pairs, problems = pref_data.read_pairs(recs)
+  assert problems == [] and len(pairs) == 3
+  kept, counts, _ = pref_data.tokenize_items(pairs, tok, max_len=65)
+  rows = pref_data.pair_rows(kept, 64, pad_id=tok.pad_token_id)
+  assert rows["inputs"].shape == (3, 2, 64)
+  for key in ("inputs", "loss_mask", "target_mask"):
+    assert (rows[key][0] == rows[key][1]).all() and (rows[key][0] == rows[key][2]).all(), key
+  for side, reply in ((0, good), (1, bad)):
+    trained = rows["targets"][0, side][rows["loss_mask"][0, side] > 0]
+    assert tok.decode(trained.tolist()).startswith(reply)
+    prompt_end = int(np.argmax(rows["loss_mask"][0, side]))
+    assert user in tok.decode(rows["inputs"][0, side, :prompt_end].tolist())
+  assert (rows["target_mask"] >= rows["loss_mask"]).all()
+  assert rows["target_mask"].sum() > rows["loss_mask"].sum()  # the prompt's targets too
+
+
+def test_bad_pairs_get_codes_at_file_line(tmp_path, tok):
+  records = [
+      {"prompt": "a", "chosen": "b", "rejected": "c"},                  # 1 fine
+      {"prompt": "a", "rejected": "c"},                                 # 2 missing chosen
+      {"prompt": "a", "chosen": "  ", "rejected": "c"},                 # 3 empty reply
+      {"prompt": "a", "chosen": "same", "rejected": "same"},            # 4 identical
+      {"prompt": "a", "chosen": "b", "rejected": "c"},                  # 5 duplicate of 1
+      {"prompt": "long " * 80, "chosen": "x", "rejected": "y"},         # 6 over length
+      {"prompt": "q", "chosen": 3, "rejected": "c"},                    # 7 wrong type
+  ]
+  path = _write_jsonl(tmp_path / "bad.jsonl", records)
+  recs, _ = sources.read_all(path)
+  pairs, problems = pref_data.read_pairs(recs)
+  problems += pref_data.duplicates(pairs)
+  kept, counts, over = pref_data.tokenize_items(pairs, tok, max_len=33, length_policy="drop")
+  found = {(p.code, p.where) for p in problems + over}
+  assert found == {("missing_field", f"{path}:2"), ("empty_reply", f"{path}:3"),
+                   ("identical_replies", f"{path}:4"), ("duplicate_pair", f"{path}:5"),
+                   ("over_length", f"{path}:6"), ("wrong_type", f"{path}:7")}
+  assert counts["dropped"] == 1 and len(kept) == 2
+  with pytest.raises(Exception, match=f"{path}:6: over_length"):
+    pref_data.tokenize_items(pairs, tok, max_len=33, length_policy="error")
+
+
+def test_prompts_shared_between_train_and_eval_are_leaks(tmp_path):
+  train = [{"prompt": "Name a colour.", "chosen": "red", "rejected": "7"},
+           {"prompt": "Name a fruit.", "chosen": "apple", "rejected": "car"}]
+  held = [{"prompt": "name a COLOUR", "chosen": "blue", "rejected": "x"},
+          {"prompt": "Name an animal.", "chosen": "cat", "rejected": "rock"}]
+  t, _ = pref_data.read_pairs(sources.read_all(_write_jsonl(tmp_path / "t.jsonl", train))[0])
+  e_path = _write_jsonl(tmp_path / "e.jsonl", held)
+  e, _ = pref_data.read_pairs(sources.read_all(e_path)[0])
+  leaks = pref_data.leaked_prompts(t, e)
+  assert [(p.code, p.where) for p in leaks] == [("prompt_leak", f"{e_path}:1")]
+  assert f"{tmp_path / 't.jsonl'}:1" in leaks[0].message
+
+
+def test_kto_rows_pair_each_prompt_with_the_previous_completion(tmp_path, tok):
+  records = [{"prompt": f"Say {w}.", "completion": w, "label": i % 2 == 0}
+             for i, w in enumerate(["one", "two", "three"])]
+  records.append({"prompt": "x", "completion": "y", "label": "yes"})
+  path = _write_jsonl(tmp_path / "kto.jsonl", records)
+  items, problems = pref_data.read_pairs(sources.read_all(path)[0], unpaired=True)
+  assert [(p.code, p.where) for p in problems] == [("bad_label", f"{path}:4")]
+  kept, _, _ = pref_data.tokenize_items(items, tok, max_len=65)
+  rows = pref_data.kto_rows(kept, tok, 64, pad_id=tok.pad_token_id)
+  assert rows["label"].tolist() == [1.0, 0.0, 1.0]
+  decode = lambda i, side, mask: tok.decode(rows["targets"][i, side][rows[mask][i, side] > 0].tolist())
+  assert decode(1, 1, "loss_mask").startswith("one")  # prompt 2, completion 1
+  assert decode(0, 1, "loss_mask").startswith("three")  # cyclic
+  assert "Say two." in decode(1, 1, "target_mask")
