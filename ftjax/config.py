@@ -234,6 +234,39 @@ def base_config() -> ml_collections.ConfigDict:
   c.export.merged = False  # also write the merged HF model at the end of training
   c.export.adapter = True  # write the adapter alone (HF PEFT format) to WORKDIR/adapter at the end
 
+  # Preference tuning (docs/methods.md): each objective reads its own block, with TRL's names and
+  # defaults; a config that changes another objective's block is refused, naming the keys.
+  # Data: {"prompt", "chosen", "rejected"} pairs (strings, message lists, or whole conversations
+  # sharing the prompt), KTO {"prompt", "completion", "label"}; see ftjax/data/preference.py.
+  c.dpo = ml_collections.ConfigDict()  # objective = "dpo" (TRL DPOTrainer)
+  c.dpo.beta = 0.1  # the reward of a reply is beta * (policy - reference) log-probability
+  c.dpo.loss_type = "sigmoid"  # sigmoid (DPO) | ipo | hinge | robust
+  c.dpo.label_smoothing = 0.0  # loss_type robust: the assumed share of flipped pairs, in [0, 0.5)
+  # > 0: adds rpo_alpha * the chosen replies' NLL per token (RPO; TRL's loss_type
+  # ["sigmoid", "sft"] with loss_weights [1, rpo_alpha]); 0: off.
+  c.dpo.rpo_alpha = 0.0
+  # Reference log-probs computed once before training instead of in every step. Full
+  # fine-tuning always does (the reference is the starting model, which training changes);
+  # under PEFT the reference is the model with its adapters disabled, no copy either way.
+  c.dpo.precompute_ref_logps = False
+
+  c.orpo = ml_collections.ConfigDict()  # objective = "orpo" (TRL ORPOTrainer): no reference model
+  c.orpo.beta = 0.1  # weight of the odds-ratio term beside the chosen replies' NLL (lambda)
+
+  c.simpo = ml_collections.ConfigDict()  # objective = "simpo" (TRL CPOTrainer, loss_type simpo)
+  c.simpo.beta = 0.1  # scale of the length-normalised log-prob margin (the paper uses 2.0-2.5)
+  c.simpo.gamma = 0.5  # target reward margin (TRL's simpo_gamma)
+  c.simpo.label_smoothing = 0.0  # conservative loss: the assumed share of flipped pairs
+  # + cpo_alpha * the chosen replies' NLL per token. 0: SimPO proper (TRL's default 1.0 is
+  # CPO-SimPO; TRL's docs set 0 for SimPO).
+  c.simpo.cpo_alpha = 0.0
+
+  c.kto = ml_collections.ConfigDict()  # objective = "kto" (TRL KTOTrainer): unpaired, labelled data
+  c.kto.beta = 0.1  # reward scale, as dpo.beta
+  c.kto.desirable_weight = 1.0  # loss weight of desirable (label true) examples
+  c.kto.undesirable_weight = 1.0  # loss weight of undesirable (label false) examples
+  c.kto.precompute_ref_logps = False  # as dpo.precompute_ref_logps
+
   c.lock()
   return c
 
