@@ -37,9 +37,6 @@ from flax import nnx
 from ftjax.models.params import Params
 from ftjax.optim import applied_updates
 
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
-
-
 def split_model(model: nnx.Module, trainable) -> tuple[nnx.GraphDef, Params, Params, Params]:
   """(graphdef, trainable, frozen, mutable) with the three states as nested dicts of arrays."""
   graphdef, train, frozen, mutable = nnx.split(model, trainable, nnx.Param, ...)
