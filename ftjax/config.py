@@ -22,6 +22,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LENGTH_POLICIES = ("truncate", "drop", "error")
 NONFINITE_POLICIES = ("stop", "skip")
 ON_ERROR_POLICIES = ("fail", "skip")
+GENERATED = ("", "quickstart", "preference")  # data.generate: ftjax/data/<name>_task.py
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -116,7 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
   # shuffled on its own; each process reads and tokenises only its shards. 0: one per process.
   # A single process with data.shards=N sees the batches N processes would.
   c.data.shards = 0
-  c.data.generate = ""  # name of a built-in generated dataset written on first run ("quickstart")
+  # name of a built-in generated dataset written on first run: "quickstart" (SFT), "preference"
+  # (its preference pairs, ftjax/data/preference_task.py)
+  c.data.generate = ""
   # auto (the tokenizer's own; conversations without one are an error) | chatml | plain | a .jinja file
   c.data.chat_template = "auto"
   c.data.mix = ""  # one weight per data.train source, e.g. "3,1": drawn in that proportion
@@ -333,7 +336,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"export.merged: a {c.method} adapter has no merged form; use one of {MERGEABLE} or keep "
         "export.merged=False (the adapter is exported alone)")
   check(bool(c.data.train) or bool(c.data.generate), "data.train is empty (give a JSONL path)")
-  check(c.data.generate in ("", "quickstart"), f"data.generate={c.data.generate!r}; known: quickstart")
+  check(c.data.generate in GENERATED, f"data.generate={c.data.generate!r}; known: "
+        f"{', '.join(g for g in GENERATED if g)}")
   check(c.data.seq_len >= 8, f"data.seq_len={c.data.seq_len}; must be >= 8")
   check(c.data.length_policy in LENGTH_POLICIES,
         f"data.length_policy={c.data.length_policy!r}; expected one of {LENGTH_POLICIES}")

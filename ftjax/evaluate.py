@@ -64,21 +64,20 @@ def baseline_matches(baseline: dict, plan: EvalPlan) -> bool:
 def results_for_run(run, plan: EvalPlan | None, baseline: dict | None, end: dict) -> dict:
   """eval_results.json of a finished run (without eval.generate: loss, training and leakage)."""
   cfg = run.config
-  from ftjax.data import load_examples, read_options
   baseline = baseline or {}
   loss = {}
   if baseline.get("loss"):
     loss["base"] = baseline["loss"]
   if end.get("eval"):
-    loss["fine-tuned"] = evaluation.loss_metrics(end["eval"]["loss"], end["eval"]["accuracy"])
+    loss["fine-tuned"] = run.objective.report_loss(end["eval"])
   forgot = None
   if baseline.get("forgetting") and end.get("forgetting"):
     forgot = forgetting.compare(baseline["forgetting"], end["forgetting"], cfg.eval.forgetting_threshold)
     forgot["text"] = cfg.eval.forgetting_text or "built-in sample"
   leak = None
   if cfg.data.eval:
-    evals = plan.examples if plan is not None else load_examples(cfg.data.eval, **read_options(cfg.data))
-    leak = evaluation.leakage_summary(load_examples(cfg.data.train, **read_options(cfg.data)), evals,
+    evals = plan.examples if plan is not None else run.objective.read_examples(cfg.data.eval)
+    leak = evaluation.leakage_summary(run.objective.read_examples(cfg.data.train), evals,
                                       cfg.data.check.near_dup)
   common = dict(loss=loss, forgetting_result=forgot, training=end.get("training"), leakage=leak)
   primary = evaluation.metrics.primary(cfg.eval)

@@ -46,6 +46,10 @@ RESUME_SAFE_KEYS = ("train.log_every", "train.eval_every", "train.eval_batches",
                     "eval.", "export.", "mesh.", "distributed.", "log.")
 
 
+# The train step's own metrics (ftjax/step.py); every other key is a sum of the objective's loss.
+STEP_KEYS = ("loss", "count", "grad_norm", "finite", "lr")
+
+
 def evaluate_loss(run: Run, eval_fn, trainable, max_batches: int = 0) -> dict:
   if run.eval_ds is None:
     return {}
@@ -170,7 +174,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
       log.info("baseline (base model, %s): %s", name, evaluate.fmt(result["scores"]))
   eval_s = time.perf_counter() - eval_t
 
-  # --- state + compiled step ---
+  # --- state + compiled step (after the objective's pass over the data, e.g. reference
+  # log-probs, which must see the starting model) ---
+  run.objective.before_training(run, workdir)
   state, data_state = init_or_restore(run, checkpointer)
   start_step = int(state["step"])
   # Lines past the restored step (or all of them, when a run killed before its first checkpoint
@@ -309,7 +315,9 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
       elapsed = time.perf_counter() - window_t
       loss = float(np.mean([m["loss"] for m in host]))
       tok_s = len(host) * cfg.train.batch_size * seq / elapsed
-      out = {"loss": loss, "accuracy": float(np.mean([m["accuracy"] for m in host])),
+      # Every sum the objective's loss reports (SFT: accuracy; DPO: rewards/..., logps/...).
+      reported = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k not in STEP_KEYS}
+      out = {"loss": loss, **reported,
              "grad_norm": float(host[-1]["grad_norm"]), "lr": float(host[-1]["lr"]),
              "tokens_per_s": tok_s, "model_tflops_per_s": flops_per_step * len(host) / elapsed / 1e12}
       writer.write(done, out, "train/")
@@ -330,7 +338,8 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
       if ev:
         writer.write(done, ev, "eval/")
         evaluated.add(done)
-        bar.write(f"step {done}: eval loss {ev['loss']:.4f}, token accuracy {ev['accuracy']:.3f}"
+        bar.write(f"step {done}: eval loss {ev['loss']:.4f}"
+                  + (f", token accuracy {ev['accuracy']:.3f}" if "accuracy" in ev else "")
                   + (f", {primary} {ev[primary]:.4g}" if primary not in ("loss", "token_accuracy") else ""),
                   file=sys.stderr)
         eval_curve.append((done, ev["loss"]))

@@ -505,3 +505,135 @@ def test_kto_rows_pair_each_prompt_with_the_previous_completion(tmp_path, tok):
   assert decode(1, 1, "loss_mask").startswith("one")  # prompt 2, completion 1
   assert decode(0, 1, "loss_mask").startswith("three")  # cyclic
   assert "Say two." in decode(1, 1, "target_mask")
+
+
+# --- the objectives in a run ------------------------------------------------------------------
+
+import importlib.util
+import os
+
+from ftjax import objectives
+from ftjax import run as run_lib
+from ftjax import train as train_lib
+from ftjax.data import check as check_lib
+from ftjax.data import preference_task
+from ftjax.errors import FtjaxError
+from tiny import run_config
+
+
+@pytest.fixture(scope="module")
+def pref_dir(tmp_path_factory):
+  out = tmp_path_factory.mktemp("pref")
+  preference_task.write_splits(str(out), n_train=16, n_eval=8, seed=3)
+  return str(out)
+
+
+def _pref_config(model_dir, pref_dir, objective="dpo", **overrides):
+  c = run_config(model_dir, pref_dir, objective=objective, **{"train.steps": 1, **overrides})
+  c.eval.generate = False
+  c.eval.forgetting = False
+  return c
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_example_config_trains_one_lora_dpo_step_with_trl_metric_names(model_dir, tmp_path):
+  """configs/preference.py (runlocal), the tiny model in place of SmolLM2: the generated pairs,
+  a LoRA DPO step whose first loss is ln 2, TRL's metric names under train/ and eval/."""
+  spec = importlib.util.spec_from_file_location("pref_cfg", os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "preference.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("runlocal")
+  c.model.name_or_path = model_dir
+  c.data.train, c.data.eval = str(tmp_path / "gen" / "train.jsonl"), str(tmp_path / "gen" / "eval.jsonl")
+  c.train.steps, c.train.log_every, c.train.eval_batches = 1, 1, 1
+  c.mesh.data = 1
+  workdir = str(tmp_path / "run")
+  train_lib.train(c, workdir)
+  rows = _metrics(workdir)
+  first = next(r for r in rows if "train/loss" in r)
+  assert abs(first["train/loss"] - math.log(2)) < 1e-5
+  for name in PAIR_METRICS:
+    assert f"train/{name}" in first, name
+  assert abs(first["train/rewards/margins"]) < 1e-6
+  final_eval = [r for r in rows if "eval/rewards/accuracies" in r]
+  assert final_eval and "eval/loss" in final_eval[-1]
+
+
+@pytest.mark.parametrize("objective", ["orpo", "simpo", "kto"])
+def test_each_objective_runs_a_step_from_its_config_block(model_dir, pref_dir, tmp_path, objective):
+  if objective == "kto":  # unpaired records
+    for split in ("train", "eval"):
+      pairs = [json.loads(l) for l in open(os.path.join(pref_dir, f"{split}.jsonl"))]
+      recs = [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
+              for p in pairs for k in ("chosen", "rejected")]
+      _write_jsonl(tmp_path / f"{split}.jsonl", recs)
+    data = str(tmp_path)
+  else:
+    data = pref_dir
+  c = _pref_config(model_dir, data, objective, **{f"{objective}.beta": 0.2})
+  run = run_lib.setup(c)
+  assert run.objective.name == objective
+  state, _ = run_lib.init_or_restore(run, None)
+  step = run_lib.jit_train_step(run, state)
+  rows = run.train_ds.batches(8, seed=0).next_batch(8)
+  _, metrics = step(state, run.frozen, run.place_batch(rows))
+  assert np.isfinite(float(metrics["loss"])) and "rewards/chosen" in metrics
+  extra = {"orpo": "log_odds_ratio", "simpo": "nll_loss", "kto": "kl"}[objective]
+  assert extra in metrics
+
+
+def test_a_config_mixing_two_objectives_keys_is_refused_naming_them(model_dir, pref_dir):
+  c = _pref_config(model_dir, pref_dir, "dpo", **{"orpo.beta": 0.5, "dpo.beta": 0.2})
+  with pytest.raises(FtjaxError, match=r"orpo.beta belong\(s\) to objective 'orpo'.*objective='dpo'"):
+    objectives.get(c)
+  c = _pref_config(model_dir, pref_dir, "sft", **{"kto.desirable_weight": 2.0})
+  with pytest.raises(FtjaxError, match=r"kto.desirable_weight"):
+    objectives.get(c)
+  c = _pref_config(model_dir, pref_dir, "dpo", **{"dpo.label_smoothing": 0.1})
+  with pytest.raises(FtjaxError, match=r"dpo.label_smoothing=0.1; expected 0 unless dpo.loss_type='robust'"):
+    objectives.get(c)
+
+
+def test_full_fine_tuning_dpo_precomputes_and_stores_reference_logps(model_dir, pref_dir, tmp_path):
+  """method=full: the reference log-probs are computed once from the starting model, stored in
+  the workdir, and the first step's loss is still ln 2 (policy == reference at step 0)."""
+  c = _pref_config(model_dir, pref_dir, "dpo", method="full")
+  run = run_lib.setup(c)
+  assert "ref_logps" in run.objective.row_spec()
+  workdir = str(tmp_path)
+  run.objective.before_training(run, workdir)
+  stored = np.load(os.path.join(workdir, "ref_logps.npz"))
+  assert stored["train"].shape == (16, 2) and stored["eval"].shape == (8, 2)
+  state, _ = run_lib.init_or_restore(run, None)
+  step = run_lib.jit_train_step(run, state)
+  _, metrics = step(state, run.frozen, run.place_batch(run.train_ds.batches(8, seed=0).next_batch(8)))
+  assert abs(float(metrics["loss"]) - math.log(2)) < 1e-5
+  # A second run in the same workdir (a resume) reads them instead of scoring its model.
+  again = run_lib.setup(c)
+  again.trainable = jax.tree.map(lambda x: x * 0, again.trainable)  # would change every log-prob
+  again.objective.before_training(again, workdir)
+  np.testing.assert_array_equal(again.train_ds.rows["ref_logps"], stored["train"])
+
+
+def test_data_check_reports_preference_problems_at_file_line(model_dir, tmp_path):
+  from ftjax.models.resolve import tokenizer_for
+  train = _write_jsonl(tmp_path / "train.jsonl", [
+      {"prompt": "Name a colour.", "chosen": "red", "rejected": "7"},
+      {"prompt": "Name a colour.", "chosen": "red", "rejected": "7"},
+      {"prompt": "Name a fruit.", "chosen": "apple", "rejected": "apple"},
+      {"prompt": "Name a tool."}])
+  held = _write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "name a colour", "chosen": "blue", "rejected": "x"}])
+  c = _pref_config(model_dir, str(tmp_path), "dpo")
+  report, kept = check_lib.check(c, tokenizer_for(model_dir))
+  codes = {(p["code"], p["where"]) for p in report["problems"]}
+  assert codes == {("duplicate_pair", f"{train}:2"), ("identical_replies", f"{train}:3"),
+                   ("missing_field", f"{train}:4")}
+  assert report["failed"]
+  assert [(p["train"], p["eval"]) for p in report["leakage"]["listed"]] == [
+      (f"{train}:1", f"{held}:1"), (f"{train}:2", f"{held}:1")]
+  assert report["splits"]["train"]["rows"] == 2  # both replies of each kept pair in one row

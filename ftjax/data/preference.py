@@ -51,6 +51,13 @@ class Pair:
   prompt: list  # messages, untrained
   chosen: list  # assistant messages, trained
   rejected: list
+  text = None  # formats.Example's view, for the data check's quality and leakage signals
+
+  @property
+  def messages(self):
+    """The prompt and the chosen reply: what the data check's text views read (its leakage
+    section then compares prompts, the user turns, between train and eval)."""
+    return self.prompt + self.chosen
 
 
 @dataclasses.dataclass
@@ -59,6 +66,11 @@ class Unpaired:
   prompt: list
   completion: list
   label: bool  # True: desirable
+  text = None
+
+  @property
+  def messages(self):
+    return self.prompt + self.completion
 
 
 def _problem(code, where, text):

@@ -141,12 +141,19 @@ def markdown(report: dict, systems: dict) -> str:
       lines += [f"Labels, {name} ({c['labels']} labels): recall {recall}; most frequent mistakes: {mistakes}.", ""]
 
   loss = r.get("loss") or {}
-  if loss:
+  if loss and all("perplexity" in v for v in loss.values()):
     lines += ["## Eval loss (answer tokens, teacher-forced)", "", "| model | loss | perplexity | token accuracy |",
               "|---|---|---|---|"]
     for name, v in loss.items():
       lines.append(f"| {name} | {v['loss']:.4f} | {v['perplexity']:.3f} | {100 * v['token_accuracy']:.1f}% |")
     lines.append("")
+  elif loss:  # another objective's eval metrics (preference: rewards/accuracies, margins, ...)
+    columns = sorted({k for v in loss.values() for k in v if k != "note"})
+    lines += ["## Eval loss and metrics (held-out split)", "", "| model | " + " | ".join(columns) + " |",
+              "|---" * (len(columns) + 1) + "|"]
+    for name, v in loss.items():
+      lines.append(f"| {name} | " + " | ".join(f"{v[c]:.4g}" if c in v else "" for c in columns) + " |")
+    lines += [""] + [v["note"] + "\n" for v in loss.values() if v.get("note")]
 
   t = r.get("training") or {}
   if t or report["plots"].get("curves"):
