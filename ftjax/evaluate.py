@@ -129,7 +129,9 @@ def report(summary: dict) -> str:
   if summary.get("best_step") is not None:
     lines.append(f"best step {summary['best_step']}" + (" (stopped early)" if summary.get("stopped_early") else ""))
   if summary.get("eval"):
-    lines.append(f"eval loss {summary['eval']['loss']:.4f}, token accuracy {summary['eval']['accuracy']:.1%}")
+    ev = summary["eval"]
+    lines.append(f"eval loss {ev['loss']:.4f}" + (f", token accuracy {ev['accuracy']:.1%}" if "accuracy" in ev else "")
+                 + (f", reward accuracy {ev['rewards/accuracies']:.1%}" if "rewards/accuracies" in ev else ""))
   for name, scores in (summary.get("baseline") or {}).items():
     lines.append(f"base model, {name}: {fmt(scores)}")
   if summary.get("finetuned") is not None:

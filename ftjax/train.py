@@ -434,7 +434,8 @@ def periodic_eval(run: Run, eval_fn, trainable, plan, primary: str) -> dict:
   ev = evaluate_loss(run, eval_fn, trainable, run.config.train.eval_batches)
   if not ev:
     return {}
-  ev.update(evaluation.loss_metrics(ev["loss"], ev["accuracy"]))
+  # SFT adds perplexity and token accuracy; the preference objectives their means as they are.
+  ev.update({k: v for k, v in run.objective.report_loss(ev).items() if k != "note"})
   if plan is not None and primary in plan.metrics:
     predictions = plan.answer(run.model(trainable), run.tokenizer, desc="eval",
                               limit=run.config.eval.periodic_examples)

@@ -478,19 +478,6 @@ def test_bad_pairs_get_codes_at_file_line(tmp_path, tok):
     pref_data.tokenize_items(pairs, tok, max_len=33, length_policy="error")
 
 
-def test_prompts_shared_between_train_and_eval_are_leaks(tmp_path):
-  train = [{"prompt": "Name a colour.", "chosen": "red", "rejected": "7"},
-           {"prompt": "Name a fruit.", "chosen": "apple", "rejected": "car"}]
-  held = [{"prompt": "name a COLOUR", "chosen": "blue", "rejected": "x"},
-          {"prompt": "Name an animal.", "chosen": "cat", "rejected": "rock"}]
-  t, _ = pref_data.read_pairs(sources.read_all(_write_jsonl(tmp_path / "t.jsonl", train))[0])
-  e_path = _write_jsonl(tmp_path / "e.jsonl", held)
-  e, _ = pref_data.read_pairs(sources.read_all(e_path)[0])
-  leaks = pref_data.leaked_prompts(t, e)
-  assert [(p.code, p.where) for p in leaks] == [("prompt_leak", f"{e_path}:1")]
-  assert f"{tmp_path / 't.jsonl'}:1" in leaks[0].message
-
-
 def test_kto_rows_pair_each_prompt_with_the_previous_completion(tmp_path, tok):
   records = [{"prompt": f"Say {w}.", "completion": w, "label": i % 2 == 0}
              for i, w in enumerate(["one", "two", "three"])]
@@ -634,6 +621,7 @@ def test_data_check_reports_preference_problems_at_file_line(model_dir, tmp_path
   assert codes == {("duplicate_pair", f"{train}:2"), ("identical_replies", f"{train}:3"),
                    ("missing_field", f"{train}:4")}
   assert report["failed"]
-  assert [(p["train"], p["eval"]) for p in report["leakage"]["listed"]] == [
-      (f"{train}:1", f"{held}:1"), (f"{train}:2", f"{held}:1")]
-  assert report["splits"]["train"]["rows"] == 2  # both replies of each kept pair in one row
+  # Prompt leakage: the check's leakage section compares user turns, i.e. the prompts (line 2,
+  # a duplicate_pair error, is out of the kept examples).
+  assert [(p["train"], p["eval"]) for p in report["leakage"]["listed"]] == [(f"{train}:1", f"{held}:1")]
+  assert report["splits"]["train"]["rows"] == 1  # the one valid pair: both replies in one row

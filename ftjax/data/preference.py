@@ -25,8 +25,8 @@ Problems, each at `path:LINE` with a stable code (the data check lists them):
   over_length                 prompt + a reply over seq_len + 1 tokens (data.length_policy:
                               truncate both replies, drop the pair, or error)
   duplicate_pair              the same (prompt, chosen, rejected) again in train
-  prompt_leak                 an eval prompt that is also a train prompt (held-out accuracy would
-                              measure memorised pairs)
+Prompts shared between train and eval are the data check's leakage section (a pair's user
+turns are its prompt; exact and near repeats), as for SFT data.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from ftjax.data.sources import Problem, Record
 from ftjax.errors import FtjaxError
 
 CODES = ("missing_field", "wrong_type", "empty_reply", "identical_replies", "bad_label",
-         "over_length", "duplicate_pair", "prompt_leak")
+         "over_length", "duplicate_pair")
 LENGTH_POLICIES = ("truncate", "drop", "error")
 
 
@@ -201,15 +201,6 @@ def duplicates(pairs) -> list:
     else:
       first[key] = p.where
   return out
-
-
-def leaked_prompts(train, eval_items) -> list:
-  """prompt_leak Problems: eval records whose prompt is also a train prompt (normalised)."""
-  seen = {}
-  for item in train:
-    seen.setdefault(prompt_text(item), item.where)
-  return [Problem("prompt_leak", e.where, f"{e.where}: prompt_leak: the prompt is also the train "
-                  f"prompt at {seen[prompt_text(e)]}") for e in eval_items if prompt_text(e) in seen]
 
 
 # --- tokens and rows ------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ code, the vendor lower-cased, the keys in another order.
 So the preferred behaviour is measurable in greedy answers with the quickstart's own metrics
 (exact_match, json_valid, field_accuracy), and the base model visibly lacks it.
 
-Eval prompts come from the same stream as train ones but never repeat them (no prompt_leak).
+Eval prompts come from the same stream as train ones but never repeat them (no leakage in the data check).
 Pure `random.Random`: the same seed gives the same files on every machine.
 """
 
