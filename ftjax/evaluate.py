@@ -29,8 +29,10 @@ log = logging.getLogger("ftjax.evaluate")
 def plan_for_run(cfg) -> EvalPlan:
   """The run's EvalPlan: eval split, references and few-shot pool, checked (FtjaxError) before
   anything compiles."""
+  from ftjax import objectives
   return EvalPlan.build(cfg.data.eval, cfg.eval, pool_path=cfg.eval.few_shot_pool or cfg.data.train,
-                        data_cfg=cfg.data, near_dup=cfg.data.check.near_dup)
+                        data_cfg=cfg.data, near_dup=cfg.data.check.near_dup,
+                        read=objectives.get(cfg).read_examples)
 
 
 def base_model_eval(run, plan: EvalPlan) -> dict:
@@ -41,7 +43,11 @@ def base_model_eval(run, plan: EvalPlan) -> dict:
   with peft.disable_adapters(run.model()) as base:
     out["systems"] = evaluation.run_baselines(plan, base, run.tokenizer)
     if run.eval_ds is not None:
-      out["loss"] = evaluation.model_loss(base, run.eval_ds, cfg.train.batch_size // cfg.train.grad_accum)
+      # The objective's own eval metrics of the base (a preference objective's reference is
+      # the base itself: rewards and margins 0, measured here).
+      means = evaluation.model_loss(base, run.eval_ds, cfg.train.batch_size // cfg.train.grad_accum,
+                                    loss_fn=run.loss_fn, means=True)
+      out["loss"] = run.objective.report_loss(means)
     if cfg.eval.forgetting:
       out["forgetting"] = forgetting.probe(base, run.tokenizer, cfg.eval, cfg.data.seq_len,
                                            "forgetting (base)")

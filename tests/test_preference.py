@@ -529,7 +529,8 @@ def _metrics(workdir):
 
 def test_example_config_trains_one_lora_dpo_step_with_trl_metric_names(model_dir, tmp_path):
   """configs/preference.py (runlocal), the tiny model in place of SmolLM2: the generated pairs,
-  a LoRA DPO step whose first loss is ln 2, TRL's metric names under train/ and eval/."""
+  a LoRA DPO step whose first loss is ln 2, TRL's metric names under train/ and eval/, the
+  generation metrics and the report."""
   spec = importlib.util.spec_from_file_location("pref_cfg", os.path.join(
       os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "preference.py"))
   module = importlib.util.module_from_spec(spec)
@@ -538,10 +539,20 @@ def test_example_config_trains_one_lora_dpo_step_with_trl_metric_names(model_dir
   c.model.name_or_path = model_dir
   c.data.train, c.data.eval = str(tmp_path / "gen" / "train.jsonl"), str(tmp_path / "gen" / "eval.jsonl")
   c.train.steps, c.train.log_every, c.train.eval_batches = 1, 1, 1
+  c.eval.max_examples, c.eval.max_new_tokens = 2, 4
   c.mesh.data = 1
   workdir = str(tmp_path / "run")
   train_lib.train(c, workdir)
   rows = _metrics(workdir)
+  # Greedy answers to held-out prompts scored against the chosen reply, base vs tuned, and the
+  # base's preference metrics measured (its reward margins 0: it is the reference).
+  with open(os.path.join(workdir, "eval_results.json")) as f:
+    results = json.load(f)
+  assert abs(results["loss"]["base"]["rewards/margins"]) < 1e-6
+  assert results["loss"]["base"]["rewards/accuracies"] == 0.0
+  assert "rewards/accuracies" in results["loss"]["fine-tuned"]
+  report = open(os.path.join(workdir, "report.md")).read()
+  assert "exact_match" in report and "reference: its rewards and margins are 0" in report
   first = next(r for r in rows if "train/loss" in r)
   assert abs(first["train/loss"] - math.log(2)) < 1e-5
   for name in PAIR_METRICS:

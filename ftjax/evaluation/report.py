@@ -153,7 +153,7 @@ def markdown(report: dict, systems: dict) -> str:
               "|---" * (len(columns) + 1) + "|"]
     for name, v in loss.items():
       lines.append(f"| {name} | " + " | ".join(f"{v[c]:.4g}" if c in v else "" for c in columns) + " |")
-    lines += [""] + [v["note"] + "\n" for v in loss.values() if v.get("note")]
+    lines += [""] + [note + "\n" for note in dict.fromkeys(v["note"] for v in loss.values() if v.get("note"))]
 
   t = r.get("training") or {}
   if t or report["plots"].get("curves"):
