@@ -65,6 +65,8 @@ class Objective:
   def report_loss(self, eval_means: dict) -> dict:
     """The report's eval-loss row of a model from its eval means (train.evaluate_loss)."""
     from ftjax import evaluation
+    if "accuracy" not in eval_means:  # not a next-token loss: its own means as they are
+      return dict(eval_means)
     return evaluation.loss_metrics(eval_means["loss"], eval_means["accuracy"])
 
   def read_examples(self, path: str) -> list:
