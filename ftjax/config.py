@@ -22,6 +22,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LENGTH_POLICIES = ("truncate", "drop", "error")
 NONFINITE_POLICIES = ("stop", "skip")
 ON_ERROR_POLICIES = ("fail", "skip")
+GENERATED = ("", "quickstart", "preference")  # data.generate: ftjax/data/<name>_task.py
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -133,7 +134,9 @@ def base_config() -> ml_collections.ConfigDict:
   # shuffled on its own; each process reads and tokenises only its shards. 0: one per process.
   # A single process with data.shards=N sees the batches N processes would.
   c.data.shards = 0
-  c.data.generate = ""  # name of a built-in generated dataset written on first run ("quickstart")
+  # name of a built-in generated dataset written on first run: "quickstart" (SFT), "preference"
+  # (its preference pairs, ftjax/data/preference_task.py)
+  c.data.generate = ""
   # auto (the tokenizer's own; conversations without one are an error) | chatml | plain | a .jinja file
   c.data.chat_template = "auto"
   c.data.mix = ""  # one weight per data.train source, e.g. "3,1": drawn in that proportion
@@ -265,6 +268,39 @@ def base_config() -> ml_collections.ConfigDict:
   c.export.merged = False  # also write the merged HF model at the end of training
   c.export.adapter = True  # write the adapter alone (HF PEFT format) to WORKDIR/adapter at the end
 
+  # Preference tuning (docs/methods.md): each objective reads its own block, with TRL's names and
+  # defaults; a config that changes another objective's block is refused, naming the keys.
+  # Data: {"prompt", "chosen", "rejected"} pairs (strings, message lists, or whole conversations
+  # sharing the prompt), KTO {"prompt", "completion", "label"}; see ftjax/data/preference.py.
+  c.dpo = ml_collections.ConfigDict()  # objective = "dpo" (TRL DPOTrainer)
+  c.dpo.beta = 0.1  # the reward of a reply is beta * (policy - reference) log-probability
+  c.dpo.loss_type = "sigmoid"  # sigmoid (DPO) | ipo | hinge | robust
+  c.dpo.label_smoothing = 0.0  # loss_type robust: the assumed share of flipped pairs, in [0, 0.5)
+  # > 0: adds rpo_alpha * the chosen replies' NLL per token (RPO; TRL's loss_type
+  # ["sigmoid", "sft"] with loss_weights [1, rpo_alpha]); 0: off.
+  c.dpo.rpo_alpha = 0.0
+  # Reference log-probs computed once before training instead of in every step. Full
+  # fine-tuning always does (the reference is the starting model, which training changes);
+  # under PEFT the reference is the model with its adapters disabled, no copy either way.
+  c.dpo.precompute_ref_logps = False
+
+  c.orpo = ml_collections.ConfigDict()  # objective = "orpo" (TRL ORPOTrainer): no reference model
+  c.orpo.beta = 0.1  # weight of the odds-ratio term beside the chosen replies' NLL (lambda)
+
+  c.simpo = ml_collections.ConfigDict()  # objective = "simpo" (TRL CPOTrainer, loss_type simpo)
+  c.simpo.beta = 0.1  # scale of the length-normalised log-prob margin (the paper uses 2.0-2.5)
+  c.simpo.gamma = 0.5  # target reward margin (TRL's simpo_gamma)
+  c.simpo.label_smoothing = 0.0  # conservative loss: the assumed share of flipped pairs
+  # + cpo_alpha * the chosen replies' NLL per token. 0: SimPO proper (TRL's default 1.0 is
+  # CPO-SimPO; TRL's docs set 0 for SimPO).
+  c.simpo.cpo_alpha = 0.0
+
+  c.kto = ml_collections.ConfigDict()  # objective = "kto" (TRL KTOTrainer): unpaired, labelled data
+  c.kto.beta = 0.1  # reward scale, as dpo.beta
+  c.kto.desirable_weight = 1.0  # loss weight of desirable (label true) examples
+  c.kto.undesirable_weight = 1.0  # loss weight of undesirable (label false) examples
+  c.kto.precompute_ref_logps = False  # as dpo.precompute_ref_logps
+
   c.lock()
   return c
 
@@ -326,7 +362,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"export.merged: a {c.method} adapter has no merged form; use one of {MERGEABLE} or keep "
         "export.merged=False (the adapter is exported alone)")
   check(bool(c.data.train) or bool(c.data.generate), "data.train is empty (give a JSONL path)")
-  check(c.data.generate in ("", "quickstart"), f"data.generate={c.data.generate!r}; known: quickstart")
+  check(c.data.generate in GENERATED, f"data.generate={c.data.generate!r}; known: "
+        f"{', '.join(g for g in GENERATED if g)}")
   check(c.data.seq_len >= 8, f"data.seq_len={c.data.seq_len}; must be >= 8")
   check(c.data.length_policy in LENGTH_POLICIES,
         f"data.length_policy={c.data.length_policy!r}; expected one of {LENGTH_POLICIES}")

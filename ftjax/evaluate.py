@@ -30,8 +30,10 @@ log = logging.getLogger("ftjax.evaluate")
 def plan_for_run(cfg) -> EvalPlan:
   """The run's EvalPlan: eval split, references and few-shot pool, checked (FtjaxError) before
   anything compiles."""
+  from ftjax import objectives
   return EvalPlan.build(cfg.data.eval, cfg.eval, pool_path=cfg.eval.few_shot_pool or cfg.data.train,
-                        data_cfg=cfg.data, near_dup=cfg.data.check.near_dup)
+                        data_cfg=cfg.data, near_dup=cfg.data.check.near_dup,
+                        read=objectives.get(cfg).read_examples)
 
 
 def base_model_eval(run, plan: EvalPlan) -> dict:
@@ -57,7 +59,11 @@ def _evaluate_base_model(run, plan: EvalPlan) -> dict:
   with peft.disable_adapters(run.model()) as base:
     out["systems"] = evaluation.run_baselines(plan, base, run.tokenizer)
     if run.eval_ds is not None:
-      out["loss"] = evaluation.model_loss(base, run.eval_ds, cfg.train.batch_size // cfg.train.grad_accum)
+      # The objective's own eval metrics of the base (a preference objective's reference is
+      # the base itself: rewards and margins 0, measured here).
+      means = evaluation.model_loss(base, run.eval_ds, cfg.train.batch_size // cfg.train.grad_accum,
+                                    loss_fn=run.loss_fn, means=True)
+      out["loss"] = run.objective.report_loss(means)
     if cfg.eval.forgetting:
       out["forgetting"] = forgetting.probe(base, run.tokenizer, cfg.eval, cfg.data.seq_len,
                                            "forgetting (base)")
@@ -117,21 +123,20 @@ def periodic_from_final(final: dict, loss, plan: EvalPlan | None, primary: str, 
 def results_for_run(run, plan: EvalPlan | None, baseline: dict | None, end: dict) -> dict:
   """eval_results.json of a finished run (without eval.generate: loss, training and leakage)."""
   cfg = run.config
-  from ftjax.data import load_examples, read_options
   baseline = baseline or {}
   loss = {}
   if baseline.get("loss"):
     loss["base"] = baseline["loss"]
   if end.get("eval"):
-    loss["fine-tuned"] = evaluation.loss_metrics(end["eval"]["loss"], end["eval"]["accuracy"])
+    loss["fine-tuned"] = run.objective.report_loss(end["eval"])
   forgot = None
   if baseline.get("forgetting") and end.get("forgetting"):
     forgot = forgetting.compare(baseline["forgetting"], end["forgetting"], cfg.eval.forgetting_threshold)
     forgot["text"] = cfg.eval.forgetting_text or "built-in sample"
   leak = None
   if cfg.data.eval:
-    evals = plan.examples if plan is not None else load_examples(cfg.data.eval, **read_options(cfg.data))
-    leak = evaluation.leakage_summary(load_examples(cfg.data.train, **read_options(cfg.data)), evals,
+    evals = plan.examples if plan is not None else run.objective.read_examples(cfg.data.eval)
+    leak = evaluation.leakage_summary(run.objective.read_examples(cfg.data.train), evals,
                                       cfg.data.check.near_dup)
   common = dict(loss=loss, forgetting_result=forgot, training=end.get("training"), leakage=leak)
   primary = evaluation.metrics.primary(cfg.eval)
@@ -186,7 +191,9 @@ def report(summary: dict) -> str:
   if summary.get("best_step") is not None:
     lines.append(f"best step {summary['best_step']}" + (" (stopped early)" if summary.get("stopped_early") else ""))
   if summary.get("eval"):
-    lines.append(f"eval loss {summary['eval']['loss']:.4f}, token accuracy {summary['eval']['accuracy']:.1%}")
+    ev = summary["eval"]
+    lines.append(f"eval loss {ev['loss']:.4f}" + (f", token accuracy {ev['accuracy']:.1%}" if "accuracy" in ev else "")
+                 + (f", reward accuracy {ev['rewards/accuracies']:.1%}" if "rewards/accuracies" in ev else ""))
   for name, scores in (summary.get("baseline") or {}).items():
     lines.append(f"base model, {name}: {fmt(scores)}")
   if summary.get("finetuned") is not None:

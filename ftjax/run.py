@@ -154,11 +154,12 @@ def quantisation(config) -> dict | None:
 
 
 def _prepare_data(config):
-  if config.data.generate == "quickstart" and not os.path.exists(config.data.train):
-    from ftjax.data import quickstart_task
+  if config.data.generate and not os.path.exists(config.data.train):
+    import importlib
+    task = importlib.import_module(f"ftjax.data.{config.data.generate}_task")
     out_dir = os.path.dirname(config.data.train) or "."
-    quickstart_task.write_splits(out_dir)
-    log.info("wrote the quickstart dataset to %s", out_dir)
+    task.write_splits(out_dir)
+    log.info("wrote the %s dataset to %s", config.data.generate, out_dir)
 
 
 def data_shards(config, share: tuple[int, int]) -> tuple[range, int]:

@@ -164,6 +164,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
                      "set them False and export the checkpoint with `python -m ftjax.export`")
   run, checkpointer = _prepare(config, workdir, allow_config_change)
   plan, baseline, eval_s = _baselines(run, workdir, checkpointer.latest_step() is not None)
+  # The objective's pass over the data before the first step (e.g. reference log-probs, which
+  # must see the starting model), then the state (restored when there is a checkpoint).
+  run.objective.before_training(run, workdir)
   state, data_state = init_or_restore(run, checkpointer)
   writer, resumed_from = _metric_writer(run, workdir, int(state["step"]), data_state)
   try:

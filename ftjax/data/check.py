@@ -294,9 +294,11 @@ def check(config, tokenizer):
   common = dataset_lib.read_options(d)
   del common["skip_invalid"]  # the check reads every record and reports the invalid ones
   common.update(seq_len=d.seq_len, length_policy=d.length_policy)
-  splits = {"train": check_split(d.train, tokenizer, **common)}
+  from ftjax import objectives
+  objective = objectives.get(config)  # its data formats (preference pairs, ...) and rows
+  splits = {"train": objective.check_split(d.train, tokenizer, **common)}
   if d.eval:
-    splits["eval"] = check_split(d.eval, tokenizer, **common)
+    splits["eval"] = objective.check_split(d.eval, tokenizer, **common)
   threshold = float(d.check.near_dup)
   report = {"config": {"train": d.train, "eval": d.eval, "seq_len": d.seq_len,
                        "length_policy": d.length_policy, "on_error": d.check.on_error,
@@ -351,8 +353,8 @@ def check(config, tokenizer):
                                        [float(w) for w in d.mix.split(",")], d.eval_seed)
   for name, examples in kept.items():
     try:
-      stats = token_stats(examples, splits[name].lengths, tokenizer, d,
-                          pack=d.pack if name == "train" else False)
+      stats = objective.token_stats(examples, splits[name].lengths, tokenizer,
+                                    pack=d.pack if name == "train" else False)
     except FtjaxError as e:
       if e.code != "empty_split":
         raise

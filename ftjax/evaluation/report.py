@@ -161,14 +161,21 @@ def _systems_md(report: dict, r: dict, systems: dict) -> list[str]:
 
 def _loss_md(report: dict, r: dict, systems: dict) -> list[str]:
   loss = r.get("loss") or {}
+  if loss and all("perplexity" in v for v in loss.values()):
+    lines = ["## Eval loss (answer tokens, teacher-forced)", "", "| model | loss | perplexity | token accuracy |",
+             "|---|---|---|---|"]
+    for name, v in loss.items():
+      lines.append(f"| {name} | {v['loss']:.4f} | {v['perplexity']:.3f} | {100 * v['token_accuracy']:.1f}% |")
+    return lines + [""]
   if not loss:
     return []
-  lines = ["## Eval loss (answer tokens, teacher-forced)", "", "| model | loss | perplexity | token accuracy |",
-           "|---|---|---|---|"]
+  # another objective's eval metrics (preference: rewards/accuracies, margins, ...)
+  columns = sorted({k for v in loss.values() for k in v if k != "note"})
+  lines = ["## Eval loss and metrics (held-out split)", "", "| model | " + " | ".join(columns) + " |",
+           "|---" * (len(columns) + 1) + "|"]
   for name, v in loss.items():
-    lines.append(f"| {name} | {v['loss']:.4f} | {v['perplexity']:.3f} | {100 * v['token_accuracy']:.1f}% |")
-  lines.append("")
-  return lines
+    lines.append(f"| {name} | " + " | ".join(f"{v[c]:.4g}" if c in v else "" for c in columns) + " |")
+  return lines + [""] + [note + "\n" for note in dict.fromkeys(v["note"] for v in loss.values() if v.get("note"))]
 
 
 def _training_md(report: dict, r: dict, systems: dict) -> list[str]:

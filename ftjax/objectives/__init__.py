@@ -10,9 +10,11 @@ from ftjax import config as config_lib
 from ftjax.errors import FtjaxError
 from ftjax.objectives.base import Objective, refuse_other_blocks
 from ftjax.objectives.classification import Classification
+from ftjax.objectives.dpo import DPO, KTO, ORPO, SimPO
 from ftjax.objectives.sft import SFT
 
-REGISTRY: dict[str, type[Objective]] = {SFT.name: SFT, Classification.name: Classification}
+REGISTRY: dict[str, type[Objective]] = {cls.name: cls for cls in (SFT, Classification, DPO, ORPO,
+                                                                  SimPO, KTO)}
 
 
 def get(config) -> Objective:
@@ -26,4 +28,4 @@ def get(config) -> Objective:
   return objective
 
 
-__all__ = ["Classification", "Objective", "REGISTRY", "SFT", "get"]
+__all__ = ["Classification", "DPO", "KTO", "ORPO", "Objective", "REGISTRY", "SFT", "SimPO", "get"]

@@ -52,6 +52,33 @@ class Objective:
     """A Dataset of `examples` (checked by ftjax.data.check) with `row_spec`'s rows."""
     raise NotImplementedError
 
+  def check_split(self, path, tokenizer, **options):
+    """The data check's reading of one split (a ftjax.data.check.Split): records validated in
+    this objective's data formats, problems at file:line with codes, token lengths."""
+    from ftjax.data import check
+    return check.check_split(path, tokenizer, **options)
+
+  def token_stats(self, examples, lengths, tokenizer, *, pack) -> dict:
+    """The data check's token statistics of the rows `dataset` would build."""
+    from ftjax.data import check
+    return check.token_stats(examples, lengths, tokenizer, self.config.data, pack=pack)
+
+  def report_loss(self, eval_means: dict) -> dict:
+    """The report's eval-loss row of a model from its eval means (train.evaluate_loss)."""
+    from ftjax import evaluation
+    if "accuracy" not in eval_means:  # not a next-token loss: its own means as they are
+      return dict(eval_means)
+    return evaluation.loss_metrics(eval_means["loss"], eval_means["accuracy"])
+
+  def read_examples(self, path: str) -> list:
+    """A split's valid examples, as the report's leakage section compares them."""
+    from ftjax.data import load_examples, read_options
+    return load_examples(path, **read_options(self.config.data))
+
+  def before_training(self, run, workdir: str) -> None:
+    """A pass before the first step, with the run set up and no checkpoint restored yet (the
+    preference objectives' reference log-probs); nothing by default."""
+
   def loss_fn(self, model_cfg, mesh) -> Callable:
     """The step's loss function; hashable (it is a static argument of the jitted step)."""
     raise NotImplementedError
