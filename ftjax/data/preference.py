@@ -35,7 +35,7 @@ import dataclasses
 
 import numpy as np
 
-from ftjax.data import cache, formats, packing, template
+from ftjax.data import cache, formats, packing
 from ftjax.data.check import normalise
 from ftjax.data.sources import Problem, Record
 from ftjax.errors import FtjaxError
