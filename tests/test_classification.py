@@ -16,6 +16,7 @@ from ftjax import peft
 from ftjax.errors import FtjaxError
 from ftjax.models import classifier
 from ftjax.objectives import classification as cls_lib
+from tiny import set_dotted
 
 NUM_LABELS = 5
 # f32 both sides; measured max |diff| 1.4e-7 on logits of order 1 over every family: 1e-5 is
@@ -371,13 +372,7 @@ def _shipped_config(model_dir, intent_dir, **overrides):
   c.model.name_or_path = model_dir
   c.data.train, c.data.eval = str(intent_dir / "train.jsonl"), str(intent_dir / "eval.jsonl")
   c.train.batch_size, c.train.steps, c.mesh.data = 4, 1, 1
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return set_dotted(c, overrides)
 
 
 def test_shipped_config_trains_one_step_and_exports(model_dir, intent_dir, tmp_path):

@@ -131,6 +131,17 @@ def _chosen_nll(per_token, mask):
   return -jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def _length_normalised(forward, model, batch: dict, rng, nll_mask: str):
+  """The reference-free losses' inputs: (chosen, rejected) mean log-prob per completion token,
+  the chosen rows' NLL over `nll_mask`, and which pairs have a chosen completion at all."""
+  rows = pair_rows(batch)
+  per_token = forward.token_logps(model, rows, rng)
+  logps, lens = sequence_sums(per_token, rows)
+  (chosen, rejected), (len_c, _) = _split(logps / jnp.maximum(lens, 1.0)), _split(lens)
+  nll = _chosen_nll(per_token[:chosen.shape[0]], rows[nll_mask][:chosen.shape[0]])
+  return chosen, rejected, nll, len_c > 0
+
+
 @dataclasses.dataclass(frozen=True)
 class ORPOLoss:
   """ORPO: reference-free; the NLL covers the chosen rows' every token (prompt too), as trl:
@@ -139,14 +150,7 @@ class ORPOLoss:
   forward: Forward = Forward()
 
   def __call__(self, model, batch: dict, rng=None) -> dict:
-    rows = pair_rows(batch)
-    per_token = self.forward.token_logps(model, rows, rng)
-    logps, lens = sequence_sums(per_token, rows)
-    avg = logps / jnp.maximum(lens, 1.0)
-    (chosen, rejected), (len_c, _) = _split(avg), _split(lens)
-    b = chosen.shape[0]
-    nll = _chosen_nll(per_token[:b], rows["target_mask"][:b])
-    valid = len_c > 0
+    chosen, rejected, nll, valid = _length_normalised(self.forward, model, batch, rng, "target_mask")
     loss, metrics = preference.orpo_loss(chosen, rejected, nll, beta=self.beta, valid=valid)
     return preference.as_sums(loss, metrics, jnp.sum(valid))
 
@@ -161,14 +165,7 @@ class SimPOLoss:
   forward: Forward = Forward()
 
   def __call__(self, model, batch: dict, rng=None) -> dict:
-    rows = pair_rows(batch)
-    per_token = self.forward.token_logps(model, rows, rng)
-    logps, lens = sequence_sums(per_token, rows)
-    avg = logps / jnp.maximum(lens, 1.0)
-    (chosen, rejected), (len_c, _) = _split(avg), _split(lens)
-    b = chosen.shape[0]
-    nll = _chosen_nll(per_token[:b], rows["loss_mask"][:b])
-    valid = len_c > 0
+    chosen, rejected, nll, valid = _length_normalised(self.forward, model, batch, rng, "loss_mask")
     loss, metrics = preference.simpo_loss(chosen, rejected, nll, beta=self.beta, gamma=self.gamma,
                                           label_smoothing=self.label_smoothing,
                                           cpo_alpha=self.cpo_alpha, valid=valid)
