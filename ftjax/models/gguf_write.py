@@ -131,13 +131,15 @@ def _add_rope_scaling(w: gguf.GGUFWriter, cfg) -> None:
 
 def _add_longrope(w: gguf.GGUFWriter, cfg, scaling: dict) -> None:
   """Phi3MiniModel.generate_extra_tensors: the long / short per-frequency factors as tensors,
-  and the attention factor HF's longrope derives from the context extension."""
+  and the attention factor, which llama.cpp derives from max / original context (HF from
+  `factor` or `attention_factor` when given: a value llama.cpp would not use is refused)."""
   orig = int(scaling["original_max_position_embeddings"])
-  scale = cfg.max_position_embeddings / orig
-  attn = math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
-  if scaling.get("attention_factor") not in (None, attn):
-    raise FtjaxError(f"save_gguf: longrope attention_factor={scaling['attention_factor']} differs "
-                     f"from {attn} (what llama.cpp derives); GGUF cannot carry it")
+  attn = _longrope_attention_factor(cfg.max_position_embeddings / orig, orig)
+  ours = scaling.get("attention_factor") or _longrope_attention_factor(
+      scaling.get("factor") or cfg.max_position_embeddings / orig, orig)
+  if abs(ours - attn) > 1e-6:
+    raise FtjaxError(f"save_gguf: longrope attention factor {ours} differs from {attn}, the one "
+                     "llama.cpp derives from max_position_embeddings / original context")
   w.add_rope_scaling_attn_factors(attn)
   for key, kind in (("long_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_LONG),
                     ("short_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)):
@@ -146,6 +148,10 @@ def _add_longrope(w: gguf.GGUFWriter, cfg, scaling: dict) -> None:
       raise FtjaxError(f"save_gguf: longrope {key} has {factors.size} values, expected "
                        f"{cfg.rotary_dim // 2} (half the rotary dims)")
     w.add_tensor(gguf.TENSOR_NAMES[kind] + ".weight", factors)
+
+
+def _longrope_attention_factor(factor: float, orig: int) -> float:
+  return math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1.0 else 1.0
 
 
 def _add_gemma2_metadata(w: gguf.GGUFWriter, cfg) -> None:
