@@ -267,7 +267,8 @@ def test_unsupported_architecture(tmp_path):
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
   w.close()
-  with pytest.raises(FtjaxError, match=r"architecture='falcon'; supported: llama, qwen2, qwen3, gemma, gemma2, gemma3, phi3$"):
+  with pytest.raises(FtjaxError, match=r"architecture='falcon'; supported: llama, qwen2, qwen3, "
+                                       r"gemma, gemma2, gemma3, phi3$"):
     load_gguf(str(tmp_path / "f.gguf"))
 
 
