@@ -43,6 +43,10 @@ def _family_config(family):
     config.head_dim = 128
   if family == "mistral":
     config.sliding_window = None  # a GGUF file has no sliding window: llama.cpp attends to all
+  if family == "gemma2":
+    # llama.cpp derives query_pre_attn_scalar from the model size (head_dim here) and GGUF has
+    # no key for it: save_gguf refuses the FAMILIES value, 24 (test_gemma_query_scalar_refused)
+    config.query_pre_attn_scalar = config.head_dim
   return config
 
 
@@ -60,12 +64,24 @@ def _hf_folder(folder: str, family: str, tokenizer) -> str:
     for name, p in hf.named_parameters():
       if "norm" in name or name.endswith("bias"):
         p.add_(0.1 * torch.randn_like(p))
+      if hf.config.model_type == "gemma2" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        p.mul_(8.0)  # as hf_models.build: scores of order 1, where the soft-cap bends them
   hf.save_pretrained(folder)
   tokenizer.save(folder)
   return folder
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3", "gemma"])
+# transformers' GGUF reader (5.x) maps none of gemma2 / gemma3 / phi3's soft-caps, window, layer
+# pattern or partial rotary into the config (it keeps the configs' defaults: soft-caps 50 / 30,
+# query_pre_attn_scalar 256, phi3's full rotary; measured: its logits of these f32 files are
+# 0.57 / 0.65 / 0.34 relative max-abs from the HF model's), so it cannot check them: for them the
+# tensors and keys are checked as the `gguf` package reads the bytes (test_new_families_as_
+# the_gguf_package_reads_them) and the logits through ftjax's loader only.
+HF_GGUF_READER = ("llama", "mistral", "qwen2", "qwen3")
+NEW_FAMILIES = ("gemma2", "gemma3", "phi3")
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3", "gemma", *NEW_FAMILIES])
 def exported(request, tmp_path_factory, tokenizer):
   """One family: a ftjax model with a LoRA adapter (random B, so the merge matters), its
   merged twin's logits, and the model exported as every type."""
@@ -134,10 +150,17 @@ def test_export_loads_in_transformers_and_ftjax(exported, type_name):
   merged = exported["merged"]
   reference = _logits(_rounded_model(merged, qtype))
   cfg, params = load_gguf(info["path"])
-  assert cfg.model_type == ("llama" if exported["family"] == "mistral" else exported["family"])
+  assert cfg.model_type == {"mistral": "llama", "gemma3": "gemma3_text"}.get(
+      exported["family"], exported["family"])
+  if exported["family"] in NEW_FAMILIES:  # every switch the family's decoder reads came back
+    fields = ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar", "sliding_window",
+              "layer_types", "rope_theta", "rope_local_theta", "rope_scaling", "head_dim",
+              "partial_rotary_factor", "fused_projections", "sandwich_norms", "qk_norm", "norm_offset")
+    assert {f: getattr(cfg, f) for f in fields} == {f: getattr(merged.config, f) for f in fields}
   ours = _logits(models.from_params(cfg, params))
   assert _rel(ours, reference) < READ_BACK_TOL
-  if exported["family"] != "gemma":  # transformers 5.x: "architecture gemma is not supported yet"
+  # transformers 5.x: "architecture gemma is not supported yet"; gemma2 / 3, phi3: see HF_GGUF_READER
+  if exported["family"] in HF_GGUF_READER:
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         exported["folder"], gguf_file=os.path.basename(info["path"]), dtype=torch.float32).eval()
     with torch.no_grad():
@@ -315,3 +338,101 @@ def test_gguf_package_still_has_no_k_quant_quantiser(k_quant):
     gguf.quants.quantize(block, qtype)
   from ftjax.models.gguf_write import TYPES
   assert not any(t.startswith(k_quant.lower()) for t in TYPES)
+
+
+# --- Gemma 2 / Gemma 3 / Phi-3: llama.cpp's keys and tensors, as the gguf package reads them ---
+
+def _merged_hf_weights(merged) -> dict:
+  """The merged model's weights under their HF names, in HF's [out, in] layout."""
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(merged, nnx.Param)))
+  out = {}
+  for spec in param_specs(merged.config):
+    w = np.asarray(get_path(params, spec.path), np.float32)
+    for i, name in enumerate(spec.hf_names(merged.config.num_layers)):
+      x = w[i] if spec.stacked else w
+      out[name] = x.T if spec.transpose else x
+  return out
+
+
+# Keys convert_hf_to_gguf's Gemma2Model / Gemma3Model / Phi3MiniModel write, with the tiny
+# configs' values (tests/hf_models.FAMILIES), plus the layer pattern / local base save_gguf adds.
+EXPECTED_KEYS = {
+    "gemma2": {"attn_logit_softcapping": 2.0, "final_logit_softcapping": 1.5,
+               "attention.sliding_window": 4, "attention.sliding_window_pattern": [True, False, True],
+               "attention.key_length": 16},
+    "gemma3": {"attention.sliding_window": 4, "attention.sliding_window_pattern": [True, True, False],
+               "rope.freq_base": 50000.0, "rope.freq_base_swa": 100.0, "rope.scaling.type": "linear",
+               "rope.scaling.factor": 4.0, "attention.key_length": 16},
+    "phi3": {"rope.dimension_count": 8, "attention.sliding_window": 8,
+             "rope.scaling.original_context_length": 256},
+}
+
+
+@pytest.mark.parametrize("exported", NEW_FAMILIES, indirect=True)
+def test_new_families_as_the_gguf_package_reads_them(exported):
+  """gemma2 / gemma3 / phi3 (which transformers' GGUF reader cannot check, see HF_GGUF_READER):
+  the `gguf` package's reader finds llama.cpp's architecture, keys and tensor names (gguf-py's
+  own table for the architecture), and every tensor's bytes are the merged model's weight in
+  HF's layout, gemma's norms as 1 + w, phi3's qkv / gate_up fused as convert_hf_to_gguf keeps them."""
+  family = arch = exported["family"]  # llama.cpp's names are the families' here
+  meta = read_gguf_metadata(exported["files"]["f32"]["path"])
+  assert meta["general.architecture"] == arch
+  for key, value in EXPECTED_KEYS[family].items():
+    assert meta.get(f"{arch}.{key}") == pytest.approx(value), key
+  if family == "gemma3":  # Gemma 3 has no attention soft-cap; this config no final one either
+    assert f"{arch}.attn_logit_softcapping" not in meta and f"{arch}.final_logit_softcapping" not in meta
+  reader = gguf.GGUFReader(exported["files"]["f32"]["path"])
+  arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+  layers = exported["merged"].config.num_layers
+  allowed = {gguf.TENSOR_NAMES[t].format(bid=i) for t in gguf.MODEL_TENSORS[arch_id]
+             for i in range(layers)}
+  names = gguf.get_tensor_name_map(arch_id, layers)
+  weights = _merged_hf_weights(exported["merged"])
+  stored = {t.name: np.asarray(t.data) for t in reader.tensors}
+  assert len(stored) == len(weights)
+  for hf_name, w in weights.items():
+    base, suffix = hf_name.rsplit(".", 1)
+    name = f"{names.get_name(base)}.{suffix}"
+    assert name.rsplit(".", 1)[0] in allowed, name
+    expected = w + 1 if family != "phi3" and name.endswith("norm.weight") else w
+    np.testing.assert_array_equal(stored[name], expected, err_msg=name)
+  if family == "phi3":
+    assert "blk.0.attn_qkv.weight" in stored and "blk.0.attn_q.weight" not in stored
+    assert stored["blk.0.ffn_up.weight"].shape == (2 * 96, 64)  # [gate | up] rows, as HF's
+  else:
+    assert "blk.2.post_ffw_norm.weight" in stored and "output.weight" not in stored  # tied head
+
+
+@pytest.mark.parametrize("exported", ["gemma2"], indirect=True)
+def test_gemma_query_scalar_llama_cpp_cannot_derive_is_refused(exported, tmp_path):
+  """llama.cpp derives Gemma 2 / 3's query_pre_attn_scalar from the model size; a file of a
+  model with another one would run with other logits there, so none is written."""
+  merged = exported["merged"]
+  params = nnx.to_pure_dict(nnx.state(merged, nnx.Param))
+  model = models.from_params(merged.config.replace(query_pre_attn_scalar=24.0), params)
+  with pytest.raises(FtjaxError, match="query_pre_attn_scalar=24, but llama.cpp derives 16"):
+    save_gguf(model, str(tmp_path / "x.gguf"), exported["tokenizer"], type="f32")
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("exported", ["phi3"], indirect=True)
+def test_phi3_longrope_factors_round_trip(exported, tmp_path):
+  """Phi-3's longrope (128k models): the long / short factors as llama.cpp's rope_factors_long /
+  _short tensors and the attention factor key; ftjax reads the same scaling back, and the
+  logits of a sequence past the original context (long factors in use) are the model's."""
+  merged = exported["merged"]
+  scaling = {"rope_type": "longrope", "long_factor": (1.0, 1.5, 2.0, 4.0),
+             "short_factor": (1.0, 1.0, 1.25, 1.5), "original_max_position_embeddings": 8}
+  cfg = merged.config.replace(rope_scaling=tuple(sorted(scaling.items())))
+  model = models.from_params(cfg, nnx.to_pure_dict(nnx.state(merged, nnx.Param)))
+  path = str(tmp_path / "longrope.gguf")
+  save_gguf(model, path, exported["tokenizer"], type="f32")
+  meta = read_gguf_metadata(path)
+  assert meta["phi3.rope.scaling.attn_factor"] == pytest.approx(np.sqrt(1 + np.log(256 / 8) / np.log(8)))
+  stored = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(path).tensors}
+  np.testing.assert_array_equal(stored["rope_factors_long.weight"], scaling["long_factor"])
+  np.testing.assert_array_equal(stored["rope_factors_short.weight"], scaling["short_factor"])
+  back, params = load_gguf(path)
+  assert dict(back.rope_scaling) == scaling
+  assert IDS.shape[1] > 8  # past the original context: the long factors and the attention factor
+  assert _rel(_logits(models.from_params(back, params)), _logits(model)) < READ_BACK_TOL
