@@ -63,7 +63,8 @@ def evaluate_loss(run: Run, eval_fn, trainable, max_batches: int = 0) -> dict:
     sums = {k: sums.get(k, 0.0) + float(v) for k, v in out.items()}
   # The objective's sums, as means per counted target (as the train step reports them).
   count = max(sums.pop("count", 0.0), 1.0)
-  out = {k: v / count for k, v in sums.items()}
+  out = {k: v / (max(sums[k + "__count"], 1.0) if k + "__count" in sums else count)
+         for k, v in sums.items() if not k.endswith("__count")}
   if "loss_sum" in out:
     out["loss"] = out.pop("loss_sum")
   return out
@@ -253,16 +254,21 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
   # train.epochs: exactly that many passes (with data shards, train.steps as auto.resolve set it)
   budget = row_budget(cfg, loader.num_rows) if hasattr(loader, "num_rows") else None
 
-  def next_batch():
-    n = cfg.train.batch_size
+  def take_rows(want: int) -> dict:
+    n = want
     if budget is not None:
       pos = loader.get_state()
       n = max(0, min(n, budget - pos["epoch"] * loader.num_rows - pos["row"]))
     rows = loader.next_batch(n) if n else {k: v[:0] for k, v in loader.rows.items()}
-    if n < cfg.train.batch_size:  # the last step of an epochs run: padding rows train nothing
-      rows = {k: np.concatenate([v, np.zeros((cfg.train.batch_size - n,) + v.shape[1:], v.dtype)])
+    if n < want:  # the last step of an epochs run: padding rows train nothing
+      rows = {k: np.concatenate([v, np.zeros((want - n,) + v.shape[1:], v.dtype)])
               for k, v in rows.items()}
-    return run.place_batch(rows)
+    return rows
+
+  def next_batch(state):
+    # The objective turns the data's rows into the step's (SFT: as they are; an RL objective
+    # samples completions from the current params here, so it is given the state).
+    return run.place_batch(run.objective.next_rows(run, state, take_rows))
 
   seq = cfg.data.seq_len
   n_train = sum(x.size for x in jax.tree.leaves(state["trainable"]))
@@ -271,7 +277,7 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
   # `position`: where the first batch not yet trained on starts; that is what a checkpoint saves
   # (the loader itself runs one batch ahead, fetching while the device computes).
   position = loader.get_state()
-  batch = next_batch()
+  batch = next_batch(state)
   t0 = time.perf_counter()
   compiled = train_step.lower(state, run.frozen, batch).compile()
   compile_s = time.perf_counter() - t0
@@ -296,7 +302,7 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
     state, metrics = compiled(state, run.frozen, batch)
     position = loader.get_state()
     if step + 1 < cfg.train.steps:
-      batch = next_batch()  # overlaps with the device computing this step
+      batch = next_batch(state)  # overlaps with the device computing this step
     done = step + 1
     if not bool(metrics["finite"]):  # the step left the state unchanged (ftjax/step.py)
       loss = float(metrics["loss"])
