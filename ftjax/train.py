@@ -51,7 +51,7 @@ STEP_KEYS = ("loss", "count", "grad_norm", "finite", "lr")
 
 
 def evaluate_loss(run: Run, eval_fn, trainable, max_batches: int = 0) -> dict:
-  if run.eval_ds is None:
+  if run.eval_ds is None or not run.objective.eval_loss:
     return {}
   loader = run.eval_ds.batches(run.config.train.batch_size // run.config.train.grad_accum,
                                shuffle=False, repeat=False)
@@ -229,6 +229,10 @@ def _end(run: Run, workdir: str, checkpoint_dir: str, plan, baseline, summary: d
   write_json(summary_path, summary)
   if cfg.eval.report:
     evaluation.report.write(workdir)
+    section = run.objective.report_section(summary)
+    if section:
+      with open(os.path.join(workdir, "report.md"), "a") as f:
+        f.write("\n" + section)
     log.info("wrote %s", os.path.join(workdir, "report.md"))
   print(evaluate.report(summary), file=sys.stderr)
   return summary
@@ -431,6 +435,7 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
              "best_step": training.get("best_step"), "stopped_early": stopped_at is not None,
              "train_s": train_s, "end_eval_seconds": time.perf_counter() - end_t,
              "train_data": run.train_ds.summary}
+  summary.update(run.objective.end_eval(run, trainable))  # GRPO: eval rewards, base vs tuned
   return summary, end
 
 

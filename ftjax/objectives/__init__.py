@@ -10,9 +10,10 @@ from ftjax import config as config_lib
 from ftjax.errors import FtjaxError
 from ftjax.objectives.base import Objective, refuse_other_blocks
 from ftjax.objectives.dpo import DPO, KTO, ORPO, SimPO
+from ftjax.objectives.grpo import GRPO
 from ftjax.objectives.sft import SFT
 
-REGISTRY: dict[str, type[Objective]] = {cls.name: cls for cls in (SFT, DPO, ORPO, SimPO, KTO)}
+REGISTRY: dict[str, type[Objective]] = {cls.name: cls for cls in (SFT, DPO, ORPO, SimPO, KTO, GRPO)}
 
 
 def get(config) -> Objective:
@@ -26,4 +27,4 @@ def get(config) -> Objective:
   return objective
 
 
-__all__ = ["DPO", "KTO", "ORPO", "Objective", "REGISTRY", "SFT", "SimPO", "get"]
+__all__ = ["DPO", "GRPO", "KTO", "ORPO", "Objective", "REGISTRY", "SFT", "SimPO", "get"]
