@@ -363,7 +363,8 @@ def test_data_check_names_bad_prompts_at_file_line_and_over_long_ones(model_dir,
   c = _example_config(model_dir, tmp_path)
   c.data.train, c.data.eval = str(tmp_path / "train.jsonl"), ""
   c.data.generate = ""
-  report = check_lib.check(c)
+  from ftjax.models.resolve import tokenizer_for
+  report, _ = check_lib.check(c, tokenizer_for(model_dir))
   where = {p["code"]: p["where"] for p in report["problems"]}
   path = str(tmp_path / "train.jsonl")
   assert where["missing_field"] == f"{path}:2"
