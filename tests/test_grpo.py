@@ -309,18 +309,25 @@ def _rows(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_example_config_trains_a_grpo_step_with_trl_metric_names_and_a_reward_eval(model_dir, tmp_path):
-  """One LoRA GRPO step of configs/grpo.py on generated arithmetic: TRL's metric names under
-  train/ (kl with beta > 0: 0 at the first step, the fresh adapter computes as the reference),
-  rollout tokens/s, and the base-vs-tuned greedy reward eval in summary.json and report.md."""
-  c = _example_config(model_dir, tmp_path, **{"grpo.beta": 0.04})
+def test_example_config_trains_grpo_with_trl_metric_names_reuse_and_a_reward_eval(model_dir, tmp_path):
+  """Two LoRA GRPO steps of configs/grpo.py on generated arithmetic with num_iterations=2 and
+  beta > 0 (one train() call: each costs ~1 min on the shared CPUs): TRL's metric names under
+  train/, kl 0 at the first step (the fresh adapter computes as the reference), both steps
+  training the same rollouts (same rewards and lengths) with old_logps kept, and the
+  base-vs-tuned greedy reward eval in summary.json and report.md."""
+  c = _example_config(model_dir, tmp_path, **{"grpo.beta": 0.04, "grpo.num_iterations": 2})
+  c.train.steps = 2
+  assert "old_logps" in objectives.get(c).row_spec()
   workdir = str(tmp_path / "run")
   summary = train_lib.train(c, workdir)
-  first = next(r for r in _rows(workdir) if "train/loss" in r)
+  rows = [r for r in _rows(workdir) if "train/loss" in r]
+  assert len(rows) == 2
   for name in GRPO_METRICS:
-    assert f"train/{name}" in first, name
-  assert abs(first["train/kl"]) < 1e-6
-  assert first["train/completion_length"] >= 1 and first["train/rollout_tokens_per_s"] > 0
+    assert f"train/{name}" in rows[0], name
+  assert abs(rows[0]["train/kl"]) < 1e-6
+  assert rows[0]["train/completion_length"] >= 1 and rows[0]["train/rollout_tokens_per_s"] > 0
+  for key in ("train/reward", "train/completion_length", "train/rollout_tokens_per_s"):
+    assert rows[0][key] == rows[1][key], key  # the second iteration of the same rollouts
   ev = summary["reward_eval"]
   for side in ("base", "tuned"):
     assert ev[side]["prompts"] == 2 and 0.0 <= ev[side]["reward"] <= 1.5
@@ -330,22 +337,6 @@ def test_example_config_trains_a_grpo_step_with_trl_metric_names_and_a_reward_ev
   report = open(os.path.join(workdir, "report.md")).read()
   assert "## GRPO: eval rewards" in report and "rewards/exact_answer" in report
   assert os.path.exists(os.path.join(workdir, "grpo_base_eval.json"))
-
-
-def test_num_iterations_trains_one_rollout_batch_that_many_times(model_dir, tmp_path):
-  """grpo.num_iterations=2: steps 1 and 2 train the same rollouts (same rewards and lengths;
-  the data position moves once), with the sampling log-probs kept as old_logps."""
-  c = _example_config(model_dir, tmp_path, **{"grpo.num_iterations": 2, "grpo.max_new_tokens": 8})
-  c.train.steps, c.train.lr = 3, 1e-2
-  assert "old_logps" in objectives.get(c).row_spec()
-  workdir = str(tmp_path / "run")
-  train_lib.train(c, workdir)
-  rows = [r for r in _rows(workdir) if "train/loss" in r]
-  assert len(rows) == 3
-  for key in ("train/reward", "train/completion_length", "train/rollout_tokens_per_s"):
-    assert rows[0][key] == rows[1][key], key
-  # step 2's ratio is new/old policy after one update: the clip statistic is defined (finite)
-  assert np.isfinite(rows[1]["train/clip_ratio/region_mean"])
 
 
 def _write_jsonl(path, records):
