@@ -400,3 +400,9 @@ def test_arithmetic_task_answers_are_right():
   for p in arithmetic_task.make_problems(50, seed=1):
     a, op, b = p["prompt"].split("?")[0].split()[2:5]
     assert int(p["answer"]) == eval(f"{int(a)} {op} {int(b)}")  # noqa: S307 - our own digits
+
+
+def test_answer_format_wants_exactly_one_non_empty_tag():
+  got = grpo_rewards.answer_format(["p"] * 4, ["<answer>85</answer>", "85", "<answer> </answer>",
+                                               "<answer>1</answer><answer>2</answer>"])
+  assert got == [1.0, 0.0, 0.0, 0.0]
