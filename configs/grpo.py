@@ -46,6 +46,7 @@ def get_config(runlocal: str = ""):
   c.train.eval_every = 0  # the reward eval runs at the end (base vs tuned)
 
   c.eval.generate = False  # GRPO's own eval: rewards of greedy answers to the eval prompts
+  c.eval.metrics = "loss"  # no generation metric (GRPO has no eval loss either: nothing stops early)
   c.eval.forgetting = False
   c.eval.max_examples = 50
 

@@ -332,10 +332,11 @@ def test_example_config_trains_grpo_with_trl_metric_names_reuse_and_a_reward_eva
   for side in ("base", "tuned"):
     assert ev[side]["prompts"] == 2 and 0.0 <= ev[side]["reward"] <= 1.5
     assert len(ev[side]["reward_ci95"]) == 2 and ev[side]["samples"]
+    assert 0.0 <= ev[side]["sampled"]["reward"] <= 1.5
   with open(os.path.join(workdir, "summary.json")) as f:
     assert json.load(f)["reward_eval"]["tuned"]["reward"] == ev["tuned"]["reward"]
   report = open(os.path.join(workdir, "report.md")).read()
-  assert "## GRPO: eval rewards" in report and "rewards/exact_answer" in report
+  assert "## GRPO: eval rewards" in report and "rewards/exact_answer (sampled, T=1.0)" in report
   assert os.path.exists(os.path.join(workdir, "grpo_base_eval.json"))
 
 
@@ -375,6 +376,7 @@ def test_data_check_names_bad_prompts_at_file_line_and_over_long_ones(model_dir,
     ({"grpo.reward_funcs": ""}, "grpo.reward_funcs is empty"),
     ({"grpo.num_iterations": 0}, "grpo.num_iterations=0; expected >= 1"),
     ({"grpo.beta": 0.1, "method": "full"}, "grpo.beta > 0 needs a reference model; under method=full"),
+    ({"data.shards": 2}, "objective=grpo runs on one process with data.shards 0 or 1"),
 ])
 def test_bad_grpo_config_is_named(model_dir, tmp_path, overrides, message):
   c = _example_config(model_dir, tmp_path)

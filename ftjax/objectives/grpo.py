@@ -13,7 +13,7 @@ grpo.num_iterations > 1: one batch of rollouts is trained num_iterations times, 
 log-probs ("old_logps") computed once when it is sampled. A resumed run samples a new batch
 (the reuse count is not checkpointed).
 
-Eval: the eval prompts answered greedily by the starting model (before training: the base, the
+Eval: the eval prompts answered greedily (and once sampled) by the starting model (before training: the base, the
 adapters not trained yet) and by the tuned one at the end, mean reward and per-function means
 with bootstrap 95% CIs, in summary.json ("reward_eval") and report.md, with a few samples.
 """
@@ -104,6 +104,11 @@ class GRPO(Objective):
       raise FtjaxError("config: grpo.beta > 0 needs a reference model; under method=full there "
                        "is no adapter to disable and ftjax does not store a copy of the starting "
                        "weights yet: set grpo.beta=0 or train an adapter (method=lora)")
+    if self.config.data.shards > 1 or jax.process_count() > 1:
+      # a prompt row's "index" names an example of the one train Dataset; shards would need
+      # their own lookup (not built yet)
+      raise FtjaxError("config: objective=grpo runs on one process with data.shards 0 or 1 for "
+                       f"now (data.shards={self.config.data.shards}, {jax.process_count()} processes)")
     self.rewards  # noqa: B018 - names an empty or unimportable grpo.reward_funcs now
 
   # --- rows ---
@@ -319,15 +324,23 @@ class GRPO(Objective):
     items = [ds.examples[i] for i in ds.rows["index"][:n]]
     eos = stop_ids(run.model_cfg, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    chunk = self.config.train.batch_size
-    completions = []
-    for i in range(0, n, chunk):
-      completions += generate_ids(model, prompts[i:i + chunk], self.block.max_new_tokens,
-                                  temperature=0.0, eos_ids=eos, pad_id=pad)
-    per_func, total = self._score(items, completions, tok)
-    out = {"prompts": n, **_mean_ci(total, "reward", self.config.eval.bootstrap)}
-    for j, name in enumerate(self.rewards.names):
-      out.update(_mean_ci(per_func[:, j], f"rewards/{_fn_name(name)}", self.config.eval.bootstrap))
+    chunk, b = self.config.train.batch_size, self.block
+
+    def answer(temperature):
+      completions = []
+      for i in range(0, n, chunk):
+        completions += generate_ids(model, prompts[i:i + chunk], b.max_new_tokens,
+                                    temperature=temperature, seed=self.config.train.seed,
+                                    eos_ids=eos, pad_id=pad, top_k=b.top_k, top_p=b.top_p)
+      per_func, total = self._score(items, completions, tok)
+      out = _mean_ci(total, "reward", self.config.eval.bootstrap)
+      for j, name in enumerate(self.rewards.names):
+        out.update(_mean_ci(per_func[:, j], f"rewards/{_fn_name(name)}", self.config.eval.bootstrap))
+      return out, completions, total
+
+    greedy, completions, total = answer(0.0)
+    # one completion per prompt sampled as the rollouts are (grpo.temperature, top_k, top_p)
+    out = {"prompts": n, **greedy, "sampled": answer(b.temperature)[0]}
     out["samples"] = [{"prompt": _text(items[i].raw_prompt),
                        "completion": tok.decode(completions[i], skip_special_tokens=True),
                        "reward": None if np.isnan(total[i]) else float(total[i])}
@@ -346,6 +359,9 @@ class GRPO(Objective):
     fmt = lambda r, k: (f"{r[k]:.3f} [{r[k + '_ci95'][0]:.3f}, {r[k + '_ci95'][1]:.3f}]"
                         if r and r.get(k) is not None else "n/a")
     lines += [f"| {k} | {fmt(base, k)} | {fmt(tuned, k)} |" for k in keys]
+    sampled = lambda r: r.get("sampled") if r else None
+    lines += [f"| {k} (sampled, T={self.block.temperature}) | {fmt(sampled(base), k)} | "
+              f"{fmt(sampled(tuned), k)} |" for k in keys]
     for label, result in (("base", base), ("tuned", tuned)):
       for s in (result or {}).get("samples", []):
         lines += ["", f"**{label}**, reward {s['reward']}: prompt `{_short(s['prompt'])}` -> "
