@@ -22,7 +22,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LENGTH_POLICIES = ("truncate", "drop", "error")
 NONFINITE_POLICIES = ("stop", "skip")
 ON_ERROR_POLICIES = ("fail", "skip")
-GENERATED = ("", "quickstart", "preference")  # data.generate: ftjax/data/<name>_task.py
+GENERATED = ("", "quickstart", "preference", "arithmetic")  # data.generate: ftjax/data/<name>_task.py
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -300,6 +300,35 @@ def base_config() -> ml_collections.ConfigDict:
   c.kto.desirable_weight = 1.0  # loss weight of desirable (label true) examples
   c.kto.undesirable_weight = 1.0  # loss weight of undesirable (label false) examples
   c.kto.precompute_ref_logps = False  # as dpo.precompute_ref_logps
+
+  # GRPO (docs/methods.md): RL from verifiable rewards, TRL GRPOTrainer's names and defaults.
+  # Data: {"prompt": str | messages, ...other columns} (the columns go to the reward functions).
+  # train.batch_size counts completions: batch_size / num_generations prompts per step.
+  c.grpo = ml_collections.ConfigDict()  # objective = "grpo"
+  c.grpo.num_generations = 8  # completions sampled per prompt (G); divides train.batch_size
+  # Tokens sampled per completion at most (TRL's max_completion_length); a prompt gets
+  # data.seq_len - max_new_tokens tokens.
+  c.grpo.max_new_tokens = 256
+  c.grpo.temperature = 1.0  # sampling temperature of the rollouts (the loss's logits use it too)
+  c.grpo.top_p = 1.0  # nucleus sampling mass of the rollouts (1: all tokens)
+  c.grpo.top_k = 0  # sample among the k most likely tokens (0: all)
+  # grpo (mean per completion) | bnpo (mean per token) | dapo (per token over the window) |
+  # dr_grpo (per completion x max_new_tokens: no length bias)
+  c.grpo.loss_type = "dapo"
+  c.grpo.epsilon = 0.2  # clip the probability ratio below at 1 - epsilon
+  c.grpo.epsilon_high = 0.0  # ... and above at 1 + epsilon_high (0: the same as epsilon)
+  # KL-to-reference weight (k3 estimator); the reference is the model with its adapters
+  # disabled (under method=full not available yet: keep 0)
+  c.grpo.beta = 0.0
+  c.grpo.num_iterations = 1  # updates per batch of rollouts (> 1: the sampling log-probs are kept)
+  c.grpo.scale_rewards = "group"  # advantage divided by the group's std | batch | none (Dr. GRPO)
+  # Completions cut at max_new_tokens without a stop token train nothing (DAPO's overlong filter)
+  c.grpo.mask_truncated_completions = False
+  # Comma-separated reward functions: built in exact_answer, answer_format, json_valid,
+  # length_penalty, or "pkg.module:fn" with TRL's signature fn(prompts, completions, **columns)
+  # -> list[float | None]
+  c.grpo.reward_funcs = ""
+  c.grpo.reward_weights = ""  # comma-separated weights, one per reward function ("": all 1)
 
   c.lock()
   return c

@@ -48,7 +48,7 @@ RESUME_SAFE_KEYS = ("train.log_every", "train.eval_every", "train.eval_batches",
 
 
 def evaluate_loss(run: Run, eval_fn, trainable, max_batches: int = 0) -> dict:
-  if run.eval_ds is None:
+  if run.eval_ds is None or not run.objective.eval_loss:
     return {}
   loader = run.eval_ds.batches(run.config.train.batch_size // run.config.train.grad_accum,
                                shuffle=False, repeat=False)
@@ -276,6 +276,10 @@ def _end(run: Run, workdir: str, checkpoint_dir: str, plan, baseline, summary: d
   write_json(os.path.join(workdir, "summary.json"), summary)
   if cfg.eval.report:
     evaluation.report.write(workdir)
+    section = run.objective.report_section(summary)
+    if section:
+      with open(os.path.join(workdir, "report.md"), "a") as f:
+        f.write("\n" + section)
     log.info("wrote %s", os.path.join(workdir, "report.md"))
   print(evaluate.report(summary), file=sys.stderr)
   return summary
@@ -435,6 +439,7 @@ def _finish(loop: Loop, hooks: Sequence[Hook]) -> tuple[dict, dict | None]:
              "train_s": loop.train_s,
              "end_eval_seconds": time.perf_counter() - end_t + (loop.final or {}).get("seconds", 0.0),
              "train_data": loop.run.train_ds.summary}
+  summary.update(loop.run.objective.end_eval(loop.run, trainable))  # GRPO: eval rewards, base vs tuned
   return summary, end
 
 

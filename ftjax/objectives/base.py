@@ -39,6 +39,10 @@ class Objective:
   # changed key in another objective's block: it would silently do nothing.
   config_block: ClassVar[str | None] = None
 
+  # The eval split's rows have a loss (evaluate_loss); GRPO's eval prompts have none: it scores
+  # them with its rewards in `end_eval` instead.
+  eval_loss: ClassVar[bool] = True
+
   def __init__(self, config):
     self.config = config
 
@@ -78,6 +82,15 @@ class Objective:
   def before_training(self, run, workdir: str) -> None:
     """A pass before the first step, with the run set up and no checkpoint restored yet (the
     preference objectives' reference log-probs); nothing by default."""
+
+  def end_eval(self, run, trainable) -> dict:
+    """Entries for summary.json measured on the trained params at the end of the run (GRPO:
+    the eval prompts' rewards, base vs tuned); nothing by default."""
+    return {}
+
+  def report_section(self, summary: dict) -> str:
+    """Markdown appended to report.md from the summary (GRPO: its reward eval); none by default."""
+    return ""
 
   def loss_fn(self, model_cfg, mesh) -> Callable:
     """The step's loss function; hashable (it is a static argument of the jitted step)."""
