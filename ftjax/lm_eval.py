@@ -97,6 +97,8 @@ class FtjaxLM(TemplateLM):
     if str(batch_size).startswith("auto"):
       batch_size = 8  # no memory probing: a fixed default
     self.batch_size = int(batch_size)
+    if self.batch_size < 1:
+      raise FtjaxError(f"lm_eval model ftjax: batch_size={batch_size}; expected a number >= 1 or 'auto'")
     self._max_length = int(max_length or self.model.config.max_position_embeddings)
     self.max_gen_toks = int(max_gen_toks)
     self.seed = int(seed)

@@ -26,9 +26,14 @@ SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."
 # module fixtures (a trained run, a loaded model, the notebook kernels) are built once, and the
 # long modules start first so the two workers end together instead of one running a long
 # module alone at the end.
-SLOWEST_FIRST = ["test_notebooks", "test_train", "test_multihost", "test_faults", "test_models",
+# Whole modules go to a worker (--dist loadfile), so the long ones must start first or one
+# worker runs the tail alone (a clean-clone CI with the newest modules unranked, so last: 1085 s,
+# its last 6% of tests taking 4.5 min).
+SLOWEST_FIRST = ["test_notebooks", "test_train", "test_multihost", "test_preference",
+                 "test_classification", "test_faults", "test_models", "test_grpo", "test_moe",
                  "test_bench", "test_lm_eval", "test_evaluate", "test_gguf_export", "test_peft",
-                 "test_generate", "test_step", "test_quant", "test_gguf", "test_cost"]
+                 "test_generate", "test_step", "test_quant", "test_gguf", "test_cost", "test_hooks",
+                 "test_run_build", "test_objectives"]
 
 
 @pytest.hookimpl(tryfirst=True)  # before plugins that reorder on purpose (--ff, pytest-randomly)

@@ -98,7 +98,10 @@ def score(model, tokenizer, eval_cfg, max_length: int | None = None) -> dict:
   from lm_eval import evaluator
   from ftjax.lm_eval import FtjaxLM
   manager, tasks = resolve(eval_cfg.lm_eval_tasks)
-  lm = FtjaxLM.from_model(model, tokenizer, batch_size=eval_cfg.batch_size, max_length=max_length)
+  # eval.batch_size 0 means "as few batches as memory allows" for ftjax's own decoding
+  # (ftjax.generate); the harness adapter takes a fixed size, so 0 is its default of 8 here.
+  lm = FtjaxLM.from_model(model, tokenizer, batch_size=eval_cfg.batch_size or 8,
+                          max_length=max_length)
   out = evaluator.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager,
                                   limit=eval_cfg.lm_eval_limit or None, log_samples=False,
                                   bootstrap_iters=eval_cfg.bootstrap)
