@@ -42,12 +42,7 @@ from flax import nnx
 
 from ftjax.models import ops
 from ftjax.models.config import ModelConfig
-
-
-def axes(*names: str | None) -> dict:
-  """Variable metadata naming each dim logically (no eager placement: params are placed by
-  ftjax.parallel.sharding after loading)."""
-  return {"out_sharding": names, "eager_sharding": False}
+from ftjax.nnx_utils import axes
 
 
 class RMSNorm(nnx.Module):

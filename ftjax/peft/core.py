@@ -29,6 +29,8 @@ import numpy as np
 from flax import nnx
 
 from ftjax.errors import FtjaxError
+from ftjax.nnx_utils import get_module, logical_name, replace_module
+from ftjax.quant.linear import QuantCodes, QuantStat
 
 
 def check_adapter_name(name) -> str:
@@ -226,12 +228,6 @@ def _name(path: Sequence) -> str:
   return "/".join(str(p) for p in path)
 
 
-def logical_name(path: str) -> str:
-  """A module's path as if no adapter wrapped it: "q_proj/base_layer" is "q_proj" (a layer with
-  several named adapters sits in a chain of wrappers, each holding the next as base_layer)."""
-  return "/".join(p for p in path.split("/") if p != "base_layer")
-
-
 def stack_sizes(model: nnx.Module) -> dict[str, int]:
   """Path of each vmapped layer stack ("model/layers") -> its number of layers."""
   out = {}
@@ -363,22 +359,6 @@ def find_modules_to_save(model: nnx.Module, names, taken: set[str]) -> list[tupl
   return [(n, m) for n, m in found if not any(n.startswith(o + "/") for o, _ in found)]
 
 
-def get_module(model: nnx.Module, path: str) -> nnx.Module:
-  node = model
-  for key in path.split("/"):
-    node = node[int(key)] if key.isdigit() else getattr(node, key)
-  return node
-
-
-def replace_module(model: nnx.Module, path: str, new: nnx.Module) -> None:
-  *parents, last = path.split("/")
-  parent = get_module(model, "/".join(parents)) if parents else model
-  if last.isdigit():
-    parent[int(last)] = new
-  else:
-    setattr(parent, last, new)
-
-
 def adapter_layers(model: nnx.Module) -> Iterator[tuple[str, AdapterLayer]]:
   """(path, wrapper) of every attached adapter layer."""
   for path, module in nnx.iter_modules(model):
@@ -480,7 +460,6 @@ def refuse_unsupported(raw: dict, defaults: dict) -> None:
 def count_params(model: nnx.Module, trainable=AdapterParam) -> tuple[int, int]:
   """(trainable, all) parameter counts; `trainable` is an nnx filter (default: the adapters).
   Adapter rows of stacked layers a layers_to_transform mask leaves out are not counted."""
-  from ftjax.quant.linear import QuantCodes, QuantStat
 
   def per_element(v) -> int:  # packed 4-bit codes count two per byte, int8 one; their block
     if isinstance(v, QuantCodes):  # statistics not at all (as PEFT counts bitsandbytes)
