@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
+from ftjax.data.formats import parse_fields as fields
 from ftjax.errors import FtjaxError
 from ftjax.models.ops import ATTENTION_BACKENDS, REMAT_POLICIES
 
@@ -17,6 +18,7 @@ from ftjax.models.ops import ATTENTION_BACKENDS, REMAT_POLICIES
 METHODS = ("lora", "qlora", "ia3", "prompt", "prefix", "adapter", "full")
 MERGEABLE = ("lora", "qlora", "ia3", "full")  # adapters with a merged form (export.merged)
 QUANT_TYPES = ("", "nf4", "fp4", "int8")
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # log.trackers: what ftjax.metrics can write to
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LENGTH_POLICIES = ("truncate", "drop", "error")
@@ -117,7 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.mix = ""  # one weight per data.train source, e.g. "3,1": drawn in that proportion
   c.data.eval_fraction = 0.0  # without data.eval: hold out this fraction of the train records
   c.data.eval_seed = 0  # which records are held out (and the order of a mix)
-  # `python -m ftjax.data check` (ftjax/data/check.py): what to do with invalid records, and leakage.
+  # `python -m ftjax.data check` (ftjax/data/selection.py): what to do with invalid records, and leakage.
   c.data.check = ml_collections.ConfigDict()
   c.data.check.on_error = "fail"  # fail: stop, listing every problem | skip: drop bad records, count them
   c.data.check.drop_leaked = False  # drop train examples whose input (near-)duplicates an eval input
@@ -239,7 +241,6 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _trackers_ok(spec) -> bool:
-  from ftjax.metrics import TRACKERS
   return all(n.strip() in TRACKERS for n in str(spec).split(",") if n.strip())
 
 
@@ -364,15 +365,6 @@ def quant_type(c: ml_collections.ConfigDict) -> str:
 def methods(c: ml_collections.ConfigDict) -> tuple[str, ...]:
   """"lora+prompt" -> ("lora", "prompt")."""
   return tuple(m.strip() for m in c.method.split("+"))
-
-
-def fields(text: str) -> dict | None:
-  """"question:input,answer:output" -> {"question": "input", "answer": "output"}; "": None."""
-  pairs = [p.split(":") for p in names(text)]
-  if any(len(p) != 2 or not all(x.strip() for x in p) for p in pairs):
-    raise FtjaxError(f"config: data.fields={text!r}; expected 'source:ours' pairs, e.g. "
-                     "'question:input,answer:output'")
-  return {a.strip(): b.strip() for a, b in pairs} or None
 
 
 def names(text: str) -> tuple[str, ...]:

@@ -24,6 +24,7 @@ import math
 import os
 import sys
 
+from ftjax.cli import parse_flags
 from ftjax.errors import FtjaxError, cli_errors
 
 # The device count must be set before jax's backend starts; only this CLI's own process does it.
@@ -336,7 +337,6 @@ def main(argv=None) -> None:
 def _main(argv, mesh: dict, mesh_error, device: str | None, with_suggestions: bool) -> None:
   from absl import flags
   from ml_collections import config_flags
-  from ftjax.train import parse_flags
   if mesh_error is not None:
     raise mesh_error
   if device is not None and device not in DEVICES:

@@ -22,7 +22,9 @@ from ftjax import config as config_lib
 from ftjax import peft
 from ftjax import step as step_lib
 from ftjax.checkpoint import Checkpointer
+from ftjax.data import quickstart_task, selection
 from ftjax.data.dataset import dataset_from_examples
+from ftjax.data.loader import Shards
 from ftjax.data.template import choose_chat_template
 from ftjax.errors import FtjaxError
 from ftjax.losses import CausalLMLoss
@@ -146,14 +148,6 @@ def shrink_layers(params: dict, model_cfg, num_layers: int):
   return params, model_cfg.replace(num_layers=num_layers)
 
 
-def _prepare_data(config):
-  if config.data.generate == "quickstart" and not os.path.exists(config.data.train):
-    from ftjax.data import quickstart_task
-    out_dir = os.path.dirname(config.data.train) or "."
-    quickstart_task.write_splits(out_dir)
-    log.info("wrote the quickstart dataset to %s", out_dir)
-
-
 def data_shards(config, share: tuple[int, int]) -> tuple[range, int]:
   """(this process's shard indices, number of shards) of the train data. `share`: its slice of
   the global batch (index, count) from `distributed.batch_share`."""
@@ -167,20 +161,18 @@ def data_shards(config, share: tuple[int, int]) -> tuple[range, int]:
 
 
 def build_datasets(config, tokenizer, share: tuple[int, int] = (0, 1), examples=None):
-  """(train, eval or None) Datasets of the examples `ftjax.data.check` keeps: bad records out
+  """(train, eval or None) Datasets of the examples `ftjax.data.selection` keeps: bad records out
   under data.check.on_error="skip" (under "fail" they stop the run, listed at file:line), leaked
   train examples out with data.check.drop_leaked, data.mix and a held-out split applied.
   `examples`: {"train", "eval"} already checked (train() passes the ones its check kept).
 
   With data shards (several processes, or data.shards > 1) the train data is `Shards`: example
   i belongs to shard i % data.shards, and this process packs only its own."""
-  from ftjax.data import check
   d = config.data
   owned, num_shards = data_shards(config, share)
-  kept = examples if examples is not None else check.clean_examples(config, tokenizer)
+  kept = examples if examples is not None else selection.clean_examples(config, tokenizer)
   common = dict(seq_len=d.seq_len, length_policy=d.length_policy)
   if num_shards > 1:
-    from ftjax.data.loader import Shards
     train_ds = Shards({i: dataset_from_examples(kept["train"][i::num_shards], tokenizer, pack=d.pack,
                                                 name=f"{d.train} (shard {i} of {num_shards})", **common)
                        for i in owned}, num_shards, accum=config.train.grad_accum)
@@ -246,7 +238,7 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True, examples=No
     raise FtjaxError(f"config: micro-batch {micro} (train.batch_size / train.grad_accum) is not "
                      f"divisible by the {batch_shards} data-parallel devices of the mesh")
   if with_data:
-    _prepare_data(config)
+    quickstart_task.write_if_generated(config)
     share = distributed.batch_share(sharding.batch_sharding(mesh, 3, 1),
                                     (config.train.grad_accum, micro, config.data.seq_len), axis=1)
     train_ds, eval_ds = build_datasets(config, tokenizer, share, examples)

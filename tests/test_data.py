@@ -442,7 +442,7 @@ def test_shared_tinyshakespeare_as_text(shared_data, tok):
 
 
 def test_a_record_of_another_format_is_mixed_format_not_read_as_the_first(tmp_path):
-  from ftjax.data import check
+  from ftjax.data import formats
   from ftjax.data.sources import read_all
   # Read as input_output (the first record's format), the alpaca record trained on its input
   # alone, its instruction dropped without a word.
@@ -453,7 +453,7 @@ def test_a_record_of_another_format_is_mixed_format_not_read_as_the_first(tmp_pa
                      r"\(detected from .*m\.jsonl:1\)") as e:
     load_examples(path)
   assert e.value.code == "mixed_format"
-  examples, problems = check.validate_records(read_all(path)[0])  # what data check / skip see
+  examples, problems = formats.validate_records(read_all(path)[0])  # what data check / skip see
   assert [(p.code, p.where[-9:]) for p in problems] == [("mixed_format", "m.jsonl:2")]
   assert len(examples) == 1
   # A forced format reads every record as that format, on purpose: no mixed_format.

@@ -11,7 +11,7 @@ LENGTH_POLICIES = ("truncate", "drop", "error")
 EXTENSIONS = (".jsonl", ".json", ".txt", ".parquet", ".csv", ".tsv", ".arrow")
 
 
-def _expand(path):
+def expand(path):
   """Sources of a data path: a file, a directory of data files, a save_to_disk folder, a hub:
   dataset, a list of them, or several in one string separated by commas."""
   paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
@@ -36,9 +36,8 @@ def _expand(path):
 def read_options(data_cfg) -> dict:
   """load_examples' keyword arguments from a config's `data` block: one place that says how a
   run reads its files, for training, evaluation and the few-shot pool alike."""
-  from ftjax import config as config_lib
   return dict(format=data_cfg.format, system_prompt=data_cfg.system_prompt or None,
-              fields=config_lib.fields(data_cfg.fields),
+              fields=formats.parse_fields(data_cfg.fields),
               skip_invalid=data_cfg.check.on_error == "skip")
 
 
@@ -49,12 +48,11 @@ def load_examples(path, *, format="auto", fields=None, system_prompt=None, skip_
   (data.check.on_error="skip", whose check has reported and counted them) it is left out, as
   training leaves it out."""
   examples, records_seen = [], 0
-  for p in _expand(path):
+  for p in expand(path):
     if skip_invalid:
-      from ftjax.data import check
       records, unread = sources.read_all(p)
       records_seen += len(unread) + len(records)
-      examples.extend(check.validate_records(records, format=format, fields=fields,
+      examples.extend(formats.validate_records(records, format=format, fields=fields,
                                              system_prompt=system_prompt)[0])
     else:
       examples.extend(formats.to_examples(sources.read_records(p), format, fields, system_prompt))
@@ -172,7 +170,7 @@ def build_dataset(path, tokenizer, *, seq_len, format="auto", pack=True, length_
 
 def dataset_from_examples(examples, tokenizer, *, seq_len, pack=True, length_policy="truncate",
                           pad_id=None, files=(), name="data"):
-  """Tokenise and pack already validated Examples (e.g. the ones `ftjax.data.check` kept)."""
+  """Tokenise and pack already validated Examples (e.g. the ones `ftjax.data.selection` kept)."""
   tokenized, counts = tokenize_examples(examples, tokenizer, max_len=seq_len + 1,
                                         length_policy=length_policy)
   if not tokenized:

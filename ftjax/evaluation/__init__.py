@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 
+from ftjax.data.quality import leakage
 from ftjax.evaluation import forgetting, metrics, report
 from ftjax.evaluation.generation import EvalPlan, few_shot_prompt, split
 
@@ -47,8 +48,7 @@ def model_loss(model, dataset, batch_size: int) -> dict:
 
 
 def leakage_summary(train_examples, eval_examples, threshold: float) -> dict:
-  """ftjax.data.check.leakage of train vs eval, counted as in data_report.json."""
-  from ftjax.data.check import leakage
+  """ftjax.data.quality.leakage of train vs eval, counted as in data_report.json."""
   pairs = leakage(train_examples, eval_examples, threshold=threshold)
   return {"pairs": len(pairs), "exact": sum(p["kind"] == "exact" for p in pairs),
           "near": sum(p["kind"] == "near" for p in pairs),

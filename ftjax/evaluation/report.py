@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 
+from ftjax.data.report import markdown as data_markdown
 from ftjax.evaluation import curves as curves_lib
 from ftjax.evaluation import metrics as metrics_lib
 from ftjax.evaluation import plots, stats
@@ -184,7 +185,7 @@ def markdown(report: dict, systems: dict) -> str:
   lines += ["## Leakage", ""]
   leak = r.get("leakage")
   if leak:
-    lines.append(f"Train/eval overlap (ftjax.data.check.leakage, near-duplicate threshold "
+    lines.append(f"Train/eval overlap (ftjax.data.quality.leakage, near-duplicate threshold "
                  f"{leak['threshold']}): {leak['pairs']} pairs ({leak['exact']} exact, "
                  f"{leak['near']} near), {leak['eval_examples']} eval examples affected.")
     for pair in leak["listed"][:5]:
@@ -193,7 +194,6 @@ def markdown(report: dict, systems: dict) -> str:
     lines.append("Not measured: no train set (prompting-only evaluation) or no eval set.")
   lines.append("")
   if report["data_report"]:
-    from ftjax.data.check import markdown as data_markdown
     lines += [data_markdown(report["data_report"]).replace("## Data check", "## Data check (data_report.json)"), ""]
   s = report["summary"]
   if s:
