@@ -13,6 +13,7 @@ import ml_collections
 from ftjax.data.formats import parse_fields as fields
 from ftjax.errors import FtjaxError
 from ftjax.models.ops import ATTENTION_BACKENDS, REMAT_POLICIES
+from ftjax.tree import flat  # noqa: F401 (config.flat: a config by dotted key)
 
 # PEFT methods (each with its block below) and full fine-tuning.
 METHODS = ("lora", "qlora", "ia3", "prompt", "prefix", "adapter", "full")
@@ -379,17 +380,6 @@ def targets(text: str):
   if text == "all-linear" or "," not in text and any(ch in text for ch in "/.*[("):
     return text
   return names(text)
-
-
-def flat(tree: dict, prefix: str = "") -> dict:
-  """{"train.lr": 1e-4, ...}: a nested dict (config.to_dict(), a saved config.json) by dotted key."""
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
 
 
 if __name__ == "__main__":  # `python -m ftjax.config --reference`: docs/configuration.md

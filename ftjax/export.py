@@ -30,7 +30,7 @@ from ftjax import files, peft, quant
 from ftjax.checkpoint import Checkpointer
 from ftjax.errors import FtjaxError, cli_errors
 from ftjax.files import read_json
-from ftjax.models import save_gguf, save_pretrained
+from ftjax.models import gguf_write, save_pretrained
 from ftjax.models.gguf_write import TYPES as GGUF_TYPES
 from ftjax.models.gguf_write import write_modelfile
 from ftjax.lock import hold_workdir
@@ -95,6 +95,18 @@ def merged_model(model: nnx.Module) -> nnx.Module:
     return model
   clone = quant.dequantize_model(nnx.clone(model))
   return peft.merge_and_unload(clone) if adapters else clone
+
+
+def save_gguf(model: nnx.Module, path: str, tokenizer, type: str = "f16",  # noqa: A002
+              name: str | None = None) -> dict:
+  """`model` (adapters folded in, a 4-bit base dequantised first) as one GGUF file for llama.cpp /
+  Ollama / LM Studio (ftjax.models.gguf_write.save_gguf writes it). Returns {"path", "bytes",
+  "type", "eot_token"}."""
+  gguf_write.check_type(type)  # before merging
+  if any(True for _ in peft.adapter_layers(model)) and not peft.can_merge(model):
+    raise FtjaxError("save_gguf: the attached adapter has no merged form (it is not a weight "
+                     "update), so it cannot be written into a GGUF file")
+  return gguf_write.save_gguf(merged_model(model), path, tokenizer, type=type, name=name)
 
 
 def write_merged(model: nnx.Module, tokenizer, out_dir: str, max_shard_size: int | str = "5GB",

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ftjax.models.params import Params
+from ftjax.tree import Params
 from ftjax.optim import applied_updates
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")

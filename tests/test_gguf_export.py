@@ -1,5 +1,5 @@
 """GGUF export: tiny random-init models of each family, adapter folded in, written by
-ftjax.models.save_gguf and read back by transformers' GGUF loader and by ftjax's."""
+ftjax.export.save_gguf and read back by transformers' GGUF loader and by ftjax's."""
 
 import os
 
@@ -16,10 +16,10 @@ import hf_models
 from tiny import tiny_tokenizer
 from ftjax import models, peft
 from ftjax.errors import FtjaxError
-from ftjax.export import merged_model
+from ftjax.export import merged_model, save_gguf
 from ftjax.models.gguf import load_gguf
-from ftjax.models.gguf_write import save_gguf
-from ftjax.models.params import get_path, param_specs, set_path
+from ftjax.models.params import param_specs
+from ftjax.tree import get_path, set_path
 from ftjax.tokenizer import load_tokenizer, read_gguf_metadata
 
 Q = gguf.GGMLQuantizationType

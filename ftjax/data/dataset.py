@@ -164,7 +164,7 @@ def build_dataset(path, tokenizer, *, seq_len, format="auto", pack=True, length_
   """Load, validate, tokenise and pack. max_len is seq_len + 1 tokens: one row's worth."""
   examples = load_examples(path, format=format, fields=fields, system_prompt=system_prompt)
   return dataset_from_examples(examples, tokenizer, seq_len=seq_len, pack=pack,
-                               length_policy=length_policy, pad_id=pad_id, files=_expand(path),
+                               length_policy=length_policy, pad_id=pad_id, files=expand(path),
                                name=path)
 
 

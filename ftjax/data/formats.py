@@ -284,22 +284,23 @@ def parse_fields(text: str) -> dict | None:
 
 
 def validate_records(records, *, format="auto", fields=None, system_prompt=None):
-  """(examples, problems): formats.record_examples on each record, its errors collected."""
-  records = [formats.rename(r, fields) for r in records] if fields else records
+  """(examples, problems): record_examples on each record, its errors collected: the data check
+  reads every bad record (each a sources.Problem), where training stops at the first."""
+  records = [rename(r, fields) for r in records] if fields else records
   fmt, detected_from = format, None
   if fmt == "auto":  # training detects from the first record; here the first one that tells
     fmt = None
     for r in records:
       try:
-        fmt, detected_from = formats.detect_format(r), r.where
+        fmt, detected_from = detect_format(r), r.where
         break
       except FtjaxError:
         continue
   examples, problems = [], []
   for r in records:
     try:
-      found = formats.record_examples(r, fmt or formats.detect_format(r), system_prompt,
-                                      detected_from=detected_from)
+      found = record_examples(r, fmt or detect_format(r), system_prompt,
+                              detected_from=detected_from)
     except FtjaxError as e:
       problems.append(sources.Problem(e.code or "invalid", r.where, str(e)))
       continue
@@ -307,7 +308,7 @@ def validate_records(records, *, format="auto", fields=None, system_prompt=None)
         m["role"] == "assistant" and m["weight"] and not m["content"].strip() for m in ex.messages)]
     if empty:
       problems.append(sources.Problem("empty_output", r.where,
-                              f"{r.where}: empty_output: an assistant turn to train on is empty"))
+                                      f"{r.where}: empty_output: an assistant turn to train on is empty"))
       continue
     examples.extend(found)
   return examples, problems

@@ -3,7 +3,7 @@
   model, tokenizer = ftjax.models.load("smollm2-135m-instruct")  # or a HF dir, .gguf, Hub id
   logits = model(token_ids)                                      # [b, t] int -> [b, t, v] f32
   ftjax.models.save_pretrained(model, "out/", tokenizer)         # a HF model directory
-  ftjax.models.save_gguf(model, "out/m.gguf", tokenizer, type="q8_0")  # llama.cpp / Ollama
+  ftjax.export.save_gguf(model, "out/m.gguf", tokenizer, type="q8_0")  # llama.cpp / Ollama
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from flax import nnx
 from ftjax.errors import FtjaxError
 from ftjax.models.config import ModelConfig
 from ftjax.models.llama import CausalLM, init_cache
-from ftjax.models.params import Params, abstract_model, flatten, param_specs
+from ftjax.models.params import abstract_model, param_specs
+from ftjax.tree import Params, flatten
 
-__all__ = ["CausalLM", "ModelConfig", "from_params", "init_cache", "load", "resolve_params", "save_gguf",
+__all__ = ["CausalLM", "ModelConfig", "from_params", "init_cache", "load", "resolve_params",
            "save_pretrained"]
 
 
@@ -75,13 +76,6 @@ def load(name_or_path: str, dtype=jnp.float32, *, compute_dtype=None, quantize=N
   cfg, params, tokenizer, transform = resolve_params(name_or_path, dtype, quantize=quantize,
                                                      mesh=mesh)
   return from_params(cfg, params, dtype=compute_dtype or dtype, transform=transform), tokenizer
-
-
-def save_gguf(model: CausalLM, path: str, tokenizer, type: str = "f16", name: str | None = None) -> dict:  # noqa: A002
-  """`model` (adapters folded in, a 4-bit base dequantised) as one GGUF file for llama.cpp /
-  Ollama / LM Studio: see ftjax.models.gguf_write.save_gguf."""
-  from ftjax.models.gguf_write import save_gguf as write
-  return write(model, path, tokenizer, type=type, name=name)
 
 
 def save_pretrained(model: CausalLM, out_dir: str, tokenizer=None, dtype=np.float32,

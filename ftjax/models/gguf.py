@@ -16,7 +16,8 @@ import numpy as np
 
 from ftjax.errors import FtjaxError
 from ftjax.models.config import ModelConfig
-from ftjax.models.params import Params, get_path, param_specs, set_path
+from ftjax.models.params import param_specs
+from ftjax.tree import Params, get_path, set_path
 from ftjax.tokenizer import read_gguf_metadata
 
 # GGUF general.architecture -> ftjax model_type. llama.cpp writes Mistral checkpoints as

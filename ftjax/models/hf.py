@@ -19,7 +19,8 @@ from safetensors.numpy import save_file
 from ftjax.errors import FtjaxError
 from ftjax.files import read_json
 from ftjax.models.config import ModelConfig
-from ftjax.models.params import Params, flatten, get_path, param_specs, set_path
+from ftjax.models.params import param_specs
+from ftjax.tree import Params, flatten, get_path, set_path
 from ftjax.quant import bnb
 
 log = logging.getLogger(__name__)

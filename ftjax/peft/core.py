@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from ftjax.errors import FtjaxError
-from ftjax.nnx_utils import get_module, logical_name, replace_module
+from ftjax.nnx_utils import get_module, logical_name, replace_module  # noqa: F401 (peft.core.get_module)
 from ftjax.quant.linear import QuantCodes, QuantStat
 
 
