@@ -16,12 +16,15 @@ import argparse
 import logging
 import os
 
+from ftjax import config as config_lib
 from ftjax import evaluation, peft
+from ftjax.data import load_examples, read_options
 from ftjax.errors import FtjaxError, cli_errors, setup_logging
 from ftjax.evaluation import forgetting
 from ftjax.evaluation.generation import EvalPlan, few_shot_prompt, split  # noqa: F401 (API)
 from ftjax.files import write_json
 from ftjax.lock import hold_workdir
+from ftjax.models import load
 
 log = logging.getLogger("ftjax.evaluate")
 
@@ -64,7 +67,6 @@ def baseline_matches(baseline: dict, plan: EvalPlan) -> bool:
 def results_for_run(run, plan: EvalPlan | None, baseline: dict | None, end: dict) -> dict:
   """eval_results.json of a finished run (without eval.generate: loss, training and leakage)."""
   cfg = run.config
-  from ftjax.data import load_examples, read_options
   baseline = baseline or {}
   loss = {}
   if baseline.get("loss"):
@@ -95,7 +97,6 @@ def evaluate_prompting(model_name: str, data: str, out_dir: str, *, shots: str =
   and with `template`, each after `system_prompt` (data.system_prompt: give the one the training
   config uses, so these baselines are the run's); writes out_dir/{eval_results.json, report.md,
   report.json, PNGs}."""
-  from ftjax import config as config_lib
   cfg = config_lib.base_config()
   cfg.unlock()
   cfg.model.name_or_path = model_name
@@ -106,7 +107,6 @@ def evaluate_prompting(model_name: str, data: str, out_dir: str, *, shots: str =
   evaluation.metrics.validate(e)
   plan = EvalPlan.build(data, e, pool_path=shots, data_cfg=cfg.data, near_dup=cfg.data.check.near_dup)
   if model is None:
-    from ftjax.models import load
     model, tokenizer = load(model_name)
   baselines = evaluation.run_baselines(plan, model, tokenizer)
   results = evaluation.assemble(plan, evaluation.metrics.primary(e), baselines)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import jax
 
 from ftjax.models.config import ModelConfig
+from ftjax.peft.prompt import PrefixTuningConfig, PromptTuningConfig
 
 # Leaf names of adapter matrices that multiply every token (ftjax.peft.lora, .bottleneck).
 ADAPTER_MATMUL_LEAVES = ("lora_a", "lora_b", "adapter_down", "adapter_up")
@@ -61,7 +62,6 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, full: bool, lora_param
 
 def run_flops_per_token(run, trainable) -> float:
   """train_flops_per_token of an ftjax.run.Run whose trained partition is `trainable`."""
-  from ftjax.peft.prompt import PrefixTuningConfig, PromptTuningConfig
   virtual = lambda kind: sum(c.num_virtual_tokens for c in run.peft_configs.values()
                              if isinstance(c, kind))
   return train_flops_per_token(

@@ -24,8 +24,19 @@ import math
 import os
 import sys
 
+from ftjax import config as config_lib
+from ftjax import peft, quant
+from ftjax import step as step_lib
 from ftjax.cli import parse_flags
 from ftjax.errors import FtjaxError, cli_errors
+from ftjax.models.config import ModelConfig, load_hf_config
+from ftjax.models.gguf import gguf_config, open_gguf
+from ftjax.models.llama import CausalLM
+from ftjax.models.resolve import HUB_ID, local_path
+from ftjax.parallel import sharding
+from ftjax.run import (Run, attach_adapters, jit_init_state, jit_train_step, peft_configs,
+                       quantisation, step_parts)
+from ftjax.tokenizer import read_gguf_metadata
 
 # The device count must be set before jax's backend starts; only this CLI's own process does it.
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
@@ -61,18 +72,14 @@ GIB = 2**30
 
 def model_config(name_or_path: str):
   """The ModelConfig of a model reference without reading its weights."""
-  from ftjax.models.config import ModelConfig, load_hf_config
-  from ftjax.models.resolve import _HUB_ID, _local_path
   known = KNOWN_MODELS.get(name_or_path.lower())
   if known is not None:
     return ModelConfig.from_hf_dict(known, source=f"ftjax.plan.KNOWN_MODELS[{name_or_path!r}]")
-  if _HUB_ID.match(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
+  if HUB_ID.match(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
     return ModelConfig.from_hf_file(_hub_config(name_or_path))  # config.json only, no weights
-  path = _local_path(name_or_path)
+  path = local_path(name_or_path)
   if os.path.isdir(path):
     return load_hf_config(path)
-  from ftjax.models.gguf import gguf_config, open_gguf
-  from ftjax.tokenizer import read_gguf_metadata
   reader = open_gguf(path)  # memory-mapped: only the metadata is read
   return gguf_config(reader, read_gguf_metadata(reader), path)
 
@@ -130,12 +137,6 @@ def abstract_run(config):
   import numpy as np
   from flax import nnx
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from ftjax import config as config_lib
-  from ftjax import peft, quant
-  from ftjax import step as step_lib
-  from ftjax.models.llama import CausalLM
-  from ftjax.parallel import sharding
-  from ftjax.run import Run, attach_adapters, jit_init_state, peft_configs, quantisation, step_parts
 
   config_lib.validate(config)
   if config.model.attention != "xla":
@@ -199,7 +200,6 @@ def plan(config) -> Plan:
 
 def plan_of(run, state, batch) -> Plan:
   """The plan of an `abstract_run`'s step."""
-  from ftjax.run import jit_train_step
   compiled = jit_train_step(run, state).lower(state, run.frozen, batch).compile()
   mem = compiled.memory_analysis()
   other = _shard_bytes({k: v for k, v in state.items() if k not in ("trainable", "opt_state")})
@@ -219,7 +219,6 @@ def usable_bytes(device: str) -> int:
 def knobs(config) -> list[tuple[str, dict]]:
   """Changes that lower the memory a step needs, cheapest in speed first: (description,
   {dotted config key: value}). Each is planned for real by `suggest`."""
-  from ftjax import config as config_lib
   out = []
   if config.model.remat not in ("full",):
     out.append(("remat: model.remat=full (recompute the layer body in the backward pass)",

@@ -28,6 +28,7 @@ import logging
 import math
 
 from ftjax import config as config_lib
+from ftjax.parallel.sharding import make_mesh
 
 log = logging.getLogger("ftjax.data.auto")
 
@@ -82,7 +83,6 @@ def resolve(config, *, rows: int, examples: int, shards: int = 1) -> list[str]:
 
 def data_parallel(config) -> int:
   """Devices a batch is split over: the data x fsdp axes of the run's mesh."""
-  from ftjax.parallel.sharding import make_mesh
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   return mesh.shape["data"] * mesh.shape["fsdp"]
 

@@ -15,10 +15,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ftjax import quant
 from ftjax.errors import FtjaxError
+from ftjax.files import MERGED, atomic_dir, check_export_target
 from ftjax.models.config import ModelConfig
+from ftjax.models.hf import save_hf_config, save_hf_params
 from ftjax.models.llama import CausalLM, init_cache
 from ftjax.models.params import abstract_model, param_specs
+from ftjax.models.resolve import resolve_model, stored_quantisation
+from ftjax.models.sharded import collect_mesh_sinks, mesh_sinks
+from ftjax.quant import bnb
+from ftjax.quant.linear import QuantLinear
 from ftjax.tree import Params, flatten
 
 __all__ = ["CausalLM", "ModelConfig", "from_params", "init_cache", "load", "resolve_params",
@@ -51,9 +58,6 @@ def resolve_params(name_or_path: str, dtype=jnp.float32, *, quantize=None, mesh=
   created on it, sharded by its logical axes, and filled as it is read (ftjax.models.sharded),
   so the model is never whole in host memory; None returns numpy arrays.
   """
-  from ftjax import quant
-  from ftjax.models.resolve import resolve_model, stored_quantisation
-  from ftjax.models.sharded import collect_mesh_sinks, mesh_sinks
   settings = stored_quantisation(name_or_path) if quantize is None else (quantize or None)
   allocate = quant.quant_sinks(**settings) if settings else None
   if mesh is not None:
@@ -91,10 +95,6 @@ def save_pretrained(model: CausalLM, out_dir: str, tokenizer=None, dtype=np.floa
   `out_dir`: new, empty or a previous export (replaced); a folder holding anything else is
   refused unless `overwrite`, and even then only the export's own files (config.json,
   model*.safetensors, tokenizer files) are replaced there (ftjax.files.atomic_dir)."""
-  from ftjax.files import MERGED, atomic_dir, check_export_target
-  from ftjax.models.hf import save_hf_config, save_hf_params
-  from ftjax.quant import bnb
-  from ftjax.quant.linear import QuantLinear
   check_export_target(out_dir, MERGED, overwrite)  # before any work
   cfg = model.config
   in_4bit = {"/".join(map(str, p)): m for p, m in nnx.iter_modules(model) if isinstance(m, QuantLinear)}

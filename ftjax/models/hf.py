@@ -20,8 +20,10 @@ from ftjax.errors import FtjaxError
 from ftjax.files import read_json
 from ftjax.models.config import ModelConfig
 from ftjax.models.params import param_specs
-from ftjax.tree import Params, flatten, get_path, set_path
 from ftjax.quant import bnb
+from ftjax.quant.fourbit import dequantize_4bit
+from ftjax.quant.linear import QuantSink
+from ftjax.tree import Params, flatten, get_path, set_path
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +153,6 @@ def _put_4bit(target, spec, i: int | None, name: str, where: dict[str, str],
               stored: dict[str, str]) -> None:
   """Writes a bitsandbytes 4-bit weight into a QuantSink (its bytes as stored) or, dequantised,
   into a float array."""
-  from ftjax.quant.fourbit import dequantize_4bit
-  from ftjax.quant.linear import QuantSink
 
   def read(key):
     with safe_open(where[key], framework="np") as f:

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ftjax.errors import FtjaxError
 from ftjax.models import ops
 from ftjax.models.config import ModelConfig
 from ftjax.nnx_utils import axes
@@ -230,7 +231,6 @@ class Decoder(nnx.Module):
     b, t = tokens_bt.shape
     n = self.num_virtual_tokens
     if attention != "xla" and n:
-      from ftjax.errors import FtjaxError
       raise FtjaxError(f"model.attention={attention!r}: the fused kernels have no mask for virtual "
                        "tokens (prompt / prefix tuning); use model.attention='xla'")
     if attention != "xla":
@@ -408,7 +408,6 @@ class CausalLM(nnx.Module):
 
 def _check_fused_kernel(cfg: ModelConfig, attention: str) -> None:
   """The fused kernels have no attention soft-capping, and splash's window is one static mask."""
-  from ftjax.errors import FtjaxError
   if cfg.attn_logit_softcap:
     raise FtjaxError(f"model.attention={attention!r}: the fused kernels have no attention logit "
                      f"soft-capping ({cfg.model_type}'s attn_logit_softcapping="

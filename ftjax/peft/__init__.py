@@ -25,14 +25,10 @@ from ftjax.peft.core import (AdapterLayer, AdapterParam, ModulesToSave, PeftConf
 from ftjax.peft.hf_format import adapter_state_dict, load_adapter, save_adapter
 from ftjax.peft.ia3 import IA3Config, IA3Linear, IA3Param
 from ftjax.peft.lora import DoraLinear, LoraConfig, LoraEinsum, LoraLinear, LoraParam
-from ftjax.peft.named import (active_adapters, add_adapter, configs, delete_adapter,
+from ftjax.peft.named import (CONFIG_TYPES, active_adapters, add_adapter, configs, delete_adapter,
                               get_peft_model, set_adapter, trainable)
 from ftjax.peft.prompt import (PrefixEncoder, PrefixTuningConfig, PromptEmbedding, PromptParam,
                                PromptTuningConfig)
-
-# adapter_config.json's peft_type -> the config class that reads it
-CONFIG_TYPES = {c.peft_type: c for c in (LoraConfig, IA3Config, PromptTuningConfig,
-                                         PrefixTuningConfig, BottleneckAdapterConfig)}
 
 __all__ = ["AdapterLayer", "AdapterParam", "BottleneckAdapterConfig", "BottleneckLinear",
            "BottleneckParam", "DoraLinear", "IA3Config", "IA3Linear", "IA3Param",
