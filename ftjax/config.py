@@ -12,6 +12,7 @@ import ml_collections
 
 from ftjax.data.formats import parse_fields as fields
 from ftjax.errors import FtjaxError
+from ftjax.evaluation import metrics as eval_metrics
 from ftjax.models.ops import ATTENTION_BACKENDS, REMAT_POLICIES
 from ftjax.tree import flat  # noqa: F401 (config.flat: a config by dotted key)
 
@@ -345,7 +346,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"train.keep_checkpoints={c.train.keep_checkpoints!r}; must be an integer >= 1")
   check(c.distributed.initialize in ("auto", "on", "off"),
         f"distributed.initialize={c.distributed.initialize!r}; expected auto, on or off")
-  from ftjax.evaluation import metrics as eval_metrics  # imports any custom metric, here
   eval_metrics.validate(c.eval)
   check(c.train.patience >= 0, f"train.patience={c.train.patience}; must be >= 0 (0: no early stopping)")
   check(not c.train.patience or c.train.eval_every > 0,
