@@ -12,9 +12,9 @@ prompt, tokenizer and length rule) but keeps going after a problem, so one run l
              dropped as training will). data.check.on_error="fail" exits non-zero listing them;
              "skip" drops those records and counts them. A split left with no example
              (empty_split, naming why) fails the check under either policy.
-  quality    (ftjax/data/quality.py) in train: exact duplicates (each turn casefolded, whitespace collapsed,
-             punctuation stripped at its ends), near-duplicates, one input with conflicting outputs, one
-             output for many inputs (>= 5 inputs and >= 5% of examples), length outliers (tokens
+  quality    (ftjax/data/quality.py) in train: exact duplicates (each turn casefolded,
+             whitespace collapsed, punctuation stripped at its ends), near-duplicates, one input
+             with conflicting outputs, one output for many inputs (>= 5 inputs and >= 5% of examples), length outliers (tokens
              below the 1st / above the 99th percentile, with >= 100 examples), and for
              classification-like data (every output <= 3 words, <= 50 distinct) the label counts
              and labels with fewer than 5 examples.
