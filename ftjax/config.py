@@ -50,6 +50,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Shrink the loaded model for tests ("runlocal"): 0 keeps it as is.
   c.model.num_layers = 0
 
+  # The training objective (ftjax/objectives): "sft" = supervised fine-tuning, the next-token loss
+  # on the completion tokens of (instruction, response) pairs, chats or plain text. Objectives
+  # with their own keys keep them in a block named after them.
+  c.objective = "sft"
+
   # lora | ia3 | prompt | prefix | adapter | full; PEFT methods combine with "+", e.g.
   # "lora+prompt": both attached as named adapters ("lora", "prompt") and trained together.
   c.method = "lora"

@@ -36,8 +36,6 @@ import resource
 import statistics
 import time
 
-import numpy as np
-
 from ftjax import run as run_lib
 from ftjax.flops import run_flops_per_token
 
@@ -57,18 +55,6 @@ def peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def synthetic_batch(config, vocab_size: int, seed: int = 0) -> dict:
-  """A batch of the train step's shapes: [accum, micro, seq]. Dense compute does not depend on
-  the token values, so timing needs no real data."""
-  batch, seq, accum = config.train.batch_size, config.data.seq_len, config.train.grad_accum
-  tokens = np.random.default_rng(seed).integers(0, vocab_size, (batch, seq + 1), dtype=np.int32)
-  rows = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-          "loss_mask": np.ones((batch, seq), np.float32),
-          "segment_ids": np.ones((batch, seq), np.int32),
-          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
-  return {k: v.reshape(accum, batch // accum, seq) for k, v in rows.items()}
-
-
 def step_memory(compiled) -> dict:
   """XLA's accounting of a compiled step, in bytes."""
   mem = compiled.memory_analysis()
@@ -81,7 +67,6 @@ def step_memory(compiled) -> dict:
 def model_facts(run, state) -> dict:
   """FLOPs per token and the sizes the plan needs, from a Run and its train state."""
   import jax
-  cfg = run.config
   n_train = sum(x.size for x in jax.tree.leaves(state["trainable"]))
   n_frozen = sum(x.size for x in jax.tree.leaves(run.frozen))
   weight_bytes = sum(x.size * x.dtype.itemsize
@@ -101,7 +86,7 @@ def probe(config, steps: int = 3) -> dict:
   load_s = time.perf_counter() - t
   load_peak = peak_rss_bytes()
   facts = model_facts(run, state)
-  batch = synthetic_batch(config, run.model_cfg.vocab_size)
+  batch = run.objective.synthetic_batch(run.model_cfg.vocab_size)
   t = time.perf_counter()
   compiled = run_lib.jit_train_step(run, state).lower(state, run.frozen, batch).compile()
   compile_s = time.perf_counter() - t

@@ -80,3 +80,26 @@ def chunked_token_ce_sums(logits_fn: Callable, hidden_btd, targets_bt, mask_bt, 
   zeros = {"loss_sum": jnp.zeros(()), "accuracy": jnp.zeros(()), "count": jnp.zeros(())}
   sums, _ = jax.lax.scan(one, zeros, (split(hidden_btd), split(targets_bt), split(mask_bt)))
   return sums
+
+
+# Above this many bytes of f32 logits per device for a micro-batch, train.vocab_chunk=0 (auto)
+# runs the vocab head in chunks of positions sized to a quarter of it.
+LOGITS_BUDGET_BYTES = 512 << 20  # with their gradient and exp() temporaries, ~3x this
+
+
+def vocab_chunk(config, model_cfg, mesh) -> int:
+  """train.vocab_chunk, resolved: -1 never chunks; 0 (auto) chunks only where a micro-batch's
+  [tokens, vocab] f32 logits on one device would pass LOGITS_BUDGET_BYTES (e.g. Llama 3's
+  128k vocab at 2048 tokens per device: 1 GiB, plus as much again for their gradient)."""
+  chunk = config.train.vocab_chunk
+  if chunk:
+    return max(chunk, 0)
+  rows = max(1, config.train.batch_size // config.train.grad_accum
+             // (mesh.shape["data"] * mesh.shape["fsdp"]))
+  seq, row_bytes = config.data.seq_len, model_cfg.vocab_size * 4
+  if rows * seq * row_bytes <= LOGITS_BUDGET_BYTES:
+    return 0
+  chunk = max(1, min(seq, LOGITS_BUDGET_BYTES // 4 // (rows * row_bytes)))
+  while seq % chunk:  # a divisor of the row length: no padded positions computed
+    chunk -= 1
+  return chunk

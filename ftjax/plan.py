@@ -26,7 +26,6 @@ import sys
 
 from ftjax import config as config_lib
 from ftjax import peft, quant
-from ftjax import step as step_lib
 from ftjax.cli import parse_flags
 from ftjax.errors import FtjaxError, cli_errors
 from ftjax.models.config import ModelConfig, load_hf_config
@@ -133,10 +132,7 @@ def abstract_run(config):
   """The pieces of `ftjax.run.setup` for `config`, with ShapeDtypeStructs (sharded as the run
   places them) in place of arrays: (run, abstract state, abstract batch). Nothing is loaded."""
   import jax
-  import jax.numpy as jnp
-  import numpy as np
   from flax import nnx
-  from jax.sharding import NamedSharding, PartitionSpec as P
 
   config_lib.validate(config)
   if config.model.attention != "xla":
@@ -185,11 +181,9 @@ def abstract_run(config):
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                        jax.eval_shape(init, trainable, mutable),
                        init.lower(trainable, mutable).compile().output_shardings)
-  batch_sharding = NamedSharding(mesh, P(None, ("data", "fsdp"), None))
-  seq = config.data.seq_len
-  batch = {k: jax.ShapeDtypeStruct((accum, micro, seq),
-                                   np.float32 if k == "loss_mask" else jnp.int32,
-                                   sharding=batch_sharding) for k in step_lib.BATCH_KEYS}
+  shardings = run.batch_shardings()
+  batch = {k: jax.ShapeDtypeStruct((accum, micro) + tuple(shape), dtype, sharding=shardings[k])
+           for k, (shape, dtype) in run.objective.row_spec().items()}
   return run, state, batch
 
 

@@ -18,17 +18,16 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from ftjax import config as config_lib
-from ftjax import peft
+from ftjax import objectives, peft
 from ftjax import step as step_lib
 from ftjax.checkpoint import Checkpointer
 from ftjax.data import quickstart_task, selection
-from ftjax.data.dataset import dataset_from_examples
 from ftjax.data.loader import Shards
 from ftjax.data.template import choose_chat_template
 from ftjax.errors import FtjaxError
-from ftjax.losses import CausalLMLoss
-from ftjax.models import from_params, ops, resolve_params
+from ftjax.models import from_params, resolve_params
 from ftjax.models.resolve import stored_quantisation
+from ftjax.objectives import Objective
 from ftjax.optim import make_optimizer
 from ftjax.parallel import distributed, sharding
 
@@ -51,30 +50,46 @@ class Run:
   mesh: Any
   optimizer: Any
   schedule: Any
-  loss_fn: CausalLMLoss
+  loss_fn: Any  # the objective's loss function (see ftjax.objectives.base)
   quantised: bool = False  # a 4-bit base (config.quant / method qlora)
+  objective: Objective | None = None  # None: built from run.config (objectives.get)
 
-  def batch_sharding(self) -> NamedSharding:
-    """The train batch [accum, micro_batch, seq]: micro-batch rows over data x fsdp."""
-    return sharding.batch_sharding(self.mesh, ndim=3, batch_axis=1)
+  def __post_init__(self):
+    if self.objective is None:
+      self.objective = objectives.get(self.config)
+
+  def batch_sharding(self, ndim: int = 3) -> NamedSharding:
+    """A train batch array [accum, micro_batch, ...]: micro-batch rows over data x fsdp."""
+    return sharding.batch_sharding(self.mesh, ndim=ndim, batch_axis=1)
+
+  def batch_shardings(self) -> dict:
+    """{key: sharding} of the objective's train batch."""
+    return {k: self.batch_sharding(2 + len(shape))
+            for k, (shape, _) in self.objective.row_spec().items()}
 
   def place_batch(self, rows: dict) -> dict:
-    """This process's rows of the next batch ([its share of train.batch_size, seq] each, the
+    """This process's rows of the next batch ([its share of train.batch_size, ...] each, the
     slice `distributed.batch_share` names) -> the global batch on the mesh."""
     accum = self.config.train.grad_accum
-    shape = (accum, self.config.train.batch_size // accum, self.config.data.seq_len)
-    local = {k: rows[k].reshape(accum, -1, rows[k].shape[-1]) for k in step_lib.BATCH_KEYS}
-    return distributed.global_batch(local, self.batch_sharding(), shape)
+    micro = self.config.train.batch_size // accum
+    out = {}
+    for k, (shape, _) in self.objective.row_spec().items():
+      local = rows[k].reshape((accum, -1) + tuple(shape))
+      out[k] = distributed.global_batch({k: local}, self.batch_sharding(local.ndim),
+                                        (accum, micro) + tuple(shape))[k]
+    return out
 
   def place_eval_batch(self, batch: dict) -> dict:
-    """A whole eval batch [n, seq] (every process holds all eval data) -> the global batch,
+    """A whole eval batch [n, ...] (every process holds all eval data) -> the global batch,
     each process contributing its rows."""
-    sharding_ = sharding.batch_sharding(self.mesh, ndim=2)
-    shape = next(iter(batch.values())).shape
-    index, count = distributed.batch_share(sharding_, shape, axis=0)
-    size = shape[0] // count
-    local = {k: v[index * size:(index + 1) * size] for k, v in batch.items()}
-    return distributed.global_batch(local, sharding_, shape)
+    out = {}
+    for k, v in batch.items():
+      sharding_ = sharding.batch_sharding(self.mesh, ndim=v.ndim)
+      index, count = distributed.batch_share(sharding_, v.shape, axis=0)
+      size = v.shape[0] // count
+      out[k] = distributed.global_batch({k: v[index * size:(index + 1) * size]}, sharding_,
+                                        v.shape)[k]
+    return out
 
   def model(self, trainable: dict | None = None) -> nnx.Module:
     """The NNX model holding `trainable` (default: the initial trainable params)."""
@@ -168,18 +183,17 @@ def build_datasets(config, tokenizer, share: tuple[int, int] = (0, 1), examples=
   With data shards (several processes, or data.shards > 1) the train data is `Shards`: example
   i belongs to shard i % data.shards, and this process packs only its own."""
   d = config.data
+  objective = objectives.get(config)
   owned, num_shards = data_shards(config, share)
   kept = examples if examples is not None else selection.clean_examples(config, tokenizer)
-  common = dict(seq_len=d.seq_len, length_policy=d.length_policy)
   if num_shards > 1:
-    train_ds = Shards({i: dataset_from_examples(kept["train"][i::num_shards], tokenizer, pack=d.pack,
-                                                name=f"{d.train} (shard {i} of {num_shards})", **common)
+    train_ds = Shards({i: objective.dataset(kept["train"][i::num_shards], tokenizer, train=True,
+                                            name=f"{d.train} (shard {i} of {num_shards})")
                        for i in owned}, num_shards, accum=config.train.grad_accum)
   else:
-    train_ds = dataset_from_examples(kept["train"], tokenizer, pack=d.pack, name=d.train, **common)
+    train_ds = objective.dataset(kept["train"], tokenizer, train=True, name=d.train)
   # Eval data is small: every process holds all of it and places its part of each batch.
-  eval_ds = (dataset_from_examples(kept["eval"], tokenizer, pack=False,
-                                   name=d.eval or "held-out eval", **common)
+  eval_ds = (objective.dataset(kept["eval"], tokenizer, train=False, name=d.eval or "held-out eval")
              if kept.get("eval") else None)
   log.info("train data: %s", train_ds.describe())
   if eval_ds is not None:
@@ -201,6 +215,7 @@ def attach_adapters(model: nnx.Module, config) -> tuple[dict, tuple]:
 def setup(config: ml_collections.ConfigDict, with_data: bool = True, examples=None) -> Run:
   """A Run of `config`; `examples`: checked {"train", "eval"} Examples (see build_datasets)."""
   config_lib.validate(config)
+  objective = objectives.get(config)
   if config_lib.unresolved(config):
     raise FtjaxError(f"config: {', '.join(config_lib.unresolved(config))} = 'auto' is chosen from "
                      "the data (ftjax.data.auto.resolve, which train() and the data check run); "
@@ -258,45 +273,19 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True, examples=No
 
   optimizer, schedule, loss_fn = step_parts(config, trainable, model_cfg, mesh)
   return Run(config, model_cfg, tokenizer, methods, graphdef, trainable, frozen, mutable, train_ds,
-             eval_ds, mesh, optimizer, schedule, loss_fn, quantised=quant_settings is not None)
-
-
-# Above this many bytes of f32 logits per device for a micro-batch, train.vocab_chunk=0 (auto)
-# runs the vocab head in chunks of positions sized to a quarter of it.
-LOGITS_BUDGET_BYTES = 512 << 20  # with their gradient and exp() temporaries, ~3x this
-
-
-def vocab_chunk(config, model_cfg, mesh) -> int:
-  """train.vocab_chunk, resolved: -1 never chunks; 0 (auto) chunks only where a micro-batch's
-  [tokens, vocab] f32 logits on one device would pass LOGITS_BUDGET_BYTES (e.g. Llama 3's
-  128k vocab at 2048 tokens per device: 1 GiB, plus as much again for their gradient)."""
-  chunk = config.train.vocab_chunk
-  if chunk:
-    return max(chunk, 0)
-  rows = max(1, config.train.batch_size // config.train.grad_accum
-             // (mesh.shape["data"] * mesh.shape["fsdp"]))
-  seq, row_bytes = config.data.seq_len, model_cfg.vocab_size * 4
-  if rows * seq * row_bytes <= LOGITS_BUDGET_BYTES:
-    return 0
-  chunk = max(1, min(seq, LOGITS_BUDGET_BYTES // 4 // (rows * row_bytes)))
-  while seq % chunk:  # a divisor of the row length: no padded positions computed
-    chunk -= 1
-  return chunk
+             eval_ds, mesh, optimizer, schedule, loss_fn, quantised=quant_settings is not None,
+             objective=objective)
 
 
 def step_parts(config, trainable, model_cfg, mesh):
-  """(optimizer, schedule, loss_fn) of the train step; `trainable` may be abstract (ftjax.plan)."""
+  """(optimizer, schedule, loss_fn) of the train step; `trainable` may be abstract (ftjax.plan).
+  The loss is the objective's (ftjax.objectives)."""
   optimizer, schedule = make_optimizer(
       trainable, lr=config.train.lr, steps=config.train.steps, warmup_steps=config.train.warmup_steps,
       schedule=config.train.schedule, weight_decay=config.train.weight_decay, b1=config.train.b1,
       b2=config.train.b2, eps=config.train.eps, max_grad_norm=config.train.max_grad_norm,
       lora_plus_ratio=config.lora.loraplus_lr_ratio)
-  unroll = True if config.model.scan_unroll == -1 else config.model.scan_unroll
-  ops.check_attention(config.model.attention)
-  loss_fn = CausalLMLoss(remat=config.model.remat, unroll=unroll,
-                         vocab_chunk=vocab_chunk(config, model_cfg, mesh),
-                         attention=config.model.attention)
-  return optimizer, schedule, loss_fn
+  return optimizer, schedule, objectives.get(config).loss_fn(model_cfg, mesh)
 
 
 def jit_init_state(run: Run):
@@ -329,7 +318,7 @@ def jit_train_step(run: Run, state):
   """The train step, jitted with explicit shardings and the state donated."""
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   frozen_shardings = jax.tree.map(lambda x: x.sharding, run.frozen)
-  batch_sharding = run.batch_sharding()
+  batch_sharding = run.batch_shardings()
   step = functools.partial(step_lib.train_step, graphdef=run.graphdef, loss_fn=run.loss_fn,
                            optimizer=run.optimizer, schedule=run.schedule)
 

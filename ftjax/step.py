@@ -38,9 +38,6 @@ from ftjax.losses import CausalLMLoss
 from ftjax.optim import applied_updates
 from ftjax.tree import Params
 
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
-
-
 def split_model(model: nnx.Module, trainable) -> tuple[nnx.GraphDef, Params, Params, Params]:
   """(graphdef, trainable, frozen, mutable) with the three states as nested dicts of arrays."""
   graphdef, train, frozen, mutable = nnx.split(model, trainable, nnx.Param, ...)

@@ -54,14 +54,18 @@ def evaluate_loss(run: Run, eval_fn, trainable, max_batches: int = 0) -> dict:
     return {}
   loader = run.eval_ds.batches(run.config.train.batch_size // run.config.train.grad_accum,
                                shuffle=False, repeat=False)
-  sums = {"loss_sum": 0.0, "accuracy": 0.0, "count": 0.0}
+  sums: dict = {}
   for i, batch in enumerate(loader):
     if max_batches and i >= max_batches:
       break
     out = eval_fn(trainable, run.frozen, run.mutable, run.place_eval_batch(batch))
-    sums = {k: sums[k] + float(out[k]) for k in sums}
-  count = max(sums["count"], 1.0)
-  return {"loss": sums["loss_sum"] / count, "accuracy": sums["accuracy"] / count}
+    sums = {k: sums.get(k, 0.0) + float(v) for k, v in out.items()}
+  # The objective's sums, as means per counted target (as the train step reports them).
+  count = max(sums.pop("count", 0.0), 1.0)
+  out = {k: v / count for k, v in sums.items()}
+  if "loss_sum" in out:
+    out["loss"] = out.pop("loss_sum")
+  return out
 
 
 def check_resume_config(path: str, config, allow_change: bool) -> None:

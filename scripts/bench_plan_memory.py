@@ -44,7 +44,7 @@ def main() -> None:
   import jax
   from ftjax import plan as plan_lib
   from ftjax.run import init_or_restore, jit_train_step, setup
-  from ftjax import step as step_lib
+  from ftjax.data import packing
 
   spec = importlib.util.spec_from_file_location("bench_config", args.config)
   module = importlib.util.module_from_spec(spec)
@@ -65,7 +65,7 @@ def main() -> None:
 
   def next_batch():
     rows = loader.next_batch(cfg.batch_size)
-    return jax.device_put({k: rows[k].reshape(accum, micro, -1) for k in step_lib.BATCH_KEYS},
+    return jax.device_put({k: rows[k].reshape(accum, micro, -1) for k in packing.FIELDS},
                           batch_sharding)
 
   batch = next_batch()

@@ -129,7 +129,7 @@ def test_flops_per_token_against_the_step_s_own_matmuls(config, method):
   c.model.remat, c.method = "none", method
   run = run_lib.setup(c, with_data=False)
   state, _ = run_lib.init_or_restore(run, None)
-  batch = cost.synthetic_batch(c, run.model_cfg.vocab_size)
+  batch = run.objective.synthetic_batch(run.model_cfg.vocab_size)
   traced = run_lib.jit_train_step(run, state).trace(state, run.frozen, batch)
   measured = dot_flops(traced.jaxpr.jaxpr)
   m, seq = run.model_cfg, c.data.seq_len

@@ -28,7 +28,7 @@ PACKAGE = ROOT / "ftjax"
 
 # Top first. A module may import its own layer and the layers below it, never one above. A
 # module belongs to the layer of the longest prefix that names it ("ftjax.data.report" before
-# "ftjax.data"). docs/design.md draws the same order and says why each module sits where it does.
+# "ftjax.data"); "ftjax" itself is the package face, ftjax/__init__.py, only. docs/design.md draws the same order and says why each module sits where it does.
 LAYERS = (
     ("commands", ("ftjax", "ftjax.plan", "ftjax.notebook", "ftjax.lm_eval", "ftjax.config_reference",
                   "ftjax.data.__main__")),
@@ -37,6 +37,7 @@ LAYERS = (
     ("cost probe", ("ftjax.cost",)),
     ("run", ("ftjax.run", "ftjax.step", "ftjax.optim", "ftjax.metrics", "ftjax.flops",
              "ftjax.data.auto")),
+    ("objectives", ("ftjax.objectives",)),
     ("config", ("ftjax.config",)),
     ("evaluation", ("ftjax.evaluation", "ftjax.generate", "ftjax.data.report")),
     ("data", ("ftjax.data",)),
@@ -71,7 +72,8 @@ def layer_of(module: str) -> int:
   best, rank = -1, None
   for i, (_, prefixes) in enumerate(LAYERS):
     for prefix in prefixes:
-      if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+      inside = module.startswith(prefix + ".") and prefix != "ftjax"
+      if (module == prefix or inside) and len(prefix) > best:
         best, rank = len(prefix), i
   if rank is None:
     raise AssertionError(f"{module}: in no layer of tests/test_layers.py's LAYERS; add it")
@@ -244,3 +246,8 @@ def test_the_checks_catch_a_planted_upward_import_circle_and_bare_local_import(t
                                            ("ftjax.data.report", "ftjax.evaluation")])
 def test_layer_of_takes_the_longest_prefix(module, other):
   assert layer_of(module) == layer_of(other)
+
+
+def test_a_new_module_must_be_given_a_layer():
+  with pytest.raises(AssertionError, match="ftjax.newpackage.x: in no layer"):
+    layer_of("ftjax.newpackage.x")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ftjax import config as config_lib
+from ftjax import losses
 from ftjax import plan as plan_lib
 from ftjax import run as run_lib
 from ftjax.errors import FtjaxError
@@ -94,15 +95,15 @@ def test_vocab_chunk_is_on_where_the_logits_would_not_fit():
   c = config_lib.base_config()
   c.train.batch_size, c.data.seq_len = 8, 2048
   llama = plan_lib.model_config("llama-3-8b")
-  chunk = run_lib.vocab_chunk(c, llama, mesh)
-  assert 0 < chunk < 2048 and 2048 % chunk == 0 and chunk * llama.vocab_size * 4 <= run_lib.LOGITS_BUDGET_BYTES // 4
+  chunk = losses.vocab_chunk(c, llama, mesh)
+  assert 0 < chunk < 2048 and 2048 % chunk == 0 and chunk * llama.vocab_size * 4 <= losses.LOGITS_BUDGET_BYTES // 4
   smol = llama.replace(vocab_size=49152)
   c.data.seq_len = 256
-  assert run_lib.vocab_chunk(c, smol, mesh) == 0
+  assert losses.vocab_chunk(c, smol, mesh) == 0
   c.train.vocab_chunk = -1
-  assert run_lib.vocab_chunk(c, llama, mesh) == 0
+  assert losses.vocab_chunk(c, llama, mesh) == 0
   c.train.vocab_chunk = 64
-  assert run_lib.vocab_chunk(c, smol, mesh) == 64
+  assert losses.vocab_chunk(c, smol, mesh) == 64
 
 
 def test_a_hub_id_reads_only_its_config(monkeypatch):

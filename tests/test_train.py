@@ -18,6 +18,7 @@ import transformers
 
 from ftjax import run as run_lib
 from ftjax import step as step_lib
+from ftjax.data import packing
 from ftjax import train as train_lib
 from ftjax.checkpoint import Checkpointer
 from ftjax.errors import FtjaxError
@@ -56,7 +57,7 @@ def test_qlora_codes_shard_like_the_float_kernel(model_dir, data_dir):
     state, _ = run_lib.init_or_restore(run, None)
     step = run_lib.jit_train_step(run, state)
     batch = run.train_ds.batches(8, seed=0).next_batch(8)
-    state, metrics = step(state, run.frozen, {k: batch[k][None] for k in step_lib.BATCH_KEYS})
+    state, metrics = step(state, run.frozen, {k: batch[k][None] for k in packing.FIELDS})
     losses[name] = float(metrics["loss"])
   up = run.frozen["model"]["layers"]["mlp"]["up_proj"]["base_layer"]
   assert up["codes"].dtype == np.uint8
@@ -117,7 +118,7 @@ def test_frozen_base_is_bit_identical_in_memory_after_training(model_dir, data_d
   loader = run.train_ds.batches(8, seed=0)
   for _ in range(3):
     rows = loader.next_batch(8)
-    state, metrics = step(state, run.frozen, {k: rows[k][None] for k in step_lib.BATCH_KEYS})
+    state, metrics = step(state, run.frozen, {k: rows[k][None] for k in packing.FIELDS})
   assert bool(metrics["finite"])
   files = load_hf_params(model_dir, load_hf_config(model_dir))
   for path, leaf in flatten(run.frozen):

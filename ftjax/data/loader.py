@@ -21,7 +21,6 @@ import dataclasses
 import numpy as np
 
 from ftjax.errors import FtjaxError
-from ftjax.data.packing import FIELDS
 
 
 class Loader:
@@ -79,7 +78,7 @@ class Loader:
     if not have:
       raise StopIteration
     idx = np.concatenate(parts)
-    batch = {k: self.rows[k][idx] for k in FIELDS}
+    batch = {k: v[idx] for k, v in self.rows.items()}
     if idx.size < n:  # padding rows: segment 0, nothing trained
       batch = {k: np.concatenate([v, np.zeros((n - idx.size,) + v.shape[1:], v.dtype)])
                for k, v in batch.items()}
@@ -128,7 +127,7 @@ class ShardedLoader:
     parts = [loader.next_batch(per_shard) for _ in range(self.accum)
              for loader in self.loaders.values()]
     self.consumed += per_shard * self.accum
-    return {k: np.concatenate([p[k] for p in parts]) for k in FIELDS}
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 @dataclasses.dataclass
