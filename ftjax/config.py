@@ -220,7 +220,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.forgetting_threshold = 0.1  # flag a relative perplexity increase above this
   c.eval.report = True  # report.md / report.json / PNGs in the workdir at the end
 
-  # The cost plan (ftjax/cost.py) of `python -m ftjax.data check`; default prices and their
+  # The cost plan (ftjax/cost_plan.py, the probe in ftjax/cost.py) of `python -m ftjax.data check`; default prices and their
   # dates in docs/data.md ("What a run will cost").
   c.cost = ml_collections.ConfigDict()
   c.cost.probe_steps = 3  # train steps timed after the compile and a warm-up; 0: no probe (no model load)

@@ -10,7 +10,7 @@ B and the bottleneck adapter's down/up matrices. Not prompt-tuning or prefix tab
 and the prefix MLP runs once per step over the virtual tokens, not per token), nor vectors (IA3
 scales, DoRA magnitudes, biases, norms: elementwise, a few FLOPs per token each).
 
-Approximations, stated where MFU and TFLOP/s are reported (ftjax.cost's plan line):
+Approximations, stated where MFU and TFLOP/s are reported (ftjax.cost_plan's plan line):
 - attention is counted over the full `seq_len` row (t = seq_len, causal). Packed rows of short
   documents attend only within each document (the segment mask), so the useful attention work
   is lower: for documents of length L it is ~L/seq_len of the count here. The xla kernel

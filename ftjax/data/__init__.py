@@ -25,7 +25,7 @@ weight 0 are not); segment ids start at 1 per packed document (0 = padding), pos
 0, and the target after a document's last token is masked. Bad input raises FtjaxError with
 `path:LINE: ...`. The quickstart task generator and scorer live in ftjax.data.quickstart_task.
 `python -m ftjax.data check --config ...` (ftjax.data.selection, .quality, .report) lists every problem instead, with
-quality, leakage and token statistics, and the cost plan (ftjax.cost); training runs it first.
+quality, leakage and token statistics, and the cost plan (ftjax.cost_plan); training runs it first.
 Tokenisation is batched (template.tokenize_many) and cached on disk (ftjax.data.cache);
 ftjax.data.auto resolves train.epochs and the "auto" epochs / batch size / learning rate.
 """
