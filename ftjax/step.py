@@ -14,7 +14,8 @@ the compiled step takes and returns arrays, with no Python walk of the object gr
 `loss_fn(model, batch, rng)` returns sums over the batch's targets: {"loss_sum", "count", ...}.
 The step divides the summed loss of the whole accumulation window once by its total count (not a
 mean of per-micro-batch means; transformers#34191), and reports every other sum as a mean per
-target (the causal-LM loss sums "accuracy").
+target (the causal-LM loss sums "accuracy"), or, for a sum `x` returned with `x__count`, per
+that count (e.g. a reward per completion where the loss counts tokens).
 
 A step whose loss or gradient is not finite leaves the state as it was (only `step` advances)
 and says so in metrics["finite"]; the train loop then stops or skips by its policy. So a
@@ -95,7 +96,8 @@ def train_step(state: dict, frozen: Params, batch: dict, *, graphdef: nnx.GraphD
     return state["trainable"], state["opt_state"], state["mutable"]
 
   trainable, opt_state, mutable = jax.lax.cond(finite, update, keep, None)
-  metrics = {k: v / count for k, v in sums.items() if k not in ("loss_sum", "count")}
+  metrics = {k: v / (jnp.maximum(sums[k + "__count"], 1.0) if k + "__count" in sums else count)
+             for k, v in sums.items() if k not in ("loss_sum", "count") and not k.endswith("__count")}
   metrics.update(loss=sums["loss_sum"] / count, count=sums["count"], grad_norm=grad_norm,
                  finite=finite)
   if schedule is not None:

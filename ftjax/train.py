@@ -62,7 +62,8 @@ def evaluate_loss(run: Run, eval_fn, trainable, max_batches: int = 0) -> dict:
     sums = {k: sums.get(k, 0.0) + float(v) for k, v in out.items()}
   # The objective's sums, as means per counted target (as the train step reports them).
   count = max(sums.pop("count", 0.0), 1.0)
-  out = {k: v / count for k, v in sums.items()}
+  out = {k: v / (max(sums[k + "__count"], 1.0) if k + "__count" in sums else count)
+         for k, v in sums.items() if not k.endswith("__count")}
   if "loss_sum" in out:
     out["loss"] = out.pop("loss_sum")
   return out
@@ -246,16 +247,21 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
   # train.epochs: exactly that many passes (with data shards, train.steps as auto.resolve set it)
   budget = row_budget(cfg, loader.num_rows) if hasattr(loader, "num_rows") else None
 
-  def next_batch():
-    n = cfg.train.batch_size
+  def take_rows(want: int) -> dict:
+    n = want
     if budget is not None:
       pos = loader.get_state()
       n = max(0, min(n, budget - pos["epoch"] * loader.num_rows - pos["row"]))
     rows = loader.next_batch(n) if n else {k: v[:0] for k, v in loader.rows.items()}
-    if n < cfg.train.batch_size:  # the last step of an epochs run: padding rows train nothing
-      rows = {k: np.concatenate([v, np.zeros((cfg.train.batch_size - n,) + v.shape[1:], v.dtype)])
+    if n < want:  # the last step of an epochs run: padding rows train nothing
+      rows = {k: np.concatenate([v, np.zeros((want - n,) + v.shape[1:], v.dtype)])
               for k, v in rows.items()}
-    return run.place_batch(rows)
+    return rows
+
+  def next_batch(state):
+    # The objective turns the data's rows into the step's (SFT: as they are; an RL objective
+    # samples completions from the current params here, so it is given the state).
+    return run.place_batch(run.objective.next_rows(run, state, take_rows))
 
   seq = cfg.data.seq_len
   n_train = sum(x.size for x in jax.tree.leaves(state["trainable"]))
@@ -264,7 +270,7 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
   # `position`: where the first batch not yet trained on starts; that is what a checkpoint saves
   # (the loader itself runs one batch ahead, fetching while the device computes).
   position = loader.get_state()
-  batch = next_batch()
+  batch = next_batch(state)
   t0 = time.perf_counter()
   compiled = train_step.lower(state, run.frozen, batch).compile()
   compile_s = time.perf_counter() - t0
@@ -289,7 +295,7 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
     state, metrics = compiled(state, run.frozen, batch)
     position = loader.get_state()
     if step + 1 < cfg.train.steps:
-      batch = next_batch()  # overlaps with the device computing this step
+      batch = next_batch(state)  # overlaps with the device computing this step
     done = step + 1
     if not bool(metrics["finite"]):  # the step left the state unchanged (ftjax/step.py)
       loss = float(metrics["loss"])
@@ -308,9 +314,11 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
       elapsed = time.perf_counter() - window_t
       loss = float(np.mean([m["loss"] for m in host]))
       tok_s = len(host) * cfg.train.batch_size * seq / elapsed
-      out = {"loss": loss, "accuracy": float(np.mean([m["accuracy"] for m in host])),
-             "grad_norm": float(host[-1]["grad_norm"]), "lr": float(host[-1]["lr"]),
-             "tokens_per_s": tok_s, "model_tflops_per_s": flops_per_step * len(host) / elapsed / 1e12}
+      # Every metric the objective's loss returns, as a mean over the window's steps.
+      out = {k: float(np.mean([m[k] for m in host])) for k in host[-1]
+             if k not in ("count", "finite", "grad_norm", "lr")}
+      out.update(grad_norm=float(host[-1]["grad_norm"]), lr=float(host[-1]["lr"]),
+                 tokens_per_s=tok_s, model_tflops_per_s=flops_per_step * len(host) / elapsed / 1e12)
       writer.write(done, out, "train/")
       train_curve.append((done, loss))
       bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
@@ -329,7 +337,8 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
       if ev:
         writer.write(done, ev, "eval/")
         evaluated.add(done)
-        bar.write(f"step {done}: eval loss {ev['loss']:.4f}, token accuracy {ev['accuracy']:.3f}"
+        bar.write(f"step {done}: eval loss {ev['loss']:.4f}"
+                  + (f", token accuracy {ev['accuracy']:.3f}" if "accuracy" in ev else "")
                   + (f", {primary} {ev[primary]:.4g}" if primary not in ("loss", "token_accuracy") else ""),
                   file=sys.stderr)
         eval_curve.append((done, ev["loss"]))
@@ -424,7 +433,8 @@ def periodic_eval(run: Run, eval_fn, trainable, plan, primary: str) -> dict:
   ev = evaluate_loss(run, eval_fn, trainable, run.config.train.eval_batches)
   if not ev:
     return {}
-  ev.update(evaluation.loss_metrics(ev["loss"], ev["accuracy"]))
+  if "accuracy" in ev:  # a next-token objective: perplexity and token accuracy too
+    ev.update(evaluation.loss_metrics(ev["loss"], ev["accuracy"]))
   if plan is not None and primary in plan.metrics:
     predictions = plan.answer(run.model(trainable), run.tokenizer, desc="eval",
                               limit=run.config.eval.periodic_examples)

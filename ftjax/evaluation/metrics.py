@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import importlib
 import json
 import logging
 import re
@@ -29,6 +28,7 @@ from typing import Callable
 import numpy as np
 
 from ftjax.errors import FtjaxError
+from ftjax.user_functions import import_function
 
 log = logging.getLogger(__name__)
 
@@ -204,42 +204,15 @@ METRICS = {m.name: m for m in (
 )}
 
 
-# Modules whose functions act on the system (files, processes, the interpreter): never a metric.
-# A custom metric is code the config runs, exactly like a Python config file, so this is no
-# sandbox (the user's own module can call anything); it catches a typo or a copied config
-# calling e.g. `os:symlink` or `shutil:rmtree` with the model's answers as arguments.
-_SYSTEM_MODULES = frozenset({
-    "builtins", "os", "posix", "nt", "sys", "subprocess", "shutil", "pathlib", "io", "_io",
-    "socket", "signal", "ctypes", "importlib", "runpy", "code", "pty", "tempfile", "glob",
-    "multiprocessing", "threading", "pickle", "marshal", "webbrowser", "urllib", "http", "ftplib",
-    "smtplib", "asyncio", "posixpath", "ntpath", "_posixsubprocess", "zipfile", "tarfile"})
-
-
 def user_metric(spec: str) -> Metric:
   """"pkg.module:function" -> a Metric; FtjaxError when it does not import, is not a plain
   function, or belongs to a system module (os, sys, subprocess, shutil, builtins...)."""
-  module_name, _, attr = spec.partition(":")
-  if not module_name or not attr:
+  if ":" not in spec:
     raise FtjaxError(f"config: eval.metrics: {spec!r} is neither a built-in metric "
                      f"({', '.join(all_names())}) nor 'pkg.module:function'")
-  _refuse_system_module(spec, module_name)
-  try:
-    fn = getattr(importlib.import_module(module_name), attr)
-  except Exception as e:  # any import-time failure of the user's module is bad input
-    raise FtjaxError(f"config: eval.metrics: custom metric {spec!r} failed to import: "
-                     f"{type(e).__name__}: {e}") from None
-  if not callable(fn) or isinstance(fn, type):
-    raise FtjaxError(f"config: eval.metrics: custom metric {spec!r} is not a function "
-                     "(prediction, reference) -> float")
-  _refuse_system_module(spec, getattr(fn, "__module__", None) or "")  # `mymod:remove` = os.remove
+  fn = import_function(spec, key="eval.metrics", what="custom metric",
+                       signature="(prediction, reference) -> float")
   return Metric(spec, lambda p, r, opts: float(fn(p, r)))
-
-
-def _refuse_system_module(spec: str, module_name: str) -> None:
-  if module_name.split(".")[0] in _SYSTEM_MODULES:
-    raise FtjaxError(f"config: eval.metrics: custom metric {spec!r} is a function of the system "
-                     f"module {module_name!r}, not a metric; name a function of your own module, "
-                     "(prediction, reference) -> float")
 
 
 def all_names() -> tuple[str, ...]:

@@ -9,7 +9,10 @@ run's objective; none of them branches on its name. An objective says:
   loss_fn(...)      `loss_fn(model, batch, rng) -> {"loss_sum", "count", other sums}` for
                     ftjax.step: sums, which the step divides by the window's total count; every
                     key but loss_sum and count is logged as train/<key> (eval/<key> in evals).
+                    A key `x` returned with `x__count` is divided by that sum instead (a mean
+                    per completion, say, where the loss counts tokens).
   synthetic_batch   one batch of row_spec's shapes, for the cost probe's timing.
+  next_rows(...)    the next step's rows from the data's (SFT: as they are), given the state.
   validate()        checks across config keys that the schema cannot make alone.
 
 Supervised fine-tuning (ftjax.objectives.sft) is the worked example; docs/design.md, "Adding an
@@ -51,6 +54,13 @@ class Objective:
   def loss_fn(self, model_cfg, mesh) -> Callable:
     """The step's loss function; hashable (it is a static argument of the jitted step)."""
     raise NotImplementedError
+
+  def next_rows(self, run, state, take_rows: Callable[[int], dict]) -> dict:
+    """The rows of the next train step, [train.batch_size, ...] each. `take_rows(n)` reads the
+    next n rows of the train data (the checkpointed position advances by them; padding rows
+    past an epochs budget). `state` is the train state this step updates (its params current:
+    an objective that samples from the policy does so here)."""
+    return take_rows(self.config.train.batch_size)
 
   def synthetic_batch(self, vocab_size: int, seed: int = 0) -> dict:
     """A batch [accum, micro, *shape] of random rows: dense compute does not depend on the

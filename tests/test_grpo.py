@@ -1,0 +1,269 @@
+"""GRPO against TRL: its loss and advantages on the same numbers, and its reward functions.
+
+TRL's `_compute_loss` runs unmodified on a stand-in trainer holding only the attributes it reads;
+its model forward is replaced by the fixed per-token log-probs (a leaf tensor, so torch gives the
+gradient we compare with jax.grad). Tolerance 1e-5: both sides compute in float32 on values of
+order 1; the measured differences are ~1e-7.
+"""
+
+import collections
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from trl.trainer import grpo_trainer
+from trl.trainer import utils as trl_utils
+
+from ftjax.objectives import grpo_loss
+
+B, T, MAX_LEN = 6, 7, 9  # completions, completion tokens, max_completion_length (>= T)
+
+
+def _numbers(seed):
+  rng = np.random.default_rng(seed)
+  logps = rng.normal(-2.0, 0.5, (B, T)).astype(np.float32)
+  mask = (np.arange(T)[None] < rng.integers(2, T + 1, B)[:, None]).astype(np.float32)
+  return dict(
+      logps=logps,
+      # a second update of the same rollouts: the sampling policy's log-probs differ by up to
+      # ~+-0.4, so some ratios leave [1 - eps, 1 + eps] and the clip is exercised both ways
+      old_2=(logps + rng.normal(0, 0.25, (B, T))).astype(np.float32),
+      ref=(logps + rng.normal(0, 0.3, (B, T))).astype(np.float32),
+      advantages=rng.normal(0, 1, B).astype(np.float32), mask=mask)
+
+
+class _Accelerator:
+  num_processes = 1
+
+  def gather(self, x):
+    return x
+
+  gather_for_metrics = gather
+
+  def reduce(self, x, reduction="sum"):
+    return x
+
+
+def _trl_loss(n, loss_type, beta, old):
+  """TRL's loss and d loss / d logps on `n`'s numbers (old: None = the first update)."""
+  logps = torch.tensor(n["logps"], requires_grad=True)
+  fake = types.SimpleNamespace(
+      top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
+      beta=beta, loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28, use_vllm=False,
+      vllm_importance_sampling_correction=False, model=types.SimpleNamespace(training=True),
+      current_gradient_accumulation_steps=1, max_completion_length=MAX_LEN,
+      accelerator=_Accelerator(), aux_loss_enabled=False, _entropy_bonus_enabled=False,
+      _metrics=collections.defaultdict(lambda: collections.defaultdict(list)),
+      args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
+      _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None))
+  mask = torch.tensor(n["mask"])
+  inputs = {"prompt_ids": torch.zeros((B, 2), dtype=torch.long), "prompt_mask": torch.ones((B, 2)),
+            "completion_ids": torch.zeros((B, T), dtype=torch.long), "completion_mask": mask,
+            "advantages": torch.tensor(n["advantages"]), "num_items_in_batch": mask.sum(),
+            "ref_per_token_logps": torch.tensor(n["ref"])}
+  if old is not None:
+    inputs["old_per_token_logps"] = torch.tensor(old)
+  loss = grpo_trainer.GRPOTrainer._compute_loss(fake, None, inputs)
+  loss.backward()
+  return float(loss.detach()), logps.grad.numpy(), fake._metrics["train"]
+
+
+@pytest.mark.parametrize("loss_type", grpo_loss.LOSS_TYPES)
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("num_iterations", [1, 2])
+def test_loss_and_gradient_equal_trl(loss_type, beta, num_iterations):
+  n = _numbers(seed=grpo_loss.LOSS_TYPES.index(loss_type) * 4 + 2 * (beta > 0) + num_iterations)
+  old = None if num_iterations == 1 else n["old_2"]
+  trl_loss, trl_grad, trl_metrics = _trl_loss(n, loss_type, beta, old)
+
+  def ours(logps):
+    old_logps = jax.lax.stop_gradient(logps) if old is None else jnp.asarray(old)
+    s = grpo_loss.policy_loss_sums(logps, old_logps, jnp.asarray(n["ref"]), n["advantages"],
+                                   n["mask"], loss_type=loss_type, epsilon_low=0.2,
+                                   epsilon_high=0.28, beta=beta, max_completion_length=MAX_LEN)
+    return s["loss_sum"] / s["count"], s
+
+  (loss, sums), grad = jax.value_and_grad(ours, has_aux=True)(jnp.asarray(n["logps"]))
+  np.testing.assert_allclose(float(loss), trl_loss, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(grad), trl_grad, rtol=1e-5, atol=1e-6)
+  tokens = float(sums["completion_tokens"])
+  for ours_key, trl_key in (("clip_low_tokens", "clip_ratio/low_mean"),
+                            ("clip_high_tokens", "clip_ratio/high_mean"),
+                            ("clip_region_tokens", "clip_ratio/region_mean")):
+    np.testing.assert_allclose(float(sums[ours_key]) / tokens, trl_metrics[trl_key][0], atol=1e-6)
+  if beta:
+    np.testing.assert_allclose(float(sums["kl_tokens"]) / tokens, trl_metrics["kl"][0], rtol=1e-5)
+  if num_iterations == 2:  # the clip was really exercised, on both sides
+    assert trl_metrics["clip_ratio/region_mean"][0] > 0
+
+
+def _trl_advantages(rewards, g, scale):
+  """TRL 1.16's advantage lines (grpo_trainer.py, `_generate_and_score_completions`,
+  multi_objective_aggregation="sum_then_normalize"), with its own nanstd."""
+  rewards = torch.tensor(rewards)
+  mean = torch.nanmean(rewards.view(-1, g), dim=1).repeat_interleave(g, dim=0)
+  if scale in ("group", "none"):
+    std = trl_utils.nanstd(rewards.view(-1, g), dim=1).repeat_interleave(g, dim=0)
+  else:
+    std = trl_utils.nanstd(rewards).expand_as(rewards)
+  adv = rewards - mean
+  if scale != "none":
+    adv = adv / (std + 1e-4)
+  return torch.nan_to_num(adv, nan=0.0).numpy(), torch.isclose(std, torch.zeros_like(std)).numpy()
+
+
+@pytest.mark.parametrize("scale", grpo_loss.SCALE_REWARDS)
+def test_group_advantages_equal_trl(scale):
+  # 3 prompts x G=4: one group with equal rewards (std 0), one with an unscorable completion
+  rewards = np.array([1, 0, 1, 0.5, 2, 2, 2, 2, 0.3, np.nan, 1.0, 0.0], np.float32)
+  want, want_zero = _trl_advantages(rewards, 4, scale)
+  got, zero = grpo_loss.group_advantages(jnp.asarray(rewards), 4, scale)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(zero), want_zero)
+  if scale == "group":
+    assert np.asarray(zero)[4:8].all() and not np.asarray(zero)[:4].any()
+
+
+def test_unknown_loss_type_is_named():
+  with pytest.raises(ValueError, match="loss_type='ppo'"):
+    grpo_loss.policy_loss_sums(*(jnp.zeros((1, 1)),) * 3, jnp.zeros(1), jnp.ones((1, 1)),
+                               loss_type="ppo")
+
+
+# --- reward functions --------------------------------------------------------------------------
+
+from ftjax.errors import FtjaxError  # noqa: E402
+from ftjax.objectives import grpo_rewards  # noqa: E402
+
+
+def test_exact_answer_reads_tags_or_the_last_number_and_compares_by_value():
+  completions = ["so it is 12", "<answer>1,200</answer> not 7", "the answer is 3.0", "no idea",
+                 "Paris", "<answer> paris </answer>"]
+  answers = ["12", "1200", "3", "4", "paris", "Paris"]
+  got = grpo_rewards.exact_answer(["p"] * 6, completions, answer=answers)
+  assert got == [1.0, 1.0, 1.0, 0.0, 0.0, 1.0]  # "Paris" alone has no tag and no number
+  assert grpo_rewards.exact_answer(["p"], ["5"], answer=[""]) == [None]
+
+
+def test_weighted_sum_skips_none_and_marks_unscorable():
+  rewards = grpo_rewards.Rewards("json_valid,length_penalty", "2,0.5")
+  per_func = np.array([[1, -0.01], [np.nan, -0.02], [np.nan, np.nan]], np.float32)
+  np.testing.assert_allclose(rewards.weighted_sum(per_func)[:2], [2 - 0.005, -0.01], rtol=1e-6)
+  assert np.isnan(rewards.weighted_sum(per_func)[2])
+
+
+def _write_module(tmp_path, monkeypatch, name, body):
+  (tmp_path / f"{name}.py").write_text(body)
+  monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_a_user_reward_gets_trl_arguments_and_a_failure_names_the_prompt(tmp_path, monkeypatch):
+  _write_module(tmp_path, monkeypatch, "my_rewards", (
+      "def seen(prompts, completions, answer, **kw):\n"
+      "    return [float(len(c)) if a != 'x' else None for c, a in zip(completions, answer)]\n"
+      "def breaks(prompts, completions, **kw):\n"
+      "    return [1.0 / (len(c) - 3) for c in completions]\n"))
+  rewards = grpo_rewards.Rewards("my_rewards:seen,json_valid")
+  scores = rewards(["q1", "q1", "q2"], ["{}", "abc", "[1]"], {"answer": ["1", "x", "2"]})
+  np.testing.assert_array_equal(scores[:, 0], [2.0, np.nan, 3.0])
+  np.testing.assert_array_equal(scores[:, 1], [1.0, 0.0, 1.0])
+  broken = grpo_rewards.Rewards("my_rewards:breaks")
+  with pytest.raises(FtjaxError, match=r"my_rewards:breaks raised ZeroDivisionError.* completion 1 "
+                                       r"\(prompt 'second prompt'\)"):
+    broken(["first prompt", "second prompt"], ["abcd", "abc"], {})
+
+
+@pytest.mark.parametrize("funcs, weights, message", [
+    ("", "", "grpo.reward_funcs is empty"),
+    ("os:remove", "", "system module 'os'"),
+    ("json_valid,length_penalty", "1", "1 weight\\(s\\) for 2 reward function\\(s\\)"),
+    ("no_such_reward_module:f", "", "failed to import: ModuleNotFoundError"),
+])
+def test_bad_reward_config_is_named(funcs, weights, message):
+  with pytest.raises(FtjaxError, match=message):
+    grpo_rewards.Rewards(funcs, weights)
+
+
+def test_a_reward_returning_a_non_number_is_named(tmp_path, monkeypatch):
+  _write_module(tmp_path, monkeypatch, "my_bad_rewards",
+                "def bad(prompts, completions, **kw):\n    return ['1'] * len(completions)\n")
+  with pytest.raises(FtjaxError, match=r"my_bad_rewards:bad returned '1' for completion 0"):
+    grpo_rewards.Rewards("my_bad_rewards:bad")(["p"], ["c"], {})
+
+
+# --- rollouts and the loss on a tiny model ------------------------------------------------------
+
+import functools  # noqa: E402
+
+import optax  # noqa: E402
+
+from ftjax import peft  # noqa: E402
+from ftjax import step as step_lib  # noqa: E402
+from ftjax.objectives import grpo_rollout  # noqa: E402
+from tiny import tiny_model  # noqa: E402
+
+EOS, LIKED = 1, 5  # the stop token; the token the toy reward likes
+
+
+def _lora_model():
+  model = tiny_model(seed=0)
+  peft.add_adapter(model, "default", peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+                   rngs=1)
+  return model
+
+
+def test_rollout_rows_mark_exactly_the_completion_tokens():
+  model = _lora_model()
+  prompts = [[3, 4, 6], [7, 8, 9, 10, 11]]
+  rows, completions, truncated = grpo_rollout.rollout_rows(
+      model, prompts, num_generations=3, seq_len=16, max_new_tokens=6, eos_ids=[EOS],
+      temperature=1.0, seed=0)
+  assert rows["inputs"].shape == (6, 16) and len(completions) == 6
+  for r, completion in enumerate(completions):
+    prompt = prompts[r // 3]
+    full = prompt + completion
+    np.testing.assert_array_equal(rows["inputs"][r, :len(full) - 1], full[:-1])
+    np.testing.assert_array_equal(rows["targets"][r, :len(full) - 1], full[1:])
+    # the targets that are completion tokens: positions len(prompt)-1 .. len(full)-2
+    want = np.zeros(16, np.float32)
+    want[len(prompt) - 1:len(full) - 1] = 1
+    np.testing.assert_array_equal(rows["loss_mask"][r], want)
+    assert truncated[r] == (completion[-1] != EOS)
+  masked, _, _ = grpo_rollout.rollout_rows(
+      model, prompts, num_generations=3, seq_len=16, max_new_tokens=6, eos_ids=[EOS], seed=0,
+      mask_truncated=True)
+  assert (masked["loss_mask"][truncated] == 0).all()
+  np.testing.assert_array_equal(masked["loss_mask"][~truncated], rows["loss_mask"][~truncated])
+
+
+def test_grpo_lora_raises_a_toy_reward_and_beta_uses_the_adapter_free_reference():
+  """A tiny LoRA model learns to emit the liked token: mean reward over the last three of 12
+  steps above the first three's by > 0.1 (the toy reward is the liked token's share of the
+  completion; random init starts near 1/64). With beta > 0 the KL is 0 at the first step (the
+  adapter's B starts at 0, so policy = reference) and > 0 once the adapter has moved."""
+  model = _lora_model()
+  graphdef, train, frozen, mutable = step_lib.split_model(model, peft.trainable(model))
+  optimizer = optax.adam(3e-2)
+  state = step_lib.init_state(train, mutable, optimizer, seed=0)
+  loss_fn = grpo_rollout.GRPOLoss(loss_type="dapo", beta=0.04, max_completion_length=6,
+                                  row_stats=("reward",))
+  step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, loss_fn=loss_fn,
+                                   optimizer=optimizer))
+  prompts = [[3, 4, 6], [7, 8, 9, 10], [12, 13], [20, 21, 22]]
+  rewards_seen, kls = [], []
+  for i in range(12):
+    current = step_lib.merge_model(graphdef, state["trainable"], frozen, state["mutable"])
+    rows, completions, _ = grpo_rollout.rollout_rows(
+        current, prompts, num_generations=4, seq_len=16, max_new_tokens=6, eos_ids=[EOS], seed=i)
+    reward = np.array([c.count(LIKED) / len(c) for c in completions], np.float32)
+    advantages, _ = grpo_loss.group_advantages(jnp.asarray(reward), 4, "group")
+    batch = dict(rows, advantages=np.asarray(advantages), reward=reward)
+    state, metrics = step(state, frozen, jax.tree.map(lambda x: jnp.asarray(x)[None], batch))
+    rewards_seen.append(float(metrics["reward"]))
+    kls.append(float(metrics["kl"]))
+    np.testing.assert_allclose(float(metrics["reward"]), reward.mean(), rtol=1e-5)
+  assert kls[0] < 1e-6 < kls[-1]
+  assert np.mean(rewards_seen[-3:]) > np.mean(rewards_seen[:3]) + 0.1, rewards_seen
