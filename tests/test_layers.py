@@ -46,7 +46,7 @@ LAYERS = (
     ("quant", ("ftjax.quant",)),
     ("parallel", ("ftjax.parallel", "ftjax.lock", "ftjax.checkpoint")),
     ("base", ("ftjax.tree", "ftjax.nnx_utils", "ftjax.errors", "ftjax.files", "ftjax.cli",
-              "ftjax.losses", "ftjax.preemption", "ftjax.cost_plan")),
+              "ftjax.losses", "ftjax.preemption", "ftjax.cost_plan", "ftjax.user_functions")),
 )
 
 
