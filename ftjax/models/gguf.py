@@ -147,7 +147,7 @@ def _hf_config(meta: dict, tensors: dict, arch: str, path: str) -> dict:
   return hf
 
 
-def _gguf_names(cfg: ModelConfig, arch: str) -> dict[str, tuple]:
+def gguf_names(cfg: ModelConfig, arch: str) -> dict[str, tuple]:
   """GGUF tensor name -> (ParamSpec, layer index or None), from the specs' HF names."""
   arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
   name_map = gguf.get_tensor_name_map(arch_id, cfg.num_layers)
@@ -221,7 +221,7 @@ def load_gguf(path: str, dtype=np.float32, allocate=None) -> tuple[ModelConfig, 
   # SmolLM2's 49k tokens) is not needed for the tensors; dropping it keeps it out of the peak.
   del meta
   reader.fields.clear()
-  wanted = _gguf_names(cfg, arch)
+  wanted = gguf_names(cfg, arch)
   params: Params = {}
   for spec in param_specs(cfg):
     set_path(params, spec.path, allocate(spec, dtype) if allocate else np.empty(spec.shape, dtype))

@@ -23,7 +23,7 @@ from flax import nnx
 
 from ftjax import tokenizer as tok_lib
 from ftjax.errors import FtjaxError
-from ftjax.models.gguf import _gguf_names
+from ftjax.models.gguf import gguf_names
 from ftjax.models.params import param_specs
 from ftjax.tree import flatten, get_path
 
@@ -166,7 +166,7 @@ def _encode_tensor(w: np.ndarray, qtype) -> tuple[np.ndarray, object]:
 def _add_tensors(w: gguf.GGUFWriter, model, cfg, arch: str, qtype) -> None:
   """Every param under its llama.cpp name, one (layer) tensor on the host at a time."""
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  for name, (spec, layer) in _gguf_names(cfg, arch).items():
+  for name, (spec, layer) in gguf_names(cfg, arch).items():
     leaf = get_path(params, spec.path)
     value = np.asarray(jax.device_get(leaf if layer is None else leaf[layer]), np.float32)
     data, raw = _encode_tensor(_hf_layout(name, value, spec, cfg, arch), qtype)
