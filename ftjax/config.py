@@ -211,7 +211,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.prompt_template = ""  # baseline: your prompt, "{input}" standing for the user turn
   c.eval.max_examples = 100  # eval examples answered by each model
   c.eval.max_new_tokens = 64  # answer length limit (greedy decoding)
-  c.eval.batch_size = 32  # prompts decoded together
+  # Prompts decoded together; 0: all of them, in the fewest batches memory allows (a batch costs
+  # a compile and a decode loop as long as its longest answer; ftjax/generate.py rows_per_batch).
+  c.eval.batch_size = 0
   c.eval.periodic_examples = 32  # examples generated at each train.eval_every for the primary metric
   c.eval.bootstrap = 1000  # paired bootstrap resamples for the 95% CIs
   c.eval.forgetting = True  # general-text perplexity + general prompts, base vs fine-tuned

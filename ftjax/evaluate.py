@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
 
 from ftjax import config as config_lib
-from ftjax import evaluation, peft
+from ftjax import evaluation, export, peft
 from ftjax.data import load_examples, read_options
 from ftjax.errors import FtjaxError, cli_errors, setup_logging
-from ftjax.evaluation import forgetting
+from ftjax.evaluation import baseline_cache, forgetting
+from ftjax.evaluation.baseline_cache import baseline_matches  # noqa: F401 (train uses it)
 from ftjax.evaluation.generation import EvalPlan, few_shot_prompt, split  # noqa: F401 (API)
 from ftjax.files import write_json
 from ftjax.lock import hold_workdir
@@ -38,7 +40,22 @@ def plan_for_run(cfg) -> EvalPlan:
 
 def base_model_eval(run, plan: EvalPlan) -> dict:
   """The base model (adapters disabled), before training: each prompting baseline, the eval
-  loss, and the forgetting probe."""
+  loss, and the forgetting probe; read from the baseline cache when an earlier run of the same
+  model, data and eval config wrote it (ftjax/evaluation/baseline_cache.py)."""
+  folder = baseline_cache.cache_dir()
+  k = baseline_cache.key(run, plan) if folder else None
+  if k is None:
+    return _evaluate_base_model(run, plan)
+  cached, path = baseline_cache.read(run, plan, k)
+  if cached is not None:
+    log.info("baseline from cache %s", path)
+    return cached
+  out = _evaluate_base_model(run, plan)
+  baseline_cache.write(path, k, out)
+  return out
+
+
+def _evaluate_base_model(run, plan: EvalPlan) -> dict:
   cfg = run.config
   out = {}
   with peft.disable_adapters(run.model()) as base:
@@ -51,17 +68,40 @@ def base_model_eval(run, plan: EvalPlan) -> dict:
   return out
 
 
-def baseline_matches(baseline: dict, plan: EvalPlan) -> bool:
-  """Whether a resumed run's baseline.json answered this plan's examples with its baselines;
-  its scores are recomputed from the predictions, so a metric added since is scored too."""
-  systems = baseline.get("systems")
-  if not systems or list(systems) != list(plan.systems()):
-    return False
-  if any(r["examples"] != len(plan.references) for r in systems.values()):
-    return False
-  for r in systems.values():
-    r["scores"] = plan.score(r["predictions"])
-  return True
+def final_eval(loss, answer, plan: EvalPlan | None) -> dict:
+  """The end-of-run evaluation of one state: {"eval": the eval loss over the whole eval split,
+  "finetuned": the answers to every eval prompt (with a plan), "seconds"}. loss(max_batches)
+  and answer(plan) are the run's own (train.py)."""
+  t = time.perf_counter()
+  out = {"eval": loss(0)}
+  if plan is not None:
+    out["finetuned"] = answer(plan)
+  out["seconds"] = time.perf_counter() - t
+  return out
+
+
+def finetuned_answers(run, trainable, plan: EvalPlan) -> dict:
+  """The answers of the model holding `trainable` to every eval prompt, from the model the end
+  of a run generates with: the merged one, or base + adapter on a 4-bit base."""
+  model = run.model(trainable)
+  generator = model if run.quantised else export.merged_model(model)
+  return plan.run(generator, run.tokenizer, evaluation.report.FINETUNED)
+
+
+def periodic_from_final(final: dict, loss, plan: EvalPlan | None, primary: str, cfg) -> dict:
+  """The periodic eval at the last step, which would repeat the final eval of the same state:
+  its numbers taken from `final` instead (on the quickstart that saves a pass over the eval
+  loss and 32 answers). The loss is computed again only when train.eval_batches limits it; the
+  primary metric is scored on the first eval.periodic_examples of the final answers, the
+  examples a periodic eval answers."""
+  ev = loss(cfg.train.eval_batches) if cfg.train.eval_batches else dict(final["eval"] or {})
+  if not ev:
+    return {}
+  if "accuracy" in ev:  # a next-token objective: perplexity and token accuracy too
+    ev.update(evaluation.loss_metrics(ev["loss"], ev["accuracy"]))
+  if plan is not None and primary in plan.metrics:
+    ev.update(plan.score(final["finetuned"]["predictions"][: cfg.eval.periodic_examples]))
+  return ev
 
 
 def results_for_run(run, plan: EvalPlan | None, baseline: dict | None, end: dict) -> dict:
@@ -91,7 +131,7 @@ def results_for_run(run, plan: EvalPlan | None, baseline: dict | None, end: dict
 
 def evaluate_prompting(model_name: str, data: str, out_dir: str, *, shots: str = "",
                        few_shot: int = 3, template: str = "", metrics: str = "exact_match",
-                       max_examples: int = 100, max_new_tokens: int = 64, batch_size: int = 32,
+                       max_examples: int = 100, max_new_tokens: int = 64, batch_size: int = 0,
                        system_prompt: str = "", model=None, tokenizer=None) -> dict:
   """Prompting alone: the base model zero-shot, k-shot (shots from `shots`, never from `data`)
   and with `template`, each after `system_prompt` (data.system_prompt: give the one the training

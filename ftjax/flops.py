@@ -34,7 +34,10 @@ ADAPTER_MATMUL_LEAVES = ("lora_a", "lora_b", "adapter_down", "adapter_up")
 def matmul_params(cfg: ModelConfig) -> int:
   """Parameters that take part in matmuls per token (the embedding lookup is free; the head isn't)."""
   d, f = cfg.hidden_size, cfg.intermediate_size
-  per_layer = d * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * d + 3 * d * f
+  # MoE: a token runs through its top-k experts only (the computation, not the stored params),
+  # plus the router.
+  mlp = 3 * d * f * cfg.num_experts_per_tok + d * cfg.num_experts if cfg.num_experts else 3 * d * f
+  per_layer = d * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * d + mlp
   return cfg.num_layers * per_layer + d * cfg.vocab_size
 
 

@@ -19,6 +19,7 @@ import functools
 import logging
 import math
 import numbers
+import os
 import sys
 from typing import Iterable
 
@@ -331,6 +332,61 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], max_new_tokens: int 
     if owned:
       bar.close()
   return rows
+
+
+def memory_budget() -> int:
+  """Bytes one batch of decoding may take: half of an accelerator's free memory, or half of
+  the host's available memory on a CPU (MemAvailable already leaves out the params and every
+  other process)."""
+  device = jax.devices()[0]
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  if stats and stats.get("bytes_limit"):
+    return max(0, stats["bytes_limit"] - stats.get("bytes_in_use", 0)) // 2
+  return _host_available_bytes() // 2
+
+
+def _host_available_bytes() -> int:
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  try:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError):
+    return 4 << 30  # unknown: assume a small machine
+
+
+def decode_bytes_per_row(cfg: ModelConfig, prompt_len: int, prefill_len: int,
+                         max_new_tokens: int, dtype_bytes: int = 4) -> int:
+  """Peak memory one row adds to a `generate_ids` batch, overestimated: its KV cache (every
+  layer, prompt + new tokens) twice (the prefill returns a new cache beside the one it was
+  given), and one prefill layer's activations over the row's own `prefill_len` tokens (f32
+  attention scores against the whole prompt, the MLP's gate / up / product, a few hidden-state
+  copies) and the f32 logits. On SmolLM2-135M (f32) with the quickstart's 3-shot prompts
+  (~450 tokens with the answer) that is ~50 MB a row, the KV cache 80% of it."""
+  length = -(-prompt_len // _WIDTH_BUCKET) * _WIDTH_BUCKET + max_new_tokens
+  width = -(-prefill_len // _WIDTH_BUCKET) * _WIDTH_BUCKET
+  kv = 2 * cfg.num_layers * length * (2 * cfg.num_kv_heads * cfg.head_dim * dtype_bytes + 4)
+  scores = cfg.num_heads * width * length * 4
+  mlp = 3 * width * cfg.intermediate_size * 4
+  hidden = 6 * width * cfg.hidden_size * 4
+  logits = 2 * cfg.vocab_size * 4
+  return kv + scores + mlp + hidden + logits
+
+
+def rows_per_batch(model: CausalLM, prompts: list[list[int]], max_new_tokens: int,
+                   budget: int | None = None) -> int:
+  """The most of `prompts` one `generate_ids` call may take within `budget` bytes (default:
+  `memory_budget()`), at least 1: every row is costed as the longest prompt, its shared prefix
+  (prefilled once) left out of the prefill."""
+  budget = memory_budget() if budget is None else budget
+  longest = max(map(len, prompts))
+  per_row = decode_bytes_per_row(model.config, longest, longest - _shared_prefix_len(prompts),
+                                 max_new_tokens, jnp.dtype(model.dtype).itemsize)
+  return max(1, min(len(prompts), budget // per_row))
 
 
 def _check_prompt_lengths(prompts: list[list[int]], context: int) -> None:

@@ -12,6 +12,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from ftjax.models.moe import load_balancing_loss
+
 
 @dataclasses.dataclass(frozen=True)
 class CausalLMLoss:
@@ -30,14 +32,29 @@ class CausalLMLoss:
   attention: str = "xla"  # the decoder's attention kernel (model.attention): xla | cudnn | splash
 
   def __call__(self, model, batch: dict, rng=None) -> dict:
+    moe = getattr(getattr(model, "config", None), "num_experts", 0) > 0
     hidden = model.hidden_states(batch["inputs"], positions=batch["positions"],
                                  segment_ids=batch["segment_ids"], remat=self.remat,
                                  unroll=self.unroll, rng=rng, **(
-                                     {"attention": self.attention} if self.attention != "xla" else {}))
+                                     {"attention": self.attention} if self.attention != "xla" else {}),
+                                 **({"router_stats": True} if moe else {}))
+    if moe:
+      hidden, stats = hidden
     if not self.vocab_chunk:
-      return token_ce_sums(model.logits, hidden, batch["targets"], batch["loss_mask"])
-    return chunked_token_ce_sums(model.logits, hidden, batch["targets"], batch["loss_mask"],
-                                 self.vocab_chunk)
+      sums = token_ce_sums(model.logits, hidden, batch["targets"], batch["loss_mask"])
+    else:
+      sums = chunked_token_ce_sums(model.logits, hidden, batch["targets"], batch["loss_mask"],
+                                   self.vocab_chunk)
+    return with_router_aux_loss(sums, stats, model.config.router_aux_loss_coef) if moe else sums
+
+
+def with_router_aux_loss(sums: dict, stats: dict, coef: float) -> dict:
+  """A mixture-of-experts model's load-balancing loss (transformers' `aux_loss`) added to the
+  loss with its coefficient (`router_aux_loss_coef` of config.json) and reported as the
+  "aux_loss" metric. Both go in as sums (times the target count), as the step divides every
+  sum by the count: the step's loss is then mean NLL + coef * aux_loss, as transformers'."""
+  aux = load_balancing_loss(stats) * sums["count"]
+  return {**sums, "loss_sum": sums["loss_sum"] + coef * aux, "aux_loss": aux}
 
 
 def token_ce_sums(logits_fn: Callable, hidden_btd, targets_bt, mask_bt) -> dict:

@@ -291,6 +291,7 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
   primary = evaluation.metrics.primary(cfg.eval)
   stopper, best_ckpt = _early_stopping(run, workdir)
   train_curve, eval_curve, warned, stopped_at, evaluated = [], [], 0, None, set()
+  final = None  # the final state's end-of-run evaluation, when the last periodic eval ran it
   for step in range(start_step, cfg.train.steps):
     state, metrics = compiled(state, run.frozen, batch)
     position = loader.get_state()
@@ -333,7 +334,13 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
                                  or done == cfg.train.steps and eval_curve):
       jax.block_until_ready(state)  # the step's own compute belongs to the train window
       eval_t = time.perf_counter()
-      ev = periodic_eval(run, eval_fn, state["trainable"], plan, primary)
+      if done == cfg.train.steps:  # the final eval, run here once, stands for this one too
+        loss_of = functools.partial(evaluate_loss, run, eval_fn, state["trainable"])
+        answers = functools.partial(evaluate.finetuned_answers, run, state["trainable"])
+        final = evaluate.final_eval(loss_of, answers, plan)
+        ev = evaluate.periodic_from_final(final, loss_of, plan, primary, cfg)
+      else:
+        ev = periodic_eval(run, eval_fn, state["trainable"], plan, primary)
       if ev:
         writer.write(done, ev, "eval/")
         evaluated.add(done)
@@ -397,7 +404,8 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
                  stopper.best)
   if best_ckpt is not None:
     best_ckpt.close()
-  final_eval = evaluate_loss(run, eval_fn, trainable)
+  reuse = final is not None and not training.get("restored_best")  # the same state
+  final_eval = final["eval"] if reuse else evaluate_loss(run, eval_fn, trainable)
   if final_eval and final_step not in evaluated and not training.get("restored_best"):
     writer.write(final_step, final_eval, "eval/")
   if jax.process_count() > 1:  # each process holds only its shards: gather them (collective)
@@ -415,14 +423,16 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
   generator = model if run.quantised else merged
   end = {"training": training, "eval": final_eval}
   if plan is not None:
-    end["finetuned"] = plan.run(generator, run.tokenizer, evaluation.report.FINETUNED)
+    end["finetuned"] = (final["finetuned"] if reuse else
+                        plan.run(generator, run.tokenizer, evaluation.report.FINETUNED))
     if cfg.eval.forgetting:
       end["forgetting"] = evaluation.forgetting.probe(generator, run.tokenizer, cfg.eval,
                                                       cfg.data.seq_len, "forgetting (fine-tuned)")
   summary = {"steps": final_step, "method": cfg.method, "trainable_params": n_train,
              "compile_s": compile_s, "skipped_steps": skipped, "eval": final_eval,
              "best_step": training.get("best_step"), "stopped_early": stopped_at is not None,
-             "train_s": train_s, "end_eval_seconds": time.perf_counter() - end_t,
+             "train_s": train_s,
+             "end_eval_seconds": time.perf_counter() - end_t + (final or {}).get("seconds", 0.0),
              "train_data": run.train_ds.summary}
   return summary, end
 

@@ -10,6 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Token caches of test runs go to a throwaway folder, not the user's ~/.cache/ftjax/tokens.
 os.environ.setdefault("FTJAX_TOKEN_CACHE", tempfile.mkdtemp(prefix="ftjax-token-cache-"))
+# No baseline cache across tests (each computes its own); the cache's tests set their own folder.
+os.environ.setdefault("FTJAX_BASELINE_CACHE", "off")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -58,3 +58,31 @@ def ftjax_model(model_dir: str):
   from ftjax.models.hf import load_hf_params
   cfg = load_hf_config(model_dir)
   return models.from_params(cfg, load_hf_params(model_dir, cfg))
+
+# Mixture-of-experts families, kept apart from FAMILIES (whose shared tests cover GGUF, which
+# ftjax does not map for MoE): 4 experts, top-2, tiny experts.
+MOE = dict(COMMON, intermediate_size=32, num_experts_per_tok=2, router_aux_loss_coef=0.02)
+MOE_FAMILIES = {
+    "mixtral": lambda: transformers.MixtralConfig(**MOE, num_local_experts=4),
+    # norm_topk_prob off (Qwen3-MoE's default) so the un-normalised top-k weights are tested.
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**{**MOE, "intermediate_size": 96},
+                                                     moe_intermediate_size=32, num_experts=4,
+                                                     head_dim=32, norm_topk_prob=False),
+}
+
+
+def build_moe(family: str, seed: int = 0, **overrides):
+  """A random-init HF MoE model, f32 eval; routers scaled up so tokens really pick different
+  experts (at the 0.02 init every router is near-uniform and the top-k nearly arbitrary)."""
+  torch.manual_seed(seed)
+  config = MOE_FAMILIES[family]()
+  for key, value in overrides.items():
+    setattr(config, key, value)
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.add_(0.1 * torch.randn_like(p))
+      if name.endswith("gate.weight"):
+        p.mul_(50.0)
+  return model

@@ -174,6 +174,13 @@ def test_unknown_and_unimportable_metrics_are_refused(tmp_path, monkeypatch):
     config_lib.validate(c)
 
 
+def test_a_negative_eval_batch_size_is_refused():
+  c = config_lib.base_config()
+  c.eval.batch_size = -1
+  with pytest.raises(FtjaxError, match=r"eval.batch_size=-1; expected an integer >= 0"):
+    metrics.validate(c.eval)
+
+
 def test_eval_set_without_references_is_refused(tmp_path):
   path = write_jsonl(tmp_path / "eval.jsonl", [{"text": "just some text"}, {"text": "more"}])
   with pytest.raises(FtjaxError, match=r"eval.jsonl:1: eval example without a reference answer \(2 of 2"):
@@ -330,3 +337,134 @@ def test_cli_evaluates_prompting_alone_and_rewrites_a_report(model_dir, data_dir
   with pytest.raises(SystemExit):
     evaluate.main(["--model", model_dir, "--data", os.path.join(data_dir, "eval.jsonl"), "--output", out])
   assert "--few-shot 3 needs --shots" in capsys.readouterr().err
+
+
+# --- the baseline cache (ftjax/evaluation/baseline_cache.py) ----------------------------------
+
+@pytest.fixture
+def base_generations(monkeypatch):
+  """The `desc` of every answer_ids call (one per batch of answers: "zero-shot", "1-shot",
+  "forgetting (base)", "fine-tuned", ...), in order."""
+  from ftjax.evaluation import generation
+  calls, real = [], generation.answer_ids
+
+  def counting(model, tokenizer, ids, max_new_tokens, batch_size, desc):
+    calls.append(desc)
+    return real(model, tokenizer, ids, max_new_tokens, batch_size, desc)
+  monkeypatch.setattr(generation, "answer_ids", counting)
+  return calls
+
+
+BASE_DESCS = {"zero-shot", "1-shot", "forgetting (base)"}
+
+
+def test_a_second_method_on_the_same_data_reads_the_baselines_from_the_cache(
+    model_dir, data_dir, tmp_path, monkeypatch, base_generations, caplog):
+  """LoRA, then full fine-tuning on the same model, data and eval config: the second run
+  generates nothing with the base model (no zero-shot, 1-shot or base forgetting answers) and
+  reports the same baselines, logging where they came from."""
+  monkeypatch.setenv("FTJAX_BASELINE_CACHE", str(tmp_path / "baselines"))
+  overrides = {"train.steps": 1, "eval.generate": True, "eval.few_shot": 1,
+               "eval.max_examples": 4, "eval.max_new_tokens": 4, "eval.bootstrap": 50,
+               "eval.forgetting_tokens": 256}
+  first = train_lib.train(tiny_config(model_dir, data_dir, **overrides), str(tmp_path / "lora"))
+  assert BASE_DESCS <= set(base_generations)
+  base_generations.clear()
+  caplog.set_level("INFO", logger="ftjax.evaluate")
+  second = train_lib.train(tiny_config(model_dir, data_dir, method="full", **overrides),
+                           str(tmp_path / "full"))
+  assert not BASE_DESCS & set(base_generations), base_generations
+  assert "fine-tuned" in base_generations  # the run's own model still answers
+  assert second["baseline"] == first["baseline"]
+  entry, = os.listdir(tmp_path / "baselines")
+  assert f"baseline from cache {tmp_path / 'baselines' / entry}" in caplog.text
+  results = {name: json.load(open(tmp_path / name / "eval_results.json")) for name in ("lora", "full")}
+  assert results["full"]["baselines"] == results["lora"]["baselines"]
+  assert results["full"]["forgetting"]["perplexity_before"] == results["lora"]["forgetting"]["perplexity_before"]
+
+
+def test_the_baseline_cache_misses_on_a_changed_key_and_ignores_bad_entries(
+    model_dir, data_dir, tmp_path, monkeypatch, base_generations, caplog):
+  """A changed eval setting (max_new_tokens) is another key; a truncated entry, or one whose
+  predictions do not fit the run, is ignored with a warning, computed again and rewritten."""
+  from ftjax.run import setup
+  folder = tmp_path / "baselines"
+  monkeypatch.setenv("FTJAX_BASELINE_CACHE", str(folder))
+  c = tiny_config(model_dir, data_dir, **{"eval.generate": True, "eval.few_shot": 1,
+                                          "eval.max_examples": 3, "eval.max_new_tokens": 3,
+                                          "eval.forgetting": False})
+  run = setup(c)
+  plan = evaluate.plan_for_run(c)
+  fresh = evaluate.base_model_eval(run, plan)
+  assert base_generations == ["zero-shot", "1-shot"]
+  path, = folder.iterdir()
+  base_generations.clear()
+  assert evaluate.base_model_eval(run, plan) == fresh and base_generations == []
+
+  c.eval.max_new_tokens = 2  # a changed eval key: a miss, a second entry
+  evaluate.base_model_eval(run, evaluate.plan_for_run(c))
+  assert base_generations == ["zero-shot", "1-shot"] and len(list(folder.iterdir())) == 2
+  c.eval.max_new_tokens = 3
+
+  caplog.set_level("WARNING", logger="ftjax.evaluation.baseline_cache")
+  text = path.read_text()
+  entry = json.loads(text)
+  entry["baseline"]["systems"]["zero-shot"]["predictions"].pop()
+  for bad in (text[: len(text) // 2], json.dumps(entry)):
+    path.write_text(bad)
+    base_generations.clear()
+    caplog.clear()
+    assert evaluate.base_model_eval(run, plan) == fresh
+    assert base_generations == ["zero-shot", "1-shot"]  # computed again, not trusted
+    assert f"ignoring the baseline cache entry {path}" in caplog.text
+    assert json.loads(path.read_text())["baseline"] == fresh  # and rewritten whole
+
+
+# --- the last periodic eval is the final eval --------------------------------------------------
+
+def _final_step_run(model_dir, data_dir, workdir):
+  c = tiny_config(model_dir, data_dir, **{
+      "train.steps": 2, "train.eval_every": 1, "eval.generate": True, "eval.few_shot": 0,
+      "eval.forgetting": False, "eval.max_examples": 4, "eval.periodic_examples": 2,
+      "eval.max_new_tokens": 4, "eval.bootstrap": 50})
+  summary = train_lib.train(c, str(workdir))
+  evals = {r["step"]: r for r in map(json.loads, open(workdir / "metrics.jsonl")) if "eval/loss" in r}
+  results = json.load(open(workdir / "eval_results.json"))
+  return summary, evals, results
+
+
+def test_the_periodic_eval_at_the_last_step_reuses_the_final_eval(
+    model_dir, data_dir, tmp_path, monkeypatch, base_generations):
+  """eval_every 1 of 2 steps: step 2's periodic eval is the final eval of the same state, so
+  it is not run twice: one pass of the eval loss and one set of fine-tuned answers after step
+  1's eval; step 2's logged numbers are the final ones (its exact match: the first
+  eval.periodic_examples final answers). Step 1's exact match is reported as -1 so that step 2
+  is the best (a tie would keep step 1 and restore it)."""
+  real_periodic = train_lib.periodic_eval
+  monkeypatch.setattr(train_lib, "periodic_eval",
+                      lambda *a, **k: dict(real_periodic(*a, **k), exact_match=-1.0))
+  loss_passes = []
+  real_loss = train_lib.evaluate_loss
+  monkeypatch.setattr(train_lib, "evaluate_loss",
+                      lambda *a, **k: loss_passes.append(1) or real_loss(*a, **k))
+  summary, evals, results = _final_step_run(model_dir, data_dir, tmp_path / "wd")
+  assert base_generations == ["zero-shot", "eval", "fine-tuned"]
+  assert len(loss_passes) == 2  # step 1's periodic eval, the final eval (not step 2's again)
+  assert summary["best_step"] == 2 and not results["training"].get("restored_best")
+  assert evals[2]["eval/loss"] == summary["eval"]["loss"]
+  answers, refs = results["finetuned"]["predictions"][:2], results["references"][:2]
+  assert evals[2]["eval/exact_match"] == metrics.resolve(["exact_match"])["exact_match"].score(
+      answers, refs, metrics.options(config_lib.base_config().eval))
+
+
+def test_a_restored_best_step_is_evaluated_again(model_dir, data_dir, tmp_path, monkeypatch,
+                                                 base_generations):
+  """When step 2 is not the best (forced here: its exact match reported as -1), the final
+  evaluation is the restored step 1's: the final state's answers are not reused for it."""
+  real = evaluate.periodic_from_final
+  monkeypatch.setattr(evaluate, "periodic_from_final",
+                      lambda *a, **k: dict(real(*a, **k), exact_match=-1.0))
+  summary, evals, results = _final_step_run(model_dir, data_dir, tmp_path / "wd")
+  assert summary["best_step"] == 1 and results["training"]["restored_best"]
+  assert base_generations == ["zero-shot", "eval", "fine-tuned", "fine-tuned"]
+  assert summary["eval"]["loss"] == pytest.approx(evals[1]["eval/loss"], rel=1e-6)

@@ -346,3 +346,47 @@ def test_cli_refuses_non_finite_sampling_flags_before_loading(flag, value, capsy
   assert exit_info.value.code != 0
   err = capsys.readouterr().err
   assert f"{flag}={value}" in err and "expected" in err, err
+
+
+class _IdTokenizer:
+  """The little of a tokenizer `answer_ids` uses: token ids decode to their numbers."""
+  pad_token_id, eos_token_id, chat_template = 0, None, None
+
+  def decode(self, ids, skip_special_tokens=True):
+    return " ".join(map(str, ids))
+
+
+def test_eval_prompts_go_in_the_fewest_batches_memory_allows_with_the_same_answers(monkeypatch):
+  """eval.batch_size 0: as many rows per generate_ids call as the memory budget holds: all 8
+  prompts in one call when it holds them, 2 near-equal batches of 4 when it holds 5 rows; the
+  answers are the same (padding is masked out; one by one equals batched in the tests above)."""
+  from ftjax import generate as g
+  from ftjax.evaluation import generation
+  model = _model("llama")
+  prompts = [p * k for p in PROMPTS for k in (1, 2)]  # 8 prompts of 1 to 14 tokens: one width
+  longest = max(map(len, prompts))
+  per_row = g.decode_bytes_per_row(model.config, longest, longest, 5)
+  calls, real = [], generation.generate_ids
+
+  def counting(model, prompts, *args, **kwargs):
+    calls.append(len(prompts))
+    return real(model, prompts, *args, **kwargs)
+  monkeypatch.setattr(generation, "generate_ids", counting)
+  answers = []
+  for rows, sizes in ((100, [8]), (5, [4, 4])):
+    monkeypatch.setattr(g, "memory_budget", lambda rows=rows: rows * per_row + per_row // 2)
+    calls.clear()
+    answers.append(generation.answer_ids(model, _IdTokenizer(), prompts, 5, 0, "auto"))
+    assert calls == sizes
+  assert answers[0] == answers[1] and all(answers[0])
+  assert g.rows_per_batch(model, prompts, 5, budget=0) == 1  # never fewer than one row
+
+
+def test_decode_memory_estimate_covers_the_kv_cache_twice():
+  """The per-row estimate holds the KV cache of prompt + new tokens twice over (the prefill
+  returns a new cache beside its input), whatever else it adds."""
+  from ftjax.generate import decode_bytes_per_row
+  model = _model("llama")
+  cache = model.init_cache(1, 32 + 7)  # a 20-token prompt rounds up to a 32-wide bucket
+  cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
+  assert decode_bytes_per_row(model.config, 20, 20, 7) >= 2 * cache_bytes

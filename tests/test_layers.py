@@ -42,11 +42,11 @@ LAYERS = (
     ("evaluation", ("ftjax.evaluation", "ftjax.generate", "ftjax.data.report")),
     ("data", ("ftjax.data",)),
     ("peft", ("ftjax.peft",)),
-    ("models", ("ftjax.models", "ftjax.tokenizer", "ftjax.template_sandbox")),
+    ("models", ("ftjax.models", "ftjax.tokenizer", "ftjax.template_sandbox", "ftjax.losses")),
     ("quant", ("ftjax.quant",)),
     ("parallel", ("ftjax.parallel", "ftjax.lock", "ftjax.checkpoint")),
     ("base", ("ftjax.tree", "ftjax.nnx_utils", "ftjax.errors", "ftjax.files", "ftjax.cli",
-              "ftjax.losses", "ftjax.preemption", "ftjax.cost_plan", "ftjax.user_functions")),
+              "ftjax.preemption", "ftjax.cost_plan", "ftjax.user_functions")),
 )
 
 

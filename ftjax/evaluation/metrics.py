@@ -279,6 +279,10 @@ def validate(eval_cfg) -> None:
       raise FtjaxError(f"config: eval.metrics: unknown metric {name!r}; expected one of "
                        f"{', '.join(all_names())}, or 'pkg.module:function' for your own")
   resolve(names)
+  size = eval_cfg.batch_size
+  if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+    raise FtjaxError(f"config: eval.batch_size={eval_cfg.batch_size!r}; expected an integer >= 0 "
+                     "(0: as many prompts at once as memory allows)")
   if eval_cfg.primary and eval_cfg.primary not in names:
     raise FtjaxError(f"config: eval.primary={eval_cfg.primary!r} is not among eval.metrics={names}")
   if eval_cfg.primary and eval_cfg.primary not in LOSS_METRICS and not eval_cfg.generate:

@@ -15,6 +15,10 @@ The decoder differs between families only in a handful of switches, so each fami
 | gemma3 (text) | gemma2's, plus `qk_norm` and `rope_local_theta` (sliding layers)  |
 | phi3 / 3.5 / 4-mini | `fused_projections` (`qkv_proj`, `gate_up_proj` as in HF),  |
 |               | `partial_rotary_factor`, longrope RoPE scaling (short/long factors) |
+| mixtral       | `num_experts`, `num_experts_per_tok`, `norm_topk_prob=True`:      |
+|               | a routed MoE MLP (`block_sparse_moe`), `router_aux_loss_coef`     |
+| qwen3_moe     | qwen3's, plus the MoE MLP (`mlp`) with `moe_intermediate_size`    |
+|               | and `norm_topk_prob` from config.json                             |
 
 Per-layer differences (`layer_types`) are data the layer scan slices (`layer_windows`,
 `layer_is_local`), never a Python branch per layer: the stack stays one compiled body.
@@ -30,7 +34,9 @@ from typing import Any
 from ftjax.errors import FtjaxError
 from ftjax.files import read_json
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+                           "mixtral", "qwen3_moe")
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
 GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3_text")
 # Multimodal configs whose `text_config` is a supported decoder: their text model loads alone.
 TEXT_MODEL_OF = {"gemma3": "gemma3_text"}
@@ -81,6 +87,25 @@ class ModelConfig:
   fused_projections: bool = False
   # phi3 (Phi-4-mini: 0.75): RoPE rotates the first rotary_dim dims of each head, the rest pass.
   partial_rotary_factor: float = 1.0
+  # mixtral / qwen3_moe: every layer's MLP is `num_experts` experts (each a gated MLP of
+  # intermediate_size) behind a softmax router that sends each token to its top
+  # `num_experts_per_tok`; norm_topk_prob re-normalises those weights to sum to 1 (mixtral
+  # always). 0 experts: the dense MLP. router_aux_loss_coef weighs the load-balancing loss in
+  # training (ftjax.losses); output_router_logits is kept only to write config.json back.
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  norm_topk_prob: bool = False
+  router_aux_loss_coef: float = 0.0
+  output_router_logits: bool = False
+
+  @property
+  def is_moe(self) -> bool:
+    return self.num_experts > 0
+
+  @property
+  def moe_module(self) -> str:
+    """The MoE block's attribute name in a layer, as transformers names it."""
+    return "block_sparse_moe" if self.model_type == "mixtral" else "mlp"
 
   @property
   def rotary_dim(self) -> int:
@@ -109,7 +134,8 @@ class ModelConfig:
       attn += self.q_size + 2 * self.kv_size
     if self.qk_norm:
       attn += 2 * self.head_dim
-    per_layer = attn + 3 * d * f + (4 if self.sandwich_norms else 2) * d
+    mlp = 3 * d * f * max(self.num_experts, 1) + d * self.num_experts  # experts + router
+    per_layer = attn + mlp + (4 if self.sandwich_norms else 2) * d
     head = 0 if self.tie_word_embeddings else d * v
     return v * d + layers * per_layer + d + head
 
@@ -143,6 +169,7 @@ class ModelConfig:
           num_kv_heads=int(hf.get("num_key_value_heads") or heads),
           head_dim=int(hf.get("head_dim") or d // heads),
       )
+      kw.update(_moe(hf, model_type, kw["num_layers"], source))
     except KeyError as e:
       raise FtjaxError(f"{source}: missing required key {e.args[0]!r}") from None
     theta, scaling, local_theta = _rope(hf, model_type, source)
@@ -165,7 +192,7 @@ class ModelConfig:
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", is_gemma)),
         qkv_bias=bool(hf.get("attention_bias", False)) or model_type == "qwen2",
-        qk_norm=model_type in ("qwen3", "gemma3_text"),
+        qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
         norm_offset=1.0 if is_gemma else 0.0,
         activation=act,
         embed_scale=is_gemma,
@@ -192,7 +219,8 @@ class ModelConfig:
     """The config.json that transformers needs to rebuild this model."""
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-            "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}[self.model_type]
+            "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
+            "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[self.model_type]
     scaling = dict(self.rope_scaling) or None
     hf = {
         "architectures": [arch],
@@ -237,12 +265,25 @@ class ModelConfig:
       hf["sliding_window"] = self.sliding_window
       if scaling and "original_max_position_embeddings" in scaling:
         hf["original_max_position_embeddings"] = scaling["original_max_position_embeddings"]
-    if self.model_type in ("llama", "qwen3"):
+    if self.model_type in ("llama", "qwen3", "qwen3_moe"):
       hf["attention_bias"] = self.qkv_bias
-    if self.model_type in ("mistral", "qwen2", "qwen3"):
+    if self.model_type in ("mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe"):
       hf["sliding_window"] = self.sliding_window
-      hf["use_sliding_window"] = False if self.model_type != "mistral" else None
+      hf["use_sliding_window"] = False if self.model_type not in ("mistral", "mixtral") else None
+    if self.is_moe:
+      hf.update(self._moe_hf_dict())
     return hf
+
+  def _moe_hf_dict(self) -> dict:
+    out = {"num_experts_per_tok": self.num_experts_per_tok,
+           "router_aux_loss_coef": self.router_aux_loss_coef,
+           "output_router_logits": self.output_router_logits}
+    if self.model_type == "mixtral":
+      return {**out, "num_local_experts": self.num_experts}
+    # qwen3_moe: intermediate_size is the experts' width; a dense-layer width is not used
+    # (ftjax refuses mlp_only_layers), so it is written as the experts' too.
+    return {**out, "num_experts": self.num_experts, "moe_intermediate_size": self.intermediate_size,
+            "norm_topk_prob": self.norm_topk_prob, "decoder_sparse_step": 1, "mlp_only_layers": []}
 
   def head_scale(self) -> float:
     return 1.0 / math.sqrt(self.query_pre_attn_scalar or self.head_dim)
@@ -311,6 +352,31 @@ def _rope(hf: dict, model_type: str, source: str) -> tuple[float, dict, float | 
       raise FtjaxError(f"{source}: longrope rope scaling needs original_max_position_embeddings")
     scaling["original_max_position_embeddings"] = int(hf["original_max_position_embeddings"])
   return float(theta), scaling, None
+
+
+def _moe(hf: dict, model_type: str, num_layers: int, source: str) -> dict:
+  """mixtral / qwen3_moe: the ModelConfig fields of the routed expert MLP ({} for dense
+  families). Every layer must be a MoE layer: the layer stack is one scanned body."""
+  if model_type not in MOE_FAMILIES:
+    return {}
+  if model_type == "mixtral":
+    experts, norm_topk, width = int(hf["num_local_experts"]), True, int(hf["intermediate_size"])
+  else:
+    # transformers 5 writes qwen3_moe's num_experts as num_local_experts
+    experts = int(hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"])
+    norm_topk = bool(hf.get("norm_topk_prob", False))
+    width = int(hf["moe_intermediate_size"])
+    dense = [i for i in range(num_layers) if i in (hf.get("mlp_only_layers") or [])
+             or (i + 1) % int(hf.get("decoder_sparse_step") or 1)]
+    if dense:
+      raise FtjaxError(f"{source}: layers {dense} are dense MLP layers (mlp_only_layers / "
+                       "decoder_sparse_step); ftjax supports qwen3_moe with every layer a MoE layer")
+  top_k = int(hf["num_experts_per_tok"])
+  if not 0 < top_k <= experts:
+    raise FtjaxError(f"{source}: num_experts_per_tok={top_k} must be in 1..{experts} (the number of experts)")
+  return dict(num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=norm_topk,
+              intermediate_size=width, router_aux_loss_coef=float(hf.get("router_aux_loss_coef") or 0.0),
+              output_router_logits=bool(hf.get("output_router_logits", False)))
 
 
 def _layer_types(hf: dict, model_type: str, num_layers: int, source: str) -> tuple[str, ...]:

@@ -63,13 +63,13 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype=np.float32, allocate=
   for spec in param_specs(cfg):
     array = allocate(spec, dtype) if allocate else np.empty(spec.shape, dtype)
     set_path(params, spec.path, array)
-    for i, name in enumerate(spec.hf_names(cfg.num_layers)):
+    for i, name in spec.hf_items(cfg.num_layers):
       if name not in where:
         if spec.path == "lm_head/kernel":  # some tied checkpoints still say tie=False
           raise FtjaxError(f"{model_dir}: missing tensor {name!r} (expected shape "
                            f"{spec.shape[::-1]}); set tie_word_embeddings if the head is tied")
         raise FtjaxError(f"{model_dir}: missing tensor {name!r} for {spec.path}")
-      by_file.setdefault(where[name], []).append((spec, i if spec.stacked else None, name))
+      by_file.setdefault(where[name], []).append((spec, i, name))
   _refuse_unused(model_dir, cfg, where, [name for items in by_file.values() for _, _, name in items])
   for path, items in by_file.items():
     with safe_open(path, framework="np") as f:
@@ -81,7 +81,7 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype=np.float32, allocate=
         if spec.transpose:
           tensor = tensor.T
         target = get_path(params, spec.path)
-        expected = spec.shape[1:] if i is not None else spec.shape
+        expected = spec.item_shape(i)
         if tensor.shape != tuple(expected):
           got = tensor.T.shape if spec.transpose else tensor.shape
           want = tuple(expected)[::-1] if spec.transpose else tuple(expected)
@@ -158,7 +158,7 @@ def _put_4bit(target, spec, i: int | None, name: str, where: dict[str, str],
     with safe_open(where[key], framework="np") as f:
       return f.get_tensor(stored.get(key, key))
   q = bnb.read_4bit(name, bnb.quant_state_key(name, where), read)
-  expected = tuple(spec.shape[1:] if i is not None else spec.shape)
+  expected = spec.item_shape(i)
   if not spec.transpose or tuple(q.shape) != expected[::-1]:
     raise FtjaxError(f"{where[name]}: 4-bit tensor {name!r} has shape {list(q.shape)}, expected "
                      f"{list(expected[::-1])} (a checkpoint of another model?)")
@@ -223,11 +223,11 @@ def save_hf_params(params: Params, cfg: ModelConfig, out_dir: str, dtype=np.floa
   for spec in param_specs(cfg):
     in_4bit = (quantised or {}).get(spec.path)
     leaf = None if in_4bit else get_path(params, spec.path)
-    for i, name in enumerate(spec.hf_names(cfg.num_layers)):
+    for i, name in spec.hf_items(cfg.num_layers):
       if in_4bit:
-        tensors = bnb.write_4bit(name, in_4bit(i if spec.stacked else ()))
+        tensors = bnb.write_4bit(name, in_4bit(() if i is None else i))
       else:
-        tensor = _fetch(leaf[i] if spec.stacked else leaf)  # one layer off the devices
+        tensor = _fetch(leaf if i is None else leaf[i])  # one layer (expert) off the devices
         tensors = {name: np.ascontiguousarray((tensor.T if spec.transpose else tensor).astype(dtype))}
       nbytes = sum(t.nbytes for t in tensors.values())
       if size and size + nbytes > limit:

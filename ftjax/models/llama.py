@@ -13,6 +13,7 @@ path in the state tree reads like its HF tensor name, and PEFT-style target name
                                           (+ bias with qkv_bias; q_norm/k_norm with qk_norm)
         post_attention_layernorm: RMSNorm
         mlp: MLP                          {gate,up,down}_proj: nnx.Linear
+                                          (mixtral / qwen3_moe: MoE, ftjax/models/moe.py)
       norm: RMSNorm
     lm_head: nnx.Linear                   kernel [d, v] (None when tied to the embedding)
 
@@ -43,6 +44,7 @@ from flax import nnx
 from ftjax.errors import FtjaxError
 from ftjax.models import ops
 from ftjax.models.config import ModelConfig
+from ftjax.models.moe import MoE
 from ftjax.nnx_utils import axes
 
 
@@ -155,19 +157,30 @@ class DecoderLayer(nnx.Module):
     if cfg.sandwich_norms:  # gemma2 / gemma3: the MLP between its own pre and post norms
       self.pre_feedforward_layernorm = norm()
       self.post_feedforward_layernorm = norm()
-    self.mlp = MLP(cfg, **kw)
+    if cfg.is_moe:  # mixtral's `block_sparse_moe`, qwen3_moe's `mlp`: routed experts
+      setattr(self, cfg.moe_module, MoE(cfg, **kw))
+    else:
+      self.mlp = MLP(cfg, **kw)
+    self.moe_module = cfg.moe_module if cfg.is_moe else None
     self.sandwich_norms = cfg.sandwich_norms
 
+  def _mlp(self, x_btd, ctx, rngs):
+    """(MLP output, the router's load-balancing statistics or None for a dense MLP)."""
+    if self.moe_module is None:
+      return self.mlp(x_btd, rngs), None
+    return getattr(self, self.moe_module)(x_btd, ctx["segment_ids"] != 0)
+
   def __call__(self, x_btd, ctx: dict, cache=None, rng=None):
+    """Returns (output, this layer's new cache or None, router statistics or None)."""
     rngs = jax.random.split(rng, 4) if rng is not None else [None] * 4
     out, new_cache = self.self_attn(self.input_layernorm(x_btd), ctx, cache, rngs[:2])
     if self.sandwich_norms:  # post_attention_layernorm normalises the attention output
       x_btd = x_btd + self.post_attention_layernorm(out)
-      out = self.mlp(self.pre_feedforward_layernorm(x_btd), rngs[2:])
-      return x_btd + self.post_feedforward_layernorm(out), new_cache
+      out, stats = self._mlp(self.pre_feedforward_layernorm(x_btd), ctx, rngs[2:])
+      return x_btd + self.post_feedforward_layernorm(out), new_cache, stats
     x_btd = x_btd + out
-    x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd), rngs[2:])
-    return x_btd, new_cache
+    out, stats = self._mlp(self.post_attention_layernorm(x_btd), ctx, rngs[2:])
+    return x_btd + out, new_cache, stats
 
 
 class Decoder(nnx.Module):
@@ -226,10 +239,14 @@ class Decoder(nnx.Module):
     return x_btd
 
   def __call__(self, tokens_bt, *, positions=None, segment_ids=None, cache=None, cache_index=0,
-               remat: str = "none", unroll: int | bool = 1, rng=None, attention: str = "xla"):
+               remat: str = "none", unroll: int | bool = 1, rng=None, attention: str = "xla",
+               router_stats: bool = False):
     """Token ids -> final hidden states [b, t, d] (after the final norm); see CausalLM."""
     b, t = tokens_bt.shape
     n = self.num_virtual_tokens
+    if router_stats and (cache is not None or n or not self.config.is_moe):
+      raise FtjaxError("router_stats=True needs a mixture-of-experts model (mixtral, qwen3_moe) "
+                       "run without a KV cache and without virtual tokens (prompt / prefix tuning)")
     if attention != "xla" and n:
       raise FtjaxError(f"model.attention={attention!r}: the fused kernels have no mask for virtual "
                        "tokens (prompt / prefix tuning); use model.attention='xla'")
@@ -243,7 +260,8 @@ class Decoder(nnx.Module):
       return self._run(x, positions + n, segment_ids, cache, cache_index + n, remat, unroll, rng)
     if n:
       return self._with_virtual_tokens(x, positions, segment_ids, remat, unroll, rng)
-    return self._run(x, positions, segment_ids, cache, cache_index, remat, unroll, rng, attention)
+    return self._run(x, positions, segment_ids, cache, cache_index, remat, unroll, rng, attention,
+                     router_stats)
 
   def _with_virtual_tokens(self, x, positions, segment_ids, remat, unroll, rng):
     """The forward pass without a cache when an adapter adds virtual tokens: the prefix's
@@ -269,8 +287,9 @@ class Decoder(nnx.Module):
     return hidden[:, n_prompt:]
 
   def _run(self, x_btd, positions, segment_ids, cache, cache_index, remat, unroll, rng,
-           attention: str = "xla"):
-    """Embeddings -> final hidden states (and the new cache when one is given)."""
+           attention: str = "xla", router_stats: bool = False):
+    """Embeddings -> final hidden states (and the new cache when one is given, or the MoE
+    layers' stacked router statistics with `router_stats`)."""
     cfg = self.config
     b, t, _ = x_btd.shape
     ctx = {
@@ -300,16 +319,19 @@ class Decoder(nnx.Module):
       layer_ctx = ctx if layer_data is None else {
           **ctx, "window": layer_data["window"],
           "inv_freq": jnp.where(layer_data["local"], layer_data["local_inv_freq"], ctx["inv_freq"])}
-      x, out = nnx.merge(graphdef, layer_state)(ops.constrain_batch(x), layer_ctx, layer_cache,
-                                                layer_rng)
-      return ops.constrain_batch(x), out
+      x, out, stats = nnx.merge(graphdef, layer_state)(ops.constrain_batch(x), layer_ctx,
+                                                       layer_cache, layer_rng)
+      return ops.constrain_batch(x), (out, stats)
 
     policy = ops.REMAT_POLICIES[remat]
     if remat != "none":
       body = jax.checkpoint(body, policy=policy, prevent_cse=False)
     layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
-    x, new_cache = jax.lax.scan(body, x, (stacked, cache, layer_rngs, per_layer), unroll=unroll)
+    x, (new_cache, stats) = jax.lax.scan(body, x, (stacked, cache, layer_rngs, per_layer),
+                                         unroll=unroll)
     x = self.norm(x)
+    if router_stats:
+      return x, stats
     return x if cache is None else (x, new_cache)
 
   def _prefix_cache(self, batch: int, length: int, dtype) -> dict[str, Any]:
@@ -369,6 +391,8 @@ class CausalLM(nnx.Module):
     remat: activation checkpointing policy of the layer body (ops.REMAT_POLICIES).
     unroll: layers per scan iteration (True: all).
     rng: dropout key for adapters (none: no dropout).
+    router_stats: MoE models only: return (hidden, the layers' router statistics [l, ...]) for
+      ftjax.models.moe.load_balancing_loss.
     attention: the kernel without a cache: "xla" (default), "cudnn" (GPU) or "splash" (TPU);
       see ops.fused_attention. Decoding with a cache always uses the XLA path.
     """

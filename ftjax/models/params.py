@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
@@ -28,9 +29,25 @@ class ParamSpec:
   transpose: bool  # HF Linear weights are [out, in], our kernels [in, out]
   stacked: bool
   axes: tuple = ()  # logical axis names per dim (None where a dim has none), for sharding
+  # MoE expert kernels [l, e, in, out]: one HF tensor per layer and expert ({j} in hf_name)
+  experts: int = 0
+
+  def hf_items(self, num_layers: int) -> list[tuple[Any, str]]:
+    """(index into the param, HF tensor name) of each tensor: index None for a whole param, i
+    for layer i of a stacked one, (i, j) for expert j of layer i."""
+    if self.experts:
+      return [((i, j), self.hf_name.format(i=i, j=j)) for i in range(num_layers)
+              for j in range(self.experts)]
+    if self.stacked:
+      return [(i, self.hf_name.format(i=i)) for i in range(num_layers)]
+    return [(None, self.hf_name)]
 
   def hf_names(self, num_layers: int) -> list[str]:
-    return [self.hf_name.format(i=i) for i in range(num_layers)] if self.stacked else [self.hf_name]
+    return [name for _, name in self.hf_items(num_layers)]
+
+  def item_shape(self, index) -> tuple[int, ...]:
+    """The shape of one HF tensor's slice of the param (`index` from hf_items)."""
+    return self.shape[0 if index is None else 1 if isinstance(index, int) else 2:]
 
 
 def hf_name(path: str) -> tuple[str, bool]:
@@ -43,6 +60,8 @@ def hf_name(path: str) -> tuple[str, bool]:
   name = ".".join(modules)
   if path.startswith(STACKED_PREFIX):
     name = name.replace("model.layers", "model.layers.{i}", 1)
+    # MoE experts stacked in one kernel: "...experts.w1" -> "...experts.{j}.w1" (HF: one per expert)
+    name = name.replace(".experts.", ".experts.{j}.", 1)
   return f"{name}.{'bias' if leaf == 'bias' else 'weight'}", leaf == "kernel"
 
 
@@ -63,8 +82,9 @@ def param_specs(cfg: ModelConfig) -> tuple[ParamSpec, ...]:
     path = "/".join(map(str, path))
     name, transpose = hf_name(path)
     axes = tuple(var.get_metadata().get("out_sharding") or (None,) * len(var.shape))
+    experts = var.shape[axes.index("expert")] if "{j}" in name and "expert" in axes else 0
     specs.append(ParamSpec(path, tuple(var.shape), name, transpose, path.startswith(STACKED_PREFIX),
-                           axes))
+                           axes, experts))
   specs.sort(key=lambda s: s.path.split("/"))  # path order, as `flatten` walks a tree
   return tuple(specs)
 

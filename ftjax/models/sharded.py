@@ -25,16 +25,17 @@ from ftjax.parallel import sharding
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _set_block(array, block, start):
-  """array[start:start + len(block)] = block along dim 0, in place (the output keeps the
-  donated input's sharding)."""
+  """array[start:start + len(block)] = block along the leading dims (start: one index per
+  leading dim), in place (the output keeps the donated input's sharding)."""
+  start = tuple(start) if isinstance(start, tuple) else (start,)
   return jax.lax.dynamic_update_slice(array, block.astype(array.dtype),
-                                      (start,) + (0,) * (block.ndim - 1))
+                                      start + (0,) * (block.ndim - len(start)))
 
 
 class MeshSink:
   """One param on the mesh, written from host tensors (see the module doc): `sink[i] = layer`
   for a stacked param, `sink[a:b] = rows` for a block of rows (a big table read in chunks),
-  `sink[...] = whole`."""
+  `sink[...] = whole`, `sink[i, j] = expert j of layer i`."""
 
   def __init__(self, shape, dtype, sharding):
     self.shape, self.dtype, self.sharding = tuple(shape), jnp.dtype(dtype), sharding
@@ -57,12 +58,15 @@ class MeshSink:
       if step != 1:
         raise FtjaxError(f"MeshSink: row slices must be contiguous, got {index}")
       block = self._host(value, (stop - start, *self.shape[1:]))
+    elif isinstance(index, tuple):  # (layer, expert) of a stacked MoE expert kernel
+      start = tuple(np.int32(i) for i in index)
+      block = self._host(value, self.shape[len(index):]).reshape((1,) * len(index) + self.shape[len(index):])
     else:  # one layer of a stacked param
       start = int(index)
       block = self._host(value, self.shape[1:])[None]
     if self.array is None:
       self.array = jax.jit(lambda: jnp.zeros(self.shape, self.dtype), out_shardings=self.sharding)()
-    self.array = _set_block(self.array, block, np.int32(start))
+    self.array = _set_block(self.array, block, start if isinstance(start, tuple) else np.int32(start))
 
 
 def mesh_sinks(mesh, fallback=None):

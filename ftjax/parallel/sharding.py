@@ -23,8 +23,13 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axes. Params: fsdp shards the model dim, tensor shards heads / mlp /
 # vocab. Activations: the batch goes over data and fsdp.
+# MoE expert kernels [layers, expert, in, out]: expert parallelism over fsdp (each fsdp device
+# holds whole experts; "expert" comes before "embed" in their axes, so it takes fsdp and the
+# model dim stays whole). Where the expert count does not divide by fsdp, the model dim takes
+# fsdp instead, as for a dense MLP. The router's [embed, expert] kernel shards its model dim.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
+    ("expert", "fsdp"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("q_heads", "tensor"),

@@ -251,7 +251,9 @@ def quant_sinks(block_size: int = 64, quant_type: str = "nf4", double_quant: boo
   those of modules whose name ends with one of `skip`), a float array otherwise."""
   def allocate(spec, dtype):
     module = spec.path.rsplit("/", 1)[0]
-    if spec.path.endswith("/kernel") and not any(module.endswith(s) for s in skip):
+    # MoE routers and expert kernels (an "expert" axis) are no nnx.Linear: they stay float.
+    if (spec.path.endswith("/kernel") and "expert" not in spec.axes
+        and not any(module.endswith(s) for s in skip)):
       return QuantSink(spec.shape, block_size, quant_type, double_quant)
     return np.empty(spec.shape, dtype)
   return allocate

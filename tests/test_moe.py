@@ -1,0 +1,231 @@
+"""Mixture-of-experts families (Mixtral, Qwen3-MoE) against transformers on tiny random-init
+models: 4 experts, top-2, 2 layers, routers scaled so tokens pick different experts."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import hf_models
+from ftjax import models, peft
+from ftjax.errors import FtjaxError
+from ftjax.losses import CausalLMLoss
+from ftjax.models import moe
+from ftjax.models.config import ModelConfig, load_hf_config
+from ftjax.models.hf import load_hf_params
+
+FAMILIES = list(hf_models.MOE_FAMILIES)
+
+
+def rel_err(a, b):
+  return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+  model = hf_models.build_moe(request.param)
+  path = str(tmp_path_factory.mktemp(request.param))
+  model.save_pretrained(path)
+  cfg = load_hf_config(path)
+  return request.param, model, path, cfg, models.from_params(cfg, load_hf_params(path, cfg))
+
+
+def padded_tokens(cfg, seed=0):
+  tokens = np.random.RandomState(seed).randint(0, cfg.vocab_size, (3, 16))
+  mask = np.ones_like(tokens)
+  mask[1, 10:] = 0
+  mask[2, 5:] = 0
+  return tokens, mask
+
+
+def test_config_reads_the_routing_switches(family):
+  name, model, _, cfg, _ = family
+  assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.router_aux_loss_coef) == (4, 2, 0.02)
+  assert cfg.norm_topk_prob == (name == "mixtral")  # mixtral always re-normalises
+  assert cfg.intermediate_size == 32  # the experts' width (qwen3_moe: moe_intermediate_size)
+
+
+def test_logits_match_transformers(family):
+  """Full forward with padding (valid rows) and, per token, a KV-cache decode."""
+  _, model, _, cfg, ours_model = family
+  tokens, mask = padded_tokens(cfg)
+  with torch.no_grad():
+    ref = model(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
+    chosen = [torch.topk(l, 2).indices for l in model(torch.tensor(tokens), output_router_logits=True).router_logits]
+  assert len({tuple(sorted(c.tolist())) for c in chosen[0]}) > 2  # the routing really varies
+  ours = np.asarray(ours_model(jnp.asarray(tokens), segment_ids=jnp.asarray(mask)))
+  valid = mask.astype(bool)
+  # f32 on both sides; 1e-4 relative as for the dense families (summation order only).
+  assert rel_err(ours[valid], ref[valid]) < 1e-4
+  grouped = nnx.clone(ours_model)  # the GPU / TPU path (ragged_dot), here on CPU
+  getattr(grouped.model.layers, cfg.moe_module).implementation = "ragged"
+  ours = np.asarray(grouped(jnp.asarray(tokens), segment_ids=jnp.asarray(mask)))
+  assert rel_err(ours[valid], ref[valid]) < 1e-4
+  # prefill 12 tokens, then decode 4 one at a time (one compile: cache_index is traced)
+  decode = nnx.jit(lambda m, tok, cache, i: m(tok, cache=cache, cache_index=i))
+  logits, cache = decode(ours_model, jnp.asarray(tokens[:1, :12]), ours_model.init_cache(1, 16), 0)
+  steps = [np.asarray(logits)[0]]
+  for i in range(12, 16):
+    logits, cache = decode(ours_model, jnp.asarray(tokens[:1, i:i + 1]), cache, jnp.int32(i))
+    steps.append(np.asarray(logits)[0])
+  assert rel_err(np.concatenate(steps), ref[0]) < 1e-4
+
+
+def test_aux_loss_equals_transformers(family):
+  """The load-balancing loss over the valid tokens of every layer, as transformers' aux_loss."""
+  _, model, _, cfg, ours_model = family
+  tokens, mask = padded_tokens(cfg, seed=1)
+  with torch.no_grad():
+    want = float(model(torch.tensor(tokens), attention_mask=torch.tensor(mask),
+                       output_router_logits=True).aux_loss)
+  _, stats = ours_model.hidden_states(jnp.asarray(tokens), segment_ids=jnp.asarray(mask),
+                                      router_stats=True)
+  got = float(moe.load_balancing_loss(stats))
+  assert abs(got - want) < 1e-5, (got, want)
+  assert abs(got - 2.0) > 1e-3  # not the perfectly balanced value (top_k) by accident
+
+
+def test_training_loss_adds_the_aux_loss_as_transformers(family):
+  """CausalLMLoss's loss = mean NLL + router_aux_loss_coef * aux_loss, transformers' loss with
+  output_router_logits, and "aux_loss" is reported."""
+  _, model, _, cfg, ours_model = family
+  tokens = np.random.RandomState(2).randint(0, cfg.vocab_size, (2, 12))
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  with torch.no_grad():
+    out = model(torch.tensor(inputs), labels=torch.tensor(np.pad(targets[:, :-1], ((0, 0), (1, 0)))),
+                output_router_logits=True)
+  batch = {"inputs": jnp.asarray(inputs), "targets": jnp.asarray(targets),
+           "positions": jnp.broadcast_to(jnp.arange(11), (2, 11)),
+           "segment_ids": jnp.ones((2, 11), jnp.int32),
+           "loss_mask": jnp.ones((2, 11)).at[:, -1].set(0)}  # HF's shift drops the last target
+  sums = CausalLMLoss()(ours_model, batch)
+  assert abs(float(sums["aux_loss"] / sums["count"]) - float(out.aux_loss)) < 1e-5
+  assert abs(float(sums["loss_sum"] / sums["count"]) - float(out.loss)) < 1e-5
+
+
+def test_grouped_experts_equal_every_expert_dense():
+  """ragged_dot over expert-sorted rows = the every-token-every-expert einsum, values and grads."""
+  keys = jax.random.split(jax.random.PRNGKey(0), 5)
+  x = jax.random.normal(keys[0], (24, 16))
+  kernels = (jax.random.normal(keys[1], (4, 16, 8)), jax.random.normal(keys[2], (4, 16, 8)),
+             jax.random.normal(keys[3], (4, 8, 16)))
+  weights, chosen = jax.lax.top_k(jax.nn.softmax(jax.random.normal(keys[4], (24, 4))), 2)
+
+  def run(impl):
+    f = lambda x, k: jnp.sum(moe.IMPLEMENTATIONS[impl](x, weights, chosen, k, jax.nn.silu) ** 2)
+    return jax.jit(jax.value_and_grad(f, (0, 1)))(x, kernels)
+  (ragged, ragged_grads), (dense, dense_grads) = run("ragged"), run("dense")
+  assert rel_err(ragged, dense) < 1e-5
+  for a, b in zip(jax.tree.leaves(ragged_grads), jax.tree.leaves(dense_grads)):
+    assert rel_err(a, b) < 1e-5
+
+
+def test_export_roundtrip_through_transformers(family, tmp_path):
+  name, _, _, cfg, ours_model = family
+  models.save_pretrained(ours_model, str(tmp_path))
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["model_type"] == name
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+  tokens = np.random.RandomState(3).randint(0, cfg.vocab_size, (2, 20))
+  with torch.no_grad():
+    ref = reloaded(torch.tensor(tokens)).logits.numpy()
+  assert rel_err(ours_model(jnp.asarray(tokens)), ref) < 1e-5
+  assert load_hf_config(str(tmp_path)) == cfg.replace(generation_eos_token_ids=load_hf_config(
+      str(tmp_path)).generation_eos_token_ids)
+
+
+def test_lora_wraps_attention_and_names_the_experts_it_cannot_wrap(family):
+  """all-linear: attention (as PEFT's target modules on transformers 5's fused experts, which
+  are parameters, not nn.Linear); the router stays frozen; naming an expert projection is a
+  clear error."""
+  name, _, _, cfg, _ = family
+  model = models.CausalLM(cfg, rngs=nnx.Rngs(0))
+  lora = peft.get_peft_model(nnx.clone(model), peft.LoraConfig(r=2, target_modules="all-linear"))
+  wrapped = {str(p[-1]) for p, m in nnx.iter_modules(lora) if isinstance(m, peft.LoraLinear)}
+  assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj"}
+  expert = moe.EXPERT_PROJECTIONS[name][0]
+  with pytest.raises(FtjaxError, match=f"experts.{expert}.*ExpertLinear"):
+    peft.get_peft_model(nnx.clone(model), peft.LoraConfig(r=2, target_modules=[expert]))
+
+
+def test_dense_layers_mixed_in_are_refused_by_name():
+  hf = hf_models.MOE_FAMILIES["qwen3_moe"]().to_dict()
+  with pytest.raises(FtjaxError, match=r"config.json: layers \[1\] are dense MLP layers"):
+    ModelConfig.from_hf_dict({**hf, "mlp_only_layers": [1]})
+  with pytest.raises(FtjaxError, match="num_experts_per_tok=5 must be in 1..4"):
+    ModelConfig.from_hf_dict({**hf, "num_experts_per_tok": 5})
+
+
+@pytest.fixture(scope="module")
+def moe_run_dir(tmp_path_factory):
+  """A tiny Mixtral HF folder with the tiny tokenizer, and quickstart data: a config-driven run."""
+  from tiny import quickstart_data, tiny_tokenizer
+  path = tmp_path_factory.mktemp("mixtral_run")
+  tok = tiny_tokenizer()
+  hf_models.build_moe("mixtral", vocab_size=512, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id).save_pretrained(str(path))
+  tok.save(str(path))
+  return str(path), quickstart_data(tmp_path_factory, n_train=16, n_eval=4)
+
+
+def two_lora_steps(model_dir, data_dir, **mesh):
+  from ftjax import run as run_lib
+  from tiny import run_config
+  config = run_config(model_dir, data_dir, with_eval=False, **{
+      "method": "lora", "train.steps": 2, "train.lr": 1e-2, "data.seq_len": 64,
+      **{f"mesh.{k}": v for k, v in mesh.items()}})
+  run = run_lib.setup(config)
+  state, _ = run_lib.init_or_restore(run, None)
+  step = run_lib.jit_train_step(run, state)
+  loader = run.train_ds.batches(config.train.batch_size, seed=0)
+  metrics = []
+  for _ in range(2):
+    state, m = step(state, run.frozen, run.place_batch(loader.next_batch(config.train.batch_size)))
+    metrics.append({k: float(v) for k, v in m.items()})
+  return run, metrics
+
+
+def test_lora_steps_on_an_fsdp_mesh_equal_one_device(moe_run_dir):
+  """Two LoRA steps from a config: the loss moves, aux_loss is reported, and on fsdp=2 x
+  tensor=2 (experts split over fsdp) the losses equal the one-device run's."""
+  one_run, one = two_lora_steps(*moe_run_dir)
+  assert one[1]["loss"] < one[0]["loss"] and 0 < one[0]["aux_loss"]
+  run, sharded = two_lora_steps(*moe_run_dir, data=1, fsdp=2, tensor=2)
+  w1 = run.frozen["model"]["layers"]["block_sparse_moe"]["experts"]["w1"]["kernel"]
+  assert tuple(w1.sharding.spec) + (None,) * (4 - len(w1.sharding.spec)) == (None, "fsdp", None, "tensor")
+  for a, b in zip(one, sharded):
+    # f32 with "highest" matmuls; only the reduction order differs between the meshes.
+    assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["aux_loss"] - b["aux_loss"]) < 1e-5
+
+
+def test_qlora_loads_attention_in_4_bits_and_keeps_experts_float(family):
+  """Loading with 4-bit quantisation (QLoRA) quantises the attention kernels as they are read;
+  the router and expert kernels (no nnx.Linear) stay float, and the model runs."""
+  from ftjax import quant
+  from ftjax.quant.linear import QuantLinear
+  _, _, path, cfg, ours_model = family
+  params = quant.collect_sinks(load_hf_params(path, cfg, allocate=quant.quant_sinks(quant_type="nf4")))
+  model = models.from_params(cfg, params, transform=quant.quantize_model)
+  quantised = {str(p[-1]) for p, m in nnx.iter_modules(model) if isinstance(m, QuantLinear)}
+  assert quantised == {"q_proj", "k_proj", "v_proj", "o_proj"}
+  layer = getattr(model.model.layers, cfg.moe_module)
+  assert layer.experts.kernels(jnp.float32)[0].dtype == jnp.float32
+  tokens = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (1, 8)))
+  # NF4 attention weights: close to the float model, not equal (measured ~1e-2 relative)
+  assert 0 < rel_err(model(tokens), ours_model(tokens)) < 0.3
+
+
+def test_flops_count_the_active_experts_only(family):
+  """MFU's per-token matmul params: top-k experts and the router, not every expert."""
+  from ftjax.flops import matmul_params
+  cfg = family[3]
+  dense = matmul_params(cfg.replace(num_experts=0, num_experts_per_tok=0))
+  d, f, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+  assert matmul_params(cfg) - dense == layers * (3 * d * f * (2 - 1) + d * 4)
