@@ -72,7 +72,7 @@ def model_identity(name_or_path: str) -> dict:
   provenance = resolve.provenance(name_or_path)
   if provenance and provenance.get("revision"):  # a Hub commit pins every file; no Hub call
     return {"reference": name_or_path, "provenance": provenance}
-  path = os.path.realpath(resolve._local_path(name_or_path))  # fetched already: no download
+  path = os.path.realpath(resolve.local_path(name_or_path))  # fetched already: no download
   files = sorted(glob.glob(os.path.join(path, "*"))) if os.path.isdir(path) else [path]
   stats = []
   for f in files:
