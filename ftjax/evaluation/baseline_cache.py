@@ -34,10 +34,10 @@ import json
 import logging
 import math
 import os
+
 from ftjax.data.cache import tokenizer_fingerprint
 from ftjax.evaluation import forgetting
 from ftjax.models import resolve
-from ftjax.models.resolve import cache_dir as ftjax_cache
 
 log = logging.getLogger("ftjax.evaluation.baseline_cache")
 
@@ -51,7 +51,7 @@ def cache_dir() -> str | None:
     return None
   if value:
     return value
-  return os.path.join(ftjax_cache(), "baselines")
+  return os.path.join(resolve.cache_dir(), "baselines")
 
 
 def code_version() -> str:
