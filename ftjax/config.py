@@ -12,7 +12,7 @@ import ml_collections
 
 from ftjax.data.formats import parse_fields as fields
 from ftjax.errors import FtjaxError
-from ftjax.evaluation import metrics as eval_metrics
+from ftjax.evaluation import harness, metrics as eval_metrics
 from ftjax.models.ops import ATTENTION_BACKENDS, REMAT_POLICIES
 from ftjax.tree import flat  # noqa: F401 (config.flat: a config by dotted key)
 
@@ -26,6 +26,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LENGTH_POLICIES = ("truncate", "drop", "error")
 NONFINITE_POLICIES = ("stop", "skip")
 ON_ERROR_POLICIES = ("fail", "skip")
+GENERATED = ("", "quickstart", "preference", "arithmetic")  # data.generate: ftjax/data/<name>_task.py
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -54,6 +55,23 @@ def base_config() -> ml_collections.ConfigDict:
   # on the completion tokens of (instruction, response) pairs, chats or plain text. Objectives
   # with their own keys keep them in a block named after them.
   c.objective = "sft"
+
+  # objective="classification": a linear `score` head on the last real token's hidden state
+  # (transformers' *ForSequenceClassification; PEFT task_type SEQ_CLS), trained with the adapter.
+  # Data: {"input" or "text", "label"} records (data.fields renames keys); docs/methods.md.
+  c.classification = ml_collections.ConfigDict()
+  # Class names in id order: "" = the sorted distinct labels of data.train (stored with the
+  # export's id2label), "a,b,c", or a file with one name a line. Fix them for ids stable across runs.
+  c.classification.labels = ""
+  # single_label: one label a text, softmax cross-entropy | multi_label: "label" a list (or a
+  # comma-separated string), one sigmoid binary cross-entropy per class.
+  c.classification.problem_type = "single_label"
+  # One weight per class in id order, e.g. "1,4,1" ("": none): scales each class's loss, as
+  # torch's CrossEntropyLoss(weight=) / BCEWithLogitsLoss(weight=).
+  c.classification.class_weights = ""
+  # none: the text tokenised as it is | chat: as one user turn of the chat template, with the
+  # generation prompt. No EOS is appended either way (pooling takes the last real token).
+  c.classification.template = "none"
 
   # lora | ia3 | prompt | prefix | adapter | full; PEFT methods combine with "+", e.g.
   # "lora+prompt": both attached as named adapters ("lora", "prompt") and trained together.
@@ -120,7 +138,9 @@ def base_config() -> ml_collections.ConfigDict:
   # shuffled on its own; each process reads and tokenises only its shards. 0: one per process.
   # A single process with data.shards=N sees the batches N processes would.
   c.data.shards = 0
-  c.data.generate = ""  # name of a built-in generated dataset written on first run ("quickstart")
+  # name of a built-in generated dataset written on first run: "quickstart" (SFT), "preference"
+  # (its preference pairs, ftjax/data/preference_task.py)
+  c.data.generate = ""
   # auto (the tokenizer's own; conversations without one are an error) | chatml | plain | a .jinja file
   c.data.chat_template = "auto"
   c.data.mix = ""  # one weight per data.train source, e.g. "3,1": drawn in that proportion
@@ -221,6 +241,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.forgetting_tokens = 4096  # tokens of the general text the perplexity is measured on
   c.eval.forgetting_threshold = 0.1  # flag a relative perplexity increase above this
   c.eval.report = True  # report.md / report.json / PNGs in the workdir at the end
+  # lm-evaluation-harness tasks scored after training on the base and the fine-tuned model (the
+  # report's forgetting section; needs pip install 'ftjax[lm_eval]'), comma-separated: a task
+  # name lm_eval knows (its dataset comes from the Hugging Face Hub or its cache), or the path of
+  # a task YAML file or a folder of them (a YAML over local data files runs offline: see
+  # ftjax/evaluation/harness.py). Checked before training. "": off.
+  c.eval.lm_eval_tasks = ""
+  c.eval.lm_eval_limit = 0  # examples per lm_eval task (0: all of them)
 
   # The cost plan (ftjax/cost_plan.py, the probe in ftjax/cost.py) of `python -m ftjax.data check`; default prices and their
   # dates in docs/data.md ("What a run will cost").
@@ -244,6 +271,68 @@ def base_config() -> ml_collections.ConfigDict:
   c.export = ml_collections.ConfigDict()
   c.export.merged = False  # also write the merged HF model at the end of training
   c.export.adapter = True  # write the adapter alone (HF PEFT format) to WORKDIR/adapter at the end
+
+  # Preference tuning (docs/methods.md): each objective reads its own block, with TRL's names and
+  # defaults; a config that changes another objective's block is refused, naming the keys.
+  # Data: {"prompt", "chosen", "rejected"} pairs (strings, message lists, or whole conversations
+  # sharing the prompt), KTO {"prompt", "completion", "label"}; see ftjax/data/preference.py.
+  c.dpo = ml_collections.ConfigDict()  # objective = "dpo" (TRL DPOTrainer)
+  c.dpo.beta = 0.1  # the reward of a reply is beta * (policy - reference) log-probability
+  c.dpo.loss_type = "sigmoid"  # sigmoid (DPO) | ipo | hinge | robust
+  c.dpo.label_smoothing = 0.0  # loss_type robust: the assumed share of flipped pairs, in [0, 0.5)
+  # > 0: adds rpo_alpha * the chosen replies' NLL per token (RPO; TRL's loss_type
+  # ["sigmoid", "sft"] with loss_weights [1, rpo_alpha]); 0: off.
+  c.dpo.rpo_alpha = 0.0
+  # Reference log-probs computed once before training instead of in every step. Full
+  # fine-tuning always does (the reference is the starting model, which training changes);
+  # under PEFT the reference is the model with its adapters disabled, no copy either way.
+  c.dpo.precompute_ref_logps = False
+
+  c.orpo = ml_collections.ConfigDict()  # objective = "orpo" (TRL ORPOTrainer): no reference model
+  c.orpo.beta = 0.1  # weight of the odds-ratio term beside the chosen replies' NLL (lambda)
+
+  c.simpo = ml_collections.ConfigDict()  # objective = "simpo" (TRL CPOTrainer, loss_type simpo)
+  c.simpo.beta = 0.1  # scale of the length-normalised log-prob margin (the paper uses 2.0-2.5)
+  c.simpo.gamma = 0.5  # target reward margin (TRL's simpo_gamma)
+  c.simpo.label_smoothing = 0.0  # conservative loss: the assumed share of flipped pairs
+  # + cpo_alpha * the chosen replies' NLL per token. 0: SimPO proper (TRL's default 1.0 is
+  # CPO-SimPO; TRL's docs set 0 for SimPO).
+  c.simpo.cpo_alpha = 0.0
+
+  c.kto = ml_collections.ConfigDict()  # objective = "kto" (TRL KTOTrainer): unpaired, labelled data
+  c.kto.beta = 0.1  # reward scale, as dpo.beta
+  c.kto.desirable_weight = 1.0  # loss weight of desirable (label true) examples
+  c.kto.undesirable_weight = 1.0  # loss weight of undesirable (label false) examples
+  c.kto.precompute_ref_logps = False  # as dpo.precompute_ref_logps
+
+  # GRPO (docs/methods.md): RL from verifiable rewards, TRL GRPOTrainer's names and defaults.
+  # Data: {"prompt": str | messages, ...other columns} (the columns go to the reward functions).
+  # train.batch_size counts completions: batch_size / num_generations prompts per step.
+  c.grpo = ml_collections.ConfigDict()  # objective = "grpo"
+  c.grpo.num_generations = 8  # completions sampled per prompt (G); divides train.batch_size
+  # Tokens sampled per completion at most (TRL's max_completion_length); a prompt gets
+  # data.seq_len - max_new_tokens tokens.
+  c.grpo.max_new_tokens = 256
+  c.grpo.temperature = 1.0  # sampling temperature of the rollouts (the loss's logits use it too)
+  c.grpo.top_p = 1.0  # nucleus sampling mass of the rollouts (1: all tokens)
+  c.grpo.top_k = 0  # sample among the k most likely tokens (0: all)
+  # grpo (mean per completion) | bnpo (mean per token) | dapo (per token over the window) |
+  # dr_grpo (per completion x max_new_tokens: no length bias)
+  c.grpo.loss_type = "dapo"
+  c.grpo.epsilon = 0.2  # clip the probability ratio below at 1 - epsilon
+  c.grpo.epsilon_high = 0.0  # ... and above at 1 + epsilon_high (0: the same as epsilon)
+  # KL-to-reference weight (k3 estimator); the reference is the model with its adapters
+  # disabled (under method=full not available yet: keep 0)
+  c.grpo.beta = 0.0
+  c.grpo.num_iterations = 1  # updates per batch of rollouts (> 1: the sampling log-probs are kept)
+  c.grpo.scale_rewards = "group"  # advantage divided by the group's std | batch | none (Dr. GRPO)
+  # Completions cut at max_new_tokens without a stop token train nothing (DAPO's overlong filter)
+  c.grpo.mask_truncated_completions = False
+  # Comma-separated reward functions: built in exact_answer, answer_format, json_valid,
+  # length_penalty, or "pkg.module:fn" with TRL's signature fn(prompts, completions, **columns)
+  # -> list[float | None]
+  c.grpo.reward_funcs = ""
+  c.grpo.reward_weights = ""  # comma-separated weights, one per reward function ("": all 1)
 
   c.lock()
   return c
@@ -305,7 +394,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"export.merged: a {c.method} adapter has no merged form; use one of {MERGEABLE} or keep "
         "export.merged=False (the adapter is exported alone)")
   check(bool(c.data.train) or bool(c.data.generate), "data.train is empty (give a JSONL path)")
-  check(c.data.generate in ("", "quickstart"), f"data.generate={c.data.generate!r}; known: quickstart")
+  check(c.data.generate in GENERATED, f"data.generate={c.data.generate!r}; known: "
+        f"{', '.join(g for g in GENERATED if g)}")
   check(c.data.seq_len >= 8, f"data.seq_len={c.data.seq_len}; must be >= 8")
   check(c.data.length_policy in LENGTH_POLICIES,
         f"data.length_policy={c.data.length_policy!r}; expected one of {LENGTH_POLICIES}")
@@ -353,7 +443,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"train.keep_checkpoints={c.train.keep_checkpoints!r}; must be an integer >= 1")
   check(c.distributed.initialize in ("auto", "on", "off"),
         f"distributed.initialize={c.distributed.initialize!r}; expected auto, on or off")
+  _validate_eval(c, check)
+
+
+def _validate_eval(c: ml_collections.ConfigDict, check) -> None:
+  """validate()'s checks of eval.* and early stopping."""
   eval_metrics.validate(c.eval)
+  harness.validate(c.eval)  # the lm_eval tasks: installed, found, parsed
   check(c.train.patience >= 0, f"train.patience={c.train.patience}; must be >= 0 (0: no early stopping)")
   check(not c.train.patience or c.train.eval_every > 0,
         "train.patience (early stopping) needs train.eval_every > 0")

@@ -18,8 +18,7 @@ import os
 import time
 
 from ftjax import config as config_lib
-from ftjax import evaluation, export, peft
-from ftjax.data import load_examples, read_options
+from ftjax import evaluation, export, objectives, peft
 from ftjax.errors import FtjaxError, cli_errors, setup_logging
 from ftjax.evaluation import baseline_cache, forgetting
 from ftjax.evaluation.baseline_cache import baseline_matches  # noqa: F401 (train uses it)
@@ -35,7 +34,8 @@ def plan_for_run(cfg) -> EvalPlan:
   """The run's EvalPlan: eval split, references and few-shot pool, checked (FtjaxError) before
   anything compiles."""
   return EvalPlan.build(cfg.data.eval, cfg.eval, pool_path=cfg.eval.few_shot_pool or cfg.data.train,
-                        data_cfg=cfg.data, near_dup=cfg.data.check.near_dup)
+                        data_cfg=cfg.data, near_dup=cfg.data.check.near_dup,
+                        read=objectives.get(cfg).read_examples)
 
 
 def base_model_eval(run, plan: EvalPlan) -> dict:
@@ -61,7 +61,11 @@ def _evaluate_base_model(run, plan: EvalPlan) -> dict:
   with peft.disable_adapters(run.model()) as base:
     out["systems"] = evaluation.run_baselines(plan, base, run.tokenizer)
     if run.eval_ds is not None:
-      out["loss"] = evaluation.model_loss(base, run.eval_ds, cfg.train.batch_size // cfg.train.grad_accum)
+      # The objective's own eval metrics of the base (a preference objective's reference is
+      # the base itself: rewards and margins 0, measured here).
+      means = evaluation.model_loss(base, run.eval_ds, cfg.train.batch_size // cfg.train.grad_accum,
+                                    loss_fn=run.loss_fn, means=True)
+      out["loss"] = run.objective.report_loss(means)
     if cfg.eval.forgetting:
       out["forgetting"] = forgetting.probe(base, run.tokenizer, cfg.eval, cfg.data.seq_len,
                                            "forgetting (base)")
@@ -112,21 +116,24 @@ def results_for_run(run, plan: EvalPlan | None, baseline: dict | None, end: dict
   if baseline.get("loss"):
     loss["base"] = baseline["loss"]
   if end.get("eval"):
-    loss["fine-tuned"] = evaluation.loss_metrics(end["eval"]["loss"], end["eval"]["accuracy"])
+    loss["fine-tuned"] = run.objective.report_loss(end["eval"])
   forgot = None
   if baseline.get("forgetting") and end.get("forgetting"):
     forgot = forgetting.compare(baseline["forgetting"], end["forgetting"], cfg.eval.forgetting_threshold)
     forgot["text"] = cfg.eval.forgetting_text or "built-in sample"
   leak = None
   if cfg.data.eval:
-    evals = plan.examples if plan is not None else load_examples(cfg.data.eval, **read_options(cfg.data))
-    leak = evaluation.leakage_summary(load_examples(cfg.data.train, **read_options(cfg.data)), evals,
+    evals = plan.examples if plan is not None else run.objective.read_examples(cfg.data.eval)
+    leak = evaluation.leakage_summary(run.objective.read_examples(cfg.data.train), evals,
                                       cfg.data.check.near_dup)
   common = dict(loss=loss, forgetting_result=forgot, training=end.get("training"), leakage=leak)
   primary = evaluation.metrics.primary(cfg.eval)
   if plan is None:
-    return evaluation.assemble(None, primary, {}, eval_cfg=cfg.eval, **common)
-  return evaluation.assemble(plan, primary, baseline["systems"], end.get("finetuned"), **common)
+    out = evaluation.assemble(None, primary, {}, eval_cfg=cfg.eval, **common)
+  else:
+    out = evaluation.assemble(plan, primary, baseline["systems"], end.get("finetuned"), **common)
+  out["lm_eval"] = end.get("lm_eval")  # eval.lm_eval_tasks: base vs fine-tuned (harness.py)
+  return out
 
 
 def evaluate_prompting(model_name: str, data: str, out_dir: str, *, shots: str = "",
@@ -170,7 +177,9 @@ def report(summary: dict) -> str:
   if summary.get("best_step") is not None:
     lines.append(f"best step {summary['best_step']}" + (" (stopped early)" if summary.get("stopped_early") else ""))
   if summary.get("eval"):
-    lines.append(f"eval loss {summary['eval']['loss']:.4f}, token accuracy {summary['eval']['accuracy']:.1%}")
+    ev = summary["eval"]
+    lines.append(f"eval loss {ev['loss']:.4f}" + (f", token accuracy {ev['accuracy']:.1%}" if "accuracy" in ev else "")
+                 + (f", reward accuracy {ev['rewards/accuracies']:.1%}" if "rewards/accuracies" in ev else ""))
   for name, scores in (summary.get("baseline") or {}).items():
     lines.append(f"base model, {name}: {fmt(scores)}")
   if summary.get("finetuned") is not None:

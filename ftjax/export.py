@@ -26,11 +26,12 @@ import ml_collections
 from flax import nnx
 
 from ftjax import config as config_lib
-from ftjax import files, peft, quant
+from ftjax import files, peft
+from ftjax.peft import merged_model
 from ftjax.checkpoint import Checkpointer
 from ftjax.errors import FtjaxError, cli_errors
 from ftjax.files import read_json
-from ftjax.models import gguf_write, save_pretrained
+from ftjax.models import save_gguf, save_pretrained
 from ftjax.models.gguf_write import TYPES as GGUF_TYPES
 from ftjax.models.gguf_write import write_modelfile
 from ftjax.lock import hold_workdir
@@ -81,40 +82,16 @@ def check_adapters_target(names: list[str], out_dir: str, overwrite: bool = Fals
     files.check_export_target(adapter_folder(out_dir, name), files.ADAPTER, overwrite)
 
 
-def _quantised(model: nnx.Module) -> bool:
-  return any(isinstance(m, quant.QuantLinear) for _, m in nnx.iter_modules(model))
-
-
-def merged_model(model: nnx.Module) -> nnx.Module:
-  """A float copy of `model` with its adapter folded in: a 4-bit base is dequantised first and
-  the adapter merged in f32 (so the merged weights are the dequantised ones plus the update,
-  not a re-quantisation). The model itself when it has neither adapter nor 4-bit base, or an
-  adapter without a merged form (virtual tokens, bottleneck adapters)."""
-  adapters = any(True for _ in peft.adapter_layers(model))
-  if adapters and not peft.can_merge(model) or not adapters and not _quantised(model):
-    return model
-  clone = quant.dequantize_model(nnx.clone(model))
-  return peft.merge_and_unload(clone) if adapters else clone
-
-
-def save_gguf(model: nnx.Module, path: str, tokenizer, type: str = "f16",  # noqa: A002
-              name: str | None = None) -> dict:
-  """`model` (adapters folded in, a 4-bit base dequantised first) as one GGUF file for llama.cpp /
-  Ollama / LM Studio (ftjax.models.gguf_write.save_gguf writes it). Returns {"path", "bytes",
-  "type", "eot_token"}."""
-  gguf_write.check_type(type)  # before merging
-  if any(True for _ in peft.adapter_layers(model)) and not peft.can_merge(model):
-    raise FtjaxError("save_gguf: the attached adapter has no merged form (it is not a weight "
-                     "update), so it cannot be written into a GGUF file")
-  return gguf_write.save_gguf(merged_model(model), path, tokenizer, type=type, name=name)
-
-
 def write_merged(model: nnx.Module, tokenizer, out_dir: str, max_shard_size: int | str = "5GB",
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, objective=None) -> None:
   """The model with any adapter folded in, as a HF model directory with tokenizer files: merged
   on the devices (sharded as trained) and streamed to files of at most `max_shard_size`.
   `out_dir` as `ftjax.models.save_pretrained` takes it."""
   files.check_export_target(out_dir, files.MERGED, overwrite)  # before merging
+  if objective is not None:  # the objective's format (a classifier's *ForSequenceClassification)
+    objective.save_merged(merged_model(model), tokenizer, out_dir, max_shard_size=max_shard_size,
+                          overwrite=overwrite)
+    return
   save_pretrained(merged_model(model), out_dir, tokenizer, max_shard_size=max_shard_size,
                   overwrite=overwrite)
 
@@ -210,7 +187,7 @@ def _export(args, config, adapter_out: str, merged_out: str) -> None:
                          "weight update); export the adapter alone")
       print(f"no merged model: a {config.method} adapter has no merged form", file=sys.stderr)
       return
-    write_merged(model, run.tokenizer, merged_out, overwrite=args.overwrite)
+    write_merged(model, run.tokenizer, merged_out, overwrite=args.overwrite, objective=run.objective)
     print(f"wrote merged HF model to {merged_out}", file=sys.stderr)
 
 

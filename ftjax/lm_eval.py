@@ -50,6 +50,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 def _token_logprobs(graphdef, state, tokens, targets, segment_ids):
   """[b, t] log p(target | prefix) per position and whether the target was the argmax."""
   model = nnx.merge(graphdef, state)
+  model.eval()  # a run's model may hold adapter dropout: scores are deterministic
   logits = model(tokens, segment_ids=segment_ids)  # f32
   logp = jax.nn.log_softmax(logits, axis=-1)
   picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
@@ -77,16 +78,32 @@ class FtjaxLM(TemplateLM):
     super().__init__()
     if dtype not in _DTYPES:
       raise FtjaxError(f"lm_eval model_args dtype={dtype!r}: expected one of {sorted(_DTYPES)}")
-    self.model, self.tokenizer = models.load(pretrained, _DTYPES[dtype])
+    model, tokenizer = models.load(pretrained, _DTYPES[dtype])
     if adapter:
-      self.model = peft.load_adapter(self.model, adapter)
+      model = peft.load_adapter(model, adapter)
+    self._setup(model, tokenizer, pretrained, batch_size, max_length, max_gen_toks, seed)
+
+  @classmethod
+  def from_model(cls, model, tokenizer, name: str = "ftjax", batch_size: int | str = 8,
+                 max_length: int | None = None, max_gen_toks: int = 256, seed: int = 0) -> "FtjaxLM":
+    """An adapter over a model already in memory (a run's end hook, a notebook): nothing is
+    loaded; `name` stands for `pretrained` in lm_eval's outputs."""
+    lm = cls.__new__(cls)
+    TemplateLM.__init__(lm)
+    lm._setup(model, tokenizer, name, batch_size, max_length, max_gen_toks, seed)
+    return lm
+
+  def _setup(self, model, tokenizer, name, batch_size, max_length, max_gen_toks, seed) -> None:
+    self.model, self.tokenizer = model, tokenizer
     if str(batch_size).startswith("auto"):
       batch_size = 8  # no memory probing: a fixed default
     self.batch_size = int(batch_size)
+    if self.batch_size < 1:
+      raise FtjaxError(f"lm_eval model ftjax: batch_size={batch_size}; expected a number >= 1 or 'auto'")
     self._max_length = int(max_length or self.model.config.max_position_embeddings)
     self.max_gen_toks = int(max_gen_toks)
     self.seed = int(seed)
-    self.pretrained = pretrained
+    self.pretrained = name
     graphdef, state = nnx.split(self.model)
     self._graphdef, self._state = graphdef, jax.tree.map(jnp.asarray, state)
 

@@ -31,12 +31,10 @@ import os
 import re
 import sys
 
-from ftjax import config as config_lib
-from ftjax import models
 from ftjax.config import flat
 from ftjax.errors import FtjaxError
 from ftjax.evaluation.curves import read_curves
-from ftjax.run import shrink_layers
+from ftjax.run import load_model as run_load_model
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 PER_DEVICE_BATCH = 8  # sequences per chip on an accelerator (the quickstart's 8 x 256 tokens)
@@ -166,13 +164,7 @@ def load_model(config, name_or_path: str | None = None):
   """(model, tokenizer) as a run of `config` loads them: model.name_or_path (or `name_or_path`,
   e.g. an exported folder) stored in model.param_dtype, computing in model.dtype, cut to
   model.num_layers when set; on the default device (a notebook's look, not the sharded run)."""
-  dtypes = config_lib.DTYPES
-  model_cfg, params, tokenizer, transform = models.resolve_params(
-      name_or_path or config.model.name_or_path, dtype=dtypes[config.model.param_dtype],
-      quantize=False)
-  params, model_cfg = shrink_layers(params, model_cfg, config.model.num_layers)
-  model = models.from_params(model_cfg, params, dtype=dtypes[config.model.dtype], transform=transform)
-  return model, tokenizer
+  return run_load_model(config, name_or_path=name_or_path)
 
 
 # --- SMOKE: the same notebook, shrunk ------------------------------------------------------------

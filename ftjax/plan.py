@@ -25,16 +25,13 @@ import os
 import sys
 
 from ftjax import config as config_lib
-from ftjax import peft, quant
+from ftjax import run as run_lib
 from ftjax.cli import parse_flags
 from ftjax.errors import FtjaxError, cli_errors
 from ftjax.models.config import ModelConfig, load_hf_config
 from ftjax.models.gguf import gguf_config, open_gguf
-from ftjax.models.llama import CausalLM
 from ftjax.models.resolve import HUB_ID, local_path
-from ftjax.parallel import sharding
-from ftjax.run import (Run, attach_adapters, jit_init_state, jit_train_step, peft_configs,
-                       quantisation, step_parts)
+from ftjax.run import jit_train_step
 from ftjax.tokenizer import read_gguf_metadata
 
 # The device count must be set before jax's backend starts; only this CLI's own process does it.
@@ -129,62 +126,15 @@ def _shard_bytes(tree) -> int:
 
 
 def abstract_run(config):
-  """The pieces of `ftjax.run.setup` for `config`, with ShapeDtypeStructs (sharded as the run
-  places them) in place of arrays: (run, abstract state, abstract batch). Nothing is loaded."""
-  import jax
-  from flax import nnx
-
+  """`ftjax.run.abstract_run` of `config`: the pieces `setup` builds, with ShapeDtypeStructs
+  (sharded as the run places them) in place of arrays -> (run, abstract state, abstract batch).
+  The model's config is read without its weights (`model_config`); nothing is loaded."""
   config_lib.validate(config)
   if config.model.attention != "xla":
     # A fused kernel compiles only on its own backend: its memory is planned with the XLA path,
     # which materialises the [t, s] scores a flash kernel never does (an upper bound).
     config = with_changes(config, {"model.attention": "xla"})
-  dtypes = {k: config_lib.DTYPES[config.model[k]] for k in ("dtype", "param_dtype", "trainable_dtype")}
-  model_cfg = model_config(config.model.name_or_path)
-  if config.model.num_layers and config.model.num_layers < model_cfg.num_layers:
-    model_cfg = model_cfg.replace(num_layers=config.model.num_layers)
-  settings = quantisation(config)
-
-  def build():
-    model = CausalLM(model_cfg, dtype=dtypes["dtype"], param_dtype=dtypes["param_dtype"],
-                     rngs=nnx.Rngs(0))
-    if settings:
-      model = quant.quantize_model(model, **settings)
-    attach_adapters(model, config)
-    return model
-
-  model = nnx.eval_shape(build)
-  methods = peft_configs(config)
-  graphdef, train_state, frozen_state, mutable_state = nnx.split(
-      model, peft.trainable(model) if methods else nnx.Param, nnx.Param, ...)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  accum = config.train.grad_accum
-  micro = config.train.batch_size // accum
-  if micro % batch_shards:
-    raise FtjaxError(f"config: micro-batch {micro} (train.batch_size / train.grad_accum) is not "
-                     f"divisible by the {batch_shards} data-parallel devices of the mesh")
-
-  def place(state, dtype=None):
-    tree = nnx.to_pure_dict(state)
-    shardings = sharding.tree_shardings(tree, sharding.logical_axes(state), mesh)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=s),
-                        tree, shardings)
-
-  trainable = place(train_state, dtypes["trainable_dtype"])
-  frozen, mutable = place(frozen_state), place(mutable_state)
-  optimizer, schedule, loss_fn = step_parts(config, trainable, model_cfg, mesh)
-  run = Run(config, model_cfg, None, methods, graphdef, trainable, frozen, mutable, None, None,
-            mesh, optimizer, schedule, loss_fn, quantised=settings is not None)
-  # The state's shardings are the ones the run's jitted init gives it.
-  init = jit_init_state(run)
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                       jax.eval_shape(init, trainable, mutable),
-                       init.lower(trainable, mutable).compile().output_shardings)
-  shardings = run.batch_shardings()
-  batch = {k: jax.ShapeDtypeStruct((accum, micro) + tuple(shape), dtype, sharding=shardings[k])
-           for k, (shape, dtype) in run.objective.row_spec().items()}
-  return run, state, batch
+  return run_lib.abstract_run(config, model_config(config.model.name_or_path))
 
 
 def plan(config) -> Plan:

@@ -18,14 +18,13 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from ftjax import config as config_lib
-from ftjax import objectives, peft
+from ftjax import models, objectives, peft, quant
 from ftjax import step as step_lib
 from ftjax.checkpoint import Checkpointer
-from ftjax.data import quickstart_task, selection
+from ftjax.data import selection, write_generated
 from ftjax.data.loader import Shards
 from ftjax.data.template import choose_chat_template
 from ftjax.errors import FtjaxError
-from ftjax.models import from_params, resolve_params
 from ftjax.models.resolve import stored_quantisation
 from ftjax.objectives import Objective
 from ftjax.optim import make_optimizer
@@ -100,10 +99,11 @@ class Run:
 def peft_configs(config) -> dict[str, peft.PeftConfig]:
   """{adapter name: config} of the PEFT methods the config selects ({} for full fine-tuning);
   each is named after its method. modules_to_save goes with the first wrapping method."""
-  out, to_save = {}, config_lib.names(config.modules_to_save) or None
+  options = objectives.get(config).peft_options(config_lib.names(config.modules_to_save) or None)
+  out, to_save = {}, options["modules_to_save"]
   for name in config_lib.methods(config):
     wraps = name in ("lora", "qlora", "ia3", "adapter")
-    method = method_config(config, name, to_save if wraps else None)
+    method = method_config(config, name, to_save if wraps else None, options["task_type"])
     if method is not None:
       out[name] = method
       if wraps:
@@ -111,7 +111,8 @@ def peft_configs(config) -> dict[str, peft.PeftConfig]:
   return out
 
 
-def method_config(config, method: str, modules_to_save) -> peft.PeftConfig | None:
+def method_config(config, method: str, modules_to_save,
+                  task_type: str = "CAUSAL_LM") -> peft.PeftConfig | None:
   """One PEFT method's config from its block of the run config (None: full fine-tuning)."""
   if method in ("lora", "qlora"):  # qlora: LoRA on the 4-bit base (config.quant)
     c = config.lora
@@ -119,12 +120,12 @@ def method_config(config, method: str, modules_to_save) -> peft.PeftConfig | Non
                            target_modules=config_lib.targets(c.targets), use_rslora=c.rslora,
                            use_dora=c.use_dora,
                            init_lora_weights="gaussian" if c.init_a == "gaussian" else True,
-                           modules_to_save=modules_to_save, task_type="CAUSAL_LM")
+                           modules_to_save=modules_to_save, task_type=task_type)
   if method == "ia3":
     c = config.ia3
     return peft.IA3Config(target_modules=config_lib.targets(c.targets),
                           feedforward_modules=config_lib.targets(c.feedforward),
-                          modules_to_save=modules_to_save, task_type="CAUSAL_LM")
+                          modules_to_save=modules_to_save, task_type=task_type)
   if method == "prompt":
     c = config.prompt
     return peft.PromptTuningConfig(num_virtual_tokens=c.num_virtual_tokens, prompt_tuning_init=c.init,
@@ -153,15 +154,6 @@ def quantisation(config) -> dict | None:
               double_quant=config.quant.double_quant, skip=config_lib.names(config.quant.skip))
 
 
-def shrink_layers(params: dict, model_cfg, num_layers: int):
-  """Keep the first `num_layers` layers (tests and `runlocal` configs)."""
-  if not num_layers or num_layers >= model_cfg.num_layers:
-    return params, model_cfg
-  layers = jax.tree.map(lambda x: x[:num_layers], params["model"]["layers"])
-  params = dict(params, model=dict(params["model"], layers=layers))
-  return params, model_cfg.replace(num_layers=num_layers)
-
-
 def data_shards(config, share: tuple[int, int]) -> tuple[range, int]:
   """(this process's shard indices, number of shards) of the train data. `share`: its slice of
   the global batch (index, count) from `distributed.batch_share`."""
@@ -185,7 +177,11 @@ def build_datasets(config, tokenizer, share: tuple[int, int] = (0, 1), examples=
   d = config.data
   objective = objectives.get(config)
   owned, num_shards = data_shards(config, share)
-  kept = examples if examples is not None else selection.clean_examples(config, tokenizer)
+  if examples is None:
+    report, examples = objective.check_data(tokenizer)
+    if report["failed"]:
+      raise FtjaxError(selection.failure_message(report))
+  kept = examples
   if num_shards > 1:
     train_ds = Shards({i: objective.dataset(kept["train"][i::num_shards], tokenizer, train=True,
                                             name=f"{d.train} (shard {i} of {num_shards})")
@@ -203,13 +199,89 @@ def build_datasets(config, tokenizer, share: tuple[int, int] = (0, 1), examples=
 
 def attach_adapters(model: nnx.Module, config) -> tuple[dict, tuple]:
   """Attaches the config's PEFT methods to `model` in place -> ({name: config}, (graphdef,
-  trainable, frozen, mutable) states). Also runs under nnx.eval_shape (ftjax.plan)."""
+  trainable, frozen, mutable) states). Also runs under nnx.eval_shape (`abstract_run`)."""
   methods = peft_configs(config)
   for i, (name, method) in enumerate(methods.items()):
     peft.add_adapter(model, name, method, rngs=config.train.seed + 1 + i)
   if methods:
     peft.set_adapter(model, list(methods))  # a combination trains together
   return methods, nnx.split(model, peft.trainable(model) if methods else nnx.Param, nnx.Param, ...)
+
+
+# --- one path for a run: the model and its placement, abstract (ftjax.plan) or loaded ---------
+
+def dtypes(config) -> dict:
+  """{"dtype", "param_dtype", "trainable_dtype"}: model.* as jnp dtypes."""
+  return {k: config_lib.DTYPES[config.model[k]] for k in ("dtype", "param_dtype", "trainable_dtype")}
+
+
+def micro_batch(config, mesh) -> int:
+  """train.batch_size / train.grad_accum, refused unless it splits over the mesh's
+  data-parallel devices."""
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro = config.train.batch_size // config.train.grad_accum
+  if micro % batch_shards:
+    raise FtjaxError(f"config: micro-batch {micro} (train.batch_size / train.grad_accum) is not "
+                     f"divisible by the {batch_shards} data-parallel devices of the mesh")
+  return micro
+
+
+def place(state, mesh, dtype=None, abstract: bool = False) -> dict:
+  """An nnx State -> its pure dict on `mesh`, each array sharded by the logical axes in its
+  metadata, cast to `dtype` when given (trained params keep their own f32 master dtype).
+  abstract: ShapeDtypeStructs carrying those shardings instead (nothing is allocated)."""
+  tree = nnx.to_pure_dict(state)
+  shardings = sharding.tree_shardings(tree, sharding.logical_axes(state), mesh)
+  if abstract:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=s),
+                        tree, shardings)
+  if dtype is not None:
+    tree = jax.tree.map(lambda x: x.astype(dtype) if isinstance(x, jax.Array)  # on device
+                        else np.asarray(x, dtype), tree)
+  return jax.device_put(tree, shardings)
+
+
+def load_model(config, *, mesh=None, name_or_path: str | None = None, quantize=False):
+  """(model, tokenizer) of `config`: model.name_or_path (or `name_or_path`) stored in
+  model.param_dtype, computing in model.dtype, cut to model.num_layers. With `mesh` the float
+  params are created on it as they are read (the model is never whole in host memory) and left
+  where they are; without, on the default device (a notebook's look)."""
+  d = dtypes(config)
+  return models.load(name_or_path or config.model.name_or_path, d["param_dtype"],
+                     compute_dtype=d["dtype"], quantize=quantize, mesh=mesh,
+                     num_layers=config.model.num_layers,
+                     place=(lambda p: p) if mesh is not None else jax.device_put)
+
+
+def abstract_model(config, model_cfg) -> nnx.Module:
+  """The model `load_model` + `attach_adapters` would give, as shape/dtype stand-ins with their
+  logical axes (a 4-bit base and the adapters included): nothing is read or allocated."""
+  d, settings = dtypes(config), quantisation(config)
+
+  def quantise_and_attach(model):
+    if settings:
+      model = quant.quantize_model(model, **settings)
+    model = objectives.get(config).build_model(model)  # SFT: the causal LM itself
+    attach_adapters(model, config)
+    return model
+  _, model_cfg = models.shrink_layers(None, model_cfg, config.model.num_layers)
+  return models.abstract_model(model_cfg, dtype=d["dtype"], param_dtype=d["param_dtype"],
+                               transform=quantise_and_attach)
+
+
+def _assemble(config, model: nnx.Module, tokenizer, mesh, datasets=(None, None),
+              abstract: bool = False, objective: Objective | None = None) -> Run:
+  """The Run of a model with its adapters attached: split into trainable / frozen / mutable by
+  one filter, placed on the mesh (or abstractly), with the step's optimizer and loss."""
+  methods = peft_configs(config)
+  graphdef, train_state, frozen_state, mutable_state = nnx.split(
+      model, peft.trainable(model) if methods else nnx.Param, nnx.Param, ...)
+  trainable = place(train_state, mesh, dtypes(config)["trainable_dtype"], abstract)
+  frozen, mutable = place(frozen_state, mesh, None, abstract), place(mutable_state, mesh, None, abstract)
+  optimizer, schedule, loss_fn = step_parts(config, trainable, model.config, mesh)
+  return Run(config, model.config, tokenizer, methods, graphdef, trainable, frozen, mutable,
+             *datasets, mesh, optimizer, schedule, loss_fn,
+             quantised=quantisation(config) is not None, objective=objective)
 
 
 def setup(config: ml_collections.ConfigDict, with_data: bool = True, examples=None) -> Run:
@@ -220,61 +292,49 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True, examples=No
     raise FtjaxError(f"config: {', '.join(config_lib.unresolved(config))} = 'auto' is chosen from "
                      "the data (ftjax.data.auto.resolve, which train() and the data check run); "
                      "give a number here")
-  dtypes = {k: config_lib.DTYPES[config.model[k]] for k in ("dtype", "param_dtype", "trainable_dtype")}
-
-  # --- model: loaded as host arrays (4-bit kernels quantised as they load, layer by layer, for
-  # a quantised base); placed on the mesh below, by logical axes ---
+  # --- model: float params created on the mesh as they are read (sharded, storage dtype); a
+  # 4-bit base's kernels quantised as they load, layer by layer; placed below by logical axes ---
   quant_settings = quantisation(config)
   if not quant_settings and stored_quantisation(config.model.name_or_path):
     log.warning("%s is a 4-bit checkpoint; loading it dequantised to float since quant.type is "
                 "unset (set method=qlora or quant.type to train on the 4-bit base as stored)",
                 config.model.name_or_path)
-  # Float params are created on the mesh as they are read (sharded, storage dtype): the model
-  # is never whole in host memory.
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  model_cfg, params, tokenizer, transform = resolve_params(
-      config.model.name_or_path, dtype=dtypes["param_dtype"], quantize=quant_settings or False,
-      mesh=mesh)
-  params, model_cfg = shrink_layers(params, model_cfg, config.model.num_layers)
+  model, tokenizer = load_model(config, mesh=mesh, quantize=quant_settings or False)
   choose_chat_template(tokenizer, config.data.chat_template)
-  model = from_params(model_cfg, params, dtype=dtypes["dtype"], place=lambda p: p,
-                      transform=transform)
-
-  # --- PEFT adapter, and which params train: one filter ---
-  methods, (graphdef, train_state, frozen_state, mutable_state) = attach_adapters(model, config)
+  model = objective.build_model(model)  # SFT: the causal LM itself
+  attach_adapters(model, config)  # and which params train: one filter (in _assemble)
 
   # --- data (validated before anything compiles): a process reads only the shards of the data
   # its devices' batch rows come from ---
-  train_ds = eval_ds = None
-  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  micro = config.train.batch_size // config.train.grad_accum
-  if micro % batch_shards:
-    raise FtjaxError(f"config: micro-batch {micro} (train.batch_size / train.grad_accum) is not "
-                     f"divisible by the {batch_shards} data-parallel devices of the mesh")
+  datasets = (None, None)
+  micro = micro_batch(config, mesh)
   if with_data:
-    quickstart_task.write_if_generated(config)
+    write_generated(config)
     share = distributed.batch_share(sharding.batch_sharding(mesh, 3, 1),
                                     (config.train.grad_accum, micro, config.data.seq_len), axis=1)
-    train_ds, eval_ds = build_datasets(config, tokenizer, share, examples)
+    datasets = build_datasets(config, tokenizer, share, examples)
+  return _assemble(config, model, tokenizer, mesh, datasets, objective=objective)
 
-  # --- shardings: params placed by the logical axes in their metadata ---
 
-  def place(state, dtype=None):
-    tree = nnx.to_pure_dict(state)
-    if dtype is not None:  # trained params keep their own (f32 master) dtype
-      tree = jax.tree.map(lambda x: x.astype(dtype) if isinstance(x, jax.Array)  # on device
-                          else np.asarray(x, dtype), tree)
-    shardings = sharding.tree_shardings(tree, sharding.logical_axes(state), mesh)
-    return jax.device_put(tree, shardings)
-
-  trainable = place(train_state, dtypes["trainable_dtype"])
-  frozen, mutable = place(frozen_state), place(mutable_state)
-  del model, params, train_state, frozen_state, mutable_state  # the host copies
-
-  optimizer, schedule, loss_fn = step_parts(config, trainable, model_cfg, mesh)
-  return Run(config, model_cfg, tokenizer, methods, graphdef, trainable, frozen, mutable, train_ds,
-             eval_ds, mesh, optimizer, schedule, loss_fn, quantised=quant_settings is not None,
-             objective=objective)
+def abstract_run(config, model_cfg):
+  """The Run `setup` builds for `config`, with ShapeDtypeStructs (sharded as the run places
+  them) in place of arrays -> (run, abstract state, abstract batch). `model_cfg`: the model's
+  ModelConfig (ftjax.plan reads it without the weights). Nothing is loaded."""
+  config_lib.validate(config)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  micro = micro_batch(config, mesh)
+  run = _assemble(config, abstract_model(config, model_cfg), None, mesh, abstract=True)
+  # The state's shardings are the ones the run's jitted init gives it.
+  init = jit_init_state(run)
+  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                       jax.eval_shape(init, run.trainable, run.mutable),
+                       init.lower(run.trainable, run.mutable).compile().output_shardings)
+  shardings = run.batch_shardings()
+  batch = {k: jax.ShapeDtypeStruct((config.train.grad_accum, micro) + tuple(shape), dtype,
+                                   sharding=shardings[k])
+           for k, (shape, dtype) in run.objective.row_spec().items()}
+  return run, state, batch
 
 
 def step_parts(config, trainable, model_cfg, mesh):

@@ -14,23 +14,24 @@ import logging
 import os
 import sys
 import time
+from typing import Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
 from ftjax import config as config_lib
-from ftjax import evaluate, evaluation, export
+from ftjax import evaluate, evaluation, export, objectives
 from ftjax import step as step_lib
 from ftjax.files import write_json
 from ftjax.checkpoint import Checkpointer
 from ftjax.cli import parse_flags
-from ftjax.data import quickstart_task, selection
 from ftjax.data import report as data_report
+from ftjax.data import selection, write_generated
 from ftjax.data.auto import resolve_from_report, row_budget
-from ftjax.evaluation import curves as curves_lib
 from ftjax.errors import FtjaxError, cli_errors
 from ftjax.flops import run_flops_per_token
+from ftjax.hooks import EarlyStopping, Hook, Loop, default_hooks
 from ftjax.lock import hold_workdir
 from ftjax.metrics import MetricWriter
 from ftjax.models import resolve
@@ -50,7 +51,7 @@ RESUME_SAFE_KEYS = ("train.log_every", "train.eval_every", "train.eval_batches",
 
 
 def evaluate_loss(run: Run, eval_fn, trainable, max_batches: int = 0) -> dict:
-  if run.eval_ds is None:
+  if run.eval_ds is None or not run.objective.eval_loss:
     return {}
   loader = run.eval_ds.batches(run.config.train.batch_size // run.config.train.grad_accum,
                                shuffle=False, repeat=False)
@@ -92,14 +93,34 @@ def check_resume_config(path: str, config, allow_change: bool) -> None:
   log.warning("resuming with a changed config: %s", "; ".join(changed))
 
 
+OBJECTIVE_STATE = "objective.json"  # Objective.run_state() of the run in this workdir
+
+
+def check_resume_objective(workdir: str, run: Run) -> None:
+  """A resumed run's objective state (a classifier's class names) must be the saved one: the
+  checkpoint's head has one output per saved class, in the saved order."""
+  path = os.path.join(workdir, OBJECTIVE_STATE)
+  now = run.objective.run_state()
+  if not now or not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+  if changed:
+    raise FtjaxError(f"{path}: the run in this workdir trained with other {', '.join(changed)} "
+                     f"({saved.get(changed[0])!r:.200} now {now.get(changed[0])!r:.200}); its "
+                     "checkpoint does not fit them. Fix them in the config (e.g. "
+                     "classification.labels) or use a new --workdir")
+
+
 def check_data(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
   """The data check (ftjax/data/selection.py) before anything loads or compiles; resolves
   train.epochs and "auto" values from its counts. Under data.check.on_error="fail" a bad record
   stops the run here, listing the problems (nothing is written: `write_data_report` saves the
   report once the run is set up). Returns (examples to train on, report)."""
   config_lib.validate(config)
-  quickstart_task.write_if_generated(config)
-  report, kept = selection.check(config, resolve.tokenizer_for(config.model.name_or_path))
+  write_generated(config)
+  report, kept = objectives.get(config).check_data(resolve.tokenizer_for(config.model.name_or_path))
   if report["failed"]:
     raise FtjaxError(f"{selection.failure_message(report)}\n(all of them with codes: python -m "
                      "ftjax.data check --config ... --out DIR writes DIR/data_report.json)")
@@ -116,23 +137,57 @@ def write_data_report(report: dict, workdir: str) -> None:
     f.write(data_report.markdown(report))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False) -> dict:
+def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False,
+          hooks: Sequence[Hook] = ()) -> dict:
   """Runs (or resumes) training; returns the summary that is also written to summary.json.
 
   Stopped by SIGTERM / SIGINT: checkpoints the finished step and returns {"steps", "stopped_by"}
-  without the end-of-run phase; the same call continues the run.
+  without the end-of-run phase; the same call continues the run. `hooks`: more periodic actions
+  (ftjax.hooks.Hook), run after the objective's own hooks, after the non-finite guard and
+  before logging at each step.
   """
   config_lib.validate(config)  # before joining other processes on its distributed.* values
   d = config.distributed
   distributed.initialize(d.coordinator, d.num_processes, d.process_id, d.initialize)
   with hold_workdir(workdir, "train"):  # one writer per workdir (ftjax/lock.py)
-    return _train(config, workdir, allow_config_change)
+    return _train(config, workdir, allow_config_change, tuple(hooks))
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool) -> dict:
+def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool,
+           extra_hooks: tuple) -> dict:
+  """The phases: prepare (data check, setup, workdir files) -> baselines -> state -> loop ->
+  end of the run (final checkpoint, best state, final eval, exports) -> results and summary."""
   if jax.process_count() > 1 and (config.eval.generate or config.export.merged):
     raise FtjaxError("config: eval.generate and export.merged run on one process only for now; "
                      "set them False and export the checkpoint with `python -m ftjax.export`")
+  run, checkpointer = _prepare(config, workdir, allow_config_change)
+  plan, baseline, eval_s = _baselines(run, workdir, checkpointer.latest_step() is not None)
+  # The objective's pass over the data before the first step (e.g. reference log-probs, which
+  # must see the starting model), then the state (restored when there is a checkpoint).
+  run.objective.before_training(run, workdir)
+  state, data_state = init_or_restore(run, checkpointer)
+  writer, resumed_from = _metric_writer(run, workdir, int(state["step"]), data_state)
+  try:
+    with StopOnSignal() as stop:
+      loop, batches, hook_list = _start(run, workdir, state, data_state, checkpointer, writer,
+                                        plan, stop, extra_hooks)
+      run_loop(loop, hook_list, batches)
+      summary, end = _finish(loop, hook_list)
+  except BaseException:
+    writer.close()
+    raise
+  finally:
+    checkpointer.close()
+  summary["resumed_from_step"] = resumed_from
+  try:
+    return _end(run, workdir, checkpointer.directory, plan, baseline, summary, end, eval_s,
+                distributed.is_main())
+  finally:
+    writer.close(artifacts=True)  # the trackers get the report files written by _end
+
+
+def _prepare(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool):
+  """The data check, the run's setup and the workdir's files -> (run, checkpointer)."""
   examples, data_report = check_data(config)
   run = setup(config, examples=examples)
   cfg = run.config
@@ -141,18 +196,25 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
   if main:
     write_data_report(data_report, workdir)
   checkpointer = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
-  resuming = checkpointer.latest_step() is not None
   config_path = os.path.join(workdir, "config.json")
-  if resuming:
+  if checkpointer.latest_step() is not None:
     check_resume_config(config_path, cfg, allow_config_change)
+    check_resume_objective(workdir, run)
   if main:
     write_json(config_path, cfg.to_dict())
+    if run.objective.run_state():
+      write_json(os.path.join(workdir, OBJECTIVE_STATE), run.objective.run_state())
   summary_path = os.path.join(workdir, "summary.json")
   if main and os.path.exists(summary_path):  # a finished run being re-run: the old summary is stale now
     os.remove(summary_path)
+  return run, checkpointer
 
-  # --- evaluation plan (eval set, references, few-shot pool: checked before anything compiles)
-  # and the prompting baselines of the base model; a resumed run reuses them ---
+
+def _baselines(run: Run, workdir: str, resuming: bool):
+  """The evaluation plan (eval set, references, few-shot pool: checked before anything
+  compiles) and the prompting baselines of the base model; a resumed run reuses them ->
+  (plan or None, baseline or None, seconds spent)."""
+  cfg = run.config
   plan = evaluate.plan_for_run(cfg) if cfg.eval.generate else None
   baseline = None
   baseline_path = os.path.join(workdir, "baseline.json")
@@ -168,40 +230,28 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change:
       write_json(baseline_path, baseline)
     for name, result in baseline["systems"].items():
       log.info("baseline (base model, %s): %s", name, evaluate.fmt(result["scores"]))
-  eval_s = time.perf_counter() - eval_t
+  return plan, baseline, time.perf_counter() - eval_t
 
-  # --- state + compiled step ---
-  state, data_state = init_or_restore(run, checkpointer)
-  start_step = int(state["step"])
+
+def _metric_writer(run: Run, workdir: str, start_step: int, data_state):
+  """(the metric writer, the step the run resumed from or None when it started at step 0)."""
+  cfg = run.config
   # Lines past the restored step (or all of them, when a run killed before its first checkpoint
   # starts over) belong to no checkpoint: dropped, so no step is logged twice.
   writer = MetricWriter(workdir, resume_step=start_step, trackers=cfg.log.trackers,
                         project=cfg.log.project, run_name=cfg.log.run_name,
-                        config=cfg.to_dict()) if main else _NoWriter()
+                        config=cfg.to_dict()) if distributed.is_main() else _NoWriter()
   resumed_from = start_step if data_state is not None else None  # None: started at step 0
   if resumed_from is not None:
     # A row of its own: the step rows above it were logged by the interrupted run, and every
     # row below it by this one, so a reader (and the tests) can see no step ran twice.
     writer.write(resumed_from, {"resumed_from_step": resumed_from})
     log.info("resumed from step %d: steps 1..%d are not run again", resumed_from, resumed_from)
-  try:
-    with StopOnSignal() as stop:
-      summary, end = _loop(run, workdir, state, data_state, checkpointer, writer, plan, stop)
-  except BaseException:
-    writer.close()
-    raise
-  finally:
-    checkpointer.close()
-  summary["resumed_from_step"] = resumed_from
-  try:
-    return _end(run, workdir, checkpointer.directory, plan, baseline, summary, end, eval_s,
-                summary_path, main)
-  finally:
-    writer.close(artifacts=True)  # the trackers get the report files written by _end
+  return writer, resumed_from
 
 
 def _end(run: Run, workdir: str, checkpoint_dir: str, plan, baseline, summary: dict, end,
-         eval_s: float, summary_path: str, main: bool) -> dict:
+         eval_s: float, main: bool) -> dict:
   """After the loop: results, summary and report (when not stopped early)."""
   cfg = run.config
   if summary.get("stopped_by"):
@@ -219,9 +269,15 @@ def _end(run: Run, workdir: str, checkpoint_dir: str, plan, baseline, summary: d
     summary["baseline"] = {n: r["scores"] for n, r in results["baselines"].items()}
     summary["finetuned"] = dict(results["finetuned"]["scores"], examples=results["examples"])
     summary["verdict"] = results["verdict"]["text"] if results["verdict"] else None
-  write_json(summary_path, summary)
+  if results.get("lm_eval"):
+    summary["lm_eval"] = results["lm_eval"]
+  write_json(os.path.join(workdir, "summary.json"), summary)
   if cfg.eval.report:
     evaluation.report.write(workdir)
+    section = run.objective.report_section(summary)
+    if section:
+      with open(os.path.join(workdir, "report.md"), "a") as f:
+        f.write("\n" + section)
     log.info("wrote %s", os.path.join(workdir, "report.md"))
   print(evaluate.report(summary), file=sys.stderr)
   return summary
@@ -237,177 +293,159 @@ class _NoWriter:
     pass
 
 
-def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
-          writer: MetricWriter, plan, stop: StopOnSignal):
-  cfg = run.config
-  loader = run.train_ds.batches(cfg.train.batch_size, seed=cfg.train.seed, state=data_state)
-  train_step = jit_train_step(run, state)
-  eval_fn = jax.jit(functools.partial(step_lib.eval_step, graphdef=run.graphdef, loss_fn=run.loss_fn))
+# --- the loop -------------------------------------------------------------------------------
 
-  # train.epochs: exactly that many passes (with data shards, train.steps as auto.resolve set it)
-  budget = row_budget(cfg, loader.num_rows) if hasattr(loader, "num_rows") else None
+class Batches:
+  """The train batches in loader order, placed on the mesh. Under train.epochs the last step of
+  the last pass is padded with zero rows, which train nothing (row_budget: exactly that many
+  passes, with data shards train.steps as auto.resolve set it)."""
 
-  def take_rows(want: int) -> dict:
-    n = want
-    if budget is not None:
+  def __init__(self, run: Run, data_state):
+    cfg = run.config
+    self.run, self.size = run, cfg.train.batch_size
+    self.loader = run.train_ds.batches(self.size, seed=cfg.train.seed, state=data_state)
+    self.budget = row_budget(cfg, self.loader.num_rows) if hasattr(self.loader, "num_rows") else None
+
+  def position(self) -> dict:
+    """Where the first batch not yet fetched starts: what a checkpoint saves (the loop takes it
+    before fetching the next batch, so it names the first batch not yet trained on)."""
+    return self.loader.get_state()
+
+  def next(self, state) -> dict:
+    """The next step's batch. The objective turns the data's rows into the step's (SFT: as they
+    are; an RL objective samples completions from the current params here, so it is given the
+    state)."""
+    return self.run.place_batch(self.run.objective.next_rows(self.run, state, self.take_rows))
+
+  def take_rows(self, want: int) -> dict:
+    n, loader = want, self.loader
+    if self.budget is not None:
       pos = loader.get_state()
-      n = max(0, min(n, budget - pos["epoch"] * loader.num_rows - pos["row"]))
+      n = max(0, min(n, self.budget - pos["epoch"] * loader.num_rows - pos["row"]))
     rows = loader.next_batch(n) if n else {k: v[:0] for k, v in loader.rows.items()}
     if n < want:  # the last step of an epochs run: padding rows train nothing
       rows = {k: np.concatenate([v, np.zeros((want - n,) + v.shape[1:], v.dtype)])
               for k, v in rows.items()}
     return rows
 
-  def next_batch(state):
-    # The objective turns the data's rows into the step's (SFT: as they are; an RL objective
-    # samples completions from the current params here, so it is given the state).
-    return run.place_batch(run.objective.next_rows(run, state, take_rows))
 
-  seq = cfg.data.seq_len
+def _start(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
+           writer: MetricWriter, plan, stop: StopOnSignal, extra_hooks: tuple):
+  """The loop's state before the first step: the first batch fetched, the step compiled, the
+  hooks built and the progress bar shown -> (Loop, Batches, hooks)."""
+  cfg = run.config
+  batches = Batches(run, data_state)
+  eval_fn = jax.jit(functools.partial(step_lib.eval_step, graphdef=run.graphdef, loss_fn=run.loss_fn))
   n_train = sum(x.size for x in jax.tree.leaves(state["trainable"]))
-  flops_per_step = cfg.train.batch_size * seq * run_flops_per_token(run, state["trainable"])
-  start_step = int(state["step"])
-  # `position`: where the first batch not yet trained on starts; that is what a checkpoint saves
-  # (the loader itself runs one batch ahead, fetching while the device computes).
-  position = loader.get_state()
-  batch = next_batch(state)
+  position = batches.position()
+  batch = batches.next(state)
   t0 = time.perf_counter()
-  compiled = train_step.lower(state, run.frozen, batch).compile()
+  compiled = jit_train_step(run, state).lower(state, run.frozen, batch).compile()
   compile_s = time.perf_counter() - t0
   log.info("compiled the train step in %.1f s", compile_s)
-  log.info("training %s parameters (%s), steps %d..%d", f"{n_train:,}", cfg.method, start_step,
-           cfg.train.steps)
-
-  # --- loop ---
+  log.info("training %s parameters (%s), steps %d..%d", f"{n_train:,}", cfg.method,
+           int(state["step"]), cfg.train.steps)
   # tqdm.auto: a widget in Jupyter / Colab (where stderr is no terminal and a plain bar would be
-  # disabled), the text bar in a terminal; elsewhere (CI, a log file) the log lines below.
+  # disabled), the text bar in a terminal; elsewhere (CI, a log file) TrainLog's log lines.
   from tqdm.auto import tqdm
-  bar = tqdm(total=cfg.train.steps, initial=start_step, desc="train", file=sys.stderr,
+  bar = tqdm(total=cfg.train.steps, initial=int(state["step"]), desc="train", file=sys.stderr,
              dynamic_ncols=True, disable=None if distributed.is_main() else True)
-  window, window_t, skipped = [], time.perf_counter(), []
-  loop_t, eval_s = window_t, 0.0  # train_s in the summary: the steps' wall time, evals excluded
-  saved_t = time.monotonic()  # train.checkpoint_every_minutes counts from the last save
-  # Periodic eval: eval loss + the primary metric -> early stopping and the best checkpoint.
-  primary = evaluation.metrics.primary(cfg.eval)
-  stopper, best_ckpt = _early_stopping(run, workdir)
-  train_curve, eval_curve, warned, stopped_at, evaluated = [], [], 0, None, set()
-  final = None  # the final state's end-of-run evaluation, when the last periodic eval ran it
-  for step in range(start_step, cfg.train.steps):
-    state, metrics = compiled(state, run.frozen, batch)
-    position = loader.get_state()
-    if step + 1 < cfg.train.steps:
-      batch = next_batch(state)  # overlaps with the device computing this step
-    done = step + 1
-    if not bool(metrics["finite"]):  # the step left the state unchanged (ftjax/step.py)
-      loss = float(metrics["loss"])
-      if cfg.train.nonfinite == "stop":
-        raise FtjaxError(
-            f"step {done}: the loss ({loss}) or its gradient is not finite; stopping. The step "
-            f"did not update the state and no checkpoint holds it (latest: "
-            f"{checkpointer.latest_step()}). Lower train.lr, check the data, or set "
-            "train.nonfinite=skip.")
-      log.warning("step %d: non-finite loss (%s) or gradient; update skipped", done, loss)
-      skipped.append(done)
-    else:
-      window.append(metrics)
-    if window and (done == cfg.train.steps or cfg.train.log_every and done % cfg.train.log_every == 0):
-      host = jax.device_get(window)
-      elapsed = time.perf_counter() - window_t
-      loss = float(np.mean([m["loss"] for m in host]))
-      tok_s = len(host) * cfg.train.batch_size * seq / elapsed
-      # Every metric the objective's loss returns, as a mean over the window's steps.
-      out = {k: float(np.mean([m[k] for m in host])) for k in host[-1]
-             if k not in ("count", "finite", "grad_norm", "lr")}
-      out.update(grad_norm=float(host[-1]["grad_norm"]), lr=float(host[-1]["lr"]),
-                 tokens_per_s=tok_s, model_tflops_per_s=flops_per_step * len(host) / elapsed / 1e12)
-      writer.write(done, out, "train/")
-      train_curve.append((done, loss))
-      bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
-      if bar.disable:  # no terminal (a log file, CI): one line per log interval instead
-        eta = (cfg.train.steps - done) * elapsed / len(host)
-        log.info("step %d/%d: loss %.4f, %.0f tokens/s, ETA %.0f s", done, cfg.train.steps, loss,
-                 tok_s, eta)
-      window, window_t = [], time.perf_counter()
-    bar.update(1)
-    # The last step is evaluated too when an earlier eval exists to compare it with (best step).
-    if cfg.train.eval_every and (done % cfg.train.eval_every == 0
-                                 or done == cfg.train.steps and eval_curve):
-      jax.block_until_ready(state)  # the step's own compute belongs to the train window
-      eval_t = time.perf_counter()
-      if done == cfg.train.steps:  # the final eval, run here once, stands for this one too
-        loss_of = functools.partial(evaluate_loss, run, eval_fn, state["trainable"])
-        answers = functools.partial(evaluate.finetuned_answers, run, state["trainable"])
-        final = evaluate.final_eval(loss_of, answers, plan)
-        ev = evaluate.periodic_from_final(final, loss_of, plan, primary, cfg)
-      else:
-        ev = periodic_eval(run, eval_fn, state["trainable"], plan, primary)
-      if ev:
-        writer.write(done, ev, "eval/")
-        evaluated.add(done)
-        bar.write(f"step {done}: eval loss {ev['loss']:.4f}"
-                  + (f", token accuracy {ev['accuracy']:.3f}" if "accuracy" in ev else "")
-                  + (f", {primary} {ev[primary]:.4g}" if primary not in ("loss", "token_accuracy") else ""),
-                  file=sys.stderr)
-        eval_curve.append((done, ev["loss"]))
-        warnings = curves_lib.overfitting_warnings(train_curve, eval_curve)
-        for w in warnings[warned:]:
-          log.warning("%s", w)
-        warned = len(warnings)
-        if stopper.update(done, ev[primary]) and best_ckpt is not None:
-          best_ckpt.save(done, state, position)
-          if distributed.is_main():
-            write_json(os.path.join(workdir, "best.json"), {"step": done, primary: ev[primary]})
-      window_t += time.perf_counter() - eval_t  # keep eval time out of the next tokens/s
-      eval_s += time.perf_counter() - eval_t
-      if stopper.should_stop and done < cfg.train.steps:
-        bar.write(f"step {done}: early stopping, {primary} has not improved for "
-                  f"{stopper.patience} evals (best {stopper.best:.4g} at step {stopper.best_step})",
-                  file=sys.stderr)
-        stopped_at = done
-        break
-    checkpointer.check_for_errors()  # a failed background save stops the run now, naming it
-    # Every process must take these decisions together (a save or a stop is collective).
-    stopping, minutes_due = distributed.any_process(
-        stop.signal is not None,
-        cfg.train.checkpoint_every_minutes > 0
-        and time.monotonic() - saved_t >= 60 * cfg.train.checkpoint_every_minutes)
-    if (stopping or minutes_due
-        or cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
-      checkpointer.save(done, state, position)
-      saved_t = time.monotonic()
-    if stopping:
-      bar.close()
-      if best_ckpt is not None:
-        best_ckpt.close()
-      return {"steps": done, "stopped_by": stop.signal or "a signal to another process"}, None
-  jax.block_until_ready(state)
-  train_s = time.perf_counter() - loop_t - eval_s
-  bar.close()
+  loop = Loop(run, workdir, state, batch, position, checkpointer, writer, bar, plan, eval_fn, stop,
+              compiled, step=int(state["step"]), compile_s=compile_s, n_train=n_train,
+              flops_per_step=cfg.train.batch_size * cfg.data.seq_len
+              * run_flops_per_token(run, state["trainable"]))
+  hooks = default_hooks(run, workdir, _periodic_eval_of_loop, (*run.objective.hooks(run), *extra_hooks))
+  return loop, batches, hooks
 
-  # --- end: checkpoint, best state, final eval, exports, generation eval, summary ---
+
+def run_loop(loop: Loop, hooks: Sequence[Hook], batches: Batches) -> None:
+  """The steps from loop.step to train.steps, calling the hooks around each; ends early when a
+  hook sets loop.stop_reason (early stopping, preemption)."""
+  steps = loop.config.train.steps
+  for hook in hooks:
+    hook.start(loop)
+  loop_t = time.perf_counter()
+  for step in range(loop.step, steps):
+    for hook in hooks:
+      hook.before_step(loop)
+    loop.state, loop.metrics = loop.compiled(loop.state, loop.run.frozen, loop.batch)
+    loop.position = batches.position()
+    if step + 1 < steps:
+      loop.batch = batches.next(loop.state)  # overlaps with the device computing this step
+    loop.step = step + 1
+    loop.finite = bool(loop.metrics["finite"])  # False: the step left the state unchanged
+    for hook in hooks:
+      if hook.due(loop):
+        hook.after_step(loop)
+      if loop.stop_reason:
+        break
+    if loop.stop_reason:
+      break
+  if loop.preempted_by is None:
+    jax.block_until_ready(loop.state)
+  loop.train_s = time.perf_counter() - loop_t - loop.excluded_s  # the steps' wall time
+
+
+def _periodic_eval_of_loop(loop: Loop, primary: str) -> dict:
+  run, trainable = loop.run, loop.state["trainable"]
+  if not loop.last_step:
+    return periodic_eval(run, loop.eval_fn, trainable, loop.plan, primary)
+  # The final eval, run here once, stands for this one too (the end phase reuses loop.final).
+  loss_of = functools.partial(evaluate_loss, run, loop.eval_fn, trainable)
+  answers = functools.partial(evaluate.finetuned_answers, run, trainable)
+  loop.final = evaluate.final_eval(loss_of, answers, loop.plan)
+  ev = evaluate.periodic_from_final(loop.final, loss_of, loop.plan, primary, run.config)
+  if ev:
+    ev.update(_floats(objective_metrics(run, trainable, run.config.train.eval_batches)))
+  return ev
+
+
+# --- the end of the run ----------------------------------------------------------------------
+
+def _finish(loop: Loop, hooks: Sequence[Hook]) -> tuple[dict, dict | None]:
+  """After the loop: (summary, end results). Preempted: the checkpoint is saved, the hooks
+  closed and nothing else is done ({"steps", "stopped_by"}, None). Otherwise the final
+  checkpoint, the best state, the final eval, the exports and the generation eval."""
+  if loop.preempted_by is not None:
+    for hook in hooks:
+      hook.close(loop)
+    return {"steps": loop.step, "stopped_by": loop.preempted_by}, None
   end_t = time.perf_counter()
-  final_step = int(state["step"])
-  if checkpointer.latest_step() != final_step:  # checkpoint_every may have saved it already
-    checkpointer.save(final_step, state, position)
-  checkpointer.wait()  # the final checkpoint is complete (or its failure reported) before exports
-  trainable, training = state["trainable"], {}
-  if stopper.best_step is not None:
-    training = {"metric": primary, "best_step": stopper.best_step, "best_value": stopper.best,
-                "patience": cfg.train.patience, "stopped_early": stopped_at is not None,
-                "stopped_at": stopped_at, "restored_best": False}
-    if best_ckpt is not None:
-      if stopper.best_step != final_step:  # exports and the final evaluation use the best step
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        best_state, _ = best_ckpt.restore(stopper.best_step, abstract)
-        trainable, training["restored_best"] = best_state["trainable"], True
-        log.info("restored the best checkpoint (step %d, %s %.4g)", stopper.best_step, primary,
-                 stopper.best)
-  if best_ckpt is not None:
-    best_ckpt.close()
-  reuse = final is not None and not training.get("restored_best")  # the same state
-  final_eval = final["eval"] if reuse else evaluate_loss(run, eval_fn, trainable)
+  final_step = int(loop.state["step"])
+  if loop.checkpointer.latest_step() != final_step:  # checkpoint_every may have saved it already
+    loop.checkpointer.save(final_step, loop.state, loop.position)
+  loop.checkpointer.wait()  # the final checkpoint is complete (or its failure reported) before exports
+  early = next(h for h in hooks if isinstance(h, EarlyStopping))
+  trainable, training = early.best_trainable(loop, loop.state["trainable"])
+  for hook in hooks:
+    hook.close(loop)
+  reuse = loop.final is not None and not training.get("restored_best")  # the same state
+  final_eval = loop.final["eval"] if reuse else evaluate_loss(loop.run, loop.eval_fn, trainable)
+  details = objective_metrics(loop.run, trainable)
+  final_eval.update(_floats(details))
+  if details and distributed.is_main():
+    write_json(os.path.join(loop.workdir, "eval_metrics.json"), details)
+  evaluated = {s for s, _ in loop.eval_curve}
   if final_eval and final_step not in evaluated and not training.get("restored_best"):
-    writer.write(final_step, final_eval, "eval/")
+    loop.writer.write(final_step, final_eval, "eval/")
+  end = {"training": training, "eval": final_eval,
+         **_exports(loop, trainable, loop.final if reuse else None)}
+  cfg = loop.config
+  summary = {"steps": final_step, "method": cfg.method, "trainable_params": loop.n_train,
+             "compile_s": loop.compile_s, "skipped_steps": loop.skipped, "eval": final_eval,
+             "best_step": training.get("best_step"), "stopped_early": early.stopped_at is not None,
+             "train_s": loop.train_s,
+             "end_eval_seconds": time.perf_counter() - end_t + (loop.final or {}).get("seconds", 0.0),
+             "train_data": loop.run.train_ds.summary}
+  summary.update(loop.run.objective.end_eval(loop.run, trainable))  # GRPO: eval rewards, base vs tuned
+  return summary, end
+
+
+def _exports(loop: Loop, trainable: dict, final: dict | None) -> dict:
+  """The adapter and merged exports, then the generation eval (and forgetting probe) of the
+  fine-tuned model (its answers taken from `final` when the last periodic eval made them) and
+  eval.lm_eval_tasks -> the results for the end dict."""
+  run, cfg, plan, workdir = loop.run, loop.config, loop.plan, loop.workdir
   if jax.process_count() > 1:  # each process holds only its shards: gather them (collective)
     from jax.experimental import multihost_utils
     trainable = multihost_utils.process_allgather(trainable, tiled=True)
@@ -418,23 +456,32 @@ def _loop(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer,
                           overwrite=True)
   merged = export.merged_model(model) if cfg.export.merged or plan is not None else None
   if cfg.export.merged:
-    export.write_merged(merged, run.tokenizer, os.path.join(workdir, "merged"), overwrite=True)
+    export.write_merged(merged, run.tokenizer, os.path.join(workdir, "merged"), overwrite=True,
+                        objective=run.objective)
   # A 4-bit base generates as it trained (4-bit + adapter), never materialised in float.
   generator = model if run.quantised else merged
-  end = {"training": training, "eval": final_eval}
+  out = {}
   if plan is not None:
-    end["finetuned"] = (final["finetuned"] if reuse else
+    out["finetuned"] = (final["finetuned"] if final is not None else
                         plan.run(generator, run.tokenizer, evaluation.report.FINETUNED))
     if cfg.eval.forgetting:
-      end["forgetting"] = evaluation.forgetting.probe(generator, run.tokenizer, cfg.eval,
+      out["forgetting"] = evaluation.forgetting.probe(generator, run.tokenizer, cfg.eval,
                                                       cfg.data.seq_len, "forgetting (fine-tuned)")
-  summary = {"steps": final_step, "method": cfg.method, "trainable_params": n_train,
-             "compile_s": compile_s, "skipped_steps": skipped, "eval": final_eval,
-             "best_step": training.get("best_step"), "stopped_early": stopped_at is not None,
-             "train_s": train_s,
-             "end_eval_seconds": time.perf_counter() - end_t + (final or {}).get("seconds", 0.0),
-             "train_data": run.train_ds.summary}
-  return summary, end
+  out["lm_eval"] = evaluation.harness.base_vs_tuned(run, model)  # eval.lm_eval_tasks
+  return out
+
+
+def objective_metrics(run: Run, trainable, max_batches: int = 0) -> dict:
+  """The objective's host-side eval metrics on the eval split (Objective.eval_metrics; SFT has
+  none), on its first `max_batches` batches (0: all)."""
+  if run.eval_ds is None:
+    return {}
+  size = run.config.train.batch_size // run.config.train.grad_accum
+  return run.objective.eval_metrics(run.model(trainable), run.eval_ds, size, max_batches * size)
+
+
+def _floats(metrics: dict) -> dict:
+  return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
 
 def periodic_eval(run: Run, eval_fn, trainable, plan, primary: str) -> dict:
@@ -445,28 +492,12 @@ def periodic_eval(run: Run, eval_fn, trainable, plan, primary: str) -> dict:
     return {}
   if "accuracy" in ev:  # a next-token objective: perplexity and token accuracy too
     ev.update(evaluation.loss_metrics(ev["loss"], ev["accuracy"]))
+  ev.update(_floats(objective_metrics(run, trainable, run.config.train.eval_batches)))
   if plan is not None and primary in plan.metrics:
     predictions = plan.answer(run.model(trainable), run.tokenizer, desc="eval",
                               limit=run.config.eval.periodic_examples)
     ev.update(plan.score(predictions))
   return ev
-
-
-def _early_stopping(run: Run, workdir: str):
-  """(EarlyStopping, best-state Checkpointer or None), continuing a resumed run's best."""
-  cfg = run.config
-  primary = evaluation.metrics.primary(cfg.eval)
-  best_ckpt = (Checkpointer(workdir, keep=1, folder="best")
-               if cfg.train.keep_best and cfg.train.eval_every and run.eval_ds is not None else None)
-  best = best_step = None
-  best_path = os.path.join(workdir, "best.json")
-  if best_ckpt is not None and best_ckpt.latest_step() is not None and os.path.exists(best_path):
-    with open(best_path) as f:
-      saved = json.load(f)
-    best, best_step = saved.get(primary), saved["step"]
-  stopper = curves_lib.EarlyStopping(evaluation.metrics.higher_is_better(primary),
-                                     cfg.train.patience, best=best, best_step=best_step)
-  return stopper, best_ckpt
 
 
 # --- command line -----------------------------------------------------------------------

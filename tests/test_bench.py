@@ -10,16 +10,13 @@ import time
 
 import jax
 
-from tiny import make_model_dir
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bench_vs_peft_reports_rounds_and_their_median_ratio(tmp_path):
-  model = make_model_dir(tmp_path / "model")
+def test_bench_vs_peft_reports_rounds_and_their_median_ratio(model_dir, tmp_path):
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "scripts", "bench_train.py"), "--config",
-       os.path.join(REPO, "configs", "quickstart.py"), "--model", model, "--batch", "8", "--seq", "16",
+       os.path.join(REPO, "configs", "quickstart.py"), "--model", model_dir, "--batch", "8", "--seq", "16",
        "--steps", "2", "--rounds", "2", "--warmup", "1", "--gap", "0", "--vs-peft"],
       capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -42,9 +39,8 @@ def _bench(model: str, *extra: str) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_bench_accounts_memory_of_full_lora_and_qlora(tmp_path):
-  model = make_model_dir(tmp_path / "model")
-  full, lora, qlora = (_bench(model, "--method", m) for m in ("full", "lora", "qlora"))
+def test_bench_accounts_memory_of_full_lora_and_qlora(model_dir):
+  full, lora, qlora = (_bench(model_dir, "--method", m) for m in ("full", "lora", "qlora"))
   assert full["base_bytes_per_param"] == lora["base_bytes_per_param"] == 4.0  # f32 weights
   assert full["quantised_bits_per_param"] is None
   # NF4 + double quantisation: 4 bits + 8 per 64-block + 32 per 256 blocks; embeddings stay f32.

@@ -35,29 +35,13 @@ from ftjax import train as train_lib
 from ftjax.checkpoint import Checkpointer
 from ftjax.errors import FtjaxError
 from ftjax.data import quickstart_task
-from tiny import make_model_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  """Every run here compiles the same train step: XLA's persistent cache (in-process and in the
-  subprocesses) compiles it once instead of five times."""
-  from jax.experimental.compilation_cache import compilation_cache
-  path = str(tmp_path_factory.mktemp("xla_cache"))
-  old = jax.config.jax_compilation_cache_dir
-  jax.config.update("jax_compilation_cache_dir", path)
-  compilation_cache.reset_cache()  # it was set up, without a folder, at the session's first compile
-  yield path
-  jax.config.update("jax_compilation_cache_dir", old)
-  compilation_cache.reset_cache()
-
-
 @pytest.fixture(scope="module")
-def overrides(tmp_path_factory):
-  model_dir = make_model_dir(tmp_path_factory.mktemp("tiny_llama"))
+def overrides(model_dir, tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("data")
   quickstart_task.write_splits(str(data_dir), n_train=48, n_eval=8, seed=3)
   return {"model.name_or_path": model_dir, "data.train": str(data_dir / "train.jsonl"),

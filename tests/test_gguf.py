@@ -31,14 +31,21 @@ _LAYER_NAMES = {
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
 }
 _TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+# Where an architecture differs: Gemma 2 / 3's four norms per layer, Phi-3's fused projections.
+_ARCH_LAYER_NAMES = {
+    "gemma2": {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+               "post_feedforward_layernorm": "post_ffw_norm"},
+    "phi3": {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"},
+}
+_ARCH_LAYER_NAMES["gemma3"] = _ARCH_LAYER_NAMES["gemma2"]
 
 
-def _gguf_name(hf_name: str) -> str:
+def _gguf_name(hf_name: str, arch: str = "llama") -> str:
   module, suffix = hf_name.rsplit(".", 1)
   if module in _TOP_NAMES:
     return f"{_TOP_NAMES[module]}.{suffix}"
   _, _, i, rest = module.split(".", 3)
-  return f"blk.{i}.{_LAYER_NAMES[rest]}.{suffix}"
+  return f"blk.{i}.{_ARCH_LAYER_NAMES.get(arch, {}).get(rest) or _LAYER_NAMES[rest]}.{suffix}"
 
 
 def _permute(w, n_head):
@@ -59,11 +66,13 @@ def write_gguf(model, path, arch, quant=None, rope_freqs=None, add_metadata=None
   w.add_feed_forward_length(c.intermediate_size)
   w.add_head_count(c.num_attention_heads)
   w.add_head_count_kv(c.num_key_value_heads)
-  w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+  w.add_rope_freq_base(c.rope_parameters.get("full_attention", c.rope_parameters)["rope_theta"])
   w.add_layer_norm_rms_eps(c.rms_norm_eps)
-  w.add_rope_dimension_count(head_dim)
-  w.add_key_length(head_dim)
-  w.add_value_length(head_dim)
+  # phi3: only the rotated part; its converter writes no key / value length
+  w.add_rope_dimension_count(int(head_dim * (getattr(c, "partial_rotary_factor", None) or 1.0)))
+  if arch != "phi3":
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
   w.add_vocab_size(c.vocab_size)
   w.add_uint32("tokenizer.ggml.bos_token_id", 1)
   w.add_uint32("tokenizer.ggml.eos_token_id", 2)
@@ -80,12 +89,12 @@ def write_gguf(model, path, arch, quant=None, rope_freqs=None, add_metadata=None
       t = _permute(t, c.num_attention_heads)
     elif arch == "llama" and ".k_proj." in name:
       t = _permute(t, c.num_key_value_heads)
-    if arch == "gemma" and name.endswith("norm.weight"):
+    if arch in ("gemma", "gemma2", "gemma3") and name.endswith("norm.weight"):
       t = t + 1
     if quant is not None and t.ndim == 2 and t.shape[1] % gguf.GGML_QUANT_SIZES[quant][0] == 0:
-      w.add_tensor(_gguf_name(name), gguf.quants.quantize(t, quant), raw_dtype=quant)
+      w.add_tensor(_gguf_name(name, arch), gguf.quants.quantize(t, quant), raw_dtype=quant)
     else:
-      w.add_tensor(_gguf_name(name), t)
+      w.add_tensor(_gguf_name(name, arch), t)
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
@@ -131,6 +140,57 @@ def test_f32_gguf_matches_original_hf_model(tmp_path, family, arch):
   path = write_gguf(model, str(tmp_path / f"{family}.gguf"), arch)
   cfg, ours = _ours(path)
   assert cfg.model_type == arch and cfg.tie_word_embeddings == model.config.tie_word_embeddings
+  assert _rel(ours, _hf_logits(model)) < 1e-4
+
+
+# The tiny gemma2 / gemma3 configs with what llama.cpp does not read from a file set as it derives
+# or defaults it (as in the released models): query_pre_attn_scalar = head_dim, every 6th Gemma 3
+# layer global, local RoPE base 10000. Soft-caps, windows, partial rotary stay as FAMILIES has them.
+def _gemma2_llama_cpp_layout(family_config=hf_models.FAMILIES["gemma2"]):
+  config = family_config()
+  config.query_pre_attn_scalar = config.head_dim
+  return config
+
+
+_LLAMA_CPP_LAYOUT = {
+    "gemma2": _gemma2_llama_cpp_layout,
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        **{**hf_models.COMMON, "num_hidden_layers": 6}, head_dim=16, sliding_window=4,
+        query_pre_attn_scalar=16,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 50000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    "phi3": hf_models.FAMILIES["phi3"],
+}
+
+
+def _converter_keys(arch: str, c):
+  """The keys convert_hf_to_gguf.py's Gemma2Model / Gemma3Model / Phi3MiniModel add beyond
+  write_gguf's (spelled out here, independently of ftjax's writer)."""
+  def add(w):
+    if arch == "gemma2":
+      w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+      w.add_final_logit_softcapping(c.final_logit_softcapping)
+    if arch == "gemma3":
+      w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+      w.add_rope_scaling_factor(c.rope_parameters["full_attention"]["factor"])
+    if arch == "phi3":
+      w.add_rope_scaling_orig_ctx_len(c.original_max_position_embeddings)
+    w.add_sliding_window(c.sliding_window)
+  return add
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "phi3"])
+def test_converter_style_gguf_of_new_families_matches_hf_model(tmp_path, monkeypatch, family):
+  """Files with only the keys llama.cpp's converter writes (no layer pattern, no local RoPE
+  base: llama.cpp's defaults) load with the HF model's logits: soft-caps, windows shorter than
+  the sequence, Gemma's 1 + w norms, Phi-3's fused qkv / gate_up and partial rotary."""
+  monkeypatch.setitem(hf_models.FAMILIES, family, _LLAMA_CPP_LAYOUT[family])
+  model = hf_models.build(family)
+  c = model.config
+  path = write_gguf(model, str(tmp_path / f"{family}.gguf"), family, add_metadata=_converter_keys(family, c))
+  cfg, ours = _ours(path)
+  assert cfg.model_type == {"gemma3": "gemma3_text"}.get(family, family)
+  assert cfg.sliding_window == c.sliding_window < IDS.shape[1]
   assert _rel(ours, _hf_logits(model)) < 1e-4
 
 
@@ -207,7 +267,8 @@ def test_unsupported_architecture(tmp_path):
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
   w.close()
-  with pytest.raises(FtjaxError, match=r"architecture='falcon'; supported: llama, qwen2, qwen3, gemma"):
+  with pytest.raises(FtjaxError, match=r"architecture='falcon'; supported: llama, qwen2, qwen3, "
+                                       r"gemma, gemma2, gemma3, phi3$"):
     load_gguf(str(tmp_path / "f.gguf"))
 
 

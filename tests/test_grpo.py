@@ -267,3 +267,143 @@ def test_grpo_lora_raises_a_toy_reward_and_beta_uses_the_adapter_free_reference(
     np.testing.assert_allclose(float(metrics["reward"]), reward.mean(), rtol=1e-5)
   assert kls[0] < 1e-6 < kls[-1]
   assert np.mean(rewards_seen[-3:]) > np.mean(rewards_seen[:3]) + 0.1, rewards_seen
+
+
+# --- objective = "grpo" through ftjax.train -----------------------------------------------------
+
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+
+from ftjax import config as config_lib  # noqa: E402
+from ftjax import objectives  # noqa: E402
+from ftjax import train as train_lib  # noqa: E402
+from ftjax.data import arithmetic_task  # noqa: E402
+
+GRPO_METRICS = ("reward", "reward_std", "rewards/exact_answer", "rewards/answer_format", "kl",
+                "completion_length", "clip_ratio/region_mean", "frac_reward_zero_std",
+                "rollout_tokens_per_s")
+
+
+def _example_config(model_dir, tmp_path, **overrides):
+  """configs/grpo.py (runlocal) with the tiny model in place of SmolLM2, one step."""
+  spec = importlib.util.spec_from_file_location("grpo_cfg", os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "grpo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("runlocal")
+  c.model.name_or_path = model_dir
+  c.data.train, c.data.eval = str(tmp_path / "gen" / "train.jsonl"), str(tmp_path / "gen" / "eval.jsonl")
+  c.train.steps, c.train.log_every, c.mesh.data = 1, 1, 1
+  c.train.batch_size, c.grpo.num_generations = 8, 4  # 2 prompts x 4 completions
+  c.grpo.max_new_tokens, c.eval.max_examples = 6, 2
+  for key, value in overrides.items():
+    block, name = key.split(".")
+    c[block][name] = value
+  return c
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_example_config_trains_grpo_with_trl_metric_names_reuse_and_a_reward_eval(model_dir, tmp_path):
+  """Two LoRA GRPO steps of configs/grpo.py on generated arithmetic with num_iterations=2 and
+  beta > 0 (one train() call: each costs ~1 min on the shared CPUs): TRL's metric names under
+  train/, kl 0 at the first step (the fresh adapter computes as the reference), both steps
+  training the same rollouts (same rewards and lengths) with old_logps kept, and the
+  base-vs-tuned greedy reward eval in summary.json and report.md."""
+  c = _example_config(model_dir, tmp_path, **{"grpo.beta": 0.04, "grpo.num_iterations": 2})
+  c.train.steps = 2
+  assert "old_logps" in objectives.get(c).row_spec()
+  workdir = str(tmp_path / "run")
+  summary = train_lib.train(c, workdir)
+  rows = [r for r in _rows(workdir) if "train/loss" in r]
+  assert len(rows) == 2
+  for name in GRPO_METRICS:
+    assert f"train/{name}" in rows[0], name
+  assert abs(rows[0]["train/kl"]) < 1e-6
+  assert rows[0]["train/completion_length"] >= 1 and rows[0]["train/rollout_tokens_per_s"] > 0
+  for key in ("train/reward", "train/completion_length", "train/rollout_tokens_per_s"):
+    assert rows[0][key] == rows[1][key], key  # the second iteration of the same rollouts
+  ev = summary["reward_eval"]
+  for side in ("base", "tuned"):
+    assert ev[side]["prompts"] == 2 and 0.0 <= ev[side]["reward"] <= 1.5
+    assert len(ev[side]["reward_ci95"]) == 2 and ev[side]["samples"]
+    assert 0.0 <= ev[side]["sampled"]["reward"] <= 1.5
+  with open(os.path.join(workdir, "summary.json")) as f:
+    assert json.load(f)["reward_eval"]["tuned"]["reward"] == ev["tuned"]["reward"]
+  report = open(os.path.join(workdir, "report.md")).read()
+  assert "## GRPO: eval rewards" in report and "rewards/exact_answer (sampled, T=1.0)" in report
+  assert os.path.exists(os.path.join(workdir, "grpo_base_eval.json"))
+
+
+def _write_jsonl(path, records):
+  path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+
+
+def test_data_check_names_bad_prompts_at_file_line_and_over_long_ones(model_dir, tmp_path):
+  _write_jsonl(tmp_path / "train.jsonl", [
+      {"prompt": "What is 2 + 2?", "answer": "4"},
+      {"question": "no prompt key"},
+      {"prompt": "   "},
+      {"prompt": 7},
+      {"prompt": [{"role": "user", "content": "What is 3 + 3?"}], "answer": "6"},
+      {"prompt": "long " * 80, "answer": "1"}])
+  c = _example_config(model_dir, tmp_path)
+  c.data.train, c.data.eval = str(tmp_path / "train.jsonl"), ""
+  c.data.generate = ""
+  from ftjax.models.resolve import tokenizer_for
+  report, _ = objectives.get(c).check_data(tokenizer_for(model_dir))
+  where = {p["code"]: p["where"] for p in report["problems"]}
+  path = str(tmp_path / "train.jsonl")
+  assert where["missing_field"] == f"{path}:2"
+  assert where["empty_prompt"] == f"{path}:3"
+  assert where["wrong_type"] == f"{path}:4"
+  over = next(p for p in report["problems"] if p["code"] == "over_length")
+  assert over["where"] == f"{path}:6" and "data.seq_len - grpo.max_new_tokens" in over["message"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.batch_size": 6}, "train.batch_size=6 counts completions and must be a multiple of "
+                              "grpo.num_generations=4"),
+    ({"grpo.num_generations": 1, "train.batch_size": 4}, "grpo.num_generations=1; expected >= 2"),
+    ({"data.seq_len": 6}, "data.seq_len=6 must exceed grpo.max_new_tokens=6"),
+    ({"grpo.loss_type": "ppo"}, "grpo.loss_type='ppo'"),
+    ({"grpo.scale_rewards": "max"}, "grpo.scale_rewards='max'"),
+    ({"grpo.reward_funcs": ""}, "grpo.reward_funcs is empty"),
+    ({"grpo.num_iterations": 0}, "grpo.num_iterations=0; expected >= 1"),
+    ({"grpo.beta": 0.1, "method": "full"}, "grpo.beta > 0 needs a reference model; under method=full"),
+    ({"data.shards": 2}, "objective=grpo runs on one process with data.shards 0 or 1"),
+])
+def test_bad_grpo_config_is_named(model_dir, tmp_path, overrides, message):
+  c = _example_config(model_dir, tmp_path)
+  for key, value in overrides.items():
+    if "." in key:
+      block, name = key.split(".")
+      c[block][name] = value
+    else:
+      c[key] = value
+  with pytest.raises(FtjaxError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    objectives.get(c)
+
+
+def test_a_grpo_key_under_another_objective_is_refused(model_dir, tmp_path):
+  c = _example_config(model_dir, tmp_path)
+  c.objective = "sft"
+  with pytest.raises(FtjaxError, match=r"grpo\..* belong\(s\) to objective 'grpo'"):
+    objectives.get(c)
+  assert config_lib.base_config().grpo.num_generations == 8  # TRL's default
+
+
+def test_arithmetic_task_answers_are_right():
+  for p in arithmetic_task.make_problems(50, seed=1):
+    a, op, b = p["prompt"].split("?")[0].split()[2:5]
+    assert int(p["answer"]) == eval(f"{int(a)} {op} {int(b)}")  # noqa: S307 - our own digits
+
+
+def test_answer_format_wants_exactly_one_non_empty_tag():
+  got = grpo_rewards.answer_format(["p"] * 4, ["<answer>85</answer>", "85", "<answer> </answer>",
+                                               "<answer>1</answer><answer>2</answer>"])
+  assert got == [1.0, 0.0, 0.0, 0.0]

@@ -30,16 +30,16 @@ PACKAGE = ROOT / "ftjax"
 # module belongs to the layer of the longest prefix that names it ("ftjax.data.report" before
 # "ftjax.data"); "ftjax" itself is the package face, ftjax/__init__.py, only. docs/design.md draws the same order and says why each module sits where it does.
 LAYERS = (
-    ("commands", ("ftjax", "ftjax.plan", "ftjax.notebook", "ftjax.lm_eval", "ftjax.config_reference",
+    ("commands", ("ftjax", "ftjax.plan", "ftjax.notebook", "ftjax.classify", "ftjax.config_reference",
                   "ftjax.data.__main__")),
     ("train", ("ftjax.train",)),
     ("evaluate, export", ("ftjax.evaluate", "ftjax.export")),
     ("cost probe", ("ftjax.cost",)),
-    ("run", ("ftjax.run", "ftjax.step", "ftjax.optim", "ftjax.metrics", "ftjax.flops",
-             "ftjax.data.auto")),
+    ("run", ("ftjax.run", "ftjax.hooks", "ftjax.metrics", "ftjax.flops", "ftjax.data.auto")),
     ("objectives", ("ftjax.objectives",)),
+    ("step", ("ftjax.step", "ftjax.optim")),
     ("config", ("ftjax.config",)),
-    ("evaluation", ("ftjax.evaluation", "ftjax.generate", "ftjax.data.report")),
+    ("evaluation", ("ftjax.evaluation", "ftjax.generate", "ftjax.lm_eval", "ftjax.data.report")),
     ("data", ("ftjax.data",)),
     ("peft", ("ftjax.peft",)),
     ("models", ("ftjax.models", "ftjax.tokenizer", "ftjax.template_sandbox", "ftjax.losses")),

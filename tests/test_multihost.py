@@ -22,8 +22,7 @@ from safetensors.numpy import load_file
 from ftjax import train as train_lib
 from ftjax.checkpoint import Checkpointer
 from ftjax.data import quickstart_task
-from test_faults import compile_cache, config_file, losses, make_config  # noqa: F401 (fixture)
-from tiny import make_model_dir
+from test_faults import config_file, losses, make_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30
@@ -31,8 +30,7 @@ N_TRAIN = 48
 
 
 @pytest.fixture(scope="module")
-def overrides(tmp_path_factory):
-  model_dir = make_model_dir(tmp_path_factory.mktemp("tiny_llama"))
+def overrides(model_dir, tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("data")
   quickstart_task.write_splits(str(data_dir), n_train=N_TRAIN, n_eval=8, seed=3)
   return {"model.name_or_path": model_dir, "data.train": str(data_dir / "train.jsonl"),

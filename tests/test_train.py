@@ -214,20 +214,30 @@ def test_every_config_runs_one_tiny_step(path, model_dir, data_dir, tmp_path):
   if c.data.generate:  # generated on first run: into the test's tmp dir
     c.data.train = str(tmp_path / "gen" / "train.jsonl")
     c.data.eval = str(tmp_path / "gen" / "eval.jsonl")
+  elif c.objective == "classification":  # labelled texts: the quickstart inputs, two classes
+    for split in ("train", "eval"):
+      with open(os.path.join(data_dir, f"{split}.jsonl")) as f, open(tmp_path / f"{split}.jsonl", "w") as out:
+        for i, line in enumerate(f):
+          out.write(json.dumps({"text": json.loads(line)["input"], "label": "ab"[i % 2]}) + "\n")
+      c.data[split] = str(tmp_path / f"{split}.jsonl")
   else:
     c.data.train = os.path.join(data_dir, "train.jsonl")
     c.data.eval = os.path.join(data_dir, "eval.jsonl")
   c.data.seq_len = 128
   c.train.steps = 1
   c.train.warmup_steps = 0
-  c.train.batch_size = max(c.train.grad_accum, 2)
+  # GRPO's batch counts completions: one prompt's group of num_generations
+  c.train.batch_size = c.grpo.num_generations if c.objective == "grpo" else max(c.train.grad_accum, 2)
   c.train.eval_batches = 1
   c.eval.max_examples = 2
   c.eval.max_new_tokens = 4
   c.mesh.data = 1
   summary = train_lib.train(c, str(tmp_path / "wd"))
   assert summary["steps"] == 1
-  assert np.isfinite(summary["eval"]["loss"])
+  if c.objective == "grpo":  # scored by rewards, no eval loss
+    assert np.isfinite(summary["reward_eval"]["tuned"]["reward"])
+  else:
+    assert np.isfinite(summary["eval"]["loss"])
 
 
 def test_export_cli_writes_the_trained_run(lora_run, tmp_path):

@@ -90,6 +90,11 @@ def run_config(model_dir, data_dir, *, with_eval: bool = True, **overrides):
   c.train.warmup_steps = 0
   c.train.eval_every = 0
   c.mesh.data = 1  # one device: the sharding tests choose their meshes explicitly
+  return set_dotted(c, overrides)
+
+
+def set_dotted(c, overrides: dict):
+  """`c` with dotted keys set, e.g. {"train.steps": 3}."""
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")

@@ -15,9 +15,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from ftjax import config as config_lib
-from ftjax import cost
+from ftjax import cost, objectives
 from ftjax.cli import parse_flags
-from ftjax.data import auto, quickstart_task, selection
+from ftjax.data import auto, selection, write_generated
 from ftjax.data import report as data_report
 from ftjax.errors import cli_errors
 from ftjax.files import write_json
@@ -40,7 +40,7 @@ def main(argv=None) -> None:
 def _check(argv) -> int:
   cfg = parse_flags(argv)
   config_lib.validate(cfg)
-  quickstart_task.write_if_generated(cfg)  # data.generate: written as training would
+  write_generated(cfg)  # data.generate: written as training would
   report = run_check(cfg, tokenizer_for(cfg.model.name_or_path), out_dir=flags.FLAGS.out)
   print(data_report.summary_text(report))
   if report["failed"]:
@@ -53,7 +53,7 @@ def run_check(config, tokenizer, out_dir=".", probe=True):
   """Checks, adds the cost plan (probing the real step when `probe` and cost.probe_steps > 0
   and the data passed), writes out_dir/data_report.json, returns the report (its absolute
   path in report["written_to"], which the summary prints)."""
-  report, _ = selection.check(config, tokenizer)
+  report, _ = objectives.get(config).check_data(tokenizer)
   # train.epochs / "auto": the steps the plan prices. A failed check prices the records that
   # passed, what the run would train on once the bad ones are fixed or skipped.
   auto.resolve_from_report(config, report)

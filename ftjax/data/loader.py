@@ -29,7 +29,8 @@ class Loader:
                stream=None):
     self.rows = rows
     self.stream = stream  # a shard's own shuffle stream (ShardedLoader); None: the plain order
-    self.num_rows = int(rows["inputs"].shape[0])
+    # every key has one entry per row ("inputs" for token rows; GRPO's prompt rows lack it)
+    self.num_rows = int(next(iter(rows.values())).shape[0])
     if self.num_rows == 0:
       raise FtjaxError("no rows to batch: the dataset is empty after the length policy")
     self.batch_size = int(batch_size)

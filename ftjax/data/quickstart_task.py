@@ -13,7 +13,6 @@ seed gives the same files on every machine.
 import calendar
 import datetime
 import json
-import logging
 import os
 import random
 
@@ -178,12 +177,3 @@ def score(prediction, reference):
     fields = sum(pred.get(k) == ref[k] for k in KEYS) / len(KEYS)
   return {"exact_match": float(prediction.strip() == reference.strip()),
           "json_valid": float(valid), "field_accuracy": float(fields)}
-
-
-def write_if_generated(config) -> None:
-  """Writes the quickstart dataset where data.train points when the config asks for it
-  (data.generate="quickstart") and it is not there yet: training and the data check read it."""
-  if config.data.generate == "quickstart" and not os.path.exists(config.data.train):
-    out_dir = os.path.dirname(config.data.train) or "."
-    write_splits(out_dir)
-    logging.getLogger("ftjax.run").info("wrote the quickstart dataset to %s", out_dir)

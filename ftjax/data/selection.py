@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -127,16 +128,23 @@ def is_error(problem, length_policy):
 
 # --- the whole check -----------------------------------------------------------------------------
 
-def check(config, tokenizer):
-  """(report dict, {"train": examples, "eval": examples}) for a config, nothing written."""
+def check(config, tokenizer, objective=None):
+  """(report dict, {"train": examples, "eval": examples}) for a config, nothing written.
+
+  objective: the run's ftjax.objectives.Objective, whose check_split / token_stats read its
+  record formats (preference pairs, ...) and rows; None: this module's, supervised fine-tuning's.
+  Passed in, not looked up: objectives sit above data (docs/design.md, "Layers")."""
   d = config.data
+  read_split, split_stats = check_split, functools.partial(token_stats, d=d)
+  if objective is not None:
+    read_split, split_stats = objective.check_split, objective.token_stats
   template.choose_chat_template(tokenizer, d.chat_template)
   common = dataset_lib.read_options(d)
   del common["skip_invalid"]  # the check reads every record and reports the invalid ones
   common.update(seq_len=d.seq_len, length_policy=d.length_policy)
-  splits = {"train": check_split(d.train, tokenizer, **common)}
+  splits = {"train": read_split(d.train, tokenizer, **common)}
   if d.eval:
-    splits["eval"] = check_split(d.eval, tokenizer, **common)
+    splits["eval"] = read_split(d.eval, tokenizer, **common)
   threshold = float(d.check.near_dup)
   report = {"config": {"train": d.train, "eval": d.eval, "seq_len": d.seq_len,
                        "length_policy": d.length_policy, "on_error": d.check.on_error,
@@ -154,7 +162,7 @@ def check(config, tokenizer):
     report["errors"] += len(errors)
     report["splits"][name] = {"records_with_errors": len(bad), "skipped": 0}
     if not kept[name]:
-      emptied[name] = _why_no_valid_record(len(bad), d.check.on_error)
+      emptied[name] = why_no_valid_record(len(bad), d.check.on_error)
   if "eval" not in splits and d.eval_fraction > 0:  # a held-out split carved from train
     records = len({ex.where for ex in kept["train"]})
     kept["train"], kept["eval"] = carve_eval(kept["train"], d.eval_fraction, d.eval_seed)
@@ -191,7 +199,7 @@ def check(config, tokenizer):
                                        [float(w) for w in d.mix.split(",")], d.eval_seed)
   for name, examples in kept.items():
     try:
-      stats = token_stats(examples, splits[name].lengths, tokenizer, d,
+      stats = split_stats(examples, splits[name].lengths, tokenizer,
                           pack=d.pack if name == "train" else False)
     except FtjaxError as e:
       if e.code != "empty_split":
@@ -199,18 +207,18 @@ def check(config, tokenizer):
       stats = {"examples": 0}
       emptied.setdefault(name, str(e).removeprefix("data: "))  # every example cut by the length policy
     report["splits"][name].update(stats)
-  _fail_empty_splits(report, emptied, d)
+  fail_empty_splits(report, emptied, d)
   return report, kept
 
 
-def _why_no_valid_record(with_errors, on_error):
+def why_no_valid_record(with_errors, on_error):
   if not with_errors:
     return "no records: the data is empty"
   what = "skipped under data.check.on_error='skip'" if on_error == "skip" else "each listed with its code"
   return f"every record has a problem ({with_errors} records, {what})"
 
 
-def _fail_empty_splits(report, emptied, d):
+def fail_empty_splits(report, emptied, d):
   """An empty or emptied split fails the check whatever data.check.on_error says: training would
   stop later on it with a vaguer message (or run without the eval split the config asked for)."""
   for name, why in emptied.items():
@@ -239,10 +247,10 @@ def token_stats(examples, lengths, tokenizer, d, *, pack):
   return stats
 
 
-def clean_examples(config, tokenizer):
+def clean_examples(config, tokenizer, objective=None):
   """{"train", "eval"} Examples training should use: invalid records dropped (on_error="skip"),
   leaked train examples dropped (drop_leaked). Raises FtjaxError listing problems under "fail"."""
-  report, kept = check(config, tokenizer)
+  report, kept = check(config, tokenizer, objective)
   if report["failed"]:
     raise FtjaxError(failure_message(report))
   return kept

@@ -5,6 +5,7 @@ overfitting, leakage, and the report (`python -m ftjax.evaluate`).
   generation.py  EvalPlan: eval set + references + shots (checked), greedy answers, scores
   stats.py       paired bootstrap CIs and the verdict in words
   forgetting.py  general-text perplexity and general prompts, before / after
+  harness.py     lm-evaluation-harness tasks (eval.lm_eval_tasks), base vs fine-tuned
   curves.py      metrics.jsonl curves, the overfitting warning, early stopping
   report.py      report.json, report.md and the PNGs (plots.py)
 """
@@ -16,10 +17,10 @@ import math
 import numpy as np
 
 from ftjax.data.quality import leakage
-from ftjax.evaluation import forgetting, metrics, report
+from ftjax.evaluation import forgetting, harness, metrics, report
 from ftjax.evaluation.generation import EvalPlan, few_shot_prompt, split
 
-__all__ = ["EvalPlan", "few_shot_prompt", "split", "metrics", "report", "forgetting",
+__all__ = ["EvalPlan", "few_shot_prompt", "split", "metrics", "report", "forgetting", "harness",
            "run_baselines", "assemble", "leakage_summary", "loss_metrics", "model_loss"]
 
 
@@ -33,18 +34,34 @@ def loss_metrics(loss: float, token_accuracy: float) -> dict:
   return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": token_accuracy}
 
 
-def model_loss(model, dataset, batch_size: int) -> dict:
-  """Loss metrics of any model (e.g. the base, adapters disabled) on a Dataset's batches."""
+def model_loss(model, dataset, batch_size: int, loss_fn=None, means: bool = False) -> dict:
+  """Loss metrics of any model (e.g. the base, adapters disabled) on a Dataset's batches.
+
+  loss_fn: a step loss (ftjax.objectives; default the causal-LM loss); means=True returns every
+  sum it reports divided by the count ("loss" for loss_sum) instead of SFT's loss metrics."""
+  import functools
   from flax import nnx
   import jax
   import jax.numpy as jnp
   graphdef, state = nnx.split(model)
-  total = {"loss_sum": 0.0, "accuracy": 0.0, "count": 0.0}
+  sums_fn = forgetting._sums if loss_fn is None else jax.jit(functools.partial(_loss_sums, loss_fn), static_argnums=0)
+  total: dict = {}
   for batch in dataset.batches(batch_size, shuffle=False, repeat=False):
-    out = forgetting._sums(graphdef, state, jax.tree.map(jnp.asarray, batch))
-    total = {k: total[k] + float(out[k]) for k in total}
-  count = max(total["count"], 1.0)
+    out = sums_fn(graphdef, state, jax.tree.map(jnp.asarray, batch))
+    total = {k: total.get(k, 0.0) + float(v) for k, v in out.items()}
+  count = max(total.pop("count", 0.0), 1.0)
+  if means:
+    out = {k: v / count for k, v in total.items()}
+    out["loss"] = out.pop("loss_sum")
+    return out
   return loss_metrics(total["loss_sum"] / count, total["accuracy"] / count)
+
+
+def _loss_sums(loss_fn, graphdef, state, batch):
+  from flax import nnx
+  model = nnx.merge(graphdef, state)
+  model.eval()
+  return loss_fn(model, batch, None)
 
 
 def leakage_summary(train_examples, eval_examples, threshold: float) -> dict:

@@ -65,9 +65,12 @@ class EvalPlan:
 
   @classmethod
   def build(cls, eval_path: str, eval_cfg, *, pool_path: str = "", data_cfg=None,
-            near_dup: float = 0.4) -> "EvalPlan":
+            near_dup: float = 0.4, read=None) -> "EvalPlan":
+    """`read(path)`: the examples of a split (default: ftjax.data.load_examples with data_cfg's
+    options; a preference objective reads its pairs, prompt + chosen reply)."""
     fmt_kw = read_options(data_cfg) if data_cfg is not None else {}
-    examples = load_examples(eval_path, **fmt_kw)[: eval_cfg.max_examples]
+    read = read or (lambda path: load_examples(path, **fmt_kw))
+    examples = read(eval_path)[: eval_cfg.max_examples]
     missing = [ex.where for ex in examples if not _has_reference(ex)]
     if missing:
       raise FtjaxError(
@@ -83,7 +86,7 @@ class EvalPlan:
                          "(data.train, eval.few_shot_pool or --shots); shots never come from eval")
       if os.path.abspath(pool_path) == os.path.abspath(eval_path):
         raise FtjaxError(f"few-shot pool {pool_path} is the eval set itself; draw shots from train")
-      pool = [ex for ex in load_examples(pool_path, **fmt_kw) if _has_reference(ex)][: eval_cfg.few_shot]
+      pool = [ex for ex in read(pool_path) if _has_reference(ex)][: eval_cfg.few_shot]
       if len(pool) < eval_cfg.few_shot:
         raise FtjaxError(f"{pool_path}: {len(pool)} solved examples for eval.few_shot={eval_cfg.few_shot}")
       overlap = leakage(pool, examples, threshold=near_dup)

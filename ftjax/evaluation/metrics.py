@@ -32,7 +32,10 @@ from ftjax.user_functions import import_function
 
 log = logging.getLogger(__name__)
 
-LOSS_METRICS = {"loss": False, "perplexity": False, "token_accuracy": True}  # name: higher is better
+# Metrics of the eval pass (no generation), name: higher is better. "accuracy" is the eval loss
+# function's own accuracy: top-1 tokens under SFT (= token_accuracy), classes under
+# objective="classification".
+LOSS_METRICS = {"loss": False, "perplexity": False, "token_accuracy": True, "accuracy": True}
 NORMALIZERS = ("strip", "lower", "whitespace", "punctuation")
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 

@@ -12,6 +12,7 @@ from ftjax.data.report import markdown as data_markdown
 from ftjax.evaluation import curves as curves_lib
 from ftjax.evaluation import metrics as metrics_lib
 from ftjax.evaluation import plots, stats
+from ftjax.evaluation.harness import table
 from ftjax.files import write_json
 
 RESULTS = "eval_results.json"
@@ -94,95 +95,134 @@ def write(folder: str, results: dict | None = None) -> dict:
 
 
 def markdown(report: dict, systems: dict) -> str:
+  """report.md: one section after the other, each from its own function."""
   r = report["results"]
   lines = ["# Evaluation report", ""]
+  for section in (_verdict_md, _metrics_md, _systems_md, _loss_md, _training_md, _forgetting_md,
+                  _leakage_md, _data_cost_md, _samples_md):
+    lines += section(report, r, systems)
+  return "\n".join(lines)
+
+
+def _verdict_md(report: dict, r: dict, systems: dict) -> list[str]:
+  lines = []
   verdict = r.get("verdict")
   if verdict:
     lines += [f"**Verdict: {verdict['text']}**", ""]
   elif systems and not r.get("finetuned"):
     best = max(systems, key=lambda n: next(iter(systems[n]["scores"].values())))
     lines += [f"Prompting only (no fine-tuned model): best baseline **{best}**.", ""]
+  return lines
+
+
+def _metrics_md(report: dict, r: dict, systems: dict) -> list[str]:
   names = r.get("metric_names", [])
-  lines += ["## Metrics (fixed before training)", "",
-            f"Declared: {', '.join(f'`{n}`' for n in names)}; primary: `{r.get('primary')}` "
-            f"(decides early stopping, and the verdict when it is a generation metric; otherwise "
-            f"the first generation metric does). Exact-match normalisation: "
-            f"{r.get('normalize') or 'none'}."
-            + (f" {r['examples']} eval examples, greedy." if r.get("examples") else ""), ""]
+  lines = ["## Metrics (fixed before training)", "",
+           f"Declared: {', '.join(f'`{n}`' for n in names)}; primary: `{r.get('primary')}` "
+           f"(decides early stopping, and the verdict when it is a generation metric; otherwise "
+           f"the first generation metric does). Exact-match normalisation: "
+           f"{r.get('normalize') or 'none'}."
+           + (f" {r['examples']} eval examples, greedy." if r.get("examples") else ""), ""]
   if r.get("shots"):
     lines += [f"Few-shot examples (from train, checked against eval for overlap): "
               f"{', '.join(r['shots'])}.", ""]
+  return lines
 
-  gen = [m for m in names if m not in metrics_lib.LOSS_METRICS]
-  if systems and gen:
-    lines += ["## Prompting baselines vs fine-tuned", "",
-              "| system | " + " | ".join(f"{m} (%) [95% CI]" for m in gen) + " |",
-              "|---|" + "---|" * len(gen)]
-    for name, s in systems.items():
-      cells = [f"{_pct(s['scores'][m])} [{_pct(r['ci95'][name][m][0])}, {_pct(r['ci95'][name][m][1])}]"
-               for m in gen]
-      lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
+def _systems_md(report: dict, r: dict, systems: dict) -> list[str]:
+  gen = [m for m in r.get("metric_names", []) if m not in metrics_lib.LOSS_METRICS]
+  if not (systems and gen):
+    return []
+  lines = ["## Prompting baselines vs fine-tuned", "",
+           "| system | " + " | ".join(f"{m} (%) [95% CI]" for m in gen) + " |",
+           "|---|" + "---|" * len(gen)]
+  for name, s in systems.items():
+    cells = [f"{_pct(s['scores'][m])} [{_pct(r['ci95'][name][m][0])}, {_pct(r['ci95'][name][m][1])}]"
+             for m in gen]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  lines.append("")
+  if r.get("finetuned_minus"):
+    lines += ["Fine-tuned minus each baseline, points, paired bootstrap 95% CI "
+              f"({r.get('resamples', 1000)} resamples):", "",
+              "| baseline | " + " | ".join(gen) + " |", "|---|" + "---|" * len(gen)]
+    for base in r["baselines"]:
+      cells = []
+      for m in gen:
+        c = r["finetuned_minus"][m][base]
+        cells.append(f"{100 * c['difference']:+.1f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]")
+      lines.append(f"| {base} | " + " | ".join(cells) + " |")
     lines.append("")
-    if r.get("finetuned_minus"):
-      lines += ["Fine-tuned minus each baseline, points, paired bootstrap 95% CI "
-                f"({r.get('resamples', 1000)} resamples):", "",
-                "| baseline | " + " | ".join(gen) + " |", "|---|" + "---|" * len(gen)]
-      for base in r["baselines"]:
-        cells = []
-        for m in gen:
-          c = r["finetuned_minus"][m][base]
-          cells.append(f"{100 * c['difference']:+.1f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]")
-        lines.append(f"| {base} | " + " | ".join(cells) + " |")
-      lines.append("")
-    if report["plots"].get("comparison"):
-      lines += [f"![baselines vs fine-tuned]({report['plots']['comparison']})", ""]
-    for name, c in (r.get("confusion") or {}).items():
-      recall = ", ".join(f"{label or '(empty)'} {100 * v:.0f}%" for label, v in c["recall"].items())
-      mistakes = ", ".join(f"{a or '(empty)'} -> {b or '(empty)'} x{n}" for a, b, n in c["mistakes"]) or "none"
-      lines += [f"Labels, {name} ({c['labels']} labels): recall {recall}; most frequent mistakes: {mistakes}.", ""]
+  if report["plots"].get("comparison"):
+    lines += [f"![baselines vs fine-tuned]({report['plots']['comparison']})", ""]
+  for name, c in (r.get("confusion") or {}).items():
+    recall = ", ".join(f"{label or '(empty)'} {100 * v:.0f}%" for label, v in c["recall"].items())
+    mistakes = ", ".join(f"{a or '(empty)'} -> {b or '(empty)'} x{n}" for a, b, n in c["mistakes"]) or "none"
+    lines += [f"Labels, {name} ({c['labels']} labels): recall {recall}; most frequent mistakes: {mistakes}.", ""]
+  return lines
 
+
+def _loss_md(report: dict, r: dict, systems: dict) -> list[str]:
   loss = r.get("loss") or {}
-  if loss:
-    lines += ["## Eval loss (answer tokens, teacher-forced)", "", "| model | loss | perplexity | token accuracy |",
-              "|---|---|---|---|"]
+  if loss and all("perplexity" in v for v in loss.values()):
+    lines = ["## Eval loss (answer tokens, teacher-forced)", "", "| model | loss | perplexity | token accuracy |",
+             "|---|---|---|---|"]
     for name, v in loss.items():
       lines.append(f"| {name} | {v['loss']:.4f} | {v['perplexity']:.3f} | {100 * v['token_accuracy']:.1f}% |")
-    lines.append("")
+    return lines + [""]
+  if not loss:
+    return []
+  # another objective's eval metrics (preference: rewards/accuracies, margins, ...)
+  columns = sorted({k for v in loss.values() for k in v if k != "note"})
+  lines = ["## Eval loss and metrics (held-out split)", "", "| model | " + " | ".join(columns) + " |",
+           "|---" * (len(columns) + 1) + "|"]
+  for name, v in loss.items():
+    lines.append(f"| {name} | " + " | ".join(f"{v[c]:.4g}" if c in v else "" for c in columns) + " |")
+  return lines + [""] + [note + "\n" for note in dict.fromkeys(v["note"] for v in loss.values() if v.get("note"))]
 
+
+def _training_md(report: dict, r: dict, systems: dict) -> list[str]:
   t = r.get("training") or {}
-  if t or report["plots"].get("curves"):
-    lines += ["## Training and overfitting", ""]
-    if t.get("best_step") is not None:
-      lines.append(f"Best step by `{t.get('metric', r.get('primary'))}`: {t['best_step']} "
-                   f"({t.get('best_value', 0):.4g}); the exported model is from that step"
-                   + (" (restored from the best checkpoint)." if t.get("restored_best") else "."))
-    if t.get("stopped_early"):
-      lines.append(f"Early stopping at step {t['stopped_at']}: no improvement in "
-                   f"{t['patience']} evals (patience).")
+  if not (t or report["plots"].get("curves")):
+    return []
+  lines = ["## Training and overfitting", ""]
+  if t.get("best_step") is not None:
+    lines.append(f"Best step by `{t.get('metric', r.get('primary'))}`: {t['best_step']} "
+                 f"({t.get('best_value', 0):.4g}); the exported model is from that step"
+                 + (" (restored from the best checkpoint)." if t.get("restored_best") else "."))
+  if t.get("stopped_early"):
+    lines.append(f"Early stopping at step {t['stopped_at']}: no improvement in "
+                 f"{t['patience']} evals (patience).")
+  lines.append("")
+  for w in report["overfitting_warnings"]:
+    lines.append(f"- **Warning:** {w}")
+  if report["overfitting_warnings"]:
     lines.append("")
-    for w in report["overfitting_warnings"]:
-      lines.append(f"- **Warning:** {w}")
-    if report["overfitting_warnings"]:
-      lines.append("")
-    if report["plots"].get("curves"):
-      lines += [f"![train vs eval curves]({report['plots']['curves']})", ""]
+  if report["plots"].get("curves"):
+    lines += [f"![train vs eval curves]({report['plots']['curves']})", ""]
+  return lines
 
+
+def _forgetting_md(report: dict, r: dict, systems: dict) -> list[str]:
   f = r.get("forgetting")
-  if f:
-    flag = "**FLAGGED**: above" if f["flagged"] else "below"
-    lines += ["## Forgetting", "",
-              f"Perplexity on general held-out text ({f.get('text', 'built-in sample')}): "
-              f"{f['perplexity_before']:.3f} (base) -> {f['perplexity_after']:.3f} (fine-tuned), "
-              f"{f['relative_change']:+.1%}, {flag} the {f['threshold']:.0%} threshold. "
-              f"General prompts whose answer changed: {f['answers_changed']} of {len(f['prompts'])}.", "",
-              "| prompt | base | fine-tuned |", "|---|---|---|"]
-    for q, a, b in zip(f["prompts"], f["answers_before"], f["answers_after"]):
-      lines.append(f"| {q} | {_cell(a)} | {_cell(b)} |")
-    lines.append("")
-    if report["plots"].get("forgetting"):
-      lines += [f"![forgetting]({report['plots']['forgetting']})", ""]
+  if not f:  # eval.lm_eval_tasks' scores, when set, open the section themselves
+    return _lm_eval_section(r.get("lm_eval"), under_forgetting=False)
+  flag = "**FLAGGED**: above" if f["flagged"] else "below"
+  lines = ["## Forgetting", "",
+           f"Perplexity on general held-out text ({f.get('text', 'built-in sample')}): "
+           f"{f['perplexity_before']:.3f} (base) -> {f['perplexity_after']:.3f} (fine-tuned), "
+           f"{f['relative_change']:+.1%}, {flag} the {f['threshold']:.0%} threshold. "
+           f"General prompts whose answer changed: {f['answers_changed']} of {len(f['prompts'])}.", "",
+           "| prompt | base | fine-tuned |", "|---|---|---|"]
+  for q, a, b in zip(f["prompts"], f["answers_before"], f["answers_after"]):
+    lines.append(f"| {q} | {_cell(a)} | {_cell(b)} |")
+  lines.append("")
+  if report["plots"].get("forgetting"):
+    lines += [f"![forgetting]({report['plots']['forgetting']})", ""]
+  return lines + _lm_eval_section(r.get("lm_eval"), under_forgetting=True)
 
-  lines += ["## Leakage", ""]
+
+def _leakage_md(report: dict, r: dict, systems: dict) -> list[str]:
+  lines = ["## Leakage", ""]
   leak = r.get("leakage")
   if leak:
     lines.append(f"Train/eval overlap (ftjax.data.quality.leakage, near-duplicate threshold "
@@ -193,6 +233,11 @@ def markdown(report: dict, systems: dict) -> str:
   else:
     lines.append("Not measured: no train set (prompting-only evaluation) or no eval set.")
   lines.append("")
+  return lines
+
+
+def _data_cost_md(report: dict, r: dict, systems: dict) -> list[str]:
+  lines = []
   if report["data_report"]:
     lines += [data_markdown(report["data_report"]).replace("## Data check", "## Data check (data_report.json)"), ""]
   s = report["summary"]
@@ -201,7 +246,11 @@ def markdown(report: dict, systems: dict) -> str:
               f"params), compile {s.get('compile_s', 0):.1f} s"
               + (f", {s['train_s']:.0f} s training" if s.get("train_s") else "")
               + (f", {s['eval_seconds']:.0f} s evaluating" if s.get("eval_seconds") else "") + ".", ""]
+  return lines
 
+
+def _samples_md(report: dict, r: dict, systems: dict) -> list[str]:
+  lines = []
   if systems:
     lines += ["## Sample predictions", ""]
     for i in range(min(3, r.get("examples", 0))):
@@ -212,7 +261,28 @@ def markdown(report: dict, systems: dict) -> str:
       lines.append("")
   if report["config"]:
     lines += ["## Config", "", "```json", json.dumps(report["config"], indent=1, sort_keys=True), "```", ""]
-  return "\n".join(lines)
+  return lines
+
+
+def _lm_eval_section(result: dict | None, under_forgetting: bool) -> list[str]:
+  """eval.lm_eval_tasks' scores, base vs fine-tuned, as part of the forgetting section."""
+  if not result:
+    return []
+  lines = ([] if under_forgetting else ["## Forgetting", ""]) + ["### lm-evaluation-harness", ""]
+  limit = f", first {result['limit']} examples per task" if result.get("limit") else ""
+  lines += [f"Tasks {', '.join(f'`{t}`' for t in result['tasks'])}{limit} (lm_eval, model ftjax).", ""]
+  if result.get("error"):
+    return lines + [f"**Not scored:** {_cell(result['error'])}", ""]
+
+  def num(value, err):
+    if not isinstance(value, (int, float)):
+      return "-"
+    return f"{value:.4f}" + (f" ± {err:.4f}" if isinstance(err, (int, float)) else "")
+  lines += ["| task | metric | base | fine-tuned | change |", "|---|---|---|---|---|"]
+  for task, metric, base, tuned, base_err, tuned_err in table(result):
+    change = "-" if base is None or tuned is None else f"{tuned - base:+.4f}"
+    lines.append(f"| {task} | {metric} | {num(base, base_err)} | {num(tuned, tuned_err)} | {change} |")
+  return lines + [""]
 
 
 def _cell(text: str) -> str:

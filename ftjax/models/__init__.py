@@ -3,7 +3,7 @@
   model, tokenizer = ftjax.models.load("smollm2-135m-instruct")  # or a HF dir, .gguf, Hub id
   logits = model(token_ids)                                      # [b, t] int -> [b, t, v] f32
   ftjax.models.save_pretrained(model, "out/", tokenizer)         # a HF model directory
-  ftjax.export.save_gguf(model, "out/m.gguf", tokenizer, type="q8_0")  # llama.cpp / Ollama
+  ftjax.models.save_gguf(model, "out/m.gguf", tokenizer, type="q8_0")  # llama.cpp / Ollama
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from flax import nnx
 from ftjax import quant
 from ftjax.errors import FtjaxError
 from ftjax.files import MERGED, atomic_dir, check_export_target
+from ftjax.models import gguf_write
 from ftjax.models.config import ModelConfig
 from ftjax.models.hf import save_hf_config, save_hf_params
 from ftjax.models.llama import CausalLM, init_cache
@@ -28,8 +29,20 @@ from ftjax.quant import bnb
 from ftjax.quant.linear import QuantLinear
 from ftjax.tree import Params, flatten
 
-__all__ = ["CausalLM", "ModelConfig", "from_params", "init_cache", "load", "resolve_params",
-           "save_pretrained"]
+__all__ = ["CausalLM", "ModelConfig", "from_params", "init_cache", "load", "resolve_params", "save_gguf",
+           "save_pretrained", "shrink_layers"]
+
+# How save_gguf folds attached adapters in: ftjax.peft sets it when it loads (peft.merged_model,
+# refusing an adapter with no merged form). models/ never imports peft/ (docs/design.md,
+# "Layers"); a model holds adapters only through ftjax.peft, and ftjax/__init__.py loads it, so
+# it is set before any model can reach save_gguf.
+_merge_adapters = None
+
+
+def set_adapter_merge(merge) -> None:
+  """`merge(model)` -> a float model with its adapters folded in (ftjax.peft calls this)."""
+  global _merge_adapters
+  _merge_adapters = merge
 
 
 def from_params(cfg: ModelConfig, params: Params, *, dtype=None, place=jax.device_put,
@@ -70,16 +83,43 @@ def resolve_params(name_or_path: str, dtype=jnp.float32, *, quantize=None, mesh=
           functools.partial(quant.quantize_model, **settings))
 
 
-def load(name_or_path: str, dtype=jnp.float32, *, compute_dtype=None, quantize=None, mesh=None):
+def shrink_layers(params: Params, cfg: ModelConfig, num_layers: int) -> tuple[Params, ModelConfig]:
+  """Keep the first `num_layers` layers (tests, `runlocal` configs, a smoke run; 0 keeps all).
+  `params` may be None: only the config is cut (an abstract model, ftjax.plan)."""
+  if not num_layers or num_layers >= cfg.num_layers:
+    return params, cfg
+  if params is not None:
+    layers = jax.tree.map(lambda x: x[:num_layers], params["model"]["layers"])
+    params = dict(params, model=dict(params["model"], layers=layers))
+  return params, cfg.replace(num_layers=num_layers)
+
+
+def load(name_or_path: str, dtype=jnp.float32, *, compute_dtype=None, quantize=None, mesh=None,
+         num_layers: int = 0, place=jax.device_put):
   """Built-in name, HF model directory, .gguf file or Hub id -> (CausalLM, Tokenizer).
 
   dtype: the storage dtype of the float params (and the compute dtype unless `compute_dtype`
   is set). quantize: 4-bit loading, as in `resolve_params` (default: as stored). mesh: load
-  straight onto it, sharded by the params' logical axes (see `resolve_params`).
+  straight onto it, sharded by the params' logical axes (see `resolve_params`). num_layers:
+  keep only the first ones (0: all). place: as in `from_params` (a run that places the params
+  itself passes `lambda p: p`). The one path from a reference to a model: ftjax.run.setup and
+  ftjax.notebook.load_model load through it.
   """
   cfg, params, tokenizer, transform = resolve_params(name_or_path, dtype, quantize=quantize,
                                                      mesh=mesh)
-  return from_params(cfg, params, dtype=compute_dtype or dtype, transform=transform), tokenizer
+  params, cfg = shrink_layers(params, cfg, num_layers)
+  return (from_params(cfg, params, dtype=compute_dtype or dtype, place=place, transform=transform),
+          tokenizer)
+
+
+def save_gguf(model: CausalLM, path: str, tokenizer, type: str = "f16",  # noqa: A002
+              name: str | None = None) -> dict:
+  """`model` (adapters folded in, a 4-bit base dequantised first) as one GGUF file for llama.cpp /
+  Ollama / LM Studio (ftjax.models.gguf_write.save_gguf writes it). Returns {"path", "bytes",
+  "type", "eot_token"}."""
+  gguf_write.check_type(type)  # before merging
+  merged = _merge_adapters(model) if _merge_adapters is not None else model
+  return gguf_write.save_gguf(merged, path, tokenizer, type=type, name=name)
 
 
 def save_pretrained(model: CausalLM, out_dir: str, tokenizer=None, dtype=np.float32,

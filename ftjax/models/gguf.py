@@ -22,11 +22,24 @@ from ftjax.tokenizer import read_gguf_metadata
 
 # GGUF general.architecture -> ftjax model_type. llama.cpp writes Mistral checkpoints as
 # "llama" (same decoder; the sliding window is not recorded in the file).
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma"}
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
+                 "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3"}
 
-# Extra tensors some converters write that carry no weights of ours (rope_freqs is read into
-# the config below).
-_IGNORED_TENSORS = ("rope_freqs.weight",)
+# Architectures whose RMSNorm scales convert_hf_to_gguf stores as (1 + w) (HF keeps w).
+NORM_PLUS_ONE = ("gemma", "gemma2", "gemma3")
+
+# Tensors that carry no weights of ours: RoPE tables, read into the config below.
+_IGNORED_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def llama_cpp_query_pre_attn_scalar(model_type: str, layers: int, hidden: int, heads: int,
+                                    head_dim: int) -> float:
+  """The query_pre_attn_scalar llama.cpp uses for Gemma 2 / 3. No GGUF key holds it: llama.cpp
+  derives it from the model size, hidden_size / heads for the 27B models (recognised by their
+  layer count, 46 for Gemma 2 and 62 for Gemma 3) and head_dim for every other size (as the
+  released configs have it)."""
+  big = {"gemma2": 46, "gemma3_text": 62}.get(model_type) == layers
+  return float(hidden // heads if big else head_dim)
 
 
 def open_gguf(path: str):
@@ -107,9 +120,10 @@ def _hf_config(meta: dict, tensors: dict, arch: str, path: str) -> dict:
     if len(set(kv_heads)) != 1:
       raise FtjaxError(f"{path}: {arch}.attention.head_count_kv differs between layers")
     kv_heads = kv_heads[0]
-  # key_length is the true head dim (qwen3, gemma); rope.dimension_count equals it for llama.
-  head_dim = meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count") \
-      or d // heads
+  # key_length is the true head dim (qwen3, gemma); rope.dimension_count equals it for llama,
+  # but is only the rotated part for phi3 (whose files have no key_length).
+  head_dim = meta.get(f"{arch}.attention.key_length") or (
+      None if arch == "phi3" else meta.get(f"{arch}.rope.dimension_count")) or d // heads
   # ggml lists dims fastest-first: token_embd is [d, vocab].
   vocab = int(tensors["token_embd.weight"].shape[-1])
   eos = meta.get("tokenizer.ggml.eos_token_id")
@@ -128,7 +142,7 @@ def _hf_config(meta: dict, tensors: dict, arch: str, path: str) -> dict:
       "tie_word_embeddings": "output.weight" not in tensors,
       "attention_bias": "blk.0.attn_q.bias" in tensors,
       "use_sliding_window": False,
-      "hidden_act": "gelu_pytorch_tanh" if arch == "gemma" else "silu",
+      "hidden_act": "gelu_pytorch_tanh" if arch in NORM_PLUS_ONE else "silu",
       "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
       "eos_token_id": int(eos) if eos is not None else None,
       "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
@@ -144,7 +158,61 @@ def _hf_config(meta: dict, tensors: dict, arch: str, path: str) -> dict:
     hf["rope_scaling"] = _llama3_scaling(gguf.quants.dequantize(t.data, t.tensor_type),
                                          {"head_dim": hf["head_dim"], "rope_theta": hf["rope_theta"]},
                                          path) or None
+  if arch in ("gemma2", "gemma3"):
+    hf.update(_gemma2_config(meta, arch, hf))
+  if arch == "phi3":
+    hf.update(_phi3_config(meta, tensors, hf, path))
   return hf
+
+
+def _gemma2_config(meta: dict, arch: str, hf: dict) -> dict:
+  """Gemma 2 / 3's extra config.json keys from Gemma2Model / Gemma3Model's GGUF keys; what a file
+  lacks takes llama.cpp's default (query_pre_attn_scalar from the size, every 2nd / 6th layer
+  global, local RoPE base 10000)."""
+  out = {"use_sliding_window": True,
+         "attn_logit_softcapping": meta.get(f"{arch}.attn_logit_softcapping"),
+         "final_logit_softcapping": meta.get(f"{arch}.final_logit_softcapping"),
+         "sliding_window": meta.get(f"{arch}.attention.sliding_window"),
+         "query_pre_attn_scalar": llama_cpp_query_pre_attn_scalar(
+             hf["model_type"], hf["num_hidden_layers"], hf["hidden_size"],
+             hf["num_attention_heads"], hf["head_dim"])}
+  pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
+  if isinstance(pattern, list):
+    out["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
+  elif pattern is not None:  # an int n: every n-th layer global, as llama.cpp's set_swa_pattern
+    out["sliding_window_pattern"] = int(pattern)
+  if arch == "gemma3":
+    out["rope_parameters"] = {
+        "full_attention": {"rope_type": "default", **(hf.get("rope_scaling") or {}),
+                           "rope_theta": hf["rope_theta"]},
+        "sliding_attention": {"rope_type": "default",
+                              "rope_theta": float(meta.get(f"{arch}.rope.freq_base_swa", 10000.0))}}
+  return out
+
+
+def _phi3_config(meta: dict, tensors: dict, hf: dict, path: str) -> dict:
+  """Phi-3's partial rotary (rope.dimension_count of head_dim), window (0: none, as Phi-4's
+  files say) and longrope factors (the rope_factors_long / short tensors)."""
+  rotary = int(meta.get("phi3.rope.dimension_count", hf["head_dim"]))
+  window = int(meta.get("phi3.attention.sliding_window") or 0)
+  out = {"partial_rotary_factor": rotary / hf["head_dim"], "sliding_window": window or None,
+         "use_sliding_window": bool(window)}
+  if "rope_factors_long.weight" in tensors:
+    if "rope_factors_short.weight" not in tensors:
+      raise FtjaxError(f"{path}: tensor 'rope_factors_long.weight' without 'rope_factors_short.weight'")
+    factors = {k: [float(x) for x in np.asarray(tensors[f"rope_factors_{k}.weight"].data).reshape(-1)]
+               for k in ("long", "short")}
+    out["rope_scaling"] = {
+        "rope_type": "longrope", "long_factor": factors["long"], "short_factor": factors["short"],
+        "original_max_position_embeddings": int(_required_key(
+            meta, "phi3.rope.scaling.original_context_length", path))}
+  return out
+
+
+def _required_key(meta: dict, key: str, path: str):
+  if meta.get(key) is None:
+    raise FtjaxError(f"{path}: missing GGUF metadata key {key!r}")
+  return meta[key]
 
 
 def gguf_names(cfg: ModelConfig, arch: str) -> dict[str, tuple]:
@@ -235,7 +303,7 @@ def load_gguf(path: str, dtype=np.float32, allocate=None) -> tuple[ModelConfig, 
     spec, i = wanted[t.name]
     target = get_path(params, spec.path)
     if i is None and not spec.transpose and t.data.ndim == 2 and t.data.shape[0] > _ROWS_PER_CHUNK \
-        and arch != "gemma":  # a big table (the embedding): straight into its target, by chunks
+        and arch not in NORM_PLUS_ONE:  # a big table (the embedding): straight into its target, by chunks
       _put_rows(t, target, tuple(spec.shape), path)
       seen.add(t.name)
       continue
@@ -246,7 +314,7 @@ def load_gguf(path: str, dtype=np.float32, allocate=None) -> tuple[ModelConfig, 
                        "cannot dequantize; re-quantize the model to e.g. Q8_0, Q4_K or F16") from None
     if arch == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
       w = _unpermute_qk(w, cfg.num_heads if ".attn_q." in t.name else cfg.num_kv_heads)
-    if arch == "gemma" and t.name.endswith("norm.weight"):
+    if arch in NORM_PLUS_ONE and t.name.endswith("norm.weight"):
       w = w - 1  # llama.cpp stores gemma's (1 + w) norm scale; ftjax keeps HF's w
     expected = spec.shape[1:] if i is not None else spec.shape
     want_hf = tuple(expected)[::-1] if spec.transpose else tuple(expected)

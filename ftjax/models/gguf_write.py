@@ -6,7 +6,9 @@ Metadata keys, tensor names and quantisation all come from the installed `gguf` 
 GGUFWriter, name table and `gguf.quants`), so nothing here spells a llama.cpp string by hand.
 The layout is what llama.cpp's convert_hf_to_gguf.py writes for the same HF checkpoint: q/k rows
 permuted for the llama architecture, gemma's norms stored as (1 + w), no `output.weight` when
-the head is tied, 1-D tensors (norms, biases) kept in F32. ftjax.models.gguf reads these files
+the head is tied, 1-D tensors (norms, biases) kept in F32; Gemma 2 / 3's soft-caps, window
+and layer pattern and Phi-3's partial rotary, window and longrope factors as its Gemma2Model /
+Gemma3Model / Phi3MiniModel write them. ftjax.models.gguf reads these files
 back by inverting exactly those steps.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import gguf
 import jax
@@ -23,7 +26,7 @@ from flax import nnx
 
 from ftjax import tokenizer as tok_lib
 from ftjax.errors import FtjaxError
-from ftjax.models.gguf import gguf_names
+from ftjax.models.gguf import NORM_PLUS_ONE, gguf_names, llama_cpp_query_pre_attn_scalar
 from ftjax.models.params import param_specs
 from ftjax.tree import flatten, get_path
 
@@ -44,7 +47,7 @@ TYPES = {
 # ftjax model_type -> llama.cpp architecture (Mistral is written as llama, as convert_hf_to_gguf
 # does; its sliding window is not recorded, so llama.cpp attends to the whole context).
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-             "gemma": "gemma"}
+             "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
 
 
 def check_type(type: str) -> None:  # noqa: A002
@@ -105,19 +108,80 @@ def _add_model_metadata(w: gguf.GGUFWriter, cfg, type_name: str, name: str) -> N
   w.add_head_count_kv(cfg.num_kv_heads)
   w.add_key_length(cfg.head_dim)
   w.add_value_length(cfg.head_dim)
-  w.add_rope_dimension_count(cfg.head_dim)
+  w.add_rope_dimension_count(cfg.rotary_dim)  # phi3: the rotated part of each head only
   w.add_rope_freq_base(cfg.rope_theta)
   w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
   w.add_vocab_size(cfg.vocab_size)
+  _add_rope_scaling(w, cfg)
+  if cfg.model_type in ("gemma2", "gemma3_text"):
+    _add_gemma2_metadata(w, cfg)
+  if cfg.model_type == "phi3":
+    # convert_hf_to_gguf writes 0 for "no window" (how llama.cpp tells Phi-4 from Phi-3)
+    w.add_sliding_window(int(cfg.sliding_window or 0))
+
+
+def _add_rope_scaling(w: gguf.GGUFWriter, cfg) -> None:
   scaling = dict(cfg.rope_scaling)
   kind = scaling.get("rope_type")
-  if kind == "linear":
+  if kind == "linear":  # gemma3: llama.cpp applies it to the global layers only, as HF does
     w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
     w.add_rope_scaling_factor(float(scaling["factor"]))
   elif kind == "llama3":  # llama.cpp carries it as a per-frequency divisor tensor
     w.add_tensor("rope_freqs.weight", _llama3_rope_freqs(cfg, scaling))
+  elif kind == "longrope" and cfg.model_type == "phi3":
+    _add_longrope(w, cfg, scaling)
   elif kind:
-    raise FtjaxError(f"save_gguf: rope scaling {kind!r} has no GGUF form here (linear, llama3 do)")
+    raise FtjaxError(f"save_gguf: rope scaling {kind!r} has no GGUF form here (linear, llama3, "
+                     "and phi3's longrope do)")
+  if cfg.model_type == "phi3":
+    w.add_rope_scaling_orig_ctx_len(int(scaling.get("original_max_position_embeddings",
+                                                    cfg.max_position_embeddings)))
+
+
+def _add_longrope(w: gguf.GGUFWriter, cfg, scaling: dict) -> None:
+  """Phi3MiniModel.generate_extra_tensors: the long / short per-frequency factors as tensors,
+  and the attention factor, which llama.cpp derives from max / original context (HF from
+  `factor` or `attention_factor` when given: a value llama.cpp would not use is refused)."""
+  orig = int(scaling["original_max_position_embeddings"])
+  attn = _longrope_attention_factor(cfg.max_position_embeddings / orig, orig)
+  ours = scaling.get("attention_factor") or _longrope_attention_factor(
+      scaling.get("factor") or cfg.max_position_embeddings / orig, orig)
+  if abs(ours - attn) > 1e-6:
+    raise FtjaxError(f"save_gguf: longrope attention factor {ours} differs from {attn}, the one "
+                     "llama.cpp derives from max_position_embeddings / original context")
+  w.add_rope_scaling_attn_factors(attn)
+  for key, kind in (("long_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_LONG),
+                    ("short_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)):
+    factors = np.asarray(scaling[key], np.float32)
+    if factors.shape != (cfg.rotary_dim // 2,):
+      raise FtjaxError(f"save_gguf: longrope {key} has {factors.size} values, expected "
+                       f"{cfg.rotary_dim // 2} (half the rotary dims)")
+    w.add_tensor(gguf.TENSOR_NAMES[kind] + ".weight", factors)
+
+
+def _longrope_attention_factor(factor: float, orig: int) -> float:
+  return math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1.0 else 1.0
+
+
+def _add_gemma2_metadata(w: gguf.GGUFWriter, cfg) -> None:
+  """Gemma2Model / Gemma3Model.set_gguf_parameters' keys, plus the layer pattern and the local
+  RoPE base (gguf-py keys llama.cpp's defaults stand in for when absent: every 2nd / 6th layer
+  global, base 10000), so a layout other than the released models' is not lost."""
+  expected = llama_cpp_query_pre_attn_scalar(cfg.model_type, cfg.num_layers, cfg.hidden_size,
+                                              cfg.num_heads, cfg.head_dim)
+  if cfg.query_pre_attn_scalar != expected:
+    raise FtjaxError(f"save_gguf: query_pre_attn_scalar={cfg.query_pre_attn_scalar:g}, but llama.cpp "
+                     f"derives {expected:g} for this {cfg.model_type} size and GGUF has no key "
+                     "for it: the file would give other logits")
+  if cfg.attn_logit_softcap:
+    w.add_attn_logit_softcapping(cfg.attn_logit_softcap)
+  if cfg.final_logit_softcap:
+    w.add_final_logit_softcapping(cfg.final_logit_softcap)
+  if cfg.sliding_window:
+    w.add_sliding_window(int(cfg.sliding_window))
+  w.add_sliding_window_pattern(list(cfg.layer_is_local()))
+  if cfg.model_type == "gemma3_text":
+    w.add_rope_freq_base_swa(float(cfg.rope_local_theta))
 
 
 def _llama3_rope_freqs(cfg, s: dict) -> np.ndarray:
@@ -145,7 +209,7 @@ def _hf_layout(name: str, w: np.ndarray, spec, cfg, arch: str) -> np.ndarray:
     w = w.T
   if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
     w = _permute_qk(w, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
-  if arch == "gemma" and name.endswith("norm.weight"):
+  if arch in NORM_PLUS_ONE and name.endswith("norm.weight"):
     w = w + 1  # convert_hf_to_gguf stores gemma's RMSNorm scale as (1 + w)
   return np.ascontiguousarray(w, np.float32)
 
@@ -223,6 +287,62 @@ def _vocab_tables(tokenizer, n_vocab: int) -> tuple[list[str], list[int]]:
   return tokens, types
 
 
+def _add_sentencepiece_vocab(w: gguf.GGUFWriter, tokenizer, spec: dict, n_vocab: int) -> None:
+  """tokenizer.ggml.model "llama" (llama.cpp's SentencePiece tokenizer): tokens, scores and
+  token types as convert_hf_to_gguf writes them from a tokenizer.model, plus the merges (as its
+  Llama-HF path writes them) so that readers rebuilding a BPE from the file need not guess them.
+
+  llama.cpp's SentencePiece tokenizer repeatedly joins the adjacent pair whose joined text is the
+  highest-scoring token; a BPE applies its merges in rank order. A token's score here is minus
+  the rank of the first merge that makes it, so both join in the same order (a .model file's own
+  scores are in that order too: transformers ranks the merges by them). Tokens no merge makes
+  (characters, bytes, control and user-defined tokens) score 0, as in a .model file."""
+  tokens, types = _vocab_tables(tokenizer, n_vocab)
+  unk = tokenizer._id("unk_token")
+  for i, token in enumerate(tokens):
+    if i == unk:
+      types[i] = int(gguf.TokenType.UNKNOWN)
+    elif types[i] == gguf.TokenType.NORMAL and _BYTE_PIECE.fullmatch(token):
+      types[i] = int(gguf.TokenType.BYTE)
+  scores = [0.0] * n_vocab
+  ids = {t: i for i, t in enumerate(tokens)}
+  made = set()
+  for rank, merge in enumerate(_merge_list(spec)):
+    token = merge.replace(" ", "", 1)
+    if token in ids and token not in made:
+      made.add(token)
+      scores[ids[token]] = -float(rank + 1)
+  for i, kind in enumerate(types):
+    if kind == gguf.TokenType.UNUSED:
+      scores[i] = -1000.0  # convert_hf_to_gguf's score of a [PADi] filler
+  w.add_tokenizer_model("llama")
+  w.add_tokenizer_pre("default")
+  w.add_token_list(tokens)
+  w.add_token_scores(scores)
+  w.add_token_types(types)
+  w.add_add_space_prefix(_adds_space_prefix(spec))
+
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def _adds_space_prefix(spec: dict) -> bool:
+  """Whether the tokenizer puts "▁" before the text (SentencePiece's add_dummy_prefix:
+  Llama 2 does, Gemma does not): a Metaspace pre-tokenizer that prepends, or a normalizer that
+  prepends "▁" (transformers' Llama converter)."""
+  def walk(node):
+    if isinstance(node, dict):
+      yield node
+      for key in ("pretokenizers", "normalizers"):
+        for child in node.get(key) or []:
+          yield from walk(child)
+  for node in walk(spec.get("pre_tokenizer")):
+    if node.get("type") == "Metaspace" and node.get("prepend_scheme", "always") != "never":
+      return True
+  return any(n.get("type") == "Prepend" and n.get("prepend") == "▁"
+             for n in walk(spec.get("normalizer")))
+
+
 def _end_of_turn(tokenizer) -> str | None:
   """The special token the chat template closes an assistant turn with (<|im_end|>,
   <|eot_id|>, <end_of_turn>), found by rendering a turn; None without a template."""
@@ -243,21 +363,48 @@ def _end_of_turn(tokenizer) -> str | None:
   return tokenizer.eos_token
 
 
+def _is_byte_level(spec: dict) -> bool:
+  return spec.get("model", {}).get("type") == "BPE" and (spec.get("decoder") or {}).get("type") == "ByteLevel"
+
+
+def _decoders(spec: dict) -> list[dict]:
+  decoder = spec.get("decoder") or {}
+  return decoder.get("decoders", [decoder])
+
+
+def _is_sentencepiece_bpe(spec: dict) -> bool:
+  """A SentencePiece BPE vocabulary (Llama 2, Mistral v1, Gemma), as ftjax.tokenizer builds it
+  from a tokenizer.model or transformers' converter writes it to tokenizer.json: byte-fallback
+  BPE whose decoder turns "▁" back into spaces."""
+  model = spec.get("model", {})
+  return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and any(
+      d.get("type") == "Replace" and d.get("pattern", {}).get("String") == "▁"
+      for d in _decoders(spec))
+
+
+def _merge_list(spec: dict) -> list[str]:
+  return [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+
+
 def _add_tokenizer(w: gguf.GGUFWriter, tokenizer, n_vocab: int) -> str | None:
   """tokenizer.ggml.* and the chat template; returns the end-of-turn token."""
   spec = json.loads(tokenizer.backend.to_str())
-  model = spec.get("model", {})
-  decoder = spec.get("decoder") or {}
-  if model.get("type") != "BPE" or decoder.get("type") != "ByteLevel":
-    raise FtjaxError("save_gguf: only byte-level BPE tokenizers (GPT-2 style: SmolLM, Llama 3, "
-                     f"Qwen) are written so far; this one is {model.get('type')} with a "
-                     f"{decoder.get('type')} decoder (SentencePiece-style vocabularies are not)")
-  w.add_tokenizer_model("gpt2")
-  w.add_tokenizer_pre(_pre_tokenizer_name(spec.get("pre_tokenizer")))
-  tokens, types = _vocab_tables(tokenizer, n_vocab)
-  w.add_token_list(tokens)
-  w.add_token_types(types)
-  w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+  if _is_byte_level(spec):
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(_pre_tokenizer_name(spec.get("pre_tokenizer")))
+    tokens, types = _vocab_tables(tokenizer, n_vocab)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+  elif _is_sentencepiece_bpe(spec):
+    _add_sentencepiece_vocab(w, tokenizer, spec, n_vocab)
+  else:
+    model = spec.get("model", {})
+    raise FtjaxError("save_gguf: the tokenizer is neither byte-level BPE (GPT-2 style: SmolLM, "
+                     "Llama 3, Qwen) nor SentencePiece byte-fallback BPE (Llama 2, Mistral v1, "
+                     f"Gemma); it is {model.get('type')} with a "
+                     f"{(spec.get('decoder') or {}).get('type')} decoder (a SentencePiece "
+                     "unigram vocabulary would be read back from GGUF as a BPE: other ids)")
+  w.add_token_merges(_merge_list(spec))
   ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
          "pad": tokenizer._id("pad_token"), "unk": tokenizer._id("unk_token")}
   for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id),

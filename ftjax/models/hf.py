@@ -31,7 +31,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
-def _tensor_files(model_dir: str) -> dict[str, str]:
+def tensor_files(model_dir: str) -> dict[str, str]:
   """HF tensor name -> safetensors file path."""
   index_path = os.path.join(model_dir, INDEX_FILE)
   if os.path.exists(index_path):
@@ -51,13 +51,16 @@ def _tensor_files(model_dir: str) -> dict[str, str]:
   return out
 
 
-def load_hf_params(model_dir: str, cfg: ModelConfig, dtype=np.float32, allocate=None) -> Params:
+def load_hf_params(model_dir: str, cfg: ModelConfig, dtype=np.float32, allocate=None,
+                   read_elsewhere: tuple[str, ...] = ()) -> Params:
   """Reads every tensor named by `param_specs(cfg)` into a params tree of numpy arrays.
 
+  read_elsewhere: tensor names the caller reads itself (a classifier's `score.weight`), not
+  refused as unused.
   allocate(spec, dtype): what each param is written into, layer by layer (default: an empty
   float array of its shape; ftjax.quant.quant_sinks quantises kernels as they arrive).
   """
-  where, stored = _text_model_tensors(model_dir, _tensor_files(model_dir))
+  where, stored = _text_model_tensors(model_dir, tensor_files(model_dir))
   by_file: dict[str, list[tuple[Any, int | None, str]]] = {}
   params: Params = {}
   for spec in param_specs(cfg):
@@ -70,7 +73,8 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype=np.float32, allocate=
                            f"{spec.shape[::-1]}); set tie_word_embeddings if the head is tied")
         raise FtjaxError(f"{model_dir}: missing tensor {name!r} for {spec.path}")
       by_file.setdefault(where[name], []).append((spec, i, name))
-  _refuse_unused(model_dir, cfg, where, [name for items in by_file.values() for _, _, name in items])
+  _refuse_unused(model_dir, cfg, where, [name for items in by_file.values() for _, _, name in items]
+                 + [name for name in read_elsewhere if name in where])
   for path, items in by_file.items():
     with safe_open(path, framework="np") as f:
       for spec, i, name in items:

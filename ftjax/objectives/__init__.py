@@ -9,9 +9,13 @@ from __future__ import annotations
 from ftjax import config as config_lib
 from ftjax.errors import FtjaxError
 from ftjax.objectives.base import Objective, refuse_other_blocks
+from ftjax.objectives.classification import Classification
+from ftjax.objectives.dpo import DPO, KTO, ORPO, SimPO
+from ftjax.objectives.grpo import GRPO
 from ftjax.objectives.sft import SFT
 
-REGISTRY: dict[str, type[Objective]] = {SFT.name: SFT}
+REGISTRY: dict[str, type[Objective]] = {cls.name: cls for cls in (SFT, Classification, DPO, ORPO,
+                                                                  SimPO, KTO, GRPO)}
 
 
 def get(config) -> Objective:
@@ -25,4 +29,5 @@ def get(config) -> Objective:
   return objective
 
 
-__all__ = ["Objective", "REGISTRY", "SFT", "get"]
+__all__ = ["Classification", "DPO", "GRPO", "KTO", "ORPO", "Objective", "REGISTRY", "SFT", "SimPO",
+           "get"]

@@ -86,13 +86,20 @@ def _parses(text: str) -> bool:
     return False
 
 
+def answer_format(prompts, completions, **columns) -> list[float]:
+  """1.0 when the completion gives exactly one <answer>...</answer> with something in it (the
+  format exact_answer reads first), else 0.0: a dense signal while answers are still wrong."""
+  return [float(len(tags) == 1 and bool(tags[0].strip()))
+          for tags in (_ANSWER_TAG.findall(_text(c)) for c in completions)]
+
+
 def length_penalty(prompts, completions, **columns) -> list[float]:
   """-(characters / 1000): with a small weight, prefers the shorter of equally good answers."""
   return [-len(_text(c)) / 1000.0 for c in completions]
 
 
-BUILT_IN: dict[str, Callable] = {"exact_answer": exact_answer, "json_valid": json_valid,
-                                 "length_penalty": length_penalty}
+BUILT_IN: dict[str, Callable] = {"exact_answer": exact_answer, "answer_format": answer_format,
+                                 "json_valid": json_valid, "length_penalty": length_penalty}
 SIGNATURE = "(prompts, completions, **columns) -> list[float | None]"
 
 

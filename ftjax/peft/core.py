@@ -30,7 +30,7 @@ from flax import nnx
 
 from ftjax.errors import FtjaxError
 from ftjax.nnx_utils import get_module, logical_name, replace_module  # noqa: F401 (peft.core.get_module)
-from ftjax.quant.linear import QuantCodes, QuantStat
+from ftjax.quant.linear import QuantCodes, QuantLinear, QuantStat, dequantize_model
 
 
 def check_adapter_name(name) -> str:
@@ -518,6 +518,28 @@ def merge_and_unload(model: nnx.Module) -> nnx.Module:
     replace_module(model, path, layer.base_layer if layer.disabled else layer.merge())
   _forget_adapters(model)
   return model
+
+
+def merged_model(model: nnx.Module) -> nnx.Module:
+  """A float copy of `model` with its adapter folded in: a 4-bit base is dequantised first and
+  the adapter merged in f32 (so the merged weights are the dequantised ones plus the update,
+  not a re-quantisation). The model itself when it has neither adapter nor 4-bit base, or an
+  adapter without a merged form (virtual tokens, bottleneck adapters)."""
+  adapters = any(True for _ in adapter_layers(model))
+  quantised = any(isinstance(m, QuantLinear) for _, m in nnx.iter_modules(model))
+  if adapters and not can_merge(model) or not adapters and not quantised:
+    return model
+  clone = dequantize_model(nnx.clone(model))
+  return merge_and_unload(clone) if adapters else clone
+
+
+def merged_for_gguf(model: nnx.Module) -> nnx.Module:
+  """`merged_model`, refusing an adapter without a merged form: a GGUF file holds weights only
+  (ftjax.models.save_gguf folds adapters in through this)."""
+  if any(True for _ in adapter_layers(model)) and not can_merge(model):
+    raise FtjaxError("save_gguf: the attached adapter has no merged form (it is not a weight "
+                     "update), so it cannot be written into a GGUF file")
+  return merged_model(model)
 
 
 def merge_adapter(model: nnx.Module) -> nnx.Module:
