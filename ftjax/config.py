@@ -486,5 +486,7 @@ def targets(text: str):
 
 
 if __name__ == "__main__":  # `python -m ftjax.config --reference`: docs/configuration.md
-  from ftjax.config_reference import main
-  main()
+  # The reference is another program (ftjax.config_reference, which reads this module): run it
+  # as `python -m ftjax.config_reference` would be, rather than importing it into the schema.
+  import runpy
+  runpy.run_module("ftjax.config_reference", run_name="__main__", alter_sys=True)

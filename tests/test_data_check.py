@@ -12,7 +12,7 @@ import pytest
 from ftjax.config import base_config
 from ftjax.data import formats, quality, selection, similarity, sources
 from ftjax.data import report as data_report
-from ftjax.data.__main__ import run_check
+from ftjax.data_check import run_check
 from ftjax.errors import FtjaxError
 from tiny import tiny_tokenizer
 

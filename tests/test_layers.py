@@ -31,11 +31,11 @@ PACKAGE = ROOT / "ftjax"
 # "ftjax.data"); "ftjax" itself is the package face, ftjax/__init__.py, only. docs/design.md draws the same order and says why each module sits where it does.
 LAYERS = (
     ("commands", ("ftjax", "ftjax.plan", "ftjax.notebook", "ftjax.classify", "ftjax.config_reference",
-                  "ftjax.data.__main__")),
+                  "ftjax.data_check")),
     ("train", ("ftjax.train",)),
     ("evaluate, export", ("ftjax.evaluate", "ftjax.export")),
     ("cost probe", ("ftjax.cost",)),
-    ("run", ("ftjax.run", "ftjax.hooks", "ftjax.metrics", "ftjax.flops", "ftjax.data.auto")),
+    ("run", ("ftjax.run", "ftjax.hooks", "ftjax.metrics", "ftjax.flops")),
     ("objectives", ("ftjax.objectives",)),
     ("step", ("ftjax.step", "ftjax.optim")),
     ("config", ("ftjax.config",)),

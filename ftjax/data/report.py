@@ -1,7 +1,7 @@
 """The data check's report in words: the terminal summary (`summary_text`), the Markdown
 section of the evaluation report (`markdown`) and the cost plan's part of it (`add_cost_plan`,
 ftjax.cost_plan). The report itself is a dict (ftjax.data.selection.check), written as
-data_report.json by `python -m ftjax.data check` (ftjax/data/__main__.py) and by training.
+data_report.json by `python -m ftjax.data check` (ftjax/data_check.py) and by training.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The data check's selection stage: which examples training takes. `check(config, tokenizer)`
-is `python -m ftjax.data check`'s core (ftjax/data/__main__.py) and `clean_examples` what
+is `python -m ftjax.data check`'s core (ftjax/data_check.py) and `clean_examples` what
 training calls.
 
 Reads data.train and data.eval as training does (same formats, data.fields renaming, system
@@ -30,7 +30,7 @@ quality and leakage signals, which judge each example once); train.epochs and "a
 resolved from the counts (ftjax.data.auto); and the cost plan is added (ftjax/data/report.py).
 
 The report's text (terminal summary, Markdown section) is ftjax/data/report.py; the command,
-with the probe of the real train step, ftjax/data/__main__.py.
+with the probe of the real train step, ftjax/data_check.py.
 """
 
 from __future__ import annotations
