@@ -1,5 +1,5 @@
 """GGUF export: tiny random-init models of each family, adapter folded in, written by
-ftjax.export.save_gguf and read back by transformers' GGUF loader and by ftjax's."""
+ftjax.models.save_gguf and read back by transformers' GGUF loader and by ftjax's."""
 
 import os
 
@@ -16,7 +16,8 @@ import hf_models
 from tiny import tiny_tokenizer
 from ftjax import models, peft
 from ftjax.errors import FtjaxError
-from ftjax.export import merged_model, save_gguf
+from ftjax.models import save_gguf
+from ftjax.peft import merged_model
 from ftjax.models.gguf import load_gguf
 from ftjax.models.params import param_specs
 from ftjax.tree import get_path, set_path

@@ -1,6 +1,6 @@
 """GGUF files (llama.cpp / Ollama / LM Studio) out: the merged model, its tokenizer and template.
 
-    ftjax.export.save_gguf(model, "out/model.gguf", tokenizer, type="q8_0")
+    ftjax.models.save_gguf(model, "out/model.gguf", tokenizer, type="q8_0")
 
 Metadata keys, tensor names and quantisation all come from the installed `gguf` package (its
 GGUFWriter, name table and `gguf.quants`), so nothing here spells a llama.cpp string by hand.
@@ -59,7 +59,7 @@ def check_type(type: str) -> None:  # noqa: A002
 def save_gguf(model, path: str, tokenizer, type: str = "f16", name: str | None = None) -> dict:  # noqa: A002
   """Writes a float `model` without adapters with `tokenizer`'s vocabulary, special ids and chat
   template as one GGUF file at `path`, atomically (a temporary file renamed when complete).
-  Returns {"path", "bytes", "type", "eot_token"} for the caller. ftjax.export.save_gguf is the
+  Returns {"path", "bytes", "type", "eot_token"} for the caller. ftjax.models.save_gguf is the
   entry point for a trained model: it folds adapters in and dequantises a 4-bit base first
   (models/ never imports peft/: docs/design.md, "Layers")."""
   check_type(type)
@@ -69,7 +69,7 @@ def save_gguf(model, path: str, tokenizer, type: str = "f16", name: str | None =
                  if p not in expected)
   if extra:
     raise FtjaxError(f"save_gguf: the model has params a plain {cfg.model_type} model lacks (e.g. "
-                     f"{extra[0]}): adapters or a 4-bit base. ftjax.export.save_gguf folds "
+                     f"{extra[0]}): adapters or a 4-bit base. ftjax.models.save_gguf folds "
                      "adapters in and dequantises first")
   if cfg.model_type not in GGUF_ARCH:
     raise FtjaxError(f"save_gguf: model_type {cfg.model_type!r} has no llama.cpp architecture; "
