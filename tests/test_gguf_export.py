@@ -197,6 +197,21 @@ def test_bad_type_leaves_no_file(tmp_path, exported):
   assert not os.listdir(tmp_path)
 
 
+def test_models_save_gguf_refuses_an_adapter_without_merged_form(tmp_path, tokenizer):
+  """ftjax.models.save_gguf (issue 25's name, the one export uses) folds adapters in through
+  ftjax.peft without models/ importing it; an adapter with no weights to fold is refused by name
+  before anything is written."""
+  import ftjax.export
+  assert ftjax.export.save_gguf is models.save_gguf
+  model, _ = models.load(_hf_folder(str(tmp_path / "hf"), "qwen2", tokenizer))
+  model = peft.get_peft_model(model, peft.PromptTuningConfig(num_virtual_tokens=2))
+  out = tmp_path / "out"
+  out.mkdir()
+  with pytest.raises(FtjaxError, match="save_gguf: the attached adapter has no merged form"):
+    models.save_gguf(model, str(out / "x.gguf"), tokenizer, type="f32")
+  assert not os.listdir(out)
+
+
 def test_cli_writer_prints_and_writes_modelfile(tmp_path, capsys, tokenizer):
   """`python -m ftjax.export --gguf` writes through export.write_gguf: the file, an Ollama
   Modelfile with the ChatML Go template and stop token, and the run commands."""
