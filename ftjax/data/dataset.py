@@ -65,6 +65,26 @@ def load_examples(path, *, format="auto", fields=None, system_prompt=None, skip_
   return examples
 
 
+def check_length_policy(length_policy: str) -> None:
+  if length_policy not in LENGTH_POLICIES:
+    raise FtjaxError(f"length_policy {length_policy!r} is not one of {', '.join(LENGTH_POLICIES)}")
+
+
+def keep_over_length(counts: dict, length_policy: str, message: str) -> bool:
+  """data.length_policy for one example over the length limit, the same for every kind of
+  data (SFT examples, preference pairs, GRPO prompts): counted in `counts` ("over_length", then
+  "truncated" or "dropped"); "error" raises FtjaxError(message) with code over_length. True:
+  keep it, cut by the caller (which end is its own); False: leave it out."""
+  counts["over_length"] += 1
+  if length_policy == "error":
+    raise FtjaxError(message, code="over_length")
+  if length_policy == "drop":
+    counts["dropped"] += 1
+    return False
+  counts["truncated"] += 1
+  return True
+
+
 def tokenize_examples(examples, tokenizer, *, max_len, length_policy="truncate"):
   """TokenizedExamples under the length policy, and counts for the summary.
 
@@ -72,8 +92,7 @@ def tokenize_examples(examples, tokenizer, *, max_len, length_policy="truncate")
   policy. Text examples (pretraining data) are instead cut into windows of max_len tokens that
   overlap by one token, so every token but the very first is a target exactly once.
   """
-  if length_policy not in LENGTH_POLICIES:
-    raise FtjaxError(f"length_policy {length_policy!r} is not one of {', '.join(LENGTH_POLICIES)}")
+  check_length_policy(length_policy)
   if max_len < 2:
     raise FtjaxError(f"max_len must be at least 2 tokens, got {max_len}")
   counts = dict(examples=len(examples), over_length=0, truncated=0, dropped=0, chunked=0,
@@ -90,15 +109,11 @@ def tokenize_examples(examples, tokenizer, *, max_len, length_policy="truncate")
     if not any(m["role"] == "user" for m in ex.messages):
       counts["no_user_turn"] += 1  # allowed, but hosted APIs warn: usually a data mistake
     if n > max_len:
-      counts["over_length"] += 1
       first_over = first_over or f"{ex.where} ({n} tokens)"
-      if length_policy == "error":
-        raise FtjaxError(f"{ex.where}: example is {n} tokens, longer than max_len {max_len} "
-                         "(length_policy='error'; use 'truncate' or 'drop')")
-      if length_policy == "drop":
-        counts["dropped"] += 1
+      if not keep_over_length(counts, length_policy,
+                              f"{ex.where}: example is {n} tokens, longer than max_len {max_len} "
+                              "(length_policy='error'; use 'truncate' or 'drop')"):
         continue
-      counts["truncated"] += 1
       tex = dataclasses.replace(tex, tokens=tex.tokens[:max_len], loss_mask=tex.loss_mask[:max_len])
     if not tex.loss_mask.any():
       counts["no_trained_tokens"] += 1  # e.g. the prompt alone fills max_len; nothing to learn
