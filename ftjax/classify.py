@@ -76,7 +76,7 @@ def load(model_dir: str, adapter: str | None = None):
 def read_texts(path: str, fields: dict | None = None) -> list[tuple[str, str]]:
   """[(where, text)] of a data file's records ("input" or "text"; a label, if any, ignored)."""
   out = []
-  for p in dataset_lib._expand(path):
+  for p in dataset_lib.expand(path):
     for record in sources.read_records(p):
       data = formats.rename(record, fields).data if fields else record.data
       key = next((k for k in cls_lib.TEXT_KEYS if isinstance(data, dict) and k in data), None)

@@ -348,6 +348,6 @@ class Classification(Objective):
 
 def _mtimes(path: str) -> tuple:
   try:
-    return tuple(os.path.getmtime(p) for p in dataset_lib._expand(path))
+    return tuple(os.path.getmtime(p) for p in dataset_lib.expand(path))
   except (OSError, FtjaxError):
     return ()

@@ -108,7 +108,7 @@ def _labels(where: str, value, problem_type: str) -> tuple[str, ...]:
 def read_split(path, problem_type: str, fields: dict | None = None):
   """(examples, problems) of a data path (file, folder or list): every bad record listed."""
   examples, problems = [], []
-  for p in dataset_lib._expand(path):
+  for p in dataset_lib.expand(path):
     records, unread = sources.read_all(p)
     problems += [Problem(u.code, u.where, u.message) for u in unread]
     for record in records:

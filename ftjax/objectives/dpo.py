@@ -87,7 +87,7 @@ class _Preference(Objective):
     """The data check's Split: TRL's formats read (data.fields renaming first), problems at
     file:line (ftjax.data.preference), token lengths of the longer sequence of each pair."""
     items, problems, origin = [], [], []
-    for p in dataset_lib._expand(path):
+    for p in dataset_lib.expand(path):
       records, bad = sources.read_all(p)
       records = [formats.rename(r, fields) for r in records] if fields else records
       found, invalid = pref_data.read_pairs(records, system_prompt=system_prompt,
@@ -138,7 +138,7 @@ class _Preference(Objective):
   def read_examples(self, path):
     d = self.config.data
     items = []
-    for p in dataset_lib._expand(path):
+    for p in dataset_lib.expand(path):
       records, _ = sources.read_all(p)
       items += pref_data.read_pairs(records, system_prompt=d.system_prompt or None,
                                     unpaired=self.unpaired)[0]

@@ -142,7 +142,7 @@ class GRPO(Objective):
 
   def _read(self, path, fields=None, system_prompt=None):
     items, problems, origin = [], [], []
-    for p in dataset_lib._expand(path):
+    for p in dataset_lib.expand(path):
       records, bad = sources.read_all(p)
       records = [formats.rename(r, fields) for r in records] if fields else records
       found, invalid = prompt_data.read_prompts(records, system_prompt=system_prompt)
