@@ -19,8 +19,13 @@ import sys
 
 import numpy as np
 
+from ftjax import peft
+from ftjax.data import dataset as dataset_lib
+from ftjax.data import formats, sources
 from ftjax.errors import FtjaxError, cli_errors
+from ftjax.models.classifier import load_pretrained
 from ftjax.objectives import classification as cls_lib
+from ftjax.tokenizer import load_tokenizer
 
 LENGTH_BUCKET = 32
 
@@ -59,9 +64,6 @@ def _rows(probs: np.ndarray, labels: list[str], problem_type: str) -> list[dict]
 
 def load(model_dir: str, adapter: str | None = None):
   """(model, tokenizer, class names, problem type) of a classifier directory (+ adapter)."""
-  from ftjax import peft
-  from ftjax.models.classifier import load_pretrained
-  from ftjax.tokenizer import load_tokenizer
   model, labels, problem = load_pretrained(model_dir)
   if labels is None:
     raise FtjaxError(f"{model_dir}: not a sequence-classification model (its config.json names no "
@@ -73,10 +75,8 @@ def load(model_dir: str, adapter: str | None = None):
 
 def read_texts(path: str, fields: dict | None = None) -> list[tuple[str, str]]:
   """[(where, text)] of a data file's records ("input" or "text"; a label, if any, ignored)."""
-  from ftjax.data import dataset as dataset_lib
-  from ftjax.data import formats, sources
   out = []
-  for p in dataset_lib._expand(path):
+  for p in dataset_lib.expand(path):
     for record in sources.read_records(p):
       data = formats.rename(record, fields).data if fields else record.data
       key = next((k for k in cls_lib.TEXT_KEYS if isinstance(data, dict) and k in data), None)

@@ -10,13 +10,17 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
+from ftjax.data.formats import parse_fields as fields
 from ftjax.errors import FtjaxError
+from ftjax.evaluation import harness, metrics as eval_metrics
 from ftjax.models.ops import ATTENTION_BACKENDS, REMAT_POLICIES
+from ftjax.tree import flat  # noqa: F401 (config.flat: a config by dotted key)
 
 # PEFT methods (each with its block below) and full fine-tuning.
 METHODS = ("lora", "qlora", "ia3", "prompt", "prefix", "adapter", "full")
 MERGEABLE = ("lora", "qlora", "ia3", "full")  # adapters with a merged form (export.merged)
 QUANT_TYPES = ("", "nf4", "fp4", "int8")
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # log.trackers: what ftjax.metrics can write to
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LENGTH_POLICIES = ("truncate", "drop", "error")
@@ -142,7 +146,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.mix = ""  # one weight per data.train source, e.g. "3,1": drawn in that proportion
   c.data.eval_fraction = 0.0  # without data.eval: hold out this fraction of the train records
   c.data.eval_seed = 0  # which records are held out (and the order of a mix)
-  # `python -m ftjax.data check` (ftjax/data/check.py): what to do with invalid records, and leakage.
+  # `python -m ftjax.data check` (ftjax/data/selection.py): what to do with invalid records, and leakage.
   c.data.check = ml_collections.ConfigDict()
   c.data.check.on_error = "fail"  # fail: stop, listing every problem | skip: drop bad records, count them
   c.data.check.drop_leaked = False  # drop train examples whose input (near-)duplicates an eval input
@@ -245,7 +249,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.lm_eval_tasks = ""
   c.eval.lm_eval_limit = 0  # examples per lm_eval task (0: all of them)
 
-  # The cost plan (ftjax/cost.py) of `python -m ftjax.data check`; default prices and their
+  # The cost plan (ftjax/cost_plan.py, the probe in ftjax/cost.py) of `python -m ftjax.data check`; default prices and their
   # dates in docs/data.md ("What a run will cost").
   c.cost = ml_collections.ConfigDict()
   c.cost.probe_steps = 3  # train steps timed after the compile and a warm-up; 0: no probe (no model load)
@@ -335,7 +339,6 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _trackers_ok(spec) -> bool:
-  from ftjax.metrics import TRACKERS
   return all(n.strip() in TRACKERS for n in str(spec).split(",") if n.strip())
 
 
@@ -445,10 +448,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 def _validate_eval(c: ml_collections.ConfigDict, check) -> None:
   """validate()'s checks of eval.* and early stopping."""
-  from ftjax.evaluation import metrics as eval_metrics  # imports any custom metric, here
   eval_metrics.validate(c.eval)
-  from ftjax.evaluation import harness  # the lm_eval tasks: installed, found, parsed
-  harness.validate(c.eval)
+  harness.validate(c.eval)  # the lm_eval tasks: installed, found, parsed
   check(c.train.patience >= 0, f"train.patience={c.train.patience}; must be >= 0 (0: no early stopping)")
   check(not c.train.patience or c.train.eval_every > 0,
         "train.patience (early stopping) needs train.eval_every > 0")
@@ -470,15 +471,6 @@ def methods(c: ml_collections.ConfigDict) -> tuple[str, ...]:
   return tuple(m.strip() for m in c.method.split("+"))
 
 
-def fields(text: str) -> dict | None:
-  """"question:input,answer:output" -> {"question": "input", "answer": "output"}; "": None."""
-  pairs = [p.split(":") for p in names(text)]
-  if any(len(p) != 2 or not all(x.strip() for x in p) for p in pairs):
-    raise FtjaxError(f"config: data.fields={text!r}; expected 'source:ours' pairs, e.g. "
-                     "'question:input,answer:output'")
-  return {a.strip(): b.strip() for a, b in pairs} or None
-
-
 def names(text: str) -> tuple[str, ...]:
   """"a, b" -> ("a", "b")."""
   return tuple(x.strip() for x in text.split(",") if x.strip())
@@ -493,17 +485,8 @@ def targets(text: str):
   return names(text)
 
 
-def flat(tree: dict, prefix: str = "") -> dict:
-  """{"train.lr": 1e-4, ...}: a nested dict (config.to_dict(), a saved config.json) by dotted key."""
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 if __name__ == "__main__":  # `python -m ftjax.config --reference`: docs/configuration.md
-  from ftjax.config_reference import main
-  main()
+  # The reference is another program (ftjax.config_reference, which reads this module): run it
+  # as `python -m ftjax.config_reference` would be, rather than importing it into the schema.
+  import runpy
+  runpy.run_module("ftjax.config_reference", run_name="__main__", alter_sys=True)

@@ -232,3 +232,7 @@ def main(argv=None) -> None:
   with open(args.write, "w", encoding="utf-8") as f:
     f.write(text)
   print(f"wrote {args.write}")
+
+
+if __name__ == "__main__":
+  main()

@@ -17,12 +17,15 @@ import logging
 import os
 import time
 
-from ftjax import evaluation, peft
+from ftjax import config as config_lib
+from ftjax import evaluation, export, objectives, peft
 from ftjax.errors import FtjaxError, cli_errors, setup_logging
 from ftjax.evaluation import baseline_cache, forgetting
+from ftjax.evaluation.baseline_cache import baseline_matches  # noqa: F401 (train uses it)
 from ftjax.evaluation.generation import EvalPlan, few_shot_prompt, split  # noqa: F401 (API)
 from ftjax.files import write_json
 from ftjax.lock import hold_workdir
+from ftjax.models import load
 
 log = logging.getLogger("ftjax.evaluate")
 
@@ -30,7 +33,6 @@ log = logging.getLogger("ftjax.evaluate")
 def plan_for_run(cfg) -> EvalPlan:
   """The run's EvalPlan: eval split, references and few-shot pool, checked (FtjaxError) before
   anything compiles."""
-  from ftjax import objectives
   return EvalPlan.build(cfg.data.eval, cfg.eval, pool_path=cfg.eval.few_shot_pool or cfg.data.train,
                         data_cfg=cfg.data, near_dup=cfg.data.check.near_dup,
                         read=objectives.get(cfg).read_examples)
@@ -70,19 +72,6 @@ def _evaluate_base_model(run, plan: EvalPlan) -> dict:
   return out
 
 
-def baseline_matches(baseline: dict, plan: EvalPlan) -> bool:
-  """Whether a resumed run's baseline.json answered this plan's examples with its baselines;
-  its scores are recomputed from the predictions, so a metric added since is scored too."""
-  systems = baseline.get("systems")
-  if not systems or list(systems) != list(plan.systems()):
-    return False
-  if any(r["examples"] != len(plan.references) for r in systems.values()):
-    return False
-  for r in systems.values():
-    r["scores"] = plan.score(r["predictions"])
-  return True
-
-
 def final_eval(loss, answer, plan: EvalPlan | None) -> dict:
   """The end-of-run evaluation of one state: {"eval": the eval loss over the whole eval split,
   "finetuned": the answers to every eval prompt (with a plan), "seconds"}. loss(max_batches)
@@ -98,7 +87,6 @@ def final_eval(loss, answer, plan: EvalPlan | None) -> dict:
 def finetuned_answers(run, trainable, plan: EvalPlan) -> dict:
   """The answers of the model holding `trainable` to every eval prompt, from the model the end
   of a run generates with: the merged one, or base + adapter on a 4-bit base."""
-  from ftjax import export
   model = run.model(trainable)
   generator = model if run.quantised else export.merged_model(model)
   return plan.run(generator, run.tokenizer, evaluation.report.FINETUNED)
@@ -156,7 +144,6 @@ def evaluate_prompting(model_name: str, data: str, out_dir: str, *, shots: str =
   and with `template`, each after `system_prompt` (data.system_prompt: give the one the training
   config uses, so these baselines are the run's); writes out_dir/{eval_results.json, report.md,
   report.json, PNGs}."""
-  from ftjax import config as config_lib
   cfg = config_lib.base_config()
   cfg.unlock()
   cfg.model.name_or_path = model_name
@@ -167,7 +154,6 @@ def evaluate_prompting(model_name: str, data: str, out_dir: str, *, shots: str =
   evaluation.metrics.validate(e)
   plan = EvalPlan.build(data, e, pool_path=shots, data_cfg=cfg.data, near_dup=cfg.data.check.near_dup)
   if model is None:
-    from ftjax.models import load
     model, tokenizer = load(model_name)
   baselines = evaluation.run_baselines(plan, model, tokenizer)
   results = evaluation.assemble(plan, evaluation.metrics.primary(e), baselines)

@@ -26,7 +26,8 @@ import ml_collections
 from flax import nnx
 
 from ftjax import config as config_lib
-from ftjax import files, peft, quant
+from ftjax import files, peft
+from ftjax.peft import merged_model
 from ftjax.checkpoint import Checkpointer
 from ftjax.errors import FtjaxError, cli_errors
 from ftjax.files import read_json
@@ -79,22 +80,6 @@ def check_adapters_target(names: list[str], out_dir: str, overwrite: bool = Fals
                        "folders into it, keeping the rest")
   for name in names:
     files.check_export_target(adapter_folder(out_dir, name), files.ADAPTER, overwrite)
-
-
-def _quantised(model: nnx.Module) -> bool:
-  return any(isinstance(m, quant.QuantLinear) for _, m in nnx.iter_modules(model))
-
-
-def merged_model(model: nnx.Module) -> nnx.Module:
-  """A float copy of `model` with its adapter folded in: a 4-bit base is dequantised first and
-  the adapter merged in f32 (so the merged weights are the dequantised ones plus the update,
-  not a re-quantisation). The model itself when it has neither adapter nor 4-bit base, or an
-  adapter without a merged form (virtual tokens, bottleneck adapters)."""
-  adapters = any(True for _ in peft.adapter_layers(model))
-  if adapters and not peft.can_merge(model) or not adapters and not _quantised(model):
-    return model
-  clone = quant.dequantize_model(nnx.clone(model))
-  return peft.merge_and_unload(clone) if adapters else clone
 
 
 def write_merged(model: nnx.Module, tokenizer, out_dir: str, max_shard_size: int | str = "5GB",

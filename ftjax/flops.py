@@ -10,7 +10,7 @@ B and the bottleneck adapter's down/up matrices. Not prompt-tuning or prefix tab
 and the prefix MLP runs once per step over the virtual tokens, not per token), nor vectors (IA3
 scales, DoRA magnitudes, biases, norms: elementwise, a few FLOPs per token each).
 
-Approximations, stated where MFU and TFLOP/s are reported (ftjax.cost's plan line):
+Approximations, stated where MFU and TFLOP/s are reported (ftjax.cost_plan's plan line):
 - attention is counted over the full `seq_len` row (t = seq_len, causal). Packed rows of short
   documents attend only within each document (the segment mask), so the useful attention work
   is lower: for documents of length L it is ~L/seq_len of the count here. The xla kernel
@@ -25,6 +25,7 @@ from __future__ import annotations
 import jax
 
 from ftjax.models.config import ModelConfig
+from ftjax.peft.prompt import PrefixTuningConfig, PromptTuningConfig
 
 # Leaf names of adapter matrices that multiply every token (ftjax.peft.lora, .bottleneck).
 ADAPTER_MATMUL_LEAVES = ("lora_a", "lora_b", "adapter_down", "adapter_up")
@@ -64,7 +65,6 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, full: bool, lora_param
 
 def run_flops_per_token(run, trainable) -> float:
   """train_flops_per_token of an ftjax.run.Run whose trained partition is `trainable`."""
-  from ftjax.peft.prompt import PrefixTuningConfig, PromptTuningConfig
   virtual = lambda kind: sum(c.num_virtual_tokens for c in run.peft_configs.values()
                              if isinstance(c, kind))
   return train_flops_per_token(

@@ -31,7 +31,9 @@ from jax.sharding import NamedSharding
 
 from ftjax.errors import FtjaxError, cli_errors, setup_logging
 from ftjax.models import CausalLM
+from ftjax.models import load
 from ftjax.models.config import ModelConfig
+from ftjax.parallel import sharding
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,6 @@ def _on_mesh_of(state, cache):
                if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
   if mesh is None or mesh.size == 1:
     return cache
-  from ftjax.parallel import sharding
   axes = {"k": ("layers", "batch", None, "kv_heads", None),
           "v": ("layers", "batch", None, "kv_heads", None), "segment": ("layers", "batch", None)}
   return jax.device_put(cache, {name: NamedSharding(mesh, sharding.logical_to_spec(
@@ -450,7 +451,6 @@ def main(argv: list[str] | None = None) -> None:
     raise FtjaxError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
   check_sampling(args.temperature, args.top_k, args.top_p, flags=True)
 
-  from ftjax.models import load
   model, tokenizer = load(args.model)
   cfg = model.config
   log.info("loaded %s: %s, %d layers, %.1fM params", args.model, cfg.model_type, cfg.num_layers,

@@ -25,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ftjax import models, peft
 from ftjax.errors import FtjaxError
+from ftjax.generate import generate_ids
 
 try:
   from lm_eval.api.model import TemplateLM
@@ -74,7 +76,6 @@ class FtjaxLM(TemplateLM):
     # kwargs: what lm_eval's CLI passes every model (device, max_batch_size, ...); the model
     # runs where jax puts it, so they are accepted and unused
     super().__init__()
-    from ftjax import models, peft
     if dtype not in _DTYPES:
       raise FtjaxError(f"lm_eval model_args dtype={dtype!r}: expected one of {sorted(_DTYPES)}")
     model, tokenizer = models.load(pretrained, _DTYPES[dtype])
@@ -217,7 +218,6 @@ class FtjaxLM(TemplateLM):
     return out
 
   def _generate_batch(self, contexts: list[str], gen_kwargs: dict) -> list[str]:
-    from ftjax.generate import generate_ids
     kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
     eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
     until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)

@@ -29,6 +29,7 @@ import time
 
 from ftjax.errors import FtjaxError
 from ftjax.files import LOCK_FILE
+from ftjax.parallel import distributed
 
 log = logging.getLogger("ftjax.lock")
 
@@ -173,7 +174,6 @@ class WorkdirLock:
 def hold_workdir(workdir: str, what: str):
   """The workdir's lock for the block, taken by process 0 (see the module docstring); every
   process raises when it cannot be taken."""
-  from ftjax.parallel import distributed
   lock, error = None, None
   if distributed.is_main():
     try:

@@ -12,6 +12,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from ftjax.models.moe import load_balancing_loss
+
 
 @dataclasses.dataclass(frozen=True)
 class CausalLMLoss:
@@ -51,7 +53,6 @@ def with_router_aux_loss(sums: dict, stats: dict, coef: float) -> dict:
   loss with its coefficient (`router_aux_loss_coef` of config.json) and reported as the
   "aux_loss" metric. Both go in as sums (times the target count), as the step divides every
   sum by the count: the step's loss is then mean NLL + coef * aux_loss, as transformers'."""
-  from ftjax.models.moe import load_balancing_loss
   aux = load_balancing_loss(stats) * sums["count"]
   return {**sums, "loss_sum": sums["loss_sum"] + coef * aux, "aux_loss": aux}
 

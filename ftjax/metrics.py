@@ -21,7 +21,7 @@ import numpy as np
 from ftjax import config as config_lib
 from ftjax.errors import FtjaxError
 
-TRACKERS = ("tensorboard", "wandb", "mlflow")
+TRACKERS = config_lib.TRACKERS
 # The files of a finished run that trackers receive as artifacts (those that exist).
 ARTIFACTS = ("report.md", "report.json", "*.png", "data_report.json", "summary.json",
              "eval_results.json", "config.json")

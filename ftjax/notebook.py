@@ -31,7 +31,10 @@ import os
 import re
 import sys
 
+from ftjax.config import flat
 from ftjax.errors import FtjaxError
+from ftjax.evaluation.curves import read_curves
+from ftjax.run import load_model as run_load_model
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 PER_DEVICE_BATCH = 8  # sequences per chip on an accelerator (the quickstart's 8 x 256 tokens)
@@ -161,7 +164,6 @@ def load_model(config, name_or_path: str | None = None):
   """(model, tokenizer) as a run of `config` loads them: model.name_or_path (or `name_or_path`,
   e.g. an exported folder) stored in model.param_dtype, computing in model.dtype, cut to
   model.num_layers when set; on the default device (a notebook's look, not the sharded run)."""
-  from ftjax.run import load_model as run_load_model
   return run_load_model(config, name_or_path=name_or_path)
 
 
@@ -239,7 +241,6 @@ def _set(config, settings: dict) -> None:
 
 def config_changes(before, after) -> list[str]:
   """"key: old -> new" for every key whose value differs between two configs."""
-  from ftjax.config import flat
   a, b = flat(before.to_dict()), flat(after.to_dict())
   return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
@@ -291,7 +292,6 @@ def plot_loss(workdir: str, show: bool = True):
   """Train loss per logged step and eval loss per eval, from WORKDIR/metrics.jsonl (the file
   the run writes as it goes); returns the matplotlib Figure."""
   from matplotlib.figure import Figure
-  from ftjax.evaluation.curves import read_curves
   curves = read_curves(workdir)
   if not curves.get("train/loss"):
     raise FtjaxError(f"{os.path.join(workdir, 'metrics.jsonl')}: no train/loss lines (has the run "

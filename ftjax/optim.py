@@ -34,7 +34,7 @@ import optax
 
 from ftjax.config import SCHEDULES
 from ftjax.errors import FtjaxError
-from ftjax.models.params import Params
+from ftjax.tree import Params
 
 # Leaf names of per-feature vectors, stacked or not: norm scales, biases, IA3 scales, DoRA
 # magnitudes (ftjax.models.llama, ftjax.peft).

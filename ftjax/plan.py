@@ -24,7 +24,15 @@ import math
 import os
 import sys
 
+from ftjax import config as config_lib
+from ftjax import run as run_lib
+from ftjax.cli import parse_flags
 from ftjax.errors import FtjaxError, cli_errors
+from ftjax.models.config import ModelConfig, load_hf_config
+from ftjax.models.gguf import gguf_config, open_gguf
+from ftjax.models.resolve import HUB_ID, local_path
+from ftjax.run import jit_train_step
+from ftjax.tokenizer import read_gguf_metadata
 
 # The device count must be set before jax's backend starts; only this CLI's own process does it.
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
@@ -60,18 +68,14 @@ GIB = 2**30
 
 def model_config(name_or_path: str):
   """The ModelConfig of a model reference without reading its weights."""
-  from ftjax.models.config import ModelConfig, load_hf_config
-  from ftjax.models.resolve import _HUB_ID, _local_path
   known = KNOWN_MODELS.get(name_or_path.lower())
   if known is not None:
     return ModelConfig.from_hf_dict(known, source=f"ftjax.plan.KNOWN_MODELS[{name_or_path!r}]")
-  if _HUB_ID.match(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
+  if HUB_ID.match(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
     return ModelConfig.from_hf_file(_hub_config(name_or_path))  # config.json only, no weights
-  path = _local_path(name_or_path)
+  path = local_path(name_or_path)
   if os.path.isdir(path):
     return load_hf_config(path)
-  from ftjax.models.gguf import gguf_config, open_gguf
-  from ftjax.tokenizer import read_gguf_metadata
   reader = open_gguf(path)  # memory-mapped: only the metadata is read
   return gguf_config(reader, read_gguf_metadata(reader), path)
 
@@ -125,8 +129,6 @@ def abstract_run(config):
   """`ftjax.run.abstract_run` of `config`: the pieces `setup` builds, with ShapeDtypeStructs
   (sharded as the run places them) in place of arrays -> (run, abstract state, abstract batch).
   The model's config is read without its weights (`model_config`); nothing is loaded."""
-  from ftjax import config as config_lib
-  from ftjax import run as run_lib
   config_lib.validate(config)
   if config.model.attention != "xla":
     # A fused kernel compiles only on its own backend: its memory is planned with the XLA path,
@@ -142,7 +144,6 @@ def plan(config) -> Plan:
 
 def plan_of(run, state, batch) -> Plan:
   """The plan of an `abstract_run`'s step."""
-  from ftjax.run import jit_train_step
   compiled = jit_train_step(run, state).lower(state, run.frozen, batch).compile()
   mem = compiled.memory_analysis()
   other = _shard_bytes({k: v for k, v in state.items() if k not in ("trainable", "opt_state")})
@@ -162,7 +163,6 @@ def usable_bytes(device: str) -> int:
 def knobs(config) -> list[tuple[str, dict]]:
   """Changes that lower the memory a step needs, cheapest in speed first: (description,
   {dotted config key: value}). Each is planned for real by `suggest`."""
-  from ftjax import config as config_lib
   out = []
   if config.model.remat not in ("full",):
     out.append(("remat: model.remat=full (recompute the layer body in the backward pass)",
@@ -280,7 +280,6 @@ def main(argv=None) -> None:
 def _main(argv, mesh: dict, mesh_error, device: str | None, with_suggestions: bool) -> None:
   from absl import flags
   from ml_collections import config_flags
-  from ftjax.train import parse_flags
   if mesh_error is not None:
     raise mesh_error
   if device is not None and device not in DEVICES:

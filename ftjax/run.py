@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 from typing import Any
 
 import jax
@@ -22,6 +21,8 @@ from ftjax import config as config_lib
 from ftjax import models, objectives, peft, quant
 from ftjax import step as step_lib
 from ftjax.checkpoint import Checkpointer
+from ftjax.data import selection, write_generated
+from ftjax.data.loader import Shards
 from ftjax.data.template import choose_chat_template
 from ftjax.errors import FtjaxError
 from ftjax.models.resolve import stored_quantisation
@@ -153,15 +154,6 @@ def quantisation(config) -> dict | None:
               double_quant=config.quant.double_quant, skip=config_lib.names(config.quant.skip))
 
 
-def _prepare_data(config):
-  if config.data.generate and not os.path.exists(config.data.train):
-    import importlib
-    task = importlib.import_module(f"ftjax.data.{config.data.generate}_task")
-    out_dir = os.path.dirname(config.data.train) or "."
-    task.write_splits(out_dir)
-    log.info("wrote the %s dataset to %s", config.data.generate, out_dir)
-
-
 def data_shards(config, share: tuple[int, int]) -> tuple[range, int]:
   """(this process's shard indices, number of shards) of the train data. `share`: its slice of
   the global batch (index, count) from `distributed.batch_share`."""
@@ -175,24 +167,22 @@ def data_shards(config, share: tuple[int, int]) -> tuple[range, int]:
 
 
 def build_datasets(config, tokenizer, share: tuple[int, int] = (0, 1), examples=None):
-  """(train, eval or None) Datasets of the examples `ftjax.data.check` keeps: bad records out
+  """(train, eval or None) Datasets of the examples `ftjax.data.selection` keeps: bad records out
   under data.check.on_error="skip" (under "fail" they stop the run, listed at file:line), leaked
   train examples out with data.check.drop_leaked, data.mix and a held-out split applied.
   `examples`: {"train", "eval"} already checked (train() passes the ones its check kept).
 
   With data shards (several processes, or data.shards > 1) the train data is `Shards`: example
   i belongs to shard i % data.shards, and this process packs only its own."""
-  from ftjax.data import check
   d = config.data
   objective = objectives.get(config)
   owned, num_shards = data_shards(config, share)
   if examples is None:
     report, examples = objective.check_data(tokenizer)
     if report["failed"]:
-      raise FtjaxError(check.failure_message(report))
+      raise FtjaxError(selection.failure_message(report))
   kept = examples
   if num_shards > 1:
-    from ftjax.data.loader import Shards
     train_ds = Shards({i: objective.dataset(kept["train"][i::num_shards], tokenizer, train=True,
                                             name=f"{d.train} (shard {i} of {num_shards})")
                        for i in owned}, num_shards, accum=config.train.grad_accum)
@@ -320,7 +310,7 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True, examples=No
   datasets = (None, None)
   micro = micro_batch(config, mesh)
   if with_data:
-    _prepare_data(config)
+    write_generated(config)
     share = distributed.batch_share(sharding.batch_sharding(mesh, 3, 1),
                                     (config.train.grad_accum, micro, config.data.seq_len), axis=1)
     datasets = build_datasets(config, tokenizer, share, examples)

@@ -35,8 +35,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ftjax.models.params import Params
+from ftjax.losses import CausalLMLoss
 from ftjax.optim import applied_updates
+from ftjax.tree import Params
 
 def split_model(model: nnx.Module, trainable) -> tuple[nnx.GraphDef, Params, Params, Params]:
   """(graphdef, trainable, frozen, mutable) with the three states as nested dicts of arrays."""
@@ -117,7 +118,6 @@ def fit(model: nnx.Module, batches: Iterable[dict], *, optimizer: optax.Gradient
   filter (ftjax.peft.AdapterParam, nnx.Param, ...). `loss_fn` defaults to the causal-LM loss
   (batches as ftjax.data produces them); batches carry no accumulation axis.
   """
-  from ftjax.losses import CausalLMLoss
   graphdef, train, frozen, mutable = split_model(model, trainable)
   state = init_state(train, mutable, optimizer, seed)
   step = jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer,

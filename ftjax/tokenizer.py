@@ -17,7 +17,9 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE, Unigram
 
+from ftjax import template_sandbox
 from ftjax.errors import FtjaxError
+from ftjax.template_sandbox import BoundedSandbox
 
 _NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -207,7 +209,7 @@ class Tokenizer:
       what = f"{kind!r}" + (f" for architecture {architecture!r}" if kind == "llama" else "")
       raise FtjaxError(f"GGUF tokenizer.ggml.model {what} is not supported (supported: 'gpt2', 'llama')")
 
-    spelled = set(_BYTES_TO_UNICODE.values()) if kind == "gpt2" else None
+    spelled = set(BYTES_TO_UNICODE.values()) if kind == "gpt2" else None
     # A control token outside the byte alphabet in a byte-level vocab is a llama.cpp mislabel;
     # transformers skips it, and so must we to keep the same ids.
     control = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, token_types)
@@ -297,7 +299,7 @@ class Tokenizer:
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
     variables = {name: value for name, value in self._specials.items() if value is not None}
     variables.update(kwargs)
-    from ftjax import template_sandbox  # bounded time and output; errors as one FtjaxError line
+    # bounded time and output; errors as one FtjaxError line
     return template_sandbox.render(_compile_template(template), messages=messages, tools=tools,
                                    documents=None, add_generation_prompt=add_generation_prompt,
                                    **variables)
@@ -392,7 +394,7 @@ def _bytes_to_unicode():
   return dict(zip(bs, map(chr, cs)))
 
 
-_BYTES_TO_UNICODE = _bytes_to_unicode()
+BYTES_TO_UNICODE = _bytes_to_unicode()
 
 _LLAMA3_SPLIT = (
   r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -442,11 +444,11 @@ def _gguf_merges(fields, vocab):
 
 
 def _gguf_byte_level(fields):
-  alphabet = set(_BYTES_TO_UNICODE.values())
+  alphabet = set(BYTES_TO_UNICODE.values())
   vocab = {}
   for index, token in enumerate(fields["tokenizer.ggml.tokens"]):
     if not set(token) <= alphabet:  # a token stored as raw text: respell it in the byte alphabet
-      token = "".join(_BYTES_TO_UNICODE[b] for b in token.encode("utf-8"))
+      token = "".join(BYTES_TO_UNICODE[b] for b in token.encode("utf-8"))
     vocab[token] = index
   backend = tokenizers.Tokenizer(BPE(vocab=vocab, merges=_gguf_merges(fields, vocab), dropout=None,
                                      continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
@@ -526,7 +528,6 @@ def _compile_template(source):
 
   import jinja2
   import jinja2.ext
-  from ftjax.template_sandbox import BoundedSandbox
 
   def raise_exception(message):
     raise jinja2.exceptions.TemplateError(message)

@@ -21,12 +21,15 @@ import ml_collections
 import numpy as np
 
 from ftjax import config as config_lib
-from ftjax import evaluate, evaluation, export
+from ftjax import evaluate, evaluation, export, objectives
 from ftjax import step as step_lib
 from ftjax.files import write_json
 from ftjax.checkpoint import Checkpointer
-from ftjax.data.auto import row_budget
-from ftjax.errors import FtjaxError, cli_errors, setup_logging
+from ftjax.cli import parse_flags
+from ftjax.data import report as data_report
+from ftjax.data import selection, write_generated
+from ftjax.data.auto import resolve_from_report, row_budget
+from ftjax.errors import FtjaxError, cli_errors
 from ftjax.flops import run_flops_per_token
 from ftjax.hooks import EarlyStopping, Hook, Loop, default_hooks
 from ftjax.lock import hold_workdir
@@ -111,32 +114,27 @@ def check_resume_objective(workdir: str, run: Run) -> None:
 
 
 def check_data(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
-  """The data check (ftjax/data/check.py) before anything loads or compiles; resolves
+  """The data check (ftjax/data/selection.py) before anything loads or compiles; resolves
   train.epochs and "auto" values from its counts. Under data.check.on_error="fail" a bad record
   stops the run here, listing the problems (nothing is written: `write_data_report` saves the
   report once the run is set up). Returns (examples to train on, report)."""
-  from ftjax import objectives
-  from ftjax.data import auto, check
-  from ftjax.models.resolve import tokenizer_for
-  from ftjax.run import _prepare_data
   config_lib.validate(config)
-  _prepare_data(config)
-  report, kept = objectives.get(config).check_data(tokenizer_for(config.model.name_or_path))
+  write_generated(config)
+  report, kept = objectives.get(config).check_data(resolve.tokenizer_for(config.model.name_or_path))
   if report["failed"]:
-    raise FtjaxError(f"{check.failure_message(report)}\n(all of them with codes: python -m "
+    raise FtjaxError(f"{selection.failure_message(report)}\n(all of them with codes: python -m "
                      "ftjax.data check --config ... --out DIR writes DIR/data_report.json)")
-  auto.resolve_from_report(config, report)  # train.epochs, "auto" values: steps from the data
-  check.add_cost_plan(report, config)  # tokens and API price; the run itself measures the rest
-  log.info("data check:\n%s", check.summary_text(report))
+  resolve_from_report(config, report)  # train.epochs, "auto" values: steps from the data
+  data_report.add_cost_plan(report, config)  # tokens and API price; the run itself measures the rest
+  log.info("data check:\n%s", data_report.summary_text(report))
   return kept, report
 
 
 def write_data_report(report: dict, workdir: str) -> None:
   """WORKDIR/data_report.json and WORKDIR/data_report.md (the Markdown section)."""
-  from ftjax.data import check
   write_json(os.path.join(workdir, "data_report.json"), report)
   with open(os.path.join(workdir, "data_report.md"), "w") as f:
-    f.write(check.markdown(report))
+    f.write(data_report.markdown(report))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False,
@@ -530,38 +528,6 @@ def check_workdir_arg(workdir: str) -> None:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise FtjaxError(f"--workdir {workdir}: exists and is not a folder; pass a new or existing "
                      "folder for the run's checkpoints and logs")
-
-
-def parse_flags(argv) -> ml_collections.ConfigDict:
-  """absl flags (a `--config` file among them) from argv -> the config; errors as one
-  FtjaxError line."""
-  from absl import flags
-  try:  # a typo in --config.a.b=v or a bad value: one line, not absl's traceback
-    flags.FLAGS(argv)
-  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-    if isinstance(e, KeyError) and e.args:
-      key, *hint = str(e.args[0]).split("\n")
-      message = f"unknown config key {key.strip(chr(39))!r}. {' '.join(hint)}"
-    else:
-      message = " ".join(str(e).split())
-    raise FtjaxError(f"command line: {message}") from None
-  setup_logging()
-  if flags.FLAGS.config is None:
-    raise FtjaxError("--config is required, e.g. --config configs/quickstart.py")
-  if not isinstance(flags.FLAGS.config, ml_collections.ConfigDict):
-    _config_load_error(flags.FLAGS["config"].config_filename)
-  return flags.FLAGS.config
-
-
-def _config_load_error(spec: str) -> None:
-  """ml_collections turns an unreadable --config file into a placeholder that raises a long
-  IOError on first use, deep inside training: say which file, here."""
-  path = spec.split(":", 1)[0]
-  if not os.path.exists(path):
-    raise FtjaxError(f"--config {path}: no such file; pass a config file such as "
-                     "configs/quickstart.py (relative to the current folder, or an absolute path)")
-  raise FtjaxError(f"--config {path}: could not be read as a config file (a readable .py file "
-                   "defining get_config() is expected)")
 
 
 if __name__ == "__main__":

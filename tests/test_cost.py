@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from ftjax import config as config_lib
-from ftjax import cost
-from ftjax.data import check, quickstart_task
+from ftjax import cost, cost_plan
+from ftjax.data import quickstart_task, selection
+from ftjax.data import report as data_report
 from ftjax.errors import FtjaxError
 from ftjax.flops import train_flops_per_token
 from ftjax.models.config import load_hf_config
@@ -48,9 +49,9 @@ def test_probe_measures_the_real_step(probed, config, model_dir):
 
 
 def test_plan_arithmetic(probed, config, tmp_path):
-  report, _ = check.check(config, tiny_tokenizer())
+  report, _ = selection.check(config, tiny_tokenizer())
   train = report["splits"]["train"]
-  plan = cost.plan(config, train, probed)
+  plan = cost_plan.plan(config, train, probed)
   epochs = 25 * 8 / train["rows"]
   assert plan["epochs"] == pytest.approx(epochs, abs=1e-3)
   assert plan["tokens_total"] == round(train["tokens"] * epochs)
@@ -66,7 +67,7 @@ def test_plan_arithmetic(probed, config, tmp_path):
   step = probed["memory"]
   assert mem["peak_bytes"] >= mem["compiled_rss_bytes"] + step["temporaries"] > mem["base_rss_bytes"]
   assert mem["fits"] is True  # a 120k-param model fits this machine
-  text = check.summary_text(dict(report, cost=plan))
+  text = data_report.summary_text(dict(report, cost=plan))
   assert "cost plan: 25 steps" in text and "hosted API at $25/M tokens" in text
 
 
@@ -74,7 +75,7 @@ def test_prices_and_mfu_come_from_the_config(probed, config):
   c = config.copy_and_resolve_references()
   c.cost.usd_per_hour.H100, c.cost.mfu, c.cost.api_usd_per_million_tokens = 6.0, 0.5, 3.0
   stats = {"rows": 50, "tokens": 2_000_000, "trained_tokens": 500_000}
-  plan = cost.plan(c, stats, probed)
+  plan = cost_plan.plan(c, stats, probed)
   h100 = plan["accelerators"]["H100"]
   assert h100["train_s"] == pytest.approx(plan["flops_total"] / (989e12 * 0.5))
   assert h100["usd"] == pytest.approx(h100["train_s"] / 3600 * 6.0)
@@ -82,7 +83,7 @@ def test_prices_and_mfu_come_from_the_config(probed, config):
 
 
 def test_without_probe_only_tokens_and_api(config):
-  plan = cost.plan(config, {"rows": 10, "tokens": 1000, "trained_tokens": 400}, None)
+  plan = cost_plan.plan(config, {"rows": 10, "tokens": 1000, "trained_tokens": 400}, None)
   assert plan["epochs"] == 20.0 and plan["tokens_total"] == 20_000
   assert "here" not in plan and "memory" not in plan and "not probed" in plan["probe"]
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from ftjax.data import build_dataset, load_examples, pack, quickstart_task, tokenize_example
-from ftjax.data import template, tokenize_examples
+from ftjax.data import preference, prompts, template, tokenize_examples
 from ftjax.data.formats import Example
 from ftjax.data.loader import Loader
+from ftjax.data.sources import Record
 from ftjax.errors import FtjaxError
 from ftjax.tokenizer import Tokenizer
 
@@ -442,7 +443,7 @@ def test_shared_tinyshakespeare_as_text(shared_data, tok):
 
 
 def test_a_record_of_another_format_is_mixed_format_not_read_as_the_first(tmp_path):
-  from ftjax.data import check
+  from ftjax.data import formats
   from ftjax.data.sources import read_all
   # Read as input_output (the first record's format), the alpaca record trained on its input
   # alone, its instruction dropped without a word.
@@ -453,7 +454,7 @@ def test_a_record_of_another_format_is_mixed_format_not_read_as_the_first(tmp_pa
                      r"\(detected from .*m\.jsonl:1\)") as e:
     load_examples(path)
   assert e.value.code == "mixed_format"
-  examples, problems = check.validate_records(read_all(path)[0])  # what data check / skip see
+  examples, problems = formats.validate_records(read_all(path)[0])  # what data check / skip see
   assert [(p.code, p.where[-9:]) for p in problems] == [("mixed_format", "m.jsonl:2")]
   assert len(examples) == 1
   # A forced format reads every record as that format, on purpose: no mixed_format.
@@ -511,3 +512,39 @@ def test_a_key_another_format_reads_beside_the_records_own_is_named(tmp_path):
   # A rendered "text" copy beside the messages (as many HF datasets carry) is fine.
   rendered = _write(tmp_path / "r.jsonl", [json.dumps(dict(chat, text="<user>q<assistant>a"))])
   assert load_examples(rendered)[0].messages[-1]["content"] == "a"
+
+
+# --- data.length_policy: one rule for SFT examples, preference pairs and GRPO prompts -----------
+
+@pytest.mark.parametrize("policy, kept", [("truncate", 2), ("drop", 1)])
+def test_length_policy_counts_the_same_for_every_kind_of_data(tok, policy, kept):
+  """SFT examples, preference pairs and GRPO prompts apply data.length_policy through one
+  helper (ftjax.data.dataset.keep_over_length): the same counts, the same items kept."""
+  short, long = "hi", " ".join(["word"] * 40)
+  sft, sft_counts = tokenize_examples([_chat("q", short), _chat("q", long)], tok, max_len=30,
+                                      length_policy=policy)
+  pairs, _ = preference.read_pairs([Record(f"p:{i}", {"prompt": "q", "chosen": t, "rejected": "no"})
+                                    for i, t in enumerate((short, long), 1)])
+  kept_pairs, pair_counts, _ = preference.tokenize_items(pairs, tok, max_len=30, length_policy=policy)
+  items, _ = prompts.read_prompts([Record(f"g:{i}", {"prompt": t}) for i, t in enumerate((short, long), 1)])
+  kept_prompts, prompt_counts, _ = prompts.tokenize_prompts(items, tok, max_len=20,
+                                                            length_policy=policy)
+  want = {"over_length": 1, "truncated": int(policy == "truncate"), "dropped": int(policy == "drop")}
+  for counts in (sft_counts, pair_counts, prompt_counts):
+    assert {k: counts[k] for k in want} == want
+  assert len(sft) == len(kept_pairs) == len(kept_prompts) == kept
+
+
+def test_length_policy_error_has_the_over_length_code_for_every_kind_of_data(tok):
+  """Under "error" each kind raises FtjaxError with code "over_length" naming the item's place
+  (SFT examples raised without a code before the three loops became one)."""
+  long = " ".join(["word"] * 40)
+  pairs, _ = preference.read_pairs([Record("p:1", {"prompt": "q", "chosen": long, "rejected": "no"})])
+  items, _ = prompts.read_prompts([Record("g:1", {"prompt": long})])
+  runs = [(lambda: tokenize_examples([_chat("q", long)], tok, max_len=30, length_policy="error"), "x.jsonl:1"),
+          (lambda: preference.tokenize_items(pairs, tok, max_len=30, length_policy="error"), "p:1"),
+          (lambda: prompts.tokenize_prompts(items, tok, max_len=20, length_policy="error"), "g:1")]
+  for run, where in runs:
+    with pytest.raises(FtjaxError, match=where) as e:
+      run()
+    assert e.value.code == "over_length"

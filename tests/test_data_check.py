@@ -10,7 +10,9 @@ import sys
 import pytest
 
 from ftjax.config import base_config
-from ftjax.data import check, similarity, sources
+from ftjax.data import formats, quality, selection, similarity, sources
+from ftjax.data import report as data_report
+from ftjax.data_check import run_check
 from ftjax.errors import FtjaxError
 from tiny import tiny_tokenizer
 
@@ -88,7 +90,7 @@ def tok():
 
 def test_every_problem_with_code_and_line(tmp_path, tok):
   path = _write_planted(tmp_path / "bad.jsonl")
-  report, kept = check.check(_config(path, length_policy="error"), tok)
+  report, kept = selection.check(_config(path, length_policy="error"), tok)
   found = [(int(p["where"].rsplit(":", 1)[1]), p["code"]) for p in report["problems"]]
   assert sorted(found) == EXPECTED
   assert all(p["where"].startswith(path + ":") for p in report["problems"])
@@ -113,7 +115,7 @@ def test_json_array_and_csv_report_every_problem(tmp_path, tok):
                     b'{"input": "spans",\n "output": "\xfe two lines"}\n]\n')
   csv = tmp_path / "bad.csv"
   csv.write_text('input,output\na b,c\n"two\nlines",d\ne,f,g\nh\ni,\n"j, k",l\n')
-  report, kept = check.check(_config(f"{array},{csv}", on_error="skip"), tok)
+  report, kept = selection.check(_config(f"{array},{csv}", on_error="skip"), tok)
   found = [(p["where"].rsplit("/", 1)[1], p["code"]) for p in report["problems"]]
   assert found == [("bad.json:3", "bad_json"), ("bad.json:5", "bad_encoding"),
                    ("bad.json:6", "bad_json"), ("bad.json:9", "bad_encoding"), ("bad.csv:5", "bad_csv"), ("bad.csv:6", "bad_csv"),
@@ -128,14 +130,14 @@ def test_a_failed_check_still_prices_auto_epochs(tmp_path, tok):
   (what the run would train on once the bad ones are fixed), not the default step count."""
   c = _config(_write_planted(tmp_path / "bad.jsonl"))
   c.train.epochs = "auto"
-  report = check.run_check(c, tok, out_dir=str(tmp_path / "out"), probe=False)
+  report = run_check(c, tok, out_dir=str(tmp_path / "out"), probe=False)
   assert report["failed"] and report["auto"]
   assert report["cost"]["steps"] == c.train.steps != base_config().train.steps
 
 
 def test_over_length_follows_length_policy(tmp_path, tok):
   path = _write_planted(tmp_path / "bad.jsonl")
-  report, kept = check.check(_config(path, length_policy="truncate", on_error="skip"), tok)
+  report, kept = selection.check(_config(path, length_policy="truncate", on_error="skip"), tok)
   over = [p for p in report["problems"] if p["code"] == "over_length"]
   assert len(over) == 1 and not over[0]["error"] and "(truncated)" in over[0]["message"]
   assert f"{path}:7" in {ex.where for ex in kept["train"]}
@@ -201,14 +203,14 @@ def test_leakage_found_and_dropped(tmp_path, tok):
     json.dumps({"input": paraphrase, "output": "ok"}),
     json.dumps({"input": "How many legs does a spider have?", "output": "8"}),
   ])
-  report, kept = check.check(_config(train, eval_), tok)
+  report, kept = selection.check(_config(train, eval_), tok)
   leaks = {(p["train"], p["eval"], p["kind"]): p["similarity"] for p in report["leakage"]["listed"]}
   assert set(leaks) == {(f"{train}:1", f"{eval_}:1", "exact"), (f"{train}:2", f"{eval_}:2", "near")}
   assert leaks[(f"{train}:1", f"{eval_}:1", "exact")] == 1.0
   assert 0.4 <= leaks[(f"{train}:2", f"{eval_}:2", "near")] < 1.0
   assert len(kept["train"]) == 4  # drop_leaked off: reported only
 
-  kept = check.clean_examples(_config(train, eval_, drop_leaked=True), tok)
+  kept = selection.clean_examples(_config(train, eval_, drop_leaked=True), tok)
   assert [ex.where for ex in kept["train"]] == [f"{train}:3", f"{train}:4"]
   assert len(kept["eval"]) == 3
 
@@ -233,7 +235,7 @@ def test_labels_and_repeated_outputs(tok):
                                              {"role": "assistant", "content": a, "weight": 1}])
   examples = [ex(i, f"review number {i}", "positive" if i % 2 else "negative") for i in range(20)]
   examples.append(ex(20, "review number 20", "neutral"))
-  q = check.quality(examples, {id(e): 10 for e in examples}, threshold=0.4)
+  q = quality.quality(examples, {id(e): 10 for e in examples}, threshold=0.4)
   assert q["labels"]["counts"] == {"positive": 10, "negative": 10, "neutral": 1}
   assert q["labels"]["rare"] == ["neutral"]
   assert {r["output"] for r in q["repeated_outputs"]} == {"positive", "negative"}
@@ -242,8 +244,8 @@ def test_labels_and_repeated_outputs(tok):
 
 def test_markdown_section(tmp_path, tok):
   path = _write_planted(tmp_path / "bad.jsonl")
-  report, _ = check.check(_config(path, on_error="skip"), tok)
-  md = check.markdown(report)
+  report, _ = selection.check(_config(path, on_error="skip"), tok)
+  md = data_report.markdown(report)
   assert md.startswith("## Data check") and "`bad_json` 1" in md and "| train | 8 |" in md
 
 
@@ -263,9 +265,9 @@ def test_gsm8k_train_test_leakage(shared_data):
   splits = {}
   for name in ("train", "test"):
     records, problems = sources.read_all(os.path.join(shared_data, "gsm8k", f"{name}.jsonl"))
-    splits[name], invalid = check.validate_records(records, fields=fields)
+    splits[name], invalid = formats.validate_records(records, fields=fields)
     assert not problems and not invalid
-  leaks = check.leakage(splits["train"], splits["test"], threshold=0.3)
+  leaks = quality.leakage(splits["train"], splits["test"], threshold=0.3)
   found = {(int(p["eval"].rsplit(":", 1)[1]), int(p["train"].rsplit(":", 1)[1])): p["similarity"]
            for p in leaks}
   assert {p["kind"] for p in leaks} == {"near"}
@@ -289,7 +291,7 @@ def test_short_text_near_duplicate_reported_with_both_locations(tmp_path, tok):
   records = [json.dumps({"input": t, "output": "listing"}) for t in OTHER_LISTINGS]
   train = _write(tmp_path / "train.jsonl", records + [json.dumps({"input": LISTING, "output": "ok"})])
   eval_ = _write(tmp_path / "eval.jsonl", [json.dumps({"input": RELISTED, "output": "ok"})])
-  report, _ = check.check(_config(train, eval_), tok)
+  report, _ = selection.check(_config(train, eval_), tok)
   assert [(p["train"], p["eval"], p["kind"]) for p in report["leakage"]["listed"]] == [
       (f"{train}:5", f"{eval_}:1", "near")]
   assert report["leakage"]["listed"][0]["similarity"] == pytest.approx(
@@ -297,10 +299,10 @@ def test_short_text_near_duplicate_reported_with_both_locations(tmp_path, tok):
 
   both = _write(tmp_path / "both.jsonl", records + [json.dumps({"input": LISTING, "output": "a"}),
                                                     json.dumps({"input": RELISTED, "output": "a"})])
-  report, _ = check.check(_config(both), tok)
+  report, _ = selection.check(_config(both), tok)
   near = report["quality"]["near_duplicates"]["listed"]
   assert [(p["a"], p["b"]) for p in near] == [(f"{both}:5", f"{both}:6")]
-  text = check.summary_text(report)
+  text = data_report.summary_text(report)
   assert f"near duplicate {near[0]['similarity']:.2f}: {both}:5 ~ {both}:6" in text
 
 
@@ -332,7 +334,7 @@ def test_a_shared_instruction_line_makes_no_near_duplicates(tmp_path, tok):
                  + [record(LISTING, 0)])
   eval_ = _write(tmp_path / "eval.jsonl", [record(m, i) for i, m in enumerate(messages[200:])]
                  + [record(RELISTED, 0)])
-  report, kept = check.check(_config(train, eval_, drop_leaked=True), tok)
+  report, kept = selection.check(_config(train, eval_, drop_leaked=True), tok)
   assert report["quality"]["near_duplicates"]["pairs"] == 0
   assert [(p["train"], p["eval"]) for p in report["leakage"]["listed"]] == [
       (f"{train}:201", f"{eval_}:61")]
@@ -380,9 +382,9 @@ def test_texts_left_with_a_few_shingles_are_not_near_identical(monkeypatch):
 
 def test_summary_lists_locations_and_report_path(tmp_path, tok):
   path = _write_planted(tmp_path / "bad.jsonl")
-  report = check.run_check(_config(path, on_error="skip"), tok, out_dir=str(tmp_path / "out"),
+  report = run_check(_config(path, on_error="skip"), tok, out_dir=str(tmp_path / "out"),
                            probe=False)
-  text = check.summary_text(report)
+  text = data_report.summary_text(report)
   assert f"duplicate: {path}:8 = {path}:9" in text
   assert f"near duplicate " in text and f"{path}:10 ~ {path}:11" in text
   assert f"conflicting outputs: {path}:12 / {path}:13" in text
@@ -396,7 +398,7 @@ def test_input_output_codes_with_field_renaming():
              Record("q.jsonl:2", {"question": "3+3?"}),
              Record("q.jsonl:3", {"question": "4+4?", "answer": 8}),
              Record("q.jsonl:4", {"question": "5+5?", "answer": " "})]
-  examples, problems = check.validate_records(records, fields={"question": "input", "answer": "output"})
+  examples, problems = formats.validate_records(records, fields={"question": "input", "answer": "output"})
   assert [ex.where for ex in examples] == ["q.jsonl:1"]
   assert [(p.where, p.code) for p in problems] == [
       ("q.jsonl:2", "missing_field"), ("q.jsonl:3", "wrong_type"), ("q.jsonl:4", "empty_output")]

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from ftjax.config import base_config, validate
-from ftjax.data import check, sources
+from ftjax.data import selection, sources
+from ftjax.data import report as data_report
 from ftjax.errors import FtjaxError
 from ftjax.run import build_datasets
 from tiny import tiny_tokenizer
@@ -41,11 +42,11 @@ def test_save_to_disk_folders(tmp_path, tok):
   splits = str(tmp_path / "splits")
   datasets.DatasetDict({"train": datasets.Dataset.from_list(_rows(4, "b")),
                         "test": datasets.Dataset.from_list(_rows(3, "c"))}).save_to_disk(splits)
-  report, kept = check.check(_config(single, f"{splits}?split=test"), tok)
+  report, kept = selection.check(_config(single, f"{splits}?split=test"), tok)
   assert [ex.where for ex in kept["train"]] == [f"{single}:{i}" for i in range(1, 7)]
   assert [ex.where for ex in kept["eval"]] == [f"{splits}?split=test:{i}" for i in range(1, 4)]
   assert kept["eval"][0].messages[0]["content"] == "c question number 0 about a topic"
-  _, kept = check.check(_config(splits), tok)  # a DatasetDict: train by default
+  _, kept = selection.check(_config(splits), tok)  # a DatasetDict: train by default
   assert len(kept["train"]) == 4
   with pytest.raises(FtjaxError, match=r"no split 'dev'; this folder holds \['test', 'train'\]"):
     sources.read_records(f"{splits}?split=dev")
@@ -68,7 +69,7 @@ def test_other_file_formats(tmp_path, tok):
   arrow_dir = tmp_path / "arrow"
   datasets.Dataset.from_list(_rows(2, "z")).save_to_disk(str(arrow_dir))
   arrow = next(arrow_dir.glob("*.arrow"))
-  _, kept = check.check(_config(f"{tsv},{arrow}"), tok)
+  _, kept = selection.check(_config(f"{tsv},{arrow}"), tok)
   assert [ex.where for ex in kept["train"]] == [f"{tsv}:2", f"{tsv}:3", f"{tsv}:4",
                                                 f"{arrow}:1", f"{arrow}:2"]
   assert kept["train"][0].messages[0]["content"] == "q0, with a comma"
@@ -82,7 +83,7 @@ def _write(path, rows):
 def test_mix_by_weight(tmp_path, tok):
   small = _write(tmp_path / "small.jsonl", _rows(10, "s"))
   large = _write(tmp_path / "large.jsonl", _rows(30, "l"))
-  report, kept = check.check(_config(f"{small}, {large}", mix="1,1"), tok)
+  report, kept = selection.check(_config(f"{small}, {large}", mix="1,1"), tok)
   drawn = collections.Counter(ex.where for ex in kept["train"])
   assert sum(n for w, n in drawn.items() if w.startswith(small)) == 20
   assert {n for w, n in drawn.items() if w.startswith(small)} == {2}  # every small example twice
@@ -92,7 +93,7 @@ def test_mix_by_weight(tmp_path, tok):
       (small, 10, 20), (large, 30, 20)]
   assert report["quality"]["exact_duplicates"]["examples"] == 0  # judged before the mix
   with pytest.raises(FtjaxError, match="data.mix has 3 weights for 2 train sources"):
-    check.check(_config(f"{small},{large}", mix="1,1,1"), tok)
+    selection.check(_config(f"{small},{large}", mix="1,1,1"), tok)
   with pytest.raises(FtjaxError, match="data.mix='1,x'"):
     _config(small, mix="1,x")
 
@@ -100,14 +101,14 @@ def test_mix_by_weight(tmp_path, tok):
 def test_eval_carved_from_train(tmp_path, tok):
   path = _write(tmp_path / "all.jsonl", _rows(50, "r"))
   c = _config(path, eval_fraction=0.2, eval_seed=1)
-  report, kept = check.check(c, tok)
+  report, kept = selection.check(c, tok)
   train, held = {ex.where for ex in kept["train"]}, {ex.where for ex in kept["eval"]}
   assert len(held) == 10 and len(train) == 40 and not train & held
   assert report["splits"]["eval"]["carved_from_train"] == 10
   assert report["leakage"]["pairs"] == 0
-  _, again = check.check(c, tok)
+  _, again = selection.check(c, tok)
   assert {ex.where for ex in again["eval"]} == held  # the seed decides
-  _, other = check.check(_config(path, eval_fraction=0.2, eval_seed=2), tok)
+  _, other = selection.check(_config(path, eval_fraction=0.2, eval_seed=2), tok)
   assert {ex.where for ex in other["eval"]} != held
   train_ds, eval_ds = build_datasets(c, tok)
   assert train_ds.summary["examples"] == 40 and eval_ds.summary["examples"] == 10
@@ -130,7 +131,7 @@ def test_csv_cell_over_the_csv_modules_field_limit_reads_whole_and_the_rows_afte
   assert csv.field_size_limit() == limit  # the process-wide limit is put back
   c = _config(str(path))
   c.data.check.on_error = "skip"
-  report, kept = check.check(c, tok)
+  report, kept = selection.check(c, tok)
   assert report["problems"] == [] or {p["code"] for p in report["problems"]} == {"over_length"}
   assert len(kept["train"]) == 18 and not report["failed"]
 
@@ -171,9 +172,9 @@ def test_an_empty_or_emptied_split_fails_the_check_naming_why(tmp_path, tok, on_
   def run(train, eval_="", drop_leaked=False, **data):
     c = _config(train, eval_, **data)
     c.data.check.on_error, c.data.check.drop_leaked = on_error, drop_leaked
-    report, _ = check.check(c, tok)
-    assert report["failed"] and check.summary_text(report).endswith("result: FAILED")
-    assert "empty_split" in check.failure_message(report)
+    report, _ = selection.check(c, tok)
+    assert report["failed"] and data_report.summary_text(report).endswith("result: FAILED")
+    assert "empty_split" in selection.failure_message(report)
     return _empty_splits(report)
 
   assert run(str(empty)) == {"train": f"data.train ({empty}): empty_split: no examples left: "
@@ -191,4 +192,4 @@ def test_an_empty_or_emptied_split_fails_the_check_naming_why(tmp_path, tok, on_
   c = _config(str(empty))
   c.data.check.on_error = on_error
   with pytest.raises(FtjaxError, match="empty_split: no examples left: no records"):
-    check.clean_examples(c, tok)
+    selection.clean_examples(c, tok)

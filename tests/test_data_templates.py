@@ -6,7 +6,7 @@ import json
 import pytest
 
 from ftjax.config import base_config
-from ftjax.data import check, template
+from ftjax.data import selection, template
 from ftjax.errors import FtjaxError
 from ftjax.models import resolve
 from ftjax.tokenizer import Tokenizer
@@ -48,15 +48,15 @@ def chat_file(tmp_path):
 def test_conversations_without_a_template_are_an_error(chat_file):
   with pytest.raises(FtjaxError, match=r"chat\.jsonl:1: .* has no chat template; choose one with "
                                        r"data.chat_template='auto' .*'chatml', 'plain'"):
-    check.check(_config(chat_file, "auto"), _no_template())
+    selection.check(_config(chat_file, "auto"), _no_template())
 
 
 def test_template_options(chat_file, tmp_path):
-  _, kept = check.check(_config(chat_file, "plain"), tok := _no_template())
+  _, kept = selection.check(_config(chat_file, "plain"), tok := _no_template())
   tex = template.tokenize_example(kept["train"][0], tok)
   assert tok.decode(tex.tokens.tolist(), skip_special_tokens=False) == "hello there\nhi<|im_end|>"
 
-  _, kept = check.check(_config(chat_file, "chatml"), tok := _no_template())
+  _, kept = selection.check(_config(chat_file, "chatml"), tok := _no_template())
   assert tok.chat_template == template.CHATML
   tex = template.tokenize_example(kept["train"][0], tok)
   assert tok.decode(tex.tokens.tolist(), skip_special_tokens=False) == (
@@ -65,11 +65,11 @@ def test_template_options(chat_file, tmp_path):
   jinja = tmp_path / "t.jinja"
   jinja.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
                    "{% if add_generation_prompt %}[assistant] {% endif %}")
-  _, kept = check.check(_config(chat_file, str(jinja)), tok := _no_template())
+  _, kept = selection.check(_config(chat_file, str(jinja)), tok := _no_template())
   tex = template.tokenize_example(kept["train"][0], tok)
   assert tok.decode(tex.tokens.tolist(), skip_special_tokens=False) == (
       "[user] hello there\n[assistant] hi\n")
   with pytest.raises(FtjaxError, match="data.chat_template=.jinja2.; expected"):
-    check.check(_config(chat_file, "jinja2"), _no_template())
+    selection.check(_config(chat_file, "jinja2"), _no_template())
   with pytest.raises(FtjaxError, match="missing.jinja: cannot read the chat template"):
-    check.check(_config(chat_file, str(tmp_path / "missing.jinja")), _no_template())
+    selection.check(_config(chat_file, str(tmp_path / "missing.jinja")), _no_template())

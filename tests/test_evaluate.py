@@ -276,9 +276,9 @@ def test_planted_overfitting_stops_early_restores_best_and_warns(model_dir, data
   assert "(restored from the best checkpoint)" in report
   assert os.path.exists(os.path.join(workdir, "curves.png"))
   # With the data check's report in the workdir, `--workdir` adds its data and cost figures.
-  from ftjax.data import check
+  from ftjax.data_check import run_check
   from ftjax.models.resolve import tokenizer_for
-  check.run_check(c, tokenizer_for(model_dir), out_dir=workdir)
+  run_check(c, tokenizer_for(model_dir), out_dir=workdir)
   evaluate.main(["--workdir", workdir])
   report = open(os.path.join(workdir, "report.md")).read()
   assert "## Data check (data_report.json)" in report and "| train | 8 |" in report

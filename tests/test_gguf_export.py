@@ -16,10 +16,11 @@ import hf_models
 from tiny import tiny_tokenizer
 from ftjax import models, peft
 from ftjax.errors import FtjaxError
-from ftjax.export import merged_model
+from ftjax.models import save_gguf
+from ftjax.peft import merged_model
 from ftjax.models.gguf import load_gguf
-from ftjax.models.gguf_write import save_gguf
-from ftjax.models.params import get_path, param_specs, set_path
+from ftjax.models.params import param_specs
+from ftjax.tree import get_path, set_path
 from ftjax.tokenizer import load_tokenizer, read_gguf_metadata
 
 Q = gguf.GGMLQuantizationType
@@ -194,6 +195,21 @@ def test_bad_type_leaves_no_file(tmp_path, exported):
   with pytest.raises(FtjaxError, match="q4_k_m.*not supported"):
     save_gguf(exported["merged"], str(tmp_path / "x.gguf"), exported["tokenizer"], type="q4_k_m")
   assert not os.listdir(tmp_path)
+
+
+def test_models_save_gguf_refuses_an_adapter_without_merged_form(tmp_path, tokenizer):
+  """ftjax.models.save_gguf (issue 25's name, the one export uses) folds adapters in through
+  ftjax.peft without models/ importing it; an adapter with no weights to fold is refused by name
+  before anything is written."""
+  import ftjax.export
+  assert ftjax.export.save_gguf is models.save_gguf
+  model, _ = models.load(_hf_folder(str(tmp_path / "hf"), "qwen2", tokenizer))
+  model = peft.get_peft_model(model, peft.PromptTuningConfig(num_virtual_tokens=2))
+  out = tmp_path / "out"
+  out.mkdir()
+  with pytest.raises(FtjaxError, match="save_gguf: the attached adapter has no merged form"):
+    models.save_gguf(model, str(out / "x.gguf"), tokenizer, type="f32")
+  assert not os.listdir(out)
 
 
 def test_cli_writer_prints_and_writes_modelfile(tmp_path, capsys, tokenizer):

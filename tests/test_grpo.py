@@ -279,7 +279,6 @@ from ftjax import config as config_lib  # noqa: E402
 from ftjax import objectives  # noqa: E402
 from ftjax import train as train_lib  # noqa: E402
 from ftjax.data import arithmetic_task  # noqa: E402
-from ftjax.data import check as check_lib  # noqa: E402
 
 GRPO_METRICS = ("reward", "reward_std", "rewards/exact_answer", "rewards/answer_format", "kl",
                 "completion_length", "clip_ratio/region_mean", "frac_reward_zero_std",
@@ -356,7 +355,7 @@ def test_data_check_names_bad_prompts_at_file_line_and_over_long_ones(model_dir,
   c.data.train, c.data.eval = str(tmp_path / "train.jsonl"), ""
   c.data.generate = ""
   from ftjax.models.resolve import tokenizer_for
-  report, _ = check_lib.check(c, tokenizer_for(model_dir))
+  report, _ = objectives.get(c).check_data(tokenizer_for(model_dir))
   where = {p["code"]: p["where"] for p in report["problems"]}
   path = str(tmp_path / "train.jsonl")
   assert where["missing_field"] == f"{path}:2"

@@ -502,7 +502,6 @@ import os
 from ftjax import objectives
 from ftjax import run as run_lib
 from ftjax import train as train_lib
-from ftjax.data import check as check_lib
 from ftjax.data import preference_task
 from ftjax.errors import FtjaxError
 from tiny import run_config
@@ -627,7 +626,7 @@ def test_data_check_reports_preference_problems_at_file_line(model_dir, tmp_path
       {"prompt": "Name a tool."}])
   held = _write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "name a colour", "chosen": "blue", "rejected": "x"}])
   c = _pref_config(model_dir, str(tmp_path), "dpo")
-  report, kept = check_lib.check(c, tokenizer_for(model_dir))
+  report, kept = objectives.get(c).check_data(tokenizer_for(model_dir))
   codes = {(p["code"], p["where"]) for p in report["problems"]}
   assert codes == {("duplicate_pair", f"{train}:2"), ("identical_replies", f"{train}:3"),
                    ("missing_field", f"{train}:4")}

@@ -17,7 +17,8 @@ from ftjax import models
 from ftjax.models.config import load_hf_config
 from ftjax.models.gguf import load_gguf
 from ftjax.models.hf import load_hf_params
-from ftjax.models.params import flatten, get_path, param_specs
+from ftjax.models.params import param_specs
+from ftjax.tree import flatten, get_path
 from ftjax.models.sharded import collect_mesh_sinks, mesh_sinks
 from ftjax.parallel import sharding
 from test_gguf import write_gguf

@@ -24,7 +24,7 @@ from ftjax.checkpoint import Checkpointer
 from ftjax.errors import FtjaxError
 from ftjax.models.config import load_hf_config
 from ftjax.models.hf import load_hf_params
-from ftjax.models.params import flatten, get_path
+from ftjax.tree import flatten, get_path
 from tiny import quickstart_data, run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -23,12 +23,17 @@
 Only assistant content and the end-of-turn token after it are trained (assistant messages with
 weight 0 are not); segment ids start at 1 per packed document (0 = padding), positions restart at
 0, and the target after a document's last token is masked. Bad input raises FtjaxError with
-`path:LINE: ...`. The quickstart task generator and scorer live in ftjax.data.quickstart_task.
-`python -m ftjax.data check --config ...` (ftjax.data.check) lists every problem instead, with
-quality, leakage and token statistics, and the cost plan (ftjax.cost); training runs it first.
+`path:LINE: ...`. The generated tasks (data.generate) live in ftjax.data.<name>_task
+(quickstart, preference, arithmetic): each writes its splits, and `write_generated` runs it.
+`python -m ftjax.data check --config ...` (ftjax.data.selection, .quality, .report) lists every problem instead, with
+quality, leakage and token statistics, and the cost plan (ftjax.cost_plan); training runs it first.
 Tokenisation is batched (template.tokenize_many) and cached on disk (ftjax.data.cache);
 ftjax.data.auto resolves train.epochs and the "auto" epochs / batch size / learning rate.
 """
+
+import importlib
+import logging
+import os
 
 from ftjax.data.dataset import Dataset, build_dataset, load_examples, read_options, tokenize_examples
 from ftjax.data.loader import Loader
@@ -36,4 +41,14 @@ from ftjax.data.packing import pack
 from ftjax.data.template import TokenizedExample, tokenize_example
 
 __all__ = ["Dataset", "Loader", "TokenizedExample", "build_dataset", "load_examples", "pack", "read_options",
-           "tokenize_example", "tokenize_examples"]
+           "tokenize_example", "tokenize_examples", "write_generated"]
+
+
+def write_generated(config) -> None:
+  """Writes the generated dataset (data.generate = NAME: ftjax/data/NAME_task.py) where data.train
+  points when it is not there yet: training and the data check read it."""
+  if config.data.generate and not os.path.exists(config.data.train):
+    task = importlib.import_module(f"ftjax.data.{config.data.generate}_task")
+    out_dir = os.path.dirname(config.data.train) or "."
+    task.write_splits(out_dir)
+    logging.getLogger("ftjax.run").info("wrote the %s dataset to %s", config.data.generate, out_dir)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 
-from ftjax import config as config_lib
+from ftjax.parallel.sharding import make_mesh
 
 log = logging.getLogger("ftjax.data.auto")
 
@@ -64,7 +64,7 @@ def resolve(config, *, rows: int, examples: int, shards: int = 1) -> list[str]:
     t.batch_size, why = auto_batch_size(rows, shards * t.grad_accum)
     reasons.append(f"train.batch_size={t.batch_size}: {why}")
   if t.lr == "auto":
-    method = config_lib.methods(config)[0]
+    method = config.method.split("+")[0].strip()  # the first of ftjax.config.methods (above data)
     t.lr = LEARNING_RATES[method]
     reasons.append(f"train.lr={t.lr:g}: the usual rate for {method} (ftjax/data/auto.py cites it)")
   if t.epochs == "auto":
@@ -82,7 +82,6 @@ def resolve(config, *, rows: int, examples: int, shards: int = 1) -> list[str]:
 
 def data_parallel(config) -> int:
   """Devices a batch is split over: the data x fsdp axes of the run's mesh."""
-  from ftjax.parallel.sharding import make_mesh
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   return mesh.shape["data"] * mesh.shape["fsdp"]
 

@@ -22,6 +22,7 @@ import unicodedata
 import weakref
 
 import numpy as np
+from ftjax.tokenizer import BYTES_TO_UNICODE
 
 # Piece kinds as codes (template.py's "ctx" | "content" | "end" | "end1", weight folded in).
 CTX, CONTENT, END, END1 = 0, 1, 2, 3
@@ -44,8 +45,7 @@ def byte_lengths(backend):
   norm_type = None if norm is None else norm.get("type")
   table = None
   if model.get("type") == "BPE" and "ByteLevel" in pre_types and norm_type in (None, "NFC"):
-    from ftjax.tokenizer import _BYTES_TO_UNICODE
-    alphabet = set(_BYTES_TO_UNICODE.values())
+    alphabet = set(BYTES_TO_UNICODE.values())
     lengths = np.full(backend.get_vocab_size(with_added_tokens=True), _UNKNOWN, np.int32)
     for token, i in model["vocab"].items():
       if i < len(lengths) and all(ch in alphabet for ch in token):

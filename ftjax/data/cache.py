@@ -26,6 +26,7 @@ import weakref
 import numpy as np
 
 from ftjax.data import template
+from ftjax.models.resolve import cache_dir as ftjax_cache
 
 log = logging.getLogger("ftjax.data.cache")
 
@@ -40,7 +41,6 @@ def cache_dir() -> str | None:
     return None
   if value:
     return value
-  from ftjax.models.resolve import cache_dir as ftjax_cache
   return os.path.join(ftjax_cache(), "tokens")
 
 

@@ -11,7 +11,7 @@ LENGTH_POLICIES = ("truncate", "drop", "error")
 EXTENSIONS = (".jsonl", ".json", ".txt", ".parquet", ".csv", ".tsv", ".arrow")
 
 
-def _expand(path):
+def expand(path):
   """Sources of a data path: a file, a directory of data files, a save_to_disk folder, a hub:
   dataset, a list of them, or several in one string separated by commas."""
   paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
@@ -36,9 +36,8 @@ def _expand(path):
 def read_options(data_cfg) -> dict:
   """load_examples' keyword arguments from a config's `data` block: one place that says how a
   run reads its files, for training, evaluation and the few-shot pool alike."""
-  from ftjax import config as config_lib
   return dict(format=data_cfg.format, system_prompt=data_cfg.system_prompt or None,
-              fields=config_lib.fields(data_cfg.fields),
+              fields=formats.parse_fields(data_cfg.fields),
               skip_invalid=data_cfg.check.on_error == "skip")
 
 
@@ -49,12 +48,11 @@ def load_examples(path, *, format="auto", fields=None, system_prompt=None, skip_
   (data.check.on_error="skip", whose check has reported and counted them) it is left out, as
   training leaves it out."""
   examples, records_seen = [], 0
-  for p in _expand(path):
+  for p in expand(path):
     if skip_invalid:
-      from ftjax.data import check
       records, unread = sources.read_all(p)
       records_seen += len(unread) + len(records)
-      examples.extend(check.validate_records(records, format=format, fields=fields,
+      examples.extend(formats.validate_records(records, format=format, fields=fields,
                                              system_prompt=system_prompt)[0])
     else:
       examples.extend(formats.to_examples(sources.read_records(p), format, fields, system_prompt))
@@ -67,6 +65,26 @@ def load_examples(path, *, format="auto", fields=None, system_prompt=None, skip_
   return examples
 
 
+def check_length_policy(length_policy: str) -> None:
+  if length_policy not in LENGTH_POLICIES:
+    raise FtjaxError(f"length_policy {length_policy!r} is not one of {', '.join(LENGTH_POLICIES)}")
+
+
+def keep_over_length(counts: dict, length_policy: str, message: str) -> bool:
+  """data.length_policy for one example over the length limit, the same for every kind of
+  data (SFT examples, preference pairs, GRPO prompts): counted in `counts` ("over_length", then
+  "truncated" or "dropped"); "error" raises FtjaxError(message) with code over_length. True:
+  keep it, cut by the caller (which end is its own); False: leave it out."""
+  counts["over_length"] += 1
+  if length_policy == "error":
+    raise FtjaxError(message, code="over_length")
+  if length_policy == "drop":
+    counts["dropped"] += 1
+    return False
+  counts["truncated"] += 1
+  return True
+
+
 def tokenize_examples(examples, tokenizer, *, max_len, length_policy="truncate"):
   """TokenizedExamples under the length policy, and counts for the summary.
 
@@ -74,8 +92,7 @@ def tokenize_examples(examples, tokenizer, *, max_len, length_policy="truncate")
   policy. Text examples (pretraining data) are instead cut into windows of max_len tokens that
   overlap by one token, so every token but the very first is a target exactly once.
   """
-  if length_policy not in LENGTH_POLICIES:
-    raise FtjaxError(f"length_policy {length_policy!r} is not one of {', '.join(LENGTH_POLICIES)}")
+  check_length_policy(length_policy)
   if max_len < 2:
     raise FtjaxError(f"max_len must be at least 2 tokens, got {max_len}")
   counts = dict(examples=len(examples), over_length=0, truncated=0, dropped=0, chunked=0,
@@ -92,15 +109,11 @@ def tokenize_examples(examples, tokenizer, *, max_len, length_policy="truncate")
     if not any(m["role"] == "user" for m in ex.messages):
       counts["no_user_turn"] += 1  # allowed, but hosted APIs warn: usually a data mistake
     if n > max_len:
-      counts["over_length"] += 1
       first_over = first_over or f"{ex.where} ({n} tokens)"
-      if length_policy == "error":
-        raise FtjaxError(f"{ex.where}: example is {n} tokens, longer than max_len {max_len} "
-                         "(length_policy='error'; use 'truncate' or 'drop')")
-      if length_policy == "drop":
-        counts["dropped"] += 1
+      if not keep_over_length(counts, length_policy,
+                              f"{ex.where}: example is {n} tokens, longer than max_len {max_len} "
+                              "(length_policy='error'; use 'truncate' or 'drop')"):
         continue
-      counts["truncated"] += 1
       tex = dataclasses.replace(tex, tokens=tex.tokens[:max_len], loss_mask=tex.loss_mask[:max_len])
     if not tex.loss_mask.any():
       counts["no_trained_tokens"] += 1  # e.g. the prompt alone fills max_len; nothing to learn
@@ -166,13 +179,13 @@ def build_dataset(path, tokenizer, *, seq_len, format="auto", pack=True, length_
   """Load, validate, tokenise and pack. max_len is seq_len + 1 tokens: one row's worth."""
   examples = load_examples(path, format=format, fields=fields, system_prompt=system_prompt)
   return dataset_from_examples(examples, tokenizer, seq_len=seq_len, pack=pack,
-                               length_policy=length_policy, pad_id=pad_id, files=_expand(path),
+                               length_policy=length_policy, pad_id=pad_id, files=expand(path),
                                name=path)
 
 
 def dataset_from_examples(examples, tokenizer, *, seq_len, pack=True, length_policy="truncate",
                           pad_id=None, files=(), name="data"):
-  """Tokenise and pack already validated Examples (e.g. the ones `ftjax.data.check` kept)."""
+  """Tokenise and pack already validated Examples (e.g. the ones `ftjax.data.selection` kept)."""
   tokenized, counts = tokenize_examples(examples, tokenizer, max_len=seq_len + 1,
                                         length_policy=length_policy)
   if not tokenized:

@@ -16,12 +16,13 @@ stable names `python -m ftjax.data check` counts), so the checker reuses this on
 import dataclasses
 import functools
 
+from ftjax.data import sources
 from ftjax.errors import FtjaxError
 
 FORMATS = ("input_output", "instruction", "chat", "text")
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = ("role", "content", "weight", "name")
-# Stable problem codes (ftjax.data.check); the message keeps the hosted-API wording.
+# Stable problem codes (ftjax.data.selection); the message keeps the hosted-API wording.
 CODES = ("data_type", "unknown_format", "mixed_format", "missing_field", "wrong_type", "unknown_key",
          "unknown_role", "invalid_weight", "no_assistant_turn")
 # The top-level keys each format reads (after data.fields renaming).
@@ -270,3 +271,44 @@ def _from_chat(record):
     raise FtjaxError(code="no_assistant_turn", message=f"{where}: example_missing_assistant_message: no message with role "
                      "'assistant' to train on")
   return [Example(where, messages=out)]
+
+
+def parse_fields(text: str) -> dict | None:
+  """data.fields: "question:input,answer:output" -> {"question": "input", "answer": "output"};
+  "": None."""
+  pairs = [p.split(":") for p in text.split(",") if p.strip()]
+  if any(len(p) != 2 or not all(x.strip() for x in p) for p in pairs):
+    raise FtjaxError(f"config: data.fields={text!r}; expected 'source:ours' pairs, e.g. "
+                     "'question:input,answer:output'")
+  return {a.strip(): b.strip() for a, b in pairs} or None
+
+
+def validate_records(records, *, format="auto", fields=None, system_prompt=None):
+  """(examples, problems): record_examples on each record, its errors collected: the data check
+  reads every bad record (each a sources.Problem), where training stops at the first."""
+  records = [rename(r, fields) for r in records] if fields else records
+  fmt, detected_from = format, None
+  if fmt == "auto":  # training detects from the first record; here the first one that tells
+    fmt = None
+    for r in records:
+      try:
+        fmt, detected_from = detect_format(r), r.where
+        break
+      except FtjaxError:
+        continue
+  examples, problems = [], []
+  for r in records:
+    try:
+      found = record_examples(r, fmt or detect_format(r), system_prompt,
+                              detected_from=detected_from)
+    except FtjaxError as e:
+      problems.append(sources.Problem(e.code or "invalid", r.where, str(e)))
+      continue
+    empty = [ex for ex in found if ex.messages is not None and any(
+        m["role"] == "assistant" and m["weight"] and not m["content"].strip() for m in ex.messages)]
+    if empty:
+      problems.append(sources.Problem("empty_output", r.where,
+                                      f"{r.where}: empty_output: an assistant turn to train on is empty"))
+      continue
+    examples.extend(found)
+  return examples, problems

@@ -36,13 +36,13 @@ import dataclasses
 import numpy as np
 
 from ftjax.data import cache, formats, packing
-from ftjax.data.check import normalise
+from ftjax.data.dataset import check_length_policy, keep_over_length
+from ftjax.data.quality import normalise
 from ftjax.data.sources import Problem, Record
 from ftjax.errors import FtjaxError
 
 CODES = ("missing_field", "wrong_type", "empty_reply", "identical_replies", "bad_label",
          "over_length", "duplicate_pair")
-LENGTH_POLICIES = ("truncate", "drop", "error")
 
 
 @dataclasses.dataclass
@@ -215,8 +215,7 @@ def _examples(item) -> list:
 def tokenize_items(items, tok, *, max_len, length_policy="truncate"):
   """(kept items' TokenizedExamples per item, counts, over_length Problems) under the policy:
   a pair over max_len has both replies truncated, or is dropped, or raises (length_policy)."""
-  if length_policy not in LENGTH_POLICIES:
-    raise FtjaxError(f"length_policy {length_policy!r} is not one of {', '.join(LENGTH_POLICIES)}")
+  check_length_policy(length_policy)
   flat = [ex for item in items for ex in _examples(item)]
   tokenized = cache.tokenize(flat, tok) if flat else []
   per = len(flat) // max(len(items), 1)
@@ -226,15 +225,11 @@ def tokenize_items(items, tok, *, max_len, length_policy="truncate"):
     texs = tokenized[i * per:(i + 1) * per]
     longest = max(len(t.tokens) for t in texs)
     if longest > max_len:
-      counts["over_length"] += 1
       problems.append(Problem("over_length", item.where, f"{item.where}: over_length: {longest} "
                               f"tokens with a reply, over seq_len + 1 = {max_len}"))
-      if length_policy == "error":
-        raise FtjaxError(problems[-1].message + " (data.length_policy='error')", code="over_length")
-      if length_policy == "drop":
-        counts["dropped"] += 1
+      why = problems[-1].message + " (data.length_policy='error')"
+      if not keep_over_length(counts, length_policy, why):
         continue
-      counts["truncated"] += 1
       texs = [dataclasses.replace(t, tokens=t.tokens[:max_len], loss_mask=t.loss_mask[:max_len])
               for t in texs]
     if not all(t.loss_mask.any() for t in texs):

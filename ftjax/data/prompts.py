@@ -22,11 +22,11 @@ import dataclasses
 
 import numpy as np
 
+from ftjax.data.dataset import check_length_policy, keep_over_length
 from ftjax.data.sources import Problem
 from ftjax.errors import FtjaxError
 
 CODES = ("missing_field", "wrong_type", "empty_prompt", "over_length")
-LENGTH_POLICIES = ("truncate", "drop", "error")
 
 
 @dataclasses.dataclass
@@ -107,22 +107,17 @@ def prompt_tokens(item: PromptItem, tok) -> list[int]:
 def tokenize_prompts(items, tok, *, max_len: int, length_policy: str = "truncate"):
   """(kept [(item, ids)], counts, over_length Problems): prompts over `max_len` tokens keep their
   last max_len tokens, are dropped, or raise (length_policy)."""
-  if length_policy not in LENGTH_POLICIES:
-    raise FtjaxError(f"length_policy {length_policy!r} is not one of {', '.join(LENGTH_POLICIES)}")
+  check_length_policy(length_policy)
   counts = dict(examples=len(items), over_length=0, truncated=0, dropped=0)
   kept, problems = [], []
   for item in items:
     ids = prompt_tokens(item, tok)
     if len(ids) > max_len:
-      counts["over_length"] += 1
       problems.append(Problem("over_length", item.where, f"{item.where}: over_length: prompt of "
                               f"{len(ids)} tokens, over data.seq_len - grpo.max_new_tokens = {max_len}"))
-      if length_policy == "error":
-        raise FtjaxError(problems[-1].message + " (data.length_policy='error')", code="over_length")
-      if length_policy == "drop":
-        counts["dropped"] += 1
+      why = problems[-1].message + " (data.length_policy='error')"
+      if not keep_over_length(counts, length_policy, why):
         continue
-      counts["truncated"] += 1
       ids = ids[-max_len:]
     kept.append((item, ids))
   return kept, counts, problems

@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 
+from ftjax.data.quality import leakage
 from ftjax.evaluation import forgetting, harness, metrics, report
 from ftjax.evaluation.generation import EvalPlan, few_shot_prompt, split
 
@@ -64,8 +65,7 @@ def _loss_sums(loss_fn, graphdef, state, batch):
 
 
 def leakage_summary(train_examples, eval_examples, threshold: float) -> dict:
-  """ftjax.data.check.leakage of train vs eval, counted as in data_report.json."""
-  from ftjax.data.check import leakage
+  """ftjax.data.quality.leakage of train vs eval, counted as in data_report.json."""
   pairs = leakage(train_examples, eval_examples, threshold=threshold)
   return {"pairs": len(pairs), "exact": sum(p["kind"] == "exact" for p in pairs),
           "near": sum(p["kind"] == "near" for p in pairs),

@@ -35,6 +35,10 @@ import logging
 import math
 import os
 
+from ftjax.data.cache import tokenizer_fingerprint
+from ftjax.evaluation import forgetting
+from ftjax.models import resolve
+
 log = logging.getLogger("ftjax.evaluation.baseline_cache")
 
 VERSION = 1
@@ -47,8 +51,7 @@ def cache_dir() -> str | None:
     return None
   if value:
     return value
-  from ftjax.models.resolve import cache_dir as ftjax_cache
-  return os.path.join(ftjax_cache(), "baselines")
+  return os.path.join(resolve.cache_dir(), "baselines")
 
 
 def code_version() -> str:
@@ -66,11 +69,10 @@ def code_version() -> str:
 
 def model_identity(name_or_path: str) -> dict:
   """What the model reference resolved to and the files it holds (path, size, mtime)."""
-  from ftjax.models import resolve
   provenance = resolve.provenance(name_or_path)
   if provenance and provenance.get("revision"):  # a Hub commit pins every file; no Hub call
     return {"reference": name_or_path, "provenance": provenance}
-  path = os.path.realpath(resolve._local_path(name_or_path))  # fetched already: no download
+  path = os.path.realpath(resolve.local_path(name_or_path))  # fetched already: no download
   files = sorted(glob.glob(os.path.join(path, "*"))) if os.path.isdir(path) else [path]
   stats = []
   for f in files:
@@ -106,7 +108,6 @@ def _rows_digest(dataset) -> str | None:
 def _forgetting_input(cfg) -> dict | None:
   if not cfg.eval.forgetting:
     return None
-  from ftjax.evaluation import forgetting
   text = forgetting.read_text(cfg.eval.forgetting_text)
   return {"text": hashlib.sha256(text.encode()).hexdigest(), "tokens": cfg.eval.forgetting_tokens,
           "seq_len": cfg.data.seq_len, "prompts": list(forgetting.GENERAL_PROMPTS)}
@@ -115,7 +116,6 @@ def _forgetting_input(cfg) -> dict | None:
 def key(run, plan) -> str | None:
   """The cache key of `base_model_eval(run, plan)`; None when the tokenizer cannot be
   fingerprinted (not backed by the `tokenizers` library): such a run is not cached."""
-  from ftjax.data.cache import tokenizer_fingerprint
   cfg = run.config
   tokenizer = tokenizer_fingerprint(run.tokenizer)
   if tokenizer is None:
@@ -154,10 +154,21 @@ def read(run, plan, k: str) -> tuple[dict | None, str]:
   return entry["baseline"], path
 
 
+def baseline_matches(baseline: dict, plan) -> bool:
+  """Whether a resumed run's baseline.json answered this plan's examples with its baselines;
+  its scores are recomputed from the predictions, so a metric added since is scored too."""
+  systems = baseline.get("systems")
+  if not systems or list(systems) != list(plan.systems()):
+    return False
+  if any(r["examples"] != len(plan.references) for r in systems.values()):
+    return False
+  for r in systems.values():
+    r["scores"] = plan.score(r["predictions"])
+  return True
+
+
 def _mismatch(entry, k: str, run, plan) -> str:
   """Why a parsed entry cannot stand for this run's base-model evaluation ("" when it can)."""
-  from ftjax import evaluate
-  from ftjax.evaluation import forgetting
   if not isinstance(entry, dict) or entry.get("key") != k or not isinstance(entry.get("baseline"), dict):
     return "not an entry for this key"
   baseline = entry["baseline"]
@@ -167,7 +178,7 @@ def _mismatch(entry, k: str, run, plan) -> str:
       if not (isinstance(predictions, list) and len(predictions) == len(plan.references)
               and all(isinstance(p, str) for p in predictions)):
         return f"{len(plan.references)} predictions per baseline expected"
-    if not evaluate.baseline_matches(baseline, plan):
+    if not baseline_matches(baseline, plan):
       return "its baselines or example count differ from this run's"
   except (KeyError, TypeError, AttributeError, ValueError) as e:
     return f"malformed baselines ({type(e).__name__}: {e})"

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from ftjax.errors import FtjaxError
+from ftjax.evaluation import generation
 from ftjax.losses import CausalLMLoss
 
 BUILTIN_TEXT = os.path.join(os.path.dirname(__file__), "general_text.txt")
@@ -78,13 +79,12 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 256, max_tokens: int 
 
 def probe(model, tokenizer, eval_cfg, seq_len: int, desc: str) -> dict:
   """{"perplexity", "tokens", "answers"} of one model."""
-  from ftjax.evaluation.generation import answer_ids
   text = read_text(eval_cfg.forgetting_text)
   ppl = perplexity(model, tokenizer, text, seq_len=seq_len, max_tokens=eval_cfg.forgetting_tokens)
   ids = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}],
                                                         add_generation_prompt=True),
                           add_special_tokens=False) for p in GENERAL_PROMPTS]
-  answers = answer_ids(model, tokenizer, ids, eval_cfg.max_new_tokens, len(ids), desc)
+  answers = generation.answer_ids(model, tokenizer, ids, eval_cfg.max_new_tokens, len(ids), desc)
   return {"perplexity": ppl, "answers": answers}
 
 

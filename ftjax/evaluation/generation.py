@@ -2,7 +2,7 @@
 
 `EvalPlan.build` loads and checks everything before anything compiles: every eval example needs
 a reference answer, and the few-shot examples come from the train split (or eval.few_shot_pool)
-and never repeat an eval input (ftjax.data.check.leakage: exact or near-duplicate).
+and never repeat an eval input (ftjax.data.quality.leakage: exact or near-duplicate).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 import time
 
 from ftjax.data import load_examples, read_options
-from ftjax.data.check import leakage
+from ftjax.data.quality import leakage
 from ftjax.errors import FtjaxError
 from ftjax.evaluation import metrics as metrics_lib
 from ftjax.generate import generate_ids, rows_per_batch, stop_ids

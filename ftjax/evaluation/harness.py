@@ -27,6 +27,7 @@ import importlib.util
 import logging
 import os
 
+from ftjax import peft
 from ftjax.errors import FtjaxError
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def resolve(spec: str):
 def score(model, tokenizer, eval_cfg, max_length: int | None = None) -> dict:
   """{task: {metric: value}} of one in-memory model on the eval.lm_eval_tasks."""
   from lm_eval import evaluator
+  # lm-evaluation-harness is optional and heavy (ftjax.lm_eval imports it): only when scoring
   from ftjax.lm_eval import FtjaxLM
   manager, tasks = resolve(eval_cfg.lm_eval_tasks)
   # eval.batch_size 0 means "as few batches as memory allows" for ftjax's own decoding
@@ -115,7 +117,6 @@ def base_vs_tuned(run, tuned) -> dict | None:
   unset). The base is the run's initial model with its adapters disabled, as the prompting
   baselines score it. A task that fails here (after training) is logged and recorded as
   {"error"}: the checkpoint, exports and the rest of the report are not lost to it."""
-  from ftjax import peft
   cfg = run.config
   if not task_entries(cfg.eval.lm_eval_tasks):
     return None

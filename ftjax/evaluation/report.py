@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 
+from ftjax.data.report import markdown as data_markdown
 from ftjax.evaluation import curves as curves_lib
 from ftjax.evaluation import metrics as metrics_lib
 from ftjax.evaluation import plots, stats
+from ftjax.evaluation.harness import table
 from ftjax.files import write_json
 
 RESULTS = "eval_results.json"
@@ -223,7 +225,7 @@ def _leakage_md(report: dict, r: dict, systems: dict) -> list[str]:
   lines = ["## Leakage", ""]
   leak = r.get("leakage")
   if leak:
-    lines.append(f"Train/eval overlap (ftjax.data.check.leakage, near-duplicate threshold "
+    lines.append(f"Train/eval overlap (ftjax.data.quality.leakage, near-duplicate threshold "
                  f"{leak['threshold']}): {leak['pairs']} pairs ({leak['exact']} exact, "
                  f"{leak['near']} near), {leak['eval_examples']} eval examples affected.")
     for pair in leak["listed"][:5]:
@@ -237,7 +239,6 @@ def _leakage_md(report: dict, r: dict, systems: dict) -> list[str]:
 def _data_cost_md(report: dict, r: dict, systems: dict) -> list[str]:
   lines = []
   if report["data_report"]:
-    from ftjax.data.check import markdown as data_markdown
     lines += [data_markdown(report["data_report"]).replace("## Data check", "## Data check (data_report.json)"), ""]
   s = report["summary"]
   if s:
@@ -267,7 +268,6 @@ def _lm_eval_section(result: dict | None, under_forgetting: bool) -> list[str]:
   """eval.lm_eval_tasks' scores, base vs fine-tuned, as part of the forgetting section."""
   if not result:
     return []
-  from ftjax.evaluation.harness import table
   lines = ([] if under_forgetting else ["## Forgetting", ""]) + ["### lm-evaluation-harness", ""]
   limit = f", first {result['limit']} examples per task" if result.get("limit") else ""
   lines += [f"Tasks {', '.join(f'`{t}`' for t in result['tasks'])}{limit} (lm_eval, model ftjax).", ""]

@@ -15,13 +15,34 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ftjax import quant
 from ftjax.errors import FtjaxError
+from ftjax.files import MERGED, atomic_dir, check_export_target
+from ftjax.models import gguf_write
 from ftjax.models.config import ModelConfig
+from ftjax.models.hf import save_hf_config, save_hf_params
 from ftjax.models.llama import CausalLM, init_cache
-from ftjax.models.params import Params, abstract_model, flatten, param_specs
+from ftjax.models.params import abstract_model, param_specs
+from ftjax.models.resolve import resolve_model, stored_quantisation
+from ftjax.models.sharded import collect_mesh_sinks, mesh_sinks
+from ftjax.quant import bnb
+from ftjax.quant.linear import QuantLinear
+from ftjax.tree import Params, flatten
 
 __all__ = ["CausalLM", "ModelConfig", "from_params", "init_cache", "load", "resolve_params", "save_gguf",
            "save_pretrained", "shrink_layers"]
+
+# How save_gguf folds attached adapters in: ftjax.peft sets it when it loads (peft.merged_model,
+# refusing an adapter with no merged form). models/ never imports peft/ (docs/design.md,
+# "Layers"); a model holds adapters only through ftjax.peft, and ftjax/__init__.py loads it, so
+# it is set before any model can reach save_gguf.
+_merge_adapters = None
+
+
+def set_adapter_merge(merge) -> None:
+  """`merge(model)` -> a float model with its adapters folded in (ftjax.peft calls this)."""
+  global _merge_adapters
+  _merge_adapters = merge
 
 
 def from_params(cfg: ModelConfig, params: Params, *, dtype=None, place=jax.device_put,
@@ -50,9 +71,6 @@ def resolve_params(name_or_path: str, dtype=jnp.float32, *, quantize=None, mesh=
   created on it, sharded by its logical axes, and filled as it is read (ftjax.models.sharded),
   so the model is never whole in host memory; None returns numpy arrays.
   """
-  from ftjax import quant
-  from ftjax.models.resolve import resolve_model, stored_quantisation
-  from ftjax.models.sharded import collect_mesh_sinks, mesh_sinks
   settings = stored_quantisation(name_or_path) if quantize is None else (quantize or None)
   allocate = quant.quant_sinks(**settings) if settings else None
   if mesh is not None:
@@ -94,11 +112,14 @@ def load(name_or_path: str, dtype=jnp.float32, *, compute_dtype=None, quantize=N
           tokenizer)
 
 
-def save_gguf(model: CausalLM, path: str, tokenizer, type: str = "f16", name: str | None = None) -> dict:  # noqa: A002
-  """`model` (adapters folded in, a 4-bit base dequantised) as one GGUF file for llama.cpp /
-  Ollama / LM Studio: see ftjax.models.gguf_write.save_gguf."""
-  from ftjax.models.gguf_write import save_gguf as write
-  return write(model, path, tokenizer, type=type, name=name)
+def save_gguf(model: CausalLM, path: str, tokenizer, type: str = "f16",  # noqa: A002
+              name: str | None = None) -> dict:
+  """`model` (adapters folded in, a 4-bit base dequantised first) as one GGUF file for llama.cpp /
+  Ollama / LM Studio (ftjax.models.gguf_write.save_gguf writes it). Returns {"path", "bytes",
+  "type", "eot_token"}."""
+  gguf_write.check_type(type)  # before merging
+  merged = _merge_adapters(model) if _merge_adapters is not None else model
+  return gguf_write.save_gguf(merged, path, tokenizer, type=type, name=name)
 
 
 def save_pretrained(model: CausalLM, out_dir: str, tokenizer=None, dtype=np.float32,
@@ -114,10 +135,6 @@ def save_pretrained(model: CausalLM, out_dir: str, tokenizer=None, dtype=np.floa
   `out_dir`: new, empty or a previous export (replaced); a folder holding anything else is
   refused unless `overwrite`, and even then only the export's own files (config.json,
   model*.safetensors, tokenizer files) are replaced there (ftjax.files.atomic_dir)."""
-  from ftjax.files import MERGED, atomic_dir, check_export_target
-  from ftjax.models.hf import save_hf_config, save_hf_params
-  from ftjax.quant import bnb
-  from ftjax.quant.linear import QuantLinear
   check_export_target(out_dir, MERGED, overwrite)  # before any work
   cfg = model.config
   in_4bit = {"/".join(map(str, p)): m for p, m in nnx.iter_modules(model) if isinstance(m, QuantLinear)}

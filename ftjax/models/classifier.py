@@ -32,7 +32,10 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ftjax.errors import FtjaxError
-from ftjax.models.config import ModelConfig
+from ftjax.files import MERGED, atomic_dir, check_export_target, read_json
+from ftjax.models import from_params
+from ftjax.models.config import ModelConfig, load_hf_config
+from ftjax.models.hf import INDEX_FILE, load_hf_params, save_hf_params, tensor_files
 from ftjax.models.llama import CausalLM, Decoder, axes
 
 SCORE_TENSOR = "score.weight"
@@ -135,8 +138,6 @@ def save_pretrained(model: SequenceClassifier, out_dir: str, labels: list[str], 
   that `transformers.AutoModelForSequenceClassification.from_pretrained` loads: the decoder's
   tensors as save_hf_params writes them plus `score.weight` [L, d], and the config with the
   class names. Whole or not at all (ftjax.files.atomic_dir)."""
-  from ftjax.files import MERGED, atomic_dir, check_export_target
-  from ftjax.models.hf import save_hf_params
   if len(labels) != model.num_labels:
     raise FtjaxError(f"save_pretrained: {len(labels)} labels for a head of {model.num_labels}")
   if not isinstance(model.score, nnx.Linear):
@@ -161,7 +162,6 @@ def save_pretrained(model: SequenceClassifier, out_dir: str, labels: list[str], 
 def _add_tensor_file(out_dir: str, files: list[str], tensors: dict) -> None:
   """Adds `tensors` as one more shard beside `files` (what save_hf_params wrote), renaming the
   shards and writing the index so transformers reads them all."""
-  from ftjax.models.hf import INDEX_FILE
   total = len(files) + 1
   names = [f"model-{k + 1:05d}-of-{total:05d}.safetensors" for k in range(total)]
   weight_map = {}
@@ -182,7 +182,6 @@ def _add_tensor_file(out_dir: str, files: list[str], tensors: dict) -> None:
 def read_labels(model_dir: str) -> tuple[list[str] | None, str]:
   """(class names in id order, problem type "single_label" / "multi_label") from a HF
   config.json; names None when it is no sequence-classification config."""
-  from ftjax.files import read_json
   path = os.path.join(model_dir, "config.json")
   hf = read_json(path)
   problem = {v: k for k, v in PROBLEM_TYPES.items()}.get(hf.get("problem_type"), "single_label")
@@ -204,9 +203,6 @@ def load_pretrained(model_dir: str, num_labels: int | None = None, *, dtype=jnp.
   """A HF *ForSequenceClassification directory (saved by transformers or `save_pretrained`) ->
   (SequenceClassifier, class names, problem type). A causal-LM directory gets a new random
   `score` of `num_labels` outputs (names None)."""
-  from ftjax.models import from_params
-  from ftjax.models.config import load_hf_config
-  from ftjax.models.hf import load_hf_params
   labels, problem = read_labels(model_dir)
   cfg = load_hf_config(model_dir)
   if labels is None:
@@ -226,8 +222,7 @@ def load_pretrained(model_dir: str, num_labels: int | None = None, *, dtype=jnp.
 
 
 def _read_tensor(model_dir: str, name: str, shape: tuple) -> np.ndarray:
-  from ftjax.models.hf import _tensor_files
-  where = _tensor_files(model_dir)
+  where = tensor_files(model_dir)
   if name not in where:
     raise FtjaxError(f"{model_dir}: missing tensor {name!r} (expected shape {list(shape)})")
   with safe_open(where[name], framework="np") as f:

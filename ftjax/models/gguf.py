@@ -16,7 +16,8 @@ import numpy as np
 
 from ftjax.errors import FtjaxError
 from ftjax.models.config import ModelConfig
-from ftjax.models.params import Params, get_path, param_specs, set_path
+from ftjax.models.params import param_specs
+from ftjax.tree import Params, get_path, set_path
 from ftjax.tokenizer import read_gguf_metadata
 
 # GGUF general.architecture -> ftjax model_type. llama.cpp writes Mistral checkpoints as
@@ -214,7 +215,7 @@ def _required_key(meta: dict, key: str, path: str):
   return meta[key]
 
 
-def _gguf_names(cfg: ModelConfig, arch: str) -> dict[str, tuple]:
+def gguf_names(cfg: ModelConfig, arch: str) -> dict[str, tuple]:
   """GGUF tensor name -> (ParamSpec, layer index or None), from the specs' HF names."""
   arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
   name_map = gguf.get_tensor_name_map(arch_id, cfg.num_layers)
@@ -288,7 +289,7 @@ def load_gguf(path: str, dtype=np.float32, allocate=None) -> tuple[ModelConfig, 
   # SmolLM2's 49k tokens) is not needed for the tensors; dropping it keeps it out of the peak.
   del meta
   reader.fields.clear()
-  wanted = _gguf_names(cfg, arch)
+  wanted = gguf_names(cfg, arch)
   params: Params = {}
   for spec in param_specs(cfg):
     set_path(params, spec.path, allocate(spec, dtype) if allocate else np.empty(spec.shape, dtype))

@@ -24,9 +24,11 @@ import jax
 import numpy as np
 from flax import nnx
 
+from ftjax import tokenizer as tok_lib
 from ftjax.errors import FtjaxError
-from ftjax.models.gguf import NORM_PLUS_ONE, _gguf_names, llama_cpp_query_pre_attn_scalar
-from ftjax.models.params import get_path
+from ftjax.models.gguf import NORM_PLUS_ONE, gguf_names, llama_cpp_query_pre_attn_scalar
+from ftjax.models.params import param_specs
+from ftjax.tree import flatten, get_path
 
 Q = gguf.GGMLQuantizationType
 
@@ -48,20 +50,27 @@ GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "q
              "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
 
 
-def save_gguf(model, path: str, tokenizer, type: str = "f16", name: str | None = None) -> dict:  # noqa: A002
-  """Writes `model` (adapters folded in, a 4-bit base dequantised first) with `tokenizer`'s
-  vocabulary, special ids and chat template as one GGUF file at `path`, atomically (a temporary
-  file renamed when complete). Returns {"path", "bytes", "type", "eot_token"} for the caller."""
-  from ftjax.export import merged_model  # export imports ftjax.models: import here, not above
+def check_type(type: str) -> None:  # noqa: A002
   if type not in TYPES:
     raise FtjaxError(f"GGUF type {type!r} is not supported; choose one of {', '.join(TYPES)} "
                      "(for q4_k_m / q5_k_m, run llama.cpp's llama-quantize on an f16 export)")
-  from ftjax import peft
-  if any(True for _ in peft.adapter_layers(model)) and not peft.can_merge(model):
-    raise FtjaxError("save_gguf: the attached adapter has no merged form (it is not a weight "
-                     "update), so it cannot be written into a GGUF file")
-  model = merged_model(model)
+
+
+def save_gguf(model, path: str, tokenizer, type: str = "f16", name: str | None = None) -> dict:  # noqa: A002
+  """Writes a float `model` without adapters with `tokenizer`'s vocabulary, special ids and chat
+  template as one GGUF file at `path`, atomically (a temporary file renamed when complete).
+  Returns {"path", "bytes", "type", "eot_token"} for the caller. ftjax.models.save_gguf is the
+  entry point for a trained model: it folds adapters in and dequantises a 4-bit base first
+  (models/ never imports peft/: docs/design.md, "Layers")."""
+  check_type(type)
   cfg = model.config
+  expected = {s.path for s in param_specs(cfg)}
+  extra = sorted(p for p, _ in flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+                 if p not in expected)
+  if extra:
+    raise FtjaxError(f"save_gguf: the model has params a plain {cfg.model_type} model lacks (e.g. "
+                     f"{extra[0]}): adapters or a 4-bit base. ftjax.models.save_gguf folds "
+                     "adapters in and dequantises first")
   if cfg.model_type not in GGUF_ARCH:
     raise FtjaxError(f"save_gguf: model_type {cfg.model_type!r} has no llama.cpp architecture; "
                      f"supported: {', '.join(GGUF_ARCH)}")
@@ -221,7 +230,7 @@ def _encode_tensor(w: np.ndarray, qtype) -> tuple[np.ndarray, object]:
 def _add_tensors(w: gguf.GGUFWriter, model, cfg, arch: str, qtype) -> None:
   """Every param under its llama.cpp name, one (layer) tensor on the host at a time."""
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  for name, (spec, layer) in _gguf_names(cfg, arch).items():
+  for name, (spec, layer) in gguf_names(cfg, arch).items():
     leaf = get_path(params, spec.path)
     value = np.asarray(jax.device_get(leaf if layer is None else leaf[layer]), np.float32)
     data, raw = _encode_tensor(_hf_layout(name, value, spec, cfg, arch), qtype)
@@ -242,7 +251,6 @@ _PRE_NAMES = {"_LLAMA3_SPLIT": "llama-bpe", "_QWEN2_SPLIT": "qwen2", "_TEKKEN_SP
 def _pre_tokenizer_name(pre: dict | None) -> str:
   """tokenizer.ggml.pre for a tokenizer.json pre_tokenizer, or a clear error: a wrong name
   would make llama.cpp split text differently, i.e. give other token ids, silently."""
-  from ftjax import tokenizer as tok_lib
   parts = pre.get("pretokenizers", [pre]) if pre else []
   kinds = [p.get("type") for p in parts]
   if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):

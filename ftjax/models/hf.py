@@ -19,8 +19,11 @@ from safetensors.numpy import save_file
 from ftjax.errors import FtjaxError
 from ftjax.files import read_json
 from ftjax.models.config import ModelConfig
-from ftjax.models.params import Params, flatten, get_path, param_specs, set_path
+from ftjax.models.params import param_specs
 from ftjax.quant import bnb
+from ftjax.quant.fourbit import dequantize_4bit
+from ftjax.quant.linear import QuantSink
+from ftjax.tree import Params, flatten, get_path, set_path
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +31,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
-def _tensor_files(model_dir: str) -> dict[str, str]:
+def tensor_files(model_dir: str) -> dict[str, str]:
   """HF tensor name -> safetensors file path."""
   index_path = os.path.join(model_dir, INDEX_FILE)
   if os.path.exists(index_path):
@@ -57,7 +60,7 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, dtype=np.float32, allocate=
   allocate(spec, dtype): what each param is written into, layer by layer (default: an empty
   float array of its shape; ftjax.quant.quant_sinks quantises kernels as they arrive).
   """
-  where, stored = _text_model_tensors(model_dir, _tensor_files(model_dir))
+  where, stored = _text_model_tensors(model_dir, tensor_files(model_dir))
   by_file: dict[str, list[tuple[Any, int | None, str]]] = {}
   params: Params = {}
   for spec in param_specs(cfg):
@@ -154,8 +157,6 @@ def _put_4bit(target, spec, i: int | None, name: str, where: dict[str, str],
               stored: dict[str, str]) -> None:
   """Writes a bitsandbytes 4-bit weight into a QuantSink (its bytes as stored) or, dequantised,
   into a float array."""
-  from ftjax.quant.fourbit import dequantize_4bit
-  from ftjax.quant.linear import QuantSink
 
   def read(key):
     with safe_open(where[key], framework="np") as f:

@@ -41,15 +41,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ftjax.errors import FtjaxError
 from ftjax.models import ops
 from ftjax.models.config import ModelConfig
 from ftjax.models.moe import MoE
-
-
-def axes(*names: str | None) -> dict:
-  """Variable metadata naming each dim logically (no eager placement: params are placed by
-  ftjax.parallel.sharding after loading)."""
-  return {"out_sharding": names, "eager_sharding": False}
+from ftjax.nnx_utils import axes
 
 
 class RMSNorm(nnx.Module):
@@ -249,11 +245,9 @@ class Decoder(nnx.Module):
     b, t = tokens_bt.shape
     n = self.num_virtual_tokens
     if router_stats and (cache is not None or n or not self.config.is_moe):
-      from ftjax.errors import FtjaxError
       raise FtjaxError("router_stats=True needs a mixture-of-experts model (mixtral, qwen3_moe) "
                        "run without a KV cache and without virtual tokens (prompt / prefix tuning)")
     if attention != "xla" and n:
-      from ftjax.errors import FtjaxError
       raise FtjaxError(f"model.attention={attention!r}: the fused kernels have no mask for virtual "
                        "tokens (prompt / prefix tuning); use model.attention='xla'")
     if attention != "xla":
@@ -438,7 +432,6 @@ class CausalLM(nnx.Module):
 
 def _check_fused_kernel(cfg: ModelConfig, attention: str) -> None:
   """The fused kernels have no attention soft-capping, and splash's window is one static mask."""
-  from ftjax.errors import FtjaxError
   if cfg.attn_logit_softcap:
     raise FtjaxError(f"model.attention={attention!r}: the fused kernels have no attention logit "
                      f"soft-capping ({cfg.model_type}'s attn_logit_softcapping="

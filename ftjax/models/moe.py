@@ -33,14 +33,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftjax.models.config import ModelConfig
+from ftjax.nnx_utils import axes
 
 # (gate, up, down) projection names of each family's experts, as in its HF checkpoints.
 EXPERT_PROJECTIONS = {"mixtral": ("w1", "w3", "w2"), "qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
-
-
-def _axes(*names):
-  """ftjax.models.llama.axes (not imported: llama imports this module)."""
-  return {"out_sharding": names, "eager_sharding": False}
 
 
 class Router(nnx.Module):
@@ -49,7 +45,7 @@ class Router(nnx.Module):
 
   def __init__(self, d: int, num_experts: int, *, param_dtype, init_std, rngs):
     self.kernel = nnx.Param(nnx.initializers.normal(init_std)(rngs.params(), (d, num_experts), param_dtype),
-                            **_axes("embed", "expert"))
+                            **axes("embed", "expert"))
 
   def __call__(self, x_td):
     return jnp.dot(x_td, self.kernel[...].astype(x_td.dtype))
@@ -62,7 +58,7 @@ class ExpertLinear(nnx.Module):
                param_dtype, init_std, rngs):
     self.kernel = nnx.Param(
         nnx.initializers.normal(init_std)(rngs.params(), (num_experts, d_in, d_out), param_dtype),
-        **_axes("expert", in_axis, out_axis))
+        **axes("expert", in_axis, out_axis))
 
 
 class Experts(nnx.Module):

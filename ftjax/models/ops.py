@@ -14,6 +14,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from ftjax.errors import FtjaxError
 
 REMAT_POLICIES = {
     "none": None,  # keep every activation
@@ -160,7 +161,6 @@ SPLASH_BLOCK = 128  # splash attention's default block; sequence lengths must be
 
 def check_attention(implementation: str, backend: str | None = None) -> None:
   """Raises FtjaxError when `implementation` cannot run on `backend` (default: jax's)."""
-  from ftjax.errors import FtjaxError
   if implementation not in ATTENTION_BACKENDS:
     raise FtjaxError(f"model.attention={implementation!r}; expected one of {tuple(ATTENTION_BACKENDS)}")
   needed, backend = ATTENTION_BACKENDS[implementation], backend or jax.default_backend()
@@ -196,7 +196,6 @@ def _splash(q_btnh, k_btkh, v_btkh, segment_bt, scale, sliding_window, interpret
   k = k_btkh.shape[2]
   g = n // k
   if t % SPLASH_BLOCK:
-    from ftjax.errors import FtjaxError
     raise FtjaxError(f"model.attention='splash': sequence length {t} is not a multiple of the "
                      f"kernel's block of {SPLASH_BLOCK} (set data.seq_len accordingly)")
   causal = (masks.LocalMask((t, t), (sliding_window - 1, 0), offset=0) if sliding_window

@@ -1,4 +1,4 @@
-"""Every param of a decoder with its HF tensor name, and helpers for nested-dict param trees.
+"""Every param of a decoder with its HF tensor name (nested-dict helpers: ftjax.tree).
 
 Shapes, dtypes and logical axes come from the NNX modules themselves (`CausalLM` built
 abstractly by `nnx.eval_shape`, no memory used); the HF name of a param follows from its path,
@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Iterator
-
+from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
 from ftjax.models.config import ModelConfig
-
-Params = dict[str, Any]  # a nested dict of arrays, keyed by module / param names
+from ftjax.models.llama import CausalLM
 
 STACKED_PREFIX = "model/layers/"  # params under it have a leading [num_layers] axis
 
@@ -78,7 +76,6 @@ def hf_module_name(module_path: str, layer: int | None = None) -> str:
 @functools.lru_cache(maxsize=32)
 def param_specs(cfg: ModelConfig) -> tuple[ParamSpec, ...]:
   """Every param of `CausalLM(cfg)`, in path order."""
-  from ftjax.models.llama import CausalLM
   abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
   specs = []
   for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
@@ -96,43 +93,9 @@ def abstract_model(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float
                    transform=None):
   """A `CausalLM` whose params are shape/dtype stand-ins: structure and metadata, no memory.
   `transform(model) -> model` reshapes it first (e.g. ftjax.quant.quantize_model)."""
-  from ftjax.models.llama import CausalLM
 
   def build():
     model = CausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
     return transform(model) if transform else model
 
   return nnx.eval_shape(build)
-
-
-# --- nested-dict helpers --------------------------------------------------------------------
-
-def get_path(tree: Params, path: str):
-  for key in path.split("/"):
-    tree = tree[key]
-  return tree
-
-
-def set_path(tree: Params, path: str, value) -> None:
-  keys = path.split("/")
-  for key in keys[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[keys[-1]] = value
-
-
-def flatten(tree: Params, prefix: str = "") -> Iterator[tuple[str, Any]]:
-  """Yields ("a/b/c", leaf) in sorted key order."""
-  for key in sorted(tree, key=str):
-    value = tree[key]
-    path = f"{prefix}/{key}" if prefix else str(key)
-    if isinstance(value, dict):
-      yield from flatten(value, path)
-    else:
-      yield path, value
-
-
-def unflatten(items) -> Params:
-  tree: Params = {}
-  for path, value in items:
-    set_path(tree, path, value)
-  return tree

@@ -23,6 +23,12 @@ import numpy as np
 from safetensors import SafetensorError
 
 from ftjax.errors import FtjaxError
+from ftjax.files import read_json
+from ftjax.models.config import load_hf_config
+from ftjax.models.gguf import load_gguf
+from ftjax.models.hf import load_hf_params
+from ftjax.quant.bnb import checkpoint_settings
+from ftjax.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +67,7 @@ BUILTIN_MODELS = {
 # Where each model reference resolved to in this process (see `provenance`).
 _SOURCES: dict[str, dict] = {}
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def cache_dir() -> str:
@@ -201,9 +207,6 @@ def _record_hub_revision(repo_id: str, path: str) -> None:
 
 
 def _load_dir(model_dir: str, dtype, allocate=None):
-  from ftjax.models.config import load_hf_config
-  from ftjax.models.hf import load_hf_params
-  from ftjax.tokenizer import load_tokenizer
   if not os.path.isfile(os.path.join(model_dir, "config.json")):
     ggufs = sorted(glob.glob(os.path.join(model_dir, "*.gguf")))
     hint = f" (found {os.path.basename(ggufs[0])}: pass that file)" if ggufs else ""
@@ -234,14 +237,12 @@ def damaged_safetensors(paths: list[str], error: Exception) -> FtjaxError:
 
 
 def _load_gguf(path: str, dtype, allocate=None):
-  from ftjax.models.gguf import load_gguf
-  from ftjax.tokenizer import load_tokenizer
   tokenizer = load_tokenizer(path)  # first: its parse of the metadata is freed before the params
   cfg, params = load_gguf(path, dtype, allocate)
   return cfg, params, tokenizer
 
 
-def _local_path(name_or_path: str) -> str:
+def local_path(name_or_path: str) -> str:
   """The local file or folder a model reference names (fetching a built-in or Hub model)."""
   key = name_or_path.lower()
   if key in BUILTIN_MODELS and not os.path.exists(name_or_path):
@@ -249,7 +250,7 @@ def _local_path(name_or_path: str) -> str:
   path = os.path.expanduser(name_or_path)
   if os.path.exists(path):
     return path
-  if _HUB_ID.match(name_or_path) and not name_or_path.endswith(".gguf"):
+  if HUB_ID.match(name_or_path) and not name_or_path.endswith(".gguf"):
     return _hub_snapshot(name_or_path)
   raise FtjaxError(f"{name_or_path}: no such file or directory (nor a built-in model: "
                    f"{', '.join(BUILTIN_MODELS)})")
@@ -257,9 +258,7 @@ def _local_path(name_or_path: str) -> str:
 
 def stored_quantisation(name_or_path: str) -> dict | None:
   """The 4-bit settings of a bitsandbytes `load_in_4bit` HF checkpoint (None for any other)."""
-  from ftjax.files import read_json
-  from ftjax.quant.bnb import checkpoint_settings
-  path = _local_path(name_or_path)
+  path = local_path(name_or_path)
   config_path = os.path.join(path, "config.json")
   if not os.path.isfile(config_path):
     return None
@@ -272,8 +271,7 @@ def stored_quantisation(name_or_path: str) -> dict | None:
 
 def tokenizer_for(name_or_path: str):
   """The tokenizer of a model reference (as `resolve_model` accepts), without its weights."""
-  from ftjax.tokenizer import load_tokenizer
-  return load_tokenizer(_local_path(name_or_path))
+  return load_tokenizer(local_path(name_or_path))
 
 
 def resolve_model(name_or_path: str, dtype=np.float32, allocate=None):
@@ -292,7 +290,7 @@ def resolve_model(name_or_path: str, dtype=np.float32, allocate=None):
     if not path.endswith(".gguf"):
       raise FtjaxError(f"{path}: not a model; expected a .gguf file or a HF model directory")
     return _load_gguf(path, dtype, allocate)
-  if _HUB_ID.match(name_or_path) and not name_or_path.endswith(".gguf"):
+  if HUB_ID.match(name_or_path) and not name_or_path.endswith(".gguf"):
     return _load_dir(_hub_snapshot(name_or_path), dtype, allocate)
   raise FtjaxError(f"{name_or_path}: no such file or directory (nor a built-in model: "
                    f"{', '.join(BUILTIN_MODELS)})")

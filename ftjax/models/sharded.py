@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax.errors import FtjaxError
+from ftjax.parallel import sharding
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -73,7 +74,6 @@ def mesh_sinks(mesh, fallback=None):
   its logical axes (`spec.axes`) and ftjax.parallel.sharding's rules. `fallback(spec, dtype)`
   is asked first; what it returns other than a numpy array (ftjax.quant's QuantSink for a
   4-bit kernel) is used instead."""
-  from ftjax.parallel import sharding
 
   def allocate(spec, dtype):
     if fallback is not None:

@@ -28,7 +28,10 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
+from ftjax import evaluation
+from ftjax.data import load_examples, read_options, selection
 from ftjax.errors import FtjaxError
+from ftjax.models import save_pretrained
 
 
 class Objective:
@@ -53,30 +56,26 @@ class Objective:
     raise NotImplementedError
 
   def dataset(self, examples: list, tokenizer, *, train: bool, name: str):
-    """A Dataset of `examples` (checked by ftjax.data.check) with `row_spec`'s rows."""
+    """A Dataset of `examples` (checked by ftjax.data.selection) with `row_spec`'s rows."""
     raise NotImplementedError
 
   def check_split(self, path, tokenizer, **options):
-    """The data check's reading of one split (a ftjax.data.check.Split): records validated in
+    """The data check's reading of one split (a ftjax.data.selection.Split): records validated in
     this objective's data formats, problems at file:line with codes, token lengths."""
-    from ftjax.data import check
-    return check.check_split(path, tokenizer, **options)
+    return selection.check_split(path, tokenizer, **options)
 
   def token_stats(self, examples, lengths, tokenizer, *, pack) -> dict:
     """The data check's token statistics of the rows `dataset` would build."""
-    from ftjax.data import check
-    return check.token_stats(examples, lengths, tokenizer, self.config.data, pack=pack)
+    return selection.token_stats(examples, lengths, tokenizer, self.config.data, pack=pack)
 
   def report_loss(self, eval_means: dict) -> dict:
     """The report's eval-loss row of a model from its eval means (train.evaluate_loss)."""
-    from ftjax import evaluation
     if "accuracy" not in eval_means:  # not a next-token loss: its own means as they are
       return dict(eval_means)
     return evaluation.loss_metrics(eval_means["loss"], eval_means["accuracy"])
 
   def read_examples(self, path: str) -> list:
     """A split's valid examples, as the report's leakage section compares them."""
-    from ftjax.data import load_examples, read_options
     return load_examples(path, **read_options(self.config.data))
 
   def before_training(self, run, workdir: str) -> None:
@@ -100,9 +99,8 @@ class Objective:
 
   def check_data(self, tokenizer) -> tuple[dict, dict]:
     """(data check report, {"train", "eval"} checked examples for `dataset`), the report in
-    ftjax.data.check's shape (the run's data report, the cost plan and "auto" values read it)."""
-    from ftjax.data import check
-    return check.check(self.config, tokenizer)
+    ftjax.data.selection's shape (the run's data report, the cost plan and "auto" values read it)."""
+    return selection.check(self.config, tokenizer, self)
 
   def build_model(self, model):
     """The model this objective trains, built on the loaded causal LM (before adapters attach;
@@ -128,7 +126,6 @@ class Objective:
   def save_merged(self, model, tokenizer, out_dir: str, *, max_shard_size="5GB",
                   overwrite: bool = False) -> None:
     """Writes the trained model, adapters folded in, as a HF directory (export.merged)."""
-    from ftjax.models import save_pretrained
     save_pretrained(model, out_dir, tokenizer, max_shard_size=max_shard_size, overwrite=overwrite)
 
   def next_rows(self, run, state, take_rows: Callable[[int], dict]) -> dict:

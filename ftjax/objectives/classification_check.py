@@ -1,4 +1,4 @@
-"""The data check of objective="classification": ftjax.data.check's report, for labelled texts.
+"""The data check of objective="classification": ftjax.data.selection's report, for labelled texts.
 
 Same report shape as the SFT check (so `python -m ftjax.data check`, the run's data report, the
 cost plan and train.epochs="auto" read it unchanged), with the classification codes of
@@ -15,8 +15,9 @@ import dataclasses
 
 import numpy as np
 
-from ftjax.data import check as sft_check
-from ftjax.objectives import classification as cls_lib
+from ftjax.data import quality as quality_lib
+from ftjax.data import selection
+from ftjax.objectives import classification_data as cls_lib
 
 
 def _split(objective, path):
@@ -50,9 +51,9 @@ def check(objective, tokenizer):
     report["splits"][name] = {"records_with_errors": len(bad),
                               "skipped": len(bad) if d.check.on_error == "skip" else 0}
     if not kept[name]:
-      emptied[name] = sft_check._why_no_valid_record(len(bad), d.check.on_error)
+      emptied[name] = selection.why_no_valid_record(len(bad), d.check.on_error)
   if "eval" not in splits and d.eval_fraction > 0:
-    kept["train"], kept["eval"] = sft_check.carve_eval(kept["train"], d.eval_fraction, d.eval_seed)
+    kept["train"], kept["eval"] = selection.carve_eval(kept["train"], d.eval_fraction, d.eval_seed)
     report["splits"]["eval"] = {"records_with_errors": 0, "skipped": 0,
                                 "carved_from_train": len(kept["eval"])}
     if not kept["eval"]:
@@ -64,7 +65,7 @@ def check(objective, tokenizer):
   for name, examples in kept.items():
     report["splits"][name].update(_token_stats(objective, examples, tokenizer))
   report["counts"] = dict(collections.Counter(p["code"] for p in report["problems"]).most_common())
-  sft_check._fail_empty_splits(report, emptied, d)
+  selection.fail_empty_splits(report, emptied, d)
   return report, kept
 
 
@@ -73,15 +74,15 @@ def _quality_and_leakage(report, kept, names, threshold, drop_leaked):
   counts and conflicting labels in its `labels` / `conflicting_outputs` slots."""
   train = kept["train"]
   lengths = {id(ex): len(ex.text) for ex in train}  # only the outlier signal reads them
-  quality = sft_check.quality(train, lengths, threshold=threshold)
+  quality = quality_lib.quality(train, lengths, threshold=threshold)
   counts = collections.Counter(label for ex in train for label in ex.labels)
   quality["labels"] = {"counts": {n: counts[n] for n in names},
                        "rare": sorted(n for n in names if counts[n] < cls_lib.RARE_CLASS)}
   conflicts = [p for p in report["problems"] if p["code"] == "conflicting_labels"]
   quality["conflicting_outputs"] = {"inputs": len(conflicts),
-                                    "listed": [[p["where"]] for p in conflicts[:sft_check.LISTED]]}
+                                    "listed": [[p["where"]] for p in conflicts[:quality_lib.LISTED]]}
   report["quality"] = quality
-  leaks = sft_check.leakage(train, kept["eval"], threshold=threshold) if "eval" in kept else []
+  leaks = quality_lib.leakage(train, kept["eval"], threshold=threshold) if "eval" in kept else []
   report["leakage"] = {"pairs": len(leaks), "exact": sum(p["kind"] == "exact" for p in leaks),
                        "near": sum(p["kind"] == "near" for p in leaks),
                        "train_examples": len({p["train"] for p in leaks}),

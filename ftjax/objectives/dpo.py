@@ -19,14 +19,17 @@ import types
 import numpy as np
 
 from ftjax.data import dataset as dataset_lib
+from ftjax.data import formats, template
 from ftjax.data import preference as pref_data
 from ftjax.data import sources
+from ftjax.data.selection import Split
 from ftjax.errors import FtjaxError
 from ftjax.losses import vocab_chunk
 from ftjax.models import ops
 from ftjax.objectives import logps as logps_lib
 from ftjax.objectives import preference
 from ftjax.objectives.base import Objective
+from ftjax.step import merge_model
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +86,8 @@ class _Preference(Objective):
                   fields=None, **_):
     """The data check's Split: TRL's formats read (data.fields renaming first), problems at
     file:line (ftjax.data.preference), token lengths of the longer sequence of each pair."""
-    from ftjax.data import formats, template
-    from ftjax.data.check import Split
     items, problems, origin = [], [], []
-    for p in dataset_lib._expand(path):
+    for p in dataset_lib.expand(path):
       records, bad = sources.read_all(p)
       records = [formats.rename(r, fields) for r in records] if fields else records
       found, invalid = pref_data.read_pairs(records, system_prompt=system_prompt,
@@ -137,7 +138,7 @@ class _Preference(Objective):
   def read_examples(self, path):
     d = self.config.data
     items = []
-    for p in dataset_lib._expand(path):
+    for p in dataset_lib.expand(path):
       records, _ = sources.read_all(p)
       items += pref_data.read_pairs(records, system_prompt=d.system_prompt or None,
                                     unpaired=self.unpaired)[0]
@@ -165,7 +166,6 @@ class _Preference(Objective):
         part.rows["ref_logps"] = self._ref_logps(run, workdir, f"{name}", part.rows)
 
   def _ref_logps(self, run, workdir, name, rows):
-    from ftjax.step import merge_model
     path = os.path.join(workdir, REF_LOGPS_FILE)
     stored = dict(np.load(path)) if os.path.exists(path) else {}
     if name in stored and stored[name].shape == (rows["inputs"].shape[0], 2):

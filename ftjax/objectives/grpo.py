@@ -31,14 +31,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax.data import dataset as dataset_lib
+from ftjax.data import formats
 from ftjax.data import prompts as prompt_data
 from ftjax.data import sources
+from ftjax.data.selection import Split
 from ftjax.errors import FtjaxError
 from ftjax.generate import generate_ids, stop_ids
 from ftjax.objectives import grpo_loss
 from ftjax.objectives.base import Objective
 from ftjax.objectives.grpo_rewards import Rewards
 from ftjax.objectives.grpo_rollout import GRPOLoss, rollout_rows, sequence_token_logps
+from ftjax.step import merge_model
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +141,8 @@ class GRPO(Objective):
   # --- data ---
 
   def _read(self, path, fields=None, system_prompt=None):
-    from ftjax.data import formats
     items, problems, origin = [], [], []
-    for p in dataset_lib._expand(path):
+    for p in dataset_lib.expand(path):
       records, bad = sources.read_all(p)
       records = [formats.rename(r, fields) for r in records] if fields else records
       found, invalid = prompt_data.read_prompts(records, system_prompt=system_prompt)
@@ -153,7 +155,6 @@ class GRPO(Objective):
                   fields=None, **_):
     """The data check's Split: prompts validated at file:line (ftjax.data.prompts), their token
     lengths against data.seq_len - grpo.max_new_tokens."""
-    from ftjax.data.check import Split
     items, problems, origin = self._read(path, fields, system_prompt)
     max_len = seq_len - self.block.max_new_tokens
     kept, _, over = prompt_data.tokenize_prompts(items, tokenizer, max_len=10 ** 9)
@@ -270,7 +271,6 @@ class GRPO(Objective):
 
   def _old_logps(self, run, state, rows):
     """The sampling policy's per-token log-probs, micro-batch by micro-batch."""
-    from ftjax.step import merge_model
     if self._old_logps_fn is None:
       temperature = float(self.block.temperature)
 

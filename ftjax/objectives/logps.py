@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax import peft
 from ftjax.objectives import preference
 
 
@@ -82,7 +83,6 @@ def sequence_sums(per_token, rows) -> tuple:
 
 def reference_logps(model, rows: dict, forward: Forward):
   """Completion log-prob sums [n] of the model with its adapters disabled (no gradient)."""
-  from ftjax import peft
   if not list(peft.adapter_layers(model)):
     raise ValueError("the reference log-probs of a model without adapters would be the policy's "
                      "own: full fine-tuning needs them precomputed (dpo.precompute_ref_logps)")
@@ -197,7 +197,6 @@ def precompute_ref_logps(model, rows: dict, forward: Forward = Forward(), batch_
   """The completion log-prob sums [n, 2] of every pair in `rows` ([n, 2, seq] per key) under
   `model` as it is now (before training: the reference), adapters disabled if it has any."""
   from flax import nnx
-  from ftjax import peft
   graphdef, state = nnx.split(model)
 
   @jax.jit

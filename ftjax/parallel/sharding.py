@@ -17,7 +17,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ftjax.errors import FtjaxError
-from ftjax.models.params import unflatten
+from ftjax.tree import unflatten
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

@@ -17,22 +17,21 @@ ftjax's own decoders additionally share work between the q/k/v (and gate/up) ada
 
 from __future__ import annotations
 
+from ftjax import models
+
 from ftjax.peft.bottleneck import BottleneckAdapterConfig, BottleneckLinear, BottleneckParam
 from ftjax.peft.core import (AdapterLayer, AdapterParam, ModulesToSave, PeftConfig, SavedModuleParam,
                              adapter_layers, can_merge, count_params, disable_adapters,
-                             merge_adapter, merge_and_unload, unmerge_adapter,
+                             merge_adapter, merge_and_unload, merged_for_gguf, merged_model,
+                             unmerge_adapter,
                              print_trainable_parameters, unload)
 from ftjax.peft.hf_format import adapter_state_dict, load_adapter, save_adapter
 from ftjax.peft.ia3 import IA3Config, IA3Linear, IA3Param
 from ftjax.peft.lora import DoraLinear, LoraConfig, LoraEinsum, LoraLinear, LoraParam
-from ftjax.peft.named import (active_adapters, add_adapter, configs, delete_adapter,
+from ftjax.peft.named import (CONFIG_TYPES, active_adapters, add_adapter, configs, delete_adapter,
                               get_peft_model, set_adapter, trainable)
 from ftjax.peft.prompt import (PrefixEncoder, PrefixTuningConfig, PromptEmbedding, PromptParam,
                                PromptTuningConfig)
-
-# adapter_config.json's peft_type -> the config class that reads it
-CONFIG_TYPES = {c.peft_type: c for c in (LoraConfig, IA3Config, PromptTuningConfig,
-                                         PrefixTuningConfig, BottleneckAdapterConfig)}
 
 __all__ = ["AdapterLayer", "AdapterParam", "BottleneckAdapterConfig", "BottleneckLinear",
            "BottleneckParam", "DoraLinear", "IA3Config", "IA3Linear", "IA3Param",
@@ -42,4 +41,7 @@ __all__ = ["AdapterLayer", "AdapterParam", "BottleneckAdapterConfig", "Bottlenec
            "active_adapters", "adapter_layers", "adapter_state_dict", "add_adapter", "configs",
            "delete_adapter", "merge_adapter", "set_adapter", "trainable", "unmerge_adapter", "can_merge", "count_params", "disable_adapters",
            "get_peft_model", "load_adapter", "merge_and_unload", "print_trainable_parameters",
-           "save_adapter", "unload"]
+           "merged_model", "save_adapter", "unload"]
+
+# ftjax.models.save_gguf folds adapters in with this (models/ never imports peft/).
+models.set_adapter_merge(merged_for_gguf)

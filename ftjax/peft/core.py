@@ -29,6 +29,8 @@ import numpy as np
 from flax import nnx
 
 from ftjax.errors import FtjaxError
+from ftjax.nnx_utils import get_module, logical_name, replace_module  # noqa: F401 (peft.core.get_module)
+from ftjax.quant.linear import QuantCodes, QuantLinear, QuantStat, dequantize_model
 
 
 def check_adapter_name(name) -> str:
@@ -226,12 +228,6 @@ def _name(path: Sequence) -> str:
   return "/".join(str(p) for p in path)
 
 
-def logical_name(path: str) -> str:
-  """A module's path as if no adapter wrapped it: "q_proj/base_layer" is "q_proj" (a layer with
-  several named adapters sits in a chain of wrappers, each holding the next as base_layer)."""
-  return "/".join(p for p in path.split("/") if p != "base_layer")
-
-
 def stack_sizes(model: nnx.Module) -> dict[str, int]:
   """Path of each vmapped layer stack ("model/layers") -> its number of layers."""
   out = {}
@@ -363,22 +359,6 @@ def find_modules_to_save(model: nnx.Module, names, taken: set[str]) -> list[tupl
   return [(n, m) for n, m in found if not any(n.startswith(o + "/") for o, _ in found)]
 
 
-def get_module(model: nnx.Module, path: str) -> nnx.Module:
-  node = model
-  for key in path.split("/"):
-    node = node[int(key)] if key.isdigit() else getattr(node, key)
-  return node
-
-
-def replace_module(model: nnx.Module, path: str, new: nnx.Module) -> None:
-  *parents, last = path.split("/")
-  parent = get_module(model, "/".join(parents)) if parents else model
-  if last.isdigit():
-    parent[int(last)] = new
-  else:
-    setattr(parent, last, new)
-
-
 def adapter_layers(model: nnx.Module) -> Iterator[tuple[str, AdapterLayer]]:
   """(path, wrapper) of every attached adapter layer."""
   for path, module in nnx.iter_modules(model):
@@ -480,7 +460,6 @@ def refuse_unsupported(raw: dict, defaults: dict) -> None:
 def count_params(model: nnx.Module, trainable=AdapterParam) -> tuple[int, int]:
   """(trainable, all) parameter counts; `trainable` is an nnx filter (default: the adapters).
   Adapter rows of stacked layers a layers_to_transform mask leaves out are not counted."""
-  from ftjax.quant.linear import QuantCodes, QuantStat
 
   def per_element(v) -> int:  # packed 4-bit codes count two per byte, int8 one; their block
     if isinstance(v, QuantCodes):  # statistics not at all (as PEFT counts bitsandbytes)
@@ -539,6 +518,28 @@ def merge_and_unload(model: nnx.Module) -> nnx.Module:
     replace_module(model, path, layer.base_layer if layer.disabled else layer.merge())
   _forget_adapters(model)
   return model
+
+
+def merged_model(model: nnx.Module) -> nnx.Module:
+  """A float copy of `model` with its adapter folded in: a 4-bit base is dequantised first and
+  the adapter merged in f32 (so the merged weights are the dequantised ones plus the update,
+  not a re-quantisation). The model itself when it has neither adapter nor 4-bit base, or an
+  adapter without a merged form (virtual tokens, bottleneck adapters)."""
+  adapters = any(True for _ in adapter_layers(model))
+  quantised = any(isinstance(m, QuantLinear) for _, m in nnx.iter_modules(model))
+  if adapters and not can_merge(model) or not adapters and not quantised:
+    return model
+  clone = dequantize_model(nnx.clone(model))
+  return merge_and_unload(clone) if adapters else clone
+
+
+def merged_for_gguf(model: nnx.Module) -> nnx.Module:
+  """`merged_model`, refusing an adapter without a merged form: a GGUF file holds weights only
+  (ftjax.models.save_gguf folds adapters in through this)."""
+  if any(True for _ in adapter_layers(model)) and not can_merge(model):
+    raise FtjaxError("save_gguf: the attached adapter has no merged form (it is not a weight "
+                     "update), so it cannot be written into a GGUF file")
+  return merged_model(model)
 
 
 def merge_adapter(model: nnx.Module) -> nnx.Module:

@@ -21,6 +21,7 @@ from safetensors.numpy import save_file
 from ftjax.errors import FtjaxError
 from ftjax.files import ADAPTER, atomic_dir, read_json
 from ftjax.peft.core import PeftConfig, adapter_layers, stack_sizes, torch_names, unload
+from ftjax.peft.named import CONFIG_TYPES, active_adapters, add_adapter, configs, delete_adapter
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -29,7 +30,6 @@ PREFIX = "base_model.model."
 
 def _named(model: nnx.Module, adapter_name: str | None, what: str) -> str:
   """`adapter_name`, or the model's only (or only active) adapter when None."""
-  from ftjax.peft.named import active_adapters, configs
   known = configs(model)
   if not known:
     raise FtjaxError(f"{what}: the model has no adapter attached (use ftjax.peft.get_peft_model "
@@ -75,7 +75,6 @@ def save_adapter(model: nnx.Module, out_dir: str, base_model_name_or_path: str |
   whole or not at all. `out_dir`: new, empty or a previous adapter export (replaced); a folder
   holding anything else is refused unless `overwrite`, and even then only the adapter's two
   files are replaced there (ftjax.files.atomic_dir)."""
-  from ftjax.peft.named import configs
   adapter_name = _named(model, adapter_name, "save_adapter")
   config = configs(model)[adapter_name]
   with atomic_dir(out_dir, ADAPTER, overwrite) as tmp:
@@ -88,7 +87,6 @@ def save_adapter(model: nnx.Module, out_dir: str, base_model_name_or_path: str |
 
 def read_config(adapter_dir: str) -> PeftConfig:
   """The config of the adapter saved in `adapter_dir`, for any method ftjax reads."""
-  from ftjax.peft import CONFIG_TYPES
   path = os.path.join(adapter_dir, CONFIG_FILE)
   raw = read_json(path, f" (is {adapter_dir} a PEFT adapter folder?)")
   kind = CONFIG_TYPES.get(raw.get("peft_type"))
@@ -130,7 +128,6 @@ def load_adapter(model: nnx.Module, adapter_dir: str, *, adapter_name: str = "de
   and returns it: active on a model without adapters, inactive beside existing ones (then
   `set_adapter`). Every tensor of the file must find its module, and every adapted module its
   tensors; a failed load leaves the model as it was."""
-  from ftjax.peft.named import add_adapter, configs, delete_adapter
   config = read_config(adapter_dir)
   if adapter_name in configs(model):
     raise FtjaxError(f"load_adapter: the model already has an adapter named {adapter_name!r}")

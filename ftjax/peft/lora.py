@@ -28,6 +28,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from ftjax.errors import FtjaxError
+from ftjax import nnx_utils
 from ftjax.quant.linear import QuantLinear
 from ftjax.peft.core import (AdapterLayer, AdapterParam, WrapperConfig, as_list, as_tuple,
                              refuse_unsupported)
@@ -227,10 +228,6 @@ def _writable_kernel(layer):
   return layer.kernel
 
 
-def _adapter_axes(*names) -> dict:
-  return {"out_sharding": names, "eager_sharding": False}
-
-
 class _Lora(AdapterLayer):
   """A and B for a kernel viewed as [lead..., *in_shape, *out_shape]. Subclasses define
   `_xa(x)` (x @ A), `_update(y, xd, xa)` (the update from the base output y, the dropped-out
@@ -250,9 +247,9 @@ class _Lora(AdapterLayer):
       bound = 1.0 / math.sqrt(math.prod(in_shape))
       a = jax.random.uniform(key, shape_a, jnp.float32, -bound, bound)
     self.base_layer = base_layer
-    self.lora_a = LoraParam(a, **_adapter_axes(*lead_axes, *in_axes, "lora_rank"))
+    self.lora_a = LoraParam(a, **nnx_utils.axes(*lead_axes, *in_axes, "lora_rank"))
     self.lora_b = LoraParam(jnp.zeros((*lead, r, *out_shape), jnp.float32),
-                            **_adapter_axes(*lead_axes, "lora_rank", *out_axes))
+                            **nnx_utils.axes(*lead_axes, "lora_rank", *out_axes))
     self.r, self.scaling, self.dropout_rate = r, scaling, dropout
     self.init = init
     self.disabled = False
@@ -374,7 +371,7 @@ class DoraLinear(LoraLinear):
     super().__init__(base_layer, **kwargs)
     axes = kernel_info(base_layer)[1]
     norm = jnp.linalg.norm(float_kernel(base_layer), axis=-2)
-    self.lora_magnitude = LoraParam(norm, **_adapter_axes(*axes[:-2], axes[-1]))
+    self.lora_magnitude = LoraParam(norm, **nnx_utils.axes(*axes[:-2], axes[-1]))
 
   def _magnitude_scale(self):
     """m / ||W + sAB|| per output feature (f32), the norm a constant to autodiff."""

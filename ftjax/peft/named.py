@@ -20,8 +20,16 @@ from flax import nnx
 from flax.core import FrozenDict
 
 from ftjax.errors import FtjaxError
+from ftjax.peft.bottleneck import BottleneckAdapterConfig
 from ftjax.peft.core import (AdapterParam, PeftConfig, adapter_layers, check_adapter_name,
                               replace_module)
+from ftjax.peft.ia3 import IA3Config
+from ftjax.peft.lora import LoraConfig
+from ftjax.peft.prompt import PrefixTuningConfig, PromptTuningConfig
+
+# adapter_config.json's peft_type -> the config class that reads it
+CONFIG_TYPES = {c.peft_type: c for c in (LoraConfig, IA3Config, PromptTuningConfig,
+                                         PrefixTuningConfig, BottleneckAdapterConfig)}
 
 
 def configs(model: nnx.Module) -> dict[str, PeftConfig]:
@@ -38,7 +46,6 @@ def _attach(model: nnx.Module, config: PeftConfig, adapter_name: str, rngs) -> N
   own params through the `adapter_name` metadata (what `trainable` selects by)."""
   check_adapter_name(adapter_name)
   if not isinstance(config, PeftConfig):
-    from ftjax.peft import CONFIG_TYPES
     raise FtjaxError(f"unsupported config {type(config).__name__}; supported: "
                      f"{', '.join(c.__name__ for c in CONFIG_TYPES.values())}")
   before = {id(layer) for _, layer in adapter_layers(model)}

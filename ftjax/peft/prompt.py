@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from ftjax.errors import FtjaxError
+from ftjax.models.resolve import tokenizer_for
 from ftjax.peft.core import AdapterLayer, AdapterParam, PeftConfig, retyped_copy
 
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
@@ -96,7 +97,6 @@ class PromptTuningConfig(PeftConfig):
     if self.prompt_tuning_init == "SAMPLE_VOCAB":
       ids = jax.random.randint(rngs.params(), (n,), 0, embedding.shape[0])
     else:
-      from ftjax.models.resolve import tokenizer_for
       ids = list(tokenizer_for(self.tokenizer_name_or_path).encode(self.prompt_tuning_init_text))
       if not ids:
         raise FtjaxError("PromptTuningConfig: prompt_tuning_init_text has no tokens")

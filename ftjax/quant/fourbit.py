@@ -32,6 +32,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from ftjax.errors import FtjaxError
 
 # bitsandbytes get_4bit_type("nf4"): quantiles of N(0, 1), index 0..15.
 NF4_CODE = np.array([
@@ -116,7 +117,6 @@ jax.tree_util.register_dataclass(
 
 
 def _check(block_size: int, quant_type: str) -> None:
-  from ftjax.errors import FtjaxError
   if block_size not in BLOCK_SIZES:
     raise FtjaxError(f"quantisation block_size={block_size}; bitsandbytes' sizes are {BLOCK_SIZES}")
   if quant_type not in CODES:

@@ -24,6 +24,7 @@ import qwix
 from flax import nnx
 
 from ftjax.errors import FtjaxError
+from ftjax.nnx_utils import axes, logical_name, replace_module
 from ftjax.quant.fourbit import Quant4bit, dequantize_4bit, quantize_4bit
 from ftjax.quant.int8 import int8_dequantize, int8_quantize
 
@@ -37,10 +38,6 @@ class QuantCodes(nnx.Param):
 class QuantStat(nnx.Param):
   """Block statistics of a quantised kernel (absmax, its scale and offset): frozen, not params
   of the model in the counts (HF PEFT does not count bitsandbytes' quant_state either)."""
-
-
-def _axes(*names) -> dict:
-  return {"out_sharding": names, "eager_sharding": False}
 
 
 def _rows(d_in: int, block_size: int) -> bool:
@@ -94,8 +91,8 @@ class QuantLinear(nnx.Module):
     rows = _rows(d_in, block_size) or quant_type == "int8"
     arrays = _quantize_kernel_jit(kernel[...], block_size, quant_type, double_quant)
     if quant_type == "int8":
-      self.codes = QuantCodes(arrays["codes"], **_axes(*names))
-      self.scale = QuantStat(arrays["scale"], **_axes(*lead_names, None, out_name))
+      self.codes = QuantCodes(arrays["codes"], **axes(*names))
+      self.scale = QuantStat(arrays["scale"], **axes(*lead_names, None, out_name))
       self.absmax = self.absmax_scale = self.offset = None
     else:
       self._init_4bit(arrays, names, rows, double_quant)
@@ -110,12 +107,12 @@ class QuantLinear(nnx.Module):
 
   def _init_4bit(self, arrays: dict, names: tuple, rows: bool, double_quant: bool) -> None:
     lead_names, in_name, out_name = names[:-2], names[-2], names[-1]
-    self.codes = QuantCodes(arrays["codes"], **_axes(*lead_names, *((out_name, in_name) if rows else (None,))))
+    self.codes = QuantCodes(arrays["codes"], **axes(*lead_names, *((out_name, in_name) if rows else (None,))))
     per_row = rows and not double_quant  # absmax [.., out, in / block] keeps the axes too
-    self.absmax = QuantStat(arrays["absmax"], **_axes(*lead_names, *((out_name, in_name) if per_row else (None,))))
+    self.absmax = QuantStat(arrays["absmax"], **axes(*lead_names, *((out_name, in_name) if per_row else (None,))))
     if double_quant:
-      self.absmax_scale = QuantStat(arrays["absmax_scale"], **_axes(*lead_names, None))
-      self.offset = QuantStat(arrays["offset"], **_axes(*lead_names, None))
+      self.absmax_scale = QuantStat(arrays["absmax_scale"], **axes(*lead_names, None))
+      self.offset = QuantStat(arrays["offset"], **axes(*lead_names, None))
     else:
       self.absmax_scale = self.offset = None
 
@@ -162,8 +159,8 @@ class QuantLinear(nnx.Module):
     """The float nnx.Linear of the dequantised weights (all layers of a stack)."""
     kernel = self.float_kernel(jnp.float32)
     linear = nnx.Linear(self.in_features, self.out_features, use_bias=self.bias is not None,
-                        dtype=self.dtype, rngs=nnx.Rngs(0), kernel_metadata=_axes(*self.kernel_axes))
-    linear.kernel = nnx.Param(kernel.astype(jnp.float32), **_axes(*self.kernel_axes))
+                        dtype=self.dtype, rngs=nnx.Rngs(0), kernel_metadata=axes(*self.kernel_axes))
+    linear.kernel = nnx.Param(kernel.astype(jnp.float32), **axes(*self.kernel_axes))
     if self.bias is not None:
       linear.bias = self.bias
     return linear
@@ -173,7 +170,6 @@ def quantize_model(model: nnx.Module, *, block_size: int = 64, quant_type: str =
                    double_quant: bool = True, skip: Sequence[str] = ("lm_head",)) -> nnx.Module:
   """Replaces every `nnx.Linear` of `model` (but those whose name ends with one of `skip`) by a
   QuantLinear, in place; returns the model."""
-  from ftjax.peft.core import logical_name, replace_module
   targets = [("/".join(map(str, path)), module) for path, module in nnx.iter_modules(model)
              if isinstance(module, nnx.Linear) and path]
   flat = []
@@ -195,7 +191,6 @@ def quantize_model(model: nnx.Module, *, block_size: int = 64, quant_type: str =
 
 def dequantize_model(model: nnx.Module) -> nnx.Module:
   """Replaces every QuantLinear by the float nnx.Linear of its dequantised weights, in place."""
-  from ftjax.peft.core import replace_module
   targets = [("/".join(map(str, path)), module) for path, module in nnx.iter_modules(model)
              if isinstance(module, QuantLinear)]
   for path, module in targets:
