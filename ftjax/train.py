@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from ftjax import config as config_lib
-from ftjax import evaluate, evaluation, export
+from ftjax import evaluate, evaluation, export, lr_probe
 from ftjax import step as step_lib
 from ftjax.files import write_json
 from ftjax.checkpoint import Checkpointer
@@ -198,6 +198,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, allow_config_chang
   if main:
     write_data_report(data_report, workdir)
   checkpointer = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
+  # train.lr "auto": measured now (or read back when resuming); WORKDIR/auto.json
+  run = lr_probe.resolve_lr(run, data_report, workdir, checkpointer.latest_step() is not None)
   config_path = os.path.join(workdir, "config.json")
   if checkpointer.latest_step() is not None:
     check_resume_config(config_path, cfg, allow_config_change)

@@ -507,6 +507,8 @@ def add_cost_plan(report, config, probed=None):
   train = report["splits"].get("train", {})
   if train.get("examples"):
     report["cost"] = cost.plan(config, train, probed)
+    if report.get("lr_probe"):  # train.lr "auto": the probe's steps (ftjax/lr_probe.py)
+      report["cost"]["lr_probe"] = report["lr_probe"]
   return report
 
 

@@ -1,0 +1,60 @@
+"""train.lr = "auto" by measurement (ftjax/lr_probe.py) and train.epochs = "auto" with early
+stopping (ftjax/data/auto.py): issue 24."""
+
+import json
+import logging
+import math
+
+import pytest
+
+from ftjax import config as config_lib
+from ftjax import lr_probe
+from ftjax import train as train_lib
+from ftjax.data import auto
+from tiny import quickstart_data, run_config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return quickstart_data(tmp_path_factory, n_train=120, n_eval=16)
+
+
+def test_choice_rule():
+  """Out: a non-finite step, a non-finite loss, a loss above the start's. Among the rest the
+  lowest held-out loss, and within 1% of it the larger rate."""
+  def row(lr, loss, finite=True):
+    return {"lr": lr, "held_out_loss": loss, "finite": finite}
+  out = lr_probe.choose([row(1e-5, 2.9), row(1e-4, 2.00), row(1e-3, 2.015), row(1e-2, 3.5),
+                         row(1e-1, math.nan), row(1.0, 1.0, finite=False)], start_loss=3.0)
+  assert out["chosen"] == 1e-3  # 2.015 is within 1% of the best 2.00: the larger rate wins
+  reasons = {r["lr"]: r["out"] for r in out["candidates"]}
+  assert reasons[1e-2].startswith("held-out loss above the start's")
+  assert reasons[1e-1] == "held-out loss not finite" and reasons[1.0] == "a step was not finite"
+  assert reasons[1e-4] is None and reasons[1e-3] is None
+  # just outside the tie band: the lower loss wins
+  assert lr_probe.choose([row(1e-4, 2.00), row(1e-3, 2.03)], 3.0)["chosen"] == 1e-4
+  assert lr_probe.choose([row(1e-4, math.nan)], 3.0)["chosen"] is None  # all out: the table
+
+
+def test_candidates_span_two_orders_of_magnitude():
+  for method in config_lib.METHODS:
+    c = lr_probe.candidates(method)
+    assert len(c) == 5 and c == sorted(c) and c[-1] / c[0] == pytest.approx(100, rel=0.01)
+  assert lr_probe.candidates("lora")[0] == 5e-5 and lr_probe.candidates("lora")[-1] == 5e-3
+
+
+def test_skip_rule_and_budget():
+  c = config_lib.base_config()
+  c.train.batch_size = 8
+  for steps, expect in ((99, None), (100, 4), (150, 6), (1000, 8)):
+    c.train.steps = steps
+    p = lr_probe.plan(c, rows=240)
+    if expect is None:  # 5 rates x 4 steps > 20% of 99 steps
+      assert "cannot afford it" in p["skipped"] and ">= 100 steps" in p["skipped"]
+    else:
+      assert p["steps_each"] == expect and p["steps"] <= 0.2 * steps
+      assert p["held_out_rows"] == 24  # 10% of 240 rows, in whole micro-batches of 8
+  c.train.steps = 1000
+  assert "too few" in lr_probe.plan(c, rows=12)["skipped"]  # 8 held out leave 4 < a batch
+  c.objective = "grpo"
+  assert "no loss on fixed rows" in lr_probe.plan(c, rows=200)["skipped"]
