@@ -58,3 +58,32 @@ def test_skip_rule_and_budget():
   assert "too few" in lr_probe.plan(c, rows=12)["skipped"]  # 8 held out leave 4 < a batch
   c.objective = "grpo"
   assert "no loss on fixed rows" in lr_probe.plan(c, rows=200)["skipped"]
+
+
+@pytest.fixture(scope="module")
+def probe_run(model_dir, data_dir):
+  """A tiny LoRA run set up as train() sets it up, and its data report."""
+  from ftjax.run import setup
+  c = run_config(model_dir, data_dir, **{"train.steps": 100, "train.lr": "auto"})
+  examples, report = train_lib.check_data(c)
+  return setup(c, examples=examples), report
+
+
+def test_probe_picks_the_better_rate_with_one_compile(probe_run, monkeypatch):
+  """A rate too small to move (1e-7) against one that learns (3e-3) and one so large its
+  update overflows (1e30: the loss is not finite): the learning one is chosen; one compiled step
+  serves all three."""
+  run, _ = probe_run
+  compiles = []
+  compile_ = lr_probe._compile
+  monkeypatch.setattr(lr_probe, "_compile", lambda *a: compiles.append(1) or compile_(*a))
+  planned = {"candidates": [1e-7, 3e-3, 1e30], "steps_each": 4, "held_out_rows": 8}
+  result = lr_probe.probe(run, planned)
+  small, good, huge = result["candidates"]
+  assert result["chosen"] == 3e-3 and len(compiles) == 1
+  # the rate is a traced argument of that one program: each candidate trained differently
+  assert small["train_losses"] != good["train_losses"] != huge["train_losses"]
+  assert small["train_losses"][0] == good["train_losses"][0]  # the same start, the same batch
+  assert good["held_out_loss"] < 0.99 * result["start_held_out_loss"]
+  assert abs(small["held_out_loss"] - result["start_held_out_loss"]) < 1e-3  # did not move
+  assert huge["out"] is not None and "finite" in huge["out"], huge  # diverged: out
