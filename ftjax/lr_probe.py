@@ -174,9 +174,16 @@ def probe(run, planned: dict) -> dict:
                  "train_losses": losses, "finite": finite})
     log.info("lr probe: lr %g -> held-out loss %.4f", lr, rows[-1]["held_out_loss"])
   result = choose(rows, start_loss)
+  for r in rows:  # JSON has no NaN: a non-finite loss is written as null
+    r["held_out_loss"] = _finite_or_none(r["held_out_loss"])
+    r["train_losses"] = [_finite_or_none(x) for x in r["train_losses"]]
   result.update(steps_each=planned["steps_each"], held_out_rows=planned["held_out_rows"],
                 seconds=round(time.perf_counter() - t0, 2))
   return result
+
+
+def _finite_or_none(x: float) -> float | None:
+  return x if math.isfinite(x) else None
 
 
 def choose(rows: list[dict], start_loss: float) -> dict:
@@ -186,7 +193,7 @@ def choose(rows: list[dict], start_loss: float) -> dict:
   for r in rows:
     loss = r["held_out_loss"]
     r["out"] = ("a step was not finite" if not r["finite"] else
-                "held-out loss not finite" if not math.isfinite(loss) else
+                "held-out loss not finite" if loss is None or not math.isfinite(loss) else
                 "held-out loss above the start's (diverging)" if loss > start_loss else None)
   kept = [r for r in rows if r["out"] is None]
   chosen = None
@@ -199,11 +206,12 @@ def choose(rows: list[dict], start_loss: float) -> dict:
 
 def table_text(result: dict) -> str:
   """The probe's table as text (the log) and Markdown rows (the report)."""
-  lines = [f"| lr | held-out loss | |", "|---|---|---|",
+  lines = ["| lr | held-out loss | |", "|---|---|---|",
            f"| (start) | {result['start_held_out_loss']:.4f} | |"]
   for r in result["candidates"]:
     note = "**chosen**" if r["lr"] == result["chosen"] else (r["out"] or "")
-    lines.append(f"| {r['lr']:g} | {r['held_out_loss']:.4f} | {note} |")
+    loss = "not finite" if r["held_out_loss"] is None else f"{r['held_out_loss']:.4f}"
+    lines.append(f"| {r['lr']:g} | {loss} | {note} |")
   return "\n".join(lines)
 
 

@@ -87,3 +87,47 @@ def test_probe_picks_the_better_rate_with_one_compile(probe_run, monkeypatch):
   assert good["held_out_loss"] < 0.99 * result["start_held_out_loss"]
   assert abs(small["held_out_loss"] - result["start_held_out_loss"]) < 1e-3  # did not move
   assert huge["out"] is not None and "finite" in huge["out"], huge  # diverged: out
+
+
+def test_train_with_lr_auto_writes_the_choice_everywhere(model_dir, data_dir, tmp_path, caplog):
+  """train.lr="auto" in a 100-step run: the probe runs (5 rates x 4 steps), the run trains at
+  its choice, and the choice with the table is in the log, auto.json, config.json, the cost
+  plan and report.md."""
+  c = run_config(model_dir, data_dir, **{"train.steps": 100, "train.lr": "auto",
+                                         "export.adapter": False, "train.log_every": 0})
+  workdir = tmp_path / "run"
+  with caplog.at_level(logging.INFO, logger="ftjax.lr_probe"):
+    train_lib.train(c, str(workdir))
+  saved = json.loads((workdir / "auto.json").read_text())
+  probe = saved["lr_probe"]
+  assert [r["lr"] for r in probe["candidates"]] == lr_probe.candidates("lora")
+  assert probe["steps_each"] == 4 and probe["chosen"] in lr_probe.candidates("lora")
+  assert saved["resolved"]["train.lr"] == probe["chosen"]
+  assert saved["how"]["train.lr"] == "measured by the lr probe"
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["train"]["lr"] == probe["chosen"]  # what the run trained at
+  table = lr_probe.table_text(probe)
+  assert table in caplog.text and table in (workdir / "report.md").read_text()
+  assert f"| {probe['chosen']:g} | " in table and "**chosen**" in table
+  data_report = json.loads((workdir / "data_report.json").read_text())
+  assert data_report["cost"]["lr_probe"]["steps"] == 20
+  assert "lr probe: 5 rates x 4 steps = 20 steps (20% of the run's)" in (
+      workdir / "data_report.md").read_text()
+
+
+def test_epochs_auto_stops_early_and_keeps_the_best(model_dir, tmp_path_factory, tmp_path):
+  """train.epochs="auto" with an eval split: a ceiling of 2 x the fixed rule's epochs, evals
+  twice an epoch, patience 2. Eight train examples fully fine-tuned at a high rate overfit (the
+  eval loss turns up): the run stops long before the ceiling and exports the best eval's state."""
+  small = quickstart_data(tmp_path_factory, n_train=8, n_eval=16)
+  c = run_config(model_dir, small, **{"train.epochs": "auto", "train.lr": 1e-2, "method": "full",
+                                         "export.adapter": False, "train.log_every": 0,
+                                         "eval.metrics": "loss"})
+  summary = train_lib.train(c, str(tmp_path / "run"))
+  config = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert config["train"]["epochs"] == min(25, 2 * auto.auto_epochs(8)[0]) == 25  # the ceiling
+  assert config["train"]["patience"] == 2 and config["train"]["eval_every"] > 0
+  curve = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  curve = [(m.get("step"), m.get("eval/loss")) for m in curve if "eval/loss" in m]
+  assert summary["stopped_early"] and summary["steps"] < config["train"]["steps"], curve
+  assert summary["best_step"] is not None and summary["best_step"] < summary["steps"]
