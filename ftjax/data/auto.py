@@ -12,8 +12,8 @@ saying why. The rule, anchored on what hosted fine-tuning services do:
            With an eval split: train until the eval stops improving. The epochs are a ceiling,
            twice that rule (at most 25): early stopping on eval.primary (or the eval loss) ends
            the run sooner, and the best eval's state is what is exported (train.keep_best,
-           WORKDIR/best). Unless set, train.eval_every = half an epoch's steps and
-           train.patience = 2 evals (one epoch without improvement).
+           WORKDIR/best). train.eval_every is lowered to half an epoch's steps (when 0 or
+           larger) and train.patience, when 0, is 2 evals (one epoch without improvement).
   batch    "auto": ~0.2% of the train rows, at most 256 (OpenAI's documented `batch_size: "auto"`),
            at least 8 (a CPU step's fixed costs dominate below that), rounded up to a multiple of
            the data-parallel devices x train.grad_accum so the step can split it.
@@ -100,8 +100,9 @@ def _auto_epochs(config, rows: int, examples: int, eval_examples: int) -> list[s
   t.epochs = min(MAX_EPOCHS, CEILING_FACTOR * n)
   out = [f"train.epochs={t.epochs}: a ceiling, {CEILING_FACTOR} x the fixed rule's {n} ({why}); "
          "early stopping on the eval ends the run sooner, keeping the best state"]
-  if not t.eval_every:
-    t.eval_every = max(1, math.ceil(rows / t.batch_size / EVALS_PER_EPOCH))
+  half = max(1, math.ceil(rows / t.batch_size / EVALS_PER_EPOCH))
+  if not t.eval_every or t.eval_every > half:  # the default 50 may be a whole run of steps
+    t.eval_every = half
     out.append(f"train.eval_every={t.eval_every}: {EVALS_PER_EPOCH} evals an epoch, for early stopping")
   if not t.patience:
     t.patience = AUTO_PATIENCE
