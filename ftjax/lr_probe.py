@@ -102,6 +102,8 @@ def resolve_lr(run, report: dict, workdir: str, resuming: bool):
   if planned is None:  # train.lr was a number (other keys may still be "auto")
     _write_auto(path, report, None)
     return run
+  if "skipped" not in planned and not hasattr(run.train_ds, "rows"):  # ftjax.data.loader.Shards
+    planned = {"skipped": "the train data is sharded over processes: the probe needs every row"}
   saved = _read(path) if resuming else None
   if saved and saved.get("lr_probe", {}).get("chosen") is not None:
     result = saved["lr_probe"]

@@ -131,3 +131,24 @@ def test_epochs_auto_stops_early_and_keeps_the_best(model_dir, tmp_path_factory,
   curve = [(m.get("step"), m.get("eval/loss")) for m in curve if "eval/loss" in m]
   assert summary["stopped_early"] and summary["steps"] < config["train"]["steps"], curve
   assert summary["best_step"] is not None and summary["best_step"] < summary["steps"]
+
+
+def test_skipped_probe_and_resume_read_auto_json(probe_run, tmp_path, monkeypatch, caplog):
+  """A skipped probe keeps the table's rate and says why (log, auto.json); a resumed run takes
+  the rate its checkpoint was trained at from auto.json instead of probing again."""
+  run, report = probe_run
+  table_lr = run.config.train.lr
+  report = dict(report, lr_probe={"skipped": "the run's 50 steps cannot afford it"})
+  with caplog.at_level(logging.INFO, logger="ftjax.lr_probe"):
+    same = lr_probe.resolve_lr(run, report, str(tmp_path), resuming=False)
+  assert same is run and run.config.train.lr == table_lr
+  assert "lr probe skipped: the run's 50 steps cannot afford it" in caplog.text
+  saved = json.loads((tmp_path / "auto.json").read_text())
+  assert saved["lr_probe"]["skipped"] and saved["resolved"]["train.lr"] == table_lr
+  saved["lr_probe"] = {"chosen": 1.5e-3, "candidates": []}
+  (tmp_path / "auto.json").write_text(json.dumps(saved))
+  monkeypatch.setattr(lr_probe, "probe", lambda *a: pytest.fail("probed again on resume"))
+  report["lr_probe"] = {"candidates": [1e-4], "steps_each": 4, "held_out_rows": 8}
+  resumed = lr_probe.resolve_lr(run, report, str(tmp_path), resuming=True)
+  assert resumed.config.train.lr == 1.5e-3 and resumed.optimizer is not run.optimizer
+  run.config.train.lr = table_lr  # the module's run, as it was
