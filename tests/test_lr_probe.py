@@ -56,7 +56,7 @@ def test_skip_rule_and_budget():
       assert p["held_out_rows"] == 24  # 10% of 240 rows, in whole micro-batches of 8
   c.train.steps = 1000
   assert "too few" in lr_probe.plan(c, rows=12)["skipped"]  # 8 held out leave 4 < a batch
-  c.objective = "grpo"
+  c.objective, c.data.seq_len, c.grpo.reward_funcs = "grpo", 512, "exact_answer"
   assert "no loss on fixed rows" in lr_probe.plan(c, rows=200)["skipped"]
 
 
