@@ -89,11 +89,15 @@ def test_probe_picks_the_better_rate_with_one_compile(probe_run, monkeypatch):
   assert huge["out"] is not None and "finite" in huge["out"], huge  # diverged: out
 
 
-def test_train_with_lr_auto_writes_the_choice_everywhere(model_dir, data_dir, tmp_path, caplog):
-  """train.lr="auto" in a 100-step run: the probe runs (5 rates x 4 steps), the run trains at
-  its choice, and the choice with the table is in the log, auto.json, config.json, the cost
-  plan and report.md."""
-  c = run_config(model_dir, data_dir, **{"train.steps": 100, "train.lr": "auto",
+def test_train_with_lr_auto_writes_the_choice_everywhere(model_dir, data_dir, tmp_path, caplog,
+                                                        monkeypatch):
+  """train.lr="auto": the probe runs (5 rates x 2 steps), the run trains at its choice, and
+  the choice with the table is in the log, auto.json, config.json, the cost plan and
+  report.md. (The budget is widened to let a 10-step run afford the probe and keep the test
+  fast; test_skip_rule_and_budget checks the real one.)"""
+  monkeypatch.setattr(lr_probe, "BUDGET_FRACTION", 1.0)
+  monkeypatch.setattr(lr_probe, "MIN_STEPS_EACH", 2)
+  c = run_config(model_dir, data_dir, **{"train.steps": 10, "train.lr": "auto",
                                          "export.adapter": False, "train.log_every": 0})
   workdir = tmp_path / "run"
   with caplog.at_level(logging.INFO, logger="ftjax.lr_probe"):
@@ -101,7 +105,7 @@ def test_train_with_lr_auto_writes_the_choice_everywhere(model_dir, data_dir, tm
   saved = json.loads((workdir / "auto.json").read_text())
   probe = saved["lr_probe"]
   assert [r["lr"] for r in probe["candidates"]] == lr_probe.candidates("lora")
-  assert probe["steps_each"] == 4 and probe["chosen"] in lr_probe.candidates("lora")
+  assert probe["steps_each"] == 2 and probe["chosen"] in lr_probe.candidates("lora")
   assert saved["resolved"]["train.lr"] == probe["chosen"]
   assert saved["how"]["train.lr"] == "measured by the lr probe"
   config = json.loads((workdir / "config.json").read_text())
@@ -110,8 +114,8 @@ def test_train_with_lr_auto_writes_the_choice_everywhere(model_dir, data_dir, tm
   assert table in caplog.text and table in (workdir / "report.md").read_text()
   assert f"| {probe['chosen']:g} | " in table and "**chosen**" in table
   data_report = json.loads((workdir / "data_report.json").read_text())
-  assert data_report["cost"]["lr_probe"]["steps"] == 20
-  assert "lr probe: 5 rates x 4 steps = 20 steps (20% of the run's)" in (
+  assert data_report["cost"]["lr_probe"]["steps"] == 10
+  assert "lr probe: 5 rates x 2 steps = 10 steps (100% of the run's)" in (
       workdir / "data_report.md").read_text()
 
 
