@@ -77,7 +77,8 @@ def resolve(config, *, rows: int, examples: int, shards: int = 1, eval_examples:
   if t.lr == "auto":
     method = config_lib.methods(config)[0]
     t.lr = LEARNING_RATES[method]
-    reasons.append(f"train.lr={t.lr:g}: the usual rate for {method} (ftjax/data/auto.py cites it)")
+    reasons.append(f"train.lr={t.lr:g}: the usual rate for {method} (ftjax/data/auto.py cites "
+                   "it); the lr probe replaces it when the run affords one")
   if t.epochs == "auto":
     reasons += _auto_epochs(config, rows, examples, eval_examples)
   if t.epochs:
@@ -127,12 +128,13 @@ def resolve_from_report(config, report) -> list[str]:
                     shards=data_parallel(config),
                     eval_examples=evals.get("kept") or evals.get("examples") or 0
                     ) if train.get("rows") else []
+  for line in reasons:
+    log.info("chose %s", line)
   if lr_auto and train.get("rows"):  # the probe of train.lr "auto", priced by the cost plan
     from ftjax import lr_probe
     report["lr_probe"] = lr_probe.plan(config, train["rows"])
     reasons.append(lr_probe.plan_line(report["lr_probe"]))
-  for line in reasons:
-    log.info("chose %s", line)
+    log.info("%s", reasons[-1])
   report["auto"] = reasons
   report["auto_values"] = {f"train.{k}": config.train[k] for k in chosen
                            if config.train[k] != "auto"}
