@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
+from ftjax.data.auto import AUTO_KEYS  # train.* keys that take "auto"
 from ftjax.data.formats import parse_fields as fields
 from ftjax.errors import FtjaxError
 from ftjax.evaluation import harness, metrics as eval_metrics
@@ -156,11 +157,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.steps = 100  # optimizer steps (unless train.epochs is set)
   # train.epochs: passes over the train rows instead of train.steps (0: train.steps decides);
   # epochs, batch_size and lr also take "auto": chosen from the data size and the method, by
-  # the rule in ftjax/data/auto.py, and printed. Typed `object` so a flag can say "auto" or 3.
+  # the rule in ftjax/data/auto.py, printed and written to WORKDIR/auto.json. Typed `object`
+  # so a flag can say "auto" or 3. epochs "auto" with an eval split: train until the eval
+  # (eval.primary) stops improving, within a ceiling of 2 x the fixed rule's epochs (at most
+  # 25), keeping the best state; it lowers train.eval_every to half an epoch and sets
+  # train.patience 2 when 0.
   c.train.epochs = _number_or_auto(0)
   c.train.batch_size = _number_or_auto(8)  # sequences per optimizer step (all devices and micro-batches)
   c.train.grad_accum = 1  # micro-batches per step: batch_size / grad_accum sequences at a time
-  c.train.lr = _number_or_auto(2e-4)  # peak learning rate (AdamW)
+  # Peak learning rate (AdamW). "auto": measured before training by the learning-rate probe
+  # (ftjax/lr_probe.py: 5 rates over two orders of magnitude for the method, a few steps each
+  # from the same start, scored on held-out train rows; its steps are at most 20% of the run's,
+  # else it is skipped, needing >= 100 steps), falling back to the method's usual rate.
+  c.train.lr = _number_or_auto(2e-4)
   c.train.schedule = "cosine"  # decay after the linear warmup
   c.train.warmup_steps = 10  # linear warmup from 0 to train.lr
   # AdamW decoupled weight decay, on matrices only (LoRA A/B, bottleneck and prompt/prefix
@@ -346,7 +355,6 @@ def _number_or_auto(value):
   return ml_collections.FieldReference(value, field_type=object)
 
 
-AUTO_KEYS = ("epochs", "batch_size", "lr")  # train.* keys that take "auto"
 
 
 def unresolved(c: ml_collections.ConfigDict) -> list[str]:

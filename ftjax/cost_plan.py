@@ -86,6 +86,8 @@ def summary_text(cost: dict) -> str:
            f"{cost['epochs']:.2f} epochs of {cost['rows_per_epoch']} rows; "
            f"{cost['tokens_per_epoch']:,} tokens ({cost['trained_tokens_per_epoch']:,} trained) "
            f"per epoch, {cost['tokens_total']:,} ({cost['trained_tokens_total']:,}) in all"]
+  if cost.get("lr_probe"):
+    lines.append(f"  {cost['lr_probe']['line']}")
   api = cost["api"]
   lines.append(f"  hosted API at ${api['usd_per_million_tokens']:g}/M tokens: ${api['usd']:.2f} "
                f"for {api['billed_tokens']:,} billed tokens")

@@ -55,10 +55,11 @@ def run_check(config, tokenizer, out_dir=".", probe=True):
   """Checks, adds the cost plan (probing the real step when `probe` and cost.probe_steps > 0
   and the data passed), writes out_dir/data_report.json, returns the report (its absolute
   path in report["written_to"], which the summary prints)."""
-  report, _ = objectives.get(config).check_data(tokenizer)
+  objective = objectives.get(config)
+  report, _ = objective.check_data(tokenizer)
   # train.epochs / "auto": the steps the plan prices. A failed check prices the records that
   # passed, what the run would train on once the bad ones are fixed or skipped.
-  auto.resolve_from_report(config, report)
+  auto.resolve_from_report(config, report, scorable=objective.eval_loss)
   probed = None
   if probe and config.cost.probe_steps and not report["failed"]:
     probed = cost.probe(config, config.cost.probe_steps)

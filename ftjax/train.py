@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from ftjax import config as config_lib
-from ftjax import evaluate, evaluation, export, objectives
+from ftjax import evaluate, evaluation, export, lr_probe, objectives
 from ftjax import step as step_lib
 from ftjax.files import write_json
 from ftjax.checkpoint import Checkpointer
@@ -120,11 +120,13 @@ def check_data(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
   report once the run is set up). Returns (examples to train on, report)."""
   config_lib.validate(config)
   write_generated(config)
-  report, kept = objectives.get(config).check_data(resolve.tokenizer_for(config.model.name_or_path))
+  objective = objectives.get(config)
+  report, kept = objective.check_data(resolve.tokenizer_for(config.model.name_or_path))
   if report["failed"]:
     raise FtjaxError(f"{selection.failure_message(report)}\n(all of them with codes: python -m "
                      "ftjax.data check --config ... --out DIR writes DIR/data_report.json)")
-  resolve_from_report(config, report)  # train.epochs, "auto" values: steps from the data
+  # train.epochs, "auto" values: steps from the data
+  resolve_from_report(config, report, scorable=objective.eval_loss)
   data_report.add_cost_plan(report, config)  # tokens and API price; the run itself measures the rest
   log.info("data check:\n%s", data_report.summary_text(report))
   return kept, report
@@ -196,6 +198,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, allow_config_chang
   if main:
     write_data_report(data_report, workdir)
   checkpointer = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
+  # train.lr "auto": measured now (or read back when resuming); WORKDIR/auto.json
+  run = lr_probe.resolve_lr(run, data_report, workdir, checkpointer.latest_step() is not None)
   config_path = os.path.join(workdir, "config.json")
   if checkpointer.latest_step() is not None:
     check_resume_config(config_path, cfg, allow_config_change)

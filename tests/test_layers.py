@@ -32,7 +32,7 @@ PACKAGE = ROOT / "ftjax"
 LAYERS = (
     ("commands", ("ftjax", "ftjax.plan", "ftjax.notebook", "ftjax.classify", "ftjax.config_reference",
                   "ftjax.data_check")),
-    ("train", ("ftjax.train",)),
+    ("train", ("ftjax.train", "ftjax.lr_probe")),
     ("evaluate, export", ("ftjax.evaluate", "ftjax.export")),
     ("cost probe", ("ftjax.cost",)),
     ("run", ("ftjax.run", "ftjax.hooks", "ftjax.metrics", "ftjax.flops")),

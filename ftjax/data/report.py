@@ -7,7 +7,7 @@ data_report.json by `python -m ftjax.data check` (ftjax/data_check.py) and by tr
 from __future__ import annotations
 
 from ftjax import cost_plan
-from ftjax.data import quality, selection
+from ftjax.data import lr_plan, quality, selection
 
 LOCATIONS_PRINTED = 5  # duplicate / near-duplicate / conflict / leak locations printed per signal
 
@@ -93,4 +93,6 @@ def add_cost_plan(report, config, probed=None):
   train = report["splits"].get("train", {})
   if train.get("examples"):
     report["cost"] = cost_plan.plan(config, train, probed)
+    if report.get("lr_probe"):  # train.lr "auto": the probe's steps (ftjax/lr_probe.py)
+      report["cost"]["lr_probe"] = dict(report["lr_probe"], line=lr_plan.plan_line(report["lr_probe"]))
   return report

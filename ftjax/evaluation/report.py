@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 
+from ftjax.data import lr_plan
 from ftjax.data.report import markdown as data_markdown
 from ftjax.evaluation import curves as curves_lib
 from ftjax.evaluation import metrics as metrics_lib
@@ -72,7 +73,8 @@ def write(folder: str, results: dict | None = None) -> dict:
   training = results.get("training", {})
   warnings = curves_lib.overfitting_warnings(curves.get("train/loss", []), curves.get("eval/loss", []))
   report = {"results": results, "overfitting_warnings": warnings, "config": config,
-            "summary": summary, "data_report": data_report, "plots": {}}
+            "summary": summary, "data_report": data_report, "plots": {},
+            "auto": _read_json(folder, "auto.json")}
 
   p = report["plots"]
   if curves:
@@ -99,7 +101,7 @@ def markdown(report: dict, systems: dict) -> str:
   r = report["results"]
   lines = ["# Evaluation report", ""]
   for section in (_verdict_md, _metrics_md, _systems_md, _loss_md, _training_md, _forgetting_md,
-                  _leakage_md, _data_cost_md, _samples_md):
+                  _leakage_md, _auto_md, _data_cost_md, _samples_md):
     lines += section(report, r, systems)
   return "\n".join(lines)
 
@@ -233,6 +235,25 @@ def _leakage_md(report: dict, r: dict, systems: dict) -> list[str]:
   else:
     lines.append("Not measured: no train set (prompting-only evaluation) or no eval set.")
   lines.append("")
+  return lines
+
+
+def _auto_md(report: dict, r: dict, systems: dict) -> list[str]:
+  """The "auto" values (auto.json) and the learning-rate probe's table."""
+  auto = report.get("auto")
+  if not auto:
+    return []
+  lines = ["## Auto values (auto.json)", ""]
+  lines += [f"- `{k}` = {v:g}: {auto['how'][k]}" if isinstance(v, (int, float))
+            else f"- `{k}` = {v}: {auto['how'][k]}" for k, v in auto["resolved"].items()]
+  lines.append("")
+  probe = auto.get("lr_probe")
+  if probe and probe.get("skipped"):
+    lines += [f"Learning-rate probe skipped: {probe['skipped']}.", ""]
+  elif probe:
+    lines += [f"Learning-rate probe: {probe['steps_each']} steps per rate from the same start, "
+              f"scored on {probe['held_out_rows']} held-out train rows ({probe['rule']}).", "",
+              lr_plan.table_text(probe), ""]
   return lines
 
 
