@@ -7,6 +7,7 @@ order 1; the measured differences are ~1e-7.
 """
 
 import collections
+import logging
 import types
 
 import jax
@@ -237,6 +238,42 @@ def test_rollout_rows_mark_exactly_the_completion_tokens():
       mask_truncated=True)
   assert (masked["loss_mask"][truncated] == 0).all()
   np.testing.assert_array_equal(masked["loss_mask"][~truncated], rows["loss_mask"][~truncated])
+
+
+SAMPLER = ("_new_cache", "_prefill", "_tile_prefix", "_first_token", "_decode")
+
+
+def _sampler_compiles(records) -> dict:
+  """How many times each of ftjax.generate's jitted pieces compiled, from jax's compile log."""
+  found = {name: 0 for name in SAMPLER}
+  for r in records:
+    for name in SAMPLER:
+      found[name] += f"Compiling jit({name}) " in r.getMessage()
+  return found
+
+
+def test_rollouts_compile_the_sampler_once_whatever_the_prompt_lengths(caplog):
+  """Three steps' rollouts (the params changed between them, as training does) of prompts whose
+  lengths fall in different 16-token buckets, with shared prefixes of different lengths: only
+  the first compiles the sampler. Before, each bucket / prefix length compiled the prefill and
+  the decode loop again (measured 3 compiles each here)."""
+  model = _lora_model()
+  graphdef, train, frozen, mutable = step_lib.split_model(model, peft.trainable(model))
+  batches = [[[3] * 3, [4] * 5],  # 16 columns bucketed, no shared prefix
+             [[5] * 20, [5] * 17 + [6] * 9],  # 32 columns, a 16-token shared prefix
+             [[7] * 40, [8] * 2]]  # 48 columns
+  compiles = []
+  for i, prompts in enumerate(batches):
+    params = jax.tree.map(lambda x: x + 0.01 * i, train)
+    current = step_lib.merge_model(graphdef, params, frozen, mutable)
+    with caplog.at_level(logging.WARNING, logger="jax"), jax.log_compiles(True):
+      caplog.clear()
+      rows, completions, _ = grpo_rollout.rollout_rows(
+          current, prompts, num_generations=2, seq_len=56, max_new_tokens=6, eos_ids=[EOS],
+          temperature=1.0, seed=i)
+      compiles.append(_sampler_compiles(caplog.records))
+    assert rows["inputs"].shape == (4, 56) and len(completions) == 4
+  assert compiles[1] == compiles[2] == {name: 0 for name in SAMPLER}, compiles
 
 
 def test_grpo_lora_raises_a_toy_reward_and_beta_uses_the_adapter_free_reference():

@@ -331,7 +331,8 @@ class GRPO(Objective):
       for i in range(0, n, chunk):
         completions += generate_ids(model, prompts[i:i + chunk], b.max_new_tokens,
                                     temperature=temperature, seed=self.config.train.seed,
-                                    eos_ids=eos, pad_id=pad, top_k=b.top_k, top_p=b.top_p)
+                                    eos_ids=eos, pad_id=pad, top_k=b.top_k, top_p=b.top_p,
+                                    prompt_width=self.prompt_len)  # the rollouts' shapes
       per_func, total = self._score(items, completions, tok)
       out = _mean_ci(total, "reward", self.config.eval.bootstrap)
       for j, name in enumerate(self.rewards.names):
