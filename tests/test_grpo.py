@@ -441,6 +441,20 @@ def test_arithmetic_task_answers_are_right():
     assert int(p["answer"]) == eval(f"{int(a)} {op} {int(b)}")  # noqa: S307 - our own digits
 
 
+def test_arithmetic_splits_share_no_prompt(tmp_path):
+  """The held-out exact-answer rate is measured on prompts the run never trained on (the
+  first generator's 400 + 100 draws repeated 25 train prompts in eval)."""
+  train, held_out = (_read_jsonl(p) for p in arithmetic_task.write_splits(str(tmp_path)))
+  prompts = [r["prompt"] for r in train]
+  assert len(train) == 400 and len(held_out) == 100 and len(set(prompts)) == 400
+  assert not set(prompts) & {r["prompt"] for r in held_out}
+
+
+def _read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
 def test_answer_format_wants_exactly_one_non_empty_tag():
   got = grpo_rewards.answer_format(["p"] * 4, ["<answer>85</answer>", "85", "<answer> </answer>",
                                                "<answer>1</answer><answer>2</answer>"])
