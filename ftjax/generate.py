@@ -74,11 +74,23 @@ def _on_mesh_of(state, cache):
                if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
   if mesh is None or mesh.size == 1:
     return cache
+  return jax.device_put(cache, cache_shardings(mesh, cache))
+
+
+def cache_shardings(mesh, cache) -> dict:
+  """The NamedSharding of each KV cache array on `mesh` (arrays or ShapeDtypeStructs: ftjax.plan
+  sizes a cache it never allocates)."""
   from ftjax.parallel import sharding
   axes = {"k": ("layers", "batch", None, "kv_heads", None),
           "v": ("layers", "batch", None, "kv_heads", None), "segment": ("layers", "batch", None)}
-  return jax.device_put(cache, {name: NamedSharding(mesh, sharding.logical_to_spec(
-      axes[name], x.shape, mesh)) for name, x in cache.items()})
+  return {name: NamedSharding(mesh, sharding.logical_to_spec(axes[name], x.shape, mesh))
+          for name, x in cache.items()}
+
+
+def cache_length(prompt_width: int, max_new_tokens: int) -> int:
+  """The KV cache length `generate_ids(..., prompt_width=...)` allocates for prompts no longer
+  than `prompt_width`: the width rounded up to the bucket, plus the new tokens."""
+  return -(-prompt_width // _WIDTH_BUCKET) * _WIDTH_BUCKET + max_new_tokens
 
 
 def _shared_prefix_len(prompts: list[list[int]]) -> int:

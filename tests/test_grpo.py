@@ -377,6 +377,56 @@ def test_example_config_trains_grpo_with_trl_metric_names_reuse_and_a_reward_eva
   assert os.path.exists(os.path.join(workdir, "grpo_base_eval.json"))
 
 
+def _sft_twin(grpo_config):
+  """The SFT config of the same model, adapter, batch (rows) and row length."""
+  c = config_lib.base_config()
+  c.model.name_or_path, c.method, c.data.train = grpo_config.model.name_or_path, "lora", "unused.jsonl"
+  c.lora = grpo_config.lora
+  c.data.seq_len, c.mesh = grpo_config.data.seq_len, grpo_config.mesh
+  c.train.batch_size, c.train.steps, c.train.warmup_steps = grpo_config.train.batch_size, 1, 0
+  return c
+
+
+def test_plan_counts_the_rollout_kv_cache_beside_the_train_state(model_dir, tmp_path, monkeypatch):
+  """ftjax.plan of a GRPO config: its "rollout KV cache" line is the byte count of the cache
+  that grpo_rollout's sampler allocates for train.batch_size (G x prompts) rows, measured on the
+  arrays; with the rollout's other buffers it is in the total, which is the SFT twin's plan
+  (same model, adapter, rows and length; its step) plus those lines and GRPO's extra per-row
+  inputs (advantages, row stats). Before, planning a GRPO config raised AttributeError."""
+  from ftjax import generate
+  from ftjax import models
+  from ftjax import plan as plan_lib
+  c = _example_config(model_dir, tmp_path)  # 2 prompts x G=4 rows of 96 tokens, 6 new
+  c.mesh.data = 1
+  grpo_plan = plan_lib.plan(c)
+  sft_plan = plan_lib.plan(_sft_twin(c))
+  allocated, new_cache = [], generate._new_cache
+
+  def counting_new_cache(*args, **kwargs):
+    cache = new_cache(*args, **kwargs)
+    allocated.append(sum(x.nbytes for x in jax.tree.leaves(cache)))
+    return cache
+  monkeypatch.setattr(generate, "_new_cache", counting_new_cache)
+  model, _ = models.load(model_dir)
+  prompt_budget = c.data.seq_len - c.grpo.max_new_tokens
+  grpo_rollout.rollout_rows(model, [[5] * 30, [6] * prompt_budget], num_generations=4,
+                            seq_len=c.data.seq_len, max_new_tokens=c.grpo.max_new_tokens,
+                            eos_ids=[EOS], temperature=1.0)
+  assert allocated == [grpo_plan.rollout_cache] and allocated[0] > 0
+  assert grpo_plan.rollout_buffers >= grpo_plan.rollout_cache  # the prefill's second cache
+  assert sft_plan.rollout_cache == sft_plan.rollout_buffers == 0
+  rollout = grpo_plan.rollout_cache + grpo_plan.rollout_buffers
+  step_difference = sum(getattr(grpo_plan, k) - getattr(sft_plan, k)
+                        for k in ("batch", "temporaries", "outputs"))  # per-row inputs, metrics
+  assert grpo_plan.total - sft_plan.total == rollout + step_difference
+  # the steps differ by little next to the rollout (measured: the same temporaries, 256 bytes
+  # of per-row inputs and 108 of metrics): the loss runs the same forward
+  assert abs(step_difference) < grpo_plan.rollout_cache / 100, (grpo_plan, sft_plan)
+  table = dict(grpo_plan.rows())
+  assert table["GRPO rollout KV cache (G x prompts rows)"] == allocated[0]
+  assert table["total per device"] == grpo_plan.total
+
+
 def _write_jsonl(path, records):
   path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
 

@@ -286,6 +286,25 @@ class GRPO(Objective):
            for i in range(0, n, micro)]
     return np.concatenate(out).astype(np.float32)
 
+  # --- memory (ftjax.plan) ---
+
+  def rollout_memory(self, run) -> dict:
+    """Per-device bytes a rollout holds beside the train state, for ftjax.plan: {"kv_cache": the
+    KV cache of the train.batch_size (G x prompts) rows, exactly as generate_ids allocates it;
+    "buffers": the prefill's second cache (it returns a new one beside its input) + the f32
+    logits of the last position + the token buffer}. `run` may be abstract."""
+    from ftjax import generate
+    from ftjax.step import merge_model
+    rows, b = self.config.train.batch_size, self.block
+    length = generate.cache_length(self.prompt_len, b.max_new_tokens)
+    cache = jax.eval_shape(lambda t, f, m: merge_model(run.graphdef, t, f, m).init_cache(rows, length),
+                           run.trainable, run.frozen, run.mutable)
+    kv = _device_bytes(cache, generate.cache_shardings(run.mesh, cache))
+    batch_shards = run.mesh.shape.get("data", 1) * run.mesh.shape.get("fsdp", 1)
+    rows_here = -(-rows // batch_shards)
+    per_row = run.model_cfg.vocab_size * 4 + b.max_new_tokens * 4  # f32 logits, int32 tokens
+    return {"kv_cache": kv, "buffers": kv + rows_here * per_row}
+
   # --- eval: rewards of greedy answers to the eval prompts ---
 
   def before_training(self, run, workdir):
@@ -368,6 +387,12 @@ class GRPO(Objective):
         lines += ["", f"**{label}**, reward {s['reward']}: prompt `{_short(s['prompt'])}` -> "
                   f"`{_short(s['completion'])}`"]
     return "\n".join(lines) + "\n"
+
+
+def _device_bytes(tree, shardings) -> int:
+  """Bytes one device holds of `tree` (ShapeDtypeStructs) under `shardings` (the largest shard)."""
+  return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
+             for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
 
 
 def _mean_ci(values, key: str, resamples: int, seed: int = 0) -> dict:

@@ -92,6 +92,7 @@ class GRPOLoss:
   # Per-row values the rollout computed on the host (reward, completion_length, ...): reported
   # as means over the batch's real rows.
   row_stats: tuple[str, ...] = ()
+  vocab_chunk: int = 0  # the logits are whole (train.vocab_chunk is SFT's); ftjax.plan reads it
 
   def __call__(self, model, batch: dict, rng=None) -> dict:
     logps = sequence_token_logps(model, batch, temperature=self.temperature, remat=self.remat,
