@@ -427,6 +427,26 @@ def test_plan_counts_the_rollout_kv_cache_beside_the_train_state(model_dir, tmp_
   assert table["total per device"] == grpo_plan.total
 
 
+def test_report_draws_the_reward_curve_and_the_trend_compares_quarters(tmp_path):
+  """A run folder whose metrics.jsonl has train/reward gets rewards.png in its report (the
+  reward per step, each function's too); reward_trend's quarters are the first and last
+  quarter of the steps' values, their CIs inside the values' range."""
+  from ftjax import evaluation
+  from ftjax.objectives.grpo import reward_trend
+  rewards = [0.1, 0.0, 0.2, 0.1, 0.3, 0.4, 0.2, 0.5, 0.6, 0.4, 0.7, 0.5]
+  _write_jsonl(tmp_path / "metrics.jsonl", [
+      {"step": i + 1, "train/loss": 0.1, "train/reward": r, "train/rewards/exact_answer": r}
+      for i, r in enumerate(rewards)])
+  report = evaluation.report.write(str(tmp_path), results={})
+  assert report["plots"]["rewards"] == "rewards.png" and (tmp_path / "rewards.png").stat().st_size
+  assert "![GRPO reward over steps](rewards.png)" in (tmp_path / "report.md").read_text()
+  trend = reward_trend(rewards)
+  assert trend["steps"] == 12 and trend["first"] == pytest.approx(0.1) and trend["last"] == pytest.approx(1.6 / 3)
+  assert 0.0 <= trend["first_ci95"][0] <= 0.1 <= trend["first_ci95"][1] <= 0.2 + 1e-9
+  assert 0.4 <= trend["last_ci95"][0] <= 1.6 / 3 <= trend["last_ci95"][1] <= 0.7
+  assert reward_trend([0.1, 0.2, 0.3]) is None  # under 4 steps: no quarter to compare
+
+
 def _write_jsonl(path, records):
   path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
 

@@ -310,6 +310,7 @@ class GRPO(Objective):
   def before_training(self, run, workdir):
     """The starting model's eval rewards (the base: a fresh adapter computes as it), stored in
     the workdir so that a resumed run reads them rather than scoring trained params."""
+    self._workdir = workdir  # its metrics.jsonl holds the reward curve (report_section)
     if run.eval_ds is None:
       return
     path = os.path.join(workdir, BASE_EVAL_FILE)
@@ -367,6 +368,18 @@ class GRPO(Objective):
                       for i in range(min(SAMPLES, n))]
     return out
 
+  def _trend_lines(self) -> list[str]:
+    from ftjax.evaluation.curves import read_curves
+    workdir = getattr(self, "_workdir", None)
+    curve = read_curves(workdir).get("train/reward", []) if workdir else []
+    trend = reward_trend([v for _, v in curve], self.config.eval.bootstrap)
+    if trend is None:
+      return []
+    fmt = lambda k: f"{trend[k]:.3f} [{trend[k + '_ci95'][0]:.3f}, {trend[k + '_ci95'][1]:.3f}]"
+    return ["", f"Train reward (each step's rollouts, {trend['steps']} logged steps): first quarter "
+            f"{fmt('first')}, last quarter {fmt('last')} (bootstrap 95% CIs over steps); the "
+            "curve is in rewards.png."]
+
   def report_section(self, summary):
     ev = summary.get("reward_eval")
     if not ev or not ev.get("tuned"):
@@ -382,6 +395,7 @@ class GRPO(Objective):
     sampled = lambda r: r.get("sampled") if r else None
     lines += [f"| {k} (sampled, T={self.block.temperature}) | {fmt(sampled(base), k)} | "
               f"{fmt(sampled(tuned), k)} |" for k in keys]
+    lines += self._trend_lines()
     for label, result in (("base", base), ("tuned", tuned)):
       for s in (result or {}).get("samples", []):
         lines += ["", f"**{label}**, reward {s['reward']}: prompt `{_short(s['prompt'])}` -> "
@@ -393,6 +407,17 @@ def _device_bytes(tree, shardings) -> int:
   """Bytes one device holds of `tree` (ShapeDtypeStructs) under `shardings` (the largest shard)."""
   return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
              for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+
+
+def reward_trend(rewards, resamples: int = 1000) -> dict | None:
+  """The train reward's first and last quarter of steps: {"first": mean, "first_ci95", "last",
+  "last_ci95", "steps"}, bootstrap CIs over the steps' means (None under 4 steps)."""
+  values = np.asarray(rewards, np.float64)
+  quarter = len(values) // 4
+  if quarter < 1:
+    return None
+  return {"steps": len(values), **_mean_ci(values[:quarter], "first", resamples),
+          **_mean_ci(values[-quarter:], "last", resamples)}
 
 
 def _mean_ci(values, key: str, resamples: int, seed: int = 0) -> dict:
