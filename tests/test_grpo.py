@@ -373,7 +373,8 @@ def test_example_config_trains_grpo_with_trl_metric_names_reuse_and_a_reward_eva
   with open(os.path.join(workdir, "summary.json")) as f:
     assert json.load(f)["reward_eval"]["tuned"]["reward"] == ev["tuned"]["reward"]
   report = open(os.path.join(workdir, "report.md")).read()
-  assert "## GRPO: eval rewards" in report and "rewards/exact_answer (sampled, T=1.0)" in report
+  assert "## GRPO: eval rewards" in report
+  assert f"rewards/exact_answer (sampled, T={c.grpo.temperature})" in report
   assert os.path.exists(os.path.join(workdir, "grpo_base_eval.json"))
 
 
