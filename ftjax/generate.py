@@ -76,10 +76,22 @@ def _on_mesh_of(state, cache):
                if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
   if mesh is None or mesh.size == 1:
     return cache
+  return jax.device_put(cache, cache_shardings(mesh, cache))
+
+
+def cache_shardings(mesh, cache) -> dict:
+  """The NamedSharding of each KV cache array on `mesh` (arrays or ShapeDtypeStructs: ftjax.plan
+  sizes a cache it never allocates)."""
   axes = {"k": ("layers", "batch", None, "kv_heads", None),
           "v": ("layers", "batch", None, "kv_heads", None), "segment": ("layers", "batch", None)}
-  return jax.device_put(cache, {name: NamedSharding(mesh, sharding.logical_to_spec(
-      axes[name], x.shape, mesh)) for name, x in cache.items()})
+  return {name: NamedSharding(mesh, sharding.logical_to_spec(axes[name], x.shape, mesh))
+          for name, x in cache.items()}
+
+
+def cache_length(prompt_width: int, max_new_tokens: int) -> int:
+  """The KV cache length `generate_ids(..., prompt_width=...)` allocates for prompts no longer
+  than `prompt_width`: the width rounded up to the bucket, plus the new tokens."""
+  return -(-prompt_width // _WIDTH_BUCKET) * _WIDTH_BUCKET + max_new_tokens
 
 
 def _shared_prefix_len(prompts: list[list[int]]) -> int:
@@ -247,7 +259,7 @@ def check_sampling(temperature, top_k, top_p, *, flags=False) -> None:
 def generate_ids(model: CausalLM, prompts: list[list[int]], max_new_tokens: int = 64,
                  temperature: float = 0.0, seed: int = 0, eos_ids: Iterable[int] | None = None,
                  pad_id: int = 0, *, top_k: int = 0, top_p: float = 1.0,
-                 progress=False) -> list[list[int]]:
+                 progress=False, prompt_width: int = 0) -> list[list[int]]:
   """Token-id prompts -> generated ids per row (prompt excluded; the EOS that stopped a row kept).
 
   Greedy when temperature == 0; else sampling from softmax(logits / temperature) restricted to
@@ -260,6 +272,11 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], max_new_tokens: int 
   Runs where the model's arrays are: a model sharded over a mesh generates sharded (the
   partitioner moves what each layer needs), never gathered onto one device first, and in the
   model's compute dtype (its KV cache too).
+
+  prompt_width > 0: every call pads its prompts to at least this many columns (rounded up to the
+  width bucket) and prefills them whole (no shared-prefix split), so calls with the same batch
+  size and max_new_tokens share one compile of every jitted piece whatever their prompts'
+  lengths (GRPO's rollouts, one call per train step).
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise FtjaxError("generate: every prompt needs at least one token")
@@ -271,11 +288,12 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], max_new_tokens: int 
   eos = stop_token_ids(cfg) if eos_ids is None else {int(i) for i in eos_ids}
   b = len(prompts)
   # A prefix shared by all prompts is prefilled once, with batch 1, and copied into every row.
-  shared = _shared_prefix_len(prompts)
+  # (Its length, rounded to the bucket, is a shape: prompt_width keeps the shapes fixed instead.)
+  shared = 0 if prompt_width else _shared_prefix_len(prompts)
   suffixes = [p[shared:] for p in prompts]
   # Widths rounded up to a bucket: batches of similar prompts (evaluation) share one compile of
   # prefill and step; the extra left padding is masked out and costs little.
-  width = -(-max(len(p) for p in suffixes) // _WIDTH_BUCKET) * _WIDTH_BUCKET
+  width = -(-max(prompt_width, *map(len, suffixes)) // _WIDTH_BUCKET) * _WIDTH_BUCKET
   tokens = np.full((b, width), pad_id, np.int32)
   mask = np.zeros((b, width), np.int32)
   for r, p in enumerate(suffixes):

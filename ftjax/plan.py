@@ -103,19 +103,31 @@ class Plan:
   outputs: int  # outputs not written over donated inputs (metrics)
   code: int  # the compiled program
   vocab_chunk: int = 0  # train.vocab_chunk in effect (0: whole logits)
+  # GRPO: the rollouts' KV cache (G x prompts rows) and their other buffers, counted on top of
+  # the step (an upper bound: they live between steps, when the step's temporaries are freed)
+  rollout_cache: int = 0
+  rollout_buffers: int = 0
   compiled: object = dataclasses.field(default=None, repr=False, compare=False)  # the executable
 
   @property
   def total(self) -> int:
     return (self.params + self.adapters + self.optimizer + self.batch + self.other
-            + self.temporaries + self.outputs + self.code)
+            + self.temporaries + self.outputs + self.code + self.rollout_cache
+            + self.rollout_buffers)
 
   def rows(self) -> list[tuple[str, int]]:
     return [("parameters (frozen base)", self.params), ("adapters / trained params", self.adapters),
             ("optimizer state", self.optimizer), ("batch", self.batch),
             ("temporaries (activations, gradients, logits)", self.temporaries),
             ("other inputs + outputs + code", self.other + self.outputs + self.code),
-            ("total per device", self.total)]
+            *_rollout_rows(self), ("total per device", self.total)]
+
+
+def _rollout_rows(result: Plan) -> list[tuple[str, int]]:
+  if not result.rollout_cache:
+    return []
+  return [("GRPO rollout KV cache (G x prompts rows)", result.rollout_cache),
+          ("GRPO rollout prefill copy + logits + tokens", result.rollout_buffers)]
 
 
 def _shard_bytes(tree) -> int:
@@ -152,7 +164,16 @@ def plan_of(run, state, batch) -> Plan:
               batch=_shard_bytes(batch), other=other, temporaries=mem.temp_size_in_bytes,
               outputs=max(0, mem.output_size_in_bytes - mem.alias_size_in_bytes),
               code=mem.generated_code_size_in_bytes, vocab_chunk=run.loss_fn.vocab_chunk,
-              compiled=compiled)
+              compiled=compiled, **_rollout_bytes(run))
+
+
+def _rollout_bytes(run) -> dict:
+  """GRPO's rollout memory (ftjax.objectives.grpo.GRPO.rollout_memory); none for the others."""
+  memory = getattr(run.objective, "rollout_memory", None)
+  if memory is None:
+    return {}
+  found = memory(run)
+  return {"rollout_cache": found["kv_cache"], "rollout_buffers": found["buffers"]}
 
 
 def usable_bytes(device: str) -> int:

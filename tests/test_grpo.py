@@ -7,6 +7,7 @@ order 1; the measured differences are ~1e-7.
 """
 
 import collections
+import logging
 import types
 
 import jax
@@ -239,6 +240,42 @@ def test_rollout_rows_mark_exactly_the_completion_tokens():
   np.testing.assert_array_equal(masked["loss_mask"][~truncated], rows["loss_mask"][~truncated])
 
 
+SAMPLER = ("_new_cache", "_prefill", "_tile_prefix", "_first_token", "_decode")
+
+
+def _sampler_compiles(records) -> dict:
+  """How many times each of ftjax.generate's jitted pieces compiled, from jax's compile log."""
+  found = {name: 0 for name in SAMPLER}
+  for r in records:
+    for name in SAMPLER:
+      found[name] += f"Compiling jit({name}) " in r.getMessage()
+  return found
+
+
+def test_rollouts_compile_the_sampler_once_whatever_the_prompt_lengths(caplog):
+  """Three steps' rollouts (the params changed between them, as training does) of prompts whose
+  lengths fall in different 16-token buckets, with shared prefixes of different lengths: only
+  the first compiles the sampler. Before, each bucket / prefix length compiled the prefill and
+  the decode loop again (measured 3 compiles each here)."""
+  model = _lora_model()
+  graphdef, train, frozen, mutable = step_lib.split_model(model, peft.trainable(model))
+  batches = [[[3] * 3, [4] * 5],  # 16 columns bucketed, no shared prefix
+             [[5] * 20, [5] * 17 + [6] * 9],  # 32 columns, a 16-token shared prefix
+             [[7] * 40, [8] * 2]]  # 48 columns
+  compiles = []
+  for i, prompts in enumerate(batches):
+    params = jax.tree.map(lambda x: x + 0.01 * i, train)
+    current = step_lib.merge_model(graphdef, params, frozen, mutable)
+    with caplog.at_level(logging.WARNING, logger="jax"), jax.log_compiles(True):
+      caplog.clear()
+      rows, completions, _ = grpo_rollout.rollout_rows(
+          current, prompts, num_generations=2, seq_len=56, max_new_tokens=6, eos_ids=[EOS],
+          temperature=1.0, seed=i)
+      compiles.append(_sampler_compiles(caplog.records))
+    assert rows["inputs"].shape == (4, 56) and len(completions) == 4
+  assert compiles[1] == compiles[2] == {name: 0 for name in SAMPLER}, compiles
+
+
 def test_grpo_lora_raises_a_toy_reward_and_beta_uses_the_adapter_free_reference():
   """A tiny LoRA model learns to emit the liked token: mean reward over the last three of 12
   steps above the first three's by > 0.1 (the toy reward is the liked token's share of the
@@ -335,8 +372,79 @@ def test_example_config_trains_grpo_with_trl_metric_names_reuse_and_a_reward_eva
   with open(os.path.join(workdir, "summary.json")) as f:
     assert json.load(f)["reward_eval"]["tuned"]["reward"] == ev["tuned"]["reward"]
   report = open(os.path.join(workdir, "report.md")).read()
-  assert "## GRPO: eval rewards" in report and "rewards/exact_answer (sampled, T=1.0)" in report
+  assert "## GRPO: eval rewards" in report
+  assert f"rewards/exact_answer (sampled, T={c.grpo.temperature})" in report
   assert os.path.exists(os.path.join(workdir, "grpo_base_eval.json"))
+
+
+def _sft_twin(grpo_config):
+  """The SFT config of the same model, adapter, batch (rows) and row length."""
+  c = config_lib.base_config()
+  c.model.name_or_path, c.method, c.data.train = grpo_config.model.name_or_path, "lora", "unused.jsonl"
+  c.lora = grpo_config.lora
+  c.data.seq_len, c.mesh = grpo_config.data.seq_len, grpo_config.mesh
+  c.train.batch_size, c.train.steps, c.train.warmup_steps = grpo_config.train.batch_size, 1, 0
+  return c
+
+
+def test_plan_counts_the_rollout_kv_cache_beside_the_train_state(model_dir, tmp_path, monkeypatch):
+  """ftjax.plan of a GRPO config: its "rollout KV cache" line is the byte count of the cache
+  that grpo_rollout's sampler allocates for train.batch_size (G x prompts) rows, measured on the
+  arrays; with the rollout's other buffers it is in the total, which is the SFT twin's plan
+  (same model, adapter, rows and length; its step) plus those lines and GRPO's extra per-row
+  inputs (advantages, row stats). Before, planning a GRPO config raised AttributeError."""
+  from ftjax import generate
+  from ftjax import models
+  from ftjax import plan as plan_lib
+  c = _example_config(model_dir, tmp_path)  # 2 prompts x G=4 rows of 96 tokens, 6 new
+  c.mesh.data = 1
+  grpo_plan = plan_lib.plan(c)
+  sft_plan = plan_lib.plan(_sft_twin(c))
+  allocated, new_cache = [], generate._new_cache
+
+  def counting_new_cache(*args, **kwargs):
+    cache = new_cache(*args, **kwargs)
+    allocated.append(sum(x.nbytes for x in jax.tree.leaves(cache)))
+    return cache
+  monkeypatch.setattr(generate, "_new_cache", counting_new_cache)
+  model, _ = models.load(model_dir)
+  prompt_budget = c.data.seq_len - c.grpo.max_new_tokens
+  grpo_rollout.rollout_rows(model, [[5] * 30, [6] * prompt_budget], num_generations=4,
+                            seq_len=c.data.seq_len, max_new_tokens=c.grpo.max_new_tokens,
+                            eos_ids=[EOS], temperature=1.0)
+  assert allocated == [grpo_plan.rollout_cache] and allocated[0] > 0
+  assert grpo_plan.rollout_buffers >= grpo_plan.rollout_cache  # the prefill's second cache
+  assert sft_plan.rollout_cache == sft_plan.rollout_buffers == 0
+  rollout = grpo_plan.rollout_cache + grpo_plan.rollout_buffers
+  step_difference = sum(getattr(grpo_plan, k) - getattr(sft_plan, k)
+                        for k in ("batch", "temporaries", "outputs"))  # per-row inputs, metrics
+  assert grpo_plan.total - sft_plan.total == rollout + step_difference
+  # the steps differ by little next to the rollout (measured: the same temporaries, 256 bytes
+  # of per-row inputs and 108 of metrics): the loss runs the same forward
+  assert abs(step_difference) < grpo_plan.rollout_cache / 100, (grpo_plan, sft_plan)
+  table = dict(grpo_plan.rows())
+  assert table["GRPO rollout KV cache (G x prompts rows)"] == allocated[0]
+  assert table["total per device"] == grpo_plan.total
+
+
+def test_report_draws_the_reward_curve_and_the_trend_compares_quarters(tmp_path):
+  """A run folder whose metrics.jsonl has train/reward gets rewards.png in its report (the
+  reward per step, each function's too); reward_trend's quarters are the first and last
+  quarter of the steps' values, their CIs inside the values' range."""
+  from ftjax import evaluation
+  from ftjax.objectives.grpo import reward_trend
+  rewards = [0.1, 0.0, 0.2, 0.1, 0.3, 0.4, 0.2, 0.5, 0.6, 0.4, 0.7, 0.5]
+  _write_jsonl(tmp_path / "metrics.jsonl", [
+      {"step": i + 1, "train/loss": 0.1, "train/reward": r, "train/rewards/exact_answer": r}
+      for i, r in enumerate(rewards)])
+  report = evaluation.report.write(str(tmp_path), results={})
+  assert report["plots"]["rewards"] == "rewards.png" and (tmp_path / "rewards.png").stat().st_size
+  assert "![GRPO reward over steps](rewards.png)" in (tmp_path / "report.md").read_text()
+  trend = reward_trend(rewards)
+  assert trend["steps"] == 12 and trend["first"] == pytest.approx(0.1) and trend["last"] == pytest.approx(1.6 / 3)
+  assert 0.0 <= trend["first_ci95"][0] <= 0.1 <= trend["first_ci95"][1] <= 0.2 + 1e-9
+  assert 0.4 <= trend["last_ci95"][0] <= 1.6 / 3 <= trend["last_ci95"][1] <= 0.7
+  assert reward_trend([0.1, 0.2, 0.3]) is None  # under 4 steps: no quarter to compare
 
 
 def _write_jsonl(path, records):
@@ -401,6 +509,20 @@ def test_arithmetic_task_answers_are_right():
   for p in arithmetic_task.make_problems(50, seed=1):
     a, op, b = p["prompt"].split("?")[0].split()[2:5]
     assert int(p["answer"]) == eval(f"{int(a)} {op} {int(b)}")  # noqa: S307 - our own digits
+
+
+def test_arithmetic_splits_share_no_prompt(tmp_path):
+  """The held-out exact-answer rate is measured on prompts the run never trained on (the
+  first generator's 400 + 100 draws repeated 25 train prompts in eval)."""
+  train, held_out = (_read_jsonl(p) for p in arithmetic_task.write_splits(str(tmp_path)))
+  prompts = [r["prompt"] for r in train]
+  assert len(train) == 400 and len(held_out) == 100 and len(set(prompts)) == 400
+  assert not set(prompts) & {r["prompt"] for r in held_out}
+
+
+def _read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
 
 
 def test_answer_format_wants_exactly_one_non_empty_tag():

@@ -84,3 +84,30 @@ def forgetting(path: str, result: dict) -> str:
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return os.path.basename(path)
+
+
+def rewards(path: str, curves: dict) -> str | None:
+  """GRPO: the mean reward of each step's rollouts over steps, each reward function's mean
+  beside it, and a moving average over a fifth of the steps (one step's mean is that of a few
+  prompts, noisy)."""
+  import numpy as np
+  if "train/reward" not in curves:
+    return None
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4))
+  steps, values = (np.asarray(v) for v in zip(*curves["train/reward"]))
+  ax.plot(steps, values, ".-", alpha=0.5, label="train/reward")
+  window = max(1, len(values) // 5)
+  if window > 1:
+    smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+    ax.plot(steps[window - 1:], smooth, "-", linewidth=2.5, color="tab:blue",
+            label=f"train/reward, mean of {window} steps")
+  for key in sorted(k for k in curves if k.startswith("train/rewards/")):
+    s, v = zip(*curves[key])
+    ax.plot(s, v, "--", alpha=0.7, label=key)
+  ax.set(xlabel="step", ylabel="mean reward of the step's completions", title="GRPO reward over steps")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return os.path.basename(path)

@@ -80,6 +80,8 @@ def write(folder: str, results: dict | None = None) -> dict:
   if curves:
     p["curves"] = plots.curves(os.path.join(folder, "curves.png"), curves, primary,
                                training.get("best_step"))
+  if "train/reward" in curves:  # GRPO
+    p["rewards"] = plots.rewards(os.path.join(folder, "rewards.png"), curves)
   systems = dict(results.get("baselines") or {})
   if results.get("finetuned"):
     systems[FINETUNED] = results["finetuned"]
@@ -201,6 +203,8 @@ def _training_md(report: dict, r: dict, systems: dict) -> list[str]:
     lines.append("")
   if report["plots"].get("curves"):
     lines += [f"![train vs eval curves]({report['plots']['curves']})", ""]
+  if report["plots"].get("rewards"):
+    lines += [f"![GRPO reward over steps]({report['plots']['rewards']})", ""]
   return lines
 
 

@@ -36,7 +36,8 @@ from ftjax.data import prompts as prompt_data
 from ftjax.data import sources
 from ftjax.data.selection import Split
 from ftjax.errors import FtjaxError
-from ftjax.generate import generate_ids, stop_ids
+from ftjax.evaluation.curves import read_curves
+from ftjax.generate import cache_length, cache_shardings, generate_ids, stop_ids
 from ftjax.objectives import grpo_loss
 from ftjax.objectives.base import Objective
 from ftjax.objectives.grpo_rewards import Rewards
@@ -286,11 +287,29 @@ class GRPO(Objective):
            for i in range(0, n, micro)]
     return np.concatenate(out).astype(np.float32)
 
+  # --- memory (ftjax.plan) ---
+
+  def rollout_memory(self, run) -> dict:
+    """Per-device bytes a rollout holds beside the train state, for ftjax.plan: {"kv_cache": the
+    KV cache of the train.batch_size (G x prompts) rows, exactly as generate_ids allocates it;
+    "buffers": the prefill's second cache (it returns a new one beside its input) + the f32
+    logits of the last position + the token buffer}. `run` may be abstract."""
+    rows, b = self.config.train.batch_size, self.block
+    length = cache_length(self.prompt_len, b.max_new_tokens)
+    cache = jax.eval_shape(lambda t, f, m: merge_model(run.graphdef, t, f, m).init_cache(rows, length),
+                           run.trainable, run.frozen, run.mutable)
+    kv = _device_bytes(cache, cache_shardings(run.mesh, cache))
+    batch_shards = run.mesh.shape.get("data", 1) * run.mesh.shape.get("fsdp", 1)
+    rows_here = -(-rows // batch_shards)
+    per_row = run.model_cfg.vocab_size * 4 + b.max_new_tokens * 4  # f32 logits, int32 tokens
+    return {"kv_cache": kv, "buffers": kv + rows_here * per_row}
+
   # --- eval: rewards of greedy answers to the eval prompts ---
 
   def before_training(self, run, workdir):
     """The starting model's eval rewards (the base: a fresh adapter computes as it), stored in
     the workdir so that a resumed run reads them rather than scoring trained params."""
+    self._workdir = workdir  # its metrics.jsonl holds the reward curve (report_section)
     if run.eval_ds is None:
       return
     path = os.path.join(workdir, BASE_EVAL_FILE)
@@ -331,7 +350,8 @@ class GRPO(Objective):
       for i in range(0, n, chunk):
         completions += generate_ids(model, prompts[i:i + chunk], b.max_new_tokens,
                                     temperature=temperature, seed=self.config.train.seed,
-                                    eos_ids=eos, pad_id=pad, top_k=b.top_k, top_p=b.top_p)
+                                    eos_ids=eos, pad_id=pad, top_k=b.top_k, top_p=b.top_p,
+                                    prompt_width=self.prompt_len)  # the rollouts' shapes
       per_func, total = self._score(items, completions, tok)
       out = _mean_ci(total, "reward", self.config.eval.bootstrap)
       for j, name in enumerate(self.rewards.names):
@@ -346,6 +366,17 @@ class GRPO(Objective):
                        "reward": None if np.isnan(total[i]) else float(total[i])}
                       for i in range(min(SAMPLES, n))]
     return out
+
+  def _trend_lines(self) -> list[str]:
+    workdir = getattr(self, "_workdir", None)
+    curve = read_curves(workdir).get("train/reward", []) if workdir else []
+    trend = reward_trend([v for _, v in curve], self.config.eval.bootstrap)
+    if trend is None:
+      return []
+    fmt = lambda k: f"{trend[k]:.3f} [{trend[k + '_ci95'][0]:.3f}, {trend[k + '_ci95'][1]:.3f}]"
+    return ["", f"Train reward (each step's rollouts, {trend['steps']} logged steps): first quarter "
+            f"{fmt('first')}, last quarter {fmt('last')} (bootstrap 95% CIs over steps); the "
+            "curve is in rewards.png."]
 
   def report_section(self, summary):
     ev = summary.get("reward_eval")
@@ -362,11 +393,29 @@ class GRPO(Objective):
     sampled = lambda r: r.get("sampled") if r else None
     lines += [f"| {k} (sampled, T={self.block.temperature}) | {fmt(sampled(base), k)} | "
               f"{fmt(sampled(tuned), k)} |" for k in keys]
+    lines += self._trend_lines()
     for label, result in (("base", base), ("tuned", tuned)):
       for s in (result or {}).get("samples", []):
         lines += ["", f"**{label}**, reward {s['reward']}: prompt `{_short(s['prompt'])}` -> "
                   f"`{_short(s['completion'])}`"]
     return "\n".join(lines) + "\n"
+
+
+def _device_bytes(tree, shardings) -> int:
+  """Bytes one device holds of `tree` (ShapeDtypeStructs) under `shardings` (the largest shard)."""
+  return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
+             for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+
+
+def reward_trend(rewards, resamples: int = 1000) -> dict | None:
+  """The train reward's first and last quarter of steps: {"first": mean, "first_ci95", "last",
+  "last_ci95", "steps"}, bootstrap CIs over the steps' means (None under 4 steps)."""
+  values = np.asarray(rewards, np.float64)
+  quarter = len(values) // 4
+  if quarter < 1:
+    return None
+  return {"steps": len(values), **_mean_ci(values[:quarter], "first", resamples),
+          **_mean_ci(values[-quarter:], "last", resamples)}
 
 
 def _mean_ci(values, key: str, resamples: int, seed: int = 0) -> dict:

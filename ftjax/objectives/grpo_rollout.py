@@ -39,9 +39,12 @@ def rollout_rows(model, prompts: list[list[int]], *, num_generations: int, seq_l
   """
   eos = {int(i) for i in eos_ids}
   repeated = [p for p in prompts for _ in range(num_generations)]
+  # Every batch padded to the prompt budget (seq_len - max_new_tokens): one compile of the
+  # sampler for the whole run, whatever the prompts' lengths (bucketed widths compiled once per
+  # bucket, and a shared prefix once per prefix length, before).
   completions = generate_ids(model, repeated, max_new_tokens=max_new_tokens,
                              temperature=temperature, seed=seed, eos_ids=eos, pad_id=pad_id,
-                             top_k=top_k, top_p=top_p)
+                             top_k=top_k, top_p=top_p, prompt_width=seq_len - max_new_tokens)
   n = len(repeated)
   tokens = np.full((n, seq_len + 1), pad_id, np.int32)
   trained = np.zeros((n, seq_len + 1), np.float32)  # 1 at completion tokens
@@ -89,6 +92,7 @@ class GRPOLoss:
   # Per-row values the rollout computed on the host (reward, completion_length, ...): reported
   # as means over the batch's real rows.
   row_stats: tuple[str, ...] = ()
+  vocab_chunk: int = 0  # the logits are whole (train.vocab_chunk is SFT's); ftjax.plan reads it
 
   def __call__(self, model, batch: dict, rng=None) -> dict:
     logps = sequence_token_logps(model, batch, temperature=self.temperature, remat=self.remat,
