@@ -16,6 +16,20 @@ change) runs in a persistent child too. All of them run in alternating rounds (-
 --steps each) so that a slow phase of a noisy machine hits each; the line carries each one's
 tokens/s, the ratio of each round, and their median as ratio_vs_peft / ratio_vs_tree (> 1:
 this checkout is faster). Run on an otherwise idle machine.
+
+The rows are those of the config's objective (ftjax.objectives: `synthetic_batch`'s shapes, one
+document per row), so every objective's real jitted step is timed:
+  --config configs/preference.py --vs-trl      DPO pairs [batch, 2, seq] (tokens count both
+      replies) against trl's DPO loss + peft LoRA, reference = adapter disabled on both sides
+  --config configs/classification.py --num-labels 150 --vs-peft   the classification step
+      against transformers AutoModelForSequenceClassification + peft SEQ_CLS
+  --config configs/grpo.py --vs-trl            GRPO: each step = rollout of `batch`
+      completions (G per prompt, max_new_tokens each) + update, against TRL's generation and
+      GRPO loss; the line adds rollout_s, update_s, rollout_tokens_per_s per side
+The children are in scripts/bench_children.py (what each runs is in its docstring). With a
+side by side run, memory_ratio_vs_<other> = this process's peak host RSS / the child's (each
+process's getrusage ru_maxrss over its whole life: load, compile, every step). --vs-tree runs
+any older checkout's own FtjaxBench (one that predates objectives times SFT rows).
 """
 
 from __future__ import annotations
@@ -254,7 +268,9 @@ def tree_child(root: str, config_path: str, batch: int, seq: int, overrides: dic
   import ftjax
   if not os.path.abspath(ftjax.__file__).startswith(os.path.abspath(root) + os.sep):
     raise SystemExit(f"--vs-tree: imported ftjax from {ftjax.__file__}, not from {root}")
-  print(json.dumps({"ready": True, "root": root, "compile_s": bench.compile_s}), flush=True)
+  print(json.dumps({"ready": True, "root": root, "config": config_path,
+                    "objective": getattr(config, "objective", "sft"), "compile_s": bench.compile_s}),
+        flush=True)
   for line in sys.stdin:
     if line.strip() == "quit":
       break
@@ -359,6 +375,10 @@ def main() -> None:
                            "before a change, as a git worktree)")
   parser.add_argument("--vs-trl", action="store_true",
                       help="DPO / GRPO configs: TRL's step + peft LoRA in a persistent child")
+  parser.add_argument("--vs-config", default=None, metavar="CONFIG",
+                      help="this checkout with another config (same model, batch, seq, "
+                           "overrides) in the same rounds, e.g. the SFT step beside the "
+                           "classification step: --vs-config configs/quickstart.py")
   parser.add_argument("--num-labels", type=int, default=None,
                       help="classification: this many classes (c0, c1, ...) instead of the "
                            "config's classification.labels, which may need the train data")
@@ -404,7 +424,7 @@ def main() -> None:
     raise SystemExit(f"--vs-trl times DPO or GRPO; objective={objective!r}")
   bench = FtjaxBench(config, args.batch, args.seq)
   bench.steps(args.warmup)
-  if not (args.vs_peft or args.vs_tree or args.vs_trl):
+  if not (args.vs_peft or args.vs_tree or args.vs_trl or args.vs_config):
     print(json.dumps(bench.summary(bench.steps(args.steps * args.rounds))))
     return
 
@@ -426,6 +446,11 @@ def main() -> None:
       others.append(ChildBench("tree", args.config, "--tree-child", dict(
           root=root, config_path=tree_config(root, args.config),
           batch=args.batch, seq=args.seq, overrides=overrides)))
+    if args.vs_config:
+      others.append(ChildBench("config", args.config, "--tree-child", dict(
+          root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+          config_path=os.path.abspath(args.vs_config), batch=args.batch, seq=args.seq,
+          overrides=overrides)))
     try:
       for other in others:
         other.steps(args.warmup)
