@@ -181,6 +181,9 @@ class FtjaxBench:
            "peak_source": peak_source, "mfu": self.flops / step_s / peak,
            "loss": float(self.metrics["loss"])}
     out.update(part_medians(self.parts, self.rollout_tokens()))
+    if "update_s" in out:  # GRPO: the FLOPs counted are the update's, not the sampling's
+      out["achieved_flops_per_s"] = self.flops / out["update_s"]
+      out["mfu"] = out["achieved_flops_per_s"] / peak
     out.update(self.memory())
     return out
 
