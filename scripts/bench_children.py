@@ -99,7 +99,8 @@ def _trainer_namespace(model, **attrs):
   return types.SimpleNamespace(
       model=model, accelerator=_Accelerator(), aux_loss_enabled=False, _tp_size=1,
       _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
-      _total_train_tokens=0, args=types.SimpleNamespace(gradient_checkpointing_kwargs=None), **attrs)
+      _total_train_tokens=0, args=types.SimpleNamespace(gradient_checkpointing_kwargs=None),
+      **attrs)
 
 
 def trl_dpo_child(model_dir: str, pairs: int, seq: int, rank: int, alpha: float, dtype: str,
@@ -154,7 +155,8 @@ def seqcls_child(model_dir: str, batch: int, seq: int, rank: int, alpha: float, 
     raise SystemExit(f"peft SEQ_CLS did not train the score head: {trainable[-3:]}")
 
   def step():
-    _adamw_step(model, model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss)
+    loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+    _adamw_step(model, loss)
 
   serve(step, _versions())
 
@@ -213,8 +215,8 @@ def trl_grpo_child(model_dir: str, batch: int, seq: int, rank: int, alpha: float
     rollout = time.perf_counter() - t
     model.train()
     mask = torch.ones_like(completion_ids)
-    inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
-              "completion_mask": mask, "advantages": torch.randn(batch, generator=gen),
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+              "completion_ids": completion_ids, "completion_mask": mask, "advantages": torch.randn(batch, generator=gen),
               "num_items_in_batch": mask.sum()}
     _adamw_step(model, GRPOTrainer._compute_loss(trainer, model, inputs))
     return {"rollout_s": rollout, "update_s": time.perf_counter() - t - rollout,

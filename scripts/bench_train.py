@@ -157,7 +157,8 @@ class FtjaxBench:
     b = self.config.grpo
     g, new = int(b.num_generations), int(b.max_new_tokens)
     rng = np.random.default_rng(len(self.parts["rollout_s"]))
-    prompts = rng.integers(0, self.run.model_cfg.vocab_size, (self.batch // g, self.seq - new)).tolist()
+    vocab = self.run.model_cfg.vocab_size
+    prompts = rng.integers(0, vocab, (self.batch // g, self.seq - new)).tolist()
     rows, _, _ = rollout_rows(self.run.model(self.state["trainable"]), prompts, num_generations=g,
                               seq_len=self.seq, max_new_tokens=new, eos_ids=(),
                               temperature=float(b.temperature), top_k=int(b.top_k),
@@ -271,9 +272,8 @@ def tree_child(root: str, config_path: str, batch: int, seq: int, overrides: dic
   import ftjax
   if not os.path.abspath(ftjax.__file__).startswith(os.path.abspath(root) + os.sep):
     raise SystemExit(f"--vs-tree: imported ftjax from {ftjax.__file__}, not from {root}")
-  print(json.dumps({"ready": True, "root": root, "config": config_path,
-                    "objective": getattr(config, "objective", "sft"), "compile_s": bench.compile_s}),
-        flush=True)
+  print(json.dumps({"ready": True, "root": root, "config": config_path, "compile_s": bench.compile_s,
+                    "objective": getattr(config, "objective", "sft")}), flush=True)
   for line in sys.stdin:
     if line.strip() == "quit":
       break

@@ -53,6 +53,14 @@ def _assert_side_by_side(result: dict, other: str, rounds: int) -> None:
   assert 0.1 < theirs["host_peak_rss_gib"] < 50  # GiB: a unit slip (KiB, bytes) is off by 1e3+
 
 
+def _bench_module():
+  path = os.path.join(REPO, "scripts", "bench_train.py")
+  spec = importlib.util.spec_from_file_location("bench_train", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def test_bench_dpo_pairs_against_trl(model_dir):
   """--vs-trl on the DPO config: ftjax's step over [pairs, 2, seq] rows (both replies in one
   forward) against trl's DPO loss + peft in the child, on the same token count."""
@@ -68,7 +76,8 @@ def test_bench_classification_against_peft_seq_cls_and_the_sft_step(model_dir):
   """--vs-peft on the classification config: peft SEQ_CLS (the child refuses to run when the
   score head is not trained); --vs-config: the SFT step of this checkout on the same shape."""
   result = _bench(model_dir, "--vs-peft", "--num-labels", "5", "--rounds", "2", "--gap", "0",
-                  "--set", "mesh.data=1", "--vs-config", os.path.join(REPO, "configs", "quickstart.py"),
+                  "--set", "mesh.data=1",
+                  "--vs-config", os.path.join(REPO, "configs", "quickstart.py"),
                   config="classification.py", batch=8, seq=16)
   assert result["objective"] == "classification" and result["tokens_per_step"] == 8 * 16
   assert 0 < result["loss"] < 2 * math.log(5)  # cross-entropy over 5 classes, not the vocabulary
@@ -94,9 +103,7 @@ def test_bench_grpo_rollouts_and_update_against_trl(model_dir):
 
 def test_vs_tree_reads_the_same_config_path_in_the_other_checkout(tmp_path, monkeypatch):
   """--vs-tree from any working directory: configs/x.py of this checkout -> ROOT/configs/x.py."""
-  spec = importlib.util.spec_from_file_location("bench_train", os.path.join(REPO, "scripts", "bench_train.py"))
-  bench_train = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench_train)
+  bench_train = _bench_module()
   monkeypatch.chdir(tmp_path)
   mine = os.path.join(REPO, "configs", "quickstart.py")
   assert bench_train.tree_config("/old", mine) == os.path.join("/old", "configs", "quickstart.py")
