@@ -216,8 +216,8 @@ def trl_grpo_child(model_dir: str, batch: int, seq: int, rank: int, alpha: float
     model.train()
     mask = torch.ones_like(completion_ids)
     inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
-              "completion_ids": completion_ids, "completion_mask": mask, "advantages": torch.randn(batch, generator=gen),
-              "num_items_in_batch": mask.sum()}
+              "completion_ids": completion_ids, "completion_mask": mask,
+              "advantages": torch.randn(batch, generator=gen), "num_items_in_batch": mask.sum()}
     _adamw_step(model, GRPOTrainer._compute_loss(trainer, model, inputs))
     return {"rollout_s": rollout, "update_s": time.perf_counter() - t - rollout,
             "completion_tokens": float(completion_ids.numel())}
