@@ -471,6 +471,11 @@ def main() -> None:
           theirs_round = other.steps(args.steps)
           theirs[other.name] += theirs_round
           ratios[other.name].append(statistics.median(theirs_round) / statistics.median(ours_round))
+        # Each round's medians on stderr as it ends: a run cut short (a timeout on a loaded
+        # machine) still leaves its finished rounds.
+        print(json.dumps({"round": len(ratios[others[0].name]), "ftjax_step_s": statistics.median(
+            ours_round), **{f"ratio_vs_{n}": r[-1] for n, r in ratios.items()}}),
+              file=sys.stderr, flush=True)
     finally:
       for other in others:
         other.close()
