@@ -16,6 +16,20 @@ change) runs in a persistent child too. All of them run in alternating rounds (-
 --steps each) so that a slow phase of a noisy machine hits each; the line carries each one's
 tokens/s, the ratio of each round, and their median as ratio_vs_peft / ratio_vs_tree (> 1:
 this checkout is faster). Run on an otherwise idle machine.
+
+The rows are those of the config's objective (ftjax.objectives: `synthetic_batch`'s shapes, one
+document per row), so every objective's real jitted step is timed:
+  --config configs/preference.py --vs-trl      DPO pairs [batch, 2, seq] (tokens count both
+      replies) against trl's DPO loss + peft LoRA, reference = adapter disabled on both sides
+  --config configs/classification.py --num-labels 150 --vs-peft   the classification step
+      against transformers AutoModelForSequenceClassification + peft SEQ_CLS
+  --config configs/grpo.py --vs-trl            GRPO: each step = rollout of `batch`
+      completions (G per prompt, max_new_tokens each) + update, against TRL's generation and
+      GRPO loss; the line adds rollout_s, update_s, rollout_tokens_per_s per side
+The children are in scripts/bench_children.py (what each runs is in its docstring). With a
+side by side run, memory_ratio_vs_<other> = this process's peak host RSS / the child's (each
+process's getrusage ru_maxrss over its whole life: load, compile, every step). --vs-tree runs
+any older checkout's own FtjaxBench (one that predates objectives times SFT rows).
 """
 
 from __future__ import annotations
@@ -80,8 +94,28 @@ def random_batch(rng, batch: int, seq: int, vocab: int, accum: int = 1) -> dict:
   return {k: v.reshape(accum, batch // accum, seq) for k, v in rows.items()}
 
 
+def objective_batch(objective, vocab: int) -> dict:
+  """A batch of the objective's rows (its `synthetic_batch`: random tokens of `row_spec`'s
+  shapes), made one document per sequence with positions 0..seq-1 as real rows are: the dense
+  compute does not depend on the token values, but attention does depend on the segment ids."""
+  batch = objective.synthetic_batch(vocab)
+  seq_shape = batch["inputs"].shape
+  if "segment_ids" in batch:
+    batch["segment_ids"] = np.ones(seq_shape, np.int32)
+  if "positions" in batch:
+    batch["positions"] = np.broadcast_to(np.arange(seq_shape[-1], dtype=np.int32), seq_shape).copy()
+  return batch
+
+
 class FtjaxBench:
-  """The ftjax train step, compiled once and timed in rounds of steps."""
+  """The ftjax train step of the config's objective, compiled once and timed in rounds of steps.
+
+  The rows are the objective's (`objective_batch`): SFT rows, DPO pairs [batch, 2, seq] (chosen
+  and rejected in one forward, the reference = adapters disabled in the same step),
+  classification rows with a label, GRPO completions. For GRPO (`rollout`) each timed step is a
+  rollout of the batch's completions with ftjax's sampler on the current params, prompts of
+  seq - grpo.max_new_tokens random tokens and no stop token (every completion max_new_tokens
+  long), then the update on those rows; the two parts are timed apart too (`parts`)."""
 
   def __init__(self, config, batch: int, seq: int):
     from ftjax import run as run_lib
@@ -92,21 +126,47 @@ class FtjaxBench:
     self.run = run_lib.setup(config, with_data=False)
     self.state, _ = run_lib.init_or_restore(self.run, None)
     step = run_lib.jit_train_step(self.run, self.state)
-    self.data = random_batch(np.random.default_rng(0), batch, seq, self.run.model_cfg.vocab_size,
-                             config.train.grad_accum)
+    self.objective = getattr(config, "objective", "sft")
+    self.data = objective_batch(self.run.objective, self.run.model_cfg.vocab_size)
+    self.rollout = self.objective == "grpo"
+    self.parts = {"rollout_s": [], "update_s": []} if self.rollout else {}
     t = time.perf_counter()
     self.compiled = step.lower(self.state, self.run.frozen, self.data).compile()
     self.compile_s = time.perf_counter() - t
-    self.flops = batch * seq * run_flops_per_token(self.run, self.state["trainable"])
+    self.tokens_per_step = int(self.data["inputs"].size)  # DPO: both replies of each pair
+    self.flops = self.tokens_per_step * run_flops_per_token(self.run, self.state["trainable"])
 
   def steps(self, n: int) -> list[float]:
     times = []
     for _ in range(n):
       t = time.perf_counter()
+      if self.rollout:
+        self._rollout_into_data()
+      u = time.perf_counter()
       self.state, self.metrics = self.compiled(self.state, self.run.frozen, self.data)
       jax.block_until_ready(self.metrics)
       times.append(time.perf_counter() - t)
+      if self.rollout:
+        self.parts["rollout_s"].append(u - t)
+        self.parts["update_s"].append(times[-1] - (u - t))
     return times
+
+  def _rollout_into_data(self) -> None:
+    """GRPO: batch / G random prompts, G sampled completions each, into the step's rows."""
+    from ftjax.objectives.grpo_rollout import rollout_rows
+    b = self.config.grpo
+    g, new = int(b.num_generations), int(b.max_new_tokens)
+    rng = np.random.default_rng(len(self.parts["rollout_s"]))
+    vocab = self.run.model_cfg.vocab_size
+    prompts = rng.integers(0, vocab, (self.batch // g, self.seq - new)).tolist()
+    rows, _, _ = rollout_rows(self.run.model(self.state["trainable"]), prompts, num_generations=g,
+                              seq_len=self.seq, max_new_tokens=new, eos_ids=(),
+                              temperature=float(b.temperature), top_k=int(b.top_k),
+                              top_p=float(b.top_p), seed=len(self.parts["rollout_s"]))
+    shape = self.data["inputs"].shape
+    for key, value in rows.items():
+      self.data[key] = np.asarray(value).astype(self.data[key].dtype).reshape(shape)
+    self.data["advantages"] = rng.normal(size=self.data["advantages"].shape).astype(np.float32)
 
   def summary(self, times: list[float]) -> dict:
     config = self.config
@@ -115,13 +175,21 @@ class FtjaxBench:
     out = {"framework": "ftjax", "device": jax.devices()[0].device_kind, "devices": len(jax.devices()),
            "model": config.model.name_or_path, "method": config.method, "dtype": config.model.dtype,
            "remat": config.model.remat, "scan_unroll": config.model.scan_unroll, "batch": self.batch,
-           "seq": self.seq, "tokens_per_s": self.batch * self.seq / step_s, "step_s": step_s,
+           "objective": self.objective, "seq": self.seq, "tokens_per_step": self.tokens_per_step,
+           "tokens_per_s": self.tokens_per_step / step_s, "step_s": step_s,
            "step_s_all": times, "compile_s": self.compile_s, "flops_per_step": self.flops,
            "achieved_flops_per_s": self.flops / step_s, "peak_flops_per_s": peak,
            "peak_source": peak_source, "mfu": self.flops / step_s / peak,
            "loss": float(self.metrics["loss"])}
+    out.update(part_medians(self.parts, self.rollout_tokens()))
+    if "update_s" in out:  # GRPO: the FLOPs counted are the update's, not the sampling's
+      out["achieved_flops_per_s"] = self.flops / out["update_s"]
+      out["mfu"] = out["achieved_flops_per_s"] / peak
     out.update(self.memory())
     return out
+
+  def rollout_tokens(self) -> int:
+    return self.batch * int(self.config.grpo.max_new_tokens) if self.rollout else 0
 
   def memory(self) -> dict:
     """Base weight storage, the step's device memory (XLA's own accounting of the compiled step:
@@ -145,6 +213,15 @@ class FtjaxBench:
       out["device_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
     out["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out
+
+
+def part_medians(parts: dict, rollout_tokens: int) -> dict:
+  """Median of each timed part of a step (GRPO: rollout_s, update_s) and the rollout's sampled
+  tokens per second."""
+  out = {k: statistics.median(v) for k, v in parts.items() if v}
+  if "rollout_s" in out:
+    out["rollout_tokens_per_s"] = rollout_tokens / out["rollout_s"]
+  return out
 
 
 def peft_child(model_dir: str, batch: int, seq: int, rank: int, alpha: float, dtype: str) -> None:
@@ -195,7 +272,8 @@ def tree_child(root: str, config_path: str, batch: int, seq: int, overrides: dic
   import ftjax
   if not os.path.abspath(ftjax.__file__).startswith(os.path.abspath(root) + os.sep):
     raise SystemExit(f"--vs-tree: imported ftjax from {ftjax.__file__}, not from {root}")
-  print(json.dumps({"ready": True, "root": root, "compile_s": bench.compile_s}), flush=True)
+  print(json.dumps({"ready": True, "root": root, "config": config_path, "compile_s": bench.compile_s,
+                    "objective": getattr(config, "objective", "sft")}), flush=True)
   for line in sys.stdin:
     if line.strip() == "quit":
       break
@@ -211,6 +289,7 @@ class ChildBench:
 
   def __init__(self, name: str, config_path: str, flag: str, child_args: dict):
     self.name = name
+    self.parts = {}  # GRPO's rollout_s / update_s per step, where the child times them
     self.stderr = tempfile.TemporaryFile("w+")  # a file, not a pipe: a full pipe would block it
     self.proc = subprocess.Popen([sys.executable, __file__, "--config", config_path, flag,
                                   json.dumps(child_args)], stdin=subprocess.PIPE,
@@ -230,6 +309,8 @@ class ChildBench:
     self.proc.stdin.flush()
     out = self._read()
     self.info["host_peak_rss_gib"] = out["host_peak_rss_gib"]
+    for name, values in out.get("parts", {}).items():
+      self.parts.setdefault(name, []).extend(values)
     return out["step_s_all"]
 
   def close(self) -> None:
@@ -245,6 +326,31 @@ def apply_overrides(config, values: dict) -> None:
   for arg, value in values.items():
     node, key = OVERRIDES[arg]
     setattr(config[node] if node else config, key, value)
+
+
+def tree_config(root: str, config_path: str) -> str:
+  """The other checkout's copy of a config of this one (the same path inside it, whatever the
+  working directory); a config outside this checkout as it is."""
+  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  inside = os.path.relpath(os.path.abspath(config_path), here)
+  return config_path if inside.startswith("..") else os.path.join(root, inside)
+
+
+def torch_child(config_path: str, objective: str, config, same: dict, batch: int):
+  """(name, config path, flag, arguments) of the objective's PyTorch child (bench_children)."""
+  if objective == "classification":
+    from ftjax import objectives
+    return ("peft", config_path, "--torch-child", dict(
+        same, fn="seqcls_child", batch=batch, num_labels=len(objectives.get(config).labels())))
+  if objective == "dpo":
+    return ("trl", config_path, "--torch-child",
+            dict(same, fn="trl_dpo_child", pairs=batch, beta=float(config.dpo.beta)))
+  g = config.grpo
+  return ("trl", config_path, "--torch-child", dict(
+      same, fn="trl_grpo_child", batch=batch, num_generations=int(g.num_generations),
+      max_new_tokens=int(g.max_new_tokens), temperature=float(g.temperature), top_p=float(g.top_p),
+      top_k=int(g.top_k), loss_type=g.loss_type, epsilon=float(g.epsilon),
+      epsilon_high=float(g.epsilon_high or g.epsilon)))
 
 
 def main() -> None:
@@ -270,7 +376,17 @@ def main() -> None:
   parser.add_argument("--vs-tree", default=None, metavar="DIR",
                       help="another ftjax checkout to time in the same rounds (e.g. the commit "
                            "before a change, as a git worktree)")
+  parser.add_argument("--vs-trl", action="store_true",
+                      help="DPO / GRPO configs: TRL's step + peft LoRA in a persistent child")
+  parser.add_argument("--vs-config", default=None, metavar="CONFIG",
+                      help="this checkout with another config (same model, batch, seq, "
+                           "overrides) in the same rounds, e.g. the SFT step beside the "
+                           "classification step: --vs-config configs/quickstart.py")
+  parser.add_argument("--num-labels", type=int, default=None,
+                      help="classification: this many classes (c0, c1, ...) instead of the "
+                           "config's classification.labels, which may need the train data")
   parser.add_argument("--peft-child", default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--torch-child", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--tree-child", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
 
@@ -279,6 +395,11 @@ def main() -> None:
     return
   if args.tree_child:
     tree_child(**json.loads(args.tree_child))
+    return
+  if args.torch_child:  # {"fn": a child of scripts/bench_children.py, its arguments...}
+    import bench_children
+    child_args = json.loads(args.torch_child)
+    getattr(bench_children, child_args.pop("fn"))(**child_args)
     return
 
   config = load_config(args.config)
@@ -295,32 +416,50 @@ def main() -> None:
     for p in parents:
       node = node[p]
     node[leaf] = value
-  if args.vs_peft and config.method != "lora":
-    raise SystemExit("--vs-peft compares LoRA training; use a LoRA config")
+  if args.num_labels:
+    config.classification.labels = ",".join(f"c{i}" for i in range(args.num_labels))
+  objective = getattr(config, "objective", "sft")
+  if (args.vs_peft or args.vs_trl) and config.method != "lora":
+    raise SystemExit("--vs-peft / --vs-trl compare LoRA training; use a LoRA config")
+  if args.vs_peft and objective not in ("sft", "classification"):
+    raise SystemExit(f"--vs-peft times SFT or classification; objective={objective!r} (--vs-trl?)")
+  if args.vs_trl and objective not in ("dpo", "grpo"):
+    raise SystemExit(f"--vs-trl times DPO or GRPO; objective={objective!r}")
   bench = FtjaxBench(config, args.batch, args.seq)
   bench.steps(args.warmup)
-  if not (args.vs_peft or args.vs_tree):
+  if not (args.vs_peft or args.vs_tree or args.vs_trl or args.vs_config):
     print(json.dumps(bench.summary(bench.steps(args.steps * args.rounds))))
     return
 
   from ftjax import peft
-  from ftjax.models import save_pretrained
   with tempfile.TemporaryDirectory() as tmp:
     others = []
-    if args.vs_peft:
+    if args.vs_peft or args.vs_trl:
       model_dir = os.path.join(tmp, "base")
-      save_pretrained(peft.unload(bench.run.model()), model_dir)
-      others.append(ChildBench("peft", args.config, "--peft-child", dict(
-          model_dir=model_dir, batch=args.batch, seq=args.seq, rank=config.lora.rank,
-          alpha=config.lora.alpha, dtype=config.model.dtype)))
+      # The objective's own export (classification: a *ForSequenceClassification directory).
+      bench.run.objective.save_merged(peft.unload(bench.run.model()), None, model_dir)
+      same = dict(model_dir=model_dir, seq=args.seq, rank=config.lora.rank,
+                  alpha=config.lora.alpha, dtype=config.model.dtype)
+      if objective == "sft":
+        others.append(ChildBench("peft", args.config, "--peft-child", dict(same, batch=args.batch)))
+      else:
+        others.append(ChildBench(*torch_child(args.config, objective, config, same, args.batch)))
     if args.vs_tree:
       root = os.path.abspath(args.vs_tree)
       others.append(ChildBench("tree", args.config, "--tree-child", dict(
-          root=root, config_path=os.path.join(root, os.path.relpath(args.config)),
+          root=root, config_path=tree_config(root, args.config),
           batch=args.batch, seq=args.seq, overrides=overrides)))
+    if args.vs_config:
+      others.append(ChildBench("config", args.config, "--tree-child", dict(
+          root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+          config_path=os.path.abspath(args.vs_config), batch=args.batch, seq=args.seq,
+          overrides=overrides)))
     try:
       for other in others:
         other.steps(args.warmup)
+      for parts in [bench.parts] + [o.parts for o in others]:  # time the rounds' steps only
+        for values in parts.values():
+          values.clear()
       ours, theirs = [], {o.name: [] for o in others}
       ratios = {o.name: [] for o in others}
       for _ in range(args.rounds):  # alternate, so slow phases of a noisy machine hit all
@@ -332,6 +471,11 @@ def main() -> None:
           theirs_round = other.steps(args.steps)
           theirs[other.name] += theirs_round
           ratios[other.name].append(statistics.median(theirs_round) / statistics.median(ours_round))
+        # Each round's medians on stderr as it ends: a run cut short (a timeout on a loaded
+        # machine) still leaves its finished rounds.
+        print(json.dumps({"round": len(ratios[others[0].name]), "ftjax_step_s": statistics.median(
+            ours_round), **{f"ratio_vs_{n}": r[-1] for n, r in ratios.items()}}),
+              file=sys.stderr, flush=True)
     finally:
       for other in others:
         other.close()
@@ -339,9 +483,16 @@ def main() -> None:
   for other in others:
     step = statistics.median(theirs[other.name])
     result[other.name] = dict(other.info, framework=other.name, step_s=step,
-                              step_s_all=theirs[other.name], tokens_per_s=args.batch * args.seq / step)
+                              step_s_all=theirs[other.name],
+                              tokens_per_s=bench.tokens_per_step / step)
+    result[other.name].update(part_medians(other.parts, bench.rollout_tokens()))
+    result[f"memory_ratio_vs_{other.name}"] = (result["host_peak_rss_gib"]
+                                                / other.info["host_peak_rss_gib"])
     result[f"ratio_vs_{other.name}_rounds"] = ratios[other.name]
     result[f"ratio_vs_{other.name}"] = statistics.median(ratios[other.name])
+    if "rollout_s" in other.parts:  # GRPO: the sampling part alone, median over all steps
+      result[f"rollout_ratio_vs_{other.name}"] = (result[other.name]["rollout_s"]
+                                                  / result["rollout_s"])
   print(json.dumps(result))
 
 
