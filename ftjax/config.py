@@ -35,6 +35,12 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name_or_path = "smollm2-135m-instruct"  # local dir, .gguf, Hub id or built-in name
+  # Start from a previous run's adapter (its WORKDIR/adapter, or any HF PEFT adapter directory),
+  # e.g. preference tuning after SFT. model.adapter_merge=False: its weights are where this run's
+  # adapter starts (same method, rank and targets: training continues); True: it is folded into
+  # the base weights first and this run trains a new adapter on top (not on a 4-bit base). "": off.
+  c.model.adapter = ""
+  c.model.adapter_merge = False  # fold model.adapter into the base first (above)
   c.model.dtype = "float32"  # compute dtype
   c.model.param_dtype = "float32"  # storage dtype of the frozen params (the base model)
   # Storage dtype of the trained params and their optimizer state. float32 keeps an f32 master
@@ -377,6 +383,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.model.remat in REMAT_POLICIES,
         f"model.remat={c.model.remat!r}; expected one of {tuple(REMAT_POLICIES)}")
   check(bool(c.model.name_or_path), "model.name_or_path is empty")
+  check(not c.model.adapter or c.model.adapter_merge or c.method not in ("full", ""),
+        "model.adapter continues a PEFT adapter, and method='full' trains none: set "
+        "model.adapter_merge=True to fold it into the base weights first")
+  check(not (c.model.adapter and c.model.adapter_merge and c.method.startswith("qlora")),
+        "model.adapter_merge=True folds the adapter into the base weights, which method='qlora' "
+        "keeps in 4 bits: merge it into a float export first (python -m ftjax.export)")
   check(c.model.attention in ATTENTION_BACKENDS,
         f"model.attention={c.model.attention!r}; expected one of {tuple(ATTENTION_BACKENDS)}")
   check(c.model.attention != "cudnn" or c.model.dtype == "bfloat16",

@@ -208,6 +208,24 @@ def attach_adapters(model: nnx.Module, config) -> tuple[dict, tuple]:
   return methods, nnx.split(model, peft.trainable(model) if methods else nnx.Param, nnx.Param, ...)
 
 
+def start_adapter(model: nnx.Module, config, *, before_attach: bool) -> nnx.Module:
+  """model.adapter: folded into the base before the run's adapters attach (adapter_merge), or
+  loaded into the run's (only) adapter after they attach, as its starting weights."""
+  path, merge = config.model.adapter, config.model.adapter_merge
+  if not path or merge != before_attach:
+    return model
+  if merge:
+    log.info("model.adapter: folding %s into the base weights", path)
+    return peft.merge_and_unload(peft.load_adapter(model, path, adapter_name="start"))
+  names = list(peft.configs(model))
+  if len(names) != 1:
+    raise FtjaxError(f"model.adapter={path!r} continues one adapter; this run attaches "
+                     f"{len(names)} ({', '.join(names)}): set model.adapter_merge=True")
+  log.info("model.adapter: %s adapter starts from %s", names[0], path)
+  peft.load_adapter_weights(model, path, names[0])
+  return model
+
+
 # --- one path for a run: the model and its placement, abstract (ftjax.plan) or loaded ---------
 
 def dtypes(config) -> dict:
@@ -303,7 +321,9 @@ def setup(config: ml_collections.ConfigDict, with_data: bool = True, examples=No
   model, tokenizer = load_model(config, mesh=mesh, quantize=quant_settings or False)
   choose_chat_template(tokenizer, config.data.chat_template)
   model = objective.build_model(model)  # SFT: the causal LM itself
+  model = start_adapter(model, config, before_attach=True)
   attach_adapters(model, config)  # and which params train: one filter (in _assemble)
+  model = start_adapter(model, config, before_attach=False)
 
   # --- data (validated before anything compiles): a process reads only the shards of the data
   # its devices' batch rows come from ---

@@ -25,7 +25,7 @@ from ftjax.peft.core import (AdapterLayer, AdapterParam, ModulesToSave, PeftConf
                              merge_adapter, merge_and_unload, merged_for_gguf, merged_model,
                              unmerge_adapter,
                              print_trainable_parameters, unload)
-from ftjax.peft.hf_format import adapter_state_dict, load_adapter, save_adapter
+from ftjax.peft.hf_format import adapter_state_dict, load_adapter, load_adapter_weights, save_adapter
 from ftjax.peft.ia3 import IA3Config, IA3Linear, IA3Param
 from ftjax.peft.lora import DoraLinear, LoraConfig, LoraEinsum, LoraLinear, LoraParam
 from ftjax.peft.named import (CONFIG_TYPES, active_adapters, add_adapter, configs, delete_adapter,
@@ -40,7 +40,7 @@ __all__ = ["AdapterLayer", "AdapterParam", "BottleneckAdapterConfig", "Bottlenec
            "PromptTuningConfig", "SavedModuleParam",
            "active_adapters", "adapter_layers", "adapter_state_dict", "add_adapter", "configs",
            "delete_adapter", "merge_adapter", "set_adapter", "trainable", "unmerge_adapter", "can_merge", "count_params", "disable_adapters",
-           "get_peft_model", "load_adapter", "merge_and_unload", "print_trainable_parameters",
+           "get_peft_model", "load_adapter", "load_adapter_weights", "merge_and_unload", "print_trainable_parameters",
            "merged_model", "save_adapter", "unload"]
 
 # ftjax.models.save_gguf folds adapters in with this (models/ never imports peft/).

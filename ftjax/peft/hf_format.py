@@ -143,6 +143,28 @@ def load_adapter(model: nnx.Module, adapter_dir: str, *, adapter_name: str = "de
   return model
 
 
+# Fields of a saved adapter's config that must equal the attached one's for its tensors to mean
+# the same thing (shapes are checked tensor by tensor; the scale and the wrapper are not).
+_SAME = ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
+         "num_virtual_tokens", "feedforward_modules", "reduction_factor")
+
+
+def load_adapter_weights(model: nnx.Module, adapter_dir: str, adapter_name: str) -> None:
+  """Fills `model`'s attached adapter `adapter_name` with the tensors saved in `adapter_dir`
+  (ftjax's or HF PEFT's): a run that continues training a previous adapter. The saved config
+  must be the same method with the same rank / scale settings (_SAME); every tensor must find
+  its module, with its shape."""
+  saved, attached = read_config(adapter_dir), configs(model)[adapter_name]
+  if type(saved) is not type(attached):
+    raise FtjaxError(f"{adapter_dir}: a {saved.method} adapter; this run attaches {attached.method}")
+  for field in _SAME:
+    if getattr(saved, field, None) != getattr(attached, field, None):
+      raise FtjaxError(f"{adapter_dir}: {field}={getattr(saved, field)!r} in its adapter_config.json, "
+                       f"{getattr(attached, field)!r} in this run's config; they must match to "
+                       "continue training it")
+  _load_tensors(model, adapter_dir, adapter_name)
+
+
 def _load_tensors(model: nnx.Module, adapter_dir: str, adapter_name: str) -> None:
   weights = os.path.join(adapter_dir, WEIGHTS_FILE)
   if not os.path.isfile(weights):
