@@ -56,6 +56,7 @@ class Loop:
   finite: bool = True  # whether the last step updated the state (ftjax/step.py's guard)
   n_train: int = 0  # trainable parameters
   flops_per_step: float = 0.0  # model FLOPs of one step (ftjax/flops.py)
+  tokens_per_step: int = 0  # token positions of one step's rows (Objective.tokens_per_row)
   compile_s: float = 0.0
   excluded_s: float = 0.0  # time spent in evals, kept out of train_s and tokens/s
   train_s: float = 0.0  # the steps' wall time (set when the loop ends)
@@ -152,7 +153,7 @@ class TrainLog(Hook):
     host = jax.device_get(self.window)
     elapsed = time.perf_counter() - self.t - (loop.excluded_s - self.excluded_at)
     loss = float(np.mean([m["loss"] for m in host]))
-    tok_s = len(host) * cfg.train.batch_size * cfg.data.seq_len / elapsed
+    tok_s = len(host) * loop.tokens_per_step / elapsed
     # Every metric the objective's loss returns, as a mean over the window's steps.
     out = {k: float(np.mean([m[k] for m in host])) for k in host[-1]
            if k not in ("count", "finite", "grad_norm", "lr")}

@@ -354,10 +354,11 @@ def _start(run: Run, workdir: str, state, data_state, checkpointer: Checkpointer
   from tqdm.auto import tqdm
   bar = tqdm(total=cfg.train.steps, initial=int(state["step"]), desc="train", file=sys.stderr,
              dynamic_ncols=True, disable=None if distributed.is_main() else True)
+  tokens_per_step = cfg.train.batch_size * run.objective.tokens_per_row()
   loop = Loop(run, workdir, state, batch, position, checkpointer, writer, bar, plan, eval_fn, stop,
               compiled, step=int(state["step"]), compile_s=compile_s, n_train=n_train,
-              flops_per_step=cfg.train.batch_size * cfg.data.seq_len
-              * run_flops_per_token(run, state["trainable"]))
+              tokens_per_step=tokens_per_step,
+              flops_per_step=tokens_per_step * run_flops_per_token(run, state["trainable"]))
   hooks = default_hooks(run, workdir, _periodic_eval_of_loop, (*run.objective.hooks(run), *extra_hooks))
   return loop, batches, hooks
 

@@ -107,3 +107,14 @@ def test_sft_synthetic_batch_has_the_row_spec_shapes(model_dir, data_dir):
   for key, (shape, dtype) in spec.items():
     assert batch[key].shape == (2, 4) + shape and batch[key].dtype == dtype
   assert batch["inputs"].max() < 50 and (batch["loss_mask"] == 1).all()
+
+
+def test_tokens_per_row_counts_both_replies_of_a_pair():
+  """train/tokens_per_s and the step's FLOPs count a row's token positions: seq_len for SFT and
+  classification rows, 2 x seq_len for a preference pair (chosen and rejected run through the
+  model). Before, every objective counted seq_len, half of a DPO step's tokens."""
+  c = config_lib.base_config()
+  c.data.seq_len = 64
+  assert objectives.get(c).tokens_per_row() == 64
+  c.objective = "dpo"
+  assert objectives.get(c).tokens_per_row() == 128

@@ -55,6 +55,11 @@ class Objective:
   def row_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
     raise NotImplementedError
 
+  def tokens_per_row(self) -> int:
+    """Token positions one row runs through the model (a preference pair's two replies: 2 x
+    seq_len): what train/tokens_per_s and the step's FLOPs count."""
+    return int(np.prod(self.row_spec()["inputs"][0]))
+
   def dataset(self, examples: list, tokenizer, *, train: bool, name: str):
     """A Dataset of `examples` (checked by ftjax.data.selection) with `row_spec`'s rows."""
     raise NotImplementedError
