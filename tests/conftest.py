@@ -4,12 +4,7 @@ import os
 import tempfile
 
 # Must happen before jax is imported anywhere: sharding tests run on 8 fake CPU devices.
-# LLVM optimisation level 0 for the CPU backend: the suite's time is mostly XLA compiles of tiny
-# steps that then run a few times, and -O0 cut a tiny 3-step train() from 10.6 to 7.8 CPU s (a
-# 60-step one from 10.5 to 8.5); the same HLO, same f32 semantics (the eval loss moved by 7e-8
-# relative, far inside every tolerance here). Subprocesses of the tests inherit it.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                                   "--xla_backend_optimization_level=0")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

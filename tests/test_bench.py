@@ -90,7 +90,8 @@ def test_bench_grpo_rollouts_and_update_against_trl(model_dir):
   """--vs-trl on the GRPO config: each step = rollout of batch completions of max_new_tokens
   (no stop token, both sides) + update; both sides time the parts apart."""
   result = _bench(model_dir, "--vs-trl", "--rounds", "2", "--gap", "0", "--set", "mesh.data=1",
-                  "--set", "grpo.max_new_tokens=8", config="grpo.py", batch=4, seq=24)
+                  "--set", "grpo.max_new_tokens=8", "--set", "grpo.num_generations=2",
+                  config="grpo.py", batch=4, seq=24)  # 2 prompts x G=2 (the config's G=8 > 4)
   assert result["objective"] == "grpo"
   for side in (result, result["trl"]):
     assert side["rollout_tokens_per_s"] == 4 * 8 / side["rollout_s"]
