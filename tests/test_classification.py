@@ -446,3 +446,70 @@ def test_clinc150_converts_to_150_balanced_classes(shared_data, tmp_path):
   assert not [p for p in cls_lib.label_signals(examples, names) if p.code in ("rare_class", "imbalance")]
   held_out, problems = cls_lib.read_split(test, "single_label")
   assert len(held_out) == 4500 and not problems + cls_lib.check_records(held_out, names)
+
+
+# --- the report compares with prompting (eval.generate) ------------------------------------------
+
+def test_answers_map_onto_labels_exactly_then_normalised():
+  names = ["balance", "card_lost", "Transfer"]
+  assert cls_lib.map_answer("card_lost", names) == "card_lost"  # exact
+  assert cls_lib.map_answer("  Balance.\n", names) == "balance"  # case, whitespace, edge punctuation
+  assert cls_lib.map_answer("transfer", names) == "Transfer"  # normalised to the name as declared
+  assert cls_lib.map_answer("card lost", names) is None  # inner characters are not guessed
+  assert cls_lib.map_answer("The answer is balance", names) is None
+  labels, unmapped = cls_lib.map_answers(["balance", "BALANCE!", "", "wire"], names)
+  assert labels == ["balance", "balance", "", ""] and unmapped == 2
+  # exact wins over normalised when two names normalise alike
+  assert cls_lib.map_answer("Balance", ["balance", "Balance"]) == "Balance"
+
+
+@pytest.fixture(scope="module")
+def prompting_run(model_dir, intent_dir, tmp_path_factory):
+  """A one-step classification run with eval.generate: zero-shot and 2-shot prompting of the
+  base LM against the tuned classifier, report written."""
+  from ftjax import train as train_lib
+  workdir = tmp_path_factory.mktemp("cls_prompting") / "run"
+  config = _shipped_config(model_dir, intent_dir, **{
+      "eval.generate": True, "eval.forgetting": False, "eval.metrics": "accuracy,label_accuracy",
+      "eval.few_shot": 2, "eval.max_new_tokens": 4, "eval.bootstrap": 200,
+      "export.merged": False})
+  summary = train_lib.train(config, str(workdir))
+  return workdir, summary
+
+
+def test_report_compares_the_classifier_with_prompting(prompting_run):
+  workdir, summary = prompting_run
+  results = json.loads((workdir / "eval_results.json").read_text())
+  assert list(results["baselines"]) == ["zero-shot", "2-shot"]
+  assert results["examples"] == 6 and results["references"][0] in INTENTS
+  for name, r in results["baselines"].items():
+    assert len(r["answers"]) == 6 and 0 <= r["unmapped"] <= 6
+    assert r["unmapped"] == sum(p == "" for p in r["predictions"])
+    assert all(p in ("", *INTENTS) for p in r["predictions"])
+    assert 0.0 <= r["scores"]["label_accuracy"] <= 1.0
+  tuned = results["finetuned"]
+  # the fine-tuned system is the classifier's argmax: class names, scored as eval accuracy is
+  assert all(p in INTENTS for p in tuned["predictions"])
+  assert tuned["scores"]["label_accuracy"] == pytest.approx(summary["eval"]["accuracy"])
+  diff = results["finetuned_minus"]["label_accuracy"]["zero-shot"]
+  assert diff["ci95"][0] <= diff["difference"] <= diff["ci95"][1]
+  assert results["verdict"]["metric"] == "label_accuracy"
+  assert set(results["ci95"]) == {"zero-shot", "2-shot", "fine-tuned"}
+  report = (workdir / "report.md").read_text()
+  assert f"**Verdict: {results['verdict']['text']}**" in report
+  assert "| zero-shot | " in report and "| fine-tuned | " in report
+  assert "Answers that named no class (exact, then normalised match; counted wrong): zero-shot " in report
+  assert (workdir / "confusion.png").stat().st_size > 1000
+  assert "![confusion matrix, fine-tuned](confusion.png)" in report
+
+
+def test_confusion_matrix_names_the_most_confused_classes_and_sums_the_rest():
+  from ftjax.evaluation import plots
+  refs = [f"c{i:02d}" for i in range(30)] + ["c00", "c01"]
+  preds = list(refs[:30]) + ["c05", "c07"]  # c00 -> c05 and c01 -> c07 confused, the rest right
+  classes = plots.confusion_classes(refs, preds, top=4)
+  assert classes == ["c00", "c01", "c05", "c07"]
+  labels, counts = plots.confusion_counts(refs, preds, classes)
+  assert labels == classes + [plots.OTHER]
+  assert counts[0, 2] == 1 and counts[1, 3] == 1 and counts[-1, -1] == 26
+  assert counts.sum() == len(refs)
