@@ -513,3 +513,31 @@ def test_confusion_matrix_names_the_most_confused_classes_and_sums_the_rest():
   assert labels == classes + [plots.OTHER]
   assert counts[0, 2] == 1 and counts[1, 3] == 1 and counts[-1, -1] == 26
   assert counts.sum() == len(refs)
+
+
+def test_baselines_generate_with_the_base_lm_on_the_classifiers_decoder(model_dir):
+  """The causal LM the prompting baselines use shares the classifier's decoder (no copy) and
+  computes the base LM's logits; an untied vocab head, which the classifier drops, is refused."""
+  from ftjax import models
+  lm, _ = models.load(model_dir)
+  clf = classifier.SequenceClassifier.from_causal_lm(lm, 3)
+  shell = cls_lib.causal_lm_on(clf)
+  assert shell.model is clf.model
+  tokens = jnp.asarray([[5, 6, 7, 8]])
+  assert np.abs(np.asarray(shell(tokens)) - np.asarray(lm(tokens))).max() == 0.0
+  untied = classifier.SequenceClassifier(lm.config.replace(tie_word_embeddings=False), 3,
+                                         rngs=nnx.Rngs(0), decoder=lm.model)
+  with pytest.raises(FtjaxError, match="untied one"):
+    cls_lib.causal_lm_on(untied)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"classification.problem_type": "multi_label"}, "single_label only"),
+    ({"eval.forgetting": True}, "set eval.forgetting=False")])
+def test_generate_under_classification_refuses_what_it_cannot_compare(model_dir, intent_dir,
+                                                                     overrides, message):
+  from ftjax import objectives
+  config = _shipped_config(model_dir, intent_dir, **{"eval.generate": True, "eval.forgetting": False,
+                                                     **overrides})
+  with pytest.raises(FtjaxError, match=message):
+    objectives.get(config).validate()
