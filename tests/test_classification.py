@@ -515,20 +515,31 @@ def test_confusion_matrix_names_the_most_confused_classes_and_sums_the_rest():
   assert counts.sum() == len(refs)
 
 
-def test_baselines_generate_with_the_base_lm_on_the_classifiers_decoder(model_dir):
+@pytest.mark.parametrize("tied", [True, False])
+def test_baselines_generate_with_the_base_lm_on_the_classifiers_decoder(model_dir, hf_llama_dir, tied,
+                                                                       tmp_path):
   """The causal LM the prompting baselines use shares the classifier's decoder (no copy) and
-  computes the base LM's logits; an untied vocab head, which the classifier drops, is refused."""
+  computes the base LM's logits exactly; an untied vocab head, which the classifier drops, is
+  read back from the base model (hf_llama_dir's head is untied), and without it refused."""
+  import shutil
   from ftjax import models
-  lm, _ = models.load(model_dir)
+  from tiny import tiny_tokenizer
+  path = model_dir
+  if not tied:  # hf_llama_dir with a tokenizer beside it, as a model folder has
+    path = str(shutil.copytree(hf_llama_dir, tmp_path / "untied"))
+    tiny_tokenizer().save(path)
+  lm, _ = models.load(path)
+  assert lm.config.tie_word_embeddings == tied
   clf = classifier.SequenceClassifier.from_causal_lm(lm, 3)
-  shell = cls_lib.causal_lm_on(clf)
+  plan = cls_lib.ClassificationPlan([], [], [], [], [], {}, None, None, model_path=path)
+  shell = plan.base_lm(clf)
   assert shell.model is clf.model
   tokens = jnp.asarray([[5, 6, 7, 8]])
-  assert np.abs(np.asarray(shell(tokens)) - np.asarray(lm(tokens))).max() == 0.0
-  untied = classifier.SequenceClassifier(lm.config.replace(tie_word_embeddings=False), 3,
-                                         rngs=nnx.Rngs(0), decoder=lm.model)
-  with pytest.raises(FtjaxError, match="untied one"):
-    cls_lib.causal_lm_on(untied)
+  want = np.asarray(lm(tokens))
+  assert np.abs(want).max() > 0.01 and np.abs(np.asarray(shell(tokens)) - want).max() == 0.0
+  if not tied:
+    with pytest.raises(FtjaxError, match="untied vocab head"):
+      cls_lib.causal_lm_on(clf)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -41,6 +41,7 @@ from ftjax.data.formats import Example
 from ftjax.errors import FtjaxError
 from ftjax.evaluation import metrics as metrics_lib
 from ftjax.evaluation.generation import EvalPlan
+from ftjax import models
 from ftjax.models import classifier, ops
 from ftjax.models.classifier import SequenceClassifier, segment_last_index
 from ftjax.models.llama import CausalLM
@@ -252,19 +253,29 @@ def prompt_example(ex: LabeledText, names: list[str]) -> Example:
                             {"role": "assistant", "content": ex.labels[0], "weight": 1.0}])
 
 
-def causal_lm_on(model: SequenceClassifier) -> CausalLM:
+def causal_lm_on(model: SequenceClassifier, vocab_head=None) -> CausalLM:
   """The base causal LM the prompting baselines generate with, on `model`'s decoder (shared, so
-  `peft.disable_adapters` on the classifier holds for it too): the vocab head is the tied
-  embedding, which the classifier keeps. An untied head is not kept by the classifier."""
-  if not model.config.tie_word_embeddings:
-    raise FtjaxError("eval.generate under objective='classification': the prompting baselines "
-                     f"generate with the base model's vocab head, and {model.config.model_type!r} "
-                     "has an untied one that the classifier does not keep; set eval.generate=False "
-                     "and compare with `python -m ftjax.evaluate --model ...` instead")
+  `peft.disable_adapters` on the classifier holds for it too). Its vocab head is the tied
+  embedding, which the classifier keeps, or `vocab_head` (`base_vocab_head`) for an untied one,
+  which the classifier drops."""
+  untied = not model.config.tie_word_embeddings
+  if untied and vocab_head is None:
+    raise FtjaxError(f"{model.config.model_type!r} has an untied vocab head, which the classifier "
+                     "does not keep: give the base model's (base_vocab_head) to generate with it")
   from flax import nnx  # local: flax loads with the models, not at import of the objectives
   lm = nnx.eval_shape(lambda: CausalLM(model.config, dtype=model.dtype, rngs=nnx.Rngs(0)))
-  lm.model = model.model  # an abstract decoder replaced by the real one: no weight is copied
+  lm.model = model.model  # the abstract decoder replaced by the real one: no weight is copied
+  if untied:
+    lm.lm_head = vocab_head
   return lm
+
+
+def base_vocab_head(name_or_path: str, model: SequenceClassifier):
+  """The untied vocab head (nnx.Linear) of the base causal LM at `name_or_path`, in `model`'s
+  dtypes; read with the first decoder layer only (the rest is dropped as it loads)."""
+  param_dtype = model.model.embed_tokens.embedding[...].dtype
+  lm, _ = models.load(name_or_path, param_dtype, compute_dtype=model.dtype, num_layers=1)
+  return lm.lm_head
 
 
 @dataclasses.dataclass
@@ -277,11 +288,18 @@ class ClassificationPlan(EvalPlan):
   texts: list = dataclasses.field(default_factory=list)  # LabeledText of each eval example
   seq_len: int = 0
   template: str = "none"
+  model_path: str = ""  # the base model's reference (model.name_or_path): an untied vocab head
+  vocab_head: object = dataclasses.field(default=None, repr=False, compare=False)  # read once
+
+  def base_lm(self, model: SequenceClassifier) -> CausalLM:
+    if not model.config.tie_word_embeddings and self.vocab_head is None:
+      self.vocab_head = base_vocab_head(self.model_path, model)
+    return causal_lm_on(model, self.vocab_head)
 
   def run(self, model, tokenizer, name: str, build=lambda p: p, limit: int | None = None) -> dict:
     if name not in self.systems():  # the fine-tuned classifier
       return super().run(model, tokenizer, name, build, limit)
-    lm = causal_lm_on(model) if isinstance(model, SequenceClassifier) else model
+    lm = self.base_lm(model) if isinstance(model, SequenceClassifier) else model
     answers = super().answer(lm, tokenizer, build, desc=name, limit=limit)
     labels, unmapped = map_answers(answers, self.names)
     return {"name": name, "examples": len(labels), "scores": self.score(labels),
@@ -453,7 +471,8 @@ class Classification(Objective):
                                     pool_path=cfg.eval.few_shot_pool or cfg.data.train,
                                     data_cfg=cfg.data, near_dup=cfg.data.check.near_dup, read=read)
     return dataclasses.replace(plan, names=names, texts=texts[cfg.data.eval][:len(plan.examples)],
-                               seq_len=cfg.data.seq_len, template=self.block.template)
+                               seq_len=cfg.data.seq_len, template=self.block.template,
+                               model_path=cfg.model.name_or_path)
 
   def save_merged(self, model, tokenizer, out_dir, *, max_shard_size="5GB", overwrite=False):
     classifier.save_pretrained(model, out_dir, self.labels(), tokenizer,
