@@ -457,6 +457,9 @@ def test_answers_map_onto_labels_exactly_then_normalised():
   assert cls_lib.map_answer("transfer", names) == "Transfer"  # normalised to the name as declared
   assert cls_lib.map_answer("card lost", names) is None  # inner characters are not guessed
   assert cls_lib.map_answer("The answer is balance", names) is None
+  spread = cls_lib.spread_over_classes([cls_lib.LabeledText(f"f:{i}", "t", (k,))
+                                        for i, k in enumerate("aaabbc")])
+  assert [ex.where for ex in spread] == ["f:0", "f:3", "f:5", "f:1", "f:4", "f:2"]
   labels, unmapped = cls_lib.map_answers(["balance", "BALANCE!", "", "wire"], names)
   assert labels == ["balance", "balance", "", ""] and unmapped == 2
   # exact wins over normalised when two names normalise alike
@@ -478,9 +481,12 @@ def prompting_run(model_dir, intent_dir, tmp_path_factory):
 
 
 def test_report_compares_the_classifier_with_prompting(prompting_run):
+  from ftjax.evaluation import report as report_lib
   workdir, summary = prompting_run
   results = json.loads((workdir / "eval_results.json").read_text())
   assert list(results["baselines"]) == ["zero-shot", "2-shot"]
+  # the shots show two classes (train.jsonl is grouped by class: lines 1 and 5)
+  assert [s.rsplit(":", 1)[1] for s in results["shots"]] == ["1", "5"]
   assert results["examples"] == 6 and results["references"][0] in INTENTS
   for name, r in results["baselines"].items():
     assert len(r["answers"]) == 6 and 0 <= r["unmapped"] <= 6
@@ -501,6 +507,9 @@ def test_report_compares_the_classifier_with_prompting(prompting_run):
   assert "Answers that named no class (exact, then normalised match; counted wrong): zero-shot " in report
   assert (workdir / "confusion.png").stat().st_size > 1000
   assert "![confusion matrix, fine-tuned](confusion.png)" in report
+  first = results["baselines"]["zero-shot"]  # a sample shows the answer and the class it names
+  assert (f"- zero-shot: `{report_lib._cell(first['answers'][0])}` -> "
+          f"{first['predictions'][0] or 'no class'}") in report
 
 
 def test_confusion_matrix_names_the_most_confused_classes_and_sums_the_rest():

@@ -293,7 +293,11 @@ def _samples_md(report: dict, r: dict, systems: dict) -> list[str]:
       lines += [f"**Example {i + 1}** ({r['sources'][i]}): {_cell(r['inputs'][i])}", "",
                 f"- reference: `{_cell(r['references'][i])}`"]
       for name, sys_ in systems.items():
-        lines.append(f"- {name}: `{_cell(sys_['predictions'][i])}`")
+        mapped = ""  # classification: the generated answer, then the class it was mapped onto
+        if "answers" in sys_:
+          mapped = f" -> {sys_['predictions'][i] or 'no class'}"
+        shown = sys_.get("answers", sys_["predictions"])[i]
+        lines.append(f"- {name}: `{_cell(shown)}`{mapped}")
       lines.append("")
   if report["config"]:
     lines += ["## Config", "", "```json", json.dumps(report["config"], indent=1, sort_keys=True), "```", ""]

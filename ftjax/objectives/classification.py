@@ -16,6 +16,12 @@ the split (`label_signals`): rare_class (classes under RARE_CLASS examples), imb
 largest class over IMBALANCE times the smallest), conflicting_labels (one normalised text with
 different labels).
 
+With eval.generate (`ClassificationPlan`), the report compares the tuned classifier with
+prompting: the base causal LM, on the classifier's decoder, answers each eval text zero-shot and
+k-shot after an instruction listing the class names; its answers are mapped onto the names
+(`map_answers`: exact, then normalised; unmapped ones counted wrong and reported), and the
+classifier's argmax names are the fine-tuned system's answers, scored by label_accuracy.
+
 Loss sums for ftjax.step (`ClassificationLoss`): single_label: loss_sum = sum w[y] * CE, count =
 sum w[y] (torch's CrossEntropyLoss(weight=w) mean: w = 1 without class weights), accuracy = sum
 w[y] * hit; multi_label: loss_sum = sum over rows and classes of w[c] * BCE, count = rows x classes
@@ -245,6 +251,17 @@ def map_answers(answers: list[str], names: list[str]) -> tuple[list[str], int]:
   return [m if m is not None else "" for m in mapped], sum(m is None for m in mapped)
 
 
+def spread_over_classes(examples: list[LabeledText]) -> list[LabeledText]:
+  """The examples reordered round-robin over their labels (each label's first, in order of first
+  appearance, then each one's second, ...): the k-shot baseline's first k shots show k classes,
+  not k examples of the class a sorted file starts with."""
+  by_label: dict = {}
+  for ex in examples:
+    by_label.setdefault(ex.labels[0], []).append(ex)
+  columns = list(by_label.values())
+  return [col[i] for i in range(max(map(len, columns), default=0)) for col in columns if i < len(col)]
+
+
 def prompt_example(ex: LabeledText, names: list[str]) -> Example:
   """A labelled text as a chat example: the instruction (system), the text (user), the label
   (the reference answer). The data check's leakage reads the user turn only: the text itself."""
@@ -464,7 +481,8 @@ class Classification(Objective):
 
     def read(path):  # the split's labelled texts as chat examples with the label as reference
       # records with problems are left out: the data check has already refused them in eval
-      texts[path] = examples = read_split(path, "single_label", self._fields())[0]
+      examples = read_split(path, "single_label", self._fields())[0]
+      texts[path] = examples = examples if path == cfg.data.eval else spread_over_classes(examples)
       return [prompt_example(ex, names) for ex in examples]
 
     plan = ClassificationPlan.build(cfg.data.eval, cfg.eval,
