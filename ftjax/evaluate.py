@@ -33,9 +33,7 @@ log = logging.getLogger("ftjax.evaluate")
 def plan_for_run(cfg) -> EvalPlan:
   """The run's EvalPlan: eval split, references and few-shot pool, checked (FtjaxError) before
   anything compiles."""
-  return EvalPlan.build(cfg.data.eval, cfg.eval, pool_path=cfg.eval.few_shot_pool or cfg.data.train,
-                        data_cfg=cfg.data, near_dup=cfg.data.check.near_dup,
-                        read=objectives.get(cfg).read_examples)
+  return objectives.get(cfg).eval_plan()
 
 
 def base_model_eval(run, plan: EvalPlan) -> dict:

@@ -446,3 +446,118 @@ def test_clinc150_converts_to_150_balanced_classes(shared_data, tmp_path):
   assert not [p for p in cls_lib.label_signals(examples, names) if p.code in ("rare_class", "imbalance")]
   held_out, problems = cls_lib.read_split(test, "single_label")
   assert len(held_out) == 4500 and not problems + cls_lib.check_records(held_out, names)
+
+
+# --- the report compares with prompting (eval.generate) ------------------------------------------
+
+def test_answers_map_onto_labels_exactly_then_normalised():
+  names = ["balance", "card_lost", "Transfer"]
+  assert cls_lib.map_answer("card_lost", names) == "card_lost"  # exact
+  assert cls_lib.map_answer("  Balance.\n", names) == "balance"  # case, whitespace, edge punctuation
+  assert cls_lib.map_answer("transfer", names) == "Transfer"  # normalised to the name as declared
+  assert cls_lib.map_answer("card lost", names) is None  # inner characters are not guessed
+  assert cls_lib.map_answer("The answer is balance", names) is None
+  spread = cls_lib.spread_over_classes([cls_lib.LabeledText(f"f:{i}", "t", (k,))
+                                        for i, k in enumerate("aaabbc")])
+  assert [ex.where for ex in spread] == ["f:0", "f:3", "f:5", "f:1", "f:4", "f:2"]
+  labels, unmapped = cls_lib.map_answers(["balance", "BALANCE!", "", "wire"], names)
+  assert labels == ["balance", "balance", "", ""] and unmapped == 2
+  # exact wins over normalised when two names normalise alike
+  assert cls_lib.map_answer("Balance", ["balance", "Balance"]) == "Balance"
+
+
+@pytest.fixture(scope="module")
+def prompting_run(model_dir, intent_dir, tmp_path_factory):
+  """A one-step classification run with eval.generate: zero-shot and 2-shot prompting of the
+  base LM against the tuned classifier, report written."""
+  from ftjax import train as train_lib
+  workdir = tmp_path_factory.mktemp("cls_prompting") / "run"
+  config = _shipped_config(model_dir, intent_dir, **{
+      "eval.generate": True, "eval.forgetting": False, "eval.metrics": "accuracy,label_accuracy",
+      "eval.few_shot": 2, "eval.max_new_tokens": 4, "eval.bootstrap": 200,
+      "export.merged": False})
+  summary = train_lib.train(config, str(workdir))
+  return workdir, summary
+
+
+def test_report_compares_the_classifier_with_prompting(prompting_run):
+  from ftjax.evaluation import report as report_lib
+  workdir, summary = prompting_run
+  results = json.loads((workdir / "eval_results.json").read_text())
+  assert list(results["baselines"]) == ["zero-shot", "2-shot"]
+  # the shots show two classes (train.jsonl is grouped by class: lines 1 and 5)
+  assert [s.rsplit(":", 1)[1] for s in results["shots"]] == ["1", "5"]
+  assert results["examples"] == 6 and results["references"][0] in INTENTS
+  for name, r in results["baselines"].items():
+    assert len(r["answers"]) == 6 and 0 <= r["unmapped"] <= 6
+    assert r["unmapped"] == sum(p == "" for p in r["predictions"])
+    assert all(p in ("", *INTENTS) for p in r["predictions"])
+    assert 0.0 <= r["scores"]["label_accuracy"] <= 1.0
+  tuned = results["finetuned"]
+  # the fine-tuned system is the classifier's argmax: class names, scored as eval accuracy is
+  assert all(p in INTENTS for p in tuned["predictions"])
+  assert tuned["scores"]["label_accuracy"] == pytest.approx(summary["eval"]["accuracy"])
+  diff = results["finetuned_minus"]["label_accuracy"]["zero-shot"]
+  assert diff["ci95"][0] <= diff["difference"] <= diff["ci95"][1]
+  assert results["verdict"]["metric"] == "label_accuracy"
+  assert set(results["ci95"]) == {"zero-shot", "2-shot", "fine-tuned"}
+  report = (workdir / "report.md").read_text()
+  assert f"**Verdict: {results['verdict']['text']}**" in report
+  assert "| zero-shot | " in report and "| fine-tuned | " in report
+  assert "Answers that named no class (exact, then normalised match; counted wrong): zero-shot " in report
+  assert (workdir / "confusion.png").stat().st_size > 1000
+  assert "![confusion matrix, fine-tuned](confusion.png)" in report
+  first = results["baselines"]["zero-shot"]  # a sample shows the answer and the class it names
+  assert (f"- zero-shot: `{report_lib._cell(first['answers'][0])}` -> "
+          f"{first['predictions'][0] or 'no class'}") in report
+
+
+def test_confusion_matrix_names_the_most_confused_classes_and_sums_the_rest():
+  from ftjax.evaluation import plots
+  refs = [f"c{i:02d}" for i in range(30)] + ["c00", "c01"]
+  preds = list(refs[:30]) + ["c05", "c07"]  # c00 -> c05 and c01 -> c07 confused, the rest right
+  classes = plots.confusion_classes(refs, preds, top=4)
+  assert classes == ["c00", "c01", "c05", "c07"]
+  labels, counts = plots.confusion_counts(refs, preds, classes)
+  assert labels == classes + [plots.OTHER]
+  assert counts[0, 2] == 1 and counts[1, 3] == 1 and counts[-1, -1] == 26
+  assert counts.sum() == len(refs)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_baselines_generate_with_the_base_lm_on_the_classifiers_decoder(model_dir, hf_llama_dir, tied,
+                                                                       tmp_path):
+  """The causal LM the prompting baselines use shares the classifier's decoder (no copy) and
+  computes the base LM's logits exactly; an untied vocab head, which the classifier drops, is
+  read back from the base model (hf_llama_dir's head is untied), and without it refused."""
+  import shutil
+  from ftjax import models
+  from tiny import tiny_tokenizer
+  path = model_dir
+  if not tied:  # hf_llama_dir with a tokenizer beside it, as a model folder has
+    path = str(shutil.copytree(hf_llama_dir, tmp_path / "untied"))
+    tiny_tokenizer().save(path)
+  lm, _ = models.load(path)
+  assert lm.config.tie_word_embeddings == tied
+  clf = classifier.SequenceClassifier.from_causal_lm(lm, 3)
+  plan = cls_lib.ClassificationPlan([], [], [], [], [], {}, None, None, model_path=path)
+  shell = plan.base_lm(clf)
+  assert shell.model is clf.model
+  tokens = jnp.asarray([[5, 6, 7, 8]])
+  want = np.asarray(lm(tokens))
+  assert np.abs(want).max() > 0.01 and np.abs(np.asarray(shell(tokens)) - want).max() == 0.0
+  if not tied:
+    with pytest.raises(FtjaxError, match="untied vocab head"):
+      cls_lib.causal_lm_on(clf)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"classification.problem_type": "multi_label"}, "single_label only"),
+    ({"eval.forgetting": True}, "set eval.forgetting=False")])
+def test_generate_under_classification_refuses_what_it_cannot_compare(model_dir, intent_dir,
+                                                                     overrides, message):
+  from ftjax import objectives
+  config = _shipped_config(model_dir, intent_dir, **{"eval.generate": True, "eval.forgetting": False,
+                                                     **overrides})
+  with pytest.raises(FtjaxError, match=message):
+    objectives.get(config).validate()

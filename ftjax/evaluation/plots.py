@@ -111,3 +111,62 @@ def rewards(path: str, curves: dict) -> str | None:
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return os.path.basename(path)
+
+
+CONFUSION_TOP = 20  # classes drawn by name; the rest are summed into one "other" row / column
+OTHER = "(other)"
+UNMAPPED = "(unmapped)"
+
+
+def confusion_classes(references: list[str], predictions: list[str], top: int = CONFUSION_TOP) -> list[str]:
+  """The classes a confusion matrix names: all of them when they are at most `top`, else the
+  `top` most confused (wrong answers as true or as predicted class), ties by name."""
+  names = sorted(set(references) | set(predictions))
+  if len(names) <= top:
+    return names
+  wrong = {}
+  for r, p in zip(references, predictions):
+    if r != p:
+      wrong[r] = wrong.get(r, 0) + 1
+      wrong[p] = wrong.get(p, 0) + 1
+  return sorted(sorted(names, key=lambda n: (-wrong.get(n, 0), n))[:top])
+
+
+def confusion_counts(references: list[str], predictions: list[str], classes: list[str]):
+  """[n, n] counts (rows true, columns predicted) over `classes`, plus one row / column OTHER
+  summing the rest when they are not every class."""
+  import numpy as np
+  rest = bool((set(references) | set(predictions)) - set(classes))
+  labels = list(classes) + ([OTHER] if rest else [])
+  index = {c: i for i, c in enumerate(classes)}
+  counts = np.zeros((len(labels), len(labels)), np.int64)
+  for r, p in zip(references, predictions):
+    counts[index.get(r, len(classes)), index.get(p, len(classes))] += 1
+  return labels, counts
+
+
+def confusion_matrix(path: str, references: list[str], predictions: list[str],
+                     title: str = "fine-tuned model", top: int = CONFUSION_TOP) -> str:
+  """The confusion matrix of one system's labels (rows true, columns predicted), counts in the
+  cells; with more than `top` classes, the `top` most confused and the rest summed."""
+  plt = _pyplot()
+  predictions = [p or UNMAPPED for p in predictions]  # "": an answer that named no class
+  labels, counts = confusion_counts(references, predictions,
+                                    confusion_classes(references, predictions, top))
+  size = min(14, 3 + 0.45 * len(labels))
+  fig, ax = plt.subplots(figsize=(size + 1, size))
+  image = ax.imshow(counts, cmap="Blues")
+  ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=8)
+  ax.set_yticks(range(len(labels)), labels, fontsize=8)
+  for i in range(len(labels)):
+    for j in range(len(labels)):
+      if counts[i, j]:
+        ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
+                color="white" if counts[i, j] > counts.max() / 2 else "black")
+  shown = "" if OTHER not in labels else f", {top} most confused classes, the rest as {OTHER}"
+  ax.set(xlabel="predicted", ylabel="true", title=f"confusion matrix, {title}{shown}")
+  fig.colorbar(image, ax=ax, fraction=0.046)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return os.path.basename(path)

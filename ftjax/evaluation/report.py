@@ -90,6 +90,11 @@ def write(folder: str, results: dict | None = None) -> dict:
     p["comparison"] = plots.comparison(
         os.path.join(folder, "comparison.png"), {n: s["scores"] for n, s in systems.items()},
         {n: results["ci95"][n] for n in systems}, gen)
+  tuned = results.get("finetuned")
+  if results.get("confusion") and tuned:  # a label task (label_accuracy / macro_f1)
+    p["confusion"] = plots.confusion_matrix(os.path.join(folder, "confusion.png"),
+                                            results["references"][:tuned["examples"]],
+                                            tuned["predictions"])
   if results.get("forgetting"):
     p["forgetting"] = plots.forgetting(os.path.join(folder, "forgetting.png"), results["forgetting"])
   write_json(os.path.join(folder, "report.json"), report)
@@ -162,6 +167,12 @@ def _systems_md(report: dict, r: dict, systems: dict) -> list[str]:
     recall = ", ".join(f"{label or '(empty)'} {100 * v:.0f}%" for label, v in c["recall"].items())
     mistakes = ", ".join(f"{a or '(empty)'} -> {b or '(empty)'} x{n}" for a, b, n in c["mistakes"]) or "none"
     lines += [f"Labels, {name} ({c['labels']} labels): recall {recall}; most frequent mistakes: {mistakes}.", ""]
+  unmapped = {n: s["unmapped"] for n, s in systems.items() if "unmapped" in s}
+  if unmapped:  # classification: generated answers mapped onto the class names
+    lines += ["Answers that named no class (exact, then normalised match; counted wrong): "
+              + ", ".join(f"{n} {k} of {systems[n]['examples']}" for n, k in unmapped.items()) + ".", ""]
+  if report["plots"].get("confusion"):
+    lines += [f"![confusion matrix, fine-tuned]({report['plots']['confusion']})", ""]
   return lines
 
 
@@ -282,7 +293,11 @@ def _samples_md(report: dict, r: dict, systems: dict) -> list[str]:
       lines += [f"**Example {i + 1}** ({r['sources'][i]}): {_cell(r['inputs'][i])}", "",
                 f"- reference: `{_cell(r['references'][i])}`"]
       for name, sys_ in systems.items():
-        lines.append(f"- {name}: `{_cell(sys_['predictions'][i])}`")
+        mapped = ""  # classification: the generated answer, then the class it was mapped onto
+        if "answers" in sys_:
+          mapped = f" -> {sys_['predictions'][i] or 'no class'}"
+        shown = sys_.get("answers", sys_["predictions"])[i]
+        lines.append(f"- {name}: `{_cell(shown)}`{mapped}")
       lines.append("")
   if report["config"]:
     lines += ["## Config", "", "```json", json.dumps(report["config"], indent=1, sort_keys=True), "```", ""]

@@ -83,6 +83,15 @@ class Objective:
     """A split's valid examples, as the report's leakage section compares them."""
     return load_examples(path, **read_options(self.config.data))
 
+  def eval_plan(self) -> evaluation.EvalPlan:
+    """The generation eval's plan (eval.generate): eval split, references and few-shot pool,
+    checked (FtjaxError) before anything compiles. Classification answers its own way."""
+    cfg = self.config
+    return evaluation.EvalPlan.build(cfg.data.eval, cfg.eval,
+                                     pool_path=cfg.eval.few_shot_pool or cfg.data.train,
+                                     data_cfg=cfg.data, near_dup=cfg.data.check.near_dup,
+                                     read=self.read_examples)
+
   def before_training(self, run, workdir: str) -> None:
     """A pass before the first step, with the run set up and no checkpoint restored yet (the
     preference objectives' reference log-probs); nothing by default."""

@@ -16,6 +16,12 @@ the split (`label_signals`): rare_class (classes under RARE_CLASS examples), imb
 largest class over IMBALANCE times the smallest), conflicting_labels (one normalised text with
 different labels).
 
+With eval.generate (`ClassificationPlan`), the report compares the tuned classifier with
+prompting: the base causal LM, on the classifier's decoder, answers each eval text zero-shot and
+k-shot after an instruction listing the class names; its answers are mapped onto the names
+(`map_answers`: exact, then normalised; unmapped ones counted wrong and reported), and the
+classifier's argmax names are the fine-tuned system's answers, scored by label_accuracy.
+
 Loss sums for ftjax.step (`ClassificationLoss`): single_label: loss_sum = sum w[y] * CE, count =
 sum w[y] (torch's CrossEntropyLoss(weight=w) mean: w = 1 without class weights), accuracy = sum
 w[y] * hit; multi_label: loss_sum = sum over rows and classes of w[c] * BCE, count = rows x classes
@@ -28,6 +34,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import string
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +43,14 @@ import numpy as np
 from ftjax import config as config_lib
 from ftjax.data import dataset as dataset_lib
 from ftjax.data.dataset import Dataset
+from ftjax.data.formats import Example
 from ftjax.errors import FtjaxError
+from ftjax.evaluation import metrics as metrics_lib
+from ftjax.evaluation.generation import EvalPlan
+from ftjax import models
 from ftjax.models import classifier, ops
 from ftjax.models.classifier import SequenceClassifier, segment_last_index
+from ftjax.models.llama import CausalLM
 from ftjax.objectives.base import Objective
 # The records part lives in classification_data (the data check uses it too); its names are
 # this module's as well (classification.read_split, ...), as ftjax.classify and the tests use them.
@@ -208,6 +220,122 @@ def report(targets: np.ndarray, predicted: np.ndarray, names: list[str],
   return out
 
 
+# --- prompting baselines against the tuned classifier (eval.generate) ----------------------------
+
+def instruction(names: list[str]) -> str:
+  """The system turn that asks the base causal LM for one of the class names."""
+  return ("Classify the user's text into exactly one of these labels: " + ", ".join(names)
+          + ". Answer with the label only.")
+
+
+def _label_key(text: str) -> str:
+  """The normalised form of an answer or a class name: case, inner whitespace and the
+  punctuation at its edges ignored (as eval.metrics' label_accuracy compares labels)."""
+  return metrics_lib.normalise(text, ("lower", "whitespace", "strip")).strip(string.punctuation).strip()
+
+
+def map_answer(answer: str, names: list[str]) -> str | None:
+  """The class name a generated answer names: the name it equals exactly, else the one it equals
+  after normalising (`_label_key`); None when it names none (counted wrong, and reported)."""
+  if answer in names:
+    return answer
+  by_key = {}
+  for name in names:
+    by_key.setdefault(_label_key(name), name)
+  return by_key.get(_label_key(answer))
+
+
+def map_answers(answers: list[str], names: list[str]) -> tuple[list[str], int]:
+  """(class name per answer, "" where unmapped, which no reference equals; unmapped count)."""
+  mapped = [map_answer(a, names) for a in answers]
+  return [m if m is not None else "" for m in mapped], sum(m is None for m in mapped)
+
+
+def spread_over_classes(examples: list[LabeledText]) -> list[LabeledText]:
+  """The examples reordered round-robin over their labels (each label's first, in order of first
+  appearance, then each one's second, ...): the k-shot baseline's first k shots show k classes,
+  not k examples of the class a sorted file starts with."""
+  by_label: dict = {}
+  for ex in examples:
+    by_label.setdefault(ex.labels[0], []).append(ex)
+  columns = list(by_label.values())
+  return [col[i] for i in range(max(map(len, columns), default=0)) for col in columns if i < len(col)]
+
+
+def prompt_example(ex: LabeledText, names: list[str]) -> Example:
+  """A labelled text as a chat example: the instruction (system), the text (user), the label
+  (the reference answer). The data check's leakage reads the user turn only: the text itself."""
+  return Example(ex.where, [{"role": "system", "content": instruction(names), "weight": 0.0},
+                            {"role": "user", "content": ex.text, "weight": 0.0},
+                            {"role": "assistant", "content": ex.labels[0], "weight": 1.0}])
+
+
+def causal_lm_on(model: SequenceClassifier, vocab_head=None) -> CausalLM:
+  """The base causal LM the prompting baselines generate with, on `model`'s decoder (shared, so
+  `peft.disable_adapters` on the classifier holds for it too). Its vocab head is the tied
+  embedding, which the classifier keeps, or `vocab_head` (`base_vocab_head`) for an untied one,
+  which the classifier drops."""
+  untied = not model.config.tie_word_embeddings
+  if untied and vocab_head is None:
+    raise FtjaxError(f"{model.config.model_type!r} has an untied vocab head, which the classifier "
+                     "does not keep: give the base model's (base_vocab_head) to generate with it")
+  from flax import nnx  # local: flax loads with the models, not at import of the objectives
+  lm = nnx.eval_shape(lambda: CausalLM(model.config, dtype=model.dtype, rngs=nnx.Rngs(0)))
+  lm.model = model.model  # the abstract decoder replaced by the real one: no weight is copied
+  if untied:
+    lm.lm_head = vocab_head
+  return lm
+
+
+def base_vocab_head(name_or_path: str, model: SequenceClassifier):
+  """The untied vocab head (nnx.Linear) of the base causal LM at `name_or_path`, in `model`'s
+  dtypes; read with the first decoder layer only (the rest is dropped as it loads)."""
+  param_dtype = model.model.embed_tokens.embedding[...].dtype
+  lm, _ = models.load(name_or_path, param_dtype, compute_dtype=model.dtype, num_layers=1)
+  return lm.lm_head
+
+
+@dataclasses.dataclass
+class ClassificationPlan(EvalPlan):
+  """EvalPlan of a classification run: the prompting baselines are the base causal LM's greedy
+  answers mapped onto the class names (`map_answers`); the fine-tuned system is the classifier's
+  argmax on the same eval examples, as class names, so report.compare's paired bootstrap CIs and
+  verdict compare them on label_accuracy."""
+  names: list[str] = dataclasses.field(default_factory=list)
+  texts: list = dataclasses.field(default_factory=list)  # LabeledText of each eval example
+  seq_len: int = 0
+  template: str = "none"
+  model_path: str = ""  # the base model's reference (model.name_or_path): an untied vocab head
+  vocab_head: object = dataclasses.field(default=None, repr=False, compare=False)  # read once
+
+  def base_lm(self, model: SequenceClassifier) -> CausalLM:
+    if not model.config.tie_word_embeddings and self.vocab_head is None:
+      self.vocab_head = base_vocab_head(self.model_path, model)
+    return causal_lm_on(model, self.vocab_head)
+
+  def run(self, model, tokenizer, name: str, build=lambda p: p, limit: int | None = None) -> dict:
+    if name not in self.systems():  # the fine-tuned classifier
+      return super().run(model, tokenizer, name, build, limit)
+    lm = self.base_lm(model) if isinstance(model, SequenceClassifier) else model
+    answers = super().answer(lm, tokenizer, build, desc=name, limit=limit)
+    labels, unmapped = map_answers(answers, self.names)
+    return {"name": name, "examples": len(labels), "scores": self.score(labels),
+            "predictions": labels, "answers": answers, "unmapped": unmapped}
+
+  def answer(self, model, tokenizer, build=lambda p: p, desc: str = "generate",
+             limit: int | None = None) -> list[str]:
+    """Class names: the classifier's argmax, or a causal LM's answers mapped onto them."""
+    if not isinstance(model, SequenceClassifier):
+      return map_answers(super().answer(model, tokenizer, build, desc, limit), self.names)[0]
+    texts = self.texts[:limit]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows, _ = build_rows(texts, self.names, tokenizer, seq_len=self.seq_len,
+                         problem_type="single_label", template=self.template, pad_id=pad)
+    size = min(len(texts), self.eval_cfg.batch_size or 64)
+    logits = logits_of(forward_fn(model), rows["inputs"], rows["segment_ids"], max(size, 1))
+    return [self.names[i] for i in predictions(logits, "single_label")]
+
+
 # --- the objective ----------------------------------------------------------------------------------
 
 # methods that train the score head: with an adapter it is PEFT's modules_to_save (prompt / prefix
@@ -239,9 +367,14 @@ class Classification(Objective):
     if other:
       raise FtjaxError(f"config: method {config.method!r} under objective='classification': "
                        f"{other[0]} has no place for the trained score head; use one of {HEAD_METHODS}")
-    if config.eval.generate:
-      raise FtjaxError("config: eval.generate=True under objective='classification': the "
-                       "classifier does not generate; its eval metrics are accuracy and macro_f1")
+    if config.eval.generate and c.problem_type != "single_label":
+      raise FtjaxError("config: eval.generate=True under classification.problem_type="
+                       f"{c.problem_type!r}: the prompting baselines answer one label per text "
+                       "(single_label only)")
+    if config.eval.generate and config.eval.forgetting:
+      raise FtjaxError("config: eval.forgetting=True with eval.generate under "
+                       "objective='classification': the forgetting probe needs the fine-tuned "
+                       "model's vocab head, which the classifier drops; set eval.forgetting=False")
     self.class_weights()  # parsed and checked now, before anything loads
 
   def class_weights(self) -> tuple[float, ...]:
@@ -339,6 +472,25 @@ class Classification(Objective):
     n = len(rows["inputs"]) if not max_rows else min(max_rows, len(rows["inputs"]))
     logits = logits_of(forward_fn(model), rows["inputs"][:n], rows["segment_ids"][:n], batch_size)
     return report(rows["labels"][:n], predictions(logits, self.block.problem_type), self.labels())
+
+  def eval_plan(self) -> ClassificationPlan:
+    """eval.generate: the base model prompted with the instruction (zero-shot, k-shot from the
+    train split) against the tuned classifier, on the same eval examples (ClassificationPlan)."""
+    cfg, names = self.config, self.labels()
+    texts = {}
+
+    def read(path):  # the split's labelled texts as chat examples with the label as reference
+      # records with problems are left out: the data check has already refused them in eval
+      examples = read_split(path, "single_label", self._fields())[0]
+      texts[path] = examples = examples if path == cfg.data.eval else spread_over_classes(examples)
+      return [prompt_example(ex, names) for ex in examples]
+
+    plan = ClassificationPlan.build(cfg.data.eval, cfg.eval,
+                                    pool_path=cfg.eval.few_shot_pool or cfg.data.train,
+                                    data_cfg=cfg.data, near_dup=cfg.data.check.near_dup, read=read)
+    return dataclasses.replace(plan, names=names, texts=texts[cfg.data.eval][:len(plan.examples)],
+                               seq_len=cfg.data.seq_len, template=self.block.template,
+                               model_path=cfg.model.name_or_path)
 
   def save_merged(self, model, tokenizer, out_dir, *, max_shard_size="5GB", overwrite=False):
     classifier.save_pretrained(model, out_dir, self.labels(), tokenizer,
