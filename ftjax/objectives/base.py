@@ -73,6 +73,18 @@ class Objective:
     """The data check's token statistics of the rows `dataset` would build."""
     return selection.token_stats(examples, lengths, tokenizer, self.config.data, pack=pack)
 
+  def dataset_token_stats(self, examples, lengths, tokenizer) -> tuple[dict, np.ndarray]:
+    """(token statistics of the rows `dataset` builds, with length percentiles of each example's
+    `lengths` entry; those lengths as an array): for objectives whose rows are not SFT's packed
+    documents (preference pairs, GRPO prompts). Over-length examples are dropped here, not
+    raised: the check reports them as problems."""
+    policy = "drop" if self.config.data.length_policy == "error" else None
+    ds = self.dataset(examples, tokenizer, train=False, name="data", length_policy=policy)
+    n = np.array([lengths[id(ex)] for ex in examples if id(ex) in lengths] or [0])
+    stats = dict(ds.summary, length={f"p{q}": float(np.percentile(n, q)) for q in (50, 90, 99)})
+    stats["length"]["max"] = int(n.max())
+    return stats, n
+
   def report_loss(self, eval_means: dict) -> dict:
     """The report's eval-loss row of a model from its eval means (train.evaluate_loss)."""
     if "accuracy" not in eval_means:  # not a next-token loss: its own means as they are

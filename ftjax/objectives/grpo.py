@@ -172,15 +172,9 @@ class GRPO(Objective):
   def token_stats(self, examples, lengths, tokenizer, *, pack):
     if not examples:
       return {"examples": 0}
-    ds = self.dataset(examples, tokenizer, train=False, name="data",
-                      length_policy="drop" if self.config.data.length_policy == "error" else None)
-    n = np.array([lengths[id(ex)] for ex in examples if id(ex) in lengths] or [0])
+    stats, n = self.dataset_token_stats(examples, lengths, tokenizer)
     # prompt tokens against the budget data.seq_len - grpo.max_new_tokens
-    stats = dict(ds.summary, prompt_budget=self.prompt_len,
-                 over_budget=int((n > self.prompt_len).sum()))
-    stats["length"] = {f"p{q}": float(np.percentile(n, q)) for q in (50, 90, 99)}
-    stats["length"]["max"] = int(n.max())
-    return stats
+    return dict(stats, prompt_budget=self.prompt_len, over_budget=int((n > self.prompt_len).sum()))
 
   def dataset(self, examples, tokenizer, *, train, name, length_policy=None):
     d = self.config.data
