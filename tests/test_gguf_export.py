@@ -36,7 +36,7 @@ ROUNDING_TOL = {"f32": 1e-5, "f16": 5e-3, "q8_0": 5e-2, "q4_0": 0.4}
 
 
 def _family_config(family):
-  config = hf_models.FAMILIES[family]()
+  config = {**hf_models.FAMILIES, **hf_models.MOE_FAMILIES}[family]()
   config.vocab_size = 512  # room for the tiny tokenizer's ~400 tokens, the rest [PAD] rows
   if family == "qwen3":
     # transformers' GGUF loader ignores qwen3.attention.key_length (its qwen3 table has no
@@ -48,6 +48,13 @@ def _family_config(family):
     # llama.cpp derives query_pre_attn_scalar from the model size (head_dim here) and GGUF has
     # no key for it: save_gguf refuses the FAMILIES value, 24 (test_gemma_query_scalar_refused)
     config.query_pre_attn_scalar = config.head_dim
+  if family == "qwen3_moe":
+    # llama.cpp always re-normalises the top-k router weights: save_gguf refuses the
+    # MOE_FAMILIES value, False (test_qwen3_moe_without_norm_topk_prob_is_refused). And
+    # transformers' GGUF reader has no mapping for qwen3moe.expert_feed_forward_length: it keeps
+    # Qwen3MoeConfig's moe_intermediate_size, 768 (Qwen3-30B-A3B's), so the experts are that wide.
+    config.norm_topk_prob = True
+    config.moe_intermediate_size = 768
   return config
 
 
@@ -67,6 +74,8 @@ def _hf_folder(folder: str, family: str, tokenizer) -> str:
         p.add_(0.1 * torch.randn_like(p))
       if hf.config.model_type == "gemma2" and name.endswith(("q_proj.weight", "k_proj.weight")):
         p.mul_(8.0)  # as hf_models.build: scores of order 1, where the soft-cap bends them
+      if family in hf_models.MOE_FAMILIES and name.endswith("mlp.gate.weight"):
+        p.mul_(50.0)  # as hf_models.build_moe: routers that really pick different experts
   hf.save_pretrained(folder)
   tokenizer.save(folder)
   return folder
@@ -78,11 +87,15 @@ def _hf_folder(folder: str, family: str, tokenizer) -> str:
 # 0.57 / 0.65 / 0.34 relative max-abs from the HF model's), so it cannot check them: for them the
 # tensors and keys are checked as the `gguf` package reads the bytes (test_new_families_as_
 # the_gguf_package_reads_them) and the logits through ftjax's loader only.
-HF_GGUF_READER = ("llama", "mistral", "qwen2", "qwen3")
+# Mixtral neither: transformers' GGUF reader reads a "llama" file as LlamaForCausalLM whatever
+# llama.expert_count says, drops the expert tensors and initialises dense MLPs at random
+# (measured: 0.13 relative max-abs from the file's logits); its qwen3moe reader works.
+HF_GGUF_READER = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
 NEW_FAMILIES = ("gemma2", "gemma3", "phi3")
+MOE = ("mixtral", "qwen3_moe")
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3", "gemma", *NEW_FAMILIES])
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3", "gemma", *NEW_FAMILIES, *MOE])
 def exported(request, tmp_path_factory, tokenizer):
   """One family: a ftjax model with a LoRA adapter (random B, so the merge matters), its
   merged twin's logits, and the model exported as every type."""
@@ -129,17 +142,28 @@ def _round_trip(w_hf: np.ndarray, qtype) -> np.ndarray:
 def _rounded_model(merged, qtype):
   """The merged model with every tensor replaced by its round trip through `qtype`: the
   reference the exported file must reproduce. Rounding runs along HF's rows (input features),
-  which llama.cpp's q/k row permutation only reorders, so it is done here without it."""
+  which llama.cpp's q/k row permutation only reorders, so it is done here without it. A MoE
+  router stays F32 (as convert_hf_to_gguf keeps it); an expert kernel [e, in, out] rounds as
+  the [e, out, in] GGUF tensor it is stored as."""
   cfg = merged.config
   params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(merged, nnx.Param)))
   out = {}
   for spec in param_specs(cfg):
     w = np.array(get_path(params, spec.path), np.float32)
     layers = [w[i] for i in range(w.shape[0])] if spec.stacked else [w]
-    rounded = [(_round_trip(x.T, qtype).T if spec.transpose else _round_trip(x, qtype))
-               for x in layers]
+    t = Q.F32 if cfg.is_moe and spec.path.endswith("/gate/kernel") else qtype
+    rounded = [(np.swapaxes(_round_trip(np.swapaxes(x, -1, -2), t), -1, -2) if spec.transpose
+                else _round_trip(x, t)) for x in layers]
     set_path(out, spec.path, np.stack(rounded) if spec.stacked else rounded[0])
   return models.from_params(cfg, out)
+
+
+_NEW_FAMILY_FIELDS = (
+    "attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar", "sliding_window",
+    "layer_types", "rope_theta", "rope_local_theta", "rope_scaling", "head_dim",
+    "partial_rotary_factor", "fused_projections", "sandwich_norms", "qk_norm", "norm_offset")
+_MOE_FIELDS = ("num_experts", "num_experts_per_tok", "norm_topk_prob", "intermediate_size",
+               "head_dim", "qk_norm", "rope_theta", "tie_word_embeddings")
 
 
 @pytest.mark.parametrize("type_name", TYPES)
@@ -147,17 +171,20 @@ def test_export_loads_in_transformers_and_ftjax(exported, type_name):
   info = exported["files"][type_name]
   qtype = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[type_name]
   stored = {t.name: t.tensor_type for t in gguf.GGUFReader(info["path"]).tensors}
-  assert stored["blk.0.ffn_down.weight"] == qtype and stored["output_norm.weight"] == Q.F32
+  moe = exported["family"] in MOE
+  assert stored["blk.0.ffn_down_exps.weight" if moe else "blk.0.ffn_down.weight"] == qtype
+  assert stored["output_norm.weight"] == Q.F32
+  if moe:  # the router is F32 in every type (convert_hf_to_gguf's rule)
+    assert stored["blk.0.ffn_gate_inp.weight"] == Q.F32
   merged = exported["merged"]
   reference = _logits(_rounded_model(merged, qtype))
   cfg, params = load_gguf(info["path"])
   assert cfg.model_type == {"mistral": "llama", "gemma3": "gemma3_text"}.get(
       exported["family"], exported["family"])
-  if exported["family"] in NEW_FAMILIES:  # every switch the family's decoder reads came back
-    fields = ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar", "sliding_window",
-              "layer_types", "rope_theta", "rope_local_theta", "rope_scaling", "head_dim",
-              "partial_rotary_factor", "fused_projections", "sandwich_norms", "qk_norm", "norm_offset")
-    assert {f: getattr(cfg, f) for f in fields} == {f: getattr(merged.config, f) for f in fields}
+  fields = {"gemma2": _NEW_FAMILY_FIELDS, "gemma3": _NEW_FAMILY_FIELDS, "phi3": _NEW_FAMILY_FIELDS,
+            "mixtral": _MOE_FIELDS, "qwen3_moe": _MOE_FIELDS}.get(exported["family"], ())
+  # every switch the family's decoder reads came back
+  assert {f: getattr(cfg, f) for f in fields} == {f: getattr(merged.config, f) for f in fields}
   ours = _logits(models.from_params(cfg, params))
   assert _rel(ours, reference) < READ_BACK_TOL
   # transformers 5.x: "architecture gemma is not supported yet"; gemma2 / 3, phi3: see HF_GGUF_READER
