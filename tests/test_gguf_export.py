@@ -386,15 +386,25 @@ def test_gguf_package_still_has_no_k_quant_quantiser(k_quant):
 # --- Gemma 2 / Gemma 3 / Phi-3: llama.cpp's keys and tensors, as the gguf package reads them ---
 
 def _merged_hf_weights(merged) -> dict:
-  """The merged model's weights under their HF names, in HF's [out, in] layout."""
+  """The merged model's weights under their HF names, in HF's [out, in] layout; a MoE
+  projection as HF's per-expert weights of a layer stacked, [experts, out, in], under the
+  name without the expert index (how convert_hf_to_gguf merges them before naming)."""
   params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(merged, nnx.Param)))
+  layers = merged.config.num_layers
   out = {}
   for spec in param_specs(merged.config):
     w = np.asarray(get_path(params, spec.path), np.float32)
-    for i, name in enumerate(spec.hf_names(merged.config.num_layers)):
+    names = ([spec.hf_name.replace(".experts.{j}.", ".experts.").format(i=i) for i in range(layers)]
+             if spec.experts else spec.hf_names(layers))
+    for i, name in enumerate(names):
       x = w[i] if spec.stacked else w
-      out[name] = x.T if spec.transpose else x
+      out[name] = np.swapaxes(x, -1, -2) if spec.transpose else x
   return out
+
+
+def _llama_permute(w: np.ndarray, heads: int) -> np.ndarray:
+  """convert_hf_to_gguf's LlamaModel.permute of q / k rows (spelled out apart from ftjax's)."""
+  return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 # Keys convert_hf_to_gguf's Gemma2Model / Gemma3Model / Phi3MiniModel write, with the tiny
@@ -408,16 +418,24 @@ EXPECTED_KEYS = {
                "rope.scaling.factor": 4.0, "attention.key_length": 16},
     "phi3": {"rope.dimension_count": 8, "attention.sliding_window": 8,
              "rope.scaling.original_context_length": 256},
+    # TextModel / Qwen2MoeModel.set_gguf_parameters: the experts (4, top-2; qwen3moe's width)
+    "mixtral": {"expert_count": 4, "expert_used_count": 2, "feed_forward_length": 32},
+    "qwen3_moe": {"expert_count": 4, "expert_used_count": 2, "expert_feed_forward_length": 768,
+                  "attention.key_length": 32},
 }
+GGUF_ARCH_OF = {"mixtral": "llama", "qwen3_moe": "qwen3moe"}  # llama.cpp's names; else the family's
 
 
-@pytest.mark.parametrize("exported", NEW_FAMILIES, indirect=True)
+@pytest.mark.parametrize("exported", NEW_FAMILIES + MOE, indirect=True)
 def test_new_families_as_the_gguf_package_reads_them(exported):
-  """gemma2 / gemma3 / phi3 (which transformers' GGUF reader cannot check, see HF_GGUF_READER):
-  the `gguf` package's reader finds llama.cpp's architecture, keys and tensor names (gguf-py's
-  own table for the architecture), and every tensor's bytes are the merged model's weight in
-  HF's layout, gemma's norms as 1 + w, phi3's qkv / gate_up fused as convert_hf_to_gguf keeps them."""
-  family = arch = exported["family"]  # llama.cpp's names are the families' here
+  """gemma2 / gemma3 / phi3 / mixtral (which transformers' GGUF reader cannot check, see
+  HF_GGUF_READER) and qwen3_moe: the `gguf` package's reader finds llama.cpp's architecture,
+  keys and tensor names (gguf-py's own table for the architecture), and every tensor's bytes are
+  the merged model's weight in HF's layout, gemma's norms as 1 + w, phi3's qkv / gate_up fused
+  as convert_hf_to_gguf keeps them, Mixtral's q / k rows permuted as llama's, each MoE
+  projection HF's per-expert weights stacked [experts, out, in]."""
+  family = exported["family"]
+  arch = GGUF_ARCH_OF.get(family, family)
   meta = read_gguf_metadata(exported["files"]["f32"]["path"])
   assert meta["general.architecture"] == arch
   for key, value in EXPECTED_KEYS[family].items():
@@ -437,11 +455,20 @@ def test_new_families_as_the_gguf_package_reads_them(exported):
     base, suffix = hf_name.rsplit(".", 1)
     name = f"{names.get_name(base)}.{suffix}"
     assert name.rsplit(".", 1)[0] in allowed, name
-    expected = w + 1 if family != "phi3" and name.endswith("norm.weight") else w
+    expected = w + 1 if family in ("gemma2", "gemma3") and name.endswith("norm.weight") else w
+    if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+      cfg = exported["merged"].config
+      expected = _llama_permute(w, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
     np.testing.assert_array_equal(stored[name], expected, err_msg=name)
   if family == "phi3":
     assert "blk.0.attn_qkv.weight" in stored and "blk.0.attn_q.weight" not in stored
     assert stored["blk.0.ffn_up.weight"].shape == (2 * 96, 64)  # [gate | up] rows, as HF's
+  elif family in MOE:
+    width = meta.get(f"{arch}.expert_feed_forward_length") or meta[f"{arch}.feed_forward_length"]
+    assert stored["blk.1.ffn_gate_exps.weight"].shape == (4, width, 64)  # ggml {d, ff, experts}
+    assert stored["blk.1.ffn_down_exps.weight"].shape == (4, 64, width)
+    assert stored["blk.1.ffn_gate_inp.weight"].shape == (4, 64)  # the router, [experts, d]
+    assert "blk.0.ffn_gate.weight" not in stored  # no dense MLP
   else:
     assert "blk.2.post_ffw_norm.weight" in stored and "output.weight" not in stored  # tied head
 
@@ -454,6 +481,21 @@ def test_gemma_query_scalar_llama_cpp_cannot_derive_is_refused(exported, tmp_pat
   params = nnx.to_pure_dict(nnx.state(merged, nnx.Param))
   model = models.from_params(merged.config.replace(query_pre_attn_scalar=24.0), params)
   with pytest.raises(FtjaxError, match="query_pre_attn_scalar=24, but llama.cpp derives 16"):
+    save_gguf(model, str(tmp_path / "x.gguf"), exported["tokenizer"], type="f32")
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("exported", ["qwen3_moe"], indirect=True)
+def test_qwen3_moe_without_norm_topk_prob_is_refused(exported, tmp_path):
+  """llama.cpp re-normalises the chosen experts' router weights for every qwen3moe file (its
+  build_moe_ffn's norm_w is hard-wired, no GGUF key), so a Qwen3-MoE that does not
+  (norm_topk_prob=False, Qwen3MoeConfig's default) would run with other logits: refused, by key,
+  before anything is written."""
+  merged = exported["merged"]
+  model = models.from_params(merged.config.replace(norm_topk_prob=False),
+                             nnx.to_pure_dict(nnx.state(merged, nnx.Param)))
+  with pytest.raises(FtjaxError, match="qwen3_moe has norm_topk_prob=False, but llama.cpp always "
+                                       "re-normalises"):
     save_gguf(model, str(tmp_path / "x.gguf"), exported["tokenizer"], type="f32")
   assert not os.listdir(tmp_path)
 
