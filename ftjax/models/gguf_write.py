@@ -8,8 +8,9 @@ The layout is what llama.cpp's convert_hf_to_gguf.py writes for the same HF chec
 permuted for the llama architecture, gemma's norms stored as (1 + w), no `output.weight` when
 the head is tied, 1-D tensors (norms, biases) kept in F32; Gemma 2 / 3's soft-caps, window
 and layer pattern and Phi-3's partial rotary, window and longrope factors as its Gemma2Model /
-Gemma3Model / Phi3MiniModel write them. ftjax.models.gguf reads these files
-back by inverting exactly those steps.
+Gemma3Model / Phi3MiniModel write them; Mixtral's and Qwen3-MoE's experts stacked per layer
+with the router kept in F32, as its LlamaModel / Qwen3MoeModel write them. ftjax.models.gguf
+reads these files back by inverting exactly those steps.
 """
 
 from __future__ import annotations
