@@ -54,10 +54,12 @@ def _permute(w, n_head):
   return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model, path, arch, quant=None, rope_freqs=None, add_metadata=None):
+def write_gguf(model, path, arch, quant=None, rope_freqs=None, add_metadata=None,
+               per_expert=False):
   """Writes an HF model as llama.cpp would: names, Q/K permutation (llama), gemma's norm + 1,
   no `output.weight` when tied. `quant` quantizes 2-D weights whose rows fit its block size;
-  `add_metadata(writer)` adds more keys (e.g. a tokenizer)."""
+  `add_metadata(writer)` adds more keys (e.g. a tokenizer); `per_expert`: MoE experts one
+  tensor each, as llama.cpp's converter wrote Mixtral before 2024."""
   c = model.config
   head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
   w = gguf.GGUFWriter(path, arch)
@@ -87,7 +89,7 @@ def write_gguf(model, path, arch, quant=None, rope_freqs=None, add_metadata=None
       continue
     t = p.detach().numpy().astype(np.float32)
     if ".mlp.experts." in name:
-      _add_experts(w, name, t)
+      _add_experts(w, name, t, per_expert)
       continue
     if arch == "llama" and ".q_proj." in name:
       t = _permute(t, c.num_attention_heads)
@@ -106,18 +108,23 @@ def write_gguf(model, path, arch, quant=None, rope_freqs=None, add_metadata=None
   return path
 
 
-def _add_experts(w, name: str, t: np.ndarray) -> None:
+def _add_experts(w, name: str, t: np.ndarray, per_expert: bool) -> None:
   """transformers 5's fused expert params as convert_hf_to_gguf stores a layer's experts:
   gate_up_proj [e, 2f, d] (gate rows first) -> ffn_gate_exps / ffn_up_exps [e, f, d],
-  down_proj [e, d, f] -> ffn_down_exps."""
+  down_proj [e, d, f] -> ffn_down_exps (or, `per_expert`, blk.N.ffn_gate.E.weight etc.)."""
   layer = name.split(".")[2]
   if name.endswith("gate_up_proj"):
     gate, up = np.split(t, 2, axis=1)
-    w.add_tensor(f"blk.{layer}.ffn_gate_exps.weight", np.ascontiguousarray(gate))
-    w.add_tensor(f"blk.{layer}.ffn_up_exps.weight", np.ascontiguousarray(up))
+    stacks = {"ffn_gate": gate, "ffn_up": up}
   else:
     assert name.endswith("down_proj"), name
-    w.add_tensor(f"blk.{layer}.ffn_down_exps.weight", t)
+    stacks = {"ffn_down": t}
+  for kind, x in stacks.items():
+    if per_expert:
+      for j, expert in enumerate(x):
+        w.add_tensor(f"blk.{layer}.{kind}.{j}.weight", np.ascontiguousarray(expert))
+    else:
+      w.add_tensor(f"blk.{layer}.{kind}_exps.weight", np.ascontiguousarray(x))
 
 
 def _rel(a, b):
@@ -235,6 +242,12 @@ def test_converter_style_moe_gguf_matches_hf_model(tmp_path, family, arch):
   assert (cfg.model_type, cfg.num_experts, cfg.num_experts_per_tok, cfg.intermediate_size,
           cfg.norm_topk_prob) == (family, 4, 2, 32, True)
   assert _rel(ours, _hf_logits(model)) < 1e-4
+  if arch == "llama":  # a pre-2024 Mixtral file: one tensor per expert, named in the error
+    old = write_gguf(model, str(tmp_path / "old.gguf"), arch, add_metadata=_moe_keys(arch, c),
+                     per_expert=True)
+    with pytest.raises(FtjaxError, match=r"old.gguf: unexpected tensor 'blk.0.ffn_gate.0.weight'.*"
+                                         r"one tensor per expert.*re-convert"):
+      load_gguf(old)
   if arch == "qwen3moe":
     bad = write_gguf(model, str(tmp_path / "no_width.gguf"), arch,
                      add_metadata=_moe_keys(arch, c, expert_width=False))

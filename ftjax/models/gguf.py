@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import gguf
 import numpy as np
@@ -169,11 +170,11 @@ def _hf_config(meta: dict, tensors: dict, arch: str, path: str) -> dict:
   if arch == "phi3":
     hf.update(_phi3_config(meta, tensors, hf, path))
   if arch == "qwen3moe" or meta.get(f"{arch}.expert_count"):
-    hf.update(_moe_config(meta, arch, hf, path))
+    hf.update(_moe_config(meta, arch, path))
   return hf
 
 
-def _moe_config(meta: dict, arch: str, hf: dict, path: str) -> dict:
+def _moe_config(meta: dict, arch: str, path: str) -> dict:
   """Mixtral (a "llama" file with experts) / Qwen3-MoE's config.json keys from
   {arch}.expert_count / expert_used_count (and qwen3moe's expert_feed_forward_length, the
   experts' width; its feed_forward_length is HF's dense-layer intermediate_size). llama.cpp
@@ -313,6 +314,19 @@ def _dequantize(t, rows_per_chunk: int = _ROWS_PER_CHUNK) -> np.ndarray:
   return out
 
 
+_PER_EXPERT_TENSOR = re.compile(r"blk\.\d+\.ffn_(gate|up|down)\.\d+\.weight")
+
+
+def _per_expert_hint(name: str) -> str:
+  """Mixtral files from llama.cpp's converter before 2024 hold one tensor per expert
+  (blk.N.ffn_gate.E.weight); ftjax reads the stacked ffn_*_exps tensors it writes since."""
+  if not _PER_EXPERT_TENSOR.fullmatch(name):
+    return ""
+  return (" (one tensor per expert, as llama.cpp's converter wrote Mixtral before stacking "
+          "each layer's experts into ffn_gate_exps / ffn_up_exps / ffn_down_exps: re-convert "
+          "the model with a current convert_hf_to_gguf.py)")
+
+
 def load_gguf(path: str, dtype=np.float32, allocate=None) -> tuple[ModelConfig, Params]:
   """Reads a GGUF model file into (ModelConfig, params tree of numpy arrays of `dtype`);
   `allocate` as in ftjax.models.hf.load_hf_params."""
@@ -334,7 +348,7 @@ def load_gguf(path: str, dtype=np.float32, allocate=None) -> tuple[ModelConfig, 
       continue
     if t.name not in wanted:
       raise FtjaxError(f"{path}: unexpected tensor {t.name!r} for a {arch} model "
-                       f"with {cfg.num_layers} layers")
+                       f"with {cfg.num_layers} layers" + _per_expert_hint(t.name))
     spec, i = wanted[t.name]
     target = get_path(params, spec.path)
     if i is None and not spec.transpose and t.data.ndim == 2 and t.data.shape[0] > _ROWS_PER_CHUNK \
