@@ -235,8 +235,8 @@ def _hf_layout(name: str, w: np.ndarray, spec, cfg, arch: str) -> np.ndarray:
   return np.ascontiguousarray(w, np.float32)
 
 
-# convert_hf_to_gguf keeps these in F32 whatever the type (as llama.cpp's quantizer does): the
-# MoE router, whose top-k choice a rounding could flip.
+# Tensors convert_hf_to_gguf keeps in F32 whatever the type (its prepare_tensors' "always in
+# float32" list, which follows llama.cpp's quantizer): here the MoE router, ffn_gate_inp.
 _ALWAYS_F32 = re.compile(re.escape(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_GATE_INP] + ".weight")
                          .replace(re.escape("{bid}"), r"\d+"))
 
