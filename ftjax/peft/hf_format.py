@@ -66,7 +66,8 @@ def _keys(layer, names: list[str], suffix: str) -> list[str]:
   """The file's keys of one adapter tensor, one per layer of a stack."""
   if not layer.peft_prefixed:  # prompt / prefix tuning: the bare name
     return [suffix]
-  return [f"{PREFIX}{name}.{suffix}" for name in names]
+  rename = getattr(layer, "peft_name", lambda name: name)  # the MoE blocks' transformers 5 names
+  return [f"{PREFIX}{rename(name)}.{suffix}" for name in names]
 
 
 def save_adapter(model: nnx.Module, out_dir: str, base_model_name_or_path: str | None = None,

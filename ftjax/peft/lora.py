@@ -30,8 +30,9 @@ from jax.ad_checkpoint import checkpoint_name
 from ftjax.errors import FtjaxError
 from ftjax import nnx_utils
 from ftjax.quant.linear import QuantLinear
-from ftjax.peft.core import (AdapterLayer, AdapterParam, WrapperConfig, as_list, as_tuple,
-                             refuse_unsupported)
+from ftjax.nnx_utils import logical_name
+from ftjax.peft.core import (AdapterLayer, AdapterParam, ModulesToSave, WrapperConfig,
+                             adapter_layers, as_list, as_tuple, refuse_unsupported)
 
 # init_lora_weights values ftjax implements; PiSSA and OLoRA also rewrite the base weights.
 INITS = (True, "gaussian", "pissa", "olora")
@@ -70,6 +71,10 @@ class LoraConfig(WrapperConfig):
   r: int = 8
   lora_alpha: float = 8
   target_modules: str | tuple[str, ...] | None = None
+  # nn.Parameters adapted directly (HF PEFT's target_parameters): the MoE families' expert
+  # stacks "experts.gate_up_proj" / "experts.down_proj" and the router "gate.weight"
+  # (ftjax/peft/experts.py)
+  target_parameters: tuple[str, ...] | None = None
   lora_dropout: float = 0.0
   use_rslora: bool = False
   init_lora_weights: bool | str = True
@@ -83,7 +88,7 @@ class LoraConfig(WrapperConfig):
   task_type: str | None = None
 
   def __post_init__(self):
-    for key in ("target_modules", "modules_to_save"):
+    for key in ("target_modules", "modules_to_save", "target_parameters"):
       if isinstance(getattr(self, key), (list, set)):
         object.__setattr__(self, key, tuple(sorted(getattr(self, key))))
     for key in ("rank_pattern", "alpha_pattern"):
@@ -145,7 +150,35 @@ class LoraConfig(WrapperConfig):
     return kind(module, r=r, scaling=scaling, dropout=self.lora_dropout,
                 init=self.init_lora_weights, rngs=rngs)
 
+  def resolved(self, model: nnx.Module) -> "LoraConfig":
+    """This config as HF PEFT applies it to `model`: on a mixture-of-experts model "all-linear"
+    and transformers 4's expert names also adapt the experts and the router (experts.py)."""
+    from ftjax.peft import experts
+    return experts.resolve_moe_targets(self, getattr(getattr(model, "config", None), "model_type", None))
+
+  def attach(self, model: nnx.Module, rngs: nnx.Rngs) -> None:
+    from ftjax.peft import experts
+    config = self.resolved(model)
+    if config.target_modules != ():  # () : only parameters are targeted
+      super(LoraConfig, config).attach(model, rngs)
+    if config.target_parameters:
+      experts.attach_parameter_targets(config, model, rngs)
+
+  def saved_targets(self, model: nnx.Module, adapter_name: str):
+    """target_modules as peft saves it: the modules wrapped, not the parameters."""
+    from ftjax.peft import experts
+    if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+      return self.target_modules
+    return sorted({logical_name(path).rsplit("/", 1)[-1] for path, layer in adapter_layers(model)
+                   if layer.adapter_name == adapter_name and not experts.is_parameter_wrapper(layer)
+                   and not isinstance(layer, ModulesToSave)})
+
   def to_peft(self, model: nnx.Module, adapter_name: str = "default") -> dict:
+    config = self.resolved(model)
+    return {**config._peft_dict(model, adapter_name),
+            "target_parameters": as_list(config.target_parameters)}
+
+  def _peft_dict(self, model: nnx.Module, adapter_name: str) -> dict:
     return {
         "peft_type": self.peft_type, "task_type": self.task_type, "r": self.r,
         "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
@@ -161,10 +194,11 @@ class LoraConfig(WrapperConfig):
   @classmethod
   def from_peft(cls, raw: dict) -> "LoraConfig":
     refuse_unsupported(raw, {"fan_in_fan_out": False, "use_qalora": False})
-    if raw.get("target_modules") is None:
+    if raw.get("target_modules") is None and not raw.get("target_parameters"):
       raise FtjaxError("missing key 'target_modules'")
     return cls(r=int(raw["r"]), lora_alpha=raw.get("lora_alpha", 8),
                target_modules=as_tuple(raw["target_modules"]),
+               target_parameters=as_tuple(raw.get("target_parameters") or None),
                lora_dropout=float(raw.get("lora_dropout") or 0.0),
                use_rslora=bool(raw.get("use_rslora")), use_dora=bool(raw.get("use_dora")),
                init_lora_weights=_init_from_peft(raw.get("init_lora_weights", True)),
