@@ -141,18 +141,92 @@ def test_export_roundtrip_through_transformers(family, tmp_path):
       str(tmp_path)).generation_eos_token_ids)
 
 
-def test_lora_wraps_attention_and_names_the_experts_it_cannot_wrap(family):
-  """all-linear: attention (as PEFT's target modules on transformers 5's fused experts, which
-  are parameters, not nn.Linear); the router stays frozen; naming an expert projection is a
-  clear error."""
-  name, _, _, cfg, _ = family
-  model = models.CausalLM(cfg, rngs=nnx.Rngs(0))
-  lora = peft.get_peft_model(nnx.clone(model), peft.LoraConfig(r=2, target_modules="all-linear"))
-  wrapped = {str(p[-1]) for p, m in nnx.iter_modules(lora) if isinstance(m, peft.LoraLinear)}
-  assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj"}
-  expert = moe.EXPERT_PROJECTIONS[name][0]
-  with pytest.raises(FtjaxError, match=f"experts.{expert}.*ExpertLinear"):
-    peft.get_peft_model(nnx.clone(model), peft.LoraConfig(r=2, target_modules=[expert]))
+# transformers 4 names of the experts (and router) in target_modules, which peft 0.21 maps onto
+# transformers 5's fused parameters (ftjax/peft/experts.py)
+V4_EXPERTS = {"mixtral": ["w1", "w3", "w2"], "qwen3_moe": ["gate_proj", "up_proj", "down_proj"]}
+
+
+def fresh_hf(path):
+  return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def lora_target_sets(name):
+  """LoraConfig kwargs covering every way peft reaches the experts: "all-linear" (attention,
+  experts at rank 2r for the fused gate/up, router), target_parameters (both, or one: then the
+  file has no "base_layer." keys) and transformers 4's expert names."""
+  return [dict(target_modules="all-linear"),
+          dict(target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"]),
+          dict(target_modules=["q_proj"], target_parameters=["down_proj"]),
+          dict(target_modules=["v_proj", *V4_EXPERTS[name]])]
+
+
+def test_lora_on_experts_has_peft_keys_shapes_and_counts(family):
+  """For each way of naming the experts: the adapter's keys and shapes equal the state dict of
+  peft.get_peft_model on transformers' model, and the trainable / total counts equal peft's."""
+  import peft as hf_peft
+  name, _, path, _, ours_model = family
+  for kwargs in lora_target_sets(name):
+    ours = peft.get_peft_model(nnx.clone(ours_model), peft.LoraConfig(r=2, lora_alpha=4, **kwargs))
+    theirs = hf_peft.get_peft_model(fresh_hf(path), hf_peft.LoraConfig(r=2, lora_alpha=4, **kwargs))
+    want = {k: tuple(v.shape) for k, v in hf_peft.get_peft_model_state_dict(theirs).items()}
+    assert {k: v.shape for k, v in peft.adapter_state_dict(ours).items()} == want, kwargs
+    assert any(".experts." in k for k in want), kwargs
+    assert peft.count_params(ours) == theirs.get_nb_trainable_parameters(), kwargs
+
+
+def test_naming_half_of_the_fused_gate_up_pair_is_refused(family):
+  name, _, _, _, ours_model = family
+  with pytest.raises(FtjaxError, match="one fused gate_up_proj parameter"):
+    peft.get_peft_model(nnx.clone(ours_model), peft.LoraConfig(r=2, target_modules=V4_EXPERTS[name][:1]))
+  with pytest.raises(FtjaxError, match=r"target_parameters \['experts.up_proj'\] match no parameter"):
+    peft.get_peft_model(nnx.clone(ours_model), peft.LoraConfig(
+        r=2, target_modules=["q_proj"], target_parameters=["experts.up_proj"]))
+
+
+def randomise_b(model, scale=0.05, seed=1):
+  """LoRA's B starts at zero: give every adapter an effect."""
+  for i, (path, var) in enumerate(nnx.to_flat_state(nnx.state(model, peft.AdapterParam))):
+    if str(path[-1]) in ("lora_b", "gate_up_proj_b", "down_proj_b"):
+      var.set_value(scale * jax.random.normal(jax.random.PRNGKey(seed + i), var.shape))
+  return model
+
+
+def test_expert_lora_adapters_load_both_ways_and_merge(family, tmp_path):
+  """all-linear LoRA (experts and router included) with random B: ftjax's adapter under peft,
+  and peft's under ftjax, give the same logits within 1e-4 (f32; summation order only), on the
+  dense and the grouped (ragged_dot) expert paths; merged and exported, transformers loads
+  the model with those logits."""
+  import peft as hf_peft
+  _, _, path, cfg, ours_model = family
+  tokens = np.random.RandomState(7).randint(0, cfg.vocab_size, (2, 16))
+  config = dict(r=2, lora_alpha=4, target_modules="all-linear")
+  ours = randomise_b(peft.get_peft_model(nnx.clone(ours_model), peft.LoraConfig(**config)))
+  peft.save_adapter(ours, str(tmp_path / "ours"))
+  with torch.no_grad():
+    plain = fresh_hf(path)(torch.tensor(tokens)).logits.numpy()
+    want = hf_peft.PeftModel.from_pretrained(fresh_hf(path), str(tmp_path / "ours")).eval()(
+        torch.tensor(tokens)).logits.numpy()
+  assert rel_err(plain, want) > 1e-2  # the adapter matters (100x the tolerance)
+  assert rel_err(ours(jnp.asarray(tokens)), want) < 1e-4
+  grouped = nnx.clone(ours)
+  getattr(grouped.model.layers, cfg.moe_module).implementation = "ragged"
+  assert rel_err(grouped(jnp.asarray(tokens)), want) < 1e-4
+
+  theirs = hf_peft.get_peft_model(fresh_hf(path), hf_peft.LoraConfig(init_lora_weights="gaussian", **config))
+  torch.manual_seed(1)
+  with torch.no_grad():
+    for name, p in theirs.named_parameters():
+      if "lora_B" in name:
+        p.normal_(0, 0.05)
+    want = theirs.eval()(torch.tensor(tokens)).logits.numpy()
+  theirs.save_pretrained(str(tmp_path / "theirs"))
+  loaded = peft.load_adapter(nnx.clone(ours_model), str(tmp_path / "theirs"))
+  assert rel_err(loaded(jnp.asarray(tokens)), want) < 1e-4
+
+  models.save_pretrained(peft.merge_and_unload(loaded), str(tmp_path / "merged"))
+  with torch.no_grad():
+    merged = fresh_hf(str(tmp_path / "merged"))(torch.tensor(tokens)).logits.numpy()
+  assert rel_err(merged, want) < 1e-4
 
 
 def test_dense_layers_mixed_in_are_refused_by_name():
