@@ -263,17 +263,22 @@ def two_lora_steps(model_dir, data_dir, **mesh):
   for _ in range(2):
     state, m = step(state, run.frozen, run.place_batch(loader.next_batch(config.train.batch_size)))
     metrics.append({k: float(v) for k, v in m.items()})
-  return run, metrics
+  return run, state, metrics
 
 
 def test_lora_steps_on_an_fsdp_mesh_equal_one_device(moe_run_dir):
   """Two LoRA steps from a config: the loss moves, aux_loss is reported, and on fsdp=2 x
   tensor=2 (experts split over fsdp) the losses equal the one-device run's."""
-  one_run, one = two_lora_steps(*moe_run_dir)
+  _, _, one = two_lora_steps(*moe_run_dir)
   assert one[1]["loss"] < one[0]["loss"] and 0 < one[0]["aux_loss"]
-  run, sharded = two_lora_steps(*moe_run_dir, data=1, fsdp=2, tensor=2)
-  w1 = run.frozen["model"]["layers"]["block_sparse_moe"]["experts"]["w1"]["kernel"]
-  assert tuple(w1.sharding.spec) + (None,) * (4 - len(w1.sharding.spec)) == (None, "fsdp", None, "tensor")
+  run, state, sharded = two_lora_steps(*moe_run_dir, data=1, fsdp=2, tensor=2)
+  spec = lambda x: tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+  experts = run.frozen["model"]["layers"]["block_sparse_moe"]["experts"]
+  assert spec(experts["base_layer"]["w1"]["kernel"][...]) == (None, "fsdp", None, "tensor")
+  # all-linear LoRA reaches the experts (as peft's): each expert's A / B lives with its expert
+  lora = state["trainable"]["model"]["layers"]["block_sparse_moe"]["experts"]
+  assert spec(lora["gate_up_proj_a"][...]) == (None, "fsdp", None, None)
+  assert spec(lora["down_proj_b"][...]) == (None, "fsdp", None, None)
   for a, b in zip(one, sharded):
     # f32 with "highest" matmuls; only the reduction order differs between the meshes.
     assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["aux_loss"] - b["aux_loss"]) < 1e-5
@@ -303,6 +308,29 @@ def test_flops_count_the_active_experts_only(family):
   dense = matmul_params(cfg.replace(num_experts=0, num_experts_per_tok=0))
   d, f, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
   assert matmul_params(cfg) - dense == layers * (3 * d * f * (2 - 1) + d * 4)
+
+
+def test_expert_lora_gradients_equal_on_the_dense_and_grouped_paths():
+  """The LoRA gradients through the every-expert einsum (CPU) and through ragged_dot (GPU /
+  TPU) agree: the adapted kernels feed both the same way. One MoE block (one compile each)."""
+  from ftjax.peft.experts import ExpertsLora
+  cfg = ModelConfig.from_hf_dict(hf_models.MOE_FAMILIES["mixtral"]().to_dict())
+  block = moe.MoE(cfg, dtype=jnp.float32, param_dtype=jnp.float32, init_std=0.5, rngs=nnx.Rngs(0))
+  block.experts = randomise_b(ExpertsLora(block.experts, ranks={"gate_up_proj": 4, "down_proj": 2},
+                                          scalings={"gate_up_proj": 2.0, "down_proj": 2.0},
+                                          init=True, rngs=nnx.Rngs(1)))
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 12, cfg.hidden_size))
+  valid = jnp.ones((2, 12), bool)
+
+  def grads(impl):
+    block.implementation = impl
+    graphdef, adapter, rest = nnx.split(block, peft.AdapterParam, ...)
+    f = lambda a: jnp.sum(nnx.merge(graphdef, a, rest)(x, valid)[0] ** 2)
+    return jax.jit(jax.grad(f))(adapter)
+  dense, ragged = jax.tree.leaves(grads("dense")), jax.tree.leaves(grads("ragged"))
+  assert len(dense) == 4 and all(float(jnp.abs(g).max()) > 0 for g in dense)
+  for a, b in zip(dense, ragged):
+    assert rel_err(a, b) < 1e-5  # f32, summation order only
 
 
 def test_three_lora_adamw_steps_with_experts_equal_peft(family, tmp_path):
