@@ -40,7 +40,7 @@ BASE_CHANGING_INITS = ("pissa", "olora")
 
 # HF PEFT's default targets when `target_modules` is None, by model_type.
 DEFAULT_TARGETS = {t: ("q_proj", "v_proj") for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
-                                                   "gemma3_text")}
+                                                   "gemma3_text", "mixtral")}
 # phi3: the installed peft has no default for it; its fused qkv_proj carries q and v.
 DEFAULT_TARGETS["phi3"] = ("qkv_proj",)
 
@@ -153,13 +153,17 @@ class LoraConfig(WrapperConfig):
   def resolved(self, model: nnx.Module) -> "LoraConfig":
     """This config as HF PEFT applies it to `model`: on a mixture-of-experts model "all-linear"
     and transformers 4's expert names also adapt the experts and the router (experts.py)."""
-    from ftjax.peft import experts
+    from ftjax.peft import experts  # experts.py builds on this module
     return experts.resolve_moe_targets(self, getattr(getattr(model, "config", None), "model_type", None))
 
   def attach(self, model: nnx.Module, rngs: nnx.Rngs) -> None:
     from ftjax.peft import experts
     config = self.resolved(model)
-    if config.target_modules != ():  # () : only parameters are targeted
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    # Only parameters targeted: target_modules empty, or None without a default (as peft)
+    only_parameters = config.target_parameters and (
+        config.target_modules == () or config.target_modules is None and model_type not in DEFAULT_TARGETS)
+    if not only_parameters:
       super(LoraConfig, config).attach(model, rngs)
     if config.target_parameters:
       experts.attach_parameter_targets(config, model, rngs)
