@@ -237,41 +237,45 @@ def test_dense_layers_mixed_in_are_refused_by_name():
     ModelConfig.from_hf_dict({**hf, "num_experts_per_tok": 5})
 
 
-@pytest.fixture(scope="module")
-def moe_run_dir(tmp_path_factory):
-  """A tiny Mixtral HF folder with the tiny tokenizer, and quickstart data: a config-driven run."""
+def make_run_dir(tmp_path_factory, name):
+  """A tiny HF folder of the family with the tiny tokenizer, and quickstart data: config runs."""
   from tiny import quickstart_data, tiny_tokenizer
-  path = tmp_path_factory.mktemp("mixtral_run")
+  path = tmp_path_factory.mktemp(f"{name}_run")
   tok = tiny_tokenizer()
-  hf_models.build_moe("mixtral", vocab_size=512, eos_token_id=tok.eos_token_id,
+  hf_models.build_moe(name, vocab_size=512, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id).save_pretrained(str(path))
   tok.save(str(path))
   return str(path), quickstart_data(tmp_path_factory, n_train=16, n_eval=4)
 
 
-def two_lora_steps(model_dir, data_dir, **mesh):
+@pytest.fixture(scope="module")
+def moe_run_dir(tmp_path_factory):
+  return make_run_dir(tmp_path_factory, "mixtral")
+
+
+def lora_steps(model_dir, data_dir, method="lora", steps=2, **mesh):
   from ftjax import run as run_lib
   from tiny import run_config
   config = run_config(model_dir, data_dir, with_eval=False, **{
-      "method": "lora", "train.steps": 2, "train.lr": 1e-2, "data.seq_len": 64,
+      "method": method, "train.steps": steps, "train.lr": 1e-2, "data.seq_len": 64,
       **{f"mesh.{k}": v for k, v in mesh.items()}})
   run = run_lib.setup(config)
   state, _ = run_lib.init_or_restore(run, None)
   step = run_lib.jit_train_step(run, state)
   loader = run.train_ds.batches(config.train.batch_size, seed=0)
   metrics = []
-  for _ in range(2):
+  for _ in range(steps):
     state, m = step(state, run.frozen, run.place_batch(loader.next_batch(config.train.batch_size)))
     metrics.append({k: float(v) for k, v in m.items()})
-  return run, state, metrics
+  return config, run, state, metrics
 
 
 def test_lora_steps_on_an_fsdp_mesh_equal_one_device(moe_run_dir):
   """Two LoRA steps from a config: the loss moves, aux_loss is reported, and on fsdp=2 x
   tensor=2 (experts split over fsdp) the losses equal the one-device run's."""
-  _, _, one = two_lora_steps(*moe_run_dir)
+  *_, one = lora_steps(*moe_run_dir)
   assert one[1]["loss"] < one[0]["loss"] and 0 < one[0]["aux_loss"]
-  run, state, sharded = two_lora_steps(*moe_run_dir, data=1, fsdp=2, tensor=2)
+  _, run, state, sharded = lora_steps(*moe_run_dir, data=1, fsdp=2, tensor=2)
   spec = lambda x: tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
   experts = run.frozen["model"]["layers"]["block_sparse_moe"]["experts"]
   assert spec(experts["base_layer"]["w1"]["kernel"][...]) == (None, "fsdp", None, "tensor")
@@ -299,6 +303,29 @@ def test_qlora_loads_attention_in_4_bits_and_keeps_experts_float(family):
   tokens = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (1, 8)))
   # NF4 attention weights: close to the float model, not equal (measured ~1e-2 relative)
   assert 0 < rel_err(model(tokens), ours_model(tokens)) < 0.3
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_qlora_step_from_a_config_and_its_plan(name, tmp_path_factory):
+  """Each family trains one QLoRA step from a run config (all-linear: attention in 4 bits with
+  LoRA, float experts and router with peft's expert / router LoRA), and ftjax.plan of that
+  config counts the adapter bytes the run holds: peft's trainable count for all-linear r=8, f32."""
+  import peft as hf_peft
+  from ftjax import plan as plan_lib
+  model_dir, data_dir = make_run_dir(tmp_path_factory, name)
+  config, run, state, metrics = lora_steps(model_dir, data_dir, method="qlora", steps=1)
+  assert np.isfinite(metrics[0]["loss"]) and metrics[0]["aux_loss"] > 0
+  theirs = hf_peft.get_peft_model(fresh_hf(model_dir), hf_peft.LoraConfig(r=8, lora_alpha=8,
+                                                                           target_modules="all-linear"))
+  trainable = sum(x.size for x in jax.tree.leaves(state["trainable"]))
+  assert trainable == theirs.get_nb_trainable_parameters()[0]
+  abstract, abstract_state, batch = plan_lib.abstract_run(config)
+  assert plan_lib.plan_of(abstract, abstract_state, batch).adapters == 4 * trainable
+
+
+def test_greedy_generate_equals_transformers(family):
+  from test_models import _check_greedy_generate
+  _check_greedy_generate(family)
 
 
 def test_flops_count_the_active_experts_only(family):
