@@ -211,6 +211,10 @@ def test_expert_lora_adapters_load_both_ways_and_merge(family, tmp_path):
   grouped = nnx.clone(ours)
   getattr(grouped.model.layers, cfg.moe_module).implementation = "ragged"
   assert rel_err(grouped(jnp.asarray(tokens)), want) < 1e-4
+  # a run continuing that adapter: its saved (peft-rewritten) config is the run's all-linear one
+  resumed = peft.get_peft_model(nnx.clone(ours_model), peft.LoraConfig(**config))
+  peft.load_adapter_weights(resumed, str(tmp_path / "ours"), "default")
+  assert rel_err(resumed(jnp.asarray(tokens)), want) < 1e-4
 
   theirs = hf_peft.get_peft_model(fresh_hf(path), hf_peft.LoraConfig(init_lora_weights="gaussian", **config))
   torch.manual_seed(1)
