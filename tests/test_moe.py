@@ -153,10 +153,12 @@ def fresh_hf(path):
 def lora_target_sets(name):
   """LoraConfig kwargs covering every way peft reaches the experts: "all-linear" (attention,
   experts at rank 2r for the fused gate/up, router), target_parameters (both, or one: then the
-  file has no "base_layer." keys) and transformers 4's expert names."""
+  file has no "base_layer." keys; or the router by full name) and transformers 4's expert names."""
   return [dict(target_modules="all-linear"),
           dict(target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"]),
           dict(target_modules=["q_proj"], target_parameters=["down_proj"]),
+          # full names, as transformers 5 spells them (mixtral's block is `mlp` there)
+          dict(target_modules=["q_proj"], target_parameters=[f"model.layers.{i}.mlp.gate.weight" for i in (0, 1)]),
           dict(target_modules=["v_proj", *V4_EXPERTS[name]])]
 
 
@@ -170,7 +172,7 @@ def test_lora_on_experts_has_peft_keys_shapes_and_counts(family):
     theirs = hf_peft.get_peft_model(fresh_hf(path), hf_peft.LoraConfig(r=2, lora_alpha=4, **kwargs))
     want = {k: tuple(v.shape) for k, v in hf_peft.get_peft_model_state_dict(theirs).items()}
     assert {k: v.shape for k, v in peft.adapter_state_dict(ours).items()} == want, kwargs
-    assert any(".experts." in k for k in want), kwargs
+    assert any(".experts." in k or ".gate." in k for k in want), kwargs
     assert peft.count_params(ours) == theirs.get_nb_trainable_parameters(), kwargs
 
 

@@ -94,48 +94,65 @@ def _selects(target_parameters, key: str) -> bool:
   return any(key == t or key.endswith("." + t) for t in target_parameters)
 
 
-def attach_parameter_targets(config, model: nnx.Module, rngs: nnx.Rngs) -> set[str]:
+def _selected(module, names: list[str], target_parameters) -> tuple[list[str], set[str]]:
+  """(the parameters of an Experts / Router module that target_parameters selects, the
+  targets that selected them). `names`: its torch names, one per layer of its stack, matched
+  under their transformers 5 names (peft's); a stack is adapted in all its layers or none."""
+  params = [ROUTER_PARAMETER] if isinstance(module, Router) else list(EXPERT_PARAMETERS)
+  chosen, used = [], set()
+  for param in params:
+    keys = [f"{peft_module_name(n)}.{param.rsplit('.', 1)[-1] if param == ROUTER_PARAMETER else param}"
+            for n in names]
+    hits = [_selects(target_parameters, k) for k in keys]
+    if any(hits) and not all(hits):
+      raise FtjaxError(f"LoraConfig: target_parameters={list(target_parameters)} selects {keys[0]} in "
+                       "some layers but not all; the layers are stacked and share one adapter")
+    if all(hits):
+      chosen.append(param)
+      used.update(t for t in target_parameters if any(_selects([t], k) for k in keys))
+  return chosen, used
+
+
+def attach_parameter_targets(config, model: nnx.Module, rngs: nnx.Rngs) -> None:
   """Wraps every experts module (and router) whose parameters `config.target_parameters`
-  selects; returns the wrapped paths. A name that selects nothing is an error, as in peft."""
+  selects. A target that selects nothing is an error, as in peft."""
   if config.lora_dropout or config.use_dora or config.init_lora_weights not in (True, "gaussian"):
     raise FtjaxError("LoraConfig: target_parameters (LoRA on the experts / router weights) works "
                      "with lora_dropout=0, no DoRA and init_lora_weights True or 'gaussian', as "
                      "HF PEFT's ParamWrapper")
   if config.layers_to_transform is not None:
     raise FtjaxError("LoraConfig: layers_to_transform with target_parameters is not supported")
-  stacks, wrapped, used = stack_sizes(model), set(), set()
+  stacks, used = stack_sizes(model), set()
   for path, module in list(nnx.iter_modules(model)):
     path = "/".join(str(p) for p in path)
-    if not isinstance(module, (Experts, Router)) or "base_layer" in path.split("/"):
+    if is_parameter_wrapper(module):
+      raise FtjaxError(f"LoraConfig: {path.replace('/', '.')} already carries the adapter "
+                       f"{module.adapter_name!r}; a second adapter on the experts / router is not "
+                       "supported")
+    if not isinstance(module, (Experts, Router)):
       continue
     names = torch_names(nnx_utils.logical_name(path), stacks)[0]
-    if isinstance(module, Router):
-      keys = [ROUTER_PARAMETER] if _selects(config.target_parameters, f"{names[0]}.weight") else []
-    else:
-      keys = [p for p in EXPERT_PARAMETERS if _selects(config.target_parameters, f"{names[0]}.{p}")]
-    if not keys:
+    params, hit = _selected(module, names, config.target_parameters)
+    if not params:
       continue
-    for key in keys:
-      full = f"{names[0]}.{'weight' if key == ROUTER_PARAMETER else key}"
-      used.update(t for t in config.target_parameters if _selects([t], full))
-    ranks = {k: config.rank_and_alpha(names if k == ROUTER_PARAMETER else [f"{n}.{k}" for n in names])
-             for k in keys}
+    used |= hit
+    ranks = {p: config.rank_and_alpha([peft_module_name(n) if p == ROUTER_PARAMETER
+                                       else f"{peft_module_name(n)}.{p}" for n in names])
+             for p in params}
     if isinstance(module, Router):
       r, alpha = ranks[ROUTER_PARAMETER]
       layer = RouterLora(module, r=r, scaling=_scaling(config, r, alpha), dropout=0.0,
                          init=config.init_lora_weights, rngs=rngs)
     else:
-      layer = ExpertsLora(module, ranks={k: ra[0] for k, ra in ranks.items()},
-                          scalings={k: _scaling(config, *ra) for k, ra in ranks.items()},
+      layer = ExpertsLora(module, ranks={p: ra[0] for p, ra in ranks.items()},
+                          scalings={p: _scaling(config, *ra) for p, ra in ranks.items()},
                           init=config.init_lora_weights, rngs=rngs)
     nnx_utils.replace_module(model, path, layer)
-    wrapped.add(path)
   unused = sorted(set(config.target_parameters) - used)
   if unused:
     raise FtjaxError(f"LoraConfig: target_parameters {unused} match no parameter of this model; "
                      f"the MoE families' are {list(EXPERT_PARAMETERS)} and {ROUTER_PARAMETER!r} "
                      "(e.g. 'experts.gate_up_proj')")
-  return wrapped
 
 
 def peft_module_name(name: str) -> str:
