@@ -176,13 +176,19 @@ def test_lora_on_experts_has_peft_keys_shapes_and_counts(family):
     assert peft.count_params(ours) == theirs.get_nb_trainable_parameters(), kwargs
 
 
-def test_naming_half_of_the_fused_gate_up_pair_is_refused(family):
+def test_expert_targets_peft_refuses_are_refused_by_name(family):
+  """Half of the fused gate/up pair, a parameter the model lacks, a router both LoRA'd and
+  trained whole: one-line errors naming the targets."""
   name, _, _, _, ours_model = family
   with pytest.raises(FtjaxError, match="one fused gate_up_proj parameter"):
     peft.get_peft_model(nnx.clone(ours_model), peft.LoraConfig(r=2, target_modules=V4_EXPERTS[name][:1]))
   with pytest.raises(FtjaxError, match=r"target_parameters \['experts.up_proj'\] match no parameter"):
     peft.get_peft_model(nnx.clone(ours_model), peft.LoraConfig(
         r=2, target_modules=["q_proj"], target_parameters=["experts.up_proj"]))
+  # all-linear adds the router's LoRA, which a router trained whole cannot take (peft: TypeError)
+  with pytest.raises(FtjaxError, match=r"\['gate.weight'\] match no parameter.*modules_to_save trains"):
+    peft.get_peft_model(nnx.clone(ours_model), peft.LoraConfig(
+        r=2, target_modules="all-linear", modules_to_save=["gate"]))
 
 
 def randomise_b(model, scale=0.05, seed=1):

@@ -35,7 +35,7 @@ from flax import nnx
 from ftjax import nnx_utils
 from ftjax.errors import FtjaxError
 from ftjax.models.moe import Experts, Router
-from ftjax.peft.core import AdapterLayer, stack_sizes, torch_names
+from ftjax.peft.core import AdapterLayer, ModulesToSave, stack_sizes, torch_names
 from ftjax.peft.lora import LoraLinear, LoraParam
 
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")  # transformers 5's names, peft's targets
@@ -123,8 +123,11 @@ def attach_parameter_targets(config, model: nnx.Module, rngs: nnx.Rngs) -> None:
   if config.layers_to_transform is not None:
     raise FtjaxError("LoraConfig: layers_to_transform with target_parameters is not supported")
   stacks, used = stack_sizes(model), set()
+  whole = ["/".join(map(str, p)) + "/" for p, m in nnx.iter_modules(model) if isinstance(m, ModulesToSave)]
   for path, module in list(nnx.iter_modules(model)):
     path = "/".join(str(p) for p in path)
+    if any(path.startswith(w) for w in whole):  # trained whole (modules_to_save): no LoRA in it
+      continue
     if is_parameter_wrapper(module):
       raise FtjaxError(f"LoraConfig: {path.replace('/', '.')} already carries the adapter "
                        f"{module.adapter_name!r}; a second adapter on the experts / router is not "
@@ -152,7 +155,9 @@ def attach_parameter_targets(config, model: nnx.Module, rngs: nnx.Rngs) -> None:
   if unused:
     raise FtjaxError(f"LoraConfig: target_parameters {unused} match no parameter of this model; "
                      f"the MoE families' are {list(EXPERT_PARAMETERS)} and {ROUTER_PARAMETER!r} "
-                     "(e.g. 'experts.gate_up_proj')")
+                     "(e.g. 'experts.gate_up_proj')" + (
+                         "; modules_to_save trains its modules whole, without LoRA (HF PEFT refuses "
+                         "this combination too): name the others in target_modules" if whole else ""))
 
 
 def peft_module_name(name: str) -> str:
