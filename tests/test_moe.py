@@ -222,7 +222,8 @@ def test_expert_lora_adapters_load_both_ways_and_merge(family, tmp_path):
   # a run continuing that adapter: its saved (peft-rewritten) config is the run's all-linear one
   resumed = peft.get_peft_model(nnx.clone(ours_model), peft.LoraConfig(**config))
   peft.load_adapter_weights(resumed, str(tmp_path / "ours"), "default")
-  assert rel_err(resumed(jnp.asarray(tokens)), want) < 1e-4
+  saved, again = peft.adapter_state_dict(ours), peft.adapter_state_dict(resumed)
+  assert saved.keys() == again.keys() and all(np.array_equal(saved[k], again[k]) for k in saved)
 
   theirs = hf_peft.get_peft_model(fresh_hf(path), hf_peft.LoraConfig(init_lora_weights="gaussian", **config))
   torch.manual_seed(1)
