@@ -84,11 +84,6 @@ def resolve_moe_targets(config, model_type: str | None):
       rank_pattern=rank, alpha_pattern=alpha)
 
 
-def is_parameter_wrapper(layer) -> bool:
-  """Whether `layer` adapts parameters (target_parameters), not a module (target_modules)."""
-  return isinstance(layer, (ExpertsLora, RouterLora))
-
-
 def _selects(target_parameters, key: str) -> bool:
   """peft's rule for target_parameters: the full name, or its last dotted components."""
   return any(key == t or key.endswith("." + t) for t in target_parameters)
@@ -128,7 +123,7 @@ def attach_parameter_targets(config, model: nnx.Module, rngs: nnx.Rngs) -> None:
     path = "/".join(str(p) for p in path)
     if any(path.startswith(w) for w in whole):  # trained whole (modules_to_save): no LoRA in it
       continue
-    if is_parameter_wrapper(module):
+    if getattr(module, "adapts_parameters", False):
       raise FtjaxError(f"LoraConfig: {path.replace('/', '.')} already carries the adapter "
                        f"{module.adapter_name!r}; a second adapter on the experts / router is not "
                        "supported")
@@ -169,6 +164,7 @@ def peft_module_name(name: str) -> str:
 class RouterLora(LoraLinear):
   """LoRA on the router's [d, e] kernel: peft's ParamWrapper on the 2-D `gate.weight`, which
   computes as a LoRA linear (A [r, d], B [e, r])."""
+  adapts_parameters = True
   peft_name = staticmethod(peft_module_name)
 
 
@@ -182,6 +178,7 @@ class ExpertsLora(AdapterLayer):
   `kernels(dtype)`, so the grouped (ragged_dot) and dense expert paths both use them; like
   peft's ParamWrapper the update is added to the weights (e · d · f values per projection per
   step), not computed as x A B."""
+  adapts_parameters = True
   peft_name = staticmethod(peft_module_name)
 
   def __init__(self, base_layer, *, ranks: dict, scalings: dict, init, rngs: nnx.Rngs):

@@ -30,9 +30,8 @@ from jax.ad_checkpoint import checkpoint_name
 from ftjax.errors import FtjaxError
 from ftjax import nnx_utils
 from ftjax.quant.linear import QuantLinear
-from ftjax.nnx_utils import logical_name
-from ftjax.peft.core import (AdapterLayer, AdapterParam, ModulesToSave, WrapperConfig,
-                             adapter_layers, as_list, as_tuple, refuse_unsupported)
+from ftjax.peft.core import (AdapterLayer, AdapterParam, WrapperConfig, as_list, as_tuple,
+                             refuse_unsupported)
 
 # init_lora_weights values ftjax implements; PiSSA and OLoRA also rewrite the base weights.
 INITS = (True, "gaussian", "pissa", "olora")
@@ -168,31 +167,19 @@ class LoraConfig(WrapperConfig):
     if config.target_parameters:
       experts.attach_parameter_targets(config, model, rngs)
 
-  def saved_targets(self, model: nnx.Module, adapter_name: str):
-    """target_modules as peft saves it: the modules wrapped, not the parameters."""
-    from ftjax.peft import experts
-    if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
-      return self.target_modules
-    return sorted({logical_name(path).rsplit("/", 1)[-1] for path, layer in adapter_layers(model)
-                   if layer.adapter_name == adapter_name and not experts.is_parameter_wrapper(layer)
-                   and not isinstance(layer, ModulesToSave)})
-
   def to_peft(self, model: nnx.Module, adapter_name: str = "default") -> dict:
-    config = self.resolved(model)
-    return {**config._peft_dict(model, adapter_name),
-            "target_parameters": as_list(config.target_parameters)}
-
-  def _peft_dict(self, model: nnx.Module, adapter_name: str) -> dict:
+    c = self.resolved(model)  # what peft itself saves for this model (MoE: experts.py)
     return {
-        "peft_type": self.peft_type, "task_type": self.task_type, "r": self.r,
-        "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
-        "target_modules": self.saved_targets(model, adapter_name), "use_rslora": self.use_rslora,
-        "use_dora": self.use_dora, "bias": self.bias, "fan_in_fan_out": False,
-        "inference_mode": True, "modules_to_save": as_list(self.modules_to_save),
-        "init_lora_weights": self.init_lora_weights,
-        "rank_pattern": dict(self.rank_pattern), "alpha_pattern": dict(self.alpha_pattern),
-        "layers_to_transform": as_list(self.layers_to_transform),
-        "layers_pattern": self.layers_pattern,
+        "peft_type": c.peft_type, "task_type": c.task_type, "r": c.r,
+        "lora_alpha": c.lora_alpha, "lora_dropout": c.lora_dropout,
+        "target_modules": c.saved_targets(model, adapter_name), "use_rslora": c.use_rslora,
+        "target_parameters": as_list(c.target_parameters),
+        "use_dora": c.use_dora, "bias": c.bias, "fan_in_fan_out": False,
+        "inference_mode": True, "modules_to_save": as_list(c.modules_to_save),
+        "init_lora_weights": c.init_lora_weights,
+        "rank_pattern": dict(c.rank_pattern), "alpha_pattern": dict(c.alpha_pattern),
+        "layers_to_transform": as_list(c.layers_to_transform),
+        "layers_pattern": c.layers_pattern,
     }
 
   @classmethod
@@ -201,7 +188,7 @@ class LoraConfig(WrapperConfig):
     if raw.get("target_modules") is None and not raw.get("target_parameters"):
       raise FtjaxError("missing key 'target_modules'")
     return cls(r=int(raw["r"]), lora_alpha=raw.get("lora_alpha", 8),
-               target_modules=as_tuple(raw["target_modules"]),
+               target_modules=as_tuple(raw.get("target_modules")),
                target_parameters=as_tuple(raw.get("target_parameters") or None),
                lora_dropout=float(raw.get("lora_dropout") or 0.0),
                use_rslora=bool(raw.get("use_rslora")), use_dora=bool(raw.get("use_dora")),
