@@ -419,3 +419,14 @@ def test_three_lora_adamw_steps_with_experts_equal_peft(family, tmp_path):
     # 6e-4 after step 1, 3e-4 after step 3; the other expert tensors <= 8e-6.
     assert l2_rel({key: ours[key]}, {key: theirs[key]}) < 1e-3, key
   assert all(np.abs(ours[k]).max() > 1e-4 for k in ours if "lora_B" in k)  # B moved off zero
+
+
+def test_run_config_names_the_expert_parameters():
+  """lora.target_parameters (comma-separated) reaches LoraConfig as peft's target_parameters."""
+  from ftjax import config as config_lib
+  from ftjax import run as run_lib
+  c = config_lib.base_config()
+  assert run_lib.method_config(c, "lora", None).target_parameters is None
+  c.lora.target_parameters = "experts.gate_up_proj, experts.down_proj"
+  assert run_lib.method_config(c, "lora", None).target_parameters == (
+      "experts.down_proj", "experts.gate_up_proj")
