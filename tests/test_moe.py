@@ -429,4 +429,4 @@ def test_run_config_names_the_expert_parameters():
   assert run_lib.method_config(c, "lora", None).target_parameters is None
   c.lora.target_parameters = "experts.gate_up_proj, experts.down_proj"
   assert run_lib.method_config(c, "lora", None).target_parameters == (
-      "experts.down_proj", "experts.gate_up_proj")
+      "experts.gate_up_proj", "experts.down_proj")
