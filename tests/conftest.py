@@ -47,6 +47,10 @@ def pytest_collection_modifyitems(items):
 # repeats them in process after process. Measured: one `python -m ftjax.train` run of the tiny
 # model took 16.8 CPU s with a cold cache and 8.5 s with a warm one (41 entries, 0.4 MB).
 CACHE_MIN_COMPILE_S = 0
+# A size limit turns on jax's LRU cache's file lock around every read and write (without one
+# it writes entries unlocked), so the two xdist workers and their subprocesses can share one
+# folder: a program one worker compiled (the tiny model's step, its eval) loads in the other.
+CACHE_MAX_BYTES = 8 << 30
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -54,14 +58,20 @@ def compile_cache(tmp_path_factory):
   """XLA's persistent compilation cache for the session, in-process and in every subprocess
   (the CLI runs, the multi-host processes, the notebook kernels inherit the environment): a
   computation compiled once (the same HLO, devices and options) is loaded, not compiled again.
-  One folder per xdist worker: the two workers never race on an entry."""
+  Under xdist the workers' temp folders share a parent, and the cache lives there."""
   from jax.experimental.compilation_cache import compilation_cache
-  path = str(tmp_path_factory.mktemp("xla_cache"))
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # basetemp/popen-gwN -> basetemp: the same folder for every worker
+  path = str(root / "xla_cache")
+  os.makedirs(path, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_S)
+  jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
   compilation_cache.reset_cache()  # in case it was set up, without a folder, by an earlier compile
   os.environ["JAX_COMPILATION_CACHE_DIR"] = path
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(CACHE_MIN_COMPILE_S)
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(CACHE_MAX_BYTES)
   yield path
 
 

@@ -113,7 +113,18 @@ def test_vs_tree_reads_the_same_config_path_in_the_other_checkout(tmp_path, monk
 
 
 def test_bench_accounts_memory_of_full_lora_and_qlora(model_dir):
-  full, lora, qlora = (_bench(model_dir, "--method", m) for m in ("full", "lora", "qlora"))
+  """The bench's memory accounting (FtjaxBench.memory), in this process: the command line
+  around it runs in the tests above, and three more interpreters (jax, the peak-FLOPs probe)
+  took ~30 s of the suite for the same numbers."""
+  bench_train = _bench_module()
+
+  def memory(method: str) -> dict:
+    config = bench_train.load_config(os.path.join(REPO, "configs", "quickstart.py"))
+    bench_train.apply_overrides(config, {"method": method, "model": model_dir})
+    config.mesh.data = 1
+    return bench_train.FtjaxBench(config, batch=8, seq=16).memory()
+
+  full, lora, qlora = (memory(m) for m in ("full", "lora", "qlora"))
   assert full["base_bytes_per_param"] == lora["base_bytes_per_param"] == 4.0  # f32 weights
   assert full["quantised_bits_per_param"] is None
   # NF4 + double quantisation: 4 bits + 8 per 64-block + 32 per 256 blocks; embeddings stay f32.

@@ -303,7 +303,7 @@ def test_prompting_suffices_when_the_base_model_already_solves_the_task(model_di
   c = tiny_config(model_dir, data_dir, **{
       "data.eval": eval_path, "train.steps": 2, "train.lr": 1e-9, "eval.generate": True,
       "eval.metrics": "exact_match,token_f1", "eval.few_shot": 1, "eval.max_new_tokens": 6,
-      "eval.bootstrap": 200, "eval.forgetting_tokens": 256})
+      "eval.bootstrap": 200, "eval.forgetting": True, "eval.forgetting_tokens": 256})
   summary = train_lib.train(c, workdir)
   assert summary["baseline"]["zero-shot"]["exact_match"] == 1.0
   assert summary["finetuned"]["exact_match"] == 1.0
@@ -366,7 +366,7 @@ def test_a_second_method_on_the_same_data_reads_the_baselines_from_the_cache(
   monkeypatch.setenv("FTJAX_BASELINE_CACHE", str(tmp_path / "baselines"))
   overrides = {"train.steps": 1, "eval.generate": True, "eval.few_shot": 1,
                "eval.max_examples": 4, "eval.max_new_tokens": 4, "eval.bootstrap": 50,
-               "eval.forgetting_tokens": 256}
+               "eval.forgetting": True, "eval.forgetting_tokens": 256}
   first = train_lib.train(tiny_config(model_dir, data_dir, **overrides), str(tmp_path / "lora"))
   assert BASE_DESCS <= set(base_generations)
   base_generations.clear()

@@ -29,6 +29,7 @@ _LAYER_NAMES = {
     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
     "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "mlp.gate": "ffn_gate_inp",  # a MoE router, [experts, d]
 }
 _TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 # Where an architecture differs: Gemma 2 / 3's four norms per layer, Phi-3's fused projections.
@@ -53,10 +54,12 @@ def _permute(w, n_head):
   return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model, path, arch, quant=None, rope_freqs=None, add_metadata=None):
+def write_gguf(model, path, arch, quant=None, rope_freqs=None, add_metadata=None,
+               per_expert=False):
   """Writes an HF model as llama.cpp would: names, Q/K permutation (llama), gemma's norm + 1,
   no `output.weight` when tied. `quant` quantizes 2-D weights whose rows fit its block size;
-  `add_metadata(writer)` adds more keys (e.g. a tokenizer)."""
+  `add_metadata(writer)` adds more keys (e.g. a tokenizer); `per_expert`: MoE experts one
+  tensor each, as llama.cpp's converter wrote Mixtral before 2024."""
   c = model.config
   head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
   w = gguf.GGUFWriter(path, arch)
@@ -85,6 +88,9 @@ def write_gguf(model, path, arch, quant=None, rope_freqs=None, add_metadata=None
     if tied and name == "lm_head.weight":
       continue
     t = p.detach().numpy().astype(np.float32)
+    if ".mlp.experts." in name:
+      _add_experts(w, name, t, per_expert)
+      continue
     if arch == "llama" and ".q_proj." in name:
       t = _permute(t, c.num_attention_heads)
     elif arch == "llama" and ".k_proj." in name:
@@ -100,6 +106,25 @@ def write_gguf(model, path, arch, quant=None, rope_freqs=None, add_metadata=None
   w.write_tensors_to_file()
   w.close()
   return path
+
+
+def _add_experts(w, name: str, t: np.ndarray, per_expert: bool) -> None:
+  """transformers 5's fused expert params as convert_hf_to_gguf stores a layer's experts:
+  gate_up_proj [e, 2f, d] (gate rows first) -> ffn_gate_exps / ffn_up_exps [e, f, d],
+  down_proj [e, d, f] -> ffn_down_exps (or, `per_expert`, blk.N.ffn_gate.E.weight etc.)."""
+  layer = name.split(".")[2]
+  if name.endswith("gate_up_proj"):
+    gate, up = np.split(t, 2, axis=1)
+    stacks = {"ffn_gate": gate, "ffn_up": up}
+  else:
+    assert name.endswith("down_proj"), name
+    stacks = {"ffn_down": t}
+  for kind, x in stacks.items():
+    if per_expert:
+      for j, expert in enumerate(x):
+        w.add_tensor(f"blk.{layer}.{kind}.{j}.weight", np.ascontiguousarray(expert))
+    else:
+      w.add_tensor(f"blk.{layer}.{kind}_exps.weight", np.ascontiguousarray(x))
 
 
 def _rel(a, b):
@@ -194,6 +219,43 @@ def test_converter_style_gguf_of_new_families_matches_hf_model(tmp_path, monkeyp
   assert _rel(ours, _hf_logits(model)) < 1e-4
 
 
+def _moe_keys(arch: str, c, expert_width: bool = True):
+  """The expert keys TextModel / Qwen2MoeModel.set_gguf_parameters write (spelled out here)."""
+  def add(w):
+    w.add_expert_count(getattr(c, "num_local_experts", None) or c.num_experts)
+    w.add_expert_used_count(c.num_experts_per_tok)
+    if arch == "qwen3moe" and expert_width:
+      w.add_expert_feed_forward_length(c.moe_intermediate_size)
+  return add
+
+
+@pytest.mark.parametrize("family, arch", [("mixtral", "llama"), ("qwen3_moe", "qwen3moe")])
+def test_converter_style_moe_gguf_matches_hf_model(tmp_path, family, arch):
+  """Mixtral (a llama file with experts) and Qwen3-MoE as convert_hf_to_gguf writes them load
+  with the HF model's logits: router, stacked experts, top-2 re-normalised (llama.cpp's rule,
+  hence norm_topk_prob on), and qwen3moe's expert width (32) read from
+  expert_feed_forward_length, not from feed_forward_length (HF's dense width, 96)."""
+  model = hf_models.build_moe(family, **({"norm_topk_prob": True} if family == "qwen3_moe" else {}))
+  c = model.config
+  path = write_gguf(model, str(tmp_path / f"{family}.gguf"), arch, add_metadata=_moe_keys(arch, c))
+  cfg, ours = _ours(path)
+  assert (cfg.model_type, cfg.num_experts, cfg.num_experts_per_tok, cfg.intermediate_size,
+          cfg.norm_topk_prob) == (family, 4, 2, 32, True)
+  assert _rel(ours, _hf_logits(model)) < 1e-4
+  if arch == "llama":  # a pre-2024 Mixtral file: one tensor per expert, named in the error
+    old = write_gguf(model, str(tmp_path / "old.gguf"), arch, add_metadata=_moe_keys(arch, c),
+                     per_expert=True)
+    with pytest.raises(FtjaxError, match=r"old.gguf: unexpected tensor 'blk.0.ffn_gate.0.weight'.*"
+                                         r"one tensor per expert.*re-convert"):
+      load_gguf(old)
+  if arch == "qwen3moe":
+    bad = write_gguf(model, str(tmp_path / "no_width.gguf"), arch,
+                     add_metadata=_moe_keys(arch, c, expert_width=False))
+    with pytest.raises(FtjaxError, match="no_width.gguf: missing GGUF metadata key "
+                                         "'qwen3moe.expert_feed_forward_length'"):
+      load_gguf(bad)
+
+
 def _llama3_factors(inv_freq, factor=8.0, low=1.0, high=4.0, old=8192):
   """llama.cpp LlamaModel.generate_extra_tensors: the divisor per frequency."""
   out = []
@@ -268,7 +330,7 @@ def test_unsupported_architecture(tmp_path):
   w.write_tensors_to_file()
   w.close()
   with pytest.raises(FtjaxError, match=r"architecture='falcon'; supported: llama, qwen2, qwen3, "
-                                       r"gemma, gemma2, gemma3, phi3$"):
+                                       r"gemma, gemma2, gemma3, phi3, qwen3moe$"):
     load_gguf(str(tmp_path / "f.gguf"))
 
 

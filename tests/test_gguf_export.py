@@ -31,12 +31,13 @@ TYPES = ("f32", "f16", "q8_0", "q4_0")
 # round trip of the same tensors (so only float summation order differs): measured <= 3e-6.
 READ_BACK_TOL = 1e-4
 # Against the merged float model itself, the type's own rounding (measured on these models:
-# f32 0, f16 ~4e-4, q8_0 ~1e-2, q4_0 ~0.15); bounds that a wrong tensor would blow through.
+# f32 0, f16 ~4e-4, q8_0 ~1e-2, q4_0 ~0.15; the MoE ones f16 5e-4, q8_0 1.2-1.6e-2, q4_0
+# 0.15-0.19); bounds that a wrong tensor would blow through.
 ROUNDING_TOL = {"f32": 1e-5, "f16": 5e-3, "q8_0": 5e-2, "q4_0": 0.4}
 
 
 def _family_config(family):
-  config = hf_models.FAMILIES[family]()
+  config = {**hf_models.FAMILIES, **hf_models.MOE_FAMILIES}[family]()
   config.vocab_size = 512  # room for the tiny tokenizer's ~400 tokens, the rest [PAD] rows
   if family == "qwen3":
     # transformers' GGUF loader ignores qwen3.attention.key_length (its qwen3 table has no
@@ -48,6 +49,13 @@ def _family_config(family):
     # llama.cpp derives query_pre_attn_scalar from the model size (head_dim here) and GGUF has
     # no key for it: save_gguf refuses the FAMILIES value, 24 (test_gemma_query_scalar_refused)
     config.query_pre_attn_scalar = config.head_dim
+  if family == "qwen3_moe":
+    # llama.cpp always re-normalises the top-k router weights: save_gguf refuses the
+    # MOE_FAMILIES value, False (test_qwen3_moe_without_norm_topk_prob_is_refused). And
+    # transformers' GGUF reader has no mapping for qwen3moe.expert_feed_forward_length: it keeps
+    # Qwen3MoeConfig's moe_intermediate_size, 768 (Qwen3-30B-A3B's), so the experts are that wide.
+    config.norm_topk_prob = True
+    config.moe_intermediate_size = 768
   return config
 
 
@@ -67,6 +75,8 @@ def _hf_folder(folder: str, family: str, tokenizer) -> str:
         p.add_(0.1 * torch.randn_like(p))
       if hf.config.model_type == "gemma2" and name.endswith(("q_proj.weight", "k_proj.weight")):
         p.mul_(8.0)  # as hf_models.build: scores of order 1, where the soft-cap bends them
+      if family in hf_models.MOE_FAMILIES and name.endswith("mlp.gate.weight"):
+        p.mul_(50.0)  # as hf_models.build_moe: routers that really pick different experts
   hf.save_pretrained(folder)
   tokenizer.save(folder)
   return folder
@@ -78,11 +88,15 @@ def _hf_folder(folder: str, family: str, tokenizer) -> str:
 # 0.57 / 0.65 / 0.34 relative max-abs from the HF model's), so it cannot check them: for them the
 # tensors and keys are checked as the `gguf` package reads the bytes (test_new_families_as_
 # the_gguf_package_reads_them) and the logits through ftjax's loader only.
-HF_GGUF_READER = ("llama", "mistral", "qwen2", "qwen3")
+# Mixtral neither: transformers' GGUF reader reads a "llama" file as LlamaForCausalLM whatever
+# llama.expert_count says, drops the expert tensors and initialises dense MLPs at random
+# (measured: 0.13 relative max-abs from the file's logits); its qwen3moe reader works.
+HF_GGUF_READER = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
 NEW_FAMILIES = ("gemma2", "gemma3", "phi3")
+MOE = ("mixtral", "qwen3_moe")
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3", "gemma", *NEW_FAMILIES])
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3", "gemma", *NEW_FAMILIES, *MOE])
 def exported(request, tmp_path_factory, tokenizer):
   """One family: a ftjax model with a LoRA adapter (random B, so the merge matters), its
   merged twin's logits, and the model exported as every type."""
@@ -129,17 +143,28 @@ def _round_trip(w_hf: np.ndarray, qtype) -> np.ndarray:
 def _rounded_model(merged, qtype):
   """The merged model with every tensor replaced by its round trip through `qtype`: the
   reference the exported file must reproduce. Rounding runs along HF's rows (input features),
-  which llama.cpp's q/k row permutation only reorders, so it is done here without it."""
+  which llama.cpp's q/k row permutation only reorders, so it is done here without it. A MoE
+  router stays F32 (as convert_hf_to_gguf keeps it); an expert kernel [e, in, out] rounds as
+  the [e, out, in] GGUF tensor it is stored as."""
   cfg = merged.config
   params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(merged, nnx.Param)))
   out = {}
   for spec in param_specs(cfg):
     w = np.array(get_path(params, spec.path), np.float32)
     layers = [w[i] for i in range(w.shape[0])] if spec.stacked else [w]
-    rounded = [(_round_trip(x.T, qtype).T if spec.transpose else _round_trip(x, qtype))
-               for x in layers]
+    t = Q.F32 if cfg.is_moe and spec.path.endswith("/gate/kernel") else qtype
+    rounded = [(np.swapaxes(_round_trip(np.swapaxes(x, -1, -2), t), -1, -2) if spec.transpose
+                else _round_trip(x, t)) for x in layers]
     set_path(out, spec.path, np.stack(rounded) if spec.stacked else rounded[0])
   return models.from_params(cfg, out)
+
+
+_NEW_FAMILY_FIELDS = (
+    "attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar", "sliding_window",
+    "layer_types", "rope_theta", "rope_local_theta", "rope_scaling", "head_dim",
+    "partial_rotary_factor", "fused_projections", "sandwich_norms", "qk_norm", "norm_offset")
+_MOE_FIELDS = ("num_experts", "num_experts_per_tok", "norm_topk_prob", "intermediate_size",
+               "head_dim", "qk_norm", "rope_theta", "tie_word_embeddings")
 
 
 @pytest.mark.parametrize("type_name", TYPES)
@@ -147,17 +172,20 @@ def test_export_loads_in_transformers_and_ftjax(exported, type_name):
   info = exported["files"][type_name]
   qtype = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[type_name]
   stored = {t.name: t.tensor_type for t in gguf.GGUFReader(info["path"]).tensors}
-  assert stored["blk.0.ffn_down.weight"] == qtype and stored["output_norm.weight"] == Q.F32
+  moe = exported["family"] in MOE
+  assert stored["blk.0.ffn_down_exps.weight" if moe else "blk.0.ffn_down.weight"] == qtype
+  assert stored["output_norm.weight"] == Q.F32
+  if moe:  # the router is F32 in every type (convert_hf_to_gguf's rule)
+    assert stored["blk.0.ffn_gate_inp.weight"] == Q.F32
   merged = exported["merged"]
   reference = _logits(_rounded_model(merged, qtype))
   cfg, params = load_gguf(info["path"])
   assert cfg.model_type == {"mistral": "llama", "gemma3": "gemma3_text"}.get(
       exported["family"], exported["family"])
-  if exported["family"] in NEW_FAMILIES:  # every switch the family's decoder reads came back
-    fields = ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar", "sliding_window",
-              "layer_types", "rope_theta", "rope_local_theta", "rope_scaling", "head_dim",
-              "partial_rotary_factor", "fused_projections", "sandwich_norms", "qk_norm", "norm_offset")
-    assert {f: getattr(cfg, f) for f in fields} == {f: getattr(merged.config, f) for f in fields}
+  fields = {"gemma2": _NEW_FAMILY_FIELDS, "gemma3": _NEW_FAMILY_FIELDS, "phi3": _NEW_FAMILY_FIELDS,
+            "mixtral": _MOE_FIELDS, "qwen3_moe": _MOE_FIELDS}.get(exported["family"], ())
+  # every switch the family's decoder reads came back
+  assert {f: getattr(cfg, f) for f in fields} == {f: getattr(merged.config, f) for f in fields}
   ours = _logits(models.from_params(cfg, params))
   assert _rel(ours, reference) < READ_BACK_TOL
   # transformers 5.x: "architecture gemma is not supported yet"; gemma2 / 3, phi3: see HF_GGUF_READER
@@ -359,15 +387,25 @@ def test_gguf_package_still_has_no_k_quant_quantiser(k_quant):
 # --- Gemma 2 / Gemma 3 / Phi-3: llama.cpp's keys and tensors, as the gguf package reads them ---
 
 def _merged_hf_weights(merged) -> dict:
-  """The merged model's weights under their HF names, in HF's [out, in] layout."""
+  """The merged model's weights under their HF names, in HF's [out, in] layout; a MoE
+  projection as HF's per-expert weights of a layer stacked, [experts, out, in], under the
+  name without the expert index (how convert_hf_to_gguf merges them before naming)."""
   params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(merged, nnx.Param)))
+  layers = merged.config.num_layers
   out = {}
   for spec in param_specs(merged.config):
     w = np.asarray(get_path(params, spec.path), np.float32)
-    for i, name in enumerate(spec.hf_names(merged.config.num_layers)):
+    names = ([spec.hf_name.replace(".experts.{j}.", ".experts.").format(i=i) for i in range(layers)]
+             if spec.experts else spec.hf_names(layers))
+    for i, name in enumerate(names):
       x = w[i] if spec.stacked else w
-      out[name] = x.T if spec.transpose else x
+      out[name] = np.swapaxes(x, -1, -2) if spec.transpose else x
   return out
+
+
+def _llama_permute(w: np.ndarray, heads: int) -> np.ndarray:
+  """convert_hf_to_gguf's LlamaModel.permute of q / k rows (spelled out apart from ftjax's)."""
+  return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 # Keys convert_hf_to_gguf's Gemma2Model / Gemma3Model / Phi3MiniModel write, with the tiny
@@ -381,16 +419,24 @@ EXPECTED_KEYS = {
                "rope.scaling.factor": 4.0, "attention.key_length": 16},
     "phi3": {"rope.dimension_count": 8, "attention.sliding_window": 8,
              "rope.scaling.original_context_length": 256},
+    # TextModel / Qwen2MoeModel.set_gguf_parameters: the experts (4, top-2; qwen3moe's width)
+    "mixtral": {"expert_count": 4, "expert_used_count": 2, "feed_forward_length": 32},
+    "qwen3_moe": {"expert_count": 4, "expert_used_count": 2, "expert_feed_forward_length": 768,
+                  "attention.key_length": 32},
 }
+GGUF_ARCH_OF = {"mixtral": "llama", "qwen3_moe": "qwen3moe"}  # llama.cpp's names; else the family's
 
 
-@pytest.mark.parametrize("exported", NEW_FAMILIES, indirect=True)
+@pytest.mark.parametrize("exported", NEW_FAMILIES + MOE, indirect=True)
 def test_new_families_as_the_gguf_package_reads_them(exported):
-  """gemma2 / gemma3 / phi3 (which transformers' GGUF reader cannot check, see HF_GGUF_READER):
-  the `gguf` package's reader finds llama.cpp's architecture, keys and tensor names (gguf-py's
-  own table for the architecture), and every tensor's bytes are the merged model's weight in
-  HF's layout, gemma's norms as 1 + w, phi3's qkv / gate_up fused as convert_hf_to_gguf keeps them."""
-  family = arch = exported["family"]  # llama.cpp's names are the families' here
+  """gemma2 / gemma3 / phi3 / mixtral (which transformers' GGUF reader cannot check, see
+  HF_GGUF_READER) and qwen3_moe: the `gguf` package's reader finds llama.cpp's architecture,
+  keys and tensor names (gguf-py's own table for the architecture), and every tensor's bytes are
+  the merged model's weight in HF's layout, gemma's norms as 1 + w, phi3's qkv / gate_up fused
+  as convert_hf_to_gguf keeps them, Mixtral's q / k rows permuted as llama's, each MoE
+  projection HF's per-expert weights stacked [experts, out, in]."""
+  family = exported["family"]
+  arch = GGUF_ARCH_OF.get(family, family)
   meta = read_gguf_metadata(exported["files"]["f32"]["path"])
   assert meta["general.architecture"] == arch
   for key, value in EXPECTED_KEYS[family].items():
@@ -410,11 +456,20 @@ def test_new_families_as_the_gguf_package_reads_them(exported):
     base, suffix = hf_name.rsplit(".", 1)
     name = f"{names.get_name(base)}.{suffix}"
     assert name.rsplit(".", 1)[0] in allowed, name
-    expected = w + 1 if family != "phi3" and name.endswith("norm.weight") else w
+    expected = w + 1 if family in ("gemma2", "gemma3") and name.endswith("norm.weight") else w
+    if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+      cfg = exported["merged"].config
+      expected = _llama_permute(w, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
     np.testing.assert_array_equal(stored[name], expected, err_msg=name)
   if family == "phi3":
     assert "blk.0.attn_qkv.weight" in stored and "blk.0.attn_q.weight" not in stored
     assert stored["blk.0.ffn_up.weight"].shape == (2 * 96, 64)  # [gate | up] rows, as HF's
+  elif family in MOE:
+    width = meta.get(f"{arch}.expert_feed_forward_length") or meta[f"{arch}.feed_forward_length"]
+    assert stored["blk.1.ffn_gate_exps.weight"].shape == (4, width, 64)  # ggml {d, ff, experts}
+    assert stored["blk.1.ffn_down_exps.weight"].shape == (4, 64, width)
+    assert stored["blk.1.ffn_gate_inp.weight"].shape == (4, 64)  # the router, [experts, d]
+    assert "blk.0.ffn_gate.weight" not in stored  # no dense MLP
   else:
     assert "blk.2.post_ffw_norm.weight" in stored and "output.weight" not in stored  # tied head
 
@@ -427,6 +482,21 @@ def test_gemma_query_scalar_llama_cpp_cannot_derive_is_refused(exported, tmp_pat
   params = nnx.to_pure_dict(nnx.state(merged, nnx.Param))
   model = models.from_params(merged.config.replace(query_pre_attn_scalar=24.0), params)
   with pytest.raises(FtjaxError, match="query_pre_attn_scalar=24, but llama.cpp derives 16"):
+    save_gguf(model, str(tmp_path / "x.gguf"), exported["tokenizer"], type="f32")
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("exported", ["qwen3_moe"], indirect=True)
+def test_qwen3_moe_without_norm_topk_prob_is_refused(exported, tmp_path):
+  """llama.cpp re-normalises the chosen experts' router weights for every qwen3moe file (its
+  build_moe_ffn's norm_w is hard-wired, no GGUF key), so a Qwen3-MoE that does not
+  (norm_topk_prob=False, Qwen3MoeConfig's default) would run with other logits: refused, by key,
+  before anything is written."""
+  merged = exported["merged"]
+  model = models.from_params(merged.config.replace(norm_topk_prob=False),
+                             nnx.to_pure_dict(nnx.state(merged, nnx.Param)))
+  with pytest.raises(FtjaxError, match="qwen3_moe has norm_topk_prob=False, but llama.cpp always "
+                                       "re-normalises"):
     save_gguf(model, str(tmp_path / "x.gguf"), exported["tokenizer"], type="f32")
   assert not os.listdir(tmp_path)
 

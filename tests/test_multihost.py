@@ -37,7 +37,7 @@ def overrides(model_dir, tmp_path_factory):
           "data.eval": str(data_dir / "eval.jsonl"), "data.seq_len": 128,
           "train.steps": STEPS, "train.batch_size": 8, "train.lr": 1e-3, "train.warmup_steps": 0,
           "train.log_every": 1, "train.eval_every": 0, "train.checkpoint_every": 10,
-          "mesh.data": -1}
+          "mesh.data": -1, "eval.forgetting": False, "eval.report": False}  # not under test here
 
 
 def free_port() -> int:

@@ -68,9 +68,15 @@ def execute(path, cwd, params, kernel_manager_factory, timeout=300):
   import nbformat
   from nbclient import NotebookClient
   nb = inject(nbformat.read(path, as_version=4), params)
-  client = NotebookClient(nb, km=kernel_manager_factory(), timeout=timeout,
-                          resources={"metadata": {"path": str(cwd)}})
-  client.execute()
+  km = kernel_manager_factory()
+  client = NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": str(cwd)}})
+  try:
+    client.execute()
+  finally:
+    # nbclient shuts down only the kernels it created: one handed in (km=) kept running after
+    # its notebook, holding ~1 GB and a jax runtime each until the test session ended
+    if km.has_kernel:
+      km.shutdown_kernel(now=True)
   return nb
 
 

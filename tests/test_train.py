@@ -231,6 +231,7 @@ def test_every_config_runs_one_tiny_step(path, model_dir, data_dir, tmp_path):
   c.train.eval_batches = 1
   c.eval.max_examples = 2
   c.eval.max_new_tokens = 4
+  c.eval.forgetting = False  # the same probe for every config, tested in test_evaluate
   c.mesh.data = 1
   summary = train_lib.train(c, str(tmp_path / "wd"))
   assert summary["steps"] == 1

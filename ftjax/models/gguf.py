@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import gguf
 import numpy as np
@@ -21,9 +22,15 @@ from ftjax.tree import Params, get_path, set_path
 from ftjax.tokenizer import read_gguf_metadata
 
 # GGUF general.architecture -> ftjax model_type. llama.cpp writes Mistral checkpoints as
-# "llama" (same decoder; the sliding window is not recorded in the file).
+# "llama" (same decoder; the sliding window is not recorded in the file), and Mixtral too: a
+# "llama" file with {arch}.expert_count experts is read as mixtral.
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
-                 "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3"}
+                 "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3", "qwen3moe": "qwen3_moe"}
+
+# The router's load-balancing loss weight is a training setting GGUF has no key for: a MoE
+# model read from GGUF gets transformers' MixtralConfig / Qwen3MoeConfig default (0.001), as
+# transformers' own GGUF reader gives it.
+_GGUF_ROUTER_AUX_LOSS_COEF = 0.001
 
 # Architectures whose RMSNorm scales convert_hf_to_gguf stores as (1 + w) (HF keeps w).
 NORM_PLUS_ONE = ("gemma", "gemma2", "gemma3")
@@ -162,7 +169,26 @@ def _hf_config(meta: dict, tensors: dict, arch: str, path: str) -> dict:
     hf.update(_gemma2_config(meta, arch, hf))
   if arch == "phi3":
     hf.update(_phi3_config(meta, tensors, hf, path))
+  if arch == "qwen3moe" or meta.get(f"{arch}.expert_count"):
+    hf.update(_moe_config(meta, arch, path))
   return hf
+
+
+def _moe_config(meta: dict, arch: str, path: str) -> dict:
+  """Mixtral (a "llama" file with experts) / Qwen3-MoE's config.json keys from
+  {arch}.expert_count / expert_used_count (and qwen3moe's expert_feed_forward_length, the
+  experts' width; its feed_forward_length is HF's dense-layer intermediate_size). llama.cpp
+  re-normalises the top-k weights of both (its build_moe_ffn's norm_w), so norm_topk_prob is on."""
+  if arch not in ("llama", "qwen3moe"):
+    raise FtjaxError(f"{path}: {arch}.expert_count is set, but ftjax reads experts only from "
+                     "llama (Mixtral) and qwen3moe files")
+  moe = {"num_experts_per_tok": int(_required_key(meta, f"{arch}.expert_used_count", path)),
+         "router_aux_loss_coef": _GGUF_ROUTER_AUX_LOSS_COEF}
+  experts = int(_required_key(meta, f"{arch}.expert_count", path))
+  if arch == "llama":
+    return {**moe, "model_type": "mixtral", "num_local_experts": experts}
+  return {**moe, "num_experts": experts, "norm_topk_prob": True,
+          "moe_intermediate_size": int(_required_key(meta, f"{arch}.expert_feed_forward_length", path))}
 
 
 def _gemma2_config(meta: dict, arch: str, hf: dict) -> dict:
@@ -216,18 +242,28 @@ def _required_key(meta: dict, key: str, path: str):
 
 
 def gguf_names(cfg: ModelConfig, arch: str) -> dict[str, tuple]:
-  """GGUF tensor name -> (ParamSpec, layer index or None), from the specs' HF names."""
+  """GGUF tensor name -> (ParamSpec, layer index or None), from the specs' HF names. A MoE
+  projection is one GGUF tensor per layer, [experts, out, in] (convert_hf_to_gguf stacks HF's
+  per-expert weights): gguf-py names it from the HF name without the expert index."""
   arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
   name_map = gguf.get_tensor_name_map(arch_id, cfg.num_layers)
   out = {}
   for spec in param_specs(cfg):
-    for i, hf_name in enumerate(spec.hf_names(cfg.num_layers)):
+    names = ([spec.hf_name.replace(".experts.{j}.", ".experts.").format(i=i)
+              for i in range(cfg.num_layers)] if spec.experts else spec.hf_names(cfg.num_layers))
+    for i, hf_name in enumerate(names):
       base, suffix = hf_name.rsplit(".", 1)
       gguf_name = name_map.get_name(base)
       if gguf_name is None:  # a param of ours that gguf-py has no name for: a bug, not input
         raise RuntimeError(f"gguf-py has no tensor name for {hf_name} ({arch})")
       out[f"{gguf_name}.{suffix}"] = (spec, i if spec.stacked else None)
   return out
+
+
+def hf_layout_shape(shape) -> tuple[int, ...]:
+  """A kernel's shape [..., in, out] as HF / GGUF store it: [..., out, in] (a MoE projection
+  keeps its leading experts axis)."""
+  return (*shape[:-2], shape[-1], shape[-2])
 
 
 def _unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
@@ -278,6 +314,19 @@ def _dequantize(t, rows_per_chunk: int = _ROWS_PER_CHUNK) -> np.ndarray:
   return out
 
 
+_PER_EXPERT_TENSOR = re.compile(r"blk\.\d+\.ffn_(gate|up|down)\.\d+\.weight")
+
+
+def _per_expert_hint(name: str) -> str:
+  """Mixtral files from llama.cpp's converter before 2024 hold one tensor per expert
+  (blk.N.ffn_gate.E.weight); ftjax reads the stacked ffn_*_exps tensors it writes since."""
+  if not _PER_EXPERT_TENSOR.fullmatch(name):
+    return ""
+  return (" (one tensor per expert, as llama.cpp's converter wrote Mixtral before stacking "
+          "each layer's experts into ffn_gate_exps / ffn_up_exps / ffn_down_exps: re-convert "
+          "the model with a current convert_hf_to_gguf.py)")
+
+
 def load_gguf(path: str, dtype=np.float32, allocate=None) -> tuple[ModelConfig, Params]:
   """Reads a GGUF model file into (ModelConfig, params tree of numpy arrays of `dtype`);
   `allocate` as in ftjax.models.hf.load_hf_params."""
@@ -299,7 +348,7 @@ def load_gguf(path: str, dtype=np.float32, allocate=None) -> tuple[ModelConfig, 
       continue
     if t.name not in wanted:
       raise FtjaxError(f"{path}: unexpected tensor {t.name!r} for a {arch} model "
-                       f"with {cfg.num_layers} layers")
+                       f"with {cfg.num_layers} layers" + _per_expert_hint(t.name))
     spec, i = wanted[t.name]
     target = get_path(params, spec.path)
     if i is None and not spec.transpose and t.data.ndim == 2 and t.data.shape[0] > _ROWS_PER_CHUNK \
@@ -317,12 +366,12 @@ def load_gguf(path: str, dtype=np.float32, allocate=None) -> tuple[ModelConfig, 
     if arch in NORM_PLUS_ONE and t.name.endswith("norm.weight"):
       w = w - 1  # llama.cpp stores gemma's (1 + w) norm scale; ftjax keeps HF's w
     expected = spec.shape[1:] if i is not None else spec.shape
-    want_hf = tuple(expected)[::-1] if spec.transpose else tuple(expected)
+    want_hf = hf_layout_shape(expected) if spec.transpose else tuple(expected)
     if tuple(w.shape) != want_hf:
       raise FtjaxError(f"{path}: tensor {t.name!r} has shape {tuple(w.shape)} (row-major), "
                        f"expected {want_hf}")
     if spec.transpose:
-      w = w.T
+      w = np.swapaxes(w, -1, -2)  # [..., out, in] -> our [..., in, out]
     if i is None:
       target[...] = w
     else:

@@ -8,8 +8,9 @@ The layout is what llama.cpp's convert_hf_to_gguf.py writes for the same HF chec
 permuted for the llama architecture, gemma's norms stored as (1 + w), no `output.weight` when
 the head is tied, 1-D tensors (norms, biases) kept in F32; Gemma 2 / 3's soft-caps, window
 and layer pattern and Phi-3's partial rotary, window and longrope factors as its Gemma2Model /
-Gemma3Model / Phi3MiniModel write them. ftjax.models.gguf reads these files
-back by inverting exactly those steps.
+Gemma3Model / Phi3MiniModel write them; Mixtral's and Qwen3-MoE's experts stacked per layer
+with the router kept in F32, as its LlamaModel / Qwen3MoeModel write them. ftjax.models.gguf
+reads these files back by inverting exactly those steps.
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ TYPES = {
     "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
 
-# ftjax model_type -> llama.cpp architecture (Mistral is written as llama, as convert_hf_to_gguf
-# does; its sliding window is not recorded, so llama.cpp attends to the whole context).
+# ftjax model_type -> llama.cpp architecture (Mistral and Mixtral are written as llama, as
+# convert_hf_to_gguf does; their sliding window is not recorded, so llama.cpp attends to the
+# whole context; Mixtral's experts under llama.expert_count).
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-             "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
+             "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3",
+             "mixtral": "llama", "qwen3_moe": "qwen3moe"}
 
 
 def check_type(type: str) -> None:  # noqa: A002
@@ -115,9 +118,26 @@ def _add_model_metadata(w: gguf.GGUFWriter, cfg, type_name: str, name: str) -> N
   _add_rope_scaling(w, cfg)
   if cfg.model_type in ("gemma2", "gemma3_text"):
     _add_gemma2_metadata(w, cfg)
+  if cfg.is_moe:
+    _add_moe_metadata(w, cfg)
   if cfg.model_type == "phi3":
     # convert_hf_to_gguf writes 0 for "no window" (how llama.cpp tells Phi-4 from Phi-3)
     w.add_sliding_window(int(cfg.sliding_window or 0))
+
+
+def _add_moe_metadata(w: gguf.GGUFWriter, cfg) -> None:
+  """TextModel / Qwen2MoeModel.set_gguf_parameters' expert keys: the count, the top-k and
+  (qwen3moe) the experts' width. llama.cpp always re-normalises the top-k router weights of
+  both architectures (build_moe_ffn's norm_w, with no GGUF key to turn it off), so a Qwen3-MoE
+  with norm_topk_prob off would give other logits there and is refused."""
+  if not cfg.norm_topk_prob:
+    raise FtjaxError(f"save_gguf: {cfg.model_type} has norm_topk_prob=False, but llama.cpp always "
+                     "re-normalises the top-k router weights and GGUF has no key for it: the file "
+                     "would give other logits")
+  w.add_expert_count(cfg.num_experts)
+  w.add_expert_used_count(cfg.num_experts_per_tok)
+  if cfg.model_type == "qwen3_moe":
+    w.add_expert_feed_forward_length(cfg.intermediate_size)
 
 
 def _add_rope_scaling(w: gguf.GGUFWriter, cfg) -> None:
@@ -204,9 +224,10 @@ def _permute_qk(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _hf_layout(name: str, w: np.ndarray, spec, cfg, arch: str) -> np.ndarray:
-  """A param as llama.cpp stores it: HF's [out, in] layout plus the architecture's fix-ups."""
+  """A param as llama.cpp stores it: HF's [out, in] layout (a MoE projection [experts, out, in],
+  HF's per-expert weights stacked) plus the architecture's fix-ups."""
   if spec.transpose:
-    w = w.T
+    w = np.swapaxes(w, -1, -2)
   if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
     w = _permute_qk(w, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
   if arch in NORM_PLUS_ONE and name.endswith("norm.weight"):
@@ -214,10 +235,16 @@ def _hf_layout(name: str, w: np.ndarray, spec, cfg, arch: str) -> np.ndarray:
   return np.ascontiguousarray(w, np.float32)
 
 
-def _encode_tensor(w: np.ndarray, qtype) -> tuple[np.ndarray, object]:
-  """(data, raw_dtype) for GGUFWriter.add_tensor. As convert_hf_to_gguf: 1-D tensors stay F32;
-  a 2-D tensor whose rows do not fill whole quantisation blocks falls back to F16."""
-  if w.ndim < 2 or qtype == Q.F32:
+# Tensors convert_hf_to_gguf keeps in F32 whatever the type (its prepare_tensors' "always in
+# float32" list, which follows llama.cpp's quantizer): here the MoE router, ffn_gate_inp.
+_ALWAYS_F32 = re.compile(re.escape(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_GATE_INP] + ".weight")
+                         .replace(re.escape("{bid}"), r"\d+"))
+
+
+def _encode_tensor(name: str, w: np.ndarray, qtype) -> tuple[np.ndarray, object]:
+  """(data, raw_dtype) for GGUFWriter.add_tensor. As convert_hf_to_gguf: 1-D tensors and the
+  router stay F32; a tensor whose rows do not fill whole quantisation blocks falls back to F16."""
+  if w.ndim < 2 or qtype == Q.F32 or _ALWAYS_F32.fullmatch(name):
     return w, None
   if qtype == Q.F16:
     return w.astype(np.float16), None
@@ -233,7 +260,7 @@ def _add_tensors(w: gguf.GGUFWriter, model, cfg, arch: str, qtype) -> None:
   for name, (spec, layer) in gguf_names(cfg, arch).items():
     leaf = get_path(params, spec.path)
     value = np.asarray(jax.device_get(leaf if layer is None else leaf[layer]), np.float32)
-    data, raw = _encode_tensor(_hf_layout(name, value, spec, cfg, arch), qtype)
+    data, raw = _encode_tensor(name, _hf_layout(name, value, spec, cfg, arch), qtype)
     if raw is None:
       w.add_tensor(name, data)
     else:
