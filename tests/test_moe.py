@@ -174,6 +174,7 @@ def test_lora_on_experts_has_peft_keys_shapes_and_counts(family):
     assert {k: v.shape for k, v in peft.adapter_state_dict(ours).items()} == want, kwargs
     assert any(".experts." in k or ".gate." in k for k in want), kwargs
     assert peft.count_params(ours) == theirs.get_nb_trainable_parameters(), kwargs
+    hash(nnx.graphdef(ours))  # static attributes hashable: jit's static args take the graphdef
 
 
 def test_expert_targets_peft_refuses_are_refused_by_name(family):

@@ -36,7 +36,7 @@ from ftjax import nnx_utils
 from ftjax.errors import FtjaxError
 from ftjax.models.moe import Experts, Router
 from ftjax.peft.core import AdapterLayer, ModulesToSave, stack_sizes, torch_names
-from ftjax.peft.lora import LoraLinear, LoraParam
+from ftjax.peft.lora import LoraLinear, LoraParam, kernel_info
 
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")  # transformers 5's names, peft's targets
 ROUTER_PARAMETER = "gate.weight"
@@ -184,18 +184,19 @@ class ExpertsLora(AdapterLayer):
   def __init__(self, base_layer, *, ranks: dict, scalings: dict, init, rngs: nnx.Rngs):
     self.base_layer = base_layer
     self.targets = tuple(p for p in EXPERT_PARAMETERS if p in ranks)
-    self.ranks, self.scalings = dict(ranks), dict(scalings)
+    # tuples, not dicts: static attributes are part of the (hashed) graphdef
+    self.ranks = tuple(ranks[p] for p in self.targets)
+    self.scalings = tuple(scalings[p] for p in self.targets)
     self.init = init
     experts = self.base_linear()
-    gate, up, down = (getattr(experts, n).kernel for n in experts.names)
+    gate, _, down = (getattr(experts, n) for n in experts.names)
     for name in self.targets:
       # gate_up_proj: A on the gate / up input [.., e, d, r], B to both outputs [.., e, r, 2f]
-      kernel = gate if name == "gate_up_proj" else down
-      axes = _axes(kernel)
-      *lead, d_in, d_out = kernel.shape
+      shape, axes = kernel_info(gate if name == "gate_up_proj" else down)
+      *lead, d_in, d_out = shape
       *lead_axes, in_axis, out_axis = axes
       d_out *= 2 if name == "gate_up_proj" else 1
-      r = self.ranks[name]
+      r = ranks[name]
       shape_a = (*lead, d_in, r)
       key = rngs.params()
       if init == "gaussian":  # peft: N(0, 1/r) on lora_A
@@ -214,9 +215,9 @@ class ExpertsLora(AdapterLayer):
   def _deltas(self) -> tuple:
     """s · A B per expert for (gate, up, down), f32, None where not adapted."""
     out = {}
-    for name in self.targets:
+    for name, scaling in zip(self.targets, self.scalings):
       a, b = getattr(self, f"{name}_a")[...], getattr(self, f"{name}_b")[...]
-      delta = self.scalings[name] * jnp.einsum("...ir,...ro->...io", a, b)
+      delta = scaling * jnp.einsum("...ir,...ro->...io", a, b)
       if name == "gate_up_proj":
         out["gate"], out["up"] = jnp.split(delta, 2, axis=-1)
       else:
@@ -272,8 +273,3 @@ def _reverse_last3(x):
   """[.., i, j, k] -> [.., k, j, i]: ftjax's B [e, r, out] <-> peft's [out, r, e] view."""
   lead = tuple(range(x.ndim - 3))
   return x.transpose(*lead, x.ndim - 1, x.ndim - 2, x.ndim - 3)
-
-
-def _axes(kernel) -> tuple:
-  names = kernel.get_metadata().get("out_sharding")
-  return tuple(names) if names else (None,) * kernel.ndim
