@@ -92,6 +92,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora.alpha = 8.0  # the update is scaled by alpha / rank (alpha / sqrt(rank) with rslora)
   c.lora.dropout = 0.0  # dropout on the LoRA branch's input while training
   c.lora.targets = "all-linear"  # regex over module names, or a comma-separated list of names
+  # Weights adapted directly (HF PEFT's target_parameters), comma-separated: the MoE experts'
+  # "experts.gate_up_proj" (gate and up, one A per expert) and "experts.down_proj", the router's
+  # "gate.weight"; each expert gets its own A / B at lora.rank. "": none beyond lora.targets.
+  # On Mixtral / Qwen3-MoE lora.targets acts as in HF PEFT 0.21 on transformers 5: "all-linear"
+  # also adapts the experts and the router, and the transformers 4 names w1,w3,w2 (qwen3_moe:
+  # gate_proj,up_proj,down_proj) and gate adapt the experts / router (w1 + w3 fused: rank
+  # 2 * rank, alpha 2 * alpha).
+  c.lora.target_parameters = ""
   c.lora.rslora = False  # rsLoRA: scale alpha / sqrt(rank), steadier at large ranks
   c.lora.use_dora = False  # DoRA: also train a magnitude per output feature
   c.lora.init_a = "kaiming"  # kaiming | gaussian

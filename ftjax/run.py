@@ -118,6 +118,7 @@ def method_config(config, method: str, modules_to_save,
     c = config.lora
     return peft.LoraConfig(r=c.rank, lora_alpha=c.alpha, lora_dropout=c.dropout,
                            target_modules=config_lib.targets(c.targets), use_rslora=c.rslora,
+                           target_parameters=config_lib.names(c.target_parameters) or None,
                            use_dora=c.use_dora,
                            init_lora_weights="gaussian" if c.init_a == "gaussian" else True,
                            modules_to_save=modules_to_save, task_type=task_type)

@@ -26,6 +26,16 @@ document per row), so every objective's real jitted step is timed:
   --config configs/grpo.py --vs-trl            GRPO: each step = rollout of `batch`
       completions (G per prompt, max_new_tokens each) + update, against TRL's generation and
       GRPO loss; the line adds rollout_s, update_s, rollout_tokens_per_s per side
+Mixture of experts (issue 21): --moe-model tiny|smollm2 trains a random-init Mixtral (or
+--moe-family qwen3_moe) built from a config, at the tests' scale (d 64, 2 layers, 4 experts of
+32, top-2) or SmolLM2-135M's (d 576, 30 layers, 9 / 3 heads, vocab 49152; 8 experts of 384,
+top-2: the experts hold twice the dense model's FFN width, a token uses half of it).
+--moe-experts ragged|dense picks this process's expert computation (default: jax's backend's,
+ftjax.models.moe.default_implementation) and --vs-experts ragged|dense times the other one in a
+child, in alternating rounds; with --vs-peft transformers + peft train the same model (all-linear
+LoRA: attention, experts and router on both sides). E.g.
+  nice python scripts/bench_train.py --config configs/quickstart.py --moe-model tiny \
+      --moe-experts ragged --vs-experts dense --vs-peft
 The children are in scripts/bench_children.py (what each runs is in its docstring). With a
 side by side run, memory_ratio_vs_<other> = this process's peak host RSS / the child's (each
 process's getrusage ru_maxrss over its whole life: load, compile, every step). --vs-tree runs
@@ -182,6 +192,9 @@ class FtjaxBench:
            "peak_source": peak_source, "mfu": self.flops / step_s / peak,
            "loss": float(self.metrics["loss"])}
     out.update(part_medians(self.parts, self.rollout_tokens()))
+    if self.run.model_cfg.is_moe:
+      from ftjax.models import moe
+      out["moe_experts"] = moe.default_implementation()
     if "update_s" in out:  # GRPO: the FLOPs counted are the update's, not the sampling's
       out["achieved_flops_per_s"] = self.flops / out["update_s"]
       out["mfu"] = out["achieved_flops_per_s"] / peak
@@ -317,15 +330,75 @@ class ChildBench:
     self.proc.communicate("quit\n")
 
 
-# command-line flag -> (config node, key) it overrides
+# command-line flag -> (config node, key) it overrides; moe_experts is no config key (below)
 OVERRIDES = {"method": ("", "method"), "dtype": ("model", "dtype"), "remat": ("model", "remat"),
-             "scan_unroll": ("model", "scan_unroll"), "model": ("model", "name_or_path")}
+             "scan_unroll": ("model", "scan_unroll"), "model": ("model", "name_or_path"),
+             "moe_experts": (None, None)}
 
 
 def apply_overrides(config, values: dict) -> None:
   for arg, value in values.items():
+    if arg == "moe_experts":
+      use_expert_implementation(value)
+      continue
     node, key = OVERRIDES[arg]
     setattr(config[node] if node else config, key, value)
+
+
+def use_expert_implementation(name: str) -> None:
+  """MoE layers built from now on compute their experts with `name` ("ragged": grouped
+  ragged_dot matmuls, "dense": every token through every expert), whatever the backend."""
+  from ftjax.models import moe
+  if name not in moe.IMPLEMENTATIONS:
+    raise SystemExit(f"--moe-experts {name!r}: expected one of {sorted(moe.IMPLEMENTATIONS)}")
+  moe.default_implementation = lambda: name
+
+
+# --moe-model scales: the tests' tiny MoE, and SmolLM2-135M's shapes with 8 experts of 384
+MOE_SCALES = {
+    "tiny": dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=32, num_experts=4),
+    "smollm2": dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, intermediate_size=384, num_experts=8),
+}
+
+
+def build_moe_model(scale: str, family: str, out_dir: str) -> str:
+  """A random-init transformers MoE model of `scale` saved in `out_dir` (f32), with the
+  routers scaled up so tokens spread over the experts as in a trained model (at the 0.02 init
+  every router is near-uniform)."""
+  import torch
+  import transformers
+  dims = dict(MOE_SCALES[scale])
+  experts = dims.pop("num_experts")
+  common = dict(dims, num_experts_per_tok=2, router_aux_loss_coef=0.02, max_position_embeddings=2048,
+                tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  if family == "mixtral":
+    config = transformers.MixtralConfig(**common, num_local_experts=experts)
+  else:
+    config = transformers.Qwen3MoeConfig(**common, num_experts=experts,
+                                         moe_intermediate_size=dims["intermediate_size"],
+                                         head_dim=dims["hidden_size"] // dims["num_attention_heads"])
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("gate.weight"):
+        p.mul_(50.0)
+  model.save_pretrained(out_dir)
+  save_placeholder_tokenizer(out_dir, dims["vocab_size"])
+  return out_dir
+
+
+def save_placeholder_tokenizer(out_dir: str, vocab_size: int) -> None:
+  """A word-level tokenizer over the model's ids (the step trains on random ids; ftjax's setup
+  reads a tokenizer from the model folder): <pad> 0, <s> 1, </s> 2, then t3, t4, ..."""
+  from tokenizers import Tokenizer as Backend
+  from tokenizers import models
+  from ftjax.tokenizer import Tokenizer
+  names = ["<pad>", "<s>", "</s>"] + [f"t{i}" for i in range(3, vocab_size)]
+  backend = Backend(models.WordLevel({n: i for i, n in enumerate(names)}, unk_token="<pad>"))
+  Tokenizer(backend, eos_token="</s>", pad_token="<pad>").save(out_dir)
 
 
 def tree_config(root: str, config_path: str) -> str:
@@ -385,6 +458,13 @@ def main() -> None:
   parser.add_argument("--num-labels", type=int, default=None,
                       help="classification: this many classes (c0, c1, ...) instead of the "
                            "config's classification.labels, which may need the train data")
+  parser.add_argument("--moe-model", choices=sorted(MOE_SCALES), default=None,
+                      help="train a random-init MoE built from a config at this scale")
+  parser.add_argument("--moe-family", choices=["mixtral", "qwen3_moe"], default="mixtral")
+  parser.add_argument("--moe-experts", choices=["ragged", "dense"], default=None,
+                      help="this process's expert computation (default: the backend's)")
+  parser.add_argument("--vs-experts", choices=["ragged", "dense"], default=None,
+                      help="also time the other expert computation, in a child")
   parser.add_argument("--peft-child", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--torch-child", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--tree-child", default=None, help=argparse.SUPPRESS)
@@ -402,6 +482,13 @@ def main() -> None:
     getattr(bench_children, child_args.pop("fn"))(**child_args)
     return
 
+  with tempfile.TemporaryDirectory() as moe_dir:
+    if args.moe_model:
+      args.model = build_moe_model(args.moe_model, args.moe_family, moe_dir)
+    bench_main(args)
+
+
+def bench_main(args) -> None:
   config = load_config(args.config)
   overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
   apply_overrides(config, overrides)
@@ -427,7 +514,7 @@ def main() -> None:
     raise SystemExit(f"--vs-trl times DPO or GRPO; objective={objective!r}")
   bench = FtjaxBench(config, args.batch, args.seq)
   bench.steps(args.warmup)
-  if not (args.vs_peft or args.vs_tree or args.vs_trl or args.vs_config):
+  if not (args.vs_peft or args.vs_tree or args.vs_trl or args.vs_config or args.vs_experts):
     print(json.dumps(bench.summary(bench.steps(args.steps * args.rounds))))
     return
 
@@ -454,6 +541,11 @@ def main() -> None:
           root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
           config_path=os.path.abspath(args.vs_config), batch=args.batch, seq=args.seq,
           overrides=overrides)))
+    if args.vs_experts:  # this checkout and config, the other expert computation
+      others.append(ChildBench(f"experts_{args.vs_experts}", args.config, "--tree-child", dict(
+          root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+          config_path=os.path.abspath(args.config), batch=args.batch, seq=args.seq,
+          overrides=dict(overrides, moe_experts=args.vs_experts))))
     try:
       for other in others:
         other.steps(args.warmup)

@@ -67,7 +67,8 @@ MOE_FAMILIES = {
     # norm_topk_prob off (Qwen3-MoE's default) so the un-normalised top-k weights are tested.
     "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**{**MOE, "intermediate_size": 96},
                                                      moe_intermediate_size=32, num_experts=4,
-                                                     head_dim=32, norm_topk_prob=False),
+                                                     head_dim=32, norm_topk_prob=False,
+                                                     eos_token_id=2),  # default None: greedy tests stop on it
 }
 
 

@@ -17,7 +17,8 @@ dense"), i.e. every token through every expert plus the sort, so there the plain
 all experts (`dense_expert_mlp`) is used instead: measured on 1 CPU thread, forward + backward,
 CPU time: 48 tokens, d 64, 4 experts of 32, top-2: ragged 0.26 ms, dense 0.10 ms; 1024 tokens,
 d 576 (SmolLM2-135M), 8 experts of 384, top-2: ragged 553 ms, dense 369 ms. Both give the same
-values and gradients (tests/test_moe.py).
+values and gradients (tests/test_moe.py). LoRA on the experts (ftjax/peft/experts.py) adds its
+per-expert update to the kernels that `Experts.kernels` hands to either path.
 
 The router also returns the statistics of the Switch-Transformer load-balancing loss
 (`load_balancing_loss`, transformers' `load_balancing_loss_func`): per expert, how many top-k
@@ -40,8 +41,9 @@ EXPERT_PROJECTIONS = {"mixtral": ("w1", "w3", "w2"), "qwen3_moe": ("gate_proj", 
 
 
 class Router(nnx.Module):
-  """The router's [d, e] kernel. Not an nnx.Linear on purpose: LoRA's "all-linear" leaves it
-  out (the router stays frozen, as HF PEFT leaves transformers' router modules alone)."""
+  """The router's [d, e] kernel (transformers 5's `gate.weight` [e, d]). Not an nnx.Linear:
+  LoRA reaches it only as HF PEFT does, through target_parameters "gate.weight" (which peft's
+  "all-linear" adds on transformers 5, ftjax/peft/experts.py); otherwise it stays frozen."""
 
   def __init__(self, d: int, num_experts: int, *, param_dtype, init_std, rngs):
     self.kernel = nnx.Param(nnx.initializers.normal(init_std)(rngs.params(), (d, num_experts), param_dtype),

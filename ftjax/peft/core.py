@@ -72,6 +72,7 @@ class AdapterLayer(nnx.Module):
   merged: bool = False  # folded into the base weights by merge_adapter: compute the base only
   adapter_name: str = "default"
   mergeable: ClassVar[bool] = True  # False: merge_and_unload refuses (prompt / prefix tuning)
+  adapts_parameters: ClassVar[bool] = False  # True: a target_parameters wrapper (MoE experts)
   peft_prefixed: ClassVar[bool] = True  # False: PEFT keys are the bare tensor names
 
   layer_mask = None  # a LayerMask when adapted in some layers of a stack only
@@ -427,7 +428,8 @@ class WrapperConfig(PeftConfig):
     if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
       return self.target_modules
     return sorted({logical_name(path).rsplit("/", 1)[-1] for path, layer in adapter_layers(model)
-                   if layer.adapter_name == adapter_name and not isinstance(layer, ModulesToSave)})
+                   if layer.adapter_name == adapter_name and not isinstance(layer, ModulesToSave)
+                   and not layer.adapts_parameters})
 
 
 def attach_modules_to_save(model: nnx.Module, names, wrapped: set[str]) -> None:

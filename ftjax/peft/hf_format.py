@@ -66,7 +66,8 @@ def _keys(layer, names: list[str], suffix: str) -> list[str]:
   """The file's keys of one adapter tensor, one per layer of a stack."""
   if not layer.peft_prefixed:  # prompt / prefix tuning: the bare name
     return [suffix]
-  return [f"{PREFIX}{name}.{suffix}" for name in names]
+  rename = getattr(layer, "peft_name", lambda name: name)  # the MoE blocks' transformers 5 names
+  return [f"{PREFIX}{rename(name)}.{suffix}" for name in names]
 
 
 def save_adapter(model: nnx.Module, out_dir: str, base_model_name_or_path: str | None = None,
@@ -154,7 +155,9 @@ def load_adapter_weights(model: nnx.Module, adapter_dir: str, adapter_name: str)
   (ftjax's or HF PEFT's): a run that continues training a previous adapter. The saved config
   must be the same method with the same rank / scale settings (_SAME); every tensor must find
   its module, with its shape."""
-  saved, attached = read_config(adapter_dir), configs(model)[adapter_name]
+  # As applied to this model: a MoE "all-linear" config saves as peft rewrites it (experts.py)
+  resolve = lambda c: c.resolved(model) if hasattr(c, "resolved") else c  # noqa: E731
+  saved, attached = resolve(read_config(adapter_dir)), resolve(configs(model)[adapter_name])
   if type(saved) is not type(attached):
     raise FtjaxError(f"{adapter_dir}: a {saved.method} adapter; this run attaches {attached.method}")
   for field in _SAME:

@@ -39,7 +39,7 @@ BASE_CHANGING_INITS = ("pissa", "olora")
 
 # HF PEFT's default targets when `target_modules` is None, by model_type.
 DEFAULT_TARGETS = {t: ("q_proj", "v_proj") for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
-                                                   "gemma3_text")}
+                                                   "gemma3_text", "mixtral")}
 # phi3: the installed peft has no default for it; its fused qkv_proj carries q and v.
 DEFAULT_TARGETS["phi3"] = ("qkv_proj",)
 
@@ -70,6 +70,10 @@ class LoraConfig(WrapperConfig):
   r: int = 8
   lora_alpha: float = 8
   target_modules: str | tuple[str, ...] | None = None
+  # nn.Parameters adapted directly (HF PEFT's target_parameters): the MoE families' expert
+  # stacks "experts.gate_up_proj" / "experts.down_proj" and the router "gate.weight"
+  # (ftjax/peft/experts.py)
+  target_parameters: tuple[str, ...] | None = None
   lora_dropout: float = 0.0
   use_rslora: bool = False
   init_lora_weights: bool | str = True
@@ -83,7 +87,7 @@ class LoraConfig(WrapperConfig):
   task_type: str | None = None
 
   def __post_init__(self):
-    for key in ("target_modules", "modules_to_save"):
+    for key in ("target_modules", "modules_to_save", "target_parameters"):
       if isinstance(getattr(self, key), (list, set)):
         object.__setattr__(self, key, tuple(sorted(getattr(self, key))))
     for key in ("rank_pattern", "alpha_pattern"):
@@ -145,26 +149,47 @@ class LoraConfig(WrapperConfig):
     return kind(module, r=r, scaling=scaling, dropout=self.lora_dropout,
                 init=self.init_lora_weights, rngs=rngs)
 
+  def resolved(self, model: nnx.Module) -> "LoraConfig":
+    """This config as HF PEFT applies it to `model`: on a mixture-of-experts model "all-linear"
+    and transformers 4's expert names also adapt the experts and the router (experts.py)."""
+    from ftjax.peft import experts  # experts.py builds on this module
+    return experts.resolve_moe_targets(self, getattr(getattr(model, "config", None), "model_type", None))
+
+  def attach(self, model: nnx.Module, rngs: nnx.Rngs) -> None:
+    from ftjax.peft import experts
+    config = self.resolved(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    # Only parameters targeted: target_modules empty, or None without a default (as peft)
+    only_parameters = config.target_parameters and (
+        config.target_modules == () or config.target_modules is None and model_type not in DEFAULT_TARGETS)
+    if not only_parameters:
+      super(LoraConfig, config).attach(model, rngs)
+    if config.target_parameters:
+      experts.attach_parameter_targets(config, model, rngs)
+
   def to_peft(self, model: nnx.Module, adapter_name: str = "default") -> dict:
+    c = self.resolved(model)  # what peft itself saves for this model (MoE: experts.py)
     return {
-        "peft_type": self.peft_type, "task_type": self.task_type, "r": self.r,
-        "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
-        "target_modules": self.saved_targets(model, adapter_name), "use_rslora": self.use_rslora,
-        "use_dora": self.use_dora, "bias": self.bias, "fan_in_fan_out": False,
-        "inference_mode": True, "modules_to_save": as_list(self.modules_to_save),
-        "init_lora_weights": self.init_lora_weights,
-        "rank_pattern": dict(self.rank_pattern), "alpha_pattern": dict(self.alpha_pattern),
-        "layers_to_transform": as_list(self.layers_to_transform),
-        "layers_pattern": self.layers_pattern,
+        "peft_type": c.peft_type, "task_type": c.task_type, "r": c.r,
+        "lora_alpha": c.lora_alpha, "lora_dropout": c.lora_dropout,
+        "target_modules": c.saved_targets(model, adapter_name), "use_rslora": c.use_rslora,
+        "target_parameters": as_list(c.target_parameters),
+        "use_dora": c.use_dora, "bias": c.bias, "fan_in_fan_out": False,
+        "inference_mode": True, "modules_to_save": as_list(c.modules_to_save),
+        "init_lora_weights": c.init_lora_weights,
+        "rank_pattern": dict(c.rank_pattern), "alpha_pattern": dict(c.alpha_pattern),
+        "layers_to_transform": as_list(c.layers_to_transform),
+        "layers_pattern": c.layers_pattern,
     }
 
   @classmethod
   def from_peft(cls, raw: dict) -> "LoraConfig":
     refuse_unsupported(raw, {"fan_in_fan_out": False, "use_qalora": False})
-    if raw.get("target_modules") is None:
+    if raw.get("target_modules") is None and not raw.get("target_parameters"):
       raise FtjaxError("missing key 'target_modules'")
     return cls(r=int(raw["r"]), lora_alpha=raw.get("lora_alpha", 8),
-               target_modules=as_tuple(raw["target_modules"]),
+               target_modules=as_tuple(raw.get("target_modules")),
+               target_parameters=as_tuple(raw.get("target_parameters") or None),
                lora_dropout=float(raw.get("lora_dropout") or 0.0),
                use_rslora=bool(raw.get("use_rslora")), use_dora=bool(raw.get("use_dora")),
                init_lora_weights=_init_from_peft(raw.get("init_lora_weights", True)),
