@@ -215,7 +215,9 @@ class GRPO(Objective):
     real = np.asarray(prompt_rows["prompt_len"]) > 0  # padding rows (an epochs budget) at the end
     prompts = [p for p, ok in zip(prompt_data.unpad(prompt_rows), real) if ok]
     items = [run.train_ds.examples[i] for i in np.asarray(prompt_rows["index"])[real]]
-    model = run.model(state["trainable"])
+    # The previous update runs asynchronously: wait for its params first, or the rollout's time
+    # (and rollout_tokens_per_s) would include it (a SmolLM2 run logged 17-29 tokens/s so).
+    model = run.model(jax.block_until_ready(state["trainable"]))
     tok = run.tokenizer
     start = time.perf_counter()
     rows, completions, _ = rollout_rows(
