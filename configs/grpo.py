@@ -25,7 +25,9 @@ a step's mean followed which 2 problems were drawn: in 20 of the 40 steps both g
 all-equal (a problem SmolLM2 always or never solves; 68% of all groups), the step's reward 0 or
 0.5 whatever the policy. 4 prompts a step halve that variance (CIs ~1/sqrt(2) as wide) and give
 the update twice the groups; each prompt is prefilled once for its 8 completions, so the
-rollout grows by the decode rows only.
+rollout grows by the decode rows only. Measured (40 steps, loaded 2-core VM, 15 min): train
+reward 0.251 [0.186, 0.312] over the first half of the steps -> 0.425 [0.317, 0.527] over the
+second (the quarters, 0.233 -> 0.366, still overlap); held-out sampled exact 0.109 -> 0.359.
 """
 
 from ftjax.config import base_config
