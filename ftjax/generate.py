@@ -259,7 +259,8 @@ def check_sampling(temperature, top_k, top_p, *, flags=False) -> None:
 def generate_ids(model: CausalLM, prompts: list[list[int]], max_new_tokens: int = 64,
                  temperature: float = 0.0, seed: int = 0, eos_ids: Iterable[int] | None = None,
                  pad_id: int = 0, *, top_k: int = 0, top_p: float = 1.0,
-                 progress=False, prompt_width: int = 0) -> list[list[int]]:
+                 progress=False, prompt_width: int = 0,
+                 num_return_sequences: int = 1) -> list[list[int]]:
   """Token-id prompts -> generated ids per row (prompt excluded; the EOS that stopped a row kept).
 
   Greedy when temperature == 0; else sampling from softmax(logits / temperature) restricted to
@@ -277,15 +278,52 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], max_new_tokens: int 
   width bucket) and prefills them whole (no shared-prefix split), so calls with the same batch
   size and max_new_tokens share one compile of every jitted piece whatever their prompts'
   lengths (GRPO's rollouts, one call per train step).
+
+  num_return_sequences (transformers' name): completions per prompt, prompt i's in rows
+  i*n .. i*n+n-1. Each prompt is prefilled once and its KV cache copied to its n rows: the
+  same tokens as passing every prompt n times (a test checks it), without n prefills.
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise FtjaxError("generate: every prompt needs at least one token")
   if max_new_tokens < 1:
     raise FtjaxError(f"generate: max_new_tokens must be at least 1, got {max_new_tokens}")
+  if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, numbers.Integral) \
+      or num_return_sequences < 1:
+    raise FtjaxError(f"generate: num_return_sequences must be an integer >= 1, got "
+                     f"{num_return_sequences!r}")
   check_sampling(temperature, top_k, top_p)
   cfg = model.config
   _check_prompt_lengths(prompts, cfg.max_position_embeddings)
   eos = stop_token_ids(cfg) if eos_ids is None else {int(i) for i in eos_ids}
+  graphdef, state = nnx.split(model)  # once, not on every token
+  state = jax.tree.map(jnp.asarray, state)  # host arrays onto the device; sharded ones stay put
+  logits, cache, position, index = _prefill_prompts(graphdef, state, cfg, prompts, pad_id,
+                                                    max_new_tokens, prompt_width)
+  n = int(num_return_sequences)
+  if n > 1:
+    logits, cache = _fan_out(logits, cache, n)
+    cache = _on_mesh_of(state, cache)
+    position = np.repeat(position, n)
+  b = len(prompts) * n
+  sample = bool(temperature > 0)
+  sampler = _Sampler(sample=sample, top_k=int(top_k) if sample else 0,
+                     top_p=sample and bool(top_p < 1))
+  key = jax.random.key(seed)
+  knobs = dict(eos=jnp.asarray(sorted(eos) or [-1], jnp.int32), key=key,
+               temperature=jnp.float32(max(temperature, 1e-6)), top_p=jnp.float32(top_p))
+  carry = {
+      "cache": cache, "token": jnp.zeros((b,), jnp.int32),
+      "position": jnp.asarray(position, jnp.int32),  # next position per row
+      "index": jnp.int32(index), "step": jnp.int32(0),
+      "done": jnp.zeros((b,), bool), "out": jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+  }
+  carry = _first_token(logits, carry, sampler=sampler, **knobs)
+  return _decode_rows(graphdef, state, carry, knobs, sampler, eos, max_new_tokens, progress)
+
+
+def _prefill_prompts(graphdef, state, cfg, prompts, pad_id, max_new_tokens, prompt_width):
+  """Left-pads and prefills the prompts -> (last logits [b, vocab], the KV cache, each row's
+  next position [b], the cache slot of the first new token)."""
   b = len(prompts)
   # A prefix shared by all prompts is prefilled once, with batch 1, and copied into every row.
   # (Its length, rounded to the bucket, is a shape: prompt_width keeps the shapes fixed instead.)
@@ -303,10 +341,7 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], max_new_tokens: int 
   if total > cfg.max_position_embeddings:
     log.warning("prompt + new tokens (%d) exceed the model's context (%d)",
                 total, cfg.max_position_embeddings)
-  graphdef, state = nnx.split(model)  # once, not on every token
-  state = jax.tree.map(jnp.asarray, state)  # host arrays onto the device; sharded ones stay put
   cache = _on_mesh_of(state, _new_cache(graphdef, state, b, total))
-
   if shared:
     prefix = jnp.asarray(prompts[0][:shared], jnp.int32)[None]
     _, prefix_cache = _prefill(graphdef, state, prefix, jnp.ones_like(prefix),
@@ -314,19 +349,19 @@ def generate_ids(model: CausalLM, prompts: list[list[int]], max_new_tokens: int 
     cache = _tile_prefix(cache, prefix_cache)
   logits, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), cache,
                            jnp.int32(shared))
-  sample = bool(temperature > 0)
-  sampler = _Sampler(sample=sample, top_k=int(top_k) if sample else 0,
-                     top_p=sample and bool(top_p < 1))
-  key = jax.random.key(seed)
-  knobs = dict(eos=jnp.asarray(sorted(eos) or [-1], jnp.int32), key=key,
-               temperature=jnp.float32(max(temperature, 1e-6)), top_p=jnp.float32(top_p))
-  carry = {
-      "cache": cache, "token": jnp.zeros((b,), jnp.int32),
-      "position": jnp.asarray(shared + mask.sum(axis=1), jnp.int32),  # next position per row
-      "index": jnp.int32(shared + width), "step": jnp.int32(0),
-      "done": jnp.zeros((b,), bool), "out": jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-  }
-  carry = _first_token(logits, carry, sampler=sampler, **knobs)
+  return logits, cache, shared + mask.sum(axis=1), shared + width
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _fan_out(logits, cache, n):
+  """Each prompt's last logits and KV cache rows repeated n times (row i -> rows i*n..i*n+n-1):
+  the cache's batch axis is 1 (after layers) in every array."""
+  return jnp.repeat(logits, n, axis=0), jax.tree.map(lambda x: jnp.repeat(x, n, axis=1), cache)
+
+
+def _decode_rows(graphdef, state, carry, knobs, sampler, eos, max_new_tokens, progress):
+  """The decode loop after the first token -> each row's tokens through its stop token."""
+  b = carry["out"].shape[0]
   bar, owned = _progress_bar(progress, b * max_new_tokens)
   # Without a bar the whole loop is one call; with one, chunks of tokens report between calls.
   chunk = _PROGRESS_CHUNK if bar is not None else max_new_tokens

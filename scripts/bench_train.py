@@ -290,8 +290,11 @@ def tree_child(root: str, config_path: str, batch: int, seq: int, overrides: dic
   for line in sys.stdin:
     if line.strip() == "quit":
       break
-    times = bench.steps(int(line))
-    print(json.dumps({"step_s_all": times,
+    n = int(line)
+    times = bench.steps(n)
+    # GRPO: this round's rollout_s / update_s too, so rollout_ratio_vs_tree compares the sampler
+    parts = {name: values[-n:] for name, values in getattr(bench, "parts", {}).items()}
+    print(json.dumps({"step_s_all": times, "parts": parts,
                       "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}),
           flush=True)
 

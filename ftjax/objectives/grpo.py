@@ -215,7 +215,9 @@ class GRPO(Objective):
     real = np.asarray(prompt_rows["prompt_len"]) > 0  # padding rows (an epochs budget) at the end
     prompts = [p for p, ok in zip(prompt_data.unpad(prompt_rows), real) if ok]
     items = [run.train_ds.examples[i] for i in np.asarray(prompt_rows["index"])[real]]
-    model = run.model(state["trainable"])
+    # The previous update runs asynchronously: wait for its params first, or the rollout's time
+    # (and rollout_tokens_per_s) would include it (a SmolLM2 run logged 17-29 tokens/s so).
+    model = run.model(jax.block_until_ready(state["trainable"]))
     tok = run.tokenizer
     start = time.perf_counter()
     rows, completions, _ = rollout_rows(
@@ -285,9 +287,10 @@ class GRPO(Objective):
 
   def rollout_memory(self, run) -> dict:
     """Per-device bytes a rollout holds beside the train state, for ftjax.plan: {"kv_cache": the
-    KV cache of the train.batch_size (G x prompts) rows, exactly as generate_ids allocates it;
-    "buffers": the prefill's second cache (it returns a new one beside its input) + the f32
-    logits of the last position + the token buffer}. `run` may be abstract."""
+    KV cache of the train.batch_size (G x prompts) rows the decode loop runs with, exactly as
+    generate_ids builds it; "buffers": the prompts' prefill cache (each prompt prefilled once, in
+    and out of the prefill: 2 / G of the rows, counted here as the whole batch's, an upper bound)
+    + the f32 logits of the last position + the token buffer}. `run` may be abstract."""
     rows, b = self.config.train.batch_size, self.block
     length = cache_length(self.prompt_len, b.max_new_tokens)
     cache = jax.eval_shape(lambda t, f, m: merge_model(run.graphdef, t, f, m).init_cache(rows, length),

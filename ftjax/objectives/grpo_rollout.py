@@ -41,10 +41,12 @@ def rollout_rows(model, prompts: list[list[int]], *, num_generations: int, seq_l
   repeated = [p for p in prompts for _ in range(num_generations)]
   # Every batch padded to the prompt budget (seq_len - max_new_tokens): one compile of the
   # sampler for the whole run, whatever the prompts' lengths (bucketed widths compiled once per
-  # bucket, and a shared prefix once per prefix length, before).
-  completions = generate_ids(model, repeated, max_new_tokens=max_new_tokens,
+  # bucket, and a shared prefix once per prefix length, before). Each prompt is prefilled once
+  # for its G completions (num_return_sequences): G times less prefill, the same samples.
+  completions = generate_ids(model, prompts, max_new_tokens=max_new_tokens,
                              temperature=temperature, seed=seed, eos_ids=eos, pad_id=pad_id,
-                             top_k=top_k, top_p=top_p, prompt_width=seq_len - max_new_tokens)
+                             top_k=top_k, top_p=top_p, prompt_width=seq_len - max_new_tokens,
+                             num_return_sequences=num_generations)
   n = len(repeated)
   tokens = np.full((n, seq_len + 1), pad_id, np.int32)
   trained = np.zeros((n, seq_len + 1), np.float32)  # 1 at completion tokens
