@@ -18,6 +18,7 @@ ftjax's own decoders additionally share work between the q/k/v (and gate/up) ada
 from __future__ import annotations
 
 from ftjax import models
+from ftjax.peft import experts, lora
 
 from ftjax.peft.bottleneck import BottleneckAdapterConfig, BottleneckLinear, BottleneckParam
 from ftjax.peft.core import (AdapterLayer, AdapterParam, ModulesToSave, PeftConfig, SavedModuleParam,
@@ -45,3 +46,5 @@ __all__ = ["AdapterLayer", "AdapterParam", "BottleneckAdapterConfig", "Bottlenec
 
 # ftjax.models.save_gguf folds adapters in with this (models/ never imports peft/).
 models.set_adapter_merge(merged_for_gguf)
+# LoRA's target_parameters (MoE experts / router) are experts.py's, built on lora.py's layers.
+lora.plug_parameter_targets(experts.resolve_moe_targets, experts.attach_parameter_targets)

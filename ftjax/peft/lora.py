@@ -44,6 +44,25 @@ DEFAULT_TARGETS = {t: ("q_proj", "v_proj") for t in ("llama", "mistral", "qwen2"
 DEFAULT_TARGETS["phi3"] = ("qkv_proj",)
 
 
+class ParameterTargets:
+  """LoRA on parameters rather than modules (`target_parameters`: the MoE experts and router),
+  built in ftjax/peft/experts.py on this module's layers; ftjax.peft plugs experts.py's two
+  functions in when it loads (`plug_parameter_targets`), so this module never imports it back.
+  Until then: no config is rewritten, and naming a parameter is an error."""
+  def resolve(self, config, model_type):
+    return config
+
+  def attach(self, config, model, rngs):
+    raise FtjaxError("LoraConfig: target_parameters needs ftjax.peft.experts (import ftjax.peft)")
+
+
+PARAMETER_TARGETS = ParameterTargets()
+
+
+def plug_parameter_targets(resolve, attach) -> None:
+  PARAMETER_TARGETS.resolve, PARAMETER_TARGETS.attach = resolve, attach
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig(WrapperConfig):
   """HF PEFT's `LoraConfig`, same names and defaults, for the options ftjax implements.
@@ -152,11 +171,9 @@ class LoraConfig(WrapperConfig):
   def resolved(self, model: nnx.Module) -> "LoraConfig":
     """This config as HF PEFT applies it to `model`: on a mixture-of-experts model "all-linear"
     and transformers 4's expert names also adapt the experts and the router (experts.py)."""
-    from ftjax.peft import experts  # experts.py builds on this module
-    return experts.resolve_moe_targets(self, getattr(getattr(model, "config", None), "model_type", None))
+    return PARAMETER_TARGETS.resolve(self, getattr(getattr(model, "config", None), "model_type", None))
 
   def attach(self, model: nnx.Module, rngs: nnx.Rngs) -> None:
-    from ftjax.peft import experts
     config = self.resolved(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     # Only parameters targeted: target_modules empty, or None without a default (as peft)
@@ -165,7 +182,7 @@ class LoraConfig(WrapperConfig):
     if not only_parameters:
       super(LoraConfig, config).attach(model, rngs)
     if config.target_parameters:
-      experts.attach_parameter_targets(config, model, rngs)
+      PARAMETER_TARGETS.attach(config, model, rngs)
 
   def to_peft(self, model: nnx.Module, adapter_name: str = "default") -> dict:
     c = self.resolved(model)  # what peft itself saves for this model (MoE: experts.py)
