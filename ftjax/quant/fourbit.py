@@ -182,6 +182,15 @@ def quantize_4bit(x, block_size: int = 64, quant_type: str = "nf4",
   """bitsandbytes' `quantize_4bit(x, blocksize, quant_type, compress_statistics)`, in JAX."""
   _check(block_size, quant_type)
   x = jnp.asarray(x)
+  codes, absmax, scale, offset = _quantize_4bit_arrays(x, block_size, quant_type, double_quant)
+  return Quant4bit(codes, absmax, scale, offset, tuple(x.shape), block_size, quant_type,
+                   jnp.dtype(x.dtype).name)
+
+
+# One compiled program per (shape, settings): op by op, a tensor's quantisation compiled ~40
+# small programs (a QLoRA load quantises every kernel shape of the model; the tests ~300).
+@functools.partial(jax.jit, static_argnames=("block_size", "quant_type", "double_quant"))
+def _quantize_4bit_arrays(x, block_size: int, quant_type: str, double_quant: bool):
   flat = x.reshape(-1).astype(jnp.float32)
   absmax, scaled = _blockwise_absmax_scale(flat, block_size)
   if scaled.shape[0] % 2:
@@ -197,8 +206,7 @@ def quantize_4bit(x, block_size: int = 64, quant_type: str = "nf4",
   scale = offset = None
   if double_quant:
     absmax, scale, offset = _quantize_absmax(absmax)
-  return Quant4bit(codes, absmax, scale, offset, tuple(x.shape), block_size, quant_type,
-                   jnp.dtype(x.dtype).name)
+  return codes, absmax, scale, offset
 
 
 def absmax_values(q: Quant4bit):
@@ -211,7 +219,9 @@ def absmax_values(q: Quant4bit):
 
 
 def dequantize_4bit(q: Quant4bit, dtype=None):
-  """The tensor back, in `dtype` (default: the original's), as bitsandbytes dequantises it."""
+  """The tensor back, in `dtype` (default: the original's), as bitsandbytes dequantises it.
+  Op by op on purpose: jitted whole, its double-quantised results moved off bitsandbytes' in
+  test_quant (XLA may contract absmax_values' `values * scale + offset` into one FMA)."""
   n = math.prod(q.shape)
   index = jnp.stack([q.codes >> 4, q.codes & 0xF], axis=-1).reshape(-1)[:n]
   values = jnp.asarray(CODES[q.quant_type])[index.astype(jnp.int32)]
