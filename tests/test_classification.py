@@ -274,7 +274,7 @@ def test_three_lora_adamw_steps_equal_peft_seq_cls(llama_cls_dir, tmp_path):
   import peft as hf_peft
   from ftjax import step as step_lib
   from ftjax.optim import make_optimizer
-  from test_step import _torch_adamw, l2_rel
+  from test_step import _torch_adamw, _torch_step, l2_rel
 
   model = peft.get_peft_model(classifier.load_pretrained(llama_cls_dir)[0], peft.LoraConfig(
       r=4, lora_alpha=8, target_modules="all-linear", task_type="SEQ_CLS", modules_to_save=("score",)))
@@ -297,10 +297,7 @@ def test_three_lora_adamw_steps_equal_peft_seq_cls(llama_cls_dir, tmp_path):
                      attention_mask=torch.tensor(batch["segment_ids"]),
                      labels=torch.tensor(batch["labels"]).long()).loss
     assert abs(float(metrics["loss"]) - loss.item()) < 1e-5
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in reference.parameters() if p.requires_grad], 1.0)
-    torch_opt.step()
-    torch_opt.zero_grad()
+    _torch_step(reference, torch_opt, loss)
   trained = step_lib.merge_model(graphdef, state["trainable"], frozen, state["mutable"])
   ours = peft.adapter_state_dict(trained)
   theirs = {k.replace(".default", "").replace("modules_to_save.", ""): v.detach().numpy()

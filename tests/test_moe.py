@@ -382,7 +382,7 @@ def test_three_lora_adamw_steps_with_experts_equal_peft(family, tmp_path):
   import peft as hf_peft
   from ftjax import step as step_lib
   from ftjax.optim import make_optimizer
-  from test_step import _jit_step, _torch_adamw, _torch_batches, l2_rel
+  from test_step import _jit_step, _peft_lora_state, _torch_adamw, _torch_batches, _torch_step, l2_rel
   _, _, path, cfg, ours_model = family
   model = peft.get_peft_model(nnx.clone(ours_model), peft.LoraConfig(r=4, lora_alpha=8,
                                                                      target_modules="all-linear"))
@@ -403,14 +403,10 @@ def test_three_lora_adamw_steps_with_experts_equal_peft(family, tmp_path):
     loss = (torch.nn.functional.cross_entropy(out.logits[mask], torch.tensor(batch["targets"])[mask].long())
             + cfg.router_aux_loss_coef * out.aux_loss)
     assert abs(float(metrics["loss"]) - loss.item()) < 1e-5
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in reference.parameters() if p.requires_grad], 1.0)
-    torch_opt.step()
-    torch_opt.zero_grad()
+    _torch_step(reference, torch_opt, loss)
   trained = step_lib.merge_model(graphdef, state["trainable"], frozen, state["mutable"])
   ours = peft.adapter_state_dict(trained)
-  theirs = {k.replace(".default", ""): v.detach().numpy()
-            for k, v in reference.state_dict().items() if "lora_" in k}
+  theirs = _peft_lora_state(reference)
   assert ours.keys() == theirs.keys() and any(".experts." in k for k in ours)
   assert l2_rel(ours, theirs) < 1e-5
   for key in ours:  # and no single tensor far off

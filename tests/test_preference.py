@@ -297,7 +297,7 @@ def test_first_lora_dpo_step_loss_is_ln2_and_margins_zero(hf_llama_dir, tmp_path
 def test_three_lora_dpo_adamw_steps_equal_trl_and_peft(hf_llama_dir, tmp_path):
   """Three AdamW steps (weight decay, clipping) on three batches: the adapters agree with trl's
   DPO loss + peft + torch AdamW within the SFT parity test's tolerance (tests/test_step.py)."""
-  from test_step import _torch_adamw, l2_rel
+  from test_step import _peft_lora_state, _torch_adamw, _torch_step, l2_rel
   model, torch_model = _lora_pair(hf_llama_dir, tmp_path)
   graphdef, train, frozen, mutable = step_lib.split_model(model, peft.AdapterParam)
   lr, decay = 1e-3, 0.1
@@ -311,14 +311,10 @@ def test_three_lora_dpo_adamw_steps_equal_trl_and_peft(hf_llama_dir, tmp_path):
   for trl_inputs, batch in _pair_batches(torch_model.config.vocab_size):
     state, _ = step(state, frozen, jax.tree.map(lambda x: x[None], batch))
     loss, _ = _trl_dpo_model_loss(torch_model, trl_inputs, **attrs)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in torch_model.parameters() if p.requires_grad], 1.0)
-    torch_opt.step()
-    torch_opt.zero_grad()
+    _torch_step(torch_model, torch_opt, loss)
   trained = step_lib.merge_model(graphdef, state["trainable"], frozen, state["mutable"])
   ours = peft.adapter_state_dict(trained)
-  theirs = {k.replace(".default", ""): v.detach().numpy()
-            for k, v in torch_model.state_dict().items() if "lora_" in k}
+  theirs = _peft_lora_state(torch_model)
   assert ours.keys() == theirs.keys()
   assert l2_rel(ours, theirs) < 1e-5
   init = peft.adapter_state_dict(model)

@@ -79,6 +79,20 @@ def _torch_adamw(params, lr, weight_decay):
   return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
+def _torch_step(model, optimizer, loss) -> None:
+  """One torch update as ftjax's step makes it: backward, clip to norm 1 (max_grad_norm), step."""
+  loss.backward()
+  torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+  optimizer.step()
+  optimizer.zero_grad()
+
+
+def _peft_lora_state(model) -> dict:
+  """An HF PEFT model's LoRA tensors under the keys peft saves (ftjax's adapter_state_dict's)."""
+  return {k.replace(".default", ""): v.detach().numpy()
+          for k, v in model.state_dict().items() if "lora_" in k}
+
+
 def _train_both(ftjax_model, trainable, torch_model, lr=1e-3, weight_decay=0.1, steps=3):
   graphdef, train, frozen, mutable = step_lib.split_model(ftjax_model, trainable)
   optimizer, _ = make_optimizer(train, lr=lr, steps=steps, schedule="constant",
@@ -89,11 +103,7 @@ def _train_both(ftjax_model, trainable, torch_model, lr=1e-3, weight_decay=0.1, 
   torch_model.train()
   for batch in _torch_batches(torch_model.config.vocab_size):
     state, _ = step(state, frozen, jax.tree.map(lambda x: x[None], batch))
-    loss = _torch_loss(torch_model, batch)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in torch_model.parameters() if p.requires_grad], 1.0)
-    torch_opt.step()
-    torch_opt.zero_grad()
+    _torch_step(torch_model, torch_opt, _torch_loss(torch_model, batch))
   return step_lib.merge_model(graphdef, state["trainable"], frozen, state["mutable"])
 
 
@@ -130,8 +140,7 @@ def test_three_lora_adamw_steps_equal_peft(hf_dir, tmp_path):
       str(tmp_path / "init"), is_trainable=True)
   trained = _train_both(model, peft.AdapterParam, reference)
   ours = peft.adapter_state_dict(trained)
-  theirs = {k.replace(".default", ""): v.detach().numpy()
-            for k, v in reference.state_dict().items() if "lora_" in k}
+  theirs = _peft_lora_state(reference)
   assert ours.keys() == theirs.keys() and len(ours) == 2 * 7 * 2
   assert l2_rel(ours, theirs) < 1e-5
   for key in ours:  # and no single tensor far off
