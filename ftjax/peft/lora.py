@@ -44,23 +44,26 @@ DEFAULT_TARGETS = {t: ("q_proj", "v_proj") for t in ("llama", "mistral", "qwen2"
 DEFAULT_TARGETS["phi3"] = ("qkv_proj",)
 
 
-class ParameterTargets:
-  """LoRA on parameters rather than modules (`target_parameters`: the MoE experts and router),
-  built in ftjax/peft/experts.py on this module's layers; ftjax.peft plugs experts.py's two
-  functions in when it loads (`plug_parameter_targets`), so this module never imports it back.
-  Until then: no config is rewritten, and naming a parameter is an error."""
-  def resolve(self, config, model_type):
-    return config
-
-  def attach(self, config, model, rngs):
-    raise FtjaxError("LoraConfig: target_parameters needs ftjax.peft.experts (import ftjax.peft)")
+# LoRA on parameters rather than modules (`target_parameters`: the MoE experts and router) is
+# built in ftjax/peft/experts.py on this module's layers. ftjax.peft plugs experts.py's two
+# functions in when it loads (as it hands ftjax.models its merge function), so this module
+# never imports experts.py back.
+def _unplugged_resolve(config, model_type):
+  return config
 
 
-PARAMETER_TARGETS = ParameterTargets()
+def _unplugged_attach(config, model, rngs):
+  raise FtjaxError("LoraConfig: target_parameters needs ftjax.peft.experts (import ftjax.peft)")
+
+
+_resolve_parameter_targets, _attach_parameter_targets = _unplugged_resolve, _unplugged_attach
 
 
 def plug_parameter_targets(resolve, attach) -> None:
-  PARAMETER_TARGETS.resolve, PARAMETER_TARGETS.attach = resolve, attach
+  """`resolve(config, model_type)` -> the config as HF PEFT rewrites it for that model;
+  `attach(config, model, rngs)` wraps its target_parameters (ftjax.peft calls this)."""
+  global _resolve_parameter_targets, _attach_parameter_targets
+  _resolve_parameter_targets, _attach_parameter_targets = resolve, attach
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +174,7 @@ class LoraConfig(WrapperConfig):
   def resolved(self, model: nnx.Module) -> "LoraConfig":
     """This config as HF PEFT applies it to `model`: on a mixture-of-experts model "all-linear"
     and transformers 4's expert names also adapt the experts and the router (experts.py)."""
-    return PARAMETER_TARGETS.resolve(self, getattr(getattr(model, "config", None), "model_type", None))
+    return _resolve_parameter_targets(self, getattr(getattr(model, "config", None), "model_type", None))
 
   def attach(self, model: nnx.Module, rngs: nnx.Rngs) -> None:
     config = self.resolved(model)
@@ -182,7 +185,7 @@ class LoraConfig(WrapperConfig):
     if not only_parameters:
       super(LoraConfig, config).attach(model, rngs)
     if config.target_parameters:
-      PARAMETER_TARGETS.attach(config, model, rngs)
+      _attach_parameter_targets(config, model, rngs)
 
   def to_peft(self, model: nnx.Module, adapter_name: str = "default") -> dict:
     c = self.resolved(model)  # what peft itself saves for this model (MoE: experts.py)
