@@ -41,6 +41,11 @@ _WIDTH_BUCKET = 16
 _PROGRESS_CHUNK = 8  # new tokens per decode call while a progress bar is shown
 
 
+def _bucketed(n: int) -> int:
+  """`n` rounded up to a multiple of the width bucket (prompt widths and cache lengths)."""
+  return -(-n // _WIDTH_BUCKET) * _WIDTH_BUCKET
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _prefill(graphdef, state, tokens, mask, cache, index):
   """Left-padded prompt chunk written at cache slot `index`, after `index` cached tokens."""
@@ -91,7 +96,7 @@ def cache_shardings(mesh, cache) -> dict:
 def cache_length(prompt_width: int, max_new_tokens: int) -> int:
   """The KV cache length `generate_ids(..., prompt_width=...)` allocates for prompts no longer
   than `prompt_width`: the width rounded up to the bucket, plus the new tokens."""
-  return -(-prompt_width // _WIDTH_BUCKET) * _WIDTH_BUCKET + max_new_tokens
+  return _bucketed(prompt_width) + max_new_tokens
 
 
 def _shared_prefix_len(prompts: list[list[int]]) -> int:
@@ -331,7 +336,7 @@ def _prefill_prompts(graphdef, state, cfg, prompts, pad_id, max_new_tokens, prom
   suffixes = [p[shared:] for p in prompts]
   # Widths rounded up to a bucket: batches of similar prompts (evaluation) share one compile of
   # prefill and step; the extra left padding is masked out and costs little.
-  width = -(-max(prompt_width, *map(len, suffixes)) // _WIDTH_BUCKET) * _WIDTH_BUCKET
+  width = _bucketed(max(prompt_width, *map(len, suffixes)))
   tokens = np.full((b, width), pad_id, np.int32)
   mask = np.zeros((b, width), np.int32)
   for r, p in enumerate(suffixes):
@@ -420,8 +425,8 @@ def decode_bytes_per_row(cfg: ModelConfig, prompt_len: int, prefill_len: int,
   attention scores against the whole prompt, the MLP's gate / up / product, a few hidden-state
   copies) and the f32 logits. On SmolLM2-135M (f32) with the quickstart's 3-shot prompts
   (~450 tokens with the answer) that is ~50 MB a row, the KV cache 80% of it."""
-  length = -(-prompt_len // _WIDTH_BUCKET) * _WIDTH_BUCKET + max_new_tokens
-  width = -(-prefill_len // _WIDTH_BUCKET) * _WIDTH_BUCKET
+  length = _bucketed(prompt_len) + max_new_tokens
+  width = _bucketed(prefill_len)
   kv = 2 * cfg.num_layers * length * (2 * cfg.num_kv_heads * cfg.head_dim * dtype_bytes + 4)
   scores = cfg.num_heads * width * length * 4
   mlp = 3 * width * cfg.intermediate_size * 4
