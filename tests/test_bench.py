@@ -141,9 +141,7 @@ def test_tokens_per_s_agrees_with_a_stopwatch_and_the_batch_it_trained_on(model_
   bench reports the median step, the stopwatch sees the mean plus the loop's overhead, so they
   agree within a factor (measured: 0.9-1.1 on the 2-core VM); a timer that stopped before the
   device finished, or tokens counted per device or per accumulation step, are off by >= 4x."""
-  spec = importlib.util.spec_from_file_location("bench_train", os.path.join(REPO, "scripts", "bench_train.py"))
-  bench_train = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench_train)
+  bench_train = _bench_module()
   bench_train.peak_flops = lambda: (1e12, "not measured here")  # the MFU's ceiling: seconds
   config = bench_train.load_config(os.path.join(REPO, "configs", "quickstart.py"))
   config.model.name_or_path = model_dir
