@@ -35,6 +35,7 @@ from ftjax import train as train_lib
 from ftjax.checkpoint import Checkpointer
 from ftjax.errors import FtjaxError
 from ftjax.data import quickstart_task
+from tiny import set_dotted
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 40
@@ -56,14 +57,7 @@ def overrides(model_dir, tmp_path_factory):
 
 
 def make_config(overrides, **more):
-  c = config_lib.base_config()
-  for key, value in {**overrides, **more}.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return set_dotted(config_lib.base_config(), {**overrides, **more})
 
 
 def config_file(path, overrides) -> str:
