@@ -39,6 +39,7 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int = 2, folder: str = "checkpoints"):
     # folder: "best" holds the best eval's state beside the latest ones (train.keep_best).
     self.directory = os.path.join(os.path.abspath(workdir), folder)
+    _CHECKPOINT_FOLDERS.add(self.directory)
     _quiet_orbax_noise()
     self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True,
@@ -169,6 +170,8 @@ class _SaveFailures:
 
 
 _ORBAX = f"{os.sep}orbax{os.sep}"
+# Every checkpoint folder of this process: an abandoned write's error names its file there.
+_CHECKPOINT_FOLDERS: set[str] = set()
 
 
 def _is_orbax_leftover(args) -> bool:
@@ -189,8 +192,15 @@ def _is_orbax_leftover(args) -> bool:
   return code is not None and _ORBAX in code.co_filename
 
 
-def _through_orbax(exc_info) -> bool:
-  tb = exc_info[2] if isinstance(exc_info, tuple) else None
+def _from_orbax(exc_info) -> bool:
+  """The error passed through orbax's code, or (a tensorstore future's error, set and never
+  raised, so it has no traceback) names a file in one of this process's checkpoint folders."""
+  if not isinstance(exc_info, tuple):
+    return False
+  if exc_info[2] is None:
+    text = str(exc_info[1])
+    return any(folder + os.sep in text for folder in _CHECKPOINT_FOLDERS)
+  tb = exc_info[2]
   while tb is not None:
     if _ORBAX in tb.tb_frame.f_code.co_filename:
       return True
@@ -202,11 +212,15 @@ class _DropOrbaxTracebacks(logging.Filter):
   """orbax logs each failed background save thread with its traceback (a full disk: 640
   lines); ftjax re-raises the same error as one FtjaxError naming the step, so orbax's records
   keep their one-line message and lose the traceback. On the asyncio logger: the futures of the
-  event loop orbax abandoned ("exception was never retrieved") hold that same error: dropped."""
+  event loop orbax abandoned ("exception was never retrieved") hold that same error: dropped.
+  Some of those futures hold a tensorstore error that was set, never raised: it has no traceback
+  to show it came through orbax, and logged it printed a bare "ValueError: OUT_OF_RANGE: Error
+  writing ..." line after ftjax's own error (when the garbage collector got to the future last),
+  so such errors are recognised by the checkpoint folder they name."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     if record.name == "asyncio":
-      return not (record.exc_info and _through_orbax(record.exc_info))
+      return not (record.exc_info and _from_orbax(record.exc_info))
     if record.exc_info and _ORBAX in record.pathname:
       record.exc_info, record.exc_text = None, None
     return True
