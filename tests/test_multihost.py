@@ -22,6 +22,7 @@ from safetensors.numpy import load_file
 from ftjax import train as train_lib
 from ftjax.checkpoint import Checkpointer
 from ftjax.data import quickstart_task
+from conftest import FAST_COMPILE
 from test_faults import config_file, losses, make_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +51,7 @@ def launch(overrides, tmp_path, workdir):
   """Both processes of a 2-host run; each has 2 CPU devices."""
   cfg = config_file(tmp_path / "cfg.py", overrides)
   port = free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}",
              JAX_DEFAULT_MATMUL_PRECISION="highest",
              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir)  # the relaunch reuses it
   return [subprocess.Popen(

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import FAST_COMPILE
 from ftjax import config as config_lib
 from ftjax import losses
 from ftjax import plan as plan_lib
@@ -131,7 +132,7 @@ def test_cli_prints_the_plan_and_the_fit(model_dir, data_dir, tmp_path):
       f"  c.data.train = {os.path.join(data_dir, 'train.jsonl')!r}\n"
       "  c.data.seq_len = 128\n"
       "  return c\n")
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")  # the CLI sets the device count
+  env = dict(os.environ, XLA_FLAGS=FAST_COMPILE, JAX_PLATFORMS="cpu")  # the CLI sets the device count
   cmd = [sys.executable, "-m", "ftjax.plan", "--config", str(config_file),
          "--mesh", "data=2,fsdp=4", "--device", "v5e"]
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
